@@ -1,0 +1,282 @@
+"""The GPT: a decoder-only, pre-norm Transformer in one file.
+
+Read top to bottom: norms, positions, attention, MLP, block, then the GPT that stacks them.
+Shapes use B = batch, T = new tokens, P = tokens already in the KV cache, H = heads, D = head_dim,
+C = d_model, V = vocab_size.
+
+The same module trains (``targets``), decodes with a KV cache (``past_key_values``/``use_cache``) and exports
+to ONNX: the cache is a plain list of ``(key, value)`` tensors, one pair per layer, each ``[B, H, P, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.config import ModelConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """Root mean square layer norm (Zhang & Sennrich, 2019): rescale without centring. Plain ops, so it exports."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """Fixed positional encoding of Vaswani et al. (2017): sin on even channels, cos on odd. Returns [length, dim]."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE angles (Su et al., 2021), each [length, head_dim // 2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x [B, H, T, D] by the angles in cos/sin [T, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention (Vaswani et al., 2017) over the cache plus the new tokens, never the future."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, T, C] -> (y [B, T, C], (k, v) each [B, H, P+T, D] to cache)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (Dehghani et al., 2023) before the rotation
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P+T, D]
+        dropout_p = self.dropout if self.training else 0.0
+        if past is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # is_causal would align the triangle top-left; query i sits at P+i and sees keys 0..P+i
+            P = k.size(2) - T
+            key_pos = torch.arange(P + T, device=x.device)
+            mask = key_pos[None, :] <= key_pos[P:, None]  # [T, P+T]; all True for a single new token
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2), SwiGLU (Shazeer, 2020) or squared ReLU (So et al., 2021)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.ff_dim
+        self.fc = nn.Linear(config.d_model, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(config, config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = make_norm(config, config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, past=None):
+        """x [B, T, C] -> (x [B, T, C], this layer's (k, v) for the cache)."""
+        a, present = self.attn(self.norm1(x), rope, past)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), present
+
+
+def language_model_loss(
+    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] against targets [B, T], computed in fp32.
+
+    Targets equal to -100 never count; with ``loss_mask`` [B, T] (0/1 or bool) only positions where it is 1
+    count. When nothing counts the loss is 0 (not NaN), so an all-masked batch is harmless.
+    """
+    flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+    if loss_mask is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+    ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")  # [B*T]
+    weight = loss_mask.reshape(-1).to(ce.dtype) * (flat_targets != -100).to(ce.dtype)
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None  # scalar, when targets were given
+    present_key_values: KVCache | None  # per layer (k, v), each [B, H, P+T, D], when use_cache
+
+
+class GPT(nn.Module):
+    """Token embedding, optional positions, ``n_layer`` blocks, final norm, and the language-model head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is None; set it from the tokenizer before building the GPT")
+        self.config = config
+        C, L = config.d_model, config.context_length
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wpe = nn.Embedding(L, C) if config.position == "learned" else None
+        if config.position == "sinusoidal":  # non-persistent: derived, so checkpoints hold only trained weights
+            self.register_buffer("pos_table", sinusoidal_table(L, C), persistent=False)
+        if config.position == "rope":
+            cos, sin = rope_tables(L, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config, C)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if config.tie_weights:  # Press & Wolf (2017): one matrix embeds and unembeds
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for block in self.blocks:  # GPT-2: residual projections shrink with depth so the stream's variance stays put
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        loss_mask: torch.Tensor | None = None,
+    ) -> GPTOutput:
+        """Logits for ``idx`` [B, T] placed after the ``past_key_values`` (positions P..P+T-1).
+
+        ``loss`` is the mean cross-entropy over ``targets`` [B, T], skipping targets equal to -100 and,
+        when ``loss_mask`` [B, T] (0/1 or bool) is given, positions where it is 0.
+        ``present_key_values`` (only when ``use_cache``) is the cache to pass back for the next tokens.
+        Raises ValueError when P + T exceeds ``config.context_length``.
+        """
+        T = idx.size(1)
+        P = past_key_values[0][0].size(2) if past_key_values else 0
+        if P + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {P + T} tokens ({P} cached + {T} new) exceeds context_length="
+                f"{self.config.context_length}; truncate or slide the window (see llm.generate)"
+            )
+        x = self.wte(idx)  # [B, T, C]
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(P, P + T, device=idx.device))
+        elif self.config.position == "sinusoidal":
+            x = x + self.pos_table[P : P + T].to(x.dtype)
+        rope = (self.rope_cos[P : P + T], self.rope_sin[P : P + T]) if self.config.position == "rope" else None
+        x = self.drop(x)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, rope, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+        logits = self.lm_head(self.norm_f(x))  # [B, T, V]
+        loss = None if targets is None else language_model_loss(logits, targets, loss_mask)
+        return GPTOutput(logits, loss, presents if use_cache else None)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of trainable values; a tied matrix counts once.
+
+        ``exclude_embeddings`` drops the token and learned position tables (Kaplan et al.'s non-embedding
+        count). With tied weights the token table is also the LM head, so it is dropped as well.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token, from the PaLM paper's appendix B.
+
+        6 * N + 12 * n_layer * n_head * head_dim * context_length, where N is every parameter except the
+        lookup-only tables: ``num_parameters()`` minus the learned position table, minus the token table
+        when it is untied. A lookup costs no FLOPs; a tied token table is also the LM head, a real matmul.
+        (nanoGPT subtracts only the position table too.) The second term is attention's scores and
+        weighted sum over a full context window.
+
+        Model FLOPs utilisation: MFU = flops_per_token * tokens_per_second / peak_flops (of the hardware).
+        """
+        c = self.config
+        n = self.num_parameters() - (self.wpe.weight.numel() if self.wpe is not None else 0)
+        if not c.tie_weights:
+            n -= self.wte.weight.numel()
+        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * c.context_length
+
+    def summary(self) -> str:
+        """One line for logs: parameter counts and the shape of the model."""
+        c = self.config
+        return (
+            f"GPT with {self.num_parameters() / 1e6:.2f}M parameters "
+            f"({self.num_parameters(exclude_embeddings=True) / 1e6:.2f}M non-embedding): "
+            f"{c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, ff {c.ff_dim}, context {c.context_length}, "
+            f"vocab {c.vocab_size}, position {c.position}, mlp {c.mlp}, norm {c.norm}"
+            f"{', qk_norm' if c.qk_norm else ''}{', tied' if c.tie_weights else ''}"
+        )
+
+    def extra_repr(self) -> str:
+        return f"parameters={self.num_parameters():,}"
