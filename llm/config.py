@@ -73,7 +73,8 @@ class DataParams(StrictModel):
     strip_gutenberg: bool = True
     dedup_exact: bool = True
     dedup_near: bool = True
-    near_dup_threshold: float = Field(0.1, gt=0.0, le=1.0, description="5-shingle Jaccard at or above which two documents are near duplicates")
+    # default corpus: two editions of one play have Jaccard >= 0.128, two different works <= 0.0074
+    near_dup_threshold: float = Field(0.05, gt=0.0, le=1.0, description="word-shingle Jaccard at or above which two documents are near duplicates")
     shingle_size: int = Field(5, gt=0)
     num_perm: int = Field(128, gt=0, description="MinHash permutations used to estimate Jaccard")
 

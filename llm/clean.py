@@ -1,0 +1,522 @@
+"""The clean stage: normalise raw text documents, drop boilerplate and duplicates, split by document.
+
+Each ``.txt`` file of the corpus is one document. ``clean_corpus`` cleans every document, drops the
+ones that are too short, exact duplicates or near duplicates, sends whole documents to train or val by a
+seeded hash of their path, and writes ``train.txt``, ``val.txt`` and ``stats.json``.
+
+Split file format (``write_documents`` / ``iter_documents``): UTF-8, ``\\n`` line endings, documents in
+sorted-path order joined by a separator line holding only U+001E (RECORD SEPARATOR), and one final
+``\\n``: ``doc1 \\n \\x1e \\n doc2 \\n ... docN \\n``. An empty split is an empty file. Cleaning removes
+control characters, so U+001E never occurs inside a document.
+
+Near duplicates: two documents are near duplicates when the Jaccard similarity of their sets of word
+k-shingles (k = ``shingle_size``; words are runs of letters/digits, lower-cased, punctuation dropped) is
+at least ``near_dup_threshold``. Candidate pairs are every pair for small corpora, else the pairs that
+MinHash + LSH banding puts in a common bucket; every candidate is then checked with the exact Jaccard,
+so MinHash only decides which pairs get checked, never the outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llm.config import DataParams
+from llm.corpus import CorpusError, iter_corpus_files
+
+log = logging.getLogger(__name__)
+
+DOC_SEPARATOR = "\x1e"
+_SEPARATOR_LINE = DOC_SEPARATOR + "\n"
+SPLIT_FILES = {"train": "train.txt", "val": "val.txt"}
+STATS_FILE = "stats.json"
+
+# below this many documents every pair is checked exactly; above it MinHash + LSH picks the candidates
+EXACT_ALL_PAIRS_MAX_DOCS = 100
+# LSH uses the most rows per band whose chance of catching a pair at exactly the threshold is this high
+LSH_TARGET_RECALL = 0.999
+MINHASH_SEED = 0x5EED_0F_5EA
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cleaning
+
+# C0 and C1 controls except \n and \t, DEL, the byte-order mark and zero-width space
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\u200b]")
+_TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
+_EXCESS_BLANK_LINES = re.compile(r"\n{4,}")
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC, ``\\n`` line endings, tabs as spaces, no control characters, no trailing spaces,
+    at most two blank lines in a row, no blank lines at either end.
+
+    Leading spaces on the first line are kept (they are indentation, as in the First Folio texts).
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    text = _CONTROL_CHARS.sub("", text)
+    text = unicodedata.normalize("NFC", text)
+    text = text.expandtabs(4)
+    text = _TRAILING_SPACE.sub("", text)
+    text = _EXCESS_BLANK_LINES.sub("\n\n\n", text)
+    return text.strip("\n")
+
+
+# the line after which the text starts (modern "*** START OF ..." marker; the end of the 1990s small print)
+_GUTENBERG_START = re.compile(
+    r"^[ \t]*(?:\*{3}[ \t]*START OF (?:THIS|THE) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
+    r"|\*END\*[ \t]*THE SMALL PRINT!).*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# the line from which the rest is trailer (end markers, or a small print block placed after the text)
+_GUTENBERG_END = re.compile(
+    r"^[ \t]*(?:\*{3}[ \t]*END OF (?:THIS|THE) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
+    r"|End of (?:the |this )?Project Gutenberg"
+    r"|\*+[ \t]*START\*+[ \t]*THE SMALL PRINT!).*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# the World Library notice repeated through the 1990s Gutenberg Shakespeare: <<THIS ELECTRONIC VERSION ...>>
+_WORLD_LIBRARY_NOTICE = re.compile(r"\s*<<THIS ELECTRONIC VERSION OF.*?>>[^\S\n]*", re.IGNORECASE | re.DOTALL)
+_BOILERPLATE_PARAGRAPH = re.compile(r"project gutenberg|gutenberg-tm|gutenberg\.org|world library, inc", re.IGNORECASE)
+_CREDIT_PARAGRAPH = re.compile(
+    r"^\s*(?:produced by|e-?text prepared by|this e-?(?:text|book) was (?:prepared|produced) by|transcribed from)",
+    re.IGNORECASE,
+)
+_PARAGRAPH_BREAK = re.compile(r"(\n(?:[^\S\n]*\n)+)")
+
+
+def strip_gutenberg_boilerplate(text: str) -> str:
+    """Remove Project Gutenberg headers, licences and notices, keeping the work itself.
+
+    Cuts everything up to the first start marker (``*** START OF THIS PROJECT GUTENBERG EBOOK ...`` or,
+    in 1990s texts, ``*END*THE SMALL PRINT!...``) and from the first end marker after it (``*** END OF
+    ...``, ``End of the Project Gutenberg EBook ...``, a small-print block placed after the text). Then
+    removes ``<<THIS ELECTRONIC VERSION ...>>`` notices, every paragraph that names Project Gutenberg,
+    and "Produced by ..." credits among the first paragraphs. Text without boilerplate is returned as is.
+    """
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end() :]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    text = _WORLD_LIBRARY_NOTICE.sub("", text)
+    pieces = _PARAGRAPH_BREAK.split(text)  # paragraphs at even indices, the breaks between them at odd ones
+    kept: list[str] = []
+    for i in range(0, len(pieces), 2):
+        paragraph = pieces[i]
+        drop = bool(_BOILERPLATE_PARAGRAPH.search(paragraph)) or (i < 10 and bool(_CREDIT_PARAGRAPH.match(paragraph)))
+        if not drop:
+            if kept:
+                kept.append(pieces[i - 1])
+            kept.append(paragraph)
+    return "".join(kept)
+
+
+def clean_text(text: str, strip_gutenberg: bool = True) -> str:
+    """The whole cleaning of one document: normalise, then (optionally) strip Gutenberg boilerplate."""
+    text = normalize_text(text)
+    if strip_gutenberg:
+        text = normalize_text(strip_gutenberg_boilerplate(text))
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shingles, Jaccard and MinHash
+
+_WORD = re.compile(r"\w+")
+_U64 = np.uint64
+_word_hash_cache: dict[str, int] = {}
+
+
+def _word_hash(word: str) -> int:
+    h = _word_hash_cache.get(word)
+    if h is None:
+        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+        _word_hash_cache[word] = h
+    return h
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads every input bit over every output bit (uint64 wraps on purpose)."""
+    x = x ^ (x >> _U64(30))
+    x = x * _U64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> _U64(27))
+    x = x * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def word_shingles(text: str, k: int = 5) -> np.ndarray:
+    """Sorted unique 64-bit hashes of the text's word k-shingles (lower-cased words, punctuation dropped).
+
+    A text with fewer than k words has its whole word sequence as its one shingle; a text without words
+    has none. Hashes are stable across runs and machines (blake2b of each word, combined positionally).
+    """
+    words = _WORD.findall(text.lower())
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        wh = np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
+        n = max(1, len(words) - k + 1)
+        h = np.zeros(n, dtype=np.uint64)
+        for j in range(min(k, len(words))):
+            h = h * _U64(0x100000001B3) + wh[j : j + n]
+        return np.unique(_mix64(h))
+
+
+def _intersection_size(a: np.ndarray, b: np.ndarray) -> int:
+    """Size of the intersection of two sorted unique arrays."""
+    if len(a) > len(b):
+        a, b = b, a
+    if len(a) == 0:
+        return 0
+    idx = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    return int(np.count_nonzero(b[idx] == a))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two sorted unique shingle arrays; 0.0 when both are empty."""
+    inter = _intersection_size(a, b)
+    union = len(a) + len(b) - inter
+    return inter / union if union else 0.0
+
+
+def shingle_jaccard(a: str, b: str, k: int = 5) -> float:
+    """Exact Jaccard similarity of the word k-shingle sets of two texts (see ``word_shingles``)."""
+    return jaccard(word_shingles(a, k), word_shingles(b, k))
+
+
+def minhash_signatures(shingle_sets: Sequence[np.ndarray], num_perm: int, seed: int = MINHASH_SEED) -> np.ndarray:
+    """MinHash signatures, shape [docs, num_perm] uint64: per permutation, the minimum over a document's
+    shingles of ``a*x + b mod 2**64`` (a odd, so each is a permutation of 64-bit values).
+
+    The fraction of equal columns of two rows estimates their Jaccard (std ~ sqrt(J(1-J)/num_perm)).
+    A document without shingles gets all-max values.
+    """
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * _U64(2) + _U64(1)
+    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    sig = np.full((len(shingle_sets), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    chunk = max(1, (1 << 21) // num_perm)  # bounds the [chunk, num_perm] temporary to 16 MiB
+    with np.errstate(over="ignore"):
+        for i, shingles in enumerate(shingle_sets):
+            mixed = _mix64(np.asarray(shingles, dtype=np.uint64))  # a*x+b is only as random as x
+            for s in range(0, len(mixed), chunk):
+                x = mixed[s : s + chunk, None]
+                sig[i] = np.minimum(sig[i], (x * a + b).min(axis=0))
+    return sig
+
+
+def lsh_rows_per_band(threshold: float, num_perm: int, target_recall: float = LSH_TARGET_RECALL) -> int:
+    """Rows per LSH band: the most rows r such that a pair at exactly ``threshold`` shares at least one of
+    the ``num_perm // r`` bands with probability ``target_recall`` (1 when even r = 1 falls short)."""
+    for r in range(num_perm, 0, -1):
+        if 1.0 - (1.0 - threshold**r) ** (num_perm // r) >= target_recall:
+            return r
+    return 1
+
+
+def lsh_candidate_pairs(signatures: np.ndarray, rows: int) -> set[tuple[int, int]]:
+    """Pairs (i < j) of documents whose signatures agree on every row of at least one band."""
+    num_perm = signatures.shape[1]
+    # a document without shingles has an all-max signature: it would share every band with the others
+    has_shingles = ~(signatures == np.iinfo(np.uint64).max).all(axis=1)
+    pairs: set[tuple[int, int]] = set()
+    for start in range(0, num_perm - rows + 1, rows):
+        buckets: dict[bytes, list[int]] = {}
+        for i in np.flatnonzero(has_shingles).tolist():
+            buckets.setdefault(signatures[i, start : start + rows].tobytes(), []).append(i)
+        for members in buckets.values():
+            for x in range(len(members)):
+                for y in range(x + 1, len(members)):
+                    pairs.add((members[x], members[y]))
+    return pairs
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """Document ``dropped`` is a near duplicate of the earlier, kept document ``kept`` (indices)."""
+
+    kept: int
+    dropped: int
+    jaccard: float
+
+
+def find_near_duplicates(
+    shingle_sets: Sequence[np.ndarray],
+    threshold: float,
+    num_perm: int = 128,
+    seed: int = MINHASH_SEED,
+    exact_max_docs: int = EXACT_ALL_PAIRS_MAX_DOCS,
+) -> tuple[list[NearDuplicate], dict]:
+    """Which documents to drop as near duplicates, given their shingle sets in keep-preference order.
+
+    Going through the documents in order, a document is dropped when its exact Jaccard with an earlier
+    kept document is at least ``threshold``; so the first document of each cluster is kept. Pairs are
+    checked exactly: all of them when there are at most ``exact_max_docs`` documents, else the
+    candidates of MinHash + LSH banding (rows per band from ``lsh_rows_per_band``).
+
+    Returns the drops (each with the kept document it matched best) and a dict describing the search.
+    """
+    n = len(shingle_sets)
+    info: dict = {"documents": n}
+    if n <= exact_max_docs:
+        candidates: Iterable[tuple[int, int]] = ((i, j) for i in range(n) for j in range(i + 1, n))
+        info.update(method="exact_all_pairs", candidate_pairs=n * (n - 1) // 2)
+    else:
+        rows = lsh_rows_per_band(threshold, num_perm)
+        bands = num_perm // rows
+        signatures = minhash_signatures(shingle_sets, num_perm, seed)
+        candidates = sorted(lsh_candidate_pairs(signatures, rows))
+        recall = 1.0 - (1.0 - threshold**rows) ** bands
+        info.update(
+            method="minhash_lsh",
+            num_perm=num_perm,
+            bands=bands,
+            rows_per_band=rows,
+            recall_at_threshold=round(recall, 6),
+            candidate_pairs=len(candidates),
+        )
+    similar: dict[int, list[tuple[int, float]]] = {}
+    for i, j in candidates:
+        small, large = sorted((len(shingle_sets[i]), len(shingle_sets[j])))
+        if large == 0 or small < threshold * large:  # Jaccard <= |small| / |large|
+            continue
+        sim = jaccard(shingle_sets[i], shingle_sets[j])
+        if sim >= threshold:
+            similar.setdefault(j, []).append((i, sim))
+    keep = [True] * n
+    drops: list[NearDuplicate] = []
+    for j in range(n):
+        matches = [(sim, -i) for i, sim in similar.get(j, []) if keep[i]]
+        if matches:
+            sim, neg_i = max(matches)
+            keep[j] = False
+            drops.append(NearDuplicate(kept=-neg_i, dropped=j, jaccard=sim))
+    return drops, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Split and split files
+
+
+def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Send whole documents to train or val by a seeded sha256 of their name (relative path).
+
+    The ``round(val_fraction * n)`` documents with the smallest hashes go to val, with at least one
+    document in each split when there are two or more. Returns (train, val), each in the order given.
+    """
+    n = len(names)
+    n_val = math.floor(val_fraction * n + 0.5)
+    n_val = min(max(n_val, 1), n - 1) if n >= 2 else 0
+    ranked = sorted(names, key=lambda name: hashlib.sha256(f"{seed}\x00{name}".encode()).hexdigest())
+    val = set(ranked[:n_val])
+    return [x for x in names if x not in val], [x for x in names if x in val]
+
+
+def _atomic_writer(path: Path):
+    """A new text file with a hidden temporary name next to ``path``; ``_commit`` renames it to ``path``."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # not mkstemp: that makes it 0600
+    return open(tmp, "x", encoding="utf-8", newline="\n"), tmp
+
+
+def _commit(f, tmp: Path, path: Path) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(tmp, path)
+
+
+def write_documents(path: Path, docs: Iterable[str]) -> None:
+    """Write documents to ``path`` in the split file format (see the module docstring), atomically.
+
+    Raises ValueError for a document containing DOC_SEPARATOR; ``path`` is then left untouched.
+    """
+    path = Path(path)
+    f, tmp = _atomic_writer(path)
+    try:
+        for i, doc in enumerate(docs):
+            if DOC_SEPARATOR in doc:
+                raise ValueError(f"document {i} contains the separator character U+001E; clean it first")
+            if i:
+                f.write(_SEPARATOR_LINE)
+            f.write(doc)
+            f.write("\n")
+        _commit(f, tmp, path)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """Stream the documents of a split file back, one at a time, reading it line by line."""
+    lines: list[str] = []
+    any_line = False
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            any_line = True
+            if line == _SEPARATOR_LINE:
+                yield _without_final_newline("".join(lines))
+                lines = []
+            else:
+                lines.append(line)
+    if any_line:
+        yield _without_final_newline("".join(lines))
+
+
+def _without_final_newline(text: str) -> str:
+    return text.removesuffix("\n")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    f, tmp = _atomic_writer(path)
+    try:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        _commit(f, tmp, path)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _read_document(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{path}: not valid UTF-8 at byte {err.start} ({data[err.start : err.start + 4]!r}); "
+            f"convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def _split_stats(docs: list[str]) -> dict:
+    return {
+        "docs": len(docs),
+        "chars": sum(len(d) for d in docs),
+        "bytes": sum(len(d.encode("utf-8")) for d in docs),
+        "words": sum(len(d.split()) for d in docs),
+    }
+
+
+def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
+    """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
+
+    Writes ``train.txt`` and ``val.txt`` (split file format, see the module docstring) and ``stats.json``,
+    each atomically. Documents are taken in sorted relative-path order, which decides which copy of a
+    duplicate is kept. Returns the stats dict: top-level counts (files read, documents kept and dropped
+    per reason, docs/chars/bytes/words per split), the dropped documents and near-duplicate pairs, and the
+    documents of each split.
+
+    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, or no document is
+    left after cleaning.
+    """
+    t0 = time.perf_counter()
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    files = iter_corpus_files(corpus_dir)
+    names: list[str] = []
+    texts: list[str] = []
+    too_short: list[dict] = []
+    for path in files:
+        name = path.relative_to(corpus_dir).as_posix()
+        text = clean_text(_read_document(path), params.strip_gutenberg)
+        if not text or len(text) < params.min_doc_chars:
+            too_short.append({"path": name, "chars": len(text)})
+            continue
+        names.append(name)
+        texts.append(text)
+
+    exact_dups: list[dict] = []
+    if params.dedup_exact:
+        first_with: dict[bytes, str] = {}
+        unique_names, unique_texts = [], []
+        for name, text in zip(names, texts):
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            if digest in first_with:
+                exact_dups.append({"kept": first_with[digest], "dropped": name})
+                continue
+            first_with[digest] = name
+            unique_names.append(name)
+            unique_texts.append(text)
+        names, texts = unique_names, unique_texts
+
+    near_dups: list[dict] = []
+    near_info: dict = {"method": "disabled"}
+    if params.dedup_near and len(texts) > 1:
+        shingles = [word_shingles(t, params.shingle_size) for t in texts]
+        drops, near_info = find_near_duplicates(shingles, params.near_dup_threshold, params.num_perm)
+        near_dups = [
+            {"kept": names[d.kept], "dropped": names[d.dropped], "jaccard": round(d.jaccard, 6)} for d in drops
+        ]
+        dropped = {d.dropped for d in drops}
+        names = [x for i, x in enumerate(names) if i not in dropped]
+        texts = [x for i, x in enumerate(texts) if i not in dropped]
+
+    if not texts:
+        raise CorpusError(
+            f"no document of {corpus_dir} is left after cleaning: {len(files)} files read, {len(too_short)} shorter "
+            f"than min_doc_chars={params.min_doc_chars}, {len(exact_dups)} exact duplicates"
+        )
+    train_names, val_names = split_documents(names, params.val_fraction, params.split_seed)
+    by_name = dict(zip(names, texts))
+    split_docs = {"train": [by_name[x] for x in train_names], "val": [by_name[x] for x in val_names]}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*SPLIT_FILES.values(), STATS_FILE]:
+        for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a run that crashed mid-write
+            stale.unlink()
+    for split, docs in split_docs.items():
+        write_documents(out_dir / SPLIT_FILES[split], docs)
+
+    stats: dict = {
+        "files_read": len(files),
+        "docs_kept": len(names),
+        "dropped_too_short": len(too_short),
+        "dropped_exact_duplicate": len(exact_dups),
+        "dropped_near_duplicate": len(near_dups),
+    }
+    for split, docs in split_docs.items():
+        stats.update({f"{split}_{key}": value for key, value in _split_stats(docs).items()})
+    stats.update(
+        near_duplicate_search={
+            **near_info,
+            "threshold": params.near_dup_threshold,
+            "shingle_size": params.shingle_size,
+        },
+        too_short=too_short,
+        exact_duplicates=exact_dups,
+        near_duplicates=near_dups,
+        splits={"train": train_names, "val": val_names},
+        params=params.model_dump(),
+    )
+    _write_json(out_dir / STATS_FILE, stats)
+    log.info(
+        "cleaned %d files in %.1fs: kept %d (train %d, val %d), dropped %d short, %d exact and %d near duplicates",
+        len(files),
+        time.perf_counter() - t0,
+        len(names),
+        len(train_names),
+        len(val_names),
+        len(too_short),
+        len(exact_dups),
+        len(near_dups),
+    )
+    return stats

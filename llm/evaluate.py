@@ -1,0 +1,97 @@
+"""Evaluation of a checkpoint on a token file: loss, perplexity, bits per byte, and samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from llm.checkpoint import load_checkpoint
+from llm.config import EvalParams
+from llm.device import select_device, select_dtype
+from llm.generate import SamplingParams, generate
+from llm.tokens import TokenFile, bits_per_byte, read_meta
+from llm.train import evaluate_loss
+
+log = logging.getLogger(__name__)
+
+
+def sample_completions(model, tokenizer, params: EvalParams) -> list[dict[str, str]]:
+    """Complete each of ``params.prompts``; returns ``[{"prompt", "completion"}]`` (deterministic per seed)."""
+    samples = []
+    for i, prompt in enumerate(params.prompts):
+        sampling = SamplingParams(
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed + i,
+            stop_ids=(tokenizer.bos_id,),
+        )
+        ids = generate(model, [tokenizer.bos_id, *tokenizer.encode(prompt)], sampling)
+        ids = [t for t in ids if t != tokenizer.bos_id]
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(ids, skip_special=True)})
+    return samples
+
+
+def samples_markdown(samples: list[dict[str, str]]) -> str:
+    """Samples as a Markdown page: each prompt in bold, its completion in a fenced block."""
+    parts = ["# Samples\n"]
+    for s in samples:
+        parts.append(f"## Prompt: `{s['prompt'].strip()}`\n\n```text\n{s['prompt']}{s['completion']}\n```\n")
+    return "\n".join(parts)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    tokens_dir: str | Path,
+    params: EvalParams,
+    *,
+    split: str = "val",
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Score ``checkpoint`` on ``tokens_dir/{split}.bin`` and generate samples from fixed prompts.
+
+    Returns ``{"val/loss", "val/ppl", "val/bpb", "eval/tokens", ...}`` (keys use the split name). With
+    ``out_dir``, writes ``metrics.json`` and ``samples.md`` there. Raises CheckpointError for a bad
+    checkpoint, TokenDataError for missing token files, ValueError when the tokenizers differ.
+    """
+    device = select_device(params.device)
+    dtype = select_dtype("auto", device)
+    model, tokenizer, config = load_checkpoint(checkpoint, device)
+    meta = read_meta(tokens_dir)
+    if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer_kind"] != tokenizer.kind:
+        raise ValueError(
+            f"{tokens_dir}: tokens come from a {meta['tokenizer_kind']} tokenizer of {meta['vocab_size']} ids, "
+            f"but {checkpoint} uses a {tokenizer.kind} tokenizer of {tokenizer.vocab_size}; they cannot be compared"
+        )
+    data = TokenFile(tokens_dir, split)
+    block = model.config.context_length
+    torch.manual_seed(params.seed)
+    batches = list(data.eval_batches(params.batch_size, block, params.max_batches))
+    loss = evaluate_loss(model, iter(batches), device, dtype)
+    n_tokens = sum(b[1].numel() for b in batches)
+    metrics = {
+        f"{split}/loss": loss,
+        f"{split}/ppl": math.exp(min(loss, 50.0)),
+        f"{split}/bpb": bits_per_byte(loss, data.tokens_per_byte),
+        "eval/tokens": n_tokens,
+        "eval/step": config.get("step", 0),
+    }
+    samples = sample_completions(model, tokenizer, params)
+    log.info("%s: %s loss %.4f, bpb %.4f over %d tokens", checkpoint, split, loss, metrics[f"{split}/bpb"], n_tokens)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in (
+            ("samples.md", samples_markdown(samples)),
+            ("metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"),
+        ):
+            tmp = out_dir / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out_dir / name)
+    return {**metrics, "samples": samples}

@@ -1,0 +1,190 @@
+"""Tokenization of the cleaned splits into flat memmap files, and batches drawn from them.
+
+``{split}.bin`` holds every document's ids back to back, each document preceded by ``<|bos|>``, as
+uint16 when the vocabulary fits, else uint32. ``meta.json`` records the dtype, token counts and the
+UTF-8 byte count of the text, so a loss in nats per token converts to bits per byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm.clean import iter_documents
+from llm.tokenizer import Tokenizer, load_tokenizer
+
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+# documents longer than this are cut at line boundaries into pieces encoded in parallel
+PIECE_CHARS = 1 << 20
+
+
+class TokenDataError(ValueError):
+    """A token file or its meta is missing or inconsistent; the message names the file."""
+
+
+def _pieces(path: Path) -> Iterator[tuple[bool, str]]:
+    """Yield ``(starts_document, text)`` pieces of at most about PIECE_CHARS, cut after a newline."""
+    for doc in iter_documents(path):
+        start = 0
+        first = True
+        while start < len(doc) or first:
+            end = min(len(doc), start + PIECE_CHARS)
+            if end < len(doc):
+                cut = doc.rfind("\n", start, end)
+                end = cut + 1 if cut > start else end
+            yield first, doc[start:end]
+            first = False
+            start = end
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    torch.set_num_threads(1)
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _encode_piece(item: tuple[bool, str]) -> tuple[np.ndarray, int]:
+    starts_doc, text = item
+    tok = _worker_tokenizer
+    ids = tok.encode(text)
+    if starts_doc:
+        ids = [tok.bos_id, *ids]
+    return np.asarray(ids, dtype=np.uint32), len(text.encode("utf-8"))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def tokenize_corpus(clean_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, workers: int | None = None) -> dict:
+    """Encode ``clean_dir/{train,val}.txt`` into ``out_dir/{train,val}.bin`` and write ``meta.json``.
+
+    Documents are read one at a time and encoded by a pool of ``workers`` processes (default: all
+    cores), so memory stays bounded whatever the corpus size. Files are written under temporary names
+    and renamed at the end. Returns the meta dict. Raises TokenDataError if a split is empty.
+    """
+    clean_dir, tokenizer_dir, out_dir = Path(clean_dir), Path(tokenizer_dir), Path(out_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    meta: dict = {
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_kind": tokenizer.kind,
+        "bos_id": tokenizer.bos_id,
+        "splits": {},
+    }
+    ctx = mp.get_context("spawn")  # fork would copy torch's thread pools into the workers
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+        for split in SPLITS:
+            src = clean_dir / f"{split}.txt"
+            if not src.exists():
+                raise TokenDataError(f"{src}: missing; run the clean stage first")
+            tmp = out_dir / f".{split}.bin.tmp"
+            n_tokens = n_bytes = n_docs = 0
+            with open(tmp, "wb") as f:
+                for ids, nbytes in pool.imap(_encode_piece, _pieces(src), chunksize=4):
+                    f.write(ids.astype(dtype).tobytes())
+                    n_tokens += len(ids)
+                    n_bytes += nbytes
+                    n_docs += int(len(ids) > 0 and ids[0] == tokenizer.bos_id)
+            if n_tokens == 0:
+                tmp.unlink()
+                raise TokenDataError(f"{src}: no documents to tokenize")
+            os.replace(tmp, out_dir / f"{split}.bin")
+            meta["splits"][split] = {
+                "tokens": n_tokens,
+                "bytes": n_bytes,
+                "documents": n_docs,
+                "tokens_per_byte": n_tokens / max(1, n_bytes),
+            }
+    tmp_meta = out_dir / f".{META_FILE}.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_meta, out_dir / META_FILE)
+    return meta
+
+
+def read_meta(tokens_dir: str | Path) -> dict:
+    """The ``meta.json`` of a tokens folder. Raises TokenDataError if it is missing or unreadable."""
+    path = Path(tokens_dir) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TokenDataError(f"{path}: missing; run the tokenize stage first") from None
+    except json.JSONDecodeError as err:
+        raise TokenDataError(f"{path}: not valid JSON: {err}") from None
+
+
+class TokenFile:
+    """A read-only memmap over one split, with the counts needed for bits per byte."""
+
+    def __init__(self, tokens_dir: str | Path, split: str):
+        tokens_dir = Path(tokens_dir)
+        meta = read_meta(tokens_dir)
+        if split not in meta["splits"]:
+            raise TokenDataError(f"{tokens_dir / META_FILE}: no split {split!r} (has {sorted(meta['splits'])})")
+        self.path = tokens_dir / f"{split}.bin"
+        self.dtype = np.dtype(meta["dtype"])
+        info = meta["splits"][split]
+        expected = info["tokens"] * self.dtype.itemsize
+        if not self.path.exists() or self.path.stat().st_size != expected:
+            size = self.path.stat().st_size if self.path.exists() else "no"
+            raise TokenDataError(f"{self.path}: has {size} bytes, meta.json says {expected}; re-run tokenize")
+        self.data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        self.vocab_size: int = meta["vocab_size"]
+        self.n_tokens: int = info["tokens"]
+        self.n_bytes: int = info["bytes"]
+
+    @property
+    def tokens_per_byte(self) -> float:
+        return self.n_tokens / max(1, self.n_bytes)
+
+    def window(self, offset: int, length: int) -> torch.Tensor:
+        return torch.from_numpy(self.data[offset : offset + length].astype(np.int64))
+
+    def check_fits(self, block_size: int) -> None:
+        if self.n_tokens < block_size + 1:
+            raise TokenDataError(
+                f"{self.path}: {self.n_tokens} tokens is fewer than one training window of {block_size + 1}; "
+                "lower context_length or add text"
+            )
+
+    def random_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` windows at offsets drawn from ``generator``: inputs and next-token targets."""
+        self.check_fits(block_size)
+        offsets = torch.randint(self.n_tokens - block_size, (batch_size,), generator=generator).tolist()
+        rows = torch.stack([self.window(o, block_size + 1) for o in offsets])
+        return rows[:, :-1], rows[:, 1:]
+
+    def eval_batches(self, batch_size: int, block_size: int, max_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic batches: non-overlapping windows over the whole file, or, with ``max_batches``,
+        that many batches of windows spread evenly across it (so a quick estimate still sees all of it)."""
+        self.check_fits(block_size)
+        n_windows = (self.n_tokens - 1) // block_size
+        if max_batches and max_batches * batch_size < n_windows:
+            last = self.n_tokens - block_size - 1
+            count = max_batches * batch_size
+            offsets = [round(i * last / max(1, count - 1)) for i in range(count)]
+        else:
+            offsets = [i * block_size for i in range(n_windows)]
+        for i in range(0, len(offsets), batch_size):
+            rows = torch.stack([self.window(o, block_size + 1) for o in offsets[i : i + batch_size]])
+            yield rows[:, :-1], rows[:, 1:]
+
+
+def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
+    """Convert a mean loss in nats per token into bits per UTF-8 byte of text."""
+    return loss_nats * tokens_per_byte / math.log(2)
