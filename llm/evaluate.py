@@ -8,13 +8,11 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from llm.checkpoint import load_checkpoint
 from llm.config import EvalParams
 from llm.device import select_device, select_dtype
 from llm.generate import SamplingParams, generate
-from llm.tokens import TokenFile, bits_per_byte, read_meta
+from llm.tokens import TokenFile, bits_per_byte, encode_documents, read_meta
 from llm.train import evaluate_loss
 
 log = logging.getLogger(__name__)
@@ -46,6 +44,28 @@ def samples_markdown(samples: list[dict[str, str]]) -> str:
     return "\n".join(parts)
 
 
+def _score(model, data: TokenFile, params: EvalParams, device, dtype, split: str) -> dict[str, float]:
+    batches = list(data.eval_batches(params.batch_size, model.config.context_length, params.max_batches))
+    loss = evaluate_loss(model, iter(batches), device, dtype)
+    return {
+        f"{split}/loss": loss,
+        f"{split}/ppl": math.exp(min(loss, 50.0)),
+        f"{split}/bpb": bits_per_byte(loss, data.tokens_per_byte),
+        "eval/tokens": sum(b[1].numel() for b in batches),
+    }
+
+
+def evaluate_on_text(checkpoint: str | Path, split_file: str | Path, params: EvalParams, split: str = "val") -> dict:
+    """Score ``checkpoint`` on a cleaned split file, encoded with the checkpoint's own tokenizer.
+
+    Bits per byte from here compare models whatever their tokenizers. Returns loss, ppl, bpb, tokens.
+    """
+    device = select_device(params.device)
+    model, tokenizer, _ = load_checkpoint(checkpoint, device)
+    data = encode_documents(tokenizer, split_file)
+    return _score(model, data, params, device, select_dtype("auto", device), split)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     tokens_dir: str | Path,
@@ -70,20 +90,10 @@ def evaluate_checkpoint(
             f"but {checkpoint} uses a {tokenizer.kind} tokenizer of {tokenizer.vocab_size}; they cannot be compared"
         )
     data = TokenFile(tokens_dir, split)
-    block = model.config.context_length
-    torch.manual_seed(params.seed)
-    batches = list(data.eval_batches(params.batch_size, block, params.max_batches))
-    loss = evaluate_loss(model, iter(batches), device, dtype)
-    n_tokens = sum(b[1].numel() for b in batches)
-    metrics = {
-        f"{split}/loss": loss,
-        f"{split}/ppl": math.exp(min(loss, 50.0)),
-        f"{split}/bpb": bits_per_byte(loss, data.tokens_per_byte),
-        "eval/tokens": n_tokens,
-        "eval/step": config.get("step", 0),
-    }
+    metrics = {**_score(model, data, params, device, dtype, split), "eval/step": config.get("step", 0)}
     samples = sample_completions(model, tokenizer, params)
-    log.info("%s: %s loss %.4f, bpb %.4f over %d tokens", checkpoint, split, loss, metrics[f"{split}/bpb"], n_tokens)
+    log.info("%s: %s loss %.4f, bpb %.4f over %d tokens", checkpoint, split, metrics[f"{split}/loss"],
+             metrics[f"{split}/bpb"], metrics["eval/tokens"])
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,16 @@ class TokenFile:
         self.n_tokens: int = info["tokens"]
         self.n_bytes: int = info["bytes"]
 
+    @classmethod
+    def from_array(cls, ids: np.ndarray, n_bytes: int, vocab_size: int, name: str = "<memory>") -> TokenFile:
+        """A TokenFile over ids already in memory (e.g. text encoded by another model's tokenizer)."""
+        self = cls.__new__(cls)
+        self.path = Path(name)
+        self.data = np.asarray(ids)
+        self.dtype = self.data.dtype
+        self.vocab_size, self.n_tokens, self.n_bytes = vocab_size, len(self.data), n_bytes
+        return self
+
     @property
     def tokens_per_byte(self) -> float:
         return self.n_tokens / max(1, self.n_bytes)
@@ -183,6 +193,23 @@ class TokenFile:
         for i in range(0, len(offsets), batch_size):
             rows = torch.stack([self.window(o, block_size + 1) for o in offsets[i : i + batch_size]])
             yield rows[:, :-1], rows[:, 1:]
+
+
+def encode_documents(tokenizer: Tokenizer, split_file: str | Path) -> TokenFile:
+    """Encode a cleaned split file in memory, as ``tokenize_corpus`` would (``<|bos|>`` before each document).
+
+    For evaluation files of modest size: lets models with different tokenizers be scored on the same text.
+    """
+    ids: list[int] = []
+    n_bytes = 0
+    for doc in iter_documents(Path(split_file)):
+        ids.append(tokenizer.bos_id)
+        ids.extend(tokenizer.encode(doc))
+        n_bytes += len(doc.encode("utf-8"))
+    if not ids:
+        raise TokenDataError(f"{split_file}: no documents")
+    return TokenFile.from_array(np.asarray(ids, dtype=token_dtype(tokenizer.vocab_size)), n_bytes,
+                                tokenizer.vocab_size, str(split_file))
 
 
 def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:

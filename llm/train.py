@@ -114,6 +114,15 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
+# keys that change how a run is executed or displayed, not what it computes
+_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile"}
+
+
+def _changed_params(saved: dict[str, Any], params: PretrainParams) -> list[str]:
+    now = params.model_dump()
+    return sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
+
+
 def _curve_csv(history: list[dict[str, float]], keys: list[str]) -> str:
     rows = [h for h in history if keys[1] in h]
     buf = io.StringIO()
@@ -182,6 +191,12 @@ def train(
         if saved["model"] != model.config.model_dump():
             raise CheckpointError(
                 f"{out_dir}: holds a checkpoint of a different model shape; delete it or pass resume=False"
+            )
+        changed = _changed_params(saved.get("params", {}), params)
+        if changed:
+            raise CheckpointError(
+                f"{out_dir}: holds a run with other params ({', '.join(changed)}); resuming would not reproduce "
+                "either run. Delete it or pass resume=False (--no-resume) to start over"
             )
         load_weights(out_dir, model)
         state = load_train_state(out_dir)

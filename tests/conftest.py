@@ -34,6 +34,12 @@ def write_corpus(folder: Path, n_docs: int = 6) -> Path:
 
 
 @pytest.fixture(scope="session")
+def make_corpus():
+    """``make_corpus(folder, n_docs=6)`` writes deterministic play-shaped .txt files into ``folder``."""
+    return write_corpus
+
+
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> dict[str, Path]:
     """Paths of a corpus prepared with a char tokenizer: corpus, clean, tokenizer, tokens."""
     from llm.clean import clean_corpus

@@ -1,0 +1,98 @@
+"""The ``llm`` command end to end on a tiny corpus, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.config import DataParams, ParamsError, PretrainParams, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"context_length": 32, "n_layer": 1, "n_head": 2, "d_model": 32}
+TINY_PRETRAIN = {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2,
+                 "checkpoint_interval": 3, "log_interval": 1, "progress": False, "device": "cpu"}
+
+
+def llm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLM_TRACKING": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "llm", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture()
+def project(tmp_path: Path, make_corpus) -> Path:
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    (tmp_path / "params" / "model.yaml").write_text(yaml.safe_dump(TINY_MODEL))
+    (tmp_path / "params" / "pretrain.yaml").write_text(yaml.safe_dump(TINY_PRETRAIN))
+    data = yaml.safe_load((tmp_path / "params" / "data.yaml").read_text())
+    (tmp_path / "params" / "data.yaml").write_text(yaml.safe_dump({**data, "min_doc_chars": 100, "val_fraction": 0.3}))
+    make_corpus(tmp_path / "data" / "corpus")
+    return tmp_path
+
+
+def test_help_lists_every_stage(project):
+    out = llm("--help", cwd=project).stdout
+    for stage in ("data", "clean", "tokenizer", "tokenize", "pretrain", "evaluate", "generate"):
+        assert stage in out
+
+
+def test_stages_run_end_to_end_and_generate_text(project):
+    llm("clean", cwd=project)
+    llm("tokenizer", "--set", "kind=byte", cwd=project)
+    llm("tokenize", cwd=project)
+    out = llm("pretrain", cwd=project).stdout
+    metrics = json.loads(out[out.index("{"):])
+    assert metrics["step"] == 6 and metrics["val/bpb"] > 0
+    llm("evaluate", "--set", "max_new_tokens=20", cwd=project)
+    evaluated = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
+    assert evaluated["val/loss"] == pytest.approx(metrics["val/loss"], rel=0.2)
+    assert (project / "artifacts" / "eval" / "samples.md").read_text().startswith("# Samples")
+    text = llm("generate", "--prompt", "ROMEO.", "--max-new-tokens", "30", "--seed", "3", cwd=project).stdout
+    again = llm("generate", "--prompt", "ROMEO.", "--max-new-tokens", "30", "--seed", "3", cwd=project).stdout
+    assert text.startswith("ROMEO.") and len(text) > len("ROMEO.\n") and text == again
+
+
+def test_pretrain_resumes_where_until_step_stopped(project):
+    for cmd in (["clean"], ["tokenizer", "--set", "kind=byte"], ["tokenize"]):
+        llm(*cmd, cwd=project)
+    llm("pretrain", "--until-step", "3", cwd=project)
+    assert json.loads((project / "artifacts" / "pretrain" / "config.json").read_text())["step"] == 3
+    out = llm("pretrain", cwd=project).stdout
+    assert json.loads(out[out.index("{"):])["step"] == 6
+
+
+def test_unknown_params_key_names_file_and_key(project):
+    proc = llm("clean", "--set", "val_fractoin=0.2", cwd=project, check=False)
+    assert proc.returncode == 1
+    assert "params/data.yaml: val_fractoin: unknown key" in proc.stderr
+
+
+def test_wrong_type_in_params_file_names_file_key_and_expectation(tmp_path):
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("max_steps: many\n")
+    with pytest.raises(ParamsError, match=r"pretrain.yaml: max_steps: Input should be a valid integer.*'many'"):
+        load_params(PretrainParams, path)
+
+
+def test_params_file_that_is_not_a_mapping_is_a_clear_error(tmp_path):
+    path = tmp_path / "data.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ParamsError, match="data.yaml: expected a mapping"):
+        load_params(DataParams, path)
+
+
+def test_missing_checkpoint_is_one_clear_line(project):
+    proc = llm("generate", "--model", "nowhere", "--prompt", "x", cwd=project, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: nowhere: no checkpoint folder here")
+    assert "Traceback" not in proc.stderr
