@@ -1,0 +1,471 @@
+"""The model registry: checkpoints as versions of the pyfunc model ``gpt``, promotion, and resolving URIs.
+
+A version is a pyfunc model logged from code (``llm/serving.py``, no pickled objects) whose artifact
+``checkpoint`` is the checkpoint folder without ``train_state/``, with the ``llm`` package as its code.
+MLflow 3 stores a logged model's files under the experiment, not the run:
+``<experiment artifact location>/models/<model id>/artifacts/`` (with the default SQLite store,
+``mlruns/llm/models/m-.../artifacts/``), the checkpoint in ``artifacts/checkpoint/`` inside that (the
+MLmodel file records the path). ``runs:/<run id>/model`` is resolved through the run's logged models.
+
+Promotion moves a version to the ``Production`` stage (archiving the previous one) *and* points the
+alias ``production`` at it, so both ``models:/gpt/Production`` and ``models:/gpt@production`` resolve.
+Stages are deprecated in MLflow 3 but still work; their FutureWarning is silenced here.
+
+``resolve_model`` downloads a version's checkpoint into a cache, ``$LLM_CACHE_DIR/models`` (default
+``$XDG_CACHE_HOME/llm/models``, i.e. ``~/.cache/llm/models``): ``<name>/<version>-<id>/`` for registry
+versions and ``runs/<run id>/<path>/`` for run models, where ``<id>`` is a short hash of the storage
+location, so two databases that both hold a "gpt version 1" never share a cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+
+from llm.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, verify_checkpoint
+from llm.tracking import LINEAGE_KEYS, configure_mlflow, registry_uri, set_uris, sqlite_path, tracking_uri
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "gpt"
+PRODUCTION_STAGE = "Production"
+PRODUCTION_ALIAS = "production"
+CHECKPOINT_ARTIFACT = "checkpoint"
+SERVING_FILE = Path(__file__).with_name("serving.py")
+PACKAGE_DIR = Path(__file__).parent
+STAGES = ("None", "Staging", "Production", "Archived")
+# what the serving code imports; pinned to the versions installed where the model was logged
+SERVING_REQUIREMENTS = ("torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas")
+FIRST_STEP_HINT = "run `dvc repro` or `llm pretrain` first"
+
+
+class RegistryError(ValueError):
+    """A model, version, run or tracking database cannot be found; the message says what to run."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _not_found(err: MlflowException) -> bool:
+    return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _where() -> str:
+    return f"the registry at {registry_uri()}"
+
+
+def _client(*, must_exist: bool = True) -> MlflowClient | None:
+    """A client on the configured stores. A missing SQLite database is a RegistryError (``must_exist``)
+    or None, never a new empty database."""
+    for uri in {tracking_uri(), registry_uri()}:
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():
+            if not must_exist:
+                return None
+            raise RegistryError(f"no MLflow tracking database at {db} ({uri}); {FIRST_STEP_HINT}")
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=registry_uri())
+
+
+def _without_stage_warning(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # registry stages: deprecated, still supported
+        return fn(*args, **kwargs)
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text[:MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH]
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            version = metadata.version(name).split("+", 1)[0]  # drop local tags such as +cpu
+        except metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    # sampling fields are typed Any: a column that some rows leave out holds NaN, which a "long" rejects;
+    # the model validates them itself (llm.generate.SamplingParams) and answers 400 with the reason
+    optional = [ColSpec(AnyType(), name, required=False)
+                for name in ("messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed")]
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt", required=False), *optional]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", None),
+            ParamSpec("temperature", "double", None),
+            ParamSpec("top_k", "long", None),
+            ParamSpec("top_p", "double", None),
+            ParamSpec("seed", "long", None),
+        ]),
+    )
+
+
+def _stage_for_logging(checkpoint_dir: Path, staging: Path) -> tuple[Path, Path]:
+    """Copies of the checkpoint (without train_state/, manifest rewritten to match) and of the package."""
+    checkpoint = staging / CHECKPOINT_ARTIFACT
+    shutil.copytree(checkpoint_dir, checkpoint, ignore=shutil.ignore_patterns(TRAIN_STATE_DIR, ".*"))
+    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    manifest = {k: v for k, v in manifest.items() if not k.startswith(f"{TRAIN_STATE_DIR}/")}
+    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    code = staging / "code" / PACKAGE_DIR.name
+    shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    return checkpoint, code
+
+
+# ---------------------------------------------------------------------------------------------- register
+
+
+def register_checkpoint(
+    checkpoint_dir: str | Path,
+    *,
+    run_id: str,
+    tags: dict[str, str],
+    artifact_path: str = "model",
+) -> str:
+    """Log ``checkpoint_dir`` as a pyfunc model from code in run ``run_id`` and register it as a new
+    version of ``gpt``; returns the version number as a string.
+
+    The version is tagged with the run's lineage tags (``git.commit``, ``dvc.data_hash``,
+    ``params.hash``, ``stage``), ``run_id``, ``checkpoint.step``, ``tokenizer.kind``, then ``tags``
+    (which win). ``train_state/`` is left out. Raises CheckpointError for an incomplete checkpoint.
+    """
+    from mlflow.models import Model
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config = verify_checkpoint(checkpoint_dir)
+    configure_mlflow()
+    client = _client()
+    run = client.get_run(run_id)
+    version_tags = {k: v for k, v in run.data.tags.items() if k in LINEAGE_KEYS}
+    version_tags.update({
+        "run_id": run_id,
+        "checkpoint.step": config.get("step", 0),
+        "tokenizer.kind": config.get("tokenizer", {}).get("kind", "unknown"),
+        "model.config": config.get("model", {}),
+    })
+    version_tags.update(tags)
+    with tempfile.TemporaryDirectory(prefix="llm-register-") as tmp:
+        checkpoint, code = _stage_for_logging(checkpoint_dir, Path(tmp))
+        # what mlflow.pyfunc.log_model does, plus run_id: the run need not be the active one
+        info = Model.log(
+            artifact_path=None,
+            name=artifact_path,
+            flavor=mlflow.pyfunc,
+            flavor_name="pyfunc.ModelFromCode",
+            run_id=run_id,
+            python_model=str(SERVING_FILE),
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            code_paths=[str(code)],
+            pip_requirements=_requirements(),
+            signature=_signature(),
+            input_example=pd.DataFrame({"prompt": ["Once upon a time"], "max_new_tokens": [8], "seed": [0]}),
+        )
+    version = mlflow.register_model(
+        info.model_uri, MODEL_NAME, tags={k: _tag_value(v) for k, v in version_tags.items()}
+    )
+    client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{version.version}")
+    log.info("registered %s as %s version %s (%s)", checkpoint_dir, MODEL_NAME, version.version, info.model_uri)
+    return str(version.version)
+
+
+# ---------------------------------------------------------------------------------------------- resolve
+
+
+def _cache_root() -> Path:
+    if os.environ.get("LLM_CACHE_DIR"):
+        return Path(os.environ["LLM_CACHE_DIR"]) / "models"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm" / "models"
+
+
+def _find_version(client: MlflowClient, name: str, ref: str, *, alias: bool) -> ModelVersion:
+    """The version that ``models:/<name>/<ref>`` or ``models:/<name>@<ref>`` names."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if _not_found(err):
+            raise RegistryError(f"no model '{name}' in {_where()}; {FIRST_STEP_HINT}") from None
+        raise
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, ref)
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+    except MlflowException as err:
+        if not _not_found(err) and "not found" not in str(err).lower():
+            raise
+        if alias:
+            hint = "run `dvc repro` (the evaluate stage promotes) or `llm evaluate`"
+            raise RegistryError(f"model '{name}' has no alias '{ref}' in {_where()}; {hint}") from None
+        known = ", ".join(str(v) for v in sorted(int(v.version) for v in _all_versions(client, name))) or "none"
+        raise RegistryError(f"model '{name}' has no version {ref} in {_where()} (versions: {known})") from None
+    if ref.lower() == "latest":
+        versions = _all_versions(client, name)
+        if not versions:
+            raise RegistryError(f"model '{name}' has no versions in {_where()}; {FIRST_STEP_HINT}")
+        return max(versions, key=lambda v: int(v.version))
+    stage = next((s for s in STAGES if s.lower() == ref.lower()), None)
+    if stage is None:
+        raise RegistryError(
+            f"models:/{name}/{ref}: '{ref}' is not a version number, 'latest' or a stage ({', '.join(STAGES)}); "
+            f"for an alias write models:/{name}@{ref}"
+        )
+    found = _without_stage_warning(client.get_latest_versions, name, stages=[stage])
+    if not found:
+        hint = "run `dvc repro` (the evaluate stage promotes) or `llm evaluate`"
+        raise RegistryError(f"model '{name}' has no version in stage {stage} in {_where()}; {hint}")
+    return found[0]
+
+
+def _all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    return list(client.search_model_versions(f"name='{name}'"))
+
+
+def _checkpoint_subpath(model_root: str) -> str:
+    """Where the model's MLmodel file says the ``checkpoint`` artifact lies (``artifacts/checkpoint``)."""
+    with tempfile.TemporaryDirectory(prefix="llm-mlmodel-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_root}/MLmodel", dst_path=tmp)
+        except (MlflowException, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise RegistryError(f"{model_root}: no MLmodel file here ({reason}); not a model logged by llm?") from None
+        mlmodel = yaml.safe_load(Path(local).read_text())
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+    if CHECKPOINT_ARTIFACT not in artifacts:
+        raise RegistryError(f"{model_root}: this model has no '{CHECKPOINT_ARTIFACT}' artifact (not logged by llm)")
+    return artifacts[CHECKPOINT_ARTIFACT]["path"]
+
+
+def _download_checkpoint(model_root: str, target: Path) -> Path:
+    """Download the model's checkpoint folder into ``target`` (atomically: temp sibling, then rename)."""
+    subpath = _checkpoint_subpath(model_root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_root}/{subpath}", dst_path=str(tmp))
+        if not (Path(local) / MANIFEST_FILE).is_file():
+            raise RegistryError(f"{model_root}/{subpath}: downloaded, but it is not a checkpoint folder")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(local, target)
+    except MlflowException as err:
+        reason = str(err.message).splitlines()[0]
+        raise RegistryError(f"{model_root}/{subpath}: cannot download the checkpoint: {reason}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _place(model_root: str, cache_key: Path, dst: Path | None) -> Path:
+    if dst is None:
+        target = _cache_root() / cache_key
+        if (target / MANIFEST_FILE).is_file():  # versions never change: a complete copy is reusable
+            return target
+        return _download_checkpoint(model_root, target)
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not (dst / MANIFEST_FILE).is_file():
+        raise RegistryError(f"{dst}: exists and is not a checkpoint folder; pick a new or empty folder")
+    return _download_checkpoint(model_root, dst)
+
+
+def _run_model_root(client: MlflowClient, run_id: str, path: str) -> str:
+    """Storage location of the model named ``path`` that run ``run_id`` logged."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if _not_found(err):
+            raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()}") from None
+        raise
+    models = [client.get_logged_model(o.model_id) for o in (run.outputs.model_outputs if run.outputs else []) or []]
+    named = [m for m in models if m.name == path]
+    if named:  # logged twice under one name: the latest, as MLflow's own runs:/ resolution does
+        return max(named, key=lambda m: m.creation_timestamp).artifact_location
+    # MLflow 2 kept models among the run's artifacts
+    if any(f.path == f"{path}/MLmodel" for f in client.list_artifacts(run_id, path)):
+        return f"{run.info.artifact_uri}/{path}"
+    logged = ", ".join(sorted({m.name for m in models})) or "none"
+    raise RegistryError(f"run {run_id} logged no model named '{path}' (its models: {logged})")
+
+
+def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
+    """A local checkpoint folder for a model reference.
+
+    ``uri`` is ``models:/gpt/<version>``, ``models:/gpt/latest``, ``models:/gpt/<stage>`` (e.g.
+    ``Production``), ``models:/gpt@<alias>``, ``models:/<logged model id>``, ``runs:/<run id>/<path>``, or
+    a local checkpoint folder (returned as is). Downloads go into ``dst`` when given, else into the
+    cache described in this module's docstring (reused on later calls).
+
+    Raises RegistryError (one line naming what to run) for a missing tracking database, model, version,
+    alias, stage or run, or a local path that does not exist.
+    """
+    text = str(uri)
+    if not text.startswith(("models:/", "runs:/")):
+        path = Path(text)
+        if not path.exists():
+            raise RegistryError(f"{path}: no such checkpoint folder, and not a models:/ or runs:/ URI")
+        return path
+    set_uris()
+    client = _client()
+    if text.startswith("runs:/"):
+        run_id, _, path = text.removeprefix("runs:/").strip("/").partition("/")
+        if not run_id or not path:
+            raise RegistryError(f"{text}: expected runs:/<run id>/<model path>, e.g. runs:/<run id>/model")
+        root = _run_model_root(client, run_id, path)
+        return _place(root, Path("runs") / run_id / path, dst)
+    ref = text.removeprefix("models:/").strip("/")
+    if "/" not in ref and "@" not in ref and ref.startswith("m-"):  # a logged model id
+        try:
+            root = client.get_logged_model(ref).artifact_location
+        except MlflowException:
+            raise RegistryError(f"no logged model {ref} in the tracking store at {tracking_uri()}") from None
+        return _place(root, Path("logged") / ref, dst)
+    if "@" in ref:
+        name, alias_name = ref.split("@", 1)
+        version = _find_version(client, name, alias_name, alias=True)
+    elif "/" in ref:
+        name, selector = ref.split("/", 1)
+        version = _find_version(client, name, selector, alias=False)
+    else:
+        raise RegistryError(f"{text}: expected models:/<name>/<version|stage|latest> or models:/<name>@<alias>")
+    root = client.get_model_version_download_uri(version.name, version.version)
+    key = hashlib.sha256(root.encode()).hexdigest()[:12]
+    return _place(root, Path(version.name) / f"{version.version}-{key}", dst)
+
+
+# ---------------------------------------------------------------------------------------------- promote
+
+
+def production_version() -> ModelVersion | None:
+    """The version that alias ``production`` (else stage ``Production``) names; None if there is none,
+    or no model ``gpt``, or no tracking database yet. Compare ``str(v.version)``: a SQL store gives
+    ints, a tracking server strings."""
+    client = _client(must_exist=False)
+    if client is None:
+        return None
+    try:
+        found = [client.get_model_version_by_alias(MODEL_NAME, PRODUCTION_ALIAS)]
+    except MlflowException:
+        try:
+            found = _without_stage_warning(client.get_latest_versions, MODEL_NAME, stages=[PRODUCTION_STAGE])
+        except MlflowException as err:
+            if _not_found(err):
+                return None
+            raise
+    return found[0] if found else None
+
+
+def promote(version: str, *, reason: str, scores: dict[str, float]) -> None:
+    """Make ``version`` of ``gpt`` the Production model: stage ``Production`` (the previous Production
+    version is archived) and alias ``production``. The decision is kept as version tags
+    ``promotion.reason``, ``promotion.score.<name>``, ``promotion.previous`` and ``promotion.time``.
+
+    Raises RegistryError for a missing database, model or version.
+    """
+    set_uris()
+    client = _client()
+    version = str(version)
+    _find_version(client, MODEL_NAME, version, alias=False)
+    previous = production_version()
+    if previous is not None and str(previous.version) == version:
+        previous = None  # promoted again: nothing is replaced
+    _without_stage_warning(
+        client.transition_model_version_stage, MODEL_NAME, version, PRODUCTION_STAGE, archive_existing_versions=True
+    )
+    client.set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version)
+    tags = {
+        "promotion.promoted": "true",
+        "promotion.reason": reason,
+        "promotion.time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "promotion.previous": str(previous.version) if previous is not None else "none",
+        **{f"promotion.score.{name}": repr(float(value)) for name, value in scores.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(MODEL_NAME, version, key, _tag_value(value))
+    if previous is not None:
+        client.set_model_version_tag(MODEL_NAME, str(previous.version), "promotion.replaced_by", version)
+    log.info("promoted %s version %s to Production: %s", MODEL_NAME, version, reason)
+
+
+def compare_and_promote(
+    candidate_version: str,
+    candidate_score: float,
+    production_score: float | None,
+    *,
+    metric: str,
+    lower_is_better: bool = True,
+) -> dict:
+    """Promote ``candidate_version`` if it scores strictly better than Production on ``metric``, or if
+    there is no Production version yet. A tie, a NaN candidate score, or a Production version without a
+    score keeps Production. Returns the decision: ``{promoted, candidate, production, metric,
+    candidate_score, production_score, reason}``; a rejected candidate gets the tags
+    ``promotion.promoted=false`` and ``promotion.reason``. Raises RegistryError for a missing version.
+    """
+    candidate_version = str(candidate_version)
+    client = _client()
+    _find_version(client, MODEL_NAME, candidate_version, alias=False)  # RegistryError if it is not there
+    current = production_version()
+    production = str(current.version) if current is not None else None
+    better = "lower" if lower_is_better else "higher"
+    promoted = False
+    if candidate_score is None or math.isnan(candidate_score):
+        reason = f"candidate has no valid {metric} score ({candidate_score}); not promoting it"
+    elif current is None:
+        promoted, reason = True, f"no Production version yet; {metric} {candidate_score:.4f}"
+    elif production == candidate_version:
+        reason = f"version {candidate_version} is already Production"
+    elif production_score is None or math.isnan(production_score):
+        reason = f"no {metric} score for Production version {production} to compare with; keeping it"
+    elif (candidate_score < production_score) if lower_is_better else (candidate_score > production_score):
+        promoted = True
+        reason = (f"{metric} {candidate_score:.4f} beats Production version {production} "
+                  f"({production_score:.4f}; {better} is better)")
+    else:
+        reason = (f"{metric} {candidate_score:.4f} does not beat Production version {production} "
+                  f"({production_score:.4f}; {better} is better)")
+    if promoted:
+        scores = {metric: candidate_score}
+        if production_score is not None:
+            scores[f"baseline.{metric}"] = production_score
+        promote(candidate_version, reason=reason, scores=scores)
+    elif production != candidate_version:  # the Production version keeps the tags of its promotion
+        for key, value in {"promotion.promoted": "false", "promotion.reason": reason}.items():
+            client.set_model_version_tag(MODEL_NAME, candidate_version, key, value)
+    if not promoted:
+        log.info("kept Production %s: %s", production, reason)
+    return {
+        "promoted": promoted,
+        "candidate": candidate_version,
+        "production": production,
+        "metric": metric,
+        "candidate_score": candidate_score,
+        "production_score": production_score,
+        "reason": reason,
+    }

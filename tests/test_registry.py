@@ -1,0 +1,305 @@
+"""Specification of llm.registry and llm.serving: versions of ``gpt``, promotion, URIs, the pyfunc model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from llm.checkpoint import TrainState, save_checkpoint, verify_checkpoint
+from llm.config import ModelConfig, TokenizerParams
+from llm.model import GPT
+from llm.registry import (
+    MODEL_NAME,
+    RegistryError,
+    compare_and_promote,
+    production_version,
+    promote,
+    register_checkpoint,
+    resolve_model,
+)
+from llm.tokenizer import train_tokenizer
+from llm.tracking import configure_mlflow, stage_run
+
+
+def tiny_checkpoint(path: Path, seed: int, step: int, *, with_train_state: bool = False) -> Path:
+    tokenizer = train_tokenizer(TokenizerParams(kind="byte"), [])
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, d_model=16, context_length=16)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    state = None
+    if with_train_state:
+        optimizer = torch.optim.AdamW(model.parameters())
+        state = TrainState(step=step, optimizer=optimizer.state_dict(), rng={"cpu": torch.get_rng_state()})
+    return save_checkpoint(path, model, config, tokenizer, train_state=state, metadata={"step": step})
+
+
+def _use_db(monkeypatch, db: Path, cwd: Path) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LLM_CACHE_DIR", str(cwd / "cache"))
+    monkeypatch.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow database with its tables created once per session (creating them takes seconds)."""
+    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not path.exists():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        SqlAlchemyStore(f"sqlite:///{path}", (path.parent / "mlruns").as_uri())
+    return path
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, empty_mlflow_db) -> dict:
+    """A database holding versions 1 and 2 of ``gpt``, registered from two tiny checkpoints."""
+    root = tmp_path_factory.mktemp("registered")
+    shutil.copy(empty_mlflow_db, root / "mlflow.db")
+    out: dict = {"db": root / "mlflow.db", "checkpoints": [], "runs": []}
+    with pytest.MonkeyPatch.context() as mp:
+        _use_db(mp, root / "mlflow.db", root)
+        for i in (1, 2):
+            ckpt = tiny_checkpoint(root / f"ckpt{i}", seed=i, step=10 * i, with_train_state=True)
+            with stage_run("pretrain", {"seed": i}) as run:
+                version = register_checkpoint(ckpt, run_id=run.run_id, tags={"llm.stage": "pretrain", "extra": "x"})
+            assert version == str(i)
+            out["checkpoints"].append(ckpt)
+            out["runs"].append(run.run_id)
+    return out
+
+
+@pytest.fixture
+def registry(registered, tmp_path, monkeypatch) -> dict:
+    """Each test gets its own copy of the database (artifacts are shared read-only)."""
+    shutil.copy(registered["db"], tmp_path / "mlflow.db")
+    _use_db(monkeypatch, tmp_path / "mlflow.db", tmp_path)
+    return registered
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_registered_versions_carry_lineage_tags_and_the_run(registry):
+    client = MlflowClient()
+    version = client.get_model_version(MODEL_NAME, "2")
+    assert version.run_id == registry["runs"][1]
+    tags = version.tags
+    assert tags["stage"] == "pretrain" and tags["llm.stage"] == "pretrain" and tags["extra"] == "x"
+    assert {"git.commit", "dvc.data_hash", "params.hash", "run_id", "checkpoint.step"} <= set(tags)
+    assert tags["run_id"] == registry["runs"][1]
+    assert tags["checkpoint.step"] == "20"
+    assert client.get_run(registry["runs"][1]).data.tags["registered_model.version"] == "gpt/2"
+
+
+def test_resolved_checkpoint_is_complete_and_leaves_out_train_state(registry):
+    folder = resolve_model("models:/gpt/1")
+    assert not (folder / "train_state").exists()
+    assert verify_checkpoint(folder) == _config(registry["checkpoints"][0])
+    assert resolve_model("models:/gpt/1") == folder  # cached
+
+
+def test_every_uri_form_resolves_to_the_promoted_checkpoint(registry, tmp_path):
+    first, second = (_config(c) for c in registry["checkpoints"])
+    assert first != second
+    promote("2", reason="better", scores={"val/bpb": 1.5})
+
+    for uri in ("models:/gpt/Production", "models:/gpt@production", "models:/gpt/2", "models:/gpt/latest",
+                f"runs:/{registry['runs'][1]}/model"):
+        assert _config(resolve_model(uri)) == second, uri
+    assert _config(resolve_model("models:/gpt/1")) == first
+    assert _config(resolve_model(f"runs:/{registry['runs'][0]}/model")) == first
+    assert _config(resolve_model("models:/gpt/1", dst=tmp_path / "here")) == first
+    assert resolve_model(registry["checkpoints"][0]) == registry["checkpoints"][0]
+
+    tags = MlflowClient().get_model_version(MODEL_NAME, "2").tags
+    assert tags["promotion.reason"] == "better"
+    assert float(tags["promotion.score.val/bpb"]) == 1.5
+
+
+def test_promote_archives_the_previous_production_version(registry):
+    promote("1", reason="first", scores={})
+    promote("2", reason="second", scores={})
+    client = MlflowClient()
+    assert client.get_model_version(MODEL_NAME, "1").current_stage == "Archived"
+    assert client.get_model_version(MODEL_NAME, "2").current_stage == "Production"
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "production").version) == "2"
+    assert str(production_version().version) == "2"
+    assert client.get_model_version(MODEL_NAME, "2").tags["promotion.previous"] == "1"
+
+
+def test_compare_and_promote_keeps_the_better_model(registry):
+    assert production_version() is None
+    first = compare_and_promote("1", 2.0, None, metric="val/bpb")
+    assert first["promoted"] and first["production"] is None and str(production_version().version) == "1"
+
+    worse = compare_and_promote("2", 2.5, 2.0, metric="val/bpb")
+    assert not worse["promoted"] and str(production_version().version) == "1"
+    assert worse == {"promoted": False, "candidate": "2", "production": "1", "metric": "val/bpb",
+                     "candidate_score": 2.5, "production_score": 2.0, "reason": worse["reason"]}
+    assert MlflowClient().get_model_version(MODEL_NAME, "2").tags["promotion.promoted"] == "false"
+
+    assert not compare_and_promote("2", 2.0, 2.0, metric="val/bpb")["promoted"]  # a tie keeps Production
+    assert not compare_and_promote("2", 1.0, None, metric="val/bpb")["promoted"]  # nothing to compare with
+    assert not compare_and_promote("2", 0.5, 0.9, metric="acc", lower_is_better=False)["promoted"]
+
+    better = compare_and_promote("2", 1.5, 2.0, metric="val/bpb")
+    assert better["promoted"] and better["production"] == "1" and str(production_version().version) == "2"
+    tags = MlflowClient().get_model_version(MODEL_NAME, "2").tags
+    assert tags["promotion.promoted"] == "true" and float(tags["promotion.score.baseline.val/bpb"]) == 2.0
+
+    again = compare_and_promote("2", 1.5, 1.5, metric="val/bpb")
+    assert not again["promoted"] and "already Production" in again["reason"]
+    assert MlflowClient().get_model_version(MODEL_NAME, "2").tags["promotion.promoted"] == "true"
+    with pytest.raises(RegistryError, match="no version 7"):
+        compare_and_promote("7", 0.1, 1.5, metric="val/bpb")
+    with pytest.raises(RegistryError, match="no version 7"):
+        promote("7", reason="x", scores={})
+
+
+def test_missing_database_model_and_version_are_one_line_registry_errors(registry, tmp_path, monkeypatch,
+                                                                         empty_mlflow_db):
+    def message(uri: str) -> str:
+        with pytest.raises(RegistryError) as err:
+            resolve_model(uri)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "no version 9" in message("models:/gpt/9") and "versions: 1, 2" in message("models:/gpt/9")
+    assert "stage Production" in message("models:/gpt/Production")
+    assert "no alias 'production'" in message("models:/gpt@production")
+    assert "no run" in message("runs:/0123456789abcdef0123456789abcdef/model")
+    assert "no model named 'other'" in message(f"runs:/{registry['runs'][0]}/other")
+    assert "no such checkpoint folder" in message(str(tmp_path / "nowhere"))
+
+    shutil.copy(empty_mlflow_db, tmp_path / "empty.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert "no model 'gpt' in the registry at sqlite:///" in message("models:/gpt/1")
+    assert "dvc repro" in message("models:/gpt/1")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent.db'}")
+    text = message("models:/gpt/Production")
+    assert "no MLflow tracking database" in text and "llm pretrain" in text
+    assert not (tmp_path / "absent.db").exists()
+    assert production_version() is None
+
+
+def test_pyfunc_model_generates_strings_from_prompts_and_messages(registry):
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    out = model.predict(pd.DataFrame({"prompt": ["hi"], "max_new_tokens": [5]}))
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+
+    greedy = pd.DataFrame({"prompt": ["hello", "bye"], "max_new_tokens": [4, None], "temperature": [0.0, 0.0]})
+    assert model.predict(greedy) == model.predict(greedy)
+    chat = [{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 3, "seed": 1}, {"prompt": "x"}]
+    assert all(isinstance(s, str) for s in model.predict(chat, params={"max_new_tokens": 2}))
+
+
+def test_messages_are_rendered_with_the_chat_template():
+    chat_template = pytest.importorskip("llm.chat_template")
+    from llm.serving import render_chat
+
+    tokenizer = train_tokenizer(TokenizerParams(kind="byte"), [])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|assistant|>"}]
+    ids = render_chat(tokenizer, messages)
+    assert ids == chat_template.encode_chat(tokenizer, messages, add_generation_prompt=True)
+    assert ids[-1] == tokenizer.assistant_id and ids.count(tokenizer.assistant_id) == 1
+
+
+def test_oversized_requests_are_refused_as_invalid_parameters(registry):
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    with pytest.raises(MlflowException, match="max_new_tokens=100000 is above") as err:
+        model.predict(pd.DataFrame({"prompt": ["hi"], "max_new_tokens": [100_000]}))
+    assert err.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="prompt is .* tokens long") as err:
+        model.predict(pd.DataFrame({"prompt": ["a" * 5000]}))
+    assert err.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="temperature"):
+        model.predict(pd.DataFrame({"prompt": ["hi"], "temperature": [-1.0]}))
+    with pytest.raises(MlflowException, match="'prompt' or a list of 'messages'"):
+        model.predict(pd.DataFrame({"prompt": [None], "seed": [1]}))
+
+
+def test_scoring_server_answers_json_requests_and_400_for_oversized_ones(registry):
+    from mlflow.pyfunc.scoring_server import invocations
+
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt@production" if production_version() else "models:/gpt/1")
+    schema = model.metadata.get_input_schema()
+    body = {"dataframe_records": [{"prompt": "hi", "max_new_tokens": 3}], "params": {"temperature": 0.0}}
+    response = invocations(json.dumps(body), "application/json", model, schema)
+    assert response.status == 200
+    assert len(json.loads(response.response)["predictions"]) == 1
+
+    body = {"dataframe_records": [{"prompt": "hi", "max_new_tokens": 4096}]}
+    with pytest.raises(MlflowException, match="above this server's limit") as err:
+        invocations(json.dumps(body), "application/json", model, schema)
+    assert err.value.get_http_status_code() == 400
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_over_http_and_refuses_oversized_requests(registry, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gpt/1", "--env-manager", "local",
+             "--host", "127.0.0.1", "-p", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the scoring server did not start in 120 s"
+                time.sleep(0.5)
+        status, answer = post({"dataframe_records": [{"prompt": "hi", "max_new_tokens": 3}]})
+        assert status == 200 and isinstance(answer["predictions"][0], str)
+        status, answer = post({"dataframe_records": [{"messages": [{"role": "user", "content": "hey"}]}],
+                               "params": {"max_new_tokens": 2, "temperature": 0.0}})
+        assert status == 200 and len(answer["predictions"]) == 1
+        status, answer = post({"dataframe_records": [{"prompt": "hi", "max_new_tokens": 100_000}]})
+        assert status == 400
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "limit of 512" in answer["message"]
+    finally:
+        os.killpg(server.pid, 15)  # the server runs uvicorn in a child: end its whole session
+        server.wait(timeout=30)
