@@ -1,0 +1,37 @@
+"""Prefect flows: the pipeline stages as flows of tasks that call ``llm.stages``, and nothing more.
+
+One flow per stage (``fetch``, ``clean``, ``tokenizer``, ``tokenize``, ``pretrain``, ``evaluate``), plus
+``prepare`` (clean, tokenizer, tokenize) and ``pipeline`` (prepare, pretrain, evaluate). The model and data
+logic live in ``llm``; a flow reads its params file with the overrides it was given, then calls the stage.
+Paths are those of ``llm.stages.Layout`` relative to the working directory, which is the project root.
+
+Three ways in: ``python -m flows <flow> --set key=value`` runs one flow in this process (``dvc repro`` does
+this), ``python -m flows.serve`` serves every flow as a deployment ``<flow>/<flow>``, and the functions can be
+called from Python like any Prefect flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefect import Flow
+
+# The library logs through the standard ``logging`` module under ``llm``; this makes Prefect attach its
+# handlers to that logger, so its records (stage summaries, training progress) reach the flow run's logs in
+# the UI. It must be set before Prefect configures logging (on import), hence here.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
+logging.getLogger("llm").setLevel(logging.INFO)
+
+
+def all_flows() -> dict[str, Flow]:
+    """Every flow of the project by name, in pipeline order."""
+    from flows.data import clean, fetch, prepare, tokenize, tokenizer
+    from flows.evaluate import evaluate
+    from flows.pipeline import pipeline
+    from flows.pretrain import pretrain
+
+    # finetune and export join here (and in flows/pipeline.py) when their flows exist
+    return {f.name: f for f in (fetch, clean, tokenizer, tokenize, prepare, pretrain, evaluate, pipeline)}

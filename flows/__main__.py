@@ -1,0 +1,96 @@
+"""``python -m flows <flow> [--set [file:]key=value ...] [--param name=value ...]``: run one flow in this process.
+
+This is the command of every ``dvc.yaml`` stage. ``--set`` overrides a key of a params file, like
+``dvc exp run -S``: a bare ``key`` is in the flow's own file (``params/pretrain.yaml`` for ``pretrain``),
+``model:n_layer=2`` or ``params/model.yaml:n_layer=2`` names the file. ``--param`` sets any other flow
+parameter, like ``prefect deployment run --param``. Values are read as YAML (``5``, ``true``, ``null``,
+``[a, b]``). An empty value (``--set max_steps=``) overrides nothing, so wrappers such as ``MLproject`` can
+pass optional settings through.
+
+With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it Prefect starts a
+temporary one for the run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from flows import all_flows
+from flows.params import PARAMS_MODELS
+
+# the params file that a bare ``--set key=value`` refers to, for flows that have one of their own
+OWN_PARAMS_FILE = {"clean": "data", "tokenizer": "tokenizer", "pretrain": "pretrain", "evaluate": "evaluate"}
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+def _split_assignment(item: str, option: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise typer.BadParameter(f"{option} {item!r}: expected name=value")
+    return name.strip(), value
+
+
+def _params_file(spec: str) -> str:
+    """``pretrain`` or ``params/pretrain.yaml`` -> ``pretrain``."""
+    name = Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
+    if name not in PARAMS_MODELS:
+        raise typer.BadParameter(f"--set: unknown params file {spec!r}; known: {', '.join(PARAMS_MODELS)}")
+    return name
+
+
+def flow_arguments(flow_name: str, sets: list[str], params: list[str]) -> dict[str, Any]:
+    """The keyword arguments of ``flow_name`` that ``--set`` and ``--param`` options describe."""
+    accepted = inspect.signature(all_flows()[flow_name].fn).parameters
+    arguments: dict[str, Any] = {}
+    for item in params:
+        name, value = _split_assignment(item, "--param")
+        if name not in accepted:
+            raise typer.BadParameter(f"--param {item!r}: the {flow_name} flow takes {', '.join(accepted) or 'none'}")
+        arguments[name] = yaml.safe_load(value)
+    for item in sets:
+        target, value = _split_assignment(item, "--set")
+        if value == "":
+            continue
+        file_spec, _, key = target.rpartition(":")
+        if file_spec:
+            file_name = _params_file(file_spec)
+        elif flow_name in OWN_PARAMS_FILE:
+            file_name = OWN_PARAMS_FILE[flow_name]
+        else:
+            raise typer.BadParameter(f"--set {item!r}: the {flow_name} flow reads several params files; name one, "
+                                     f"e.g. --set pretrain:{key}=...")
+        argument = "overrides" if OWN_PARAMS_FILE.get(flow_name) == file_name else f"{file_name}_overrides"
+        if argument not in accepted:
+            raise typer.BadParameter(f"--set {item!r}: the {flow_name} flow does not read params/{file_name}.yaml")
+        arguments[argument] = {**(arguments.get(argument) or {}), key: yaml.safe_load(value)}
+    return arguments
+
+
+@app.command(help=__doc__.partition("\n\n")[2])
+def main(
+    flow: Annotated[str, typer.Argument(help="the flow to run: fetch, clean, tokenizer, tokenize, prepare, "
+                                             "pretrain, evaluate or pipeline")],
+    sets: Annotated[list[str] | None,
+                    typer.Option("--set", metavar="[FILE:]KEY=VALUE", help="override a params key")] = None,
+    params: Annotated[list[str] | None,
+                      typer.Option("--param", metavar="NAME=VALUE", help="set a flow parameter")] = None,
+) -> None:
+    flows = all_flows()
+    if flow not in flows:
+        raise typer.BadParameter(f"unknown flow {flow!r}; choose one of {', '.join(flows)}", param_hint="FLOW")
+    arguments = flow_arguments(flow, sets or [], params or [])
+    try:
+        flows[flow](**arguments)
+    except Exception as err:  # noqa: BLE001 - any failure; Prefect has logged its traceback with the failed run
+        typer.secho(f"error: the {flow} flow failed: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    app(prog_name="python -m flows")

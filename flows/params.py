@@ -1,0 +1,35 @@
+"""The params files as flows take them: ``params/<name>.yaml`` plus a dict of overrides, validated.
+
+A flow takes one overrides dict per params file it reads (``overrides`` for its own file, ``model_overrides``
+for ``params/model.yaml``, ...) so a deployment run can change any key, and a bad key fails the run with the
+file and key named (``llm.config.ParamsError``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from llm.config import DataParams, EvalParams, ModelConfig, PretrainParams, TokenizerParams, load_params
+from llm.stages import Layout
+
+# params file name (params/<name>.yaml) -> the model that validates it; finetune and export go here too
+PARAMS_MODELS: dict[str, type[BaseModel]] = {
+    "data": DataParams,
+    "tokenizer": TokenizerParams,
+    "model": ModelConfig,
+    "pretrain": PretrainParams,
+    "evaluate": EvalParams,
+}
+
+Overrides = dict[str, Any] | None
+
+
+def read_params(name: str, overrides: Overrides = None, layout: Layout | None = None) -> Any:
+    """``params/<name>.yaml`` with ``overrides`` applied on top, validated by its pydantic model.
+
+    Raises ParamsError naming the file and the key when a key is unknown or a value invalid.
+    """
+    layout = layout or Layout()
+    return load_params(PARAMS_MODELS[name], layout.params / f"{name}.yaml", overrides)

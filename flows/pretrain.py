@@ -1,0 +1,32 @@
+"""The ``pretrain`` flow: train the GPT on ``artifacts/tokens`` into the checkpoint folder ``artifacts/pretrain``."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows.params import Overrides, read_params
+from flows.policies import TRAINING_TASK
+from llm import stages
+from llm.stages import Layout
+
+pretrain_task = task(stages.pretrain_stage, **TRAINING_TASK)
+
+
+@flow(name="pretrain")
+def pretrain(
+    overrides: Overrides = None,
+    model_overrides: Overrides = None,
+    resume: bool = True,
+    until_step: int | None = None,
+) -> dict:
+    """Pretrain with ``params/pretrain.yaml`` and ``params/model.yaml`` (each with its overrides).
+
+    With ``resume`` a checkpoint already in ``artifacts/pretrain`` is continued exactly (it must come from the
+    same params); ``until_step`` stops early, to be resumed later. Returns the final metrics, MLflow run id
+    and registered model version.
+    """
+    layout = Layout()
+    params = read_params("pretrain", overrides)
+    model_config = read_params("model", model_overrides)
+    return pretrain_task(params, model_config, layout.artifact("tokens"), layout.artifact("tokenizer"),
+                         layout.artifact("pretrain"), resume=resume, until_step=until_step)

@@ -1,0 +1,27 @@
+"""Serve every flow as a Prefect deployment named after it: ``pretrain/pretrain``, ``pipeline/pipeline``, ...
+
+    prefect server start                                  # in one terminal: API and UI on :4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.serve                                 # in the project root: waits for runs
+    prefect deployment run pretrain/pretrain --param overrides='{"max_steps": 50}'
+
+Runs execute on this machine, in the directory this process was started from (the project root).
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+
+from flows import all_flows
+
+
+def main() -> None:
+    """Serve the deployments until interrupted, one flow run at a time."""
+    deployments = [f.to_deployment(name=f.name) for f in all_flows().values()]
+    # One run at a time: every stage writes a fixed folder under artifacts/, so two runs would overwrite
+    # each other's outputs; later runs wait in the queue.
+    serve(*deployments, limit=1)
+
+
+if __name__ == "__main__":
+    main()

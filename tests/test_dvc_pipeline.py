@@ -1,0 +1,147 @@
+"""Specification of dvc.yaml: ``dvc repro`` runs every stage's Prefect flow once, reruns only what a change
+touches, and exposes the metrics, the loss curve, experiments and the default remote.
+
+Runs the real ``dvc`` of the virtualenv in a throwaway git repository holding a copy of the code, tiny params
+and a synthetic corpus tracked by ``data.dvc``. The stages report to one local Prefect server started for the
+module (``PREFECT_API_URL``), which spares each stage a temporary server of its own; MLflow tracking is off
+(``LLM_TRACKING=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_flows import make_tiny_project
+from tests.test_prefect_server import prefect_env, prefect_server
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+STAGES = ["clean", "tokenizer", "tokenize", "pretrain", "evaluate"]
+
+
+def run(cwd: Path, env: dict, *args: str, stdout_only: bool = False) -> str:
+    """Run a command in ``cwd``; return its output, or fail the test showing it."""
+    proc = subprocess.run(args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}"
+    return proc.stdout if stdout_only else output
+
+
+def run_json(cwd: Path, env: dict, *args: str):
+    return json.loads(run(cwd, env, *args, "--json", stdout_only=True))
+
+
+def ran_stages(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Iterator[tuple[Path, dict]]:
+    root = make_tiny_project(tmp_path_factory.mktemp("dvc") / "project", with_code=True)
+    home = root.parent / "prefect-home"
+    with prefect_server(home) as api_url:
+        env = {
+            # PATH puts this virtualenv first: dvc.yaml's `python` is its python
+            **{k: v for k, v in prefect_env(home, api_url).items() if not k.startswith("DVC_")},
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        }
+        init_repo(root, env)
+        yield root, env
+
+
+def init_repo(root: Path, env: dict) -> None:
+    """git and dvc repositories around the tiny project, with data/ tracked by data.dvc and committed."""
+    run(root, env, "git", "init", "-q")
+    run(root, env, "dvc", "init", "-q")
+    shutil.copy2(Path(__file__).resolve().parents[1] / ".dvc" / "config", root / ".dvc" / "config")
+    with (root / ".gitignore").open("a") as gitignore:
+        gitignore.write("/.dvcstore/\n")  # the default remote lives in the checkout, outside git
+    run(root, env, "dvc", "add", "-q", "data")
+    run(root, env, "git", "add", "-A")
+    run(root, env, "git", "commit", "-q", "-m", "tiny project")
+
+
+def test_repro_runs_every_stage_then_nothing(repo):
+    root, env = repo
+    first = run(root, env, "dvc", "repro")
+    assert ran_stages(first) == STAGES
+    for out in ("clean/train.txt", "tokenizer", "tokens/train.bin", "pretrain/model.safetensors",
+                "pretrain/metrics.json", "pretrain/curve/train.csv", "pretrain/curve/val.csv", "eval/metrics.json",
+                "eval/samples.md"):
+        assert (root / "artifacts" / out).exists(), out
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+    assert "Data and pipelines are up to date" in run(root, env, "dvc", "status")
+    second = run(root, env, "dvc", "repro")
+    assert ran_stages(second) == []
+    assert all(f"Stage '{s}' didn't change, skipping" in second for s in STAGES)
+    run(root, env, "git", "add", "-A")
+    run(root, env, "git", "commit", "-q", "-m", "reproduced")
+
+
+def test_metrics_show_lists_val_loss_and_bits_per_byte(repo):
+    root, env = repo
+    shown = run_json(root, env, "dvc", "metrics", "show")
+    files = next(iter(shown.values()))["data"]
+    for path in ("artifacts/pretrain/metrics.json", "artifacts/eval/metrics.json"):
+        metrics = files[path]["data"]
+        assert metrics["val/loss"] > 0 and metrics["val/bpb"] > 0, path
+    table = run(root, env, "dvc", "metrics", "show")
+    assert "val/loss" in table and "val/bpb" in table
+
+
+def test_plots_show_renders_the_train_and_val_loss_curves(repo):
+    root, env = repo
+    run(root, env, "dvc", "plots", "show", "-o", "plots")
+    html = (root / "plots" / "index.html").read_text()
+    assert "train_loss" in html and "val_loss" in html
+    steps = (root / "artifacts" / "pretrain" / "curve" / "train.csv").read_text().splitlines()
+    assert len(steps) == 1 + yaml.safe_load((root / "params" / "pretrain.yaml").read_text())["max_steps"]
+    shutil.rmtree(root / "plots")
+
+
+def test_push_sends_the_cache_to_the_default_local_remote(repo):
+    root, env = repo
+    run(root, env, "dvc", "push")
+    store = root / ".dvcstore"
+    assert store.is_dir() and any(p.is_file() for p in store.rglob("*"))
+
+
+def test_a_pretrain_param_change_marks_only_pretrain_changed(repo):
+    root, env = repo
+    params_file = root / "params" / "pretrain.yaml"
+    original = params_file.read_text()
+    params_file.write_text(original.replace("batch_size: 4", "batch_size: 2"))
+    try:
+        status = run(root, env, "dvc", "status")
+        assert "pretrain:" in status and "params/pretrain.yaml" in status and "batch_size" in status
+        assert not any(f"{s}:" in status for s in ("clean", "tokenizer", "tokenize", "evaluate"))
+    finally:
+        params_file.write_text(original)
+    assert "Data and pipelines are up to date" in run(root, env, "dvc", "status")
+
+
+def test_exp_run_with_a_pretrain_param_reruns_pretrain_and_evaluate_only(repo):
+    root, env = repo
+    output = run(root, env, "dvc", "exp", "run", "-n", "longer", "-S", "params/pretrain.yaml:max_steps=6")
+    assert ran_stages(output) == ["pretrain", "evaluate"]
+    assert all(f"Stage '{s}' didn't change, skipping" in output for s in ("clean", "tokenizer", "tokenize"))
+    assert json.loads((root / "artifacts" / "pretrain" / "metrics.json").read_text())["step"] == 6
+    assert json.loads((root / "artifacts" / "eval" / "metrics.json").read_text())["eval/step"] == 6
+    experiments = {e["name"]: e["revs"][0]["data"] for commit in run_json(root, env, "dvc", "exp", "show")
+                   for e in commit.get("experiments") or []}
+    longer = experiments["longer"]
+    assert longer["params"]["params/pretrain.yaml"]["data"]["max_steps"] == 6
+    assert longer["metrics"]["artifacts/eval/metrics.json"]["data"]["eval/step"] == 6

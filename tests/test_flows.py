@@ -1,0 +1,215 @@
+"""Specification of the Prefect flows: each stage flow writes its stage's outputs, overrides are validated
+against the params files, nothing is cached, and only transient errors are retried.
+
+The flows run in this process against a temporary Prefect API (``prefect_test_harness``), in a tiny project:
+params files with small values and a synthetic corpus under a temporary working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.config import ParamsError
+from tests.conftest import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model and a run small enough for a few seconds on one CPU core.
+TINY_PARAMS = {
+    "data": {"val_fraction": 0.3, "min_doc_chars": 100},
+    "tokenizer": {"kind": "char"},
+    "model": {"context_length": 32, "n_layer": 1, "n_head": 2, "d_model": 32},
+    "pretrain": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 2,
+                 "checkpoint_interval": 4, "log_interval": 1, "device": "cpu", "progress": False},
+    "evaluate": {"batch_size": 4, "max_batches": 2, "max_new_tokens": 8, "prompts": ["ROMEO."], "device": "cpu"},
+}
+
+
+def make_tiny_project(root: Path, *, with_code: bool = False) -> Path:
+    """A project root with tiny ``params/*.yaml`` and ``data/corpus/*.txt``; ``with_code`` also copies the
+    code that stages and deployments run (``llm/``, ``flows/``, ``dvc.yaml``, ``.dvcignore``)."""
+    (root / "params").mkdir(parents=True, exist_ok=True)
+    for name, values in TINY_PARAMS.items():
+        (root / "params" / f"{name}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    write_corpus(root / "data" / "corpus", n_docs=6)
+    if with_code:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for folder in ("llm", "flows"):
+            shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+        for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+            shutil.copy2(REPO / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server and database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LLM_TRACKING", "0")
+    root = make_tiny_project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_prepare_then_pretrain_flows_write_every_stage_output(prefect_api, project):
+    from flows.data import prepare
+    from flows.pretrain import pretrain
+
+    prepared = prepare(tokenizer_overrides={"kind": "byte"})
+    assert prepared["tokenizer"]["kind"] == "byte"  # the override reached the stage
+    assert prepared["clean"]["train_docs"] >= 1 and prepared["clean"]["val_docs"] >= 1
+    for path in ("clean/train.txt", "clean/val.txt", "clean/stats.json", "tokenizer", "tokens/train.bin",
+                 "tokens/val.bin", "tokens/meta.json"):
+        assert (project / "artifacts" / path).exists(), path
+
+    result = pretrain(overrides={"max_steps": 3}, model_overrides={"n_layer": 2})
+    assert result["step"] == 3
+    out = project / "artifacts" / "pretrain"
+    for name in ("model.safetensors", "config.json", "metrics.json", "curve/train.csv", "curve/val.csv"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["model"]["n_layer"] == 2
+    assert json.loads((out / "metrics.json").read_text())["step"] == 3
+    assert (out / "curve" / "train.csv").read_text().splitlines()[0] == "step,train_loss,lr"
+
+
+def test_evaluate_flow_scores_the_checkpoint_without_tracking(prefect_api, project):
+    from flows.data import prepare
+    from flows.evaluate import evaluate
+    from flows.pretrain import pretrain
+
+    prepare()
+    pretrain(overrides={"max_steps": 2})
+    result = evaluate()
+    metrics = json.loads((project / "artifacts" / "eval" / "metrics.json").read_text())
+    assert metrics["val/bpb"] == pytest.approx(result["val/bpb"]) and metrics["val/bpb"] > 0
+    assert result["promotion"]["promoted"] is False  # LLM_TRACKING=0: there is no registry to promote in
+    assert (project / "artifacts" / "eval" / "samples.md").read_text().strip()
+
+
+def test_a_misspelt_override_fails_the_flow_run_naming_file_and_key(prefect_api, project):
+    from flows.pretrain import pretrain
+
+    with pytest.raises(ParamsError, match=r"params/pretrain\.yaml: max_stepz: unknown key"):
+        pretrain(overrides={"max_stepz": 3})
+    state = pretrain(model_overrides={"n_head": 0}, return_state=True)
+    assert state.is_failed()
+    assert "params/model.yaml: n_head" in state.message
+    assert not (project / "artifacts" / "pretrain").exists()
+
+
+def test_pipeline_checks_every_params_file_before_the_first_stage(prefect_api, project):
+    from flows.pipeline import pipeline
+
+    with pytest.raises(ParamsError, match=r"params/evaluate\.yaml: temperatur: unknown key"):
+        pipeline(evaluate_overrides={"temperatur": 0.5})
+    assert not (project / "artifacts").exists()  # nothing was cleaned, let alone trained
+
+
+def test_no_task_caches_and_only_io_tasks_retry():
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.data import clean_task, fetch_task, tokenize_task, tokenizer_task
+    from flows.evaluate import evaluate_task
+    from flows.pretrain import pretrain_task
+
+    for io_task in (fetch_task, clean_task, tokenizer_task, tokenize_task, evaluate_task):
+        assert io_task.cache_policy is NO_CACHE, io_task.name
+        assert io_task.retries == 2, io_task.name
+    assert pretrain_task.cache_policy is NO_CACHE
+    assert pretrain_task.retries == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [(ConnectionResetError("peer reset"), True), (TimeoutError("read timed out"), True),
+     (FileNotFoundError("data/corpus"), False), (ValueError("bad data"), False),
+     (ParamsError("params/data.yaml: x: unknown key"), False)],
+)
+def test_only_transient_errors_are_retried(error, retried):
+    from prefect.states import Failed
+
+    from flows.policies import is_transient
+
+    assert is_transient(None, None, Failed(data=error)) is retried
+
+
+def test_an_io_task_retries_a_dropped_connection_twice_but_not_bad_input(prefect_api):
+    from prefect import flow, task
+
+    from flows.policies import IO_TASK
+
+    calls = []
+
+    def read(kind: str) -> None:
+        calls.append(kind)
+        raise {"network": ConnectionResetError, "input": ValueError}[kind](kind)
+
+    read_task = task(read, **{**IO_TASK, "retry_delay_seconds": 0})
+
+    @flow
+    def reading(kind: str):
+        return read_task(kind, return_state=True)
+
+    for kind in ("network", "input"):
+        assert reading(kind, return_state=True).is_failed()
+    assert calls == ["network"] * 3 + ["input"]
+
+
+def test_set_options_map_to_the_overrides_of_each_params_file():
+    from flows.__main__ import flow_arguments
+
+    assert flow_arguments("pretrain", ["max_steps=5", "model:n_layer=2", "params/pretrain.yaml:learning_rate=0.01",
+                                       "batch_size="], ["resume=false"]) == {
+        "overrides": {"max_steps": 5, "learning_rate": 0.01},  # batch_size= (empty) overrides nothing
+        "model_overrides": {"n_layer": 2},
+        "resume": False,
+    }
+    assert flow_arguments("pipeline", ["pretrain:max_steps=5", "tokenizer:kind=bpe"], []) == {
+        "pretrain_overrides": {"max_steps": 5}, "tokenizer_overrides": {"kind": "bpe"}}
+
+
+@pytest.mark.parametrize(
+    ("flow", "sets", "message"),
+    [("pipeline", ["max_steps=5"], "reads several params files"),
+     ("clean", ["model:n_layer=1"], "does not read params/model.yaml"),
+     ("tokenize", ["nosuch:key=1"], "unknown params file"),
+     ("clean", ["no_equals_sign"], "expected name=value")],
+)
+def test_set_options_that_name_nothing_the_flow_reads_are_refused(flow, sets, message):
+    import typer
+
+    from flows.__main__ import flow_arguments
+
+    with pytest.raises(typer.BadParameter, match=message):
+        flow_arguments(flow, sets, [])
+
+
+def test_every_flow_is_registered_under_its_deployment_name():
+    from flows import all_flows
+
+    assert list(all_flows()) == ["fetch", "clean", "tokenizer", "tokenize", "prepare", "pretrain", "evaluate",
+                                 "pipeline"]
+
+
+def test_flows_import_no_model_code_at_module_level():
+    """flows/ is orchestration: importing it must not pull in torch (the stages import it when they run)."""
+    import subprocess
+    import sys
+
+    code = "import sys, flows; flows.all_flows(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+    assert out.stdout.strip().splitlines()[-1] == "False"
