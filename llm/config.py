@@ -126,6 +126,8 @@ class EvalParams(StrictModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    max_conversations: int | None = Field(200, gt=0, description="val conversations scored for chat models; None: all")
+    sample_conversations: int = Field(3, ge=0, description="val conversations answered in samples.md for chat models")
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -170,3 +172,42 @@ def load_params(model: type[P], path: str | Path, overrides: dict | None = None)
         raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     data = {**data, **(overrides or {})}
     return validate_params(model, data, str(path))
+
+
+class ChatDataParams(StrictModel):
+    """How chat conversations are derived from the plays, or split when supplied (``chat_data`` in ``params/finetune.yaml``)."""
+
+    max_turns: int = Field(2, gt=0, description="user/assistant exchanges per play-derived conversation")
+    min_speech_chars: int = Field(2, ge=1, description="shorter speeches end a dialogue run")
+    max_speech_chars: int = Field(400, gt=0, description="longer speeches end a dialogue run (they rarely fit a context)")
+    system_template: str = Field("You are {name}. Answer in character.", description="{name}: the answering character")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of user-supplied conversations held out")
+    split_seed: int = 1337
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ChatDataParams:
+        try:
+            self.system_template.format(name="X")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"system_template may use only {{name}}: {err!r}") from None
+        if self.min_speech_chars > self.max_speech_chars:
+            raise ValueError(f"min_speech_chars={self.min_speech_chars} > max_speech_chars={self.max_speech_chars}")
+        return self
+
+
+class FinetuneParams(PretrainParams):
+    """Supervised finetuning on chat data (``params/finetune.yaml``): the pretraining loop with its own defaults.
+
+    The model shape comes from the base checkpoint; only ``dropout`` may be overridden.
+    """
+
+    max_steps: int = Field(300, gt=0)
+    batch_size: int = Field(16, gt=0, description="conversations per micro-batch")
+    learning_rate: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_interval: int = Field(50, gt=0)
+    eval_batches: int = Field(10, gt=0, description="val batches of conversations per evaluation")
+    checkpoint_interval: int = Field(100, gt=0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the base model's dropout")
+    chat_data: ChatDataParams = Field(default_factory=ChatDataParams)

@@ -1,0 +1,366 @@
+"""Chat with a model in the terminal: ``python -m llm.chat --model URI``.
+
+``URI`` is a checkpoint folder (default ``artifacts/finetune``) or, through ``llm.registry``, a registry
+URI: ``models:/gpt/Production``, ``models:/gpt@production``, ``models:/gpt/3``, ``runs:/<run id>/...``.
+``--backend onnx`` generates with onnxruntime from an ONNX export instead (the folder itself, or its
+``onnx/`` subfolder).
+
+Interactive (a terminal): answers stream as they are generated; the conversation is kept and, when it no
+longer fits the model's context with room for an answer, its oldest messages are dropped (with a notice).
+Commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets the system prompt (``/system`` alone
+removes it), ``/history`` shows the conversation, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops the answer
+being generated and keeps the session.
+
+Scripts: ``--prompt TEXT`` answers one message and exits; with stdin not a terminal each input line is a
+user turn (commands work too), each answer is printed on stdout followed by a newline, and the program
+exits at end of input. Notices go to stderr, so stdout holds only answers.
+
+Errors (no model, no registry or tracking database, a corrupt checkpoint) are one line on stderr and
+exit code 1.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import typer
+
+from llm.chat_template import fit_chat
+from llm.tokenizer import N_SPECIAL, Tokenizer
+
+DEFAULT_MODEL = "artifacts/finetune"
+COMMANDS = "/reset, /system TEXT, /history, /exit"
+
+
+class ChatError(Exception):
+    """A chat cannot start; the message is the one line shown to the user."""
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+@dataclass
+class ChatModel:
+    """What the chat needs from a model: its tokenizer, context length and a token stream."""
+
+    tokenizer: Tokenizer
+    context_length: int
+    stream: Callable[[list[int], dict[str, Any]], Iterator[int]]  # (prompt ids, sampling fields) -> new ids
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def resolve_model_uri(uri: str) -> Path:
+    """The local folder for ``uri``: a path as is, a ``models:/``/``runs:/`` URI through ``llm.registry``.
+
+    Raises ChatError with one line saying what went wrong and what to run.
+    """
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if not path.exists():
+            raise ChatError(
+                f"no model at {path}: train one with `llm finetune` (or `dvc repro`), or pass --model with a "
+                "checkpoint folder or a registry URI such as models:/gpt/Production"
+            )
+        return path
+    try:
+        from llm.registry import RegistryError, resolve_model
+    except ImportError as err:  # the registry needs mlflow, which a bare inference box may lack
+        raise ChatError(f"cannot resolve {uri}: the model registry is unavailable ({err}); "
+                        "install mlflow or pass --model with a checkpoint folder") from None
+    try:
+        return Path(resolve_model(uri))
+    except RegistryError as err:
+        raise ChatError(_one_line(f"cannot resolve {uri}: {err}", hint=True)) from None
+    except Exception as err:  # noqa: BLE001  (e.g. MLflow's own errors for an unreachable store): still one line
+        raise ChatError(_one_line(f"cannot resolve {uri}: {type(err).__name__}: {err}", hint=True)) from None
+
+
+def _one_line(message: str, hint: bool = False) -> str:
+    line = " ".join(message.split())
+    if hint and "`" not in line:
+        line += " (run `dvc repro` to train, evaluate and register a model, or pass --model with a checkpoint folder)"
+    return line
+
+
+def _load_torch(path: Path, device: str) -> ChatModel:
+    from llm.checkpoint import CheckpointError, load_checkpoint
+    from llm.device import select_device
+    from llm.generate import SamplingParams, stream_generate
+    from llm.tokenizer import TokenizerError
+
+    try:
+        model, tokenizer, _ = load_checkpoint(path, select_device(device))
+    except (CheckpointError, TokenizerError, ValueError) as err:
+        raise ChatError(_one_line(str(err))) from None
+
+    def stream(prompt_ids: list[int], sampling: dict[str, Any]) -> Iterator[int]:
+        return stream_generate(model, prompt_ids, SamplingParams(**sampling))
+
+    return ChatModel(tokenizer, model.config.context_length, stream)
+
+
+def _load_onnx(path: Path) -> ChatModel:
+    try:
+        from llm.onnx_runtime import CONFIG_FILE, GenerationParams, OnnxGenerator
+    except ImportError as err:
+        raise ChatError(f"the onnx backend is unavailable ({err}); install onnxruntime or use --backend torch") from None
+    folder = next((p for p in (path, path / "onnx") if (p / CONFIG_FILE).exists()), None)
+    if folder is None:
+        raise ChatError(f"no ONNX export in {path} (nor in {path / 'onnx'}): export one with `llm export`, "
+                        "or use --backend torch")
+    try:
+        onnx = OnnxGenerator(folder)
+        tokenizer = onnx.tokenizer
+    except Exception as err:  # noqa: BLE001  (a broken export: onnxruntime and tokenizer errors alike)
+        raise ChatError(_one_line(f"cannot load the ONNX export in {folder}: {err}")) from None
+
+    def stream(prompt_ids: list[int], sampling: dict[str, Any]) -> Iterator[int]:
+        return onnx.stream_generate(prompt_ids, GenerationParams(**sampling))
+
+    return ChatModel(tokenizer, onnx.context_length, stream)
+
+
+def load_chat_model(uri: str, backend: Backend | str = Backend.torch, device: str = "auto") -> ChatModel:
+    """Resolve ``uri`` and load it for ``backend`` (torch or onnx). Raises ChatError (one line)."""
+    path = resolve_model_uri(uri)
+    if Backend(backend) is Backend.onnx:
+        return _load_onnx(path)
+    return _load_torch(path, device)
+
+
+# ------------------------------------------------------------------------------------------ session
+
+
+class ChatSession:
+    """A multi-turn conversation with a model: history, system prompt and the context budget.
+
+    Before each answer the conversation is fitted (``llm.chat_template.fit_chat``) into the context minus
+    room for the answer (``min(max_new_tokens, context_length // 2)`` tokens): the oldest messages go
+    first, and ``notify`` is told. Generation stops at ``<|end|>`` (or any other control token).
+    """
+
+    def __init__(
+        self,
+        model: ChatModel,
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int | None = None,
+        notify: Callable[[str], None] = lambda message: None,
+    ):
+        self.model, self.tokenizer = model, model.tokenizer
+        self.system = system or None
+        self.messages: list[dict[str, str]] = []
+        self.notify = notify
+        self.seed, self.turns = seed, 0
+        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                         "top_p": top_p, "stop_ids": tuple(range(N_SPECIAL))}
+        self.reserve = min(max_new_tokens, model.context_length // 2)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        """Set the system prompt; None or "" removes it."""
+        self.system = text or None
+
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The conversation as messages, the system prompt first when there is one."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + list(self.messages)
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add a user message and yield the answer's text as it is generated.
+
+        The answer (what was generated so far, if the stream is closed early, e.g. on Ctrl-C) joins the
+        history when the iteration ends. Yields nothing when even the newest message cannot fit.
+        """
+        self.messages.append({"role": "user", "content": text})
+        budget = self.model.context_length - self.reserve
+        fitted = fit_chat(self.tokenizer, self.history, budget, add_generation_prompt=True)
+        if fitted is None:
+            self.messages.pop()
+            self.notify(f"[the system prompt leaves no room in the {self.model.context_length}-token context; "
+                        "shorten it with /system]")
+            return
+        if fitted.dropped_messages:
+            del self.messages[: fitted.dropped_messages]
+            self.notify(f"[context full: dropped the {fitted.dropped_messages} oldest message(s)]")
+        if fitted.cut_tokens:
+            self.notify(f"[message too long for the context: its first {fitted.cut_tokens} tokens are ignored]")
+        seed = None if self.seed is None else self.seed + self.turns
+        self.turns += 1
+        decoder = self.tokenizer.stream_decoder(skip_special=True)
+        pieces: list[str] = []
+        try:
+            for token_id in self.model.stream(fitted.ids, {**self.sampling, "seed": seed}):
+                if token_id < N_SPECIAL:
+                    break
+                piece = decoder.feed(token_id)
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+            tail = decoder.finish()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+# ------------------------------------------------------------------------------------------ REPL
+
+
+def _speaker(system: str | None) -> str:
+    m = re.match(r"\s*You are ([^.!\n]{1,40})[.!]", system or "")
+    return m.group(1).strip() if m else "assistant"
+
+
+def run_repl(
+    session: ChatSession,
+    read_line: Callable[[], str | None],
+    out: TextIO,
+    err: TextIO,
+    *,
+    interactive: bool,
+) -> None:
+    """Read lines until ``/exit`` or end of input (``read_line`` returns None); answer each non-command line.
+
+    Interactive mode prefixes answers with the speaker's name; otherwise each answer is one output record
+    ending in a newline. Ctrl-C while an answer streams stops that answer only.
+    """
+    while True:
+        line = read_line()
+        if line is None:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command == "/exit":
+                return
+            if command == "/reset":
+                session.reset()
+                err.write("[conversation cleared]\n")
+            elif command == "/system":
+                session.set_system(arg.strip())
+                err.write(f"[system prompt set: {session.system}]\n" if session.system else "[system prompt removed]\n")
+            elif command == "/history":
+                out.writelines(f"{m['role']}: {m['content']}\n" for m in session.history)
+                out.flush()
+            else:
+                err.write(f"[unknown command {command}; commands: {COMMANDS}]\n")
+            err.flush()
+            continue
+        if interactive:
+            out.write(f"{_speaker(session.system)}> ")
+        answer = session.reply(line)
+        try:
+            for piece in answer:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            answer.close()
+            out.write("\n")
+            out.flush()
+            err.write("[interrupted]\n")
+            err.flush()
+            continue
+        out.write("\n")
+        out.flush()
+
+
+def _interactive_reader(err: TextIO) -> Callable[[], str | None]:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+
+    def read() -> str | None:
+        while True:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+            except KeyboardInterrupt:
+                err.write("\n[type /exit or press Ctrl-D to leave]\n")
+
+    return read
+
+
+def _piped_reader(stream: TextIO) -> Callable[[], str | None]:
+    def read() -> str | None:
+        line = stream.readline()
+        return line.rstrip("\n") if line else None
+
+    return read
+
+
+app = typer.Typer(add_completion=False, help="Chat with a GPT checkpoint, registered model or ONNX export.")
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="checkpoint folder, or models:/gpt/Production, models:/gpt@production, "
+                                   "models:/gpt/3, runs:/..."),
+    prompt: Optional[str] = typer.Option(None, help="answer this one message and exit"),
+    system: Optional[str] = typer.Option(None, help='system prompt, e.g. "You are JULIET. Answer in character."'),
+    temperature: float = typer.Option(0.8, min=0.0, help="0 is greedy"),
+    top_k: Optional[int] = typer.Option(50, min=1),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(200, min=1),
+    seed: Optional[int] = typer.Option(None, help="reproducible sampling (answer n uses seed + n)"),
+    backend: Backend = typer.Option(Backend.torch, help="torch (checkpoint) or onnx (ONNX export, onnxruntime)"),
+    device: str = typer.Option("auto", help="torch backend: auto, cpu, cuda or mps"),
+) -> None:
+    """Chat with a model: streams answers, keeps the conversation, /reset /system /history /exit."""
+    err = sys.stderr
+
+    def notify(message: str) -> None:
+        err.write(message + "\n")
+        err.flush()
+
+    if top_p is not None and top_p <= 0:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
+    try:
+        chat_model = load_chat_model(model, backend, device)
+    except ChatError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # while loading: leave quietly
+        raise typer.Exit(130) from None
+    session = ChatSession(chat_model, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, notify=notify)
+    if prompt is not None:
+        lines = iter([prompt])
+        run_repl(session, lambda: next(lines, None), sys.stdout, err, interactive=False)
+    elif sys.stdin.isatty():
+        err.write(f"Chatting with {model} ({chat_model.context_length}-token context). Commands: {COMMANDS}; "
+                  "Ctrl-C stops an answer.\n")
+        run_repl(session, _interactive_reader(err), sys.stdout, err, interactive=True)
+    else:
+        run_repl(session, _piped_reader(sys.stdin), sys.stdout, err, interactive=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The chat template: how a conversation becomes token ids, and which of them carry the SFT loss.
+
+A conversation is a list of ``{"role": "system" | "user" | "assistant", "content": str}`` messages::
+
+    <|bos|> <|system|> You are JULIET. <|end|> <|user|> Romeo! <|end|> <|assistant|> My lord? <|end|>
+
+Role and ``<|end|>`` markers are inserted as control-token ids; only the contents go through
+``tokenizer.encode``, which never produces a control id, so a message that spells "<|assistant|>" stays
+ordinary text and cannot forge a turn. With ``add_generation_prompt`` the ids end with ``<|assistant|>``:
+the model's answer follows, and ends when it produces ``<|end|>``.
+
+Loss mask: a token is *trained* (mask 1) when it is part of an assistant's content or the ``<|end|>`` that
+closes an assistant message. Role markers, ``<|bos|>`` and every system/user token are context only (0).
+The mask is aligned with the ids: ``mask[i]`` says whether ``ids[i]`` is a target to predict (from
+``ids[:i]``); after the usual shift (inputs ``ids[:-1]``, targets ``ids[1:]``) the target mask is
+``mask[1:]``.
+
+Fitting a context (``fit_chat``, shared by SFT batching and the chat REPL): a conversation longer than
+``max_tokens`` loses whole exchanges from its start (everything before a later user message), keeping
+its leading system messages; if the last exchange alone is still too long, the start of its user message
+is cut (the end is what the answer responds to); if that cannot make room, the conversation does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from llm.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+Message = Mapping[str, str]
+
+
+def _role_id(tokenizer: Tokenizer, role: str) -> int:
+    if role not in ROLES:
+        raise ValueError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
+    return tokenizer.special_id(f"<|{role}|>")
+
+
+def _encode(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    content_ids: dict[int, list[int]] | None = None,
+) -> tuple[list[int], list[int]]:
+    """ids and aligned mask; ``content_ids`` replaces the encoded content of the messages at those indices."""
+    ids, mask = [tokenizer.bos_id], [0]
+    for i, message in enumerate(messages):
+        role = message["role"]
+        content = content_ids[i] if content_ids and i in content_ids else tokenizer.encode(message["content"])
+        trained = int(role == "assistant")
+        ids.append(_role_id(tokenizer, role))
+        mask.append(0)
+        ids.extend(content)
+        mask.extend([trained] * len(content))
+        ids.append(tokenizer.end_id)
+        mask.append(trained)
+    if add_generation_prompt:
+        ids.append(tokenizer.assistant_id)
+        mask.append(0)
+    return ids, mask
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` in the chat template (see the module docstring).
+
+    Raises ValueError for a role other than system, user or assistant.
+    """
+    return _encode(tokenizer, messages, add_generation_prompt)[0]
+
+
+def encode_chat_with_mask(tokenizer: Tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    """``(ids, mask)`` of equal length: ``mask[i]`` is 1 where ``ids[i]`` is an assistant content token or the
+    ``<|end|>`` closing an assistant message, else 0. Raises ValueError for an unknown role.
+    """
+    return _encode(tokenizer, messages, False)
+
+
+@dataclass
+class FittedChat:
+    """A conversation encoded to fit a token budget, and what was removed to make it fit."""
+
+    ids: list[int]
+    mask: list[int]
+    messages: list[dict[str, str]]  # the messages kept (the cut user message holds its full text)
+    dropped_messages: int = 0  # whole messages removed from the start (after the system messages)
+    cut_tokens: int = 0  # tokens removed from the start of the last user message
+
+
+def fit_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    max_tokens: int,
+    *,
+    add_generation_prompt: bool = False,
+) -> FittedChat | None:
+    """Encode ``messages`` in at most ``max_tokens`` ids, dropping old exchanges or cutting the last user
+    message from its start as the module docstring describes. Returns None when even that cannot fit
+    (the system messages plus the final answer are too long). Raises ValueError for an unknown role.
+    """
+    messages = [dict(m) for m in messages]
+    ids, mask = _encode(tokenizer, messages, add_generation_prompt)
+    if len(ids) <= max_tokens:
+        return FittedChat(ids, mask, messages)
+    n_system = 0
+    while n_system < len(messages) and messages[n_system]["role"] == "system":
+        n_system += 1
+    system, rest = messages[:n_system], messages[n_system:]
+    user_starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    for start in user_starts:
+        if start == 0:
+            continue  # the whole conversation: already known not to fit
+        kept = system + rest[start:]
+        ids, mask = _encode(tokenizer, kept, add_generation_prompt)
+        if len(ids) <= max_tokens:
+            return FittedChat(ids, mask, kept, dropped_messages=start)
+    if not user_starts:
+        return None
+    start = user_starts[-1]
+    kept = system + rest[start:]
+    content = tokenizer.encode(rest[start]["content"])
+    fixed = len(_encode(tokenizer, kept, add_generation_prompt, {n_system: []})[0])
+    room = max_tokens - fixed
+    if room < 1:
+        return None
+    ids, mask = _encode(tokenizer, kept, add_generation_prompt, {n_system: content[-room:]})
+    return FittedChat(ids, mask, kept, dropped_messages=start, cut_tokens=len(content) - room)

@@ -1,0 +1,218 @@
+"""Supervised finetuning (SFT): continue a pretrained checkpoint on chat conversations.
+
+The training loop is ``llm.train.train``, unchanged: ``ChatBatches`` is its ``BatchSource``. Each row of
+a batch is one conversation in the chat template (``llm.chat_template``), fitted to the context by
+``fit_chat`` (old exchanges dropped, then the last user message cut from its start; a conversation
+whose system messages and final answer alone exceed the context is left out and counted), then padded
+to the longest row of the batch. One conversation per row, so no token attends across conversations.
+
+Inputs are ``ids[:-1]``, targets ``ids[1:]``; the loss mask is 1 exactly where the *target* is an
+assistant content token or the ``<|end|>`` closing an assistant message, 0 for system/user/role tokens
+and padding (padded targets are also -100). So ``val/loss`` is the mean loss per assistant token on the
+val conversations, and ``val/bpb`` its bits per byte of assistant text (``<|end|>`` costs bits, no bytes).
+
+Exact resume comes from ``train``: the batch sampler draws conversation indices from the generator
+whose state the checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.chat_data import CHAT_FILES, ChatDataError, Conversation, read_chat_file
+from llm.chat_template import fit_chat
+from llm.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint
+from llm.config import FinetuneParams
+from llm.device import select_device, select_dtype
+from llm.tokenizer import Tokenizer
+from llm.train import Batch, Callback, TrainResult, evaluate_loss, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatExample:
+    """One conversation as token ids with its aligned loss mask (see ``llm.chat_template``)."""
+
+    ids: list[int]
+    mask: list[int]
+    assistant_bytes: int  # UTF-8 bytes of the assistant contents kept
+
+
+def encode_chat_examples(
+    tokenizer: Tokenizer, conversations: Sequence[Conversation], context_length: int
+) -> tuple[list[ChatExample], dict[str, int]]:
+    """Encode and fit conversations to ``context_length`` (+1 for the target shift).
+
+    Returns the examples and counts: ``kept``, ``shortened`` (exchanges dropped or the user message cut)
+    and ``dropped`` (could not fit at all).
+    """
+    examples, counts = [], {"kept": 0, "shortened": 0, "dropped": 0}
+    for messages in conversations:
+        fitted = fit_chat(tokenizer, messages, context_length + 1)
+        if fitted is None or sum(fitted.mask[1:]) == 0:
+            counts["dropped"] += 1
+            continue
+        counts["kept"] += 1
+        counts["shortened"] += bool(fitted.dropped_messages or fitted.cut_tokens)
+        n_bytes = sum(len(m["content"].encode("utf-8")) for m in fitted.messages if m["role"] == "assistant")
+        examples.append(ChatExample(fitted.ids, fitted.mask, n_bytes))
+    return examples, counts
+
+
+def collate_chat_examples(examples: Sequence[ChatExample], pad_id: int) -> Batch:
+    """``(x, y, loss_mask)`` LongTensors [B, T], T the longest example minus one.
+
+    ``x`` is ids[:-1] padded with ``pad_id``; ``y`` is ids[1:] padded with -100; ``loss_mask`` is mask[1:]
+    padded with 0, so it marks exactly the positions whose target is an assistant token or its <|end|>.
+    """
+    T = max(len(e.ids) for e in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        x[row, :n] = torch.tensor(e.ids[:-1])
+        y[row, :n] = torch.tensor(e.ids[1:])
+        mask[row, :n] = torch.tensor(e.mask[1:])
+    return x, y, mask
+
+
+def _evenly_spaced(items: Sequence, k: int) -> list:
+    if k >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // k] for i in range(k)]
+
+
+class ChatBatches:
+    """``BatchSource`` over chat JSONL files: random conversations for training, a fixed val set.
+
+    Validation uses up to ``eval_batches * batch_size`` val conversations spread evenly over the file.
+    Raises ChatDataError for invalid files and ValueError when no conversation fits the context.
+    """
+
+    def __init__(
+        self,
+        train_file: str | Path,
+        val_file: str | Path,
+        tokenizer: Tokenizer,
+        context_length: int,
+        batch_size: int,
+        eval_batches: int,
+    ):
+        self.batch_size, self.pad_id = batch_size, tokenizer.pad_id
+        self.train, self.train_counts = encode_chat_examples(tokenizer, read_chat_file(train_file), context_length)
+        val, self.val_counts = encode_chat_examples(tokenizer, read_chat_file(val_file), context_length)
+        for name, examples, counts in (("train", self.train, self.train_counts), ("val", val, self.val_counts)):
+            if not examples:
+                raise ValueError(
+                    f"no {name} conversation fits a context of {context_length} tokens ({counts['dropped']} dropped); "
+                    "use shorter conversations or a model with a longer context"
+                )
+            if counts["dropped"] or counts["shortened"]:
+                log.info("%s conversations: %d kept (%d shortened to fit %d tokens), %d too long and left out",
+                         name, counts["kept"], counts["shortened"], context_length, counts["dropped"])
+        self.val = _evenly_spaced(val, eval_batches * batch_size)
+        targets = sum(sum(e.mask[1:]) for e in self.val)
+        n_bytes = sum(e.assistant_bytes for e in self.val)
+        self.tokens_per_byte: float | None = targets / n_bytes if n_bytes else None
+
+    def train_batch(self, generator: torch.Generator) -> Batch:
+        idx = torch.randint(len(self.train), (self.batch_size,), generator=generator).tolist()
+        return collate_chat_examples([self.train[i] for i in idx], self.pad_id)
+
+    def val_batches(self) -> Iterator[Batch]:
+        for start in range(0, len(self.val), self.batch_size):
+            yield collate_chat_examples(self.val[start : start + self.batch_size], self.pad_id)
+
+
+def _parent_metadata(base_checkpoint: Path, config: dict[str, Any]) -> dict[str, Any]:
+    manifest = json.loads((base_checkpoint / MANIFEST_FILE).read_text())
+    return {
+        "path": str(base_checkpoint),
+        "stage": config.get("stage"),
+        "step": config.get("step"),
+        "weights_sha256": manifest.get(WEIGHTS_FILE, {}).get("sha256"),
+    }
+
+
+def finetune(
+    params: FinetuneParams,
+    base_checkpoint: str | Path,
+    chat_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    until_step: int | None = None,
+    callbacks: list[Callback] | None = None,
+) -> TrainResult:
+    """Finetune the checkpoint ``base_checkpoint`` on ``chat_dir/{train,val}.jsonl`` into ``out_dir``.
+
+    Loss is on assistant tokens only (see the module docstring). The checkpoint records ``stage:
+    finetune`` and its ``parent`` (path, stage, step and weights hash of the base). With ``resume`` a
+    checkpoint already in ``out_dir`` is continued exactly; ``until_step`` pauses early.
+    Raises CheckpointError for a bad base checkpoint, ChatDataError for missing or invalid chat files,
+    ValueError when no conversation fits the context, and see ``llm.train.train``.
+    """
+    base_checkpoint, chat_dir = Path(base_checkpoint), Path(chat_dir)
+    for name in CHAT_FILES.values():
+        if not (chat_dir / name).is_file():
+            raise ChatDataError(f"{chat_dir / name}: missing; prepare the chat data first "
+                                "(llm.chat_data.prepare_chat_data)")
+    model, tokenizer, config = load_checkpoint(base_checkpoint)
+    if params.dropout is not None and params.dropout != model.config.dropout:
+        from llm.model import GPT
+
+        state = model.state_dict()
+        model = GPT(model.config.model_copy(update={"dropout": params.dropout}))
+        model.load_state_dict(state)
+    data = ChatBatches(chat_dir / CHAT_FILES["train"], chat_dir / CHAT_FILES["val"], tokenizer,
+                       model.config.context_length, params.batch_size, params.eval_batches)
+    log.info("finetuning %s on %d train conversations (%d for validation)", base_checkpoint, len(data.train),
+             len(data.val))
+    metadata = {"stage": "finetune", "parent": _parent_metadata(base_checkpoint, config),
+                "chat_data": {"train": data.train_counts, "val": data.val_counts}}
+    return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
+                 callbacks=callbacks, metadata=metadata)
+
+
+def assistant_loss(
+    checkpoint_or_model: str | Path | torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    chat_file: str | Path,
+    *,
+    batch_size: int = 16,
+    max_conversations: int | None = None,
+    device: str = "auto",
+) -> float:
+    """Mean loss (nats per assistant token, ``<|end|>`` included) of a model on the conversations of
+    ``chat_file``: the same quantity as SFT's ``val/loss``, so base and finetuned models compare directly.
+
+    ``checkpoint_or_model`` is a checkpoint folder (its tokenizer is used when ``tokenizer`` is None) or
+    a GPT. ``max_conversations`` takes that many evenly spread over the file. Raises ChatDataError for an
+    invalid file and ValueError when no conversation fits the model's context.
+    """
+    if isinstance(checkpoint_or_model, torch.nn.Module):
+        model = checkpoint_or_model
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer along with a model")
+        dev = next(model.parameters()).device
+    else:
+        dev = select_device(device)
+        model, own_tokenizer, _ = load_checkpoint(checkpoint_or_model, dev)
+        tokenizer = tokenizer or own_tokenizer
+    examples, _ = encode_chat_examples(tokenizer, read_chat_file(chat_file), model.config.context_length)
+    if not examples:
+        raise ValueError(f"{chat_file}: no conversation fits a context of {model.config.context_length} tokens")
+    if max_conversations:
+        examples = _evenly_spaced(examples, max_conversations)
+    batches = (collate_chat_examples(examples[i : i + batch_size], tokenizer.pad_id)
+               for i in range(0, len(examples), batch_size))
+    return evaluate_loss(model, batches, dev, select_dtype("auto", dev))
