@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
@@ -18,6 +18,7 @@ import yaml
 from llm.config import (
     DataParams,
     EvalParams,
+    FinetuneParams,
     ModelConfig,
     ParamsError,
     PretrainParams,
@@ -32,7 +33,7 @@ app.add_typer(data_app, name="data")
 
 PARAMS = Path("params")
 ART = Path("artifacts")
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a params key: --set key=value (repeatable)")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="override a params key: --set key=value (repeatable)")]
 
 
 def _overrides(sets: list[str] | None) -> dict:
@@ -117,9 +118,9 @@ def pretrain(
     params: Path = typer.Option(PARAMS / "pretrain.yaml"),
     model_params: Path = typer.Option(PARAMS / "model.yaml", "--model-params"),
     sets: Sets = None,
-    model_sets: Annotated[Optional[list[str]], typer.Option("--model-set", help="override a model.yaml key")] = None,
+    model_sets: Annotated[list[str] | None, typer.Option("--model-set", help="override a model.yaml key")] = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
-    until_step: Optional[int] = typer.Option(None, help="stop after this step (resume later)"),
+    until_step: int | None = typer.Option(None, help="stop after this step (resume later)"),
 ) -> None:
     """Pretrain the GPT on the token files; checkpoints land in --out and resume exactly."""
     from llm.stages import pretrain_stage
@@ -133,11 +134,32 @@ def pretrain(
 
 
 @app.command()
+def finetune(
+    base: Path = typer.Option(ART / "pretrain", help="pretrained checkpoint to start from"),
+    clean_dir: Path = typer.Option(ART / "clean", "--clean", help="cleaned plays, for derived conversations"),
+    chat_source: Path = typer.Option(Path("data/chat"), help="folder of *.jsonl chat data; absent: derive from plays"),
+    chat_dir: Path = typer.Option(ART / "chat", help="where the validated/derived train.jsonl and val.jsonl go"),
+    out: Path = typer.Option(ART / "finetune"),
+    params: Path = typer.Option(PARAMS / "finetune.yaml"),
+    sets: Sets = None,
+    resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
+    until_step: int | None = typer.Option(None, help="stop after this step (resume later)"),
+) -> None:
+    """Supervised finetuning into a chat model: loss on assistant tokens only."""
+    from llm.stages import finetune_stage
+
+    result = finetune_stage(load_params(FinetuneParams, params, _overrides(sets)), base, clean_dir, chat_source,
+                            chat_dir, out, resume=resume, until_step=until_step)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
 def evaluate(
     model: str = typer.Option(str(ART / "pretrain"), help="checkpoint folder or models:/ / runs:/ URI"),
     tokens: Path = typer.Option(ART / "tokens"),
     split: str = typer.Option("val"),
     clean_dir: Path = typer.Option(ART / "clean", "--clean", help="cleaned text, to score the Production model"),
+    chat_dir: Path = typer.Option(ART / "chat", help="chat val conversations, for finetuned models"),
     out: Path = typer.Option(ART / "eval"),
     params: Path = typer.Option(PARAMS / "evaluate.yaml"),
     promote: bool = typer.Option(True, help="promote the candidate to Production if it beats the current one"),
@@ -149,7 +171,7 @@ def evaluate(
     if split == "val" and not model.startswith(("models:/", "runs:/")):
         from llm.stages import evaluate_stage
 
-        result = evaluate_stage(eval_params, Path(model), tokens, clean_dir, out, promote=promote)
+        result = evaluate_stage(eval_params, Path(model), tokens, clean_dir, out, chat_dir=chat_dir, promote=promote)
     else:
         from llm.evaluate import evaluate_checkpoint
 
@@ -176,9 +198,9 @@ def generate(
     prompt: str = typer.Option("", help="text to continue"),
     max_new_tokens: int = typer.Option(200, min=1),
     temperature: float = typer.Option(0.8, min=0.0),
-    top_k: Optional[int] = typer.Option(None, min=1),
-    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None),
+    top_k: int | None = typer.Option(None, min=1),
+    top_p: float | None = typer.Option(None, min=0.0, max=1.0),
+    seed: int | None = typer.Option(None),
     device: str = typer.Option("auto"),
 ) -> None:
     """Continue a prompt, printing tokens as they are generated."""
@@ -198,15 +220,15 @@ def generate(
 
 def run() -> None:
     """Entry point that turns the library's expected errors into one clear line and exit code 1."""
+    from llm.chat_data import ChatDataError
     from llm.checkpoint import CheckpointError
-    from llm.tokens import TokenDataError
-
     from llm.corpus import CorpusError
     from llm.tokenizer import TokenizerError
+    from llm.tokens import TokenDataError
     from llm.train import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
-                                                 CorpusError, TrainingDivergedError, FileNotFoundError)
+                                                 CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError)
     try:
         from llm.registry import RegistryError
 

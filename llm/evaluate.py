@@ -36,11 +36,39 @@ def sample_completions(model, tokenizer, params: EvalParams) -> list[dict[str, s
     return samples
 
 
-def samples_markdown(samples: list[dict[str, str]]) -> str:
-    """Samples as a Markdown page: each prompt in bold, its completion in a fenced block."""
+def sample_conversations(checkpoint: str | Path, chat_file: str | Path, params: EvalParams) -> list[dict]:
+    """Answer the last user turn of the first ``params.sample_conversations`` conversations of ``chat_file``.
+
+    Returns ``[{"messages": context, "reference": held-out answer, "answer": model answer}]``.
+    """
+    from llm.chat_data import read_chat_file
+    from llm.chat_template import encode_chat
+
+    model, tokenizer, _ = load_checkpoint(checkpoint, select_device(params.device))
+    out = []
+    for i, conversation in enumerate(read_chat_file(chat_file)[: params.sample_conversations]):
+        context, reference = conversation[:-1], conversation[-1]["content"]
+        ids = encode_chat(tokenizer, context, add_generation_prompt=True)
+        ids = ids[-(model.config.context_length // 2):]
+        sampling = SamplingParams(max_new_tokens=min(params.max_new_tokens, model.config.context_length // 2),
+                                  temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                  seed=params.seed + i, stop_ids=(tokenizer.end_id, tokenizer.bos_id))
+        answer = [t for t in generate(model, ids, sampling) if not tokenizer.is_special(t)]
+        out.append({"messages": context, "reference": reference, "answer": tokenizer.decode(answer)})
+    return out
+
+
+def samples_markdown(samples: list[dict[str, str]], conversations: list[dict] | None = None) -> str:
+    """Samples as a Markdown page: each prompt and its completion in a fenced block, then conversations."""
     parts = ["# Samples\n"]
     for s in samples:
         parts.append(f"## Prompt: `{s['prompt'].strip()}`\n\n```text\n{s['prompt']}{s['completion']}\n```\n")
+    if conversations:
+        parts.append("# Conversations (held-out validation)\n")
+        for c in conversations:
+            lines = [f"**{m['role']}**: {m['content']}" for m in c["messages"]]
+            lines += [f"**assistant (model)**: {c['answer']}", f"**assistant (reference)**: {c['reference']}"]
+            parts.append("\n\n".join(lines) + "\n\n---\n")
     return "\n".join(parts)
 
 

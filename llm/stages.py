@@ -7,6 +7,7 @@ pretraining registers a version of the model ``gpt`` and evaluation decides whet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm.config import DataParams, EvalParams, ModelConfig, PretrainParams, TokenizerParams
+from llm.config import DataParams, EvalParams, FinetuneParams, ModelConfig, PretrainParams, TokenizerParams
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,27 @@ class Layout:
         return self.root / "artifacts" / stage
 
 
+class _Untracked:
+    """Stands in for an MLflow run when tracking is off, so the stages run where MLflow is not installed."""
+
+    run_id = None
+
+    def callback(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def __getattr__(self, name: str):  # log_metrics, log_artifact, set_tags, ...: all no-ops
+        return lambda *args, **kwargs: None
+
+
+def _run(stage: str, params: dict[str, Any], enabled: bool):
+    """An MLflow run for a stage (``llm.tracking.stage_run``), or a no-op stand-in when tracking is off."""
+    if not enabled:
+        return contextlib.nullcontext(_Untracked())
+    from llm.tracking import stage_run
+
+    return stage_run(stage, params)
+
+
 def tracking_enabled(track: bool | None) -> bool:
     """``track`` if given, else on unless the environment sets ``LLM_TRACKING=0``."""
     if track is not None:
@@ -66,9 +88,8 @@ def fetch_stage(source: str, dest: Path) -> list[Path]:
 def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
     """Clean, deduplicate and split the corpus; returns the statistics written to ``stats.json``."""
     from llm.clean import clean_corpus
-    from llm.tracking import stage_run
 
-    with stage_run("clean", params.model_dump(), enabled=tracking_enabled(track)) as run:
+    with _run("clean", params.model_dump(), tracking_enabled(track)) as run:
         stats = clean_corpus(params, corpus_dir, out_dir)
         run.log_metrics({f"data/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
         run.log_artifact(out_dir / "stats.json")
@@ -78,9 +99,8 @@ def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: b
 def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
     """Train the tokenizer on the cleaned train split; returns its kind and size."""
     from llm.tokenizer import train_tokenizer_on_split
-    from llm.tracking import stage_run
 
-    with stage_run("tokenizer", params.model_dump(), enabled=tracking_enabled(track)) as run:
+    with _run("tokenizer", params.model_dump(), tracking_enabled(track)) as run:
         tok = train_tokenizer_on_split(params, clean_dir / "train.txt", out_dir)
         run.log_metrics({"tokenizer/vocab_size": float(tok.vocab_size)})
     return {"kind": tok.kind, "vocab_size": tok.vocab_size}
@@ -89,9 +109,8 @@ def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, 
 def tokenize_stage(clean_dir: Path, tokenizer_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
     """Encode the cleaned splits into token files; returns ``meta.json``."""
     from llm.tokens import tokenize_corpus
-    from llm.tracking import stage_run
 
-    with stage_run("tokenize", {}, enabled=tracking_enabled(track)) as run:
+    with _run("tokenize", {}, tracking_enabled(track)) as run:
         meta = tokenize_corpus(clean_dir, tokenizer_dir, out_dir)
         for split, info in meta["splits"].items():
             run.log_metrics({f"tokens/{split}_tokens": float(info["tokens"]),
@@ -117,11 +136,10 @@ def pretrain_stage(
     early with ``until_step``). The registration is also written to ``out_dir/registration.json``.
     """
     from llm.train import pretrain
-    from llm.tracking import stage_run
 
     enabled = tracking_enabled(track)
     logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}
-    with stage_run("pretrain", logged, enabled=enabled) as run:
+    with _run("pretrain", logged, enabled) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
                           until_step=until_step, callbacks=[run.callback])
         run.log_metrics({k: v for k, v in result.metrics.items() if "/" in k}, step=result.step)
@@ -139,11 +157,75 @@ def pretrain_stage(
     return {**result.metrics, **registration}
 
 
+def finetune_stage(
+    params: FinetuneParams,
+    base_dir: Path,
+    clean_dir: Path,
+    chat_source: Path | None,
+    chat_dir: Path,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    until_step: int | None = None,
+    track: bool | None = None,
+    register: bool = True,
+) -> dict:
+    """Prepare chat data (``chat_source/*.jsonl`` if any, else conversations derived from the plays) into
+    ``chat_dir``, finetune the pretrained checkpoint ``base_dir`` on it, log the run and register the
+    result as a version of ``gpt`` tagged ``llm.stage=finetune`` with its parent pretraining run.
+
+    Returns the final metrics plus ``run_id`` and ``model_version``.
+    """
+    from llm.chat_data import prepare_chat_data
+    from llm.finetune import finetune
+
+    enabled = tracking_enabled(track)
+    parent_file = base_dir / REGISTRATION_FILE
+    parent = json.loads(parent_file.read_text()) if parent_file.exists() else {}
+    chat_stats = prepare_chat_data(chat_source, clean_dir, chat_dir, params.chat_data)
+    logged = {"finetune": params.model_dump()}
+    with _run("finetune", logged, enabled) as run:
+        run.set_tags({"llm.parent_run_id": parent.get("run_id") or "none",
+                      "llm.parent_version": parent.get("model_version") or "none"})
+        run.log_artifact(chat_dir / "stats.json")
+        result = finetune(params, base_dir, chat_dir, out_dir, resume=resume, until_step=until_step,
+                          callbacks=[run.callback])
+        run.log_metrics({k: v for k, v in result.metrics.items() if "/" in k}, step=result.step)
+        _log_run_outputs(run, out_dir, result.history)
+        version = None
+        if enabled and register and result.step >= params.max_steps:
+            from llm.registry import register_checkpoint
+            from llm.tracking import lineage_tags
+
+            tags = {**lineage_tags("finetune", logged), "llm.stage": "finetune", "llm.finetuned": "true",
+                    "llm.parent_run_id": parent.get("run_id") or "none",
+                    "llm.parent_version": parent.get("model_version") or "none"}
+            version = register_checkpoint(out_dir, run_id=run.run_id, tags=tags)
+    registration = {"run_id": run.run_id, "model_version": version, "stage": "finetune",
+                    "parent_run_id": parent.get("run_id"), "parent_version": parent.get("model_version")}
+    _atomic_json(out_dir / REGISTRATION_FILE, registration)
+    return {**result.metrics, **registration, "chat_data": {k: chat_stats.get(k) for k in ("train", "val")}}
+
+
 def _log_run_outputs(run, out_dir: Path, history: list[dict]) -> None:
     run.log_artifact(out_dir / "config.json")
     run.log_artifact(out_dir / "metrics.json")
     run.log_artifacts(out_dir / "curve", "curve")
     run.log_loss_curve(history)
+
+
+def _production_score(current, metric: str, params: EvalParams, clean_dir: Path, chat_val: Path | None) -> float:
+    from llm.registry import resolve_model
+
+    production_dir = resolve_model(f"models:/gpt/{current.version}")
+    if metric == "chat/assistant_loss":
+        from llm.finetune import assistant_loss
+
+        return assistant_loss(production_dir, None, chat_val, device=params.device,
+                              max_conversations=params.max_conversations)
+    from llm.evaluate import evaluate_on_text
+
+    return evaluate_on_text(production_dir, clean_dir / "val.txt", params)["val/bpb"]
 
 
 def evaluate_stage(
@@ -153,46 +235,69 @@ def evaluate_stage(
     clean_dir: Path,
     out_dir: Path,
     *,
+    chat_dir: Path | None = None,
     track: bool | None = None,
     promote: bool = True,
 ) -> dict:
-    """Score the candidate checkpoint and the current Production model on the same validation text and
-    promote the candidate if it is better (lower bits per byte, which does not depend on the tokenizer).
+    """Score the candidate checkpoint, and the current Production model on the same validation data, and
+    promote the candidate to Production only if it is better.
 
-    Writes ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns the metrics
-    and the decision.
+    Base models are compared on bits per byte of the validation text (independent of the tokenizer).
+    A finetuned (chat) candidate is compared on held-out assistant-token loss over ``chat_dir/val.jsonl``,
+    which is also reported for its base model, so the gain from finetuning is visible. Writes
+    ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns metrics and decision.
     """
-    from llm.evaluate import evaluate_checkpoint, evaluate_on_text
-    from llm.tracking import stage_run
+    from llm.checkpoint import verify_checkpoint
+    from llm.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
 
     enabled = tracking_enabled(track)
     registration_file = candidate_dir / REGISTRATION_FILE
     registration = json.loads(registration_file.read_text()) if registration_file.exists() else {}
-    with stage_run("evaluate", params.model_dump(), enabled=enabled) as run:
+    config = verify_checkpoint(candidate_dir)
+    is_chat = config.get("stage") == "finetune"
+    chat_val = chat_dir / "val.jsonl" if chat_dir is not None else None
+    if is_chat and (chat_val is None or not chat_val.exists()):
+        raise FileNotFoundError(f"{candidate_dir} is a finetuned model: its evaluation needs the chat val "
+                                f"conversations ({chat_val}); run the finetune stage first")
+    with _run("evaluate", params.model_dump(), enabled) as run:
         result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir)
         samples = result.pop("samples")
+        metric, candidate_score = "val/bpb", result["val/bpb"]
+        if is_chat:
+            from llm.finetune import assistant_loss
+
+            base_dir = Path(config["parent"]["path"])
+            result["chat/assistant_loss"] = assistant_loss(candidate_dir, None, chat_val, device=params.device,
+                                                           max_conversations=params.max_conversations)
+            if base_dir.exists():
+                result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
+                                                                    max_conversations=params.max_conversations)
+            metric, candidate_score = "chat/assistant_loss", result["chat/assistant_loss"]
+            conversations = sample_conversations(candidate_dir, chat_val, params)
+            (out_dir / "samples.md").write_text(samples_markdown(samples, conversations))
+            run.log_text(json.dumps(conversations, indent=2, ensure_ascii=False), "sample_conversations.json")
+            _atomic_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)})
         run.log_metrics({k: float(v) for k, v in result.items()})
         run.log_artifact(out_dir / "samples.md")
-        decision: dict[str, Any] = {"promoted": False, "reason": "tracking disabled: no registry to promote in"}
+        decision: dict[str, Any] = {"promoted": False, "metric": metric, "candidate_score": candidate_score,
+                                    "reason": "tracking disabled: no registry to promote in"}
         candidate_version = registration.get("model_version")
         if enabled and promote and candidate_version:
-            from llm.registry import compare_and_promote, production_version, resolve_model
+            from llm.registry import compare_and_promote, production_version
 
             current = production_version()
-            production_score = None
-            if current is not None and str(current.version) != str(candidate_version):
-                production_dir = resolve_model(f"models:/gpt/{current.version}")
-                production_score = evaluate_on_text(production_dir, clean_dir / "val.txt", params)["val/bpb"]
-                run.log_metrics({"production/val_bpb": production_score})
-            candidate_score = result["val/bpb"]  # same text, same windows as evaluate_on_text would use
             if current is not None and str(current.version) == str(candidate_version):
-                decision = {"promoted": False, "reason": f"version {candidate_version} is already Production",
-                            "candidate": candidate_version, "candidate_score": candidate_score}
+                decision.update(reason=f"version {candidate_version} is already Production",
+                                candidate=str(candidate_version))
             else:
+                production_score = None
+                if current is not None:
+                    production_score = _production_score(current, metric, params, clean_dir, chat_val)
+                    run.log_metrics({f"production/{metric}": production_score})
                 decision = compare_and_promote(str(candidate_version), candidate_score, production_score,
-                                               metric="val/bpb", lower_is_better=True)
-        elif not candidate_version and enabled:
-            decision["reason"] = f"{registration_file} names no registered version (run the pretrain stage tracked)"
+                                               metric=metric, lower_is_better=True)
+        elif enabled and promote:
+            decision["reason"] = f"{registration_file} names no registered version (run the training stage tracked)"
         run.set_tags({"promotion.promoted": str(decision["promoted"]).lower()})
         run.log_text(json.dumps(decision, indent=2), "promotion.json")
     _atomic_json(out_dir / "promotion.json", decision)
