@@ -30,8 +30,9 @@ def all_flows() -> dict[str, Flow]:
     """Every flow of the project by name, in pipeline order."""
     from flows.data import clean, fetch, prepare, tokenize, tokenizer
     from flows.evaluate import evaluate
+    from flows.finetune import finetune
     from flows.pipeline import pipeline
     from flows.pretrain import pretrain
 
-    # finetune and export join here (and in flows/pipeline.py) when their flows exist
-    return {f.name: f for f in (fetch, clean, tokenizer, tokenize, prepare, pretrain, evaluate, pipeline)}
+    # export joins here (and in flows/pipeline.py) when its flow exists
+    return {f.name: f for f in (fetch, clean, tokenizer, tokenize, prepare, pretrain, finetune, evaluate, pipeline)}

@@ -14,14 +14,17 @@ evaluate_task = task(stages.evaluate_stage, **IO_TASK)
 
 
 @flow(name="evaluate")
-def evaluate(overrides: Overrides = None, candidate: str = "pretrain", promote: bool = True) -> dict:
-    """Evaluate ``artifacts/<candidate>`` with ``params/evaluate.yaml`` (plus ``overrides``).
+def evaluate(overrides: Overrides = None, candidate: str | None = None, promote: bool = True) -> dict:
+    """Evaluate ``artifacts/<candidate>`` with ``params/evaluate.yaml`` (plus ``overrides``); the candidate is
+    ``finetune`` when that folder exists, else ``pretrain``.
 
     Writes ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``artifacts/eval``; with ``promote``
-    the candidate becomes Production when its bits per byte beat the current Production model's. Returns the
-    metrics and the promotion decision.
+    the candidate becomes Production when it beats the current Production model (bits per byte for base
+    models, held-out assistant-token loss for chat models). Returns the metrics and the promotion decision.
     """
     layout = Layout()
     params = read_params("evaluate", overrides)
+    if candidate is None:
+        candidate = "finetune" if (layout.artifact("finetune") / "config.json").exists() else "pretrain"
     return evaluate_task(params, layout.artifact(candidate), layout.artifact("tokens"), layout.artifact("clean"),
-                         layout.artifact("eval"), promote=promote)
+                         layout.artifact("eval"), chat_dir=layout.artifact("chat"), promote=promote)

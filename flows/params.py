@@ -11,7 +11,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from llm.config import DataParams, EvalParams, ModelConfig, PretrainParams, TokenizerParams, load_params
+from llm.config import (
+    DataParams,
+    EvalParams,
+    FinetuneParams,
+    ModelConfig,
+    PretrainParams,
+    TokenizerParams,
+    load_params,
+)
 from llm.stages import Layout
 
 # params file name (params/<name>.yaml) -> the model that validates it; finetune and export go here too
@@ -20,6 +28,7 @@ PARAMS_MODELS: dict[str, type[BaseModel]] = {
     "tokenizer": TokenizerParams,
     "model": ModelConfig,
     "pretrain": PretrainParams,
+    "finetune": FinetuneParams,
     "evaluate": EvalParams,
 }
 

@@ -6,6 +6,7 @@ from prefect import flow
 
 from flows.data import prepare
 from flows.evaluate import evaluate
+from flows.finetune import finetune
 from flows.params import Overrides, read_params
 from flows.pretrain import pretrain
 
@@ -16,10 +17,11 @@ def pipeline(
     tokenizer_overrides: Overrides = None,
     model_overrides: Overrides = None,
     pretrain_overrides: Overrides = None,
+    finetune_overrides: Overrides = None,
     evaluate_overrides: Overrides = None,
     resume: bool = False,
 ) -> dict:
-    """prepare, pretrain, evaluate; one overrides dict per params file. Returns each stage's result.
+    """prepare, pretrain, finetune, evaluate; one overrides dict per params file. Returns each stage's result.
 
     Pretraining starts over unless ``resume``, which continues the checkpoint in ``artifacts/pretrain``
     (left by an interrupted run with the same params).
@@ -27,11 +29,11 @@ def pipeline(
     # Every params file is checked before the first stage: a typo in evaluate.yaml must not cost a training run.
     for name, overrides in (("data", data_overrides), ("tokenizer", tokenizer_overrides),
                             ("model", model_overrides), ("pretrain", pretrain_overrides),
-                            ("evaluate", evaluate_overrides)):
+                            ("finetune", finetune_overrides), ("evaluate", evaluate_overrides)):
         read_params(name, overrides)
     results = {"prepare": prepare(data_overrides, tokenizer_overrides)}
     results["pretrain"] = pretrain(pretrain_overrides, model_overrides, resume=resume)
-    # finetune goes here: results["finetune"] = finetune(finetune_overrides), then evaluate candidate="finetune"
-    results["evaluate"] = evaluate(evaluate_overrides)
+    results["finetune"] = finetune(finetune_overrides, resume=resume)
+    results["evaluate"] = evaluate(evaluate_overrides, candidate="finetune")
     # export goes here: results["export"] = export(export_overrides)
     return results

@@ -397,14 +397,21 @@ def stage_run(
     tags = lineage_tags(stage, params)
     if tags["git.commit"] != "unknown":
         tags["mlflow.source.git.commit"] = tags["git.commit"]
-    active = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name or stage,
-        nested=mlflow.active_run() is not None,
-        parent_run_id=parent_run_id,
-        tags=tags,
-        log_system_metrics=_system_metrics_available(),
-    )
+    # under `mlflow run`, MLFLOW_RUN_ID names the project's run: each stage becomes its child rather than
+    # taking it over (start_run would otherwise resume it and rename it after the first stage)
+    handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        active = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name or stage,
+            nested=mlflow.active_run() is not None or handed_over is not None,
+            parent_run_id=parent_run_id or (handed_over if mlflow.active_run() is None else None),
+            tags=tags,
+            log_system_metrics=_system_metrics_available(),
+        )
+    finally:
+        if handed_over is not None:
+            os.environ["MLFLOW_RUN_ID"] = handed_over
     run = StageRun(active.info.run_id, client)
     try:
         run.log_params(params)
