@@ -19,18 +19,24 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# dvc runs each stage as `python -m flows <stage>`: the venv's python must come first on PATH
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+
 demo: install
 	$(BIN)/llm data fetch
-	$(BIN)/llm clean
-	$(BIN)/llm tokenizer
-	$(BIN)/llm tokenize
-	$(BIN)/llm pretrain
-	$(BIN)/llm evaluate
-	$(BIN)/llm generate --prompt "ROMEO." --max-new-tokens 300 --seed 1
+	$(RUN) dvc repro
+	$(RUN) dvc metrics show
+	$(BIN)/llm generate --model artifacts/pretrain --prompt "ROMEO." --max-new-tokens 200 --seed 1
+	$(BIN)/python -m llm.chat --model models:/gpt/Production --seed 1 --prompt "What news from Verona?"
 	@echo
-	@echo "Done. The model is in artifacts/pretrain; metrics in artifacts/eval/metrics.json."
-	@echo "Generate more:   $(BIN)/llm generate --prompt 'JULIET.' --temperature 0.8 --top-k 50"
-	@echo "Evaluate again:  $(BIN)/llm evaluate --model artifacts/pretrain"
+	@echo "Done: the pipeline ran on the default corpus; see artifacts/eval/samples.md."
+	@echo "Activate the environment first:  source $(VENV)/bin/activate"
+	@echo "  Chat with the Production model:  python -m llm.chat --model models:/gpt/Production"
+	@echo "  Generate text:                   llm generate --model models:/gpt/Production --prompt 'ROMEO.'"
+	@echo "  Compare runs, see the registry:  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
+	@echo "  Prefect UI and deployments:      prefect server start --host 127.0.0.1   (then, in another shell)"
+	@echo "                                   PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve"
+	@echo "  Run a stage on demand:           prefect deployment run pretrain/pretrain --param overrides='{\"max_steps\": 200}'"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -53,3 +53,15 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     train_tokenizer_on_split(TokenizerParams(kind="char"), root / "clean" / "train.txt", root / "tokenizer")
     tokenize_corpus(root / "clean", root / "tokenizer", root / "tokens", workers=2)
     return {"root": root, "corpus": corpus, "clean": root / "clean", "tokenizer": root / "tokenizer", "tokens": root / "tokens"}
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow database with its tables created once per session (creating them takes seconds)."""
+    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not path.exists():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        SqlAlchemyStore(f"sqlite:///{path}", (path.parent / "mlruns").as_uri())
+    return path

@@ -51,18 +51,6 @@ def _use_db(monkeypatch, db: Path, cwd: Path) -> None:
     monkeypatch.chdir(cwd)
 
 
-@pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """An MLflow database with its tables created once per session (creating them takes seconds)."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        SqlAlchemyStore(f"sqlite:///{path}", (path.parent / "mlruns").as_uri())
-    return path
-
-
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, empty_mlflow_db) -> dict:
     """A database holding versions 1 and 2 of ``gpt``, registered from two tiny checkpoints."""

@@ -25,18 +25,6 @@ from llm.tracking import (
 )
 
 
-@pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """An MLflow database with its tables created once per session (creating them takes seconds)."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        SqlAlchemyStore(f"sqlite:///{path}", (path.parent / "mlruns").as_uri())
-    return path
-
-
 @pytest.fixture
 def tracking_db(tmp_path, monkeypatch, empty_mlflow_db) -> Path:
     """A fresh tracking database in tmp_path, named by MLFLOW_TRACKING_URI; tmp_path is the working dir."""

@@ -1,0 +1,297 @@
+"""Generation speed on this CPU: PyTorch (with and without KV cache), ONNX Runtime, and Hugging Face GPT-2.
+
+For each model shape and context length, one random prompt of that many tokens is continued greedily by:
+
+    torch (no cache)   llm.generate.stream_generate(use_cache=False): the whole window recomputed per token
+    torch (cache)      llm.generate.stream_generate: prefill once, then one token per step with the KV cache
+    onnxruntime        llm.onnx_runtime.OnnxGenerator on the exported model.onnx (fp32)
+    onnxruntime int8   the same on model.int8.onnx (dynamic int8 quantization), with --quantize
+    hf generate        transformers GPT2LMHeadModel of the same shape, generate(use_cache=True, greedy,
+                       min_new_tokens=max_new_tokens so every run has the same length)
+
+All weights are random (speed does not depend on them). Our models use GPT-2's layout (learned positions,
+GELU, LayerNorm, biases, tied embeddings) so the comparison with Hugging Face is like for like.
+``prefill`` is the time to the first new token (the prompt's forward pass plus setup); ``decode`` is the
+rate of the tokens after it. Each figure is the best of ``--repeats`` runs, the backends interleaved, so
+load from other processes on a shared machine distorts it least. Every backend runs on ``--threads`` threads
+(default 1).
+
+With a trained checkpoint (``--quality-checkpoint``, default ``artifacts/pretrain``) and its token files
+(``--quality-tokens``), the int8 model's cost in quality is measured too: mean loss and bits per byte of the
+fp32 and int8 ONNX models on validation windows.
+
+Usage:
+    python bench/generate.py                         # demo shape and a ~10x larger one, contexts 64/256/512
+    python bench/generate.py --shapes demo --contexts 64 --repeats 1 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm.checkpoint import save_checkpoint
+from llm.config import ModelConfig
+from llm.export import INT8_FILE, check_parity, export_onnx
+from llm.generate import SamplingParams, stream_generate
+from llm.model import GPT
+from llm.onnx_runtime import GenerationParams, OnnxGenerator
+from llm.tokenizer import ByteTokenizer
+
+SHAPES = {
+    "demo": {"n_layer": 4, "n_head": 4, "d_model": 256},  # params/model.yaml
+    "large": {"n_layer": 12, "n_head": 8, "d_model": 512},  # about 10x the parameters
+}
+
+
+def model_config(shape: str, vocab_size: int, context_length: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, context_length=context_length, position="learned", mlp="gelu", norm="layernorm",
+        bias=True, tie_weights=True, **SHAPES[shape],
+    )
+
+
+def hugging_face_model(cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    hf._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(hf).eval()
+
+
+def time_stream(tokens: Iterable[int]) -> tuple[float, float, int]:
+    """(seconds to the first token, tokens/s after it, tokens) of a token stream, consumed here."""
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in tokens]
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return stamps[0] - start, decode, len(stamps)
+
+
+def hf_token_times(model, prompt: list[int], n: int) -> list[float]:
+    """Run ``generate``; return the time each new token reached the streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.stamps: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.stamps.append(time.perf_counter())
+            self.prompt_seen = True  # the first call carries the prompt
+
+        def end(self):
+            pass
+
+    streamer = Stamps()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, use_cache=True, streamer=streamer,
+        )
+    assert out.shape[1] == len(prompt) + n, out.shape
+    return streamer.stamps
+
+
+def time_hf(model, prompt: list[int], n: int) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    stamps = hf_token_times(model, prompt, n)
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return stamps[0] - start, decode, len(stamps)
+
+
+def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_tokens: int, nocache_tokens: int):
+    """Backend name -> function(prompt) -> (prefill s, decode tokens/s, tokens)."""
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    greedy_nocache = SamplingParams(max_new_tokens=nocache_tokens, temperature=0.0)
+    ort_params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0)
+    fp32 = OnnxGenerator(onnx_dir, intra_op_num_threads=threads)
+    table: dict[str, Callable] = {
+        "torch (no cache)": lambda p: time_stream(stream_generate(model, p, greedy_nocache, use_cache=False)),
+        "torch (cache)": lambda p: time_stream(stream_generate(model, p, greedy)),
+        "onnxruntime": lambda p: time_stream(fp32.stream_generate(p, ort_params)),
+    }
+    if quantize:
+        int8 = OnnxGenerator(onnx_dir, int8=True, intra_op_num_threads=threads)
+        table["onnxruntime int8"] = lambda p: time_stream(int8.stream_generate(p, ort_params))
+    table["hf generate"] = lambda p: time_hf(hf, p, new_tokens)
+    return table
+
+
+def bench_shape(shape: str, args, workdir: Path) -> tuple[list[dict], dict]:
+    cfg = model_config(shape, args.vocab, args.model_context)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    checkpoint = save_checkpoint(workdir / shape / "checkpoint", model, cfg, ByteTokenizer())
+    start = time.perf_counter()
+    export_onnx(checkpoint, workdir / shape / "onnx", opset=args.opset, quantize=args.quantize, verify=False)
+    export_s = time.perf_counter() - start
+    parity = check_parity(checkpoint, workdir / shape / "onnx", model=model, n_prompts=2, new_tokens=16)
+    info = {
+        "shape": shape, **SHAPES[shape], "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
+        "params": model.num_parameters(), "export_s": round(export_s, 1),
+        "parity_max_abs_diff": parity["max_abs_diff"], "parity_passed": parity["passed"],
+    }
+    print(f"{shape}: {model.summary()}; exported in {export_s:.1f}s, parity max |diff| "
+          f"{parity['max_abs_diff']:.2g} ({'ok' if parity['passed'] else 'FAILED'})", flush=True)
+    hf = hugging_face_model(cfg)
+    table = runners(model, hf, workdir / shape / "onnx", args.quantize, args.threads, args.new_tokens,
+                    args.nocache_tokens)
+    rng = np.random.default_rng(0)
+    warm = [1, *rng.integers(3, cfg.vocab_size, 7).tolist()]
+    for run in table.values():  # first calls allocate and (for onnxruntime) plan memory
+        run(warm)
+    rows = []
+    for context in args.contexts:
+        prompt = [1, *rng.integers(3, cfg.vocab_size, context - 1).tolist()]
+        best: dict[str, list[float]] = {name: [math.inf, 0.0, 0] for name in table}
+        for _ in range(args.repeats):
+            for name, run in table.items():
+                prefill, decode, n = run(prompt)
+                best[name] = [min(best[name][0], prefill), max(best[name][1], decode), n]
+        hf_decode = best["hf generate"][1]
+        for name in table:
+            prefill, decode, n = best[name]
+            rows.append({
+                "shape": shape, "params": model.num_parameters(), "context": context, "backend": name,
+                "prefill_ms": prefill * 1e3, "decode_tok_s": decode, "tokens": n,
+                "decode_vs_hf": decode / hf_decode,
+            })
+            print(f"  context {context:4d}  {name:17s} prefill {prefill * 1e3:8.1f} ms   decode {decode:8.1f} tok/s",
+                  flush=True)
+    return rows, info
+
+
+@torch.inference_mode()
+def quantization_quality(checkpoint: Path, tokens_dir: Path, workdir: Path, windows: int, threads: int) -> dict:
+    """Mean next-token loss (nats) and bits per byte of fp32 and int8 ONNX models on validation windows."""
+    from llm.checkpoint import load_checkpoint
+    from llm.tokens import TokenFile, bits_per_byte
+
+    model = load_checkpoint(checkpoint)[0]
+    onnx_dir = workdir / "quality" / "onnx"
+    summary = export_onnx(checkpoint, onnx_dir, quantize=True)  # a trained model's parity, at full size
+    val = TokenFile(tokens_dir, "val")
+    L = model.config.context_length
+    last = val.n_tokens - L - 1
+    offsets = [round(i * last / max(1, windows - 1)) for i in range(windows)]
+    rows = np.stack([val.data[o : o + L + 1].astype(np.int64) for o in offsets])
+    x, y = rows[:, :-1], rows[:, 1:]
+
+    def mean_loss(logits: np.ndarray) -> float:
+        logits = logits.astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
+        return float((logz - picked).mean())
+
+    result = {
+        "checkpoint": str(checkpoint), "windows": windows, "window_tokens": L, "tokens_per_byte": val.tokens_per_byte,
+        "parity_max_abs_diff": summary["parity"]["max_abs_diff"],
+        "parity_greedy_identical": summary["parity"]["greedy"]["identical"],
+    }
+    batches = [slice(i, i + 8) for i in range(0, windows, 8)]
+    torch_logits = np.concatenate([model(torch.from_numpy(x[b])).logits.numpy() for b in batches])
+    result["torch_loss"] = mean_loss(torch_logits)
+    for name, file in [("fp32", "model.onnx"), ("int8", INT8_FILE)]:
+        generator = OnnxGenerator(onnx_dir, model_file=file, intra_op_num_threads=threads)
+        logits = np.concatenate([generator.forward(x[b])[0] for b in batches])
+        loss = mean_loss(logits)
+        result[f"{name}_loss"] = loss
+        result[f"{name}_bpb"] = bits_per_byte(loss, val.tokens_per_byte)
+        result[f"{name}_bytes"] = (onnx_dir / file).stat().st_size
+        if name == "int8":
+            result["int8_top1_agreement"] = float((logits.argmax(-1) == torch_logits.argmax(-1)).mean())
+    result["bpb_cost"] = result["int8_bpb"] - result["fp32_bpb"]
+    return result
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print("| model | params | context | backend | prefill ms | decode tok/s | decode vs HF |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['context']} | {r['backend']} | {r['prefill_ms']:.1f} "
+              f"| {r['decode_tok_s']:.1f} | {r['decode_vs_hf']:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--contexts", nargs="+", type=int, default=[64, 256, 512], help="prompt lengths")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    parser.add_argument("--nocache-tokens", type=int, default=8, help="tokens per run without a cache (slow)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best one is kept")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and onnxruntime threads (1: batch-1 decoding is latency-bound, and spinning "
+                             "thread pools on a shared machine make multi-threaded figures erratic)")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--model-context", type=int, default=1024, help="context_length of the models")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the int8 model")
+    parser.add_argument("--quality-checkpoint", type=Path, default=Path("artifacts/pretrain"))
+    parser.add_argument("--quality-tokens", type=Path, default=Path("artifacts/tokens"))
+    parser.add_argument("--quality-windows", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if max(args.contexts) + args.new_tokens > args.model_context:
+        parser.error("--contexts plus --new-tokens must fit in --model-context (no window sliding while timing)")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    results: dict = {"threads": args.threads, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0],
+                     "new_tokens": args.new_tokens, "repeats": args.repeats, "models": [], "rows": []}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        for shape in args.shapes:
+            rows, info = bench_shape(shape, args, Path(tmp))
+            results["rows"] += rows
+            results["models"].append(info)
+        print_table(results["rows"])
+        if args.quantize and (args.quality_checkpoint / "config.json").exists():
+            quality = quantization_quality(args.quality_checkpoint, args.quality_tokens, Path(tmp),
+                                           args.quality_windows, args.threads)
+            results["quantization_quality"] = quality
+            print(f"\nint8 quality on {quality['windows']} validation windows of {quality['window_tokens']} tokens "
+                  f"({quality['checkpoint']}):")
+            print("| model | bytes | loss (nats) | bits per byte |")
+            print("| --- | ---: | ---: | ---: |")
+            print(f"| torch fp32 | | {quality['torch_loss']:.4f} | |")
+            for name in ("fp32", "int8"):
+                print(f"| onnx {name} | {quality[f'{name}_bytes']:,} | {quality[f'{name}_loss']:.4f} "
+                      f"| {quality[f'{name}_bpb']:.4f} |")
+            print(f"int8 costs {quality['bpb_cost']:+.4f} bits per byte; top-1 agreement with torch "
+                  f"{quality['int8_top1_agreement']:.1%}. fp32 export parity: max |diff| "
+                  f"{quality['parity_max_abs_diff']:.2g}, greedy identical {quality['parity_greedy_identical']}/20")
+        elif args.quantize:
+            print(f"\n(no checkpoint at {args.quality_checkpoint}: int8 quality not measured; "
+                  "pass --quality-checkpoint)")
+    results["load_average_end"] = os.getloadavg()[0]
+    results["wall_s"] = time.perf_counter() - start
+    print(f"\ndone in {results['wall_s']:.0f}s (load average {results['load_average_end']:.1f})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

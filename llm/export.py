@@ -1,0 +1,420 @@
+"""ONNX export of a checkpoint: a KV-cache decoder graph, its generation config and tokenizer, checked for parity.
+
+The export folder is self-contained, so ``llm.onnx_runtime`` can generate with onnxruntime alone::
+
+    model.onnx               the decoder (weights in model.onnx.data when large)
+    model.int8.onnx          with ``quantize=True``: int8 dynamic quantization of the MatMul weights
+    generation_config.json   shapes, input/output names, special ids, default sampling
+    tokenizer/               copied from the checkpoint
+    parity.json              ONNX Runtime against PyTorch: logits and greedy ids
+
+Graph interface (one decoder for prefill and decode): inputs ``input_ids`` [batch, seq] int64 and
+``past_key_values.{i}.key`` / ``.value`` [batch, n_head, past, head_dim] float32; outputs ``logits``
+[batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, n_head, past + seq, head_dim]. There is no
+position input: token t of ``input_ids`` sits at position ``past + t``, which the graph reads from the
+cache's shape exactly as ``GPT.forward`` does, so positions and cache can never disagree. The first step
+feeds a cache of past length 0.
+
+The graph comes from ``torch.onnx.export(dynamo=True)`` (torch.export, then ONNX Script) with symbolic
+batch, seq and past dimensions, traced at sizes of at least 2 so that no axis is specialised to 0 or 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llm.checkpoint import TOKENIZER_DIR, load_checkpoint
+from llm.config import EvalParams
+from llm.model import GPT
+from llm.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = MODEL_FILE + ".data"
+PARITY_FILE = "parity.json"
+FORMAT_VERSION = 1
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf caps a file at 2 GiB)
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 4  # >= 2 and distinct, so none is specialised or unified
+
+
+class ExportError(RuntimeError):
+    """The ONNX export failed or does not match PyTorch; the message gives the numbers."""
+
+
+class DecoderForExport(nn.Module):
+    """``GPT.forward`` with the cache flattened to tensors: the signature an ONNX graph can have.
+
+    forward(input_ids [B, T], k0, v0, k1, v1, ...) -> (logits [B, T, V], k0', v0', k1', v1', ...), each
+    past tensor [B, H, P, D] and each present [B, H, P+T, D].
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
+        out = self.model(input_ids, past_key_values=past, use_cache=True)
+        return (out.logits, *(t for kv in out.present_key_values for t in kv))
+
+
+def input_names(n_layer: int) -> list[str]:
+    return ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def _export_graph(model: GPT, path: Path, opset: int | None, external_data: bool) -> int:
+    """Write the decoder graph of ``model`` to ``path``; return the opset it uses."""
+    c = model.config
+    if c.context_length < _TRACE_SEQ + _TRACE_PAST:
+        need = _TRACE_SEQ + _TRACE_PAST
+        raise ExportError(f"context_length={c.context_length} is too short to trace (need >= {need})")
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1)
+    seq = Dim("seq", min=1, max=c.context_length)
+    past = Dim("past", min=0, max=c.context_length - 1)
+    ids = torch.arange(_TRACE_BATCH * _TRACE_SEQ).reshape(_TRACE_BATCH, _TRACE_SEQ) % c.vocab_size
+    cache = [torch.zeros(_TRACE_BATCH, c.n_head, _TRACE_PAST, c.head_dim) for _ in range(2 * c.n_layer)]
+    dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in cache))
+    with _quiet("torch.onnx", "onnxscript", "onnx_ir"):  # step-by-step notes, not about this model
+        try:
+            program = torch.onnx.export(
+                DecoderForExport(model).eval(),
+                (ids, *cache),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=input_names(c.n_layer),
+                output_names=output_names(c.n_layer),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as err:  # the exporter raises many types; name the stage and keep the cause
+            raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+        program.save(str(path), external_data=external_data)
+    return _opset_of(path)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Silence warnings, and the named loggers ("" for the root) below ERROR, for the duration."""
+    targets = [logging.getLogger(name or None) for name in loggers]
+    levels = [t.level for t in targets]
+    for target in targets:
+        target.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for target, level in zip(targets, levels, strict=True):
+            target.setLevel(level)
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def graph_axes(path: str | Path) -> dict[str, list[str | int]]:
+    """Each graph input's and output's shape: a symbol name (str) for a dynamic axis, an int for a fixed one."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    axes = {}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        axes[value.name] = [d.dim_param if d.dim_param else d.dim_value for d in dims]
+    return axes
+
+
+def check_dynamic_axes(path: str | Path, n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> dict:
+    """Verify the graph's interface: names, symbolic batch/seq/past axes, fixed heads/head_dim/vocab.
+
+    Returns the axes (see ``graph_axes``). Raises ExportError naming the first tensor that is wrong.
+    """
+    axes = graph_axes(path)
+    expected_names = input_names(n_layer) + output_names(n_layer)
+    if sorted(axes) != sorted(expected_names):
+        raise ExportError(f"{path}: graph inputs/outputs {sorted(axes)} differ from {sorted(expected_names)}")
+
+    def require(name: str, dynamic: list[int], fixed: dict[int, int]) -> None:
+        shape = axes[name]
+        for i in dynamic:
+            if not isinstance(shape[i], str):
+                raise ExportError(f"{path}: axis {i} of {name} is frozen to {shape[i]} instead of symbolic: {shape}")
+        for i, size in fixed.items():
+            if shape[i] != size:
+                raise ExportError(f"{path}: axis {i} of {name} should be {size}: {shape}")
+
+    require("input_ids", [0, 1], {})
+    require("logits", [0, 1], {2: vocab_size})
+    batch = axes["input_ids"][0]
+    for name in expected_names[1:]:
+        if name == "logits":
+            continue
+        require(name, [0, 2], {1: n_head, 3: head_dim})
+        if axes[name][0] != batch:
+            raise ExportError(f"{path}: {name} has batch axis {axes[name][0]!r}, input_ids has {batch!r}")
+        if name.startswith("present") and axes[name][2] == axes["past_key_values.0.key"][2]:
+            raise ExportError(f"{path}: {name} has the past length, not past + seq: {axes[name]}")
+    return axes
+
+
+def _generation_config(
+    model: GPT, tokenizer, checkpoint_config: dict, opset: int, external: bool, quantized: bool
+) -> dict:
+    c = model.config
+    defaults = EvalParams()
+    specials = {name.strip("<|>"): i for name, i in tokenizer.special_ids.items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "external_data": DATA_FILE if external else None,
+        "int8_model_file": INT8_FILE if quantized else None,
+        "opset": opset,
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "head_dim": c.head_dim,
+        "d_model": c.d_model,
+        "vocab_size": c.vocab_size,
+        "context_length": c.context_length,
+        "position": c.position,
+        "positions": "implicit: token t of input_ids sits at position past_length + t",
+        "window_policy": {"slide_keep": max(1, c.context_length // 2), "reencode_from": 0},
+        "inputs": input_names(c.n_layer),
+        "outputs": output_names(c.n_layer),
+        "dtype": "float32",
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "special_ids": specials,
+        "sampling": {
+            "max_new_tokens": defaults.max_new_tokens,
+            "temperature": defaults.temperature,
+            "top_k": defaults.top_k,
+            "top_p": defaults.top_p,
+            "stop_ids": [tokenizer.end_id, tokenizer.eos_id],
+        },
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dir": TOKENIZER_DIR},
+        "source": {k: checkpoint_config[k] for k in ("step",) if k in checkpoint_config},
+    }
+
+
+def _logit_cases(context: int) -> list[tuple[int, int]]:
+    """(past length, new tokens) pairs: an empty cache, one cached token, 17, and the context limit."""
+    cases = [(0, min(5, context)), (1, 1), (17, 3), (context - 3, 3), (context - 1, 1)]
+    return [(p, t) for p, t in dict.fromkeys(cases) if p >= 0 and t >= 1 and p + t <= context]
+
+
+@torch.inference_mode()
+def check_parity(
+    checkpoint_dir: str | Path,
+    onnx_dir: str | Path,
+    *,
+    atol: float = 1e-4,
+    n_prompts: int = 20,
+    new_tokens: int = 64,
+    batch_size: int = 2,
+    seed: int = 0,
+    model: GPT | None = None,
+    num_threads: int = 1,
+) -> dict[str, Any]:
+    """Compare ONNX Runtime with PyTorch for the checkpoint and write ``parity.json`` into ``onnx_dir``.
+
+    Logits: for random ids at past lengths 0, 1, 17 and at the context limit (batch ``batch_size``), the
+    max absolute difference of the logits and of the returned cache must be <= ``atol``. Greedy: for
+    ``n_prompts`` random prompts (lengths 1 to past the context, so the window slides), ``new_tokens`` ids
+    from ``OnnxGenerator`` must equal ``llm.generate.generate`` with temperature 0.
+    Both runtimes use ``num_threads`` threads (1 by default: batch-1 decoding gains little from more, and a
+    busy machine makes multi-threaded PyTorch many times slower). ``model`` skips loading the checkpoint.
+    Returns the report, whose ``passed`` says whether both hold; raises nothing for a mismatch.
+    """
+    onnx_dir = Path(onnx_dir)
+    if model is None:
+        model = load_checkpoint(checkpoint_dir)[0]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        report = _compare(model.eval(), OnnxGenerator(onnx_dir, intra_op_num_threads=num_threads),
+                          atol, n_prompts, new_tokens, batch_size, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    (onnx_dir / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, new_tokens: int,
+             batch_size: int, seed: int) -> dict[str, Any]:
+    from llm.generate import SamplingParams, generate
+
+    c = model.config
+    rng = np.random.default_rng(seed)
+
+    logit_rows = []
+    for past_len, new in _logit_cases(c.context_length):
+        ids = torch.from_numpy(rng.integers(0, c.vocab_size, (batch_size, past_len + new)))
+        past = model(ids[:, :past_len], use_cache=True).present_key_values if past_len else None
+        ref = model(ids[:, past_len:], past_key_values=past, use_cache=True)
+        ort_past = [t.numpy() for kv in past for t in kv] if past else generator.empty_cache(batch_size)
+        logits, present = generator.forward(ids[:, past_len:].numpy(), ort_past)
+        ref_present = [t.numpy() for kv in ref.present_key_values for t in kv]
+        logits_diff = float(np.abs(logits - ref.logits.numpy()).max())
+        cache_diff = max(float(np.abs(a - b).max()) for a, b in zip(present, ref_present, strict=True))
+        logit_rows.append({
+            "past": past_len, "new": new, "batch": batch_size,
+            "max_abs_logits": logits_diff, "max_abs_cache": cache_diff,
+        })
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    mismatches = []
+    for i in range(n_prompts):
+        length = int(rng.integers(1, c.context_length + 8))
+        prompt = rng.integers(0, c.vocab_size, length).tolist()
+        torch_ids = generate(model, prompt, params)
+        ort_ids = generator.generate(prompt, params)
+        if torch_ids != ort_ids:
+            differ = (j for j, (a, b) in enumerate(zip(torch_ids, ort_ids, strict=False)) if a != b)
+            first = next(differ, min(len(torch_ids), len(ort_ids)))  # or where the shorter one stopped
+            mismatches.append({"prompt": i, "prompt_length": length, "first_difference_at": first})
+
+    worst = max(max(r["max_abs_logits"], r["max_abs_cache"]) for r in logit_rows)
+    return {
+        "passed": worst <= atol and not mismatches,
+        "atol": atol,
+        "max_abs_diff": worst,
+        "logits": logit_rows,
+        "greedy": {
+            "prompts": n_prompts,
+            "new_tokens": new_tokens,
+            "identical": n_prompts - len(mismatches),
+            "mismatches": mismatches,
+        },
+    }
+
+
+def _parity_message(report: dict) -> str:
+    worst = max(report["logits"], key=lambda r: max(r["max_abs_logits"], r["max_abs_cache"]))
+    greedy = report["greedy"]
+    logits = (
+        f"max |ONNX - PyTorch| = {report['max_abs_diff']:.3g} (tolerance {report['atol']:.3g}; worst at past "
+        f"length {worst['past']} with {worst['new']} new tokens: logits {worst['max_abs_logits']:.3g}, "
+        f"cache {worst['max_abs_cache']:.3g})"
+    )
+    ids = f"greedy ids identical for {greedy['identical']}/{greedy['prompts']} prompts of {greedy['new_tokens']} tokens"
+    parts = [logits, ids]
+    if greedy["mismatches"]:
+        m = greedy["mismatches"][0]
+        parts.append(f"first mismatch: prompt {m['prompt']} at new token {m['first_difference_at']}")
+    return "; ".join(parts)
+
+
+def quantize_int8(onnx_dir: str | Path, external_data: bool = False) -> Path:
+    """Write ``model.int8.onnx`` beside ``model.onnx``: int8 weights, activations quantized on the fly.
+
+    onnxruntime's dynamic quantization of MatMul/Gemm weights (per-channel symmetric int8). Returns its path.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_dir = Path(onnx_dir)
+    target = onnx_dir / INT8_FILE
+    with _quiet(""):  # onnxruntime logs a generic advice to pre-process on the root logger
+        quantize_dynamic(
+            onnx_dir / MODEL_FILE,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=external_data,
+        )
+    return target
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Swap ``new`` in at ``target``: the previous folder is moved aside and removed only afterwards."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.exists():
+        shutil.rmtree(old)
+    os.chmod(target, 0o755)
+
+
+def export_onnx(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    opset: int | None = None,
+    quantize: bool = False,
+    verify: bool = True,
+    atol: float = 1e-4,
+    external_data: bool | None = None,
+) -> dict[str, Any]:
+    """Export the checkpoint at ``checkpoint_dir`` to a self-contained ONNX folder ``out_dir``.
+
+    Writes ``model.onnx`` (opset ``opset``, None: the exporter's default), ``generation_config.json``,
+    ``tokenizer/`` and, with ``verify``, ``parity.json`` (see ``check_parity``, tolerance ``atol``).
+    ``quantize`` adds ``model.int8.onnx``. ``external_data`` None stores weights in ``model.onnx.data`` only
+    above 1 GiB. The folder is built under a temporary name and renamed at the end, replacing an older
+    export, so a failure leaves no complete-looking folder.
+
+    Returns a summary: paths, opset, graph axes, sizes, timings and the parity report.
+    Raises ExportError when the exporter fails, an axis is not dynamic, or parity fails (with the numbers);
+    CheckpointError for a missing or corrupt checkpoint.
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    start = time.perf_counter()
+    model, tokenizer, checkpoint_config = load_checkpoint(checkpoint_dir)
+    c = model.config
+    if external_data is None:
+        external_data = 4 * model.num_parameters() > EXTERNAL_DATA_BYTES
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        opset = _export_graph(model, tmp / MODEL_FILE, opset, external_data)
+        axes = check_dynamic_axes(tmp / MODEL_FILE, c.n_layer, c.n_head, c.head_dim, c.vocab_size)
+        export_s = time.perf_counter() - start
+        config = _generation_config(model, tokenizer, checkpoint_config, opset, external_data, quantize)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        source_tokenizer = checkpoint_dir / TOKENIZER_DIR
+        shutil.copytree(source_tokenizer, tmp / TOKENIZER_DIR)
+        summary: dict[str, Any] = {"path": str(out_dir), "opset": opset, "axes": axes, "export_s": export_s}
+        if verify:
+            report = check_parity(checkpoint_dir, tmp, atol=atol, model=model)
+            if not report["passed"]:
+                raise ExportError(f"ONNX export of {checkpoint_dir} does not match PyTorch: {_parity_message(report)}")
+            summary["parity"] = report
+        if quantize:
+            quantize_int8(tmp, external_data)
+        summary["files"] = {
+            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        _replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["total_s"] = time.perf_counter() - start
+    log.info("exported %s to %s (opset %d) in %.1fs", checkpoint_dir, out_dir, opset, summary["total_s"])
+    return summary

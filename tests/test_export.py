@@ -1,0 +1,221 @@
+"""Specification of llm/export.py: a KV-cache ONNX decoder that matches PyTorch for every position kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from llm.checkpoint import save_checkpoint
+from llm.config import ModelConfig
+from llm.export import (
+    INT8_FILE,
+    DecoderForExport,
+    ExportError,
+    export_onnx,
+    graph_axes,
+    input_names,
+    output_names,
+)
+from llm.generate import SamplingParams, generate
+from llm.model import GPT
+from llm.onnx_runtime import OnnxGenerator
+from llm.tokenizer import CharTokenizer, load_tokenizer
+
+CONTEXT = 32
+# one model per position kind, each also trying other MLP / norm / bias / tying variants
+VARIANTS = {
+    "learned": {"position": "learned", "mlp": "gelu", "norm": "layernorm", "bias": True},
+    "sinusoidal": {"position": "sinusoidal", "mlp": "swiglu", "norm": "rmsnorm", "tie_weights": False},
+    "rope": {"position": "rope", "mlp": "relu2", "norm": "rmsnorm", "qk_norm": True},
+    "none": {"position": "none", "mlp": "gelu", "norm": "layernorm"},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models decode fastest on one thread, and a busy machine makes more threads far slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny checkpoint, weights widened (std 0.3) so greedy decoding does not repeat one token forever."""
+    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32, **overrides
+    )
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return save_checkpoint(folder, model, config, tokenizer)
+
+
+QUANTIZED, EXTERNAL = "learned", "none"  # variants also quantized / also quantized with external data
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A function from variant name to (checkpoint folder, export folder, export summary), each exported once."""
+    done = {}
+
+    def export_of(name: str):
+        if name not in done:
+            root = tmp_path_factory.mktemp(name)
+            checkpoint = write_checkpoint(root / "checkpoint", **VARIANTS[name])
+            summary = export_onnx(
+                checkpoint, root / "onnx", quantize=name in (QUANTIZED, EXTERNAL), external_data=name == EXTERNAL
+            )
+            done[name] = checkpoint, root / "onnx", summary
+        return done[name]
+
+    return export_of
+
+
+@pytest.fixture(params=list(VARIANTS))
+def exported(request, exports):
+    return exports(request.param)
+
+
+def test_export_writes_a_self_contained_folder(exported):
+    checkpoint, onnx_dir, summary = exported
+    assert (onnx_dir / "model.onnx").exists() and (onnx_dir / "parity.json").exists()
+    config = json.loads((onnx_dir / "generation_config.json").read_text())
+    model_config = json.loads((checkpoint / "config.json").read_text())["model"]
+    for key in ("n_layer", "n_head", "vocab_size", "context_length", "position"):
+        assert config[key] == model_config[key]
+    assert config["head_dim"] == model_config["d_model"] // model_config["n_head"]
+    assert config["opset"] == summary["opset"] >= 18
+    tokenizer = load_tokenizer(onnx_dir / "tokenizer")
+    assert tokenizer.encode("hello, world") == load_tokenizer(checkpoint / "tokenizer").encode("hello, world")
+    special = config["special_ids"]
+    assert (special["bos"], special["end"], special["user"], special["assistant"]) == (
+        tokenizer.bos_id, tokenizer.end_id, tokenizer.user_id, tokenizer.assistant_id
+    )
+    assert config["bos_token_id"] == tokenizer.bos_id and config["pad_token_id"] == tokenizer.pad_id
+    assert set(config["sampling"]) >= {"temperature", "top_k", "top_p", "max_new_tokens", "stop_ids"}
+    assert [p.name for p in onnx_dir.parent.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+
+
+def test_batch_seq_and_past_axes_are_symbolic(exported):
+    _, onnx_dir, _ = exported
+    axes = graph_axes(onnx_dir / "model.onnx")
+    n_layer, heads, head_dim, vocab = 2, 2, 16, 294
+    assert list(axes) == input_names(n_layer) + output_names(n_layer)
+    batch, seq = axes["input_ids"]
+    assert isinstance(batch, str) and isinstance(seq, str) and batch != seq
+    past = axes["past_key_values.0.key"][2]
+    assert isinstance(past, str) and past not in (batch, seq)
+    for i in range(n_layer):
+        for kv in ("key", "value"):
+            assert axes[f"past_key_values.{i}.{kv}"] == [batch, heads, past, head_dim]
+            present = axes[f"present.{i}.{kv}"]
+            assert present[0] == batch and present[1:] == [heads, present[2], head_dim]
+            assert isinstance(present[2], str) and present[2] != past  # past + seq
+    assert axes["logits"] == [batch, seq, vocab]
+
+
+def test_logits_match_pytorch_at_past_lengths_0_1_17_and_the_limit(exported):
+    _, onnx_dir, summary = exported
+    rows = summary["parity"]["logits"]
+    assert {(r["past"], r["new"]) for r in rows} >= {(0, 5), (1, 1), (17, 3), (CONTEXT - 1, 1)}
+    assert all(r["max_abs_logits"] <= 1e-4 and r["max_abs_cache"] <= 1e-4 for r in rows)
+    assert json.loads((onnx_dir / "parity.json").read_text())["passed"] is True
+
+
+@torch.inference_mode()
+def test_any_batch_and_an_empty_cache_run_in_onnx_runtime(exported):
+    checkpoint, onnx_dir, _ = exported
+    from llm.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint)[0]
+    generator = OnnxGenerator(onnx_dir)
+    for batch, length in [(1, 1), (3, CONTEXT), (5, 7)]:  # batch and seq sizes never traced
+        ids = np.random.default_rng(batch).integers(0, 294, (batch, length))
+        logits, present = generator.forward(ids, generator.empty_cache(batch))
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+        assert np.abs(logits - expected).max() <= 1e-4
+        assert present[0].shape == (batch, 2, length, 16)
+    # the full-sequence logits equal a prefill of 10 then a decode of the rest
+    ids = np.random.default_rng(0).integers(0, 294, (2, 12))
+    _, cache = generator.forward(ids[:, :10])
+    logits, _ = generator.forward(ids[:, 10:], cache)
+    assert np.abs(logits - model(torch.from_numpy(ids)).logits[:, 10:].numpy()).max() <= 1e-4
+
+
+def test_greedy_generation_matches_torch(exported):
+    checkpoint, onnx_dir, summary = exported
+    greedy = summary["parity"]["greedy"]
+    assert greedy == {"prompts": 20, "new_tokens": 64, "identical": 20, "mismatches": []}
+    from llm.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint)[0]
+    params = SamplingParams(max_new_tokens=50, temperature=0.0)
+    prompt = [1, *range(10, 10 + CONTEXT + 5)]  # longer than the context: truncated, then the window slides
+    ours = OnnxGenerator(onnx_dir).generate(prompt, params)
+    assert ours == generate(model, prompt, params)
+    assert len(set(ours)) >= 4  # a real sequence, not one token repeated
+
+
+def test_quantized_model_runs_and_mostly_agrees(exports):
+    _, onnx_dir, summary = exports(QUANTIZED)
+    assert summary["files"][INT8_FILE] < summary["files"]["model.onnx"]
+    fp32, int8 = OnnxGenerator(onnx_dir), OnnxGenerator(onnx_dir, int8=True)
+    assert int8.model_path.name == INT8_FILE
+    ids = np.random.default_rng(0).integers(0, 294, (2, 20))
+    a, b = fp32.forward(ids)[0], int8.forward(ids)[0]
+    assert a.shape == b.shape and np.isfinite(b).all()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.7
+
+
+def test_small_models_keep_weights_inside_model_onnx(exports):
+    summary = exports(QUANTIZED)[2]
+    assert "model.onnx.data" not in summary["files"]
+    with pytest.raises(FileNotFoundError, match="quantize=True"):
+        OnnxGenerator(exports("rope")[1], int8=True)  # not quantized
+
+
+def test_external_data_export_is_loadable(exports):
+    _, onnx_dir, summary = exports(EXTERNAL)
+    config = json.loads((onnx_dir / "generation_config.json").read_text())
+    assert config["external_data"] == "model.onnx.data" and summary["files"]["model.onnx.data"] > 0
+    assert ort.InferenceSession(str(onnx_dir / "model.onnx")).get_inputs()[0].name == "input_ids"
+    assert summary["parity"]["passed"]
+    assert summary["files"]["model.int8.onnx.data"] > 0
+    int8 = OnnxGenerator(onnx_dir, model_file=INT8_FILE)
+    assert len(int8.generate([1, 9, 10], SamplingParams(max_new_tokens=5, temperature=0.0))) == 5
+
+
+def test_failed_parity_raises_and_leaves_no_export(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", position="rope")
+    with pytest.raises(ExportError, match=r"does not match PyTorch: max \|ONNX - PyTorch\| = .* \(tolerance 0;"):
+        export_onnx(checkpoint, tmp_path / "onnx", atol=0.0)
+    assert not (tmp_path / "onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_corrupt_graph_fails_parity_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", position="learned")
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "marker").write_text("previous export")
+    original = DecoderForExport.forward
+
+    def corrupted(self, input_ids, *past):  # flip the logits: greedy picks the least likely token
+        logits, *present = original(self, input_ids, *past)
+        return (-logits, *present)
+
+    monkeypatch.setattr(DecoderForExport, "forward", corrupted)
+    with pytest.raises(ExportError, match=r"greedy ids identical for 0/20 prompts"):
+        export_onnx(checkpoint, out)
+    assert sorted(p.name for p in out.iterdir()) == ["marker"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "onnx"]

@@ -1,0 +1,176 @@
+"""Specification of llm/onnx_runtime.py: generation from an ONNX export with onnxruntime and numpy, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from llm.checkpoint import load_checkpoint, save_checkpoint
+from llm.config import ModelConfig
+from llm.export import export_onnx
+from llm.generate import SamplingParams, generate, stream_text
+from llm.model import GPT
+from llm.onnx_runtime import GenerationParams, OnnxGenerator, sample_next_token_np
+from llm.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 32
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models decode fastest on one thread, and a busy machine makes more threads far slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, export folder) of a tiny rope model, weights widened so samples vary."""
+    root = tmp_path_factory.mktemp("onnx_runtime")
+    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(1)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    checkpoint = save_checkpoint(root / "checkpoint", model, config, tokenizer)
+    export_onnx(checkpoint, root / "onnx", verify=False)  # parity is test_export's business
+    return checkpoint, root / "onnx"
+
+
+# --- sampling rules -------------------------------------------------------------------------------------
+
+
+def test_temperature_zero_is_argmax():
+    logits = np.array([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    assert sample_next_token_np(logits, temperature=0.0).tolist() == [1, 0]
+    assert int(sample_next_token_np(logits[0], temperature=0.0)) == 1  # a single row works too
+
+
+def test_top_k_and_top_p_limit_the_candidates():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    top_k = {int(sample_next_token_np(logits, 1.0, top_k=2, rng=rng)[0]) for _ in range(300)}
+    assert top_k == {0, 1}
+    # top_p 0.6: 0.5 alone is short of 0.6, so the 0.3 token joins; the rest are cut
+    top_p = {int(sample_next_token_np(logits, 1.0, top_p=0.6, rng=rng)[0]) for _ in range(300)}
+    assert top_p == {0, 1}
+    assert {int(sample_next_token_np(logits, 1.0, top_p=0.01, rng=rng)[0]) for _ in range(50)} == {0}
+    assert {int(sample_next_token_np(logits, 1.0, top_k=1, rng=rng)[0]) for _ in range(50)} == {0}
+
+
+def test_samples_follow_the_softmax_distribution():
+    probs = np.array([0.6, 0.25, 0.1, 0.05])
+    rng = np.random.default_rng(1)
+    draws = sample_next_token_np(np.tile(np.log(probs), (20000, 1)), 1.0, rng=rng)
+    assert np.abs(np.bincount(draws, minlength=4) / len(draws) - probs).max() < 0.015
+    hot = sample_next_token_np(np.tile(np.log(probs), (20000, 1)), 2.0, rng=rng)  # flatter at temperature 2
+    assert np.bincount(hot, minlength=4)[3] / len(hot) > 0.08
+
+
+def test_same_seed_gives_same_sample(export):
+    _, onnx_dir = export
+    generator = OnnxGenerator(onnx_dir)
+    params = GenerationParams(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.95, seed=123)
+    first = generator.generate([1, 10, 11, 12], params)
+    assert generator.generate([1, 10, 11, 12], params) == first
+    assert OnnxGenerator(onnx_dir).generate([1, 10, 11, 12], params) == first  # a fresh session too
+    others = {tuple(generator.generate([1, 10, 11, 12], GenerationParams(max_new_tokens=40, seed=s))) for s in range(4)}
+    assert len(others) > 1
+
+
+# --- the generation loop --------------------------------------------------------------------------------
+
+
+def test_greedy_matches_torch_through_the_sliding_window(export):
+    checkpoint, onnx_dir = export
+    model = load_checkpoint(checkpoint)[0]
+    params = SamplingParams(max_new_tokens=3 * CONTEXT, temperature=0.0)  # slides several times
+    for prompt in ([1], [1, 12, 13, 14, 15], list(range(8, 8 + CONTEXT + 3))):
+        assert OnnxGenerator(onnx_dir).generate(prompt, params) == generate(model, prompt, params)
+
+
+def test_accepts_sampling_params_and_stops_after_a_stop_id(export):
+    _, onnx_dir = export
+    generator = OnnxGenerator(onnx_dir)
+    free = generator.generate([1, 20], SamplingParams(max_new_tokens=30, temperature=0.0))
+    assert len(free) == 30
+    stop = free[5]
+    stopped = generator.generate([1, 20], SamplingParams(max_new_tokens=30, temperature=0.0, stop_ids=(stop,)))
+    assert stopped == free[: free.index(stop) + 1]  # the stop id is yielded, then nothing
+    assert generator.generate([1, 20], GenerationParams(max_new_tokens=0)) == []
+    as_dict = generator.generate([1, 20], {"max_new_tokens": 30, "temperature": 0.0})
+    assert as_dict == free
+
+
+def test_stream_text_matches_torch(export):
+    checkpoint, onnx_dir = export
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, stop_ids=(3,))
+    text = "".join(OnnxGenerator(onnx_dir).stream_text("once upon", params))
+    assert text == "".join(stream_text(model, tokenizer, "once upon", params))
+    assert isinstance(text, str) and text
+
+
+def test_default_params_come_from_the_generation_config(export):
+    _, onnx_dir = export
+    generator = OnnxGenerator(onnx_dir)
+    defaults = generator.default_params()
+    assert defaults.temperature == generator.config["sampling"]["temperature"]
+    assert defaults.stop_ids == tuple(generator.config["sampling"]["stop_ids"])
+    assert generator.default_params(max_new_tokens=3).max_new_tokens == 3
+    assert len(generator.generate([1, 5], generator.default_params(max_new_tokens=3, seed=0))) <= 3
+
+
+def test_bad_prompts_and_overlong_inputs_are_errors(export):
+    _, onnx_dir = export
+    generator = OnnxGenerator(onnx_dir)
+    with pytest.raises(ValueError, match="empty"):
+        generator.generate([], GenerationParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="must lie in"):
+        generator.generate([1, 10_000], GenerationParams(max_new_tokens=3))
+    _, cache = generator.forward(np.ones((1, CONTEXT - 1), dtype=np.int64))
+    with pytest.raises(ValueError, match="exceeds context_length=32"):
+        generator.forward(np.ones((1, 2), dtype=np.int64), cache)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationParams(top_p=1.5)
+    with pytest.raises(FileNotFoundError, match="generation_config.json"):
+        OnnxGenerator(onnx_dir / "tokenizer")
+
+
+def test_session_uses_all_graph_optimisations_and_the_thread_count(export):
+    _, onnx_dir = export
+    options = OnnxGenerator(onnx_dir, intra_op_num_threads=1).session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.intra_op_num_threads == 1
+
+
+def test_runtime_never_imports_torch(export):
+    _, onnx_dir = export
+    code = (
+        "import sys\n"
+        "from llm.onnx_runtime import OnnxGenerator, GenerationParams\n"
+        f"g = OnnxGenerator({str(onnx_dir)!r})\n"
+        "ids = g.generate([1, 10, 11], GenerationParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=0))\n"
+        "text = ''.join(g.stream_text('abc', GenerationParams(max_new_tokens=8, seed=0)))\n"
+        "assert len(ids) == 8, ids\n"
+        "leaked = [m for m in ('torch', 'llm.model', 'llm.generate', 'llm.export') if m in sys.modules]\n"
+        "assert not leaked, leaked\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
