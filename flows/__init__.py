@@ -30,9 +30,10 @@ def all_flows() -> dict[str, Flow]:
     """Every flow of the project by name, in pipeline order."""
     from flows.data import clean, fetch, prepare, tokenize, tokenizer
     from flows.evaluate import evaluate
+    from flows.export import export
     from flows.finetune import finetune
     from flows.pipeline import pipeline
     from flows.pretrain import pretrain
 
-    # export joins here (and in flows/pipeline.py) when its flow exists
-    return {f.name: f for f in (fetch, clean, tokenizer, tokenize, prepare, pretrain, finetune, evaluate, pipeline)}
+    return {f.name: f for f in (fetch, clean, tokenizer, tokenize, prepare, pretrain, finetune, evaluate, export,
+                                pipeline)}

@@ -25,7 +25,7 @@ from flows.params import PARAMS_MODELS
 
 # the params file that a bare ``--set key=value`` refers to, for flows that have one of their own
 OWN_PARAMS_FILE = {"clean": "data", "tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune",
-                   "evaluate": "evaluate"}
+                   "evaluate": "evaluate", "export": "export"}
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -76,7 +76,7 @@ def flow_arguments(flow_name: str, sets: list[str], params: list[str]) -> dict[s
 @app.command(help=__doc__.partition("\n\n")[2])
 def main(
     flow: Annotated[str, typer.Argument(help="the flow to run: fetch, clean, tokenizer, tokenize, prepare, "
-                                             "pretrain, finetune, evaluate or pipeline")],
+                                             "pretrain, finetune, evaluate, export or pipeline")],
     sets: Annotated[list[str] | None,
                     typer.Option("--set", metavar="[FILE:]KEY=VALUE", help="override a params key")] = None,
     params: Annotated[list[str] | None,

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from llm.config import (
     DataParams,
     EvalParams,
+    ExportParams,
     FinetuneParams,
     ModelConfig,
     PretrainParams,
@@ -30,6 +31,7 @@ PARAMS_MODELS: dict[str, type[BaseModel]] = {
     "pretrain": PretrainParams,
     "finetune": FinetuneParams,
     "evaluate": EvalParams,
+    "export": ExportParams,
 }
 
 Overrides = dict[str, Any] | None

@@ -6,6 +6,7 @@ from prefect import flow
 
 from flows.data import prepare
 from flows.evaluate import evaluate
+from flows.export import export
 from flows.finetune import finetune
 from flows.params import Overrides, read_params
 from flows.pretrain import pretrain
@@ -19,9 +20,10 @@ def pipeline(
     pretrain_overrides: Overrides = None,
     finetune_overrides: Overrides = None,
     evaluate_overrides: Overrides = None,
+    export_overrides: Overrides = None,
     resume: bool = False,
 ) -> dict:
-    """prepare, pretrain, finetune, evaluate; one overrides dict per params file. Returns each stage's result.
+    """prepare, pretrain, finetune, evaluate, export; one overrides dict per params file. Returns each stage's result.
 
     Pretraining starts over unless ``resume``, which continues the checkpoint in ``artifacts/pretrain``
     (left by an interrupted run with the same params).
@@ -29,11 +31,12 @@ def pipeline(
     # Every params file is checked before the first stage: a typo in evaluate.yaml must not cost a training run.
     for name, overrides in (("data", data_overrides), ("tokenizer", tokenizer_overrides),
                             ("model", model_overrides), ("pretrain", pretrain_overrides),
-                            ("finetune", finetune_overrides), ("evaluate", evaluate_overrides)):
+                            ("finetune", finetune_overrides), ("evaluate", evaluate_overrides),
+                            ("export", export_overrides)):
         read_params(name, overrides)
     results = {"prepare": prepare(data_overrides, tokenizer_overrides)}
     results["pretrain"] = pretrain(pretrain_overrides, model_overrides, resume=resume)
     results["finetune"] = finetune(finetune_overrides, resume=resume)
     results["evaluate"] = evaluate(evaluate_overrides, candidate="finetune")
-    # export goes here: results["export"] = export(export_overrides)
+    results["export"] = export(export_overrides)
     return results

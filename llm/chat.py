@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 import typer
 
@@ -319,13 +319,13 @@ def chat(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="checkpoint folder, or models:/gpt/Production, models:/gpt@production, "
                                    "models:/gpt/3, runs:/..."),
-    prompt: Optional[str] = typer.Option(None, help="answer this one message and exit"),
-    system: Optional[str] = typer.Option(None, help='system prompt, e.g. "You are JULIET. Answer in character."'),
+    prompt: str | None = typer.Option(None, help="answer this one message and exit"),
+    system: str | None = typer.Option(None, help='system prompt, e.g. "You are JULIET. Answer in character."'),
     temperature: float = typer.Option(0.8, min=0.0, help="0 is greedy"),
-    top_k: Optional[int] = typer.Option(50, min=1),
-    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+    top_k: int | None = typer.Option(50, min=1),
+    top_p: float | None = typer.Option(None, min=0.0, max=1.0),
     max_new_tokens: int = typer.Option(200, min=1),
-    seed: Optional[int] = typer.Option(None, help="reproducible sampling (answer n uses seed + n)"),
+    seed: int | None = typer.Option(None, help="reproducible sampling (answer n uses seed + n)"),
     backend: Backend = typer.Option(Backend.torch, help="torch (checkpoint) or onnx (ONNX export, onnxruntime)"),
     device: str = typer.Option("auto", help="torch backend: auto, cpu, cuda or mps"),
 ) -> None:

@@ -18,6 +18,7 @@ import yaml
 from llm.config import (
     DataParams,
     EvalParams,
+    ExportParams,
     FinetuneParams,
     ModelConfig,
     ParamsError,
@@ -30,6 +31,8 @@ app = typer.Typer(help="Train, evaluate and sample a GPT from scratch, stage by 
                   add_completion=False)
 data_app = typer.Typer(help="Raw data: fetch the default corpus.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(help="Deployable exports of a checkpoint.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 PARAMS = Path("params")
 ART = Path("artifacts")
@@ -182,6 +185,20 @@ def evaluate(
         typer.echo(f"\n--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
 
 
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: str = typer.Option(str(ART / "finetune"), help="checkpoint folder or models:/ / runs:/ URI"),
+    out: Path = typer.Option(ART / "onnx"),
+    params: Path = typer.Option(PARAMS / "export.yaml"),
+    sets: Sets = None,
+) -> None:
+    """ONNX export with KV-cache inputs, checked against PyTorch (parity.json); fails on a mismatch."""
+    from llm.stages import export_stage
+
+    summary = export_stage(load_params(ExportParams, params, _overrides(sets)), _resolve(model), out)
+    typer.echo(json.dumps({k: summary[k] for k in ("path", "opset", "files") if k in summary}, indent=2))
+
+
 def _resolve(model: str) -> Path:
     """A checkpoint folder for a folder path or a models:/ or runs:/ URI (through the MLflow registry)."""
     if model.startswith(("models:/", "runs:/")):
@@ -218,8 +235,8 @@ def generate(
     sys.stdout.write("\n")
 
 
-def run() -> None:
-    """Entry point that turns the library's expected errors into one clear line and exit code 1."""
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The library's own error types: shown as one line, without a traceback."""
     from llm.chat_data import ChatDataError
     from llm.checkpoint import CheckpointError
     from llm.corpus import CorpusError
@@ -229,17 +246,23 @@ def run() -> None:
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError)
-    try:
-        from llm.registry import RegistryError
+    for module, name in (("llm.registry", "RegistryError"), ("llm.export", "ExportError")):
+        try:  # mlflow and onnxruntime are optional on a bare GPU box
+            expected += (getattr(__import__(module, fromlist=[name]), name),)
+        except ImportError:
+            pass
+    return expected
 
-        expected += (RegistryError,)
-    except ImportError:  # registry needs mlflow, which is optional on a bare GPU box
-        pass
+
+def run() -> None:
+    """Entry point that turns the library's expected errors into one clear line and exit code 1."""
     try:
         app()
-    except expected as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        sys.exit(1)
+    except Exception as err:
+        if isinstance(err, _expected_errors()):
+            typer.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -130,6 +130,15 @@ class EvalParams(StrictModel):
     sample_conversations: int = Field(3, ge=0, description="val conversations answered in samples.md for chat models")
 
 
+class ExportParams(StrictModel):
+    """ONNX export of the chat model (``params/export.yaml``)."""
+
+    opset: int | None = Field(None, ge=17, description="ONNX opset; None: the exporter's default")
+    quantize: bool = Field(True, description="also write model.int8.onnx (dynamic int8 quantization)")
+    verify: bool = Field(True, description="check ONNX Runtime against PyTorch and fail the export on a mismatch")
+    atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed by the parity check")
+
+
 P = TypeVar("P", bound=BaseModel)
 
 

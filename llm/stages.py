@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm.config import DataParams, EvalParams, FinetuneParams, ModelConfig, PretrainParams, TokenizerParams
+from llm.config import (
+    DataParams,
+    EvalParams,
+    ExportParams,
+    FinetuneParams,
+    ModelConfig,
+    PretrainParams,
+    TokenizerParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,3 +310,23 @@ def evaluate_stage(
         run.log_text(json.dumps(decision, indent=2), "promotion.json")
     _atomic_json(out_dir / "promotion.json", decision)
     return {**result, "promotion": decision, "samples": samples}
+
+
+def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
+    """Export ``checkpoint_dir`` to ONNX in ``out_dir`` (with its parity report) and log the run.
+
+    Raises ExportError, leaving no complete-looking folder, when ONNX Runtime does not match PyTorch.
+    """
+    from llm.export import export_onnx
+
+    with _run("export", params.model_dump(), tracking_enabled(track)) as run:
+        summary = export_onnx(checkpoint_dir, out_dir, opset=params.opset, quantize=params.quantize,
+                              verify=params.verify, atol=params.atol)
+        parity = summary.get("parity", {})
+        run.log_metrics({f"export/{k}": float(v) for k, v in parity.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log_metrics({"export/model_bytes": float(sum(summary["files"].values()))})
+        for name in ("parity.json", "generation_config.json"):
+            if (out_dir / name).exists():
+                run.log_artifact(out_dir / name)
+    return summary

@@ -1,0 +1,23 @@
+"""The ``export`` flow: ONNX export of the chat model ``artifacts/finetune`` into ``artifacts/onnx``, with the
+parity report; the flow fails when ONNX Runtime does not match PyTorch."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows.params import Overrides, read_params
+from flows.policies import TRAINING_TASK
+from llm import stages
+from llm.stages import Layout
+
+# not retried: an export that fails parity would fail the same way again
+export_task = task(stages.export_stage, **TRAINING_TASK)
+
+
+@flow(name="export")
+def export(overrides: Overrides = None, checkpoint: str = "finetune") -> dict:
+    """Export ``artifacts/<checkpoint>`` with ``params/export.yaml`` (plus ``overrides``) to ``artifacts/onnx``.
+    Returns the export summary (files, opset, dynamic axes, parity)."""
+    layout = Layout()
+    params = read_params("export", overrides)
+    return export_task(params, layout.artifact(checkpoint), layout.artifact("onnx"))
