@@ -150,7 +150,8 @@ def pretrain_stage(
     with _run("pretrain", logged, enabled) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
                           until_step=until_step, callbacks=[run.callback])
-        run.log_metrics({k: v for k, v in result.metrics.items() if "/" in k}, step=result.step)
+        # the step-wise metrics went through the callback; the summary adds only the best val loss
+        run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
         _log_run_outputs(run, out_dir, result.history)
         version = None
         finished = result.step >= params.max_steps
@@ -198,7 +199,8 @@ def finetune_stage(
         run.log_artifact(chat_dir / "stats.json")
         result = finetune(params, base_dir, chat_dir, out_dir, resume=resume, until_step=until_step,
                           callbacks=[run.callback])
-        run.log_metrics({k: v for k, v in result.metrics.items() if "/" in k}, step=result.step)
+        # the step-wise metrics went through the callback; the summary adds only the best val loss
+        run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
         _log_run_outputs(run, out_dir, result.history)
         version = None
         if enabled and register and result.step >= params.max_steps:

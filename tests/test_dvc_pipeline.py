@@ -25,7 +25,7 @@ from tests.test_prefect_server import prefect_env, prefect_server
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-STAGES = ["clean", "tokenizer", "tokenize", "pretrain", "evaluate"]
+STAGES = ["clean", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate", "export"]
 
 
 def run(cwd: Path, env: dict, *args: str, stdout_only: bool = False) -> str:
@@ -136,12 +136,12 @@ def test_a_pretrain_param_change_marks_only_pretrain_changed(repo):
 def test_exp_run_with_a_pretrain_param_reruns_pretrain_and_evaluate_only(repo):
     root, env = repo
     output = run(root, env, "dvc", "exp", "run", "-n", "longer", "-S", "params/pretrain.yaml:max_steps=6")
-    assert ran_stages(output) == ["pretrain", "evaluate"]
+    assert ran_stages(output) == ["pretrain", "finetune", "evaluate", "export"]
     assert all(f"Stage '{s}' didn't change, skipping" in output for s in ("clean", "tokenizer", "tokenize"))
     assert json.loads((root / "artifacts" / "pretrain" / "metrics.json").read_text())["step"] == 6
-    assert json.loads((root / "artifacts" / "eval" / "metrics.json").read_text())["eval/step"] == 6
+    assert json.loads((root / "artifacts" / "finetune" / "config.json").read_text())["parent"]["step"] == 6
     experiments = {e["name"]: e["revs"][0]["data"] for commit in run_json(root, env, "dvc", "exp", "show")
                    for e in commit.get("experiments") or []}
     longer = experiments["longer"]
     assert longer["params"]["params/pretrain.yaml"]["data"]["max_steps"] == 6
-    assert longer["metrics"]["artifacts/eval/metrics.json"]["data"]["eval/step"] == 6
+    assert longer["metrics"]["artifacts/pretrain/metrics.json"]["data"]["step"] == 6

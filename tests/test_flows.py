@@ -24,10 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = {
     "data": {"val_fraction": 0.3, "min_doc_chars": 100},
     "tokenizer": {"kind": "char"},
-    "model": {"context_length": 32, "n_layer": 1, "n_head": 2, "d_model": 32},
+    # room for a system prompt, a speech and a reply in the chat examples of the finetune stage
+    "model": {"context_length": 256, "n_layer": 1, "n_head": 2, "d_model": 32},
     "pretrain": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 2,
                  "checkpoint_interval": 4, "log_interval": 1, "device": "cpu", "progress": False},
-    "evaluate": {"batch_size": 4, "max_batches": 2, "max_new_tokens": 8, "prompts": ["ROMEO."], "device": "cpu"},
+    "finetune": {"max_steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_interval": 3, "eval_batches": 1,
+                 "checkpoint_interval": 3, "log_interval": 1, "device": "cpu", "progress": False},
+    "evaluate": {"batch_size": 4, "max_batches": 2, "max_new_tokens": 8, "prompts": ["ROMEO."], "device": "cpu",
+                 "max_conversations": 8, "sample_conversations": 1},
+    "export": {"quantize": False},
 }
 
 
@@ -200,8 +205,8 @@ def test_set_options_that_name_nothing_the_flow_reads_are_refused(flow, sets, me
 def test_every_flow_is_registered_under_its_deployment_name():
     from flows import all_flows
 
-    assert list(all_flows()) == ["fetch", "clean", "tokenizer", "tokenize", "prepare", "pretrain", "evaluate",
-                                 "pipeline"]
+    assert list(all_flows()) == ["fetch", "clean", "tokenizer", "tokenize", "prepare", "pretrain", "finetune",
+                                 "evaluate", "export", "pipeline"]
 
 
 def test_flows_import_no_model_code_at_module_level():

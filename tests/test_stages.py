@@ -1,0 +1,108 @@
+"""The tracked stages end to end: runs compare in MLflow, the registry keeps the better model in Production,
+finetuned versions carry their lineage, and the registry URIs work from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow import MlflowClient
+
+from llm.config import EvalParams, FinetuneParams, ModelConfig, PretrainParams
+from llm.stages import evaluate_stage, finetune_stage, pretrain_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+# room for a system prompt, a speech and a reply in the finetuning examples
+MODEL = ModelConfig(context_length=256, n_layer=1, n_head=2, d_model=32)
+EVAL = EvalParams(batch_size=8, max_batches=4, max_new_tokens=8, prompts=["ROMEO."], device="cpu",
+                  max_conversations=8, sample_conversations=1)
+
+
+def pretrain_params(max_steps: int) -> PretrainParams:
+    return PretrainParams(max_steps=max_steps, batch_size=4, learning_rate=3e-3, warmup_steps=1, eval_interval=5,
+                          eval_batches=4, checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch, empty_mlflow_db, prepared) -> Path:
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+                 "LLM_TRACKING"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_pretrainings_compare_in_mlflow_and_the_better_one_is_production(tracked, prepared):
+    p = prepared
+    short = pretrain_stage(pretrain_params(2), MODEL, p["tokens"], p["tokenizer"], tracked / "short")
+    first = evaluate_stage(EVAL, tracked / "short", p["tokens"], p["clean"], tracked / "eval_short")
+    assert first["promotion"]["promoted"] and short["model_version"] == "1"
+
+    long = pretrain_stage(pretrain_params(30), MODEL, p["tokens"], p["tokenizer"], tracked / "long")
+    second = evaluate_stage(EVAL, tracked / "long", p["tokens"], p["clean"], tracked / "eval_long")
+    decision = second["promotion"]
+    assert decision["promoted"] and decision["metric"] == "val/bpb"
+    assert decision["candidate_score"] < decision["production_score"]  # both scored on the same val text
+
+    # a worse candidate is scored against Production and left out
+    worse = pretrain_stage(pretrain_params(1), MODEL, p["tokens"], p["tokenizer"], tracked / "worse")
+    third = evaluate_stage(EVAL, tracked / "worse", p["tokens"], p["clean"], tracked / "eval_worse")
+    assert not third["promotion"]["promoted"]
+
+    client = MlflowClient()
+    runs = [client.get_run(r["run_id"]) for r in (short, long, worse)]
+    keys = [set(r.data.metrics) for r in runs]
+    assert keys[0] == keys[1] == keys[2]  # the same metric keys: comparable side by side in the UI
+    assert {"train/loss", "val/loss", "val/bpb", "val/ppl", "perf/tokens_per_s", "perf/mfu"} <= keys[0]
+    assert len(client.get_metric_history(runs[1].info.run_id, "train/loss")) == 30  # step-wise
+    assert {"git.commit", "dvc.data_hash", "params.hash", "stage"} <= set(runs[1].data.tags)
+    versions = client.search_model_versions("name='gpt'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+    production = client.get_model_version_by_alias("gpt", "production")
+    assert str(production.version) == "2" and production.current_stage == "Production"
+    assert float(production.tags["promotion.score.val/bpb"]) == pytest.approx(decision["candidate_score"])
+
+    proc = cli("llm", "generate", "--model", "models:/gpt/Production", "--prompt", "ROMEO.", "--max-new-tokens",
+               "12", "--seed", "1", cwd=tracked)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ROMEO.") and len(proc.stdout.strip()) > len("ROMEO.")
+
+
+def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(tracked, prepared):
+    p = prepared
+    base = pretrain_stage(pretrain_params(20), MODEL, p["tokens"], p["tokenizer"], tracked / "pretrain")
+    ft_params = FinetuneParams(max_steps=10, batch_size=4, learning_rate=1e-3, warmup_steps=1, eval_interval=5,
+                               eval_batches=1, checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
+    tuned = finetune_stage(ft_params, tracked / "pretrain", p["clean"], None, tracked / "chat", tracked / "finetune")
+    version = MlflowClient().get_model_version("gpt", tuned["model_version"])
+    assert version.tags["llm.finetuned"] == "true"
+    assert version.tags["llm.parent_run_id"] == base["run_id"]
+
+    result = evaluate_stage(EVAL, tracked / "finetune", p["tokens"], p["clean"], tracked / "eval",
+                            chat_dir=tracked / "chat")
+    assert result["promotion"]["metric"] == "chat/assistant_loss" and result["promotion"]["promoted"]
+    assert result["chat/assistant_loss"] < result["chat/base_assistant_loss"]
+    assert "# Conversations (held-out validation)" in (tracked / "eval" / "samples.md").read_text()
+
+    proc = cli("llm.chat", "--model", "models:/gpt@production", "--prompt", "Good morrow", "--max-new-tokens", "8",
+               "--seed", "1", cwd=tracked)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() != ""
+    assert json.loads((tracked / "eval" / "promotion.json").read_text())["promoted"] is True
