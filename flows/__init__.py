@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # handlers to that logger, so its records (stage summaries, training progress) reach the flow run's logs in
 # the UI. It must be set before Prefect configures logging (on import), hence here.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
+# no usage reports to the outside: the pipeline runs offline and on private data
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 logging.getLogger("llm").setLevel(logging.INFO)
 
 

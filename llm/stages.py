@@ -73,8 +73,15 @@ def _run(stage: str, params: dict[str, Any], enabled: bool):
     return stage_run(stage, params)
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a ``torchrun`` job: only rank 0 tracks, registers and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def tracking_enabled(track: bool | None) -> bool:
-    """``track`` if given, else on unless the environment sets ``LLM_TRACKING=0``."""
+    """``track`` if given, else on unless the environment sets ``LLM_TRACKING=0``; always off outside rank 0."""
+    if not is_main_process():
+        return False
     if track is not None:
         return track
     return os.environ.get("LLM_TRACKING", "1").lower() not in ("0", "false", "no", "off")
@@ -162,7 +169,8 @@ def pretrain_stage(
             version = register_checkpoint(out_dir, run_id=run.run_id, tags={**lineage_tags("pretrain", logged),
                                                                            "llm.stage": "pretrain"})
     registration = {"run_id": run.run_id, "model_version": version, "stage": "pretrain"}
-    _atomic_json(out_dir / REGISTRATION_FILE, registration)
+    if is_main_process():
+        _atomic_json(out_dir / REGISTRATION_FILE, registration)
     return {**result.metrics, **registration}
 
 
@@ -213,7 +221,8 @@ def finetune_stage(
             version = register_checkpoint(out_dir, run_id=run.run_id, tags=tags)
     registration = {"run_id": run.run_id, "model_version": version, "stage": "finetune",
                     "parent_run_id": parent.get("run_id"), "parent_version": parent.get("model_version")}
-    _atomic_json(out_dir / REGISTRATION_FILE, registration)
+    if is_main_process():
+        _atomic_json(out_dir / REGISTRATION_FILE, registration)
     return {**result.metrics, **registration, "chat_data": {k: chat_stats.get(k) for k in ("train", "val")}}
 
 

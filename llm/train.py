@@ -11,6 +11,7 @@ stopped at step k and resumed replays the same batches and produces the same los
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -35,6 +36,13 @@ from llm.checkpoint import (
 )
 from llm.config import ModelConfig, PretrainParams
 from llm.device import autocast, peak_flops, select_device, select_dtype, synchronize
+from llm.distributed import (
+    gather_rng_states,
+    init_distributed,
+    mean_over_processes,
+    own_rng_states,
+    shutdown,
+)
 from llm.model import GPT
 from llm.tokenizer import Tokenizer, load_tokenizer
 from llm.tokens import TokenFile, bits_per_byte, read_meta
@@ -179,11 +187,11 @@ def train(
     torch.manual_seed(params.seed)
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
-    device = select_device(params.device)
+    dist, device = init_distributed(select_device(params.device))
     dtype = select_dtype(params.dtype, device)
     model.to(device).train()
     optimizer = build_optimizer(model, params, device)
-    generator = torch.Generator().manual_seed(params.seed)
+    generator = torch.Generator().manual_seed(params.seed + dist.rank)  # each process draws its own batches
     step, history, elapsed = 0, [], 0.0
     recover_interrupted_swap(out_dir)
     if resume and (out_dir / "train_state").is_dir():
@@ -201,15 +209,22 @@ def train(
         load_weights(out_dir, model)
         state = load_train_state(out_dir)
         optimizer.load_state_dict(state.optimizer)
-        _set_rng_state(state.rng, generator)
+        try:
+            _set_rng_state(own_rng_states(state.rng, dist), generator)
+        except ValueError as err:
+            raise CheckpointError(f"{out_dir}: {err}") from None
         step, history, elapsed = state.step, state.extra.get("history", []), state.extra.get("elapsed_s", 0.0)
         log.info("resuming from %s at step %d", out_dir, step)
     last_step = min(params.max_steps, until_step or params.max_steps)
     train_model = torch.compile(model) if params.compile else model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = model.num_parameters()
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, dtype)
-    tokens_per_step = params.batch_size * params.grad_accum_steps * model.config.context_length
+    tokens_per_step = params.batch_size * params.grad_accum_steps * model.config.context_length * dist.world_size
     log.info("model: %s parameters (%s without embeddings) on %s/%s", f"{n_params:,}",
              f"{model.num_parameters(exclude_embeddings=True):,}", device, str(dtype).removeprefix("torch."))
 
@@ -221,6 +236,9 @@ def train(
         return out
 
     def write_checkpoint(metrics: dict[str, float]) -> None:
+        rng = gather_rng_states(_rng_state(generator), dist)  # collective: every process takes part
+        if not dist.is_main:
+            return
         extra_files = {
             "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n",
             "curve/train.csv": _curve_csv(history, ["step", "train/loss", "lr"]),
@@ -228,7 +246,7 @@ def train(
         }
         save_checkpoint(
             out_dir, model, model.config, tokenizer,
-            train_state=TrainState(step, optimizer.state_dict(), _rng_state(generator),
+            train_state=TrainState(step, optimizer.state_dict(), rng,
                                    {"history": history, "elapsed_s": elapsed}),
             metadata={"step": step, "params": params.model_dump(), **(metadata or {})},
             extra_files=extra_files,
@@ -249,7 +267,7 @@ def train(
             out["perf/mfu"] = perf[-1]["perf/mfu"]
         return out
 
-    progress = _progress(params.progress and step < last_step)
+    progress = _progress(params.progress and step < last_step and dist.is_main)
     task = progress.add_task("train", total=last_step, completed=step, loss=float("nan"), tps=0.0)
     window_tokens, window_start = 0, time.perf_counter()
     with progress:
@@ -258,25 +276,28 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(params.grad_accum_steps):
+            for micro in range(params.grad_accum_steps):
                 batch = [t.to(device, non_blocking=True) for t in data.train_batch(generator)]
                 mask = batch[2] if len(batch) > 2 else None
-                with autocast(device, dtype):
+                # under DDP, gradients are averaged across processes once, on the last micro-batch
+                sync = not dist.enabled or micro == params.grad_accum_steps - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync(), autocast(device, dtype):
                     loss = train_model(batch[0], batch[1], loss_mask=mask).loss
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDivergedError(
-                        f"loss became {loss.item()} at step {step + 1} (lr {lr:.3g}); "
-                        f"the last good checkpoint in {out_dir} is untouched. Lower learning_rate or check the data."
-                    )
                 (loss / params.grad_accum_steps).backward()
                 loss_sum += loss.detach().item()
+            train_loss = mean_over_processes(loss_sum / params.grad_accum_steps, dist, device)
+            if not math.isfinite(train_loss):  # checked before the optimizer step: the weights stay good
+                raise TrainingDivergedError(
+                    f"loss became {train_loss} at step {step + 1} (lr {lr:.3g}); "
+                    f"the last good checkpoint in {out_dir} is untouched. Lower learning_rate or check the data."
+                )
             if params.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_tokens += tokens_per_step
-            row: dict[str, float] = {"step": step, "train/loss": loss_sum / params.grad_accum_steps, "lr": lr}
+            row: dict[str, float] = {"step": step, "train/loss": train_loss, "lr": lr}
             if step % params.log_interval == 0 or step == last_step:
                 synchronize(device)
                 now = time.perf_counter()
@@ -291,12 +312,13 @@ def train(
                 log.info("step %d: train %.4f, val %.4f", step, row["train/loss"], row["val/loss"])
             history.append(row)
             progress.update(task, completed=step)
-            for cb in callbacks:
+            for cb in callbacks if dist.is_main else []:
                 cb(step, {k: v for k, v in row.items() if k != "step"})
             if step % params.checkpoint_interval == 0 or step == last_step:
                 write_checkpoint(summary())
             if "perf/tokens_per_s" in row:
                 window_start = time.perf_counter()  # checkpoint and eval time is not training throughput
+    shutdown(dist)
     return TrainResult(out_dir=out_dir, step=step, metrics=summary(), history=history)
 
 
