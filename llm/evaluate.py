@@ -28,7 +28,7 @@ def sample_completions(model, tokenizer, params: EvalParams) -> list[dict[str, s
             top_k=params.top_k,
             top_p=params.top_p,
             seed=params.seed + i,
-            stop_ids=(tokenizer.bos_id,),
+            stop_ids=(tokenizer.bos_id, tokenizer.end_id),  # a chat model ends its turn with <|end|>
         )
         ids = generate(model, [tokenizer.bos_id, *tokenizer.encode(prompt)], sampling)
         ids = [t for t in ids if t != tokenizer.bos_id]

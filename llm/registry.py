@@ -46,6 +46,9 @@ from llm.tracking import LINEAGE_KEYS, configure_mlflow, registry_uri, set_uris,
 
 log = logging.getLogger(__name__)
 
+# downloads of a few small files need no progress bars on the terminal (they garble the chat's output)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 MODEL_NAME = "gpt"
 PRODUCTION_STAGE = "Production"
 PRODUCTION_ALIAS = "production"

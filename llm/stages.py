@@ -340,4 +340,26 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
         for name in ("parity.json", "generation_config.json"):
             if (out_dir / name).exists():
                 run.log_artifact(out_dir / name)
+        summary["model_version"] = _attach_export(checkpoint_dir, out_dir) if tracking_enabled(track) else None
     return summary
+
+
+def _attach_export(checkpoint_dir: Path, onnx_dir: Path) -> str | None:
+    """Store the export with the registered version of ``checkpoint_dir``: as artifacts ``onnx/`` of the run
+    that registered it, named by the version's tag ``onnx.artifact_uri``. Returns the version, if any."""
+    registration_file = checkpoint_dir / REGISTRATION_FILE
+    registration = json.loads(registration_file.read_text()) if registration_file.exists() else {}
+    version, run_id = registration.get("model_version"), registration.get("run_id")
+    if not version or not run_id:
+        log.warning("%s names no registered version: the ONNX export is not attached to one", registration_file)
+        return None
+    from mlflow import MlflowClient
+
+    from llm.registry import MODEL_NAME
+    from llm.tracking import configure_mlflow
+
+    configure_mlflow()
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(onnx_dir), "onnx")
+    client.set_model_version_tag(MODEL_NAME, str(version), "onnx.artifact_uri", f"runs:/{run_id}/onnx")
+    return str(version)

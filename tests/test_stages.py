@@ -16,8 +16,8 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow import MlflowClient
 
-from llm.config import EvalParams, FinetuneParams, ModelConfig, PretrainParams
-from llm.stages import evaluate_stage, finetune_stage, pretrain_stage
+from llm.config import EvalParams, ExportParams, FinetuneParams, ModelConfig, PretrainParams
+from llm.stages import evaluate_stage, export_stage, finetune_stage, pretrain_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # room for a system prompt, a speech and a reply in the finetuning examples
@@ -106,3 +106,10 @@ def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() != ""
     assert json.loads((tracked / "eval" / "promotion.json").read_text())["promoted"] is True
+
+    exported = export_stage(ExportParams(quantize=False), tracked / "finetune", tracked / "onnx")
+    assert exported["parity"]["passed"] and exported["model_version"] == tuned["model_version"]
+    client = MlflowClient()
+    tagged = client.get_model_version("gpt", tuned["model_version"]).tags["onnx.artifact_uri"]
+    assert tagged == f"runs:/{tuned['run_id']}/onnx"
+    assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(tuned["run_id"], "onnx")}
