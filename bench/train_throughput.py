@@ -49,7 +49,7 @@ def hugging_face(cfg: ModelConfig) -> torch.nn.Module:
 
     hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
                     n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                    tie_word_embeddings=True)
+                    tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     hf._attn_implementation = "sdpa"
     return GPT2LMHeadModel(hf)
 

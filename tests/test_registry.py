@@ -250,13 +250,14 @@ def test_mlflow_models_serve_answers_over_http_and_refuses_oversized_requests(re
     import urllib.error
     import urllib.request
 
+    promote("1", reason="served by the test", scores={})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gpt/1", "--env-manager", "local",
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gpt/Production", "--env-manager", "local",
              "--host", "127.0.0.1", "-p", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -288,6 +289,8 @@ def test_mlflow_models_serve_answers_over_http_and_refuses_oversized_requests(re
         status, answer = post({"dataframe_records": [{"prompt": "hi", "max_new_tokens": 100_000}]})
         assert status == 400
         assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "limit of 512" in answer["message"]
+        status, answer = post({"dataframe_records": [{"prompt": "x" * 5000, "max_new_tokens": 1}]})
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
     finally:
         os.killpg(server.pid, 15)  # the server runs uvicorn in a child: end its whole session
         server.wait(timeout=30)
