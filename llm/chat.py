@@ -59,8 +59,9 @@ class ChatModel:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def resolve_model_uri(uri: str) -> Path:
-    """The local folder for ``uri``: a path as is, a ``models:/``/``runs:/`` URI through ``llm.registry``.
+def resolve_model_uri(uri: str, backend: Backend | str = Backend.torch) -> Path:
+    """The local folder for ``uri``: a path as is, a ``models:/``/``runs:/`` URI through ``llm.registry``
+    (for the onnx backend, the ONNX export attached to the registered version).
 
     Raises ChatError with one line saying what went wrong and what to run.
     """
@@ -73,11 +74,13 @@ def resolve_model_uri(uri: str) -> Path:
             )
         return path
     try:
-        from llm.registry import RegistryError, resolve_model
+        from llm.registry import RegistryError, resolve_model, resolve_onnx
     except ImportError as err:  # the registry needs mlflow, which a bare inference box may lack
         raise ChatError(f"cannot resolve {uri}: the model registry is unavailable ({err}); "
                         "install mlflow or pass --model with a checkpoint folder") from None
     try:
+        if Backend(backend) is Backend.onnx and uri.startswith("models:/"):
+            return Path(resolve_onnx(uri))
         return Path(resolve_model(uri))
     except RegistryError as err:
         raise ChatError(_one_line(f"cannot resolve {uri}: {err}", hint=True)) from None
@@ -109,7 +112,7 @@ def _load_torch(path: Path, device: str) -> ChatModel:
     return ChatModel(tokenizer, model.config.context_length, stream)
 
 
-def _load_onnx(path: Path) -> ChatModel:
+def _load_onnx(path: Path, int8: bool = False) -> ChatModel:
     try:
         from llm.onnx_runtime import CONFIG_FILE, GenerationParams, OnnxGenerator
     except ImportError as err:
@@ -119,7 +122,7 @@ def _load_onnx(path: Path) -> ChatModel:
         raise ChatError(f"no ONNX export in {path} (nor in {path / 'onnx'}): export one with `llm export`, "
                         "or use --backend torch")
     try:
-        onnx = OnnxGenerator(folder)
+        onnx = OnnxGenerator(folder, int8=int8)
         tokenizer = onnx.tokenizer
     except Exception as err:  # noqa: BLE001  (a broken export: onnxruntime and tokenizer errors alike)
         raise ChatError(_one_line(f"cannot load the ONNX export in {folder}: {err}")) from None
@@ -130,11 +133,13 @@ def _load_onnx(path: Path) -> ChatModel:
     return ChatModel(tokenizer, onnx.context_length, stream)
 
 
-def load_chat_model(uri: str, backend: Backend | str = Backend.torch, device: str = "auto") -> ChatModel:
-    """Resolve ``uri`` and load it for ``backend`` (torch or onnx). Raises ChatError (one line)."""
-    path = resolve_model_uri(uri)
+def load_chat_model(uri: str, backend: Backend | str = Backend.torch, device: str = "auto",
+                    int8: bool = False) -> ChatModel:
+    """Resolve ``uri`` and load it for ``backend`` (torch or onnx; ``int8`` picks the quantized ONNX model).
+    Raises ChatError (one line)."""
+    path = resolve_model_uri(uri, backend)
     if Backend(backend) is Backend.onnx:
-        return _load_onnx(path)
+        return _load_onnx(path, int8)
     return _load_torch(path, device)
 
 
@@ -328,6 +333,8 @@ def chat(
     seed: int | None = typer.Option(None, help="reproducible sampling (answer n uses seed + n)"),
     backend: Backend = typer.Option(Backend.torch, help="torch (checkpoint) or onnx (ONNX export, onnxruntime)"),
     device: str = typer.Option("auto", help="torch backend: auto, cpu, cuda or mps"),
+    int8: bool = typer.Option(False, "--int8", help="onnx backend: the int8-quantized model (faster decoding; "
+                                                    "bits-per-byte cost measured by bench/generate.py)"),
 ) -> None:
     """Chat with a model: streams answers, keeps the conversation, /reset /system /history /exit."""
     err = sys.stderr
@@ -339,7 +346,7 @@ def chat(
     if top_p is not None and top_p <= 0:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
     try:
-        chat_model = load_chat_model(model, backend, device)
+        chat_model = load_chat_model(model, backend, device, int8)
     except ChatError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1) from None

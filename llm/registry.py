@@ -363,6 +363,40 @@ def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
     return _place(root, Path(version.name) / f"{version.version}-{key}", dst)
 
 
+def resolve_onnx(uri: str) -> Path:
+    """The ONNX export attached to a registered version (its tag ``onnx.artifact_uri``, set by the export
+    stage), downloaded into the cache. ``uri`` is ``models:/gpt/<version|stage>`` or ``models:/gpt@<alias>``.
+
+    Raises RegistryError (one line) when the version is missing or carries no export.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
+    ref = str(uri).removeprefix("models:/").strip("/")
+    if not str(uri).startswith("models:/") or ("@" not in ref and "/" not in ref):
+        raise RegistryError(f"{uri}: expected models:/<name>/<version|stage> or models:/<name>@<alias>")
+    set_uris()
+    client = _client()
+    name, sep, selector = ref.partition("@") if "@" in ref else ref.partition("/")
+    found = _find_version(client, name, selector, alias=sep == "@")
+    version = client.get_model_version(found.name, str(found.version))  # stage look-ups come without tags
+    artifact = version.tags.get("onnx.artifact_uri")
+    if not artifact:
+        raise RegistryError(f"{uri}: version {version.version} carries no ONNX export; run the export stage "
+                            "(`dvc repro` or `llm export onnx`)")
+    key = hashlib.sha256(artifact.encode()).hexdigest()[:12]
+    target = _cache_root() / version.name / f"{version.version}-onnx-{key}"
+    if not (target / "generation_config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=tmp))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(local, target)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------- promote
 
 

@@ -113,3 +113,11 @@ def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(
     tagged = client.get_model_version("gpt", tuned["model_version"]).tags["onnx.artifact_uri"]
     assert tagged == f"runs:/{tuned['run_id']}/onnx"
     assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(tuned["run_id"], "onnx")}
+
+    # the registered version's export serves the chat without PyTorch
+    onnx_answer = cli("llm.chat", "--model", "models:/gpt/Production", "--backend", "onnx", "--prompt", "Good morrow",
+                      "--max-new-tokens", "8", "--temperature", "0", cwd=tracked)
+    torch_answer = cli("llm.chat", "--model", "models:/gpt/Production", "--prompt", "Good morrow",
+                       "--max-new-tokens", "8", "--temperature", "0", cwd=tracked)
+    assert onnx_answer.returncode == 0, onnx_answer.stderr
+    assert onnx_answer.stdout == torch_answer.stdout
