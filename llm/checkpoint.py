@@ -139,15 +139,16 @@ def save_checkpoint(
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         _write_json(tmp / MANIFEST_FILE, manifest)
-        _swap_in(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _swap_in(new: Path, path: Path) -> None:
-    """Replace ``path`` by ``new``: the old folder is moved aside first and removed only at the end."""
+def replace_folder(new: Path, path: Path) -> None:
+    """Replace ``path`` by the complete folder ``new``: the old folder is moved aside first and removed only
+    at the end (``recover_interrupted_swap`` undoes a crash in between)."""
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -160,7 +161,7 @@ def _swap_in(new: Path, path: Path) -> None:
 
 
 def recover_interrupted_swap(path: str | Path) -> None:
-    """If a crash hit between the two renames of ``_swap_in``, put the previous checkpoint back."""
+    """If a crash hit between the two renames of ``replace_folder``, put the previous checkpoint back."""
     path = Path(path)
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():

@@ -28,8 +28,10 @@ import secrets
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -326,17 +328,22 @@ def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> tup
     return [x for x in names if x not in val], [x for x in names if x in val]
 
 
-def _atomic_writer(path: Path):
-    """A new text file with a hidden temporary name next to ``path``; ``_commit`` renames it to ``path``."""
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[TextIO]:
+    """A text file written under a hidden temporary name next to ``path`` and renamed to ``path`` when the
+    block ends without an error; on an error it is removed and ``path`` is left as it was."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # not mkstemp: that makes it 0600
-    return open(tmp, "x", encoding="utf-8", newline="\n"), tmp
-
-
-def _commit(f, tmp: Path, path: Path) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    os.replace(tmp, path)
+    f = open(tmp, "x", encoding="utf-8", newline="\n")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_documents(path: Path, docs: Iterable[str]) -> None:
@@ -344,9 +351,7 @@ def write_documents(path: Path, docs: Iterable[str]) -> None:
 
     Raises ValueError for a document containing DOC_SEPARATOR; ``path`` is then left untouched.
     """
-    path = Path(path)
-    f, tmp = _atomic_writer(path)
-    try:
+    with _atomic_file(Path(path)) as f:
         for i, doc in enumerate(docs):
             if DOC_SEPARATOR in doc:
                 raise ValueError(f"document {i} contains the separator character U+001E; clean it first")
@@ -354,11 +359,6 @@ def write_documents(path: Path, docs: Iterable[str]) -> None:
                 f.write(_SEPARATOR_LINE)
             f.write(doc)
             f.write("\n")
-        _commit(f, tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def iter_documents(path: Path) -> Iterator[str]:
@@ -382,15 +382,9 @@ def _without_final_newline(text: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    f, tmp = _atomic_writer(path)
-    try:
+    with _atomic_file(path) as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
-        _commit(f, tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm.checkpoint import TOKENIZER_DIR, load_checkpoint
+from llm.checkpoint import TOKENIZER_DIR, load_checkpoint, replace_folder
 from llm.config import EvalParams
 from llm.model import GPT
 from llm.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
@@ -349,19 +348,6 @@ def quantize_int8(onnx_dir: str | Path, external_data: bool = False) -> Path:
     return target
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Swap ``new`` in at ``target``: the previous folder is moved aside and removed only afterwards."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)
-    os.chmod(target, 0o755)
-
-
 def export_onnx(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -411,7 +397,7 @@ def export_onnx(
         summary["files"] = {
             str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        _replace_folder(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

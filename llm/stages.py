@@ -157,20 +157,9 @@ def pretrain_stage(
     with _run("pretrain", logged, enabled) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
                           until_step=until_step, callbacks=[run.callback])
-        # the step-wise metrics went through the callback; the summary adds only the best val loss
-        run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
-        _log_run_outputs(run, out_dir, result.history)
-        version = None
-        finished = result.step >= params.max_steps
-        if enabled and register and finished:
-            from llm.registry import register_checkpoint
-            from llm.tracking import lineage_tags
-
-            version = register_checkpoint(out_dir, run_id=run.run_id, tags={**lineage_tags("pretrain", logged),
-                                                                           "llm.stage": "pretrain"})
-    registration = {"run_id": run.run_id, "model_version": version, "stage": "pretrain"}
-    if is_main_process():
-        _atomic_json(out_dir / REGISTRATION_FILE, registration)
+        version = _finish_training_run(run, "pretrain", logged, result, out_dir,
+                                       register=enabled and register and result.step >= params.max_steps)
+    registration = _write_registration(out_dir, {"run_id": run.run_id, "model_version": version, "stage": "pretrain"})
     return {**result.metrics, **registration}
 
 
@@ -197,40 +186,56 @@ def finetune_stage(
     from llm.finetune import finetune
 
     enabled = tracking_enabled(track)
-    parent_file = base_dir / REGISTRATION_FILE
-    parent = json.loads(parent_file.read_text()) if parent_file.exists() else {}
+    parent = read_registration(base_dir)
+    parent_tags = {"llm.parent_run_id": parent.get("run_id") or "none",
+                   "llm.parent_version": parent.get("model_version") or "none"}
     chat_stats = prepare_chat_data(chat_source, clean_dir, chat_dir, params.chat_data)
     logged = {"finetune": params.model_dump()}
     with _run("finetune", logged, enabled) as run:
-        run.set_tags({"llm.parent_run_id": parent.get("run_id") or "none",
-                      "llm.parent_version": parent.get("model_version") or "none"})
+        run.set_tags(parent_tags)
         run.log_artifact(chat_dir / "stats.json")
         result = finetune(params, base_dir, chat_dir, out_dir, resume=resume, until_step=until_step,
                           callbacks=[run.callback])
-        # the step-wise metrics went through the callback; the summary adds only the best val loss
-        run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
-        _log_run_outputs(run, out_dir, result.history)
-        version = None
-        if enabled and register and result.step >= params.max_steps:
-            from llm.registry import register_checkpoint
-            from llm.tracking import lineage_tags
-
-            tags = {**lineage_tags("finetune", logged), "llm.stage": "finetune", "llm.finetuned": "true",
-                    "llm.parent_run_id": parent.get("run_id") or "none",
-                    "llm.parent_version": parent.get("model_version") or "none"}
-            version = register_checkpoint(out_dir, run_id=run.run_id, tags=tags)
-    registration = {"run_id": run.run_id, "model_version": version, "stage": "finetune",
-                    "parent_run_id": parent.get("run_id"), "parent_version": parent.get("model_version")}
-    if is_main_process():
-        _atomic_json(out_dir / REGISTRATION_FILE, registration)
+        version = _finish_training_run(run, "finetune", logged, result, out_dir,
+                                       register=enabled and register and result.step >= params.max_steps,
+                                       tags={"llm.finetuned": "true", **parent_tags})
+    registration = _write_registration(out_dir, {
+        "run_id": run.run_id, "model_version": version, "stage": "finetune",
+        "parent_run_id": parent.get("run_id"), "parent_version": parent.get("model_version"),
+    })
     return {**result.metrics, **registration, "chat_data": {k: chat_stats.get(k) for k in ("train", "val")}}
 
 
-def _log_run_outputs(run, out_dir: Path, history: list[dict]) -> None:
+def read_registration(checkpoint_dir: Path) -> dict:
+    """What the training stage recorded in ``checkpoint_dir/registration.json`` (run id, model version);
+    empty when it has none (an untracked run, or a folder from elsewhere)."""
+    path = checkpoint_dir / REGISTRATION_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_registration(out_dir: Path, registration: dict) -> dict:
+    if is_main_process():
+        _atomic_json(out_dir / REGISTRATION_FILE, registration)
+    return registration
+
+
+def _finish_training_run(run, stage: str, logged: dict, result, out_dir: Path, *, register: bool,
+                         tags: dict[str, str] | None = None) -> str | None:
+    """Log a finished training run's summary and files; with ``register``, register the checkpoint as a
+    version of ``gpt`` tagged with its lineage and ``stage``. Returns the version (None if not registered)."""
+    # the step-wise metrics went through the callback; the summary adds only the best val loss
+    run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
     run.log_artifact(out_dir / "config.json")
     run.log_artifact(out_dir / "metrics.json")
     run.log_artifacts(out_dir / "curve", "curve")
-    run.log_loss_curve(history)
+    run.log_loss_curve(result.history)
+    if not register:
+        return None
+    from llm.registry import register_checkpoint
+    from llm.tracking import lineage_tags
+
+    return register_checkpoint(out_dir, run_id=run.run_id,
+                               tags={**lineage_tags(stage, logged), "llm.stage": stage, **(tags or {})})
 
 
 def _production_score(current, metric: str, params: EvalParams, clean_dir: Path, chat_val: Path | None) -> float:
@@ -270,8 +275,7 @@ def evaluate_stage(
     from llm.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
 
     enabled = tracking_enabled(track)
-    registration_file = candidate_dir / REGISTRATION_FILE
-    registration = json.loads(registration_file.read_text()) if registration_file.exists() else {}
+    registration = read_registration(candidate_dir)
     config = verify_checkpoint(candidate_dir)
     is_chat = config.get("stage") == "finetune"
     chat_val = chat_dir / "val.jsonl" if chat_dir is not None else None
@@ -316,7 +320,8 @@ def evaluate_stage(
                 decision = compare_and_promote(str(candidate_version), candidate_score, production_score,
                                                metric=metric, lower_is_better=True)
         elif enabled and promote:
-            decision["reason"] = f"{registration_file} names no registered version (run the training stage tracked)"
+            decision["reason"] = (f"{candidate_dir / REGISTRATION_FILE} names no registered version "
+                                  "(run the training stage tracked)")
         run.set_tags({"promotion.promoted": str(decision["promoted"]).lower()})
         run.log_text(json.dumps(decision, indent=2), "promotion.json")
     _atomic_json(out_dir / "promotion.json", decision)
@@ -347,11 +352,11 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
 def _attach_export(checkpoint_dir: Path, onnx_dir: Path) -> str | None:
     """Store the export with the registered version of ``checkpoint_dir``: as artifacts ``onnx/`` of the run
     that registered it, named by the version's tag ``onnx.artifact_uri``. Returns the version, if any."""
-    registration_file = checkpoint_dir / REGISTRATION_FILE
-    registration = json.loads(registration_file.read_text()) if registration_file.exists() else {}
+    registration = read_registration(checkpoint_dir)
     version, run_id = registration.get("model_version"), registration.get("run_id")
     if not version or not run_id:
-        log.warning("%s names no registered version: the ONNX export is not attached to one", registration_file)
+        log.warning("%s names no registered version: the ONNX export is not attached to one",
+                    checkpoint_dir / REGISTRATION_FILE)
         return None
     from mlflow import MlflowClient
 
