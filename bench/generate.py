@@ -2,9 +2,9 @@
 
 For each model shape and context length, one random prompt of that many tokens is continued greedily by:
 
-    torch (no cache)   llm.generate.stream_generate(use_cache=False): the whole window recomputed per token
-    torch (cache)      llm.generate.stream_generate: prefill once, then one token per step with the KV cache
-    onnxruntime        llm.onnx_runtime.OnnxGenerator on the exported model.onnx (fp32)
+    torch (no cache)   llm.inference.generate.stream_generate(use_cache=False): the whole window recomputed per token
+    torch (cache)      llm.inference.generate.stream_generate: prefill once, then one token per step with the KV cache
+    onnxruntime        llm.inference.onnx_runtime.OnnxGenerator on the exported model.onnx (fp32)
     onnxruntime int8   the same on model.int8.onnx (dynamic int8 quantization), with --quantize
     hf generate        transformers GPT2LMHeadModel of the same shape, generate(use_cache=True, greedy,
                        min_new_tokens=max_new_tokens so every run has the same length)
@@ -42,13 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.checkpoint import save_checkpoint
 from llm.config import ModelConfig
-from llm.export import INT8_FILE, check_parity, export_onnx
-from llm.generate import SamplingParams, stream_generate
-from llm.model import GPT
-from llm.onnx_runtime import GenerationParams, OnnxGenerator
-from llm.tokenizer import ByteTokenizer
+from llm.data.tokenizer import ByteTokenizer
+from llm.inference.export import INT8_FILE, check_parity, export_onnx
+from llm.inference.generate import SamplingParams, stream_generate
+from llm.inference.onnx_runtime import GenerationParams, OnnxGenerator
+from llm.model.checkpoint import save_checkpoint
+from llm.model.gpt import GPT
 
 SHAPES = {
     "demo": {"n_layer": 4, "n_head": 4, "d_model": 256},  # params/model.yaml
@@ -183,8 +183,8 @@ def bench_shape(shape: str, args, workdir: Path) -> tuple[list[dict], dict]:
 @torch.inference_mode()
 def quantization_quality(checkpoint: Path, tokens_dir: Path, workdir: Path, windows: int, threads: int) -> dict:
     """Mean next-token loss (nats) and bits per byte of fp32 and int8 ONNX models on validation windows."""
-    from llm.checkpoint import load_checkpoint
-    from llm.tokens import TokenFile, bits_per_byte
+    from llm.data.tokens import TokenFile, bits_per_byte
+    from llm.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0]
     onnx_dir = workdir / "quality" / "onnx"

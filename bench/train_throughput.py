@@ -10,7 +10,7 @@ MFU (model FLOPs utilisation):
 where N counts the parameters (tied embeddings once), the first term is the matmul work of the forward
 and backward passes (2 + 4 FLOPs per parameter per token) and the second the attention scores and
 weighted sums (PaLM, appendix B). peak_flops is the GPU's dense bf16 data-sheet figure, or on a CPU the
-measured best float32 1024x1024 matmul rate (see llm.device.peak_flops).
+measured best float32 1024x1024 matmul rate (see llm.training.device.peak_flops).
 
 Usage:
     python bench/train_throughput.py --preset small            # CPU-sized
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.config import ModelConfig  # noqa: E402
-from llm.device import autocast, peak_flops, select_device, select_dtype, synchronize  # noqa: E402
-from llm.model import GPT  # noqa: E402
+from llm.model.gpt import GPT  # noqa: E402
+from llm.training.device import autocast, peak_flops, select_device, select_dtype, synchronize  # noqa: E402
 
 PRESETS = {
     "small": dict(n_layer=4, n_head=4, d_model=256, context_length=256, vocab_size=4096, batch_size=8),

@@ -1,6 +1,6 @@
 """Chat with a model in the terminal: ``python -m llm.chat --model URI``.
 
-``URI`` is a checkpoint folder (default ``artifacts/finetune``) or, through ``llm.registry``, a registry
+``URI`` is a checkpoint folder (default ``artifacts/finetune``) or, through ``llm.mlops.registry``, a registry
 URI: ``models:/gpt/Production``, ``models:/gpt@production``, ``models:/gpt/3``, ``runs:/<run id>/...``.
 ``--backend onnx`` generates with onnxruntime from an ONNX export instead (the folder itself, or its
 ``onnx/`` subfolder).
@@ -31,8 +31,8 @@ from typing import Any, TextIO
 
 import typer
 
-from llm.chat_template import fit_chat
-from llm.tokenizer import N_SPECIAL, Tokenizer
+from llm.data.chat_template import fit_chat
+from llm.data.tokenizer import N_SPECIAL, Tokenizer
 
 DEFAULT_MODEL = "artifacts/finetune"
 COMMANDS = "/reset, /system TEXT, /history, /exit"
@@ -60,7 +60,7 @@ class ChatModel:
 
 
 def resolve_model_uri(uri: str, backend: Backend | str = Backend.torch) -> Path:
-    """The local folder for ``uri``: a path as is, a ``models:/``/``runs:/`` URI through ``llm.registry``
+    """The local folder for ``uri``: a path as is, a ``models:/``/``runs:/`` URI through ``llm.mlops.registry``
     (for the onnx backend, the ONNX export attached to the registered version).
 
     Raises ChatError with one line saying what went wrong and what to run.
@@ -74,7 +74,7 @@ def resolve_model_uri(uri: str, backend: Backend | str = Backend.torch) -> Path:
             )
         return path
     try:
-        from llm.registry import RegistryError, resolve_model, resolve_onnx
+        from llm.mlops.registry import RegistryError, resolve_model, resolve_onnx
     except ImportError as err:  # the registry needs mlflow, which a bare inference box may lack
         raise ChatError(f"cannot resolve {uri}: the model registry is unavailable ({err}); "
                         "install mlflow or pass --model with a checkpoint folder") from None
@@ -96,10 +96,10 @@ def _one_line(message: str, hint: bool = False) -> str:
 
 
 def _load_torch(path: Path, device: str) -> ChatModel:
-    from llm.checkpoint import CheckpointError, load_checkpoint
-    from llm.device import select_device
-    from llm.generate import SamplingParams, stream_generate
-    from llm.tokenizer import TokenizerError
+    from llm.data.tokenizer import TokenizerError
+    from llm.inference.generate import SamplingParams, stream_generate
+    from llm.model.checkpoint import CheckpointError, load_checkpoint
+    from llm.training.device import select_device
 
     try:
         model, tokenizer, _ = load_checkpoint(path, select_device(device))
@@ -114,7 +114,7 @@ def _load_torch(path: Path, device: str) -> ChatModel:
 
 def _load_onnx(path: Path, int8: bool = False) -> ChatModel:
     try:
-        from llm.onnx_runtime import CONFIG_FILE, GenerationParams, OnnxGenerator
+        from llm.inference.onnx_runtime import CONFIG_FILE, GenerationParams, OnnxGenerator
     except ImportError as err:
         raise ChatError(f"the onnx backend is unavailable ({err}); install onnxruntime or use --backend torch") from None
     folder = next((p for p in (path, path / "onnx") if (p / CONFIG_FILE).exists()), None)
@@ -149,7 +149,7 @@ def load_chat_model(uri: str, backend: Backend | str = Backend.torch, device: st
 class ChatSession:
     """A multi-turn conversation with a model: history, system prompt and the context budget.
 
-    Before each answer the conversation is fitted (``llm.chat_template.fit_chat``) into the context minus
+    Before each answer the conversation is fitted (``llm.data.chat_template.fit_chat``) into the context minus
     room for the answer (``min(max_new_tokens, context_length // 2)`` tokens): the oldest messages go
     first, and ``notify`` is told. Generation stops at ``<|end|>`` (or any other control token).
     """

@@ -176,7 +176,7 @@ def evaluate(
 
         result = evaluate_stage(eval_params, Path(model), tokens, clean_dir, out, chat_dir=chat_dir, promote=promote)
     else:
-        from llm.evaluate import evaluate_checkpoint
+        from llm.training.evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(_resolve(model), tokens, eval_params, split=split, out_dir=out)
     samples = result.pop("samples")
@@ -202,7 +202,7 @@ def export_onnx_cmd(
 def _resolve(model: str) -> Path:
     """A checkpoint folder for a folder path or a models:/ or runs:/ URI (through the MLflow registry)."""
     if model.startswith(("models:/", "runs:/")):
-        from llm.registry import resolve_model
+        from llm.mlops.registry import resolve_model
 
         return resolve_model(model)
     return Path(model)
@@ -221,9 +221,9 @@ def generate(
     device: str = typer.Option("auto"),
 ) -> None:
     """Continue a prompt, printing tokens as they are generated."""
-    from llm.checkpoint import load_checkpoint
-    from llm.device import select_device
-    from llm.generate import SamplingParams, stream_text
+    from llm.inference.generate import SamplingParams, stream_text
+    from llm.model.checkpoint import load_checkpoint
+    from llm.training.device import select_device
 
     net, tok, _ = load_checkpoint(_resolve(model), select_device(device))
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -237,16 +237,16 @@ def generate(
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """The library's own error types: shown as one line, without a traceback."""
-    from llm.chat_data import ChatDataError
-    from llm.checkpoint import CheckpointError
-    from llm.corpus import CorpusError
-    from llm.tokenizer import TokenizerError
-    from llm.tokens import TokenDataError
-    from llm.train import TrainingDivergedError
+    from llm.data.chat_data import ChatDataError
+    from llm.data.corpus import CorpusError
+    from llm.data.tokenizer import TokenizerError
+    from llm.data.tokens import TokenDataError
+    from llm.model.checkpoint import CheckpointError
+    from llm.training.loop import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError)
-    for module, name in (("llm.registry", "RegistryError"), ("llm.export", "ExportError")):
+    for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box
             expected += (getattr(__import__(module, fromlist=[name]), name),)
         except ImportError:

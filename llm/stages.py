@@ -65,10 +65,10 @@ class _Untracked:
 
 
 def _run(stage: str, params: dict[str, Any], enabled: bool):
-    """An MLflow run for a stage (``llm.tracking.stage_run``), or a no-op stand-in when tracking is off."""
+    """An MLflow run for a stage (``llm.mlops.tracking.stage_run``), or a no-op stand-in when tracking is off."""
     if not enabled:
         return contextlib.nullcontext(_Untracked())
-    from llm.tracking import stage_run
+    from llm.mlops.tracking import stage_run
 
     return stage_run(stage, params)
 
@@ -95,14 +95,14 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 def fetch_stage(source: str, dest: Path) -> list[Path]:
     """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL)."""
-    from llm.corpus import fetch_corpus
+    from llm.data.corpus import fetch_corpus
 
     return fetch_corpus(source, dest)
 
 
 def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
     """Clean, deduplicate and split the corpus; returns the statistics written to ``stats.json``."""
-    from llm.clean import clean_corpus
+    from llm.data.clean import clean_corpus
 
     with _run("clean", params.model_dump(), tracking_enabled(track)) as run:
         stats = clean_corpus(params, corpus_dir, out_dir)
@@ -113,7 +113,7 @@ def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: b
 
 def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
     """Train the tokenizer on the cleaned train split; returns its kind and size."""
-    from llm.tokenizer import train_tokenizer_on_split
+    from llm.data.tokenizer import train_tokenizer_on_split
 
     with _run("tokenizer", params.model_dump(), tracking_enabled(track)) as run:
         tok = train_tokenizer_on_split(params, clean_dir / "train.txt", out_dir)
@@ -123,7 +123,7 @@ def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, 
 
 def tokenize_stage(clean_dir: Path, tokenizer_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
     """Encode the cleaned splits into token files; returns ``meta.json``."""
-    from llm.tokens import tokenize_corpus
+    from llm.data.tokens import tokenize_corpus
 
     with _run("tokenize", {}, tracking_enabled(track)) as run:
         meta = tokenize_corpus(clean_dir, tokenizer_dir, out_dir)
@@ -150,7 +150,7 @@ def pretrain_stage(
     Returns the final metrics plus ``run_id`` and ``model_version`` (None when untracked or stopped
     early with ``until_step``). The registration is also written to ``out_dir/registration.json``.
     """
-    from llm.train import pretrain
+    from llm.training.loop import pretrain
 
     enabled = tracking_enabled(track)
     logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}
@@ -182,8 +182,8 @@ def finetune_stage(
 
     Returns the final metrics plus ``run_id`` and ``model_version``.
     """
-    from llm.chat_data import prepare_chat_data
-    from llm.finetune import finetune
+    from llm.data.chat_data import prepare_chat_data
+    from llm.training.finetune import finetune
 
     enabled = tracking_enabled(track)
     parent = read_registration(base_dir)
@@ -231,23 +231,23 @@ def _finish_training_run(run, stage: str, logged: dict, result, out_dir: Path, *
     run.log_loss_curve(result.history)
     if not register:
         return None
-    from llm.registry import register_checkpoint
-    from llm.tracking import lineage_tags
+    from llm.mlops.registry import register_checkpoint
+    from llm.mlops.tracking import lineage_tags
 
     return register_checkpoint(out_dir, run_id=run.run_id,
                                tags={**lineage_tags(stage, logged), "llm.stage": stage, **(tags or {})})
 
 
 def _production_score(current, metric: str, params: EvalParams, clean_dir: Path, chat_val: Path | None) -> float:
-    from llm.registry import resolve_model
+    from llm.mlops.registry import resolve_model
 
     production_dir = resolve_model(f"models:/gpt/{current.version}")
     if metric == "chat/assistant_loss":
-        from llm.finetune import assistant_loss
+        from llm.training.finetune import assistant_loss
 
         return assistant_loss(production_dir, None, chat_val, device=params.device,
                               max_conversations=params.max_conversations)
-    from llm.evaluate import evaluate_on_text
+    from llm.training.evaluate import evaluate_on_text
 
     return evaluate_on_text(production_dir, clean_dir / "val.txt", params)["val/bpb"]
 
@@ -271,8 +271,8 @@ def evaluate_stage(
     which is also reported for its base model, so the gain from finetuning is visible. Writes
     ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns metrics and decision.
     """
-    from llm.checkpoint import verify_checkpoint
-    from llm.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
+    from llm.model.checkpoint import verify_checkpoint
+    from llm.training.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
 
     enabled = tracking_enabled(track)
     registration = read_registration(candidate_dir)
@@ -287,7 +287,7 @@ def evaluate_stage(
         samples = result.pop("samples")
         metric, candidate_score = "val/bpb", result["val/bpb"]
         if is_chat:
-            from llm.finetune import assistant_loss
+            from llm.training.finetune import assistant_loss
 
             base_dir = Path(config["parent"]["path"])
             result["chat/assistant_loss"] = assistant_loss(candidate_dir, None, chat_val, device=params.device,
@@ -306,7 +306,7 @@ def evaluate_stage(
                                     "reason": "tracking disabled: no registry to promote in"}
         candidate_version = registration.get("model_version")
         if enabled and promote and candidate_version:
-            from llm.registry import compare_and_promote, production_version
+            from llm.mlops.registry import compare_and_promote, production_version
 
             current = production_version()
             if current is not None and str(current.version) == str(candidate_version):
@@ -333,7 +333,7 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
 
     Raises ExportError, leaving no complete-looking folder, when ONNX Runtime does not match PyTorch.
     """
-    from llm.export import export_onnx
+    from llm.inference.export import export_onnx
 
     with _run("export", params.model_dump(), tracking_enabled(track)) as run:
         summary = export_onnx(checkpoint_dir, out_dir, opset=params.opset, quantize=params.quantize,
@@ -360,8 +360,8 @@ def _attach_export(checkpoint_dir: Path, onnx_dir: Path) -> str | None:
         return None
     from mlflow import MlflowClient
 
-    from llm.registry import MODEL_NAME
-    from llm.tracking import configure_mlflow
+    from llm.mlops.registry import MODEL_NAME
+    from llm.mlops.tracking import configure_mlflow
 
     configure_mlflow()
     client = MlflowClient()

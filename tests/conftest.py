@@ -42,10 +42,10 @@ def make_corpus():
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> dict[str, Path]:
     """Paths of a corpus prepared with a char tokenizer: corpus, clean, tokenizer, tokens."""
-    from llm.clean import clean_corpus
     from llm.config import DataParams, TokenizerParams
-    from llm.tokenizer import train_tokenizer_on_split
-    from llm.tokens import tokenize_corpus
+    from llm.data.clean import clean_corpus
+    from llm.data.tokenizer import train_tokenizer_on_split
+    from llm.data.tokens import tokenize_corpus
 
     root = tmp_path_factory.mktemp("prepared")
     corpus = write_corpus(root / "corpus")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from llm.chat import ChatModel, ChatSession, run_repl
-from llm.checkpoint import save_checkpoint
 from llm.config import ModelConfig
-from llm.model import GPT
-from llm.tokenizer import ByteTokenizer
+from llm.data.tokenizer import ByteTokenizer
+from llm.model.checkpoint import save_checkpoint
+from llm.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_registry_uri_without_tracking_database_is_one_line(tmp_path):
 
 def test_onnx_backend_answers_like_torch(tmp_path):
     pytest.importorskip("onnxruntime")
-    export = pytest.importorskip("llm.export")
+    export = pytest.importorskip("llm.inference.export")
     model = constant_checkpoint(tmp_path / "model", context_length=32, answer="o")
     export.export_onnx(model, tmp_path / "onnx", verify=False)
     lines = "one\ntwo\n/history\n"

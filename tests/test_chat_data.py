@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.chat_data import (
+from llm.config import ChatDataParams
+from llm.data.chat_data import (
     ChatDataError,
     build_chat_data,
     conversations_from_play,
@@ -17,8 +18,7 @@ from llm.chat_data import (
     read_chat_file,
     split_conversations,
 )
-from llm.clean import write_documents
-from llm.config import ChatDataParams
+from llm.data.clean import write_documents
 
 GOOD = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello."}]}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llm.chat_template import encode_chat, encode_chat_with_mask, fit_chat
 from llm.config import TokenizerParams
-from llm.tokenizer import N_SPECIAL, ByteTokenizer, train_tokenizer
+from llm.data.chat_template import encode_chat, encode_chat_with_mask, fit_chat
+from llm.data.tokenizer import N_SPECIAL, ByteTokenizer, train_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are JULIET."},

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.clean import (
+from llm.config import DataParams
+from llm.data.clean import (
     DOC_SEPARATOR,
     clean_corpus,
     clean_text,
@@ -26,8 +27,7 @@ from llm.clean import (
     word_shingles,
     write_documents,
 )
-from llm.config import DataParams
-from llm.corpus import CorpusError
+from llm.data.corpus import CorpusError
 
 # ----------------------------------------------------------------------------------------------------
 # Synthetic texts

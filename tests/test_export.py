@@ -1,4 +1,4 @@
-"""Specification of llm/export.py: a KV-cache ONNX decoder that matches PyTorch for every position kind."""
+"""Specification of llm/inference/export.py: a KV-cache ONNX decoder that matches PyTorch for every position kind."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llm.checkpoint import save_checkpoint
 from llm.config import ModelConfig
-from llm.export import (
+from llm.data.tokenizer import CharTokenizer, load_tokenizer
+from llm.inference.export import (
     INT8_FILE,
     DecoderForExport,
     ExportError,
@@ -21,10 +21,10 @@ from llm.export import (
     input_names,
     output_names,
 )
-from llm.generate import SamplingParams, generate
-from llm.model import GPT
-from llm.onnx_runtime import OnnxGenerator
-from llm.tokenizer import CharTokenizer, load_tokenizer
+from llm.inference.generate import SamplingParams, generate
+from llm.inference.onnx_runtime import OnnxGenerator
+from llm.model.checkpoint import save_checkpoint
+from llm.model.gpt import GPT
 
 CONTEXT = 32
 # one model per position kind, each also trying other MLP / norm / bias / tying variants
@@ -135,7 +135,7 @@ def test_logits_match_pytorch_at_past_lengths_0_1_17_and_the_limit(exported):
 @torch.inference_mode()
 def test_any_batch_and_an_empty_cache_run_in_onnx_runtime(exported):
     checkpoint, onnx_dir, _ = exported
-    from llm.checkpoint import load_checkpoint
+    from llm.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0]
     generator = OnnxGenerator(onnx_dir)
@@ -156,7 +156,7 @@ def test_greedy_generation_matches_torch(exported):
     checkpoint, onnx_dir, summary = exported
     greedy = summary["parity"]["greedy"]
     assert greedy == {"prompts": 20, "new_tokens": 64, "identical": 20, "mismatches": []}
-    from llm.checkpoint import load_checkpoint
+    from llm.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0]
     params = SamplingParams(max_new_tokens=50, temperature=0.0)

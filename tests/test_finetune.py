@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from llm.chat import ChatModel, ChatSession
-from llm.chat_data import write_chat_file
-from llm.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from llm.config import FinetuneParams, ModelConfig
-from llm.finetune import ChatBatches, assistant_loss, collate_chat_examples, encode_chat_examples, finetune
-from llm.generate import SamplingParams, stream_generate
-from llm.model import GPT
-from llm.tokenizer import ByteTokenizer, CharTokenizer
+from llm.data.chat_data import write_chat_file
+from llm.data.tokenizer import ByteTokenizer, CharTokenizer
+from llm.inference.generate import SamplingParams, stream_generate
+from llm.model.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from llm.model.gpt import GPT
+from llm.training.finetune import ChatBatches, assistant_loss, collate_chat_examples, encode_chat_examples, finetune
 
 WORDS = ["lamp", "rose", "moon", "star", "king", "sword", "crown", "ring", "bell", "door", "tree", "wolf"]
 
@@ -140,7 +140,7 @@ def test_val_batches_are_fixed_and_spread_over_the_file(setup):
 
 
 def test_missing_chat_data_says_what_to_run(setup, tmp_path):
-    from llm.chat_data import ChatDataError
+    from llm.data.chat_data import ChatDataError
 
     with pytest.raises(ChatDataError, match=r"train\.jsonl: missing; prepare the chat data first"):
         finetune(sft_params(), setup["base"], tmp_path / "nothing", tmp_path / "out")

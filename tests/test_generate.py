@@ -1,4 +1,4 @@
-"""Specification of llm/generate.py: sampling rules, KV-cache decoding, stopping and the sliding window."""
+"""Specification of llm/inference/generate.py: sampling rules, KV-cache decoding, stopping and the sliding window."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from pydantic import ValidationError
 
 from llm.config import ModelConfig
-from llm.generate import SamplingParams, generate, sample_next_token, stream_generate
-from llm.model import GPT
+from llm.inference.generate import SamplingParams, generate, sample_next_token, stream_generate
+from llm.model.gpt import GPT
 
 PROMPT = [1, 7, 3, 9, 4]
 

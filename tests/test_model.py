@@ -1,4 +1,4 @@
-"""Specification of the GPT in llm/model.py: caching, causality, shapes, init, parameter counts, loss."""
+"""Specification of the GPT in llm/model/gpt.py: caching, causality, shapes, init, parameter counts, loss."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from llm.config import ModelConfig
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 POSITIONS = ["learned", "sinusoidal", "rope", "none"]
 

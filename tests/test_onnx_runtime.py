@@ -1,4 +1,4 @@
-"""Specification of llm/onnx_runtime.py: generation from an ONNX export with onnxruntime and numpy, no torch."""
+"""Specification of llm/inference/onnx_runtime.py: generation from an ONNX export with onnxruntime and numpy, no torch."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.config import ModelConfig
-from llm.export import export_onnx
-from llm.generate import SamplingParams, generate, stream_text
-from llm.model import GPT
-from llm.onnx_runtime import GenerationParams, OnnxGenerator, sample_next_token_np
-from llm.tokenizer import CharTokenizer
+from llm.data.tokenizer import CharTokenizer
+from llm.inference.export import export_onnx
+from llm.inference.generate import SamplingParams, generate, stream_text
+from llm.inference.onnx_runtime import GenerationParams, OnnxGenerator, sample_next_token_np
+from llm.model.checkpoint import load_checkpoint, save_checkpoint
+from llm.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 32
@@ -160,12 +160,12 @@ def test_runtime_never_imports_torch(export):
     _, onnx_dir = export
     code = (
         "import sys\n"
-        "from llm.onnx_runtime import OnnxGenerator, GenerationParams\n"
+        "from llm.inference.onnx_runtime import OnnxGenerator, GenerationParams\n"
         f"g = OnnxGenerator({str(onnx_dir)!r})\n"
         "ids = g.generate([1, 10, 11], GenerationParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=0))\n"
         "text = ''.join(g.stream_text('abc', GenerationParams(max_new_tokens=8, seed=0)))\n"
         "assert len(ids) == 8, ids\n"
-        "leaked = [m for m in ('torch', 'llm.model', 'llm.generate', 'llm.export') if m in sys.modules]\n"
+        "leaked = [m for m in ('torch', 'llm.model.gpt', 'llm.inference.generate', 'llm.inference.export') if m in sys.modules]\n"
         "assert not leaked, leaked\n"
         "print('ok')\n"
     )

@@ -1,4 +1,4 @@
-"""Specification of llm.registry and llm.serving: versions of ``gpt``, promotion, URIs, the pyfunc model."""
+"""Specification of llm.mlops.registry and llm.mlops.serving: versions of ``gpt``, promotion, URIs, the pyfunc model."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from llm.checkpoint import TrainState, save_checkpoint, verify_checkpoint
 from llm.config import ModelConfig, TokenizerParams
-from llm.model import GPT
-from llm.registry import (
+from llm.data.tokenizer import train_tokenizer
+from llm.mlops.registry import (
     MODEL_NAME,
     RegistryError,
     compare_and_promote,
@@ -27,8 +26,9 @@ from llm.registry import (
     register_checkpoint,
     resolve_model,
 )
-from llm.tokenizer import train_tokenizer
-from llm.tracking import configure_mlflow, stage_run
+from llm.mlops.tracking import configure_mlflow, stage_run
+from llm.model.checkpoint import TrainState, save_checkpoint, verify_checkpoint
+from llm.model.gpt import GPT
 
 
 def tiny_checkpoint(path: Path, seed: int, step: int, *, with_train_state: bool = False) -> Path:
@@ -198,8 +198,8 @@ def test_pyfunc_model_generates_strings_from_prompts_and_messages(registry):
 
 
 def test_messages_are_rendered_with_the_chat_template():
-    chat_template = pytest.importorskip("llm.chat_template")
-    from llm.serving import render_chat
+    chat_template = pytest.importorskip("llm.data.chat_template")
+    from llm.mlops.serving import render_chat
 
     tokenizer = train_tokenizer(TokenizerParams(kind="byte"), [])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|assistant|>"}]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm.config import TokenizerParams
-from llm.tokenizer import (
+from llm.data.tokenizer import (
     BYTE_OFFSET,
     CONFIG_FILE,
     MODEL_FILE,

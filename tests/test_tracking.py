@@ -1,4 +1,4 @@
-"""Specification of llm.tracking: stage runs in MLflow with exact metric keys, lineage tags and statuses."""
+"""Specification of llm.mlops.tracking: stage runs in MLflow with exact metric keys, lineage tags and statuses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow import MlflowClient
 
-from llm.tracking import (
+from llm.mlops.tracking import (
     StageRun,
     flatten_params,
     lineage_tags,
@@ -210,8 +210,8 @@ def test_disabled_stage_run_does_nothing_and_needs_no_database(tmp_path, monkeyp
 
 def test_core_modules_do_not_import_mlflow():
     code = (
-        "import sys, llm.config, llm.model, llm.tokenizer, llm.checkpoint, llm.train, llm.generate, "
-        "llm.evaluate, llm.stages; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+        "import sys, llm.config, llm.model.gpt, llm.data.tokenizer, llm.model.checkpoint, llm.training.loop, llm.inference.generate, "
+        "llm.training.evaluate, llm.stages; assert 'mlflow' not in sys.modules, 'mlflow imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,7 @@
 """Supervised finetuning (SFT): continue a pretrained checkpoint on chat conversations.
 
-The training loop is ``llm.train.train``, unchanged: ``ChatBatches`` is its ``BatchSource``. Each row of
-a batch is one conversation in the chat template (``llm.chat_template``), fitted to the context by
+The training loop is ``llm.training.loop.train``, unchanged: ``ChatBatches`` is its ``BatchSource``. Each row of
+a batch is one conversation in the chat template (``llm.data.chat_template``), fitted to the context by
 ``fit_chat`` (old exchanges dropped, then the last user message cut from its start; a conversation
 whose system messages and final answer alone exceed the context is left out and counted), then padded
 to the longest row of the batch. One conversation per row, so no token attends across conversations.
@@ -26,20 +26,20 @@ from typing import Any
 
 import torch
 
-from llm.chat_data import CHAT_FILES, ChatDataError, Conversation, read_chat_file
-from llm.chat_template import fit_chat
-from llm.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint
 from llm.config import FinetuneParams
-from llm.device import select_device, select_dtype
-from llm.tokenizer import Tokenizer
-from llm.train import Batch, Callback, TrainResult, evaluate_loss, train
+from llm.data.chat_data import CHAT_FILES, ChatDataError, Conversation, read_chat_file
+from llm.data.chat_template import fit_chat
+from llm.data.tokenizer import Tokenizer
+from llm.model.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint
+from llm.training.device import select_device, select_dtype
+from llm.training.loop import Batch, Callback, TrainResult, evaluate_loss, train
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ChatExample:
-    """One conversation as token ids with its aligned loss mask (see ``llm.chat_template``)."""
+    """One conversation as token ids with its aligned loss mask (see ``llm.data.chat_template``)."""
 
     ids: list[int]
     mask: list[int]
@@ -159,16 +159,16 @@ def finetune(
     finetune`` and its ``parent`` (path, stage, step and weights hash of the base). With ``resume`` a
     checkpoint already in ``out_dir`` is continued exactly; ``until_step`` pauses early.
     Raises CheckpointError for a bad base checkpoint, ChatDataError for missing or invalid chat files,
-    ValueError when no conversation fits the context, and see ``llm.train.train``.
+    ValueError when no conversation fits the context, and see ``llm.training.loop.train``.
     """
     base_checkpoint, chat_dir = Path(base_checkpoint), Path(chat_dir)
     for name in CHAT_FILES.values():
         if not (chat_dir / name).is_file():
             raise ChatDataError(f"{chat_dir / name}: missing; prepare the chat data first "
-                                "(llm.chat_data.prepare_chat_data)")
+                                "(llm.data.chat_data.prepare_chat_data)")
     model, tokenizer, config = load_checkpoint(base_checkpoint)
     if params.dropout is not None and params.dropout != model.config.dropout:
-        from llm.model import GPT
+        from llm.model.gpt import GPT
 
         state = model.state_dict()
         model = GPT(model.config.model_copy(update={"dropout": params.dropout}))

@@ -1,6 +1,6 @@
 """ONNX export of a checkpoint: a KV-cache decoder graph, its generation config and tokenizer, checked for parity.
 
-The export folder is self-contained, so ``llm.onnx_runtime`` can generate with onnxruntime alone::
+The export folder is self-contained, so ``llm.inference.onnx_runtime`` can generate with onnxruntime alone::
 
     model.onnx               the decoder (weights in model.onnx.data when large)
     model.int8.onnx          with ``quantize=True``: int8 dynamic quantization of the MatMul weights
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm.checkpoint import TOKENIZER_DIR, load_checkpoint, replace_folder
 from llm.config import EvalParams
-from llm.model import GPT
-from llm.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
+from llm.inference.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
+from llm.model.checkpoint import TOKENIZER_DIR, load_checkpoint, replace_folder
+from llm.model.gpt import GPT
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def check_parity(
     Logits: for random ids at past lengths 0, 1, 17 and at the context limit (batch ``batch_size``), the
     max absolute difference of the logits and of the returned cache must be <= ``atol``. Greedy: for
     ``n_prompts`` random prompts (lengths 1 to past the context, so the window slides), ``new_tokens`` ids
-    from ``OnnxGenerator`` must equal ``llm.generate.generate`` with temperature 0.
+    from ``OnnxGenerator`` must equal ``llm.inference.generate.generate`` with temperature 0.
     Both runtimes use ``num_threads`` threads (1 by default: batch-1 decoding gains little from more, and a
     busy machine makes multi-threaded PyTorch many times slower). ``model`` skips loading the checkpoint.
     Returns the report, whose ``passed`` says whether both hold; raises nothing for a mismatch.
@@ -264,7 +264,7 @@ def check_parity(
 
 def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, new_tokens: int,
              batch_size: int, seed: int) -> dict[str, Any]:
-    from llm.generate import SamplingParams, generate
+    from llm.inference.generate import SamplingParams, generate
 
     c = model.config
     rng = np.random.default_rng(seed)

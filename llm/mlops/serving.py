@@ -1,6 +1,6 @@
 """The registered model ``gpt`` as an MLflow pyfunc, logged from code (no pickled objects).
 
-``llm.registry.register_checkpoint`` logs this file as the model: MLflow stores it beside the checkpoint
+``llm.mlops.registry.register_checkpoint`` logs this file as the model: MLflow stores it beside the checkpoint
 folder (artifact ``checkpoint``) and the ``llm`` package (code path), and runs it on load.
 ``mlflow models serve -m models:/gpt@production --env-manager local`` then answers requests such as::
 
@@ -92,14 +92,14 @@ def _messages(value: Any) -> list[dict[str, str]]:
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat ending with an open assistant turn, ready for generation.
 
-    Uses ``llm.chat_template.encode_chat`` (the format finetuning trains on). If that module is not
+    Uses ``llm.data.chat_template.encode_chat`` (the format finetuning trains on). If that module is not
     available, falls back to ``<|bos|>`` plus the contents joined by blank lines and logs a warning: the
     model then continues the text rather than answering as the assistant.
     """
     try:
-        from llm.chat_template import encode_chat
+        from llm.data.chat_template import encode_chat
     except ImportError:
-        log.warning("llm.chat_template is not available: rendering messages as plain text, not as a chat")
+        log.warning("llm.data.chat_template is not available: rendering messages as plain text, not as a chat")
         text = "\n\n".join(m["content"] for m in messages) + "\n\n"
         return [tokenizer.bos_id, *tokenizer.encode(text)]
     return list(encode_chat(tokenizer, messages, add_generation_prompt=True))
@@ -109,7 +109,7 @@ class GPTModel(PythonModel):
     """Text generation from a checkpoint folder stored as the model's ``checkpoint`` artifact."""
 
     def load_context(self, context) -> None:
-        from llm.checkpoint import load_checkpoint
+        from llm.model.checkpoint import load_checkpoint
 
         config = dict(getattr(context, "model_config", None) or {})
         self.max_new_tokens_limit = int(
@@ -123,7 +123,7 @@ class GPTModel(PythonModel):
     def _sampling(self, row: dict[str, Any], params: dict[str, Any]):
         from pydantic import ValidationError
 
-        from llm.generate import SamplingParams
+        from llm.inference.generate import SamplingParams
 
         values: dict[str, Any] = {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens_limit)}
         for name in SAMPLING_FIELDS:
@@ -164,7 +164,7 @@ class GPTModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """One generated string per request row (the prompt itself is not repeated)."""
-        from llm.generate import generate
+        from llm.inference.generate import generate
 
         rows = _rows(model_input)
         if not rows:

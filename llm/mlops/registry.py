@@ -1,6 +1,6 @@
 """The model registry: checkpoints as versions of the pyfunc model ``gpt``, promotion, and resolving URIs.
 
-A version is a pyfunc model logged from code (``llm/serving.py``, no pickled objects) whose artifact
+A version is a pyfunc model logged from code (``llm/mlops/serving.py``, no pickled objects) whose artifact
 ``checkpoint`` is the checkpoint folder without ``train_state/``, with the ``llm`` package as its code.
 MLflow 3 stores a logged model's files under the experiment, not the run:
 ``<experiment artifact location>/models/<model id>/artifacts/`` (with the default SQLite store,
@@ -41,8 +41,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 
-from llm.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, verify_checkpoint
-from llm.tracking import LINEAGE_KEYS, configure_mlflow, registry_uri, set_uris, sqlite_path, tracking_uri
+from llm.mlops.tracking import LINEAGE_KEYS, configure_mlflow, registry_uri, set_uris, sqlite_path, tracking_uri
+from llm.model.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ PRODUCTION_STAGE = "Production"
 PRODUCTION_ALIAS = "production"
 CHECKPOINT_ARTIFACT = "checkpoint"
 SERVING_FILE = Path(__file__).with_name("serving.py")
-PACKAGE_DIR = Path(__file__).parent
+PACKAGE_DIR = Path(__file__).parents[1]  # the whole llm package, logged as code
 STAGES = ("None", "Staging", "Production", "Archived")
 # what the serving code imports; pinned to the versions installed where the model was logged
 SERVING_REQUIREMENTS = ("torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas")
@@ -115,7 +115,7 @@ def _signature():
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     # sampling fields are typed Any: a column that some rows leave out holds NaN, which a "long" rejects;
-    # the model validates them itself (llm.generate.SamplingParams) and answers 400 with the reason
+    # the model validates them itself (llm.inference.generate.SamplingParams) and answers 400 with the reason
     optional = [ColSpec(AnyType(), name, required=False)
                 for name in ("messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed")]
     return ModelSignature(

@@ -25,7 +25,10 @@ from typing import Any, Protocol
 
 import torch
 
-from llm.checkpoint import (
+from llm.config import ModelConfig, PretrainParams
+from llm.data.tokenizer import Tokenizer, load_tokenizer
+from llm.data.tokens import TokenFile, bits_per_byte, read_meta
+from llm.model.checkpoint import (
     CheckpointError,
     TrainState,
     load_train_state,
@@ -34,18 +37,15 @@ from llm.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from llm.config import ModelConfig, PretrainParams
-from llm.device import autocast, peak_flops, select_device, select_dtype, synchronize
-from llm.distributed import (
+from llm.model.gpt import GPT
+from llm.training.device import autocast, peak_flops, select_device, select_dtype, synchronize
+from llm.training.distributed import (
     gather_rng_states,
     init_distributed,
     mean_over_processes,
     own_rng_states,
     shutdown,
 )
-from llm.model import GPT
-from llm.tokenizer import Tokenizer, load_tokenizer
-from llm.tokens import TokenFile, bits_per_byte, read_meta
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.clean import iter_documents
-from llm.tokenizer import Tokenizer, load_tokenizer
+from llm.data.clean import iter_documents
+from llm.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"

@@ -428,7 +428,7 @@ def train_tokenizer_on_split(params: TokenizerParams, train_file: str | Path, ou
     import shutil
     import tempfile
 
-    from llm.clean import iter_documents
+    from llm.data.clean import iter_documents
 
     train_file, out_dir = Path(train_file), Path(out_dir)
     if not train_file.exists():

@@ -244,8 +244,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
     Raises CheckpointError for a missing, truncated or corrupt folder.
     """
-    from llm.model import GPT
-    from llm.tokenizer import load_tokenizer
+    from llm.data.tokenizer import load_tokenizer
+    from llm.model.gpt import GPT
 
     path = Path(path)
     config = verify_checkpoint(path)

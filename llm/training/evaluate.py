@@ -8,12 +8,12 @@ import math
 import os
 from pathlib import Path
 
-from llm.checkpoint import load_checkpoint
 from llm.config import EvalParams
-from llm.device import select_device, select_dtype
-from llm.generate import SamplingParams, generate
-from llm.tokens import TokenFile, bits_per_byte, encode_documents, read_meta
-from llm.train import evaluate_loss
+from llm.data.tokens import TokenFile, bits_per_byte, encode_documents, read_meta
+from llm.inference.generate import SamplingParams, generate
+from llm.model.checkpoint import load_checkpoint
+from llm.training.device import select_device, select_dtype
+from llm.training.loop import evaluate_loss
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def sample_conversations(checkpoint: str | Path, chat_file: str | Path, params: 
 
     Returns ``[{"messages": context, "reference": held-out answer, "answer": model answer}]``.
     """
-    from llm.chat_data import read_chat_file
-    from llm.chat_template import encode_chat
+    from llm.data.chat_data import read_chat_file
+    from llm.data.chat_template import encode_chat
 
     model, tokenizer, _ = load_checkpoint(checkpoint, select_device(params.device))
     out = []

@@ -222,7 +222,7 @@ class GPT(nn.Module):
         if P + T > self.config.context_length:
             raise ValueError(
                 f"sequence of {P + T} tokens ({P} cached + {T} new) exceeds context_length="
-                f"{self.config.context_length}; truncate or slide the window (see llm.generate)"
+                f"{self.config.context_length}; truncate or slide the window (see llm.inference.generate)"
             )
         x = self.wte(idx)  # [B, T, C]
         if self.wpe is not None:

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm.clean import SPLIT_FILES, iter_documents
 from llm.config import ChatDataParams
+from llm.data.clean import SPLIT_FILES, iter_documents
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 
 class SamplingParams(BaseModel):

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from llm.tokenizer import Tokenizer
+from llm.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 

@@ -1,17 +1,17 @@
 """Generation from an ONNX export with onnxruntime, numpy and the tokenizer only: no PyTorch.
 
-An export folder (written by ``llm.export.export_onnx``) holds ``model.onnx``, ``generation_config.json``
+An export folder (written by ``llm.inference.export.export_onnx``) holds ``model.onnx``, ``generation_config.json``
 and ``tokenizer/``. The decoder takes ``input_ids`` [B, T] and the cache ``past_key_values.{i}.key`` /
 ``.value`` [B, H, P, D] and returns ``logits`` [B, T, V] and ``present.{i}.key`` / ``.value``
 [B, H, P+T, D]. Positions are implicit: token t of ``input_ids`` sits at position P + t, P being the past
 length, so the first step feeds an empty cache (P = 0).
 
-``OnnxGenerator`` mirrors ``llm.generate``: the same sampling rules (temperature, top-k, top-p), the same
+``OnnxGenerator`` mirrors ``llm.inference.generate``: the same sampling rules (temperature, top-k, top-p), the same
 stopping rules and the same sliding-window policy, so greedy output is identical to PyTorch's. Seeded
 sampling is reproducible here, but draws from numpy's generator, not torch's, so it does not reproduce
 the PyTorch samples.
 
-This module must never import torch (nor ``llm.model``/``llm.generate``, which do): a test checks it.
+This module must never import torch (nor ``llm.model.gpt``/``llm.inference.generate``, which do): a test checks it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from llm.tokenizer import Tokenizer, load_tokenizer
+from llm.data.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "generation_config.json"
 MODEL_FILE = "model.onnx"
@@ -34,7 +34,7 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """How to pick each new token and when to stop; the fields and meaning of ``llm.generate.SamplingParams``.
+    """How to pick each new token and when to stop; the fields and meaning of ``llm.inference.generate.SamplingParams``.
 
     Any object with these attributes (a ``SamplingParams`` included) is accepted wherever this is.
     """
@@ -83,7 +83,7 @@ def sample_next_token_np(
 ) -> np.ndarray:
     """Pick one token per row of ``logits`` [B, V] (or [V]); returns int64 ids [B] (or a 0-d array).
 
-    The rules of ``llm.generate.sample_next_token``: temperature 0 is argmax. Otherwise the logits are
+    The rules of ``llm.inference.generate.sample_next_token``: temperature 0 is argmax. Otherwise the logits are
     divided by the temperature, cut to the ``top_k`` most likely tokens (ties with the k-th survive), then
     to the smallest set whose probability reaches ``top_p`` (the most likely token always survives), and
     one token is drawn from what is left with ``rng``.
@@ -148,7 +148,7 @@ def read_generation_config(onnx_dir: str | Path) -> dict[str, Any]:
 
 
 class OnnxGenerator:
-    """Continue token sequences with an exported decoder and onnxruntime; the ``llm.generate`` API without torch.
+    """Continue token sequences with an exported decoder and onnxruntime; the ``llm.inference.generate`` API without torch.
 
     ``int8`` runs the int8 model of a quantized export (``export_onnx(quantize=True)``): in
     bench/generate.py it decodes 1.4x (demo shape) to 2.5x (10x larger) faster on one CPU thread, for a loss
@@ -234,7 +234,7 @@ class OnnxGenerator:
         return logits, present
 
     def stream_generate(self, prompt_ids: list[int], params: Any = None) -> Iterator[int]:
-        """Yield new token ids one at a time, continuing ``prompt_ids``: ``llm.generate.stream_generate`` in numpy.
+        """Yield new token ids one at a time, continuing ``prompt_ids``: ``llm.inference.generate.stream_generate`` in numpy.
 
         ``params`` is a GenerationParams or any object with its attributes (``SamplingParams`` works); None
         uses the export's defaults. The prompt keeps its last ``context_length`` tokens and is prefilled
@@ -281,7 +281,7 @@ class OnnxGenerator:
         """Continue ``prompt`` (after ``<|bos|>``) and yield text pieces as soon as they decode.
 
         Multi-byte characters split across tokens are held back until complete; stop ids end the stream
-        without being printed (``llm.generate.stream_text``).
+        without being printed (``llm.inference.generate.stream_text``).
         """
         params = self.default_params() if params is None else GenerationParams.from_object(params)
         tokenizer = self.tokenizer

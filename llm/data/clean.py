@@ -36,7 +36,7 @@ from typing import TextIO
 import numpy as np
 
 from llm.config import DataParams
-from llm.corpus import CorpusError, iter_corpus_files
+from llm.data.corpus import CorpusError, iter_corpus_files
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The GPT itself (``gpt.py``, one readable file) and its checkpoint folders."""
