@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.config import ModelConfig
 from llm.data.tokenizer import ByteTokenizer
+from llm.inference.decoding import SamplingParams
 from llm.inference.export import INT8_FILE, check_parity, export_onnx
-from llm.inference.generate import SamplingParams, stream_generate
-from llm.inference.onnx_runtime import GenerationParams, OnnxGenerator
+from llm.inference.generate import stream_generate
+from llm.inference.onnx_runtime import OnnxGenerator
 from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT
 
@@ -122,7 +123,7 @@ def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_to
     """Backend name -> function(prompt) -> (prefill s, decode tokens/s, tokens)."""
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     greedy_nocache = SamplingParams(max_new_tokens=nocache_tokens, temperature=0.0)
-    ort_params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0)
+    ort_params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     fp32 = OnnxGenerator(onnx_dir, intra_op_num_threads=threads)
     table: dict[str, Callable] = {
         "torch (no cache)": lambda p: time_stream(stream_generate(model, p, greedy_nocache, use_cache=False)),

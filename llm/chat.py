@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import typer
 
-from llm.data.chat_template import fit_chat
-from llm.data.tokenizer import N_SPECIAL, Tokenizer
+from llm.inference.chat_session import ChatSession
+from llm.inference.decoding import TextGenerator
 
 DEFAULT_MODEL = "artifacts/finetune"
 COMMANDS = "/reset, /system TEXT, /history, /exit"
@@ -45,15 +44,6 @@ class ChatError(Exception):
 class Backend(str, Enum):
     torch = "torch"
     onnx = "onnx"
-
-
-@dataclass
-class ChatModel:
-    """What the chat needs from a model: its tokenizer, context length and a token stream."""
-
-    tokenizer: Tokenizer
-    context_length: int
-    stream: Callable[[list[int], dict[str, Any]], Iterator[int]]  # (prompt ids, sampling fields) -> new ids
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -95,9 +85,9 @@ def _one_line(message: str, hint: bool = False) -> str:
     return line
 
 
-def _load_torch(path: Path, device: str) -> ChatModel:
+def _load_torch(path: Path, device: str) -> TextGenerator:
     from llm.data.tokenizer import TokenizerError
-    from llm.inference.generate import SamplingParams, stream_generate
+    from llm.inference.generate import TorchGenerator
     from llm.model.checkpoint import CheckpointError, load_checkpoint
     from llm.training.device import select_device
 
@@ -105,126 +95,35 @@ def _load_torch(path: Path, device: str) -> ChatModel:
         model, tokenizer, _ = load_checkpoint(path, select_device(device))
     except (CheckpointError, TokenizerError, ValueError) as err:
         raise ChatError(_one_line(str(err))) from None
-
-    def stream(prompt_ids: list[int], sampling: dict[str, Any]) -> Iterator[int]:
-        return stream_generate(model, prompt_ids, SamplingParams(**sampling))
-
-    return ChatModel(tokenizer, model.config.context_length, stream)
+    return TorchGenerator(model, tokenizer)
 
 
-def _load_onnx(path: Path, int8: bool = False) -> ChatModel:
+def _load_onnx(path: Path, int8: bool = False) -> TextGenerator:
     try:
-        from llm.inference.onnx_runtime import CONFIG_FILE, GenerationParams, OnnxGenerator
+        from llm.inference.onnx_runtime import CONFIG_FILE, OnnxGenerator
     except ImportError as err:
-        raise ChatError(f"the onnx backend is unavailable ({err}); install onnxruntime or use --backend torch") from None
+        raise ChatError(f"the onnx backend is unavailable ({err}); "
+                        "install onnxruntime or use --backend torch") from None
     folder = next((p for p in (path, path / "onnx") if (p / CONFIG_FILE).exists()), None)
     if folder is None:
         raise ChatError(f"no ONNX export in {path} (nor in {path / 'onnx'}): export one with `llm export`, "
                         "or use --backend torch")
     try:
         onnx = OnnxGenerator(folder, int8=int8)
-        tokenizer = onnx.tokenizer
+        onnx.tokenizer  # noqa: B018  (load it now: a broken tokenizer is a loading error, not a chat error)
     except Exception as err:  # noqa: BLE001  (a broken export: onnxruntime and tokenizer errors alike)
         raise ChatError(_one_line(f"cannot load the ONNX export in {folder}: {err}")) from None
-
-    def stream(prompt_ids: list[int], sampling: dict[str, Any]) -> Iterator[int]:
-        return onnx.stream_generate(prompt_ids, GenerationParams(**sampling))
-
-    return ChatModel(tokenizer, onnx.context_length, stream)
+    return onnx
 
 
 def load_chat_model(uri: str, backend: Backend | str = Backend.torch, device: str = "auto",
-                    int8: bool = False) -> ChatModel:
+                    int8: bool = False) -> TextGenerator:
     """Resolve ``uri`` and load it for ``backend`` (torch or onnx; ``int8`` picks the quantized ONNX model).
     Raises ChatError (one line)."""
     path = resolve_model_uri(uri, backend)
     if Backend(backend) is Backend.onnx:
         return _load_onnx(path, int8)
     return _load_torch(path, device)
-
-
-# ------------------------------------------------------------------------------------------ session
-
-
-class ChatSession:
-    """A multi-turn conversation with a model: history, system prompt and the context budget.
-
-    Before each answer the conversation is fitted (``llm.data.chat_template.fit_chat``) into the context minus
-    room for the answer (``min(max_new_tokens, context_length // 2)`` tokens): the oldest messages go
-    first, and ``notify`` is told. Generation stops at ``<|end|>`` (or any other control token).
-    """
-
-    def __init__(
-        self,
-        model: ChatModel,
-        *,
-        system: str | None = None,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        seed: int | None = None,
-        notify: Callable[[str], None] = lambda message: None,
-    ):
-        self.model, self.tokenizer = model, model.tokenizer
-        self.system = system or None
-        self.messages: list[dict[str, str]] = []
-        self.notify = notify
-        self.seed, self.turns = seed, 0
-        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-                         "top_p": top_p, "stop_ids": tuple(range(N_SPECIAL))}
-        self.reserve = min(max_new_tokens, model.context_length // 2)
-
-    def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.messages = []
-
-    def set_system(self, text: str | None) -> None:
-        """Set the system prompt; None or "" removes it."""
-        self.system = text or None
-
-    @property
-    def history(self) -> list[dict[str, str]]:
-        """The conversation as messages, the system prompt first when there is one."""
-        return ([{"role": "system", "content": self.system}] if self.system else []) + list(self.messages)
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Add a user message and yield the answer's text as it is generated.
-
-        The answer (what was generated so far, if the stream is closed early, e.g. on Ctrl-C) joins the
-        history when the iteration ends. Yields nothing when even the newest message cannot fit.
-        """
-        self.messages.append({"role": "user", "content": text})
-        budget = self.model.context_length - self.reserve
-        fitted = fit_chat(self.tokenizer, self.history, budget, add_generation_prompt=True)
-        if fitted is None:
-            self.messages.pop()
-            self.notify(f"[the system prompt leaves no room in the {self.model.context_length}-token context; "
-                        "shorten it with /system]")
-            return
-        if fitted.dropped_messages:
-            del self.messages[: fitted.dropped_messages]
-            self.notify(f"[context full: dropped the {fitted.dropped_messages} oldest message(s)]")
-        if fitted.cut_tokens:
-            self.notify(f"[message too long for the context: its first {fitted.cut_tokens} tokens are ignored]")
-        seed = None if self.seed is None else self.seed + self.turns
-        self.turns += 1
-        decoder = self.tokenizer.stream_decoder(skip_special=True)
-        pieces: list[str] = []
-        try:
-            for token_id in self.model.stream(fitted.ids, {**self.sampling, "seed": seed}):
-                if token_id < N_SPECIAL:
-                    break
-                piece = decoder.feed(token_id)
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-            tail = decoder.finish()
-            if tail:
-                pieces.append(tail)
-                yield tail
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 # ------------------------------------------------------------------------------------------ REPL

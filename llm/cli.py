@@ -221,15 +221,17 @@ def generate(
     device: str = typer.Option("auto"),
 ) -> None:
     """Continue a prompt, printing tokens as they are generated."""
-    from llm.inference.generate import SamplingParams, stream_text
+    from llm.data.chat_template import generation_stop_ids
+    from llm.inference.decoding import SamplingParams, complete
+    from llm.inference.generate import TorchGenerator
     from llm.model.checkpoint import load_checkpoint
     from llm.training.device import select_device
 
     net, tok, _ = load_checkpoint(_resolve(model), select_device(device))
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop_ids=(tok.bos_id,))
+                              seed=seed, stop_ids=generation_stop_ids(tok))
     sys.stdout.write(prompt)
-    for piece in stream_text(net, tok, prompt, sampling):
+    for piece in complete(TorchGenerator(net, tok), prompt, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from llm.chat import ChatModel, ChatSession, run_repl
+from llm.chat import run_repl
 from llm.config import ModelConfig
 from llm.data.tokenizer import ByteTokenizer
+from llm.inference.chat_session import ChatSession
 from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT
 
@@ -118,7 +120,8 @@ def test_interrupted_answer_is_kept_as_far_as_it_went():
         yield from tokenizer.encode("Good")
         raise KeyboardInterrupt
 
-    session = ChatSession(ChatModel(tokenizer, 64, stream), max_new_tokens=8)
+    session = ChatSession(SimpleNamespace(tokenizer=tokenizer, context_length=64, stream_generate=stream),
+                          max_new_tokens=8)
     lines = iter(["hi", "again"])
     out, err = io.StringIO(), io.StringIO()
     run_repl(session, lambda: next(lines, None), out, err, interactive=False)

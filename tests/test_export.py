@@ -12,6 +12,7 @@ import torch
 
 from llm.config import ModelConfig
 from llm.data.tokenizer import CharTokenizer, load_tokenizer
+from llm.inference.decoding import SamplingParams
 from llm.inference.export import (
     INT8_FILE,
     DecoderForExport,
@@ -21,7 +22,7 @@ from llm.inference.export import (
     input_names,
     output_names,
 )
-from llm.inference.generate import SamplingParams, generate
+from llm.inference.generate import generate
 from llm.inference.onnx_runtime import OnnxGenerator
 from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.chat import ChatModel, ChatSession
 from llm.config import FinetuneParams, ModelConfig
 from llm.data.chat_data import write_chat_file
 from llm.data.tokenizer import ByteTokenizer, CharTokenizer
-from llm.inference.generate import SamplingParams, stream_generate
+from llm.inference.chat_session import ChatSession
+from llm.inference.generate import TorchGenerator
 from llm.model.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from llm.model.gpt import GPT
 from llm.training.finetune import ChatBatches, assistant_loss, collate_chat_examples, encode_chat_examples, finetune
@@ -95,8 +95,7 @@ def test_finetuning_lowers_assistant_loss_and_records_its_parent(setup, tmp_path
     after = assistant_loss(tmp_path / "sft", None, val, device="cpu")
     assert before > 5.0 and after < 2.0, (before, after)  # from uniform over ~290 ids to a learned format
     model, tokenizer, _ = load_checkpoint(tmp_path / "sft")
-    session = ChatSession(ChatModel(tokenizer, 64, lambda ids, s: stream_generate(model, ids, SamplingParams(**s))),
-                          system="You are ECHO.", temperature=0, max_new_tokens=30)
+    session = ChatSession(TorchGenerator(model, tokenizer), system="You are ECHO.", temperature=0, max_new_tokens=30)
     answer = "".join(session.reply("say lamp and wolf"))
     assert answer.endswith("!") and len(answer) < 30  # it learned to close its answer with <|end|>
     # val/loss of the run is the same quantity: assistant-token loss on the (here: all) val conversations

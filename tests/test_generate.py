@@ -7,7 +7,8 @@ import torch
 from pydantic import ValidationError
 
 from llm.config import ModelConfig
-from llm.inference.generate import SamplingParams, generate, sample_next_token, stream_generate
+from llm.inference.decoding import SamplingParams
+from llm.inference.generate import generate, sample_next_token, stream_generate
 from llm.model.gpt import GPT
 
 PROMPT = [1, 7, 3, 9, 4]

@@ -13,9 +13,11 @@ import torch
 
 from llm.config import ModelConfig
 from llm.data.tokenizer import CharTokenizer
+from llm.inference.decoding import SamplingParams, complete
+from llm.inference.decoding import sample_next_token as sample_next_token_np
 from llm.inference.export import export_onnx
-from llm.inference.generate import SamplingParams, generate, stream_text
-from llm.inference.onnx_runtime import GenerationParams, OnnxGenerator, sample_next_token_np
+from llm.inference.generate import TorchGenerator, generate
+from llm.inference.onnx_runtime import OnnxGenerator
 from llm.model.checkpoint import load_checkpoint, save_checkpoint
 from llm.model.gpt import GPT
 
@@ -82,11 +84,11 @@ def test_samples_follow_the_softmax_distribution():
 def test_same_seed_gives_same_sample(export):
     _, onnx_dir = export
     generator = OnnxGenerator(onnx_dir)
-    params = GenerationParams(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.95, seed=123)
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.95, seed=123)
     first = generator.generate([1, 10, 11, 12], params)
     assert generator.generate([1, 10, 11, 12], params) == first
     assert OnnxGenerator(onnx_dir).generate([1, 10, 11, 12], params) == first  # a fresh session too
-    others = {tuple(generator.generate([1, 10, 11, 12], GenerationParams(max_new_tokens=40, seed=s))) for s in range(4)}
+    others = {tuple(generator.generate([1, 10, 11, 12], SamplingParams(max_new_tokens=40, seed=s))) for s in range(4)}
     assert len(others) > 1
 
 
@@ -109,7 +111,7 @@ def test_accepts_sampling_params_and_stops_after_a_stop_id(export):
     stop = free[5]
     stopped = generator.generate([1, 20], SamplingParams(max_new_tokens=30, temperature=0.0, stop_ids=(stop,)))
     assert stopped == free[: free.index(stop) + 1]  # the stop id is yielded, then nothing
-    assert generator.generate([1, 20], GenerationParams(max_new_tokens=0)) == []
+    assert generator.generate([1, 20], SamplingParams(max_new_tokens=0)) == []
     as_dict = generator.generate([1, 20], {"max_new_tokens": 30, "temperature": 0.0})
     assert as_dict == free
 
@@ -119,7 +121,7 @@ def test_stream_text_matches_torch(export):
     model, tokenizer, _ = load_checkpoint(checkpoint)
     params = SamplingParams(max_new_tokens=40, temperature=0.0, stop_ids=(3,))
     text = "".join(OnnxGenerator(onnx_dir).stream_text("once upon", params))
-    assert text == "".join(stream_text(model, tokenizer, "once upon", params))
+    assert text == "".join(complete(TorchGenerator(model, tokenizer), "once upon", params))
     assert isinstance(text, str) and text
 
 
@@ -137,14 +139,14 @@ def test_bad_prompts_and_overlong_inputs_are_errors(export):
     _, onnx_dir = export
     generator = OnnxGenerator(onnx_dir)
     with pytest.raises(ValueError, match="empty"):
-        generator.generate([], GenerationParams(max_new_tokens=3))
+        generator.generate([], SamplingParams(max_new_tokens=3))
     with pytest.raises(ValueError, match="must lie in"):
-        generator.generate([1, 10_000], GenerationParams(max_new_tokens=3))
+        generator.generate([1, 10_000], SamplingParams(max_new_tokens=3))
     _, cache = generator.forward(np.ones((1, CONTEXT - 1), dtype=np.int64))
     with pytest.raises(ValueError, match="exceeds context_length=32"):
         generator.forward(np.ones((1, 2), dtype=np.int64), cache)
     with pytest.raises(ValueError, match="top_p"):
-        GenerationParams(top_p=1.5)
+        SamplingParams(top_p=1.5)
     with pytest.raises(FileNotFoundError, match="generation_config.json"):
         OnnxGenerator(onnx_dir / "tokenizer")
 
@@ -160,10 +162,10 @@ def test_runtime_never_imports_torch(export):
     _, onnx_dir = export
     code = (
         "import sys\n"
-        "from llm.inference.onnx_runtime import OnnxGenerator, GenerationParams\n"
+        "from llm.inference.decoding import SamplingParams\nfrom llm.inference.onnx_runtime import OnnxGenerator\n"
         f"g = OnnxGenerator({str(onnx_dir)!r})\n"
-        "ids = g.generate([1, 10, 11], GenerationParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=0))\n"
-        "text = ''.join(g.stream_text('abc', GenerationParams(max_new_tokens=8, seed=0)))\n"
+        "ids = g.generate([1, 10, 11], SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=0))\n"
+        "text = ''.join(g.stream_text('abc', SamplingParams(max_new_tokens=8, seed=0)))\n"
         "assert len(ids) == 8, ids\n"
         "leaked = [m for m in ('torch', 'llm.model.gpt', 'llm.inference.generate', 'llm.inference.export') if m in sys.modules]\n"
         "assert not leaked, leaked\n"

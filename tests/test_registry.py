@@ -198,12 +198,14 @@ def test_pyfunc_model_generates_strings_from_prompts_and_messages(registry):
 
 
 def test_messages_are_rendered_with_the_chat_template():
-    chat_template = pytest.importorskip("llm.data.chat_template")
-    from llm.mlops.serving import render_chat
+    from llm.data import chat_template
+    from llm.mlops.serving import GPTModel
 
-    tokenizer = train_tokenizer(TokenizerParams(kind="byte"), [])
+    served = GPTModel()
+    served.tokenizer, served.max_prompt_tokens = train_tokenizer(TokenizerParams(kind="byte"), []), 4096
+    tokenizer = served.tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|assistant|>"}]
-    ids = render_chat(tokenizer, messages)
+    ids = served._prompt_ids({"messages": messages})
     assert ids == chat_template.encode_chat(tokenizer, messages, add_generation_prompt=True)
     assert ids[-1] == tokenizer.assistant_id and ids.count(tokenizer.assistant_id) == 1
 

@@ -127,3 +127,12 @@ def fit_chat(
         return None
     ids, mask = _encode(tokenizer, kept, add_generation_prompt, {n_system: content[-room:]})
     return FittedChat(ids, mask, kept, dropped_messages=start, cut_tokens=len(content) - room)
+
+
+def generation_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end generation, in a chat and in plain continuation alike: every control token.
+
+    A model ends its answer with ``<|end|>``; any other control id it produces (``<|bos|>``, ``<|eos|>``,
+    a role marker) starts something that is not the answer. Text never encodes to a control id.
+    """
+    return tuple(sorted(tokenizer.special_ids.values()))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from llm.config import EvalParams
+from llm.data.chat_template import generation_stop_ids
 from llm.inference.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
 from llm.model.checkpoint import TOKENIZER_DIR, load_checkpoint, replace_folder
 from llm.model.gpt import GPT
@@ -212,7 +213,7 @@ def _generation_config(
             "temperature": defaults.temperature,
             "top_k": defaults.top_k,
             "top_p": defaults.top_p,
-            "stop_ids": [tokenizer.end_id, tokenizer.eos_id],
+            "stop_ids": list(generation_stop_ids(tokenizer)),
         },
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dir": TOKENIZER_DIR},
         "source": {k: checkpoint_config[k] for k in ("step",) if k in checkpoint_config},
@@ -264,7 +265,8 @@ def check_parity(
 
 def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, new_tokens: int,
              batch_size: int, seed: int) -> dict[str, Any]:
-    from llm.inference.generate import SamplingParams, generate
+    from llm.inference.decoding import SamplingParams
+    from llm.inference.generate import generate
 
     c = model.config
     rng = np.random.default_rng(seed)

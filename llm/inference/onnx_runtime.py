@@ -1,122 +1,36 @@
 """Generation from an ONNX export with onnxruntime, numpy and the tokenizer only: no PyTorch.
 
-An export folder (written by ``llm.inference.export.export_onnx``) holds ``model.onnx``, ``generation_config.json``
-and ``tokenizer/``. The decoder takes ``input_ids`` [B, T] and the cache ``past_key_values.{i}.key`` /
-``.value`` [B, H, P, D] and returns ``logits`` [B, T, V] and ``present.{i}.key`` / ``.value``
-[B, H, P+T, D]. Positions are implicit: token t of ``input_ids`` sits at position P + t, P being the past
-length, so the first step feeds an empty cache (P = 0).
+An export folder (written by ``llm.inference.export.export_onnx``) holds ``model.onnx``,
+``generation_config.json`` and ``tokenizer/``. The decoder takes ``input_ids`` [B, T] and the cache
+``past_key_values.{i}.key`` / ``.value`` [B, H, P, D] and returns ``logits`` [B, T, V] and
+``present.{i}.key`` / ``.value`` [B, H, P+T, D]. Positions are implicit: token t of ``input_ids`` sits at
+position P + t, P being the past length, so the first step feeds an empty cache (P = 0).
 
-``OnnxGenerator`` mirrors ``llm.inference.generate``: the same sampling rules (temperature, top-k, top-p), the same
-stopping rules and the same sliding-window policy, so greedy output is identical to PyTorch's. Seeded
-sampling is reproducible here, but draws from numpy's generator, not torch's, so it does not reproduce
-the PyTorch samples.
+``OnnxGenerator`` supplies this decoder as the forward step of the decoding core
+(``llm.inference.decoding``), so the sampling rules, stopping rules and sliding-window policy are the
+PyTorch ones and greedy output is identical. Seeded sampling is reproducible here, but draws from the
+core's numpy generator, not torch's, so it does not reproduce the PyTorch samples.
 
-This module must never import torch (nor ``llm.model.gpt``/``llm.inference.generate``, which do): a test checks it.
+This module must never import torch (nor ``llm.model.gpt``/``llm.inference.generate``, which do): an
+import-linter contract and a test check it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llm.data.tokenizer import Tokenizer, load_tokenizer
+from llm.inference.decoding import SamplingParams, complete, decode
 
 CONFIG_FILE = "generation_config.json"
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # written by export_onnx(quantize=True)
 TOKENIZER_DIR = "tokenizer"
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """How to pick each new token and when to stop; the fields and meaning of ``llm.inference.generate.SamplingParams``.
-
-    Any object with these attributes (a ``SamplingParams`` included) is accepted wherever this is.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))  # lists and sets welcome
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"top_k must be > 0 or None, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1] or be None, got {self.top_p}")
-
-    @classmethod
-    def from_object(cls, params: Any) -> GenerationParams:
-        """Copy the sampling fields of any object that has them (e.g. ``SamplingParams``), or of a dict."""
-        if isinstance(params, cls):
-            return params
-        get = params.get if isinstance(params, dict) else lambda name, default: getattr(params, name, default)
-        defaults = cls()
-        return cls(
-            max_new_tokens=int(get("max_new_tokens", defaults.max_new_tokens)),
-            temperature=float(get("temperature", defaults.temperature)),
-            top_k=get("top_k", None),
-            top_p=get("top_p", None),
-            seed=get("seed", None),
-            stop_ids=get("stop_ids", ()) or (),
-        )
-
-
-def sample_next_token_np(
-    logits: np.ndarray,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """Pick one token per row of ``logits`` [B, V] (or [V]); returns int64 ids [B] (or a 0-d array).
-
-    The rules of ``llm.inference.generate.sample_next_token``: temperature 0 is argmax. Otherwise the logits are
-    divided by the temperature, cut to the ``top_k`` most likely tokens (ties with the k-th survive), then
-    to the smallest set whose probability reaches ``top_p`` (the most likely token always survives), and
-    one token is drawn from what is left with ``rng``.
-    """
-    logits = np.asarray(logits)
-    if logits.ndim == 1:
-        return sample_next_token_np(logits[None, :], temperature, top_k, top_p, rng)[0]
-    if temperature == 0:
-        return logits.argmax(axis=-1).astype(np.int64)
-    rng = rng if rng is not None else np.random.default_rng()
-    scaled = logits.astype(np.float64) / temperature
-    vocab = scaled.shape[-1]
-    if top_k is not None and top_k < vocab:
-        kth = np.partition(scaled, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]  # [B, 1]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-scaled, axis=-1, kind="stable")
-        sorted_logits = np.take_along_axis(scaled, order, axis=-1)
-        probs = _softmax(sorted_logits)
-        before = np.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
-        sorted_logits = np.where(before >= top_p, -np.inf, sorted_logits)
-        np.put_along_axis(scaled, order, sorted_logits, axis=-1)
-    probs = _softmax(scaled)
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(len(cdf))[:, None] * cdf[:, -1:]
-    picks = (cdf <= u).sum(axis=-1)  # inverse CDF: the first token whose cumulative probability passes u
-    last_kept = vocab - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # rounding can push u to the very end
-    return np.minimum(picks, last_kept).astype(np.int64)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def session_options(intra_op_num_threads: int | None = None, optimized_model_path: str | Path | None = None):
@@ -148,11 +62,11 @@ def read_generation_config(onnx_dir: str | Path) -> dict[str, Any]:
 
 
 class OnnxGenerator:
-    """Continue token sequences with an exported decoder and onnxruntime; the ``llm.inference.generate`` API without torch.
+    """Continue token sequences with an exported decoder and onnxruntime: a ``TextGenerator`` without torch.
 
-    ``int8`` runs the int8 model of a quantized export (``export_onnx(quantize=True)``): in
-    bench/generate.py it decodes 1.4x (demo shape) to 2.5x (10x larger) faster on one CPU thread, for a loss
-    change below 1e-3 bits per byte; ``model_file`` names any other graph in the folder.
+    ``int8`` runs the int8 model of a quantized export (``export_onnx(quantize=True)``; its speed and
+    bits-per-byte cost against fp32 are measured by bench/generate.py); ``model_file`` names any other graph
+    in the folder.
     ``intra_op_num_threads`` sets onnxruntime's thread count (None: one per physical core); ``providers``
     defaults to the CPU; ``optimized_model_path`` saves the optimised graph there. Raises FileNotFoundError
     when the folder is not an export or lacks the model asked for.
@@ -200,9 +114,12 @@ class OnnxGenerator:
             self._tokenizer = load_tokenizer(self.onnx_dir / TOKENIZER_DIR)
         return self._tokenizer
 
-    def default_params(self, **overrides: Any) -> GenerationParams:
+    def default_params(self, **overrides: Any) -> SamplingParams:
         """The export's default sampling settings (``generation_config.json``), with ``overrides`` applied."""
-        return GenerationParams.from_object({**self.config.get("sampling", {}), **overrides})
+        return SamplingParams(**{**self.config.get("sampling", {}), **overrides})
+
+    def _params(self, params: SamplingParams | dict | None) -> SamplingParams:
+        return self.default_params() if params is None else SamplingParams.model_validate(params)
 
     def empty_cache(self, batch_size: int = 1) -> list[np.ndarray]:
         """A cache holding nothing (past length 0): the input of the first step."""
@@ -233,70 +150,29 @@ class OnnxGenerator:
         logits, *present = self.session.run(self.output_names, feed)
         return logits, present
 
-    def stream_generate(self, prompt_ids: list[int], params: Any = None) -> Iterator[int]:
-        """Yield new token ids one at a time, continuing ``prompt_ids``: ``llm.inference.generate.stream_generate`` in numpy.
-
-        ``params`` is a GenerationParams or any object with its attributes (``SamplingParams`` works); None
-        uses the export's defaults. The prompt keeps its last ``context_length`` tokens and is prefilled
-        once; then each token is decoded with the cache. When the window would pass ``context_length`` it
-        keeps its last ``context_length // 2`` tokens, re-encoded from position 0. Stops after
-        ``max_new_tokens`` ids or right after yielding one of ``stop_ids``.
-
-        Raises ValueError for an empty prompt (prepend the <|bos|> id) or out-of-vocabulary ids.
+    def stream_generate(self, prompt_ids: Sequence[int], params: SamplingParams | dict | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time, continuing ``prompt_ids``: ``llm.inference.decoding.decode`` with
+        this export as the forward step and the core's numpy sampler. ``params`` (SamplingParams or its fields
+        as a dict) None uses the export's defaults. Raises ValueError for an empty prompt (prepend the <|bos|>
+        id), out-of-vocabulary ids or invalid sampling fields.
         """
-        params = self.default_params() if params is None else GenerationParams.from_object(params)
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty: prepend the tokenizer's <|bos|> id to start from nothing")
-        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt_ids must lie in [0, {self.vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}")
-        context = self.context_length
-        keep = max(1, context // 2)
-        rng = np.random.default_rng(params.seed)
-        stop_ids = set(params.stop_ids)
+        params = self._params(params)
 
-        def step(ids: list[int], past=None) -> tuple[np.ndarray, list[np.ndarray]]:
+        def step(ids: list[int], past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
             logits, present = self.forward(np.array([ids], dtype=np.int64), past)
             return logits[:, -1, :], present  # [1, V]
 
-        window = prompt_ids[-context:]
-        logits, cache = step(window)
-        for i in range(params.max_new_tokens):
-            token = int(sample_next_token_np(logits, params.temperature, params.top_k, params.top_p, rng)[0])
-            yield token
-            if token in stop_ids or i + 1 == params.max_new_tokens:
-                return
-            window.append(token)
-            if len(window) > context:  # slide, and re-encode the kept tokens from position 0
-                window = window[-keep:]
-                logits, cache = step(window)
-            else:
-                logits, cache = step([token], cache)
+        return decode(step, prompt_ids, params, context_length=self.context_length, vocab_size=self.vocab_size)
 
-    def generate(self, prompt_ids: list[int], params: Any = None) -> list[int]:
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | dict | None = None) -> list[int]:
         """The new ids ``stream_generate`` yields, as a list (the prompt is not included)."""
         return list(self.stream_generate(prompt_ids, params))
 
-    def stream_text(self, prompt: str, params: Any = None) -> Iterator[str]:
-        """Continue ``prompt`` (after ``<|bos|>``) and yield text pieces as soon as they decode.
+    def stream_text(self, prompt: str, params: SamplingParams | dict | None = None) -> Iterator[str]:
+        """Continue ``prompt`` (after ``<|bos|>``) and yield text pieces as soon as they decode
+        (``llm.inference.decoding.complete``); stop ids end the stream without being printed."""
+        return complete(self, prompt, self._params(params))
 
-        Multi-byte characters split across tokens are held back until complete; stop ids end the stream
-        without being printed (``llm.inference.generate.stream_text``).
-        """
-        params = self.default_params() if params is None else GenerationParams.from_object(params)
-        tokenizer = self.tokenizer
-        decoder = tokenizer.stream_decoder(skip_special=True)
-        for token_id in self.stream_generate([tokenizer.bos_id, *tokenizer.encode(prompt)], params):
-            if token_id in params.stop_ids:
-                break
-            piece = decoder.feed(token_id)
-            if piece:
-                yield piece
-        tail = decoder.finish()
-        if tail:
-            yield tail
-
-    def text(self, prompt: str, params: Any = None) -> str:
+    def text(self, prompt: str, params: SamplingParams | dict | None = None) -> str:
         """The whole continuation of ``prompt`` as one string."""
         return "".join(self.stream_text(prompt, params))
-

@@ -20,7 +20,6 @@ Invalid sampling values (a negative temperature, ...) and malformed messages are
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Any
@@ -30,8 +29,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 512
@@ -89,26 +86,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a chat ending with an open assistant turn, ready for generation.
-
-    Uses ``llm.data.chat_template.encode_chat`` (the format finetuning trains on). If that module is not
-    available, falls back to ``<|bos|>`` plus the contents joined by blank lines and logs a warning: the
-    model then continues the text rather than answering as the assistant.
-    """
-    try:
-        from llm.data.chat_template import encode_chat
-    except ImportError:
-        log.warning("llm.data.chat_template is not available: rendering messages as plain text, not as a chat")
-        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return [tokenizer.bos_id, *tokenizer.encode(text)]
-    return list(encode_chat(tokenizer, messages, add_generation_prompt=True))
-
-
 class GPTModel(PythonModel):
     """Text generation from a checkpoint folder stored as the model's ``checkpoint`` artifact."""
 
     def load_context(self, context) -> None:
+        from llm.inference.generate import TorchGenerator
         from llm.model.checkpoint import load_checkpoint
 
         config = dict(getattr(context, "model_config", None) or {})
@@ -118,12 +100,13 @@ class GPTModel(PythonModel):
         self.max_prompt_tokens = int(
             os.environ.get("LLM_SERVE_MAX_PROMPT_TOKENS") or config.get("max_prompt_tokens", MAX_PROMPT_TOKENS)
         )
-        self.model, self.tokenizer, self.config = load_checkpoint(context.artifacts["checkpoint"])
+        model, self.tokenizer, self.config = load_checkpoint(context.artifacts["checkpoint"])
+        self.generator = TorchGenerator(model, self.tokenizer)
 
     def _sampling(self, row: dict[str, Any], params: dict[str, Any]):
         from pydantic import ValidationError
 
-        from llm.inference.generate import SamplingParams
+        from llm.inference.decoding import SamplingParams
 
         values: dict[str, Any] = {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens_limit)}
         for name in SAMPLING_FIELDS:
@@ -146,13 +129,15 @@ class GPTModel(PythonModel):
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             raise _invalid(f"invalid sampling parameters: {problems}") from None
 
-    def _prompt_ids(self, row: dict[str, Any]) -> tuple[list[int], tuple[int, ...]]:
+    def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
+        from llm.data.chat_template import encode_chat
+
         tok = self.tokenizer
         messages, prompt = row.get("messages"), row.get("prompt")
         if not _missing(messages) and not (hasattr(messages, "__len__") and len(messages) == 0):
-            ids, stop = render_chat(tok, _messages(messages)), (tok.end_id, tok.eos_id, tok.bos_id)
+            ids = encode_chat(tok, _messages(messages), add_generation_prompt=True)
         elif isinstance(prompt, str):
-            ids, stop = [tok.bos_id, *tok.encode(prompt)], (tok.eos_id, tok.bos_id)
+            ids = [tok.bos_id, *tok.encode(prompt)]
         else:
             raise _invalid("each request needs a string 'prompt' or a list of 'messages'")
         if len(ids) > self.max_prompt_tokens:
@@ -160,22 +145,22 @@ class GPTModel(PythonModel):
                 f"the prompt is {len(ids)} tokens long, above this server's limit of {self.max_prompt_tokens} "
                 f"(LLM_SERVE_MAX_PROMPT_TOKENS)"
             )
-        return ids, stop
+        return ids
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """One generated string per request row (the prompt itself is not repeated)."""
-        from llm.inference.generate import generate
+        from llm.data.chat_template import generation_stop_ids
+        from llm.inference.decoding import stream_text
 
         rows = _rows(model_input)
         if not rows:
             raise _invalid("the request holds no rows: send at least one 'prompt' or 'messages'")
         requests = [(self._prompt_ids(row), self._sampling(row, params or {})) for row in rows]
+        stop = generation_stop_ids(self.tokenizer)
         outputs = []
-        for (ids, stop), sampling in requests:  # every row is validated before any generation starts
-            new = generate(self.model, ids, sampling.model_copy(update={"stop_ids": stop}))
-            if new and new[-1] in stop:
-                new = new[:-1]
-            outputs.append(self.tokenizer.decode(new, skip_special=True))
+        for ids, sampling in requests:  # every row is validated before any generation starts
+            sampling = sampling.model_copy(update={"stop_ids": stop})
+            outputs.append("".join(stream_text(self.generator.stream_generate(ids, sampling), self.tokenizer, stop)))
         return outputs
 
 

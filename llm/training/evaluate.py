@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 from llm.config import EvalParams
+from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.data.tokens import TokenFile, bits_per_byte, encode_documents, read_meta
-from llm.inference.generate import SamplingParams, generate
+from llm.inference.decoding import SamplingParams, complete, stream_text
+from llm.inference.generate import TorchGenerator
 from llm.model.checkpoint import load_checkpoint
 from llm.training.device import select_device, select_dtype
 from llm.training.loop import evaluate_loss
@@ -20,19 +22,12 @@ log = logging.getLogger(__name__)
 
 def sample_completions(model, tokenizer, params: EvalParams) -> list[dict[str, str]]:
     """Complete each of ``params.prompts``; returns ``[{"prompt", "completion"}]`` (deterministic per seed)."""
-    samples = []
+    generator, samples = TorchGenerator(model, tokenizer), []
     for i, prompt in enumerate(params.prompts):
-        sampling = SamplingParams(
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed + i,
-            stop_ids=(tokenizer.bos_id, tokenizer.end_id),  # a chat model ends its turn with <|end|>
-        )
-        ids = generate(model, [tokenizer.bos_id, *tokenizer.encode(prompt)], sampling)
-        ids = [t for t in ids if t != tokenizer.bos_id]
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(ids, skip_special=True)})
+        sampling = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                  top_k=params.top_k, top_p=params.top_p, seed=params.seed + i,
+                                  stop_ids=generation_stop_ids(tokenizer))
+        samples.append({"prompt": prompt, "completion": "".join(complete(generator, prompt, sampling))})
     return samples
 
 
@@ -42,19 +37,18 @@ def sample_conversations(checkpoint: str | Path, chat_file: str | Path, params: 
     Returns ``[{"messages": context, "reference": held-out answer, "answer": model answer}]``.
     """
     from llm.data.chat_data import read_chat_file
-    from llm.data.chat_template import encode_chat
 
     model, tokenizer, _ = load_checkpoint(checkpoint, select_device(params.device))
-    out = []
+    generator, out = TorchGenerator(model, tokenizer), []
     for i, conversation in enumerate(read_chat_file(chat_file)[: params.sample_conversations]):
         context, reference = conversation[:-1], conversation[-1]["content"]
         ids = encode_chat(tokenizer, context, add_generation_prompt=True)
         ids = ids[-(model.config.context_length // 2):]
         sampling = SamplingParams(max_new_tokens=min(params.max_new_tokens, model.config.context_length // 2),
                                   temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                  seed=params.seed + i, stop_ids=(tokenizer.end_id, tokenizer.bos_id))
-        answer = [t for t in generate(model, ids, sampling) if not tokenizer.is_special(t)]
-        out.append({"messages": context, "reference": reference, "answer": tokenizer.decode(answer)})
+                                  seed=params.seed + i, stop_ids=generation_stop_ids(tokenizer))
+        answer = "".join(stream_text(generator.stream_generate(ids, sampling), tokenizer, sampling.stop_ids))
+        out.append({"messages": context, "reference": reference, "answer": answer})
     return out
 
 

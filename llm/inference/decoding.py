@@ -1,0 +1,189 @@
+"""The decoding core: sampling parameters, the sampler, the sliding-window decode loop, text streaming.
+
+Every way of generating text goes through this module: PyTorch (``llm.inference.generate``), ONNX Runtime
+(``llm.inference.onnx_runtime``), the chat session and the served model. Each backend supplies only its
+forward step, ``forward(ids, cache) -> (logits, cache)``: the logits of the last position ([V], or [1, V])
+after feeding ``ids`` on top of ``cache`` (None: an empty cache), and the cache to pass next time. Token
+ids are plain ints; text lives at the edges (``stream_text``). It imports no torch.
+
+Context policy (the same for the cached and the uncached path, so both give identical greedy output):
+the model sees a *window* of at most ``context_length`` tokens. A prompt longer than that keeps its last
+``context_length`` tokens. When appending a new token would make the window longer than
+``context_length``, the window slides: it keeps only its last ``context_length // 2`` tokens (at least 1)
+and they are prefilled again from position 0. Re-encoding from position 0 keeps every position inside
+what training saw, so it works for every position kind, learned ones included; keeping half the window
+means one re-prefill every ``context_length // 2`` tokens instead of a full recompute on every token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+Forward = Callable[[list[int], Any], tuple[Any, Any]]  # (ids, cache or None) -> (last logits, new cache)
+Sampler = Callable[[Any], int]  # last logits -> the next token id
+
+
+class SamplingParams(BaseModel):
+    """How to pick each new token and when to stop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(256, ge=0)
+    temperature: float = Field(1.0, ge=0.0, description="0 picks the most likely token (greedy)")
+    top_k: int | None = Field(None, gt=0, description="keep only the k most likely tokens")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="keep the smallest set with this much probability")
+    seed: int | None = Field(None, description="None draws a fresh seed; an int makes sampling reproducible")
+    stop_ids: tuple[int, ...] = Field((), description="generation ends after yielding one of these ids")
+
+
+class TextGenerator(Protocol):
+    """What the chat session and the served model need from a backend (PyTorch or ONNX Runtime)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def stream_generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]: ...
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt as a list of ints. Raises ValueError for an empty prompt or ids outside ``[0, vocab_size)``."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise ValueError("prompt_ids is empty: prepend the tokenizer's <|bos|> id to start from nothing")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt_ids must lie in [0, {vocab_size}); got {min(ids)}..{max(ids)}")
+    return ids
+
+
+def decode(
+    forward: Forward,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    context_length: int,
+    vocab_size: int,
+    sampler: Sampler | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield new token ids one at a time, as each is sampled, continuing ``prompt_ids``.
+
+    The prompt is prefilled once, then each token is decoded with the cache; ``use_cache=False`` instead
+    feeds the whole window every step (the reference for tests and benchmarks). Both follow the
+    sliding-window policy in this module's docstring. Stops after ``max_new_tokens`` ids, or right after
+    yielding an id in ``stop_ids`` (the stop id *is* yielded, so the caller can tell why it stopped).
+    ``sampler`` picks each token from the last logits; None uses ``numpy_sampler(params)``.
+
+    Raises ValueError for an empty prompt (prepend the tokenizer's <|bos|> id) or out-of-vocabulary ids.
+    """
+    window = check_prompt(prompt_ids, vocab_size)[-context_length:]
+    sample = sampler if sampler is not None else numpy_sampler(params)
+    keep = max(1, context_length // 2)
+    stop_ids = set(params.stop_ids)
+    logits, cache = forward(window, None)
+    for step in range(params.max_new_tokens):
+        token = sample(logits)
+        yield token
+        if token in stop_ids or step + 1 == params.max_new_tokens:
+            return
+        window.append(token)
+        if len(window) > context_length:  # slide, and re-encode the kept tokens from position 0
+            window = window[-keep:]
+            logits, cache = forward(window, None)
+        elif use_cache:
+            logits, cache = forward([token], cache)
+        else:
+            logits, _ = forward(window, None)
+
+
+def sample_next_token(
+    logits: np.ndarray,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Pick one token per row of ``logits`` [B, V] (or [V]); returns int64 ids [B] (or a 0-d array).
+
+    Temperature 0 is argmax. Otherwise the logits are divided by the temperature, cut to the ``top_k``
+    most likely tokens (ties with the k-th survive), then to the smallest set whose probability reaches
+    ``top_p`` (the most likely token always survives), and one token is drawn from what is left with ``rng``.
+    """
+    logits = np.asarray(logits)
+    if logits.ndim == 1:
+        return sample_next_token(logits[None, :], temperature, top_k, top_p, rng)[0]
+    if temperature == 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    rng = rng if rng is not None else np.random.default_rng()
+    scaled = logits.astype(np.float64) / temperature
+    vocab = scaled.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = np.partition(scaled, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]  # [B, 1]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-scaled, axis=-1, kind="stable")
+        sorted_logits = np.take_along_axis(scaled, order, axis=-1)
+        probs = _softmax(sorted_logits)
+        before = np.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
+        sorted_logits = np.where(before >= top_p, -np.inf, sorted_logits)
+        np.put_along_axis(scaled, order, sorted_logits, axis=-1)
+    probs = _softmax(scaled)
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(len(cdf))[:, None] * cdf[:, -1:]
+    picks = (cdf <= u).sum(axis=-1)  # inverse CDF: the first token whose cumulative probability passes u
+    last_kept = vocab - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # rounding can push u to the very end
+    return np.minimum(picks, last_kept).astype(np.int64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def numpy_sampler(params: SamplingParams) -> Sampler:
+    """A sampler for numpy logits ([V] or [1, V]) with its own generator seeded by ``params.seed``."""
+    rng = np.random.default_rng(params.seed)
+
+    def sample(logits: Any) -> int:
+        row = np.asarray(logits).reshape(-1)
+        return int(sample_next_token(row, params.temperature, params.top_k, params.top_p, rng))
+
+    return sample
+
+
+def stream_text(token_ids: Iterable[int], tokenizer: Any, stop_ids: Iterable[int] = ()) -> Iterator[str]:
+    """Text pieces of ``token_ids`` as soon as they decode; a stop id ends the stream without being shown.
+
+    Multi-byte characters split across byte tokens are held back until complete, and control tokens are
+    never printed. Closing the returned iterator early closes ``token_ids`` too (e.g. Ctrl-C in the chat).
+    """
+    stop = set(stop_ids)
+    decoder = tokenizer.stream_decoder(skip_special=True)
+    tokens = iter(token_ids)
+    try:
+        for token_id in tokens:
+            if token_id in stop:
+                break
+            piece = decoder.feed(token_id)
+            if piece:
+                yield piece
+        tail = decoder.finish()
+        if tail:
+            yield tail
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+
+
+def complete(generator: TextGenerator, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Continue ``prompt`` (after ``<|bos|>``) with ``generator`` and yield the text as it is generated."""
+    tokenizer = generator.tokenizer
+    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    return stream_text(generator.stream_generate(ids, params), tokenizer, params.stop_ids)

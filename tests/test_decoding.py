@@ -1,0 +1,234 @@
+"""Specification of llm/inference/decoding.py: one decoding core for every backend, without torch.
+
+The reference file holds what generation produced before the decoding core existed (the torch loop in
+llm/generate.py and the numpy loop in llm/onnx_runtime.py): both backends must still produce exactly it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from llm.config import ModelConfig
+from llm.data.chat_template import generation_stop_ids
+from llm.data.tokenizer import N_SPECIAL, ByteTokenizer, CharTokenizer
+from llm.inference.chat_session import ChatSession
+from llm.inference.decoding import SamplingParams, check_prompt, complete, decode, numpy_sampler, stream_text
+from llm.inference.generate import TorchGenerator, generate
+from llm.model.checkpoint import save_checkpoint
+from llm.model.gpt import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = json.loads((REPO / "tests" / "data" / "generation_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference_model(tmp_path_factory) -> tuple[GPT, Path]:
+    """The model the reference was recorded with (seed 0, weights widened to std 0.3), and its checkpoint."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as when the reference was recorded
+    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**REFERENCE["config"])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("reference") / "ckpt", model, model.config, tokenizer)
+    yield model, Path(checkpoint)
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def reference_onnx(reference_model) -> Path:
+    """The reference model exported to ONNX (fp32)."""
+    pytest.importorskip("onnxruntime")
+    from llm.inference.export import export_onnx
+
+    _, checkpoint = reference_model
+    export_onnx(checkpoint, checkpoint.parent / "onnx", quantize=False)
+    return checkpoint.parent / "onnx"
+
+
+CASES = [(prompt, case) for prompt in REFERENCE["prompts"] for case in REFERENCE["cases"]]
+
+
+@pytest.mark.parametrize(("prompt", "case"), CASES, ids=[f"{p}/{c}" for p, c in CASES])
+def test_torch_generation_matches_the_recorded_reference(reference_model, prompt, case):
+    model, _ = reference_model
+    params = SamplingParams(**REFERENCE["cases"][case])
+    ids = REFERENCE["prompts"][prompt]
+    assert generate(model, ids, params) == REFERENCE["torch"][f"{prompt}/{case}"]
+    if case == "greedy":
+        assert generate(model, ids, params, use_cache=False) == REFERENCE["torch_no_cache"][f"{prompt}/{case}"]
+
+
+@pytest.mark.parametrize(("prompt", "case"), CASES, ids=[f"{p}/{c}" for p, c in CASES])
+def test_onnx_generation_matches_the_recorded_reference(reference_onnx, prompt, case):
+    from llm.inference.onnx_runtime import OnnxGenerator
+
+    params = SamplingParams(**REFERENCE["cases"][case])
+    generator = OnnxGenerator(reference_onnx, intra_op_num_threads=1)
+    assert generator.generate(REFERENCE["prompts"][prompt], params) == REFERENCE["onnx"][f"{prompt}/{case}"]
+
+
+def test_reference_covers_the_sliding_window_and_sampling():
+    context = REFERENCE["config"]["context_length"]
+    assert all(len(REFERENCE["prompts"]["romeo"]) + len(ids) > context for ids in REFERENCE["torch"].values()
+               if len(ids) == 60)  # every full-length case slides at least once
+    assert len(REFERENCE["prompts"]["long"]) > context  # and one prompt is cut to the window
+    assert REFERENCE["torch"]["romeo/greedy"] == REFERENCE["onnx"]["romeo/greedy"]
+    assert REFERENCE["torch"]["romeo/temperature"] != REFERENCE["torch"]["romeo/greedy"]
+
+
+class CountingForward:
+    """A numpy 'model' that always favours token (last id + 1) % vocab, recording every call it gets."""
+
+    def __init__(self, vocab: int = 10):
+        self.vocab, self.calls = vocab, []
+
+    def __call__(self, ids: list[int], cache):
+        past = 0 if cache is None else cache
+        self.calls.append((list(ids), past))
+        logits = np.zeros(self.vocab)
+        logits[(ids[-1] + 1) % self.vocab] = 5.0
+        return logits, past + len(ids)  # the cache is just its length here
+
+
+def test_decode_prefills_once_then_feeds_one_token_with_the_cache():
+    forward = CountingForward()
+    ids = list(decode(forward, [1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), context_length=16,
+                      vocab_size=10))
+    assert ids == [4, 5, 6, 7]
+    assert forward.calls == [([1, 2, 3], 0), ([4], 3), ([5], 4), ([6], 5)]  # no call after the last token
+
+
+def test_decode_slides_the_window_and_reencodes_its_last_half_from_position_zero():
+    forward = CountingForward()
+    ids = list(decode(forward, [0, 1, 2, 3, 4, 5], SamplingParams(max_new_tokens=5, temperature=0), context_length=8,
+                      vocab_size=10))
+    assert ids == [6, 7, 8, 9, 0]
+    # window [0..5] + 6, 7 fills the 8-token context; appending 8 makes 9 tokens: keep the last 4, prefill again
+    assert forward.calls[:3] == [([0, 1, 2, 3, 4, 5], 0), ([6], 6), ([7], 7)]
+    assert forward.calls[3] == ([5, 6, 7, 8], 0)
+    assert forward.calls[4] == ([9], 4)
+
+
+def test_decode_without_cache_feeds_the_whole_window_every_step():
+    forward = CountingForward()
+    list(decode(forward, [1, 2], SamplingParams(max_new_tokens=3, temperature=0), context_length=16, vocab_size=10,
+                use_cache=False))
+    assert forward.calls == [([1, 2], 0), ([1, 2, 3], 0), ([1, 2, 3, 4], 0)]
+
+
+def test_decode_yields_the_stop_id_then_stops_and_checks_the_prompt():
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(5,))
+    assert list(decode(CountingForward(), [3], params, context_length=8, vocab_size=10)) == [4, 5]
+    with pytest.raises(ValueError, match="empty"):
+        list(decode(CountingForward(), [], params, context_length=8, vocab_size=10))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        check_prompt([1, 10], vocab_size=10)
+
+
+def test_numpy_sampler_is_reproducible_per_seed_and_respects_top_k():
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    sampler = numpy_sampler(SamplingParams(seed=7, top_k=2))
+    first = [sampler(logits) for _ in range(200)]
+    again = numpy_sampler(SamplingParams(seed=7, top_k=2))
+    assert first == [again(logits) for _ in range(200)]
+    assert set(first) == {0, 1}
+
+
+def test_sampling_params_are_one_validated_model():
+    with pytest.raises(ValidationError):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValidationError):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValidationError):
+        SamplingParams(top_kk=3)  # a misspelt field is an error, not ignored
+    assert SamplingParams(stop_ids=[1, 2]).stop_ids == (1, 2)
+
+
+def test_stream_text_holds_back_split_characters_and_hides_the_stop_id():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("né") + [tokenizer.end_id] + tokenizer.encode("hidden")
+    pieces = list(stream_text(ids, tokenizer, stop_ids=(tokenizer.end_id,)))
+    assert "".join(pieces) == "né"
+    assert all("\ufffd" not in p for p in pieces)  # the two bytes of é are never shown apart
+
+
+def test_closing_the_text_stream_closes_the_token_stream():
+    tokenizer, closed = ByteTokenizer(), []
+
+    def tokens():
+        try:
+            yield from tokenizer.encode("abcdef")
+        finally:
+            closed.append(True)
+
+    stream = stream_text(tokens(), tokenizer)
+    assert next(stream) == "a"
+    stream.close()
+    assert closed == [True]
+
+
+def test_stop_ids_are_every_control_token():
+    tokenizer = ByteTokenizer()
+    assert generation_stop_ids(tokenizer) == tuple(range(N_SPECIAL))
+    assert tokenizer.end_id in generation_stop_ids(tokenizer)
+
+
+class EchoGenerator:
+    """A torch-free TextGenerator whose model answers every prompt with 'ok' and <|end|>."""
+
+    context_length = 64
+
+    def __init__(self):
+        self.tokenizer = ByteTokenizer()
+        self.prompts: list[list[int]] = []
+
+    def stream_generate(self, prompt_ids, params):
+        self.prompts.append(list(prompt_ids))
+        forward_ids = [*self.tokenizer.encode("ok"), self.tokenizer.end_id, *self.tokenizer.encode("never")]
+        table = {i: row for i, row in enumerate(forward_ids)}
+
+        def forward(ids, cache):
+            step = 0 if cache is None else cache
+            logits = np.zeros(self.tokenizer.vocab_size)
+            logits[table.get(step, 0)] = 9.0
+            return logits, step + 1
+
+        return decode(forward, prompt_ids, params, context_length=self.context_length,
+                      vocab_size=self.tokenizer.vocab_size)
+
+
+def test_chat_session_and_complete_run_on_any_backend_through_the_core():
+    model = EchoGenerator()
+    session = ChatSession(model, temperature=0, max_new_tokens=10)
+    assert "".join(session.reply("hello")) == "ok"  # <|end|> ends the answer and is not shown
+    assert session.history[-1] == {"role": "assistant", "content": "ok"}
+    assert model.prompts[0][-1] == model.tokenizer.assistant_id  # the open assistant turn
+    assert "".join(complete(model, "hi", SamplingParams(max_new_tokens=10, temperature=0,
+                                                            stop_ids=generation_stop_ids(model.tokenizer)))) == "ok"
+
+
+def test_torch_generator_is_a_text_generator_for_the_chat_session():
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=32, n_layer=1, n_head=2, d_model=16))
+    session = ChatSession(TorchGenerator(model, tokenizer), temperature=0, max_new_tokens=5, seed=0)
+    answer = "".join(session.reply("hi"))
+    assert session.history[-1] == {"role": "assistant", "content": answer}
+
+
+def test_decoding_core_and_chat_session_import_no_torch():
+    code = ("import sys, llm.inference.decoding, llm.inference.chat_session, llm.data.chat_template; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
