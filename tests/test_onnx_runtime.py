@@ -9,42 +9,26 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
-from llm.config import ModelConfig
-from llm.data.tokenizer import CharTokenizer
 from llm.inference.export import export_onnx
 from llm.inference.generate import SamplingParams, generate, stream_text
 from llm.inference.onnx_runtime import GenerationParams, OnnxGenerator, sample_next_token_np
-from llm.model.checkpoint import load_checkpoint, save_checkpoint
-from llm.model.gpt import GPT
+from llm.model.checkpoint import load_checkpoint
+
+from helpers import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 32
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models decode fastest on one thread, and a busy machine makes more threads far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint, export folder) of a tiny rope model, weights widened so samples vary."""
     root = tmp_path_factory.mktemp("onnx_runtime")
-    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32)
-    torch.manual_seed(1)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    checkpoint = save_checkpoint(root / "checkpoint", model, config, tokenizer)
+    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=CONTEXT)
     export_onnx(checkpoint, root / "onnx", verify=False)  # parity is test_export's business
     return checkpoint, root / "onnx"
 
