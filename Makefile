@@ -38,7 +38,9 @@ demo: install
 	@echo "                                   PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve"
 	@echo "  Run a stage on demand:           prefect deployment run pretrain/pretrain --param overrides='{\"max_steps\": 200}'"
 
+# the import-layer contracts (pyproject.toml, [tool.importlinter]) first, then the tests
 test: install
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -46,7 +48,7 @@ bench: install
 	$(BIN)/python bench/train_throughput.py
 
 lint: install
-	$(BIN)/ruff check llm tests bench
+	$(BIN)/ruff check llm tests bench flows
 
 clean-artifacts:
 	rm -rf artifacts

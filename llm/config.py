@@ -27,7 +27,8 @@ class ModelConfig(StrictModel):
     n_layer: int = Field(6, gt=0)
     n_head: int = Field(6, gt=0)
     d_model: int = Field(384, gt=0)
-    d_ff: int | None = Field(None, gt=0, description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
+    d_ff: int | None = Field(None, gt=0,
+                             description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
@@ -73,8 +74,9 @@ class DataParams(StrictModel):
     strip_gutenberg: bool = True
     dedup_exact: bool = True
     dedup_near: bool = True
-    # default corpus: two editions of one play have Jaccard >= 0.128, two different works <= 0.0074
-    near_dup_threshold: float = Field(0.05, gt=0.0, le=1.0, description="word-shingle Jaccard at or above which two documents are near duplicates")
+    # on the default corpus, two editions of one play score well above this and two different works far below
+    near_dup_threshold: float = Field(
+        0.05, gt=0.0, le=1.0, description="word-shingle Jaccard at or above which two documents are near duplicates")
     shingle_size: int = Field(5, gt=0)
     num_perm: int = Field(128, gt=0, description="MinHash permutations used to estimate Jaccard")
 
@@ -184,11 +186,13 @@ def load_params(model: type[P], path: str | Path, overrides: dict | None = None)
 
 
 class ChatDataParams(StrictModel):
-    """How chat conversations are derived from the plays, or split when supplied (``chat_data`` in ``params/finetune.yaml``)."""
+    """How chat conversations are derived from the plays, or split when supplied (``chat_data`` in
+    ``params/finetune.yaml``)."""
 
     max_turns: int = Field(2, gt=0, description="user/assistant exchanges per play-derived conversation")
     min_speech_chars: int = Field(2, ge=1, description="shorter speeches end a dialogue run")
-    max_speech_chars: int = Field(400, gt=0, description="longer speeches end a dialogue run (they rarely fit a context)")
+    max_speech_chars: int = Field(400, gt=0,
+                                  description="longer speeches end a dialogue run (they rarely fit a context)")
     system_template: str = Field("You are {name}. Answer in character.", description="{name}: the answering character")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of user-supplied conversations held out")
     split_seed: int = 1337

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ REGISTRATION_FILE = "registration.json"
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each stage reads and writes, relative to the project root (the DESIGN.md layout)."""
+    """Where each stage reads and writes, relative to the project root (the layout table in README.md)."""
 
     root: Path = Path(".")
 
@@ -53,15 +54,38 @@ class Layout:
 
 
 class _Untracked:
-    """Stands in for an MLflow run when tracking is off, so the stages run where MLflow is not installed."""
+    """Stands in for the tracked run (``llm.mlops.tracking.StageRun``) when tracking is off, so the stages run
+    where MLflow is not installed: the same public methods, each doing nothing."""
 
     run_id = None
+    enabled = False
+
+    def flush(self) -> None:
+        pass
 
     def callback(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def __getattr__(self, name: str):  # log_metrics, log_artifact, set_tags, ...: all no-ops
-        return lambda *args, **kwargs: None
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_loss_curve(self, history: list[dict[str, float]], path_name: str = "loss_curve.png") -> None:
+        pass
 
 
 def _run(stage: str, params: dict[str, Any], enabled: bool):
@@ -350,21 +374,15 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
 
 
 def _attach_export(checkpoint_dir: Path, onnx_dir: Path) -> str | None:
-    """Store the export with the registered version of ``checkpoint_dir``: as artifacts ``onnx/`` of the run
-    that registered it, named by the version's tag ``onnx.artifact_uri``. Returns the version, if any."""
+    """Attach the export in ``onnx_dir`` to the registered version of ``checkpoint_dir`` (named in its
+    ``registration.json``). Returns the version, or None (with a warning) when there is none."""
     registration = read_registration(checkpoint_dir)
     version, run_id = registration.get("model_version"), registration.get("run_id")
     if not version or not run_id:
         log.warning("%s names no registered version: the ONNX export is not attached to one",
                     checkpoint_dir / REGISTRATION_FILE)
         return None
-    from mlflow import MlflowClient
+    from llm.mlops.registry import attach_onnx_export
 
-    from llm.mlops.registry import MODEL_NAME
-    from llm.mlops.tracking import configure_mlflow
-
-    configure_mlflow()
-    client = MlflowClient()
-    client.log_artifacts(run_id, str(onnx_dir), "onnx")
-    client.set_model_version_tag(MODEL_NAME, str(version), "onnx.artifact_uri", f"runs:/{run_id}/onnx")
+    attach_onnx_export(str(version), run_id, onnx_dir)
     return str(version)

@@ -1,36 +1,16 @@
-"""Shared fixtures: a small synthetic corpus taken through clean, tokenizer and tokenize once per session."""
+"""Shared fixtures: a small synthetic corpus taken through clean, tokenizer and tokenize once per session.
+
+Plain builder functions (corpora, tiny models, tiny checkpoints) are in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
+import torch
 
-SPEAKERS = ["ROMEO", "JULIET", "MERCUTIO", "NURSE", "FRIAR", "TYBALT", "BENVOLIO", "CAPULET"]
-WORDS = (
-    "love night day sweet death fair heart eyes heaven light soul hand lord lady good thou thee thy "
-    "art hath doth speak swear gentle moon sun stars fortune grief joy blood honour name rose kiss"
-).split()
-
-
-def make_play(seed: int, n_speeches: int = 120) -> str:
-    """A deterministic play-shaped document: speaker lines followed by verse lines."""
-    rng = random.Random(seed)
-    lines = [f"THE TRAGEDY OF PLAY {seed}", ""]
-    for _ in range(n_speeches):
-        lines.append(f"{rng.choice(SPEAKERS)}.")
-        for _ in range(rng.randint(1, 3)):
-            lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 9))).capitalize() + ",")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_corpus(folder: Path, n_docs: int = 6) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        (folder / f"play_{i:02d}.txt").write_text(make_play(i))
-    return folder
+from helpers import write_corpus
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +32,18 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     clean_corpus(DataParams(val_fraction=0.3, min_doc_chars=100), corpus, root / "clean")
     train_tokenizer_on_split(TokenizerParams(kind="char"), root / "clean" / "train.txt", root / "tokenizer")
     tokenize_corpus(root / "clean", root / "tokenizer", root / "tokens", workers=2)
-    return {"root": root, "corpus": corpus, "clean": root / "clean", "tokenizer": root / "tokenizer", "tokens": root / "tokens"}
+    return {"root": root, "corpus": corpus, "clean": root / "clean", "tokenizer": root / "tokenizer",
+            "tokens": root / "tokens"}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: tiny models decode fastest so, and a busy machine makes more threads
+    far slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ from llm.inference.generate import TorchGenerator, generate
 from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT
 
+from helpers import ALPHABET, widen_weights
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((REPO / "tests" / "data" / "generation_reference.json").read_text())
 
@@ -34,13 +36,9 @@ def reference_model(tmp_path_factory) -> tuple[GPT, Path]:
     """The model the reference was recorded with (seed 0, weights widened to std 0.3), and its checkpoint."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as when the reference was recorded
-    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
+    tokenizer = CharTokenizer(ALPHABET)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**REFERENCE["config"])).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
+    model = widen_weights(GPT(ModelConfig(**REFERENCE["config"])).eval(), 0.3)
     checkpoint = save_checkpoint(tmp_path_factory.mktemp("reference") / "ckpt", model, model.config, tokenizer)
     yield model, Path(checkpoint)
     torch.set_num_threads(previous)

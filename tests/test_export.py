@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from llm.config import ModelConfig
-from llm.data.tokenizer import CharTokenizer, load_tokenizer
+from llm.data.tokenizer import load_tokenizer
 from llm.inference.decoding import SamplingParams
 from llm.inference.export import (
     INT8_FILE,
@@ -24,8 +23,8 @@ from llm.inference.export import (
 )
 from llm.inference.generate import generate
 from llm.inference.onnx_runtime import OnnxGenerator
-from llm.model.checkpoint import save_checkpoint
-from llm.model.gpt import GPT
+
+import helpers
 
 CONTEXT = 32
 # one model per position kind, each also trying other MLP / norm / bias / tying variants
@@ -37,28 +36,10 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models decode fastest on one thread, and a busy machine makes more threads far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny checkpoint, weights widened (std 0.3) so greedy decoding does not repeat one token forever."""
-    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32, **overrides
-    )
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return save_checkpoint(folder, model, config, tokenizer)
+write_checkpoint = partial(helpers.write_checkpoint, context_length=CONTEXT)
 
 
 QUANTIZED, EXTERNAL = "learned", "none"  # variants also quantized / also quantized with external data

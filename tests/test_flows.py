@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from llm.config import ParamsError
-from tests.conftest import write_corpus
+
+from helpers import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,29 +1,23 @@
 """Specification of llm/inference/generate.py: sampling rules, KV-cache decoding, stopping and the sliding window."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from llm.config import ModelConfig
 from llm.inference.decoding import SamplingParams
 from llm.inference.generate import generate, sample_next_token, stream_generate
 from llm.model.gpt import GPT
 
+import helpers
+
 PROMPT = [1, 7, 3, 9, 4]
 
 
-def tiny_model(**overrides) -> GPT:
-    """A small fp32 model, weights widened (std 0.3) so greedy decoding does not repeat one token forever."""
-    torch.manual_seed(0)
-    fields = {"vocab_size": 50, "context_length": 64, "n_layer": 2, "n_head": 4, "d_model": 32} | overrides
-    model = GPT(ModelConfig(**fields)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return model
+# a small fp32 model, weights widened (std 0.3) so greedy decoding does not repeat one token forever
+tiny_model = partial(helpers.tiny_model, std=0.3)
 
 
 def greedy(max_new_tokens: int, **kw) -> SamplingParams:

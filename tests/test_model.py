@@ -1,6 +1,7 @@
 """Specification of the GPT in llm/model/gpt.py: caching, causality, shapes, init, parameter counts, loss."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,19 +11,13 @@ from pydantic import ValidationError
 from llm.config import ModelConfig
 from llm.model.gpt import GPT
 
+import helpers
+
 POSITIONS = ["learned", "sinusoidal", "rope", "none"]
 
 
-def tiny_model(**overrides) -> GPT:
-    """A small fp32 model in eval mode, weights widened (std 0.1) so logits differ clearly between tokens."""
-    torch.manual_seed(0)
-    fields = {"vocab_size": 50, "context_length": 64, "n_layer": 2, "n_head": 4, "d_model": 32} | overrides
-    model = GPT(ModelConfig(**fields)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
-    return model
+# a small fp32 model in eval mode, weights widened (std 0.1) so logits differ clearly between tokens
+tiny_model = partial(helpers.tiny_model, std=0.1)
 
 
 VARIANTS = [{"position": p} for p in POSITIONS] + [

@@ -1,4 +1,5 @@
-"""Specification of llm/inference/onnx_runtime.py: generation from an ONNX export with onnxruntime and numpy, no torch."""
+"""Specification of llm/inference/onnx_runtime.py: generation from an ONNX export with onnxruntime and numpy,
+without torch."""
 
 from __future__ import annotations
 
@@ -9,44 +10,28 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
-from llm.config import ModelConfig
-from llm.data.tokenizer import CharTokenizer
 from llm.inference.decoding import SamplingParams, complete
 from llm.inference.decoding import sample_next_token as sample_next_token_np
 from llm.inference.export import export_onnx
 from llm.inference.generate import TorchGenerator, generate
 from llm.inference.onnx_runtime import OnnxGenerator
-from llm.model.checkpoint import load_checkpoint, save_checkpoint
-from llm.model.gpt import GPT
+from llm.model.checkpoint import load_checkpoint
+
+from helpers import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 32
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models decode fastest on one thread, and a busy machine makes more threads far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint, export folder) of a tiny rope model, weights widened so samples vary."""
     root = tmp_path_factory.mktemp("onnx_runtime")
-    tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,\n"))
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32)
-    torch.manual_seed(1)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    checkpoint = save_checkpoint(root / "checkpoint", model, config, tokenizer)
+    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=CONTEXT)
     export_onnx(checkpoint, root / "onnx", verify=False)  # parity is test_export's business
     return checkpoint, root / "onnx"
 
@@ -167,7 +152,8 @@ def test_runtime_never_imports_torch(export):
         "ids = g.generate([1, 10, 11], SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=0))\n"
         "text = ''.join(g.stream_text('abc', SamplingParams(max_new_tokens=8, seed=0)))\n"
         "assert len(ids) == 8, ids\n"
-        "leaked = [m for m in ('torch', 'llm.model.gpt', 'llm.inference.generate', 'llm.inference.export') if m in sys.modules]\n"
+        "leaked = [m for m in ('torch', 'llm.model.gpt', 'llm.inference.generate', 'llm.inference.export')\n"
+        "          if m in sys.modules]\n"
         "assert not leaked, leaked\n"
         "print('ok')\n"
     )

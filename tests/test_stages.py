@@ -3,6 +3,7 @@ finetuned versions carry their lineage, and the registry URIs work from the comm
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -121,3 +122,19 @@ def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(
                        "--max-new-tokens", "8", "--temperature", "0", cwd=tracked)
     assert onnx_answer.returncode == 0, onnx_answer.stderr
     assert onnx_answer.stdout == torch_answer.stdout
+
+
+def test_untracked_stand_in_offers_exactly_the_tracked_runs_public_methods():
+    from llm.mlops.tracking import StageRun
+    from llm.stages import _Untracked
+
+    def public(obj) -> dict:
+        return {name: getattr(obj, name) for name in dir(obj) if not name.startswith("_")}
+
+    stand_in, real = public(_Untracked()), public(StageRun(None))
+    assert stand_in.keys() == real.keys()
+    for name, member in real.items():  # same parameters: a call that works tracked works untracked
+        if callable(member):
+            assert list(inspect.signature(stand_in[name]).parameters) == list(inspect.signature(member).parameters)
+    with pytest.raises(AttributeError):
+        _Untracked().log_metric({"val/loss": 1.0})  # misspelt: log_metrics

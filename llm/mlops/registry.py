@@ -53,6 +53,8 @@ MODEL_NAME = "gpt"
 PRODUCTION_STAGE = "Production"
 PRODUCTION_ALIAS = "production"
 CHECKPOINT_ARTIFACT = "checkpoint"
+ONNX_ARTIFACT = "onnx"  # the export's folder among the artifacts of the run that registered the version
+ONNX_TAG = "onnx.artifact_uri"  # the version tag that names it
 SERVING_FILE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parents[1]  # the whole llm package, logged as code
 STAGES = ("None", "Staging", "Production", "Archived")
@@ -197,6 +199,17 @@ def register_checkpoint(
     client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{version.version}")
     log.info("registered %s as %s version %s (%s)", checkpoint_dir, MODEL_NAME, version.version, info.model_uri)
     return str(version.version)
+
+
+def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
+    """Store the ONNX export in ``onnx_dir`` with version ``version`` of ``gpt``: as artifacts ``onnx/`` of
+    ``run_id`` (the run that registered it), named by the version's tag ``onnx.artifact_uri``, which
+    ``resolve_onnx`` reads. Raises RegistryError for a missing database or version."""
+    configure_mlflow()
+    client = _client()
+    _find_version(client, MODEL_NAME, str(version), alias=False)
+    client.log_artifacts(run_id, str(onnx_dir), ONNX_ARTIFACT)
+    client.set_model_version_tag(MODEL_NAME, str(version), ONNX_TAG, f"runs:/{run_id}/{ONNX_ARTIFACT}")
 
 
 # ---------------------------------------------------------------------------------------------- resolve
@@ -364,8 +377,9 @@ def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
 
 
 def resolve_onnx(uri: str) -> Path:
-    """The ONNX export attached to a registered version (its tag ``onnx.artifact_uri``, set by the export
-    stage), downloaded into the cache. ``uri`` is ``models:/gpt/<version|stage>`` or ``models:/gpt@<alias>``.
+    """The ONNX export attached to a registered version (its tag ``onnx.artifact_uri``, set by
+    ``attach_onnx_export``), downloaded into the cache. ``uri`` is ``models:/gpt/<version|stage>`` or
+    ``models:/gpt@<alias>``.
 
     Raises RegistryError (one line) when the version is missing or carries no export.
     """
@@ -381,7 +395,7 @@ def resolve_onnx(uri: str) -> Path:
     name, sep, selector = ref.partition("@") if "@" in ref else ref.partition("/")
     found = _find_version(client, name, selector, alias=sep == "@")
     version = client.get_model_version(found.name, str(found.version))  # stage look-ups come without tags
-    artifact = version.tags.get("onnx.artifact_uri")
+    artifact = version.tags.get(ONNX_TAG)
     if not artifact:
         raise RegistryError(f"{uri}: version {version.version} carries no ONNX export; run the export stage "
                             "(`dvc repro` or `llm export onnx`)")
