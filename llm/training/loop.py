@@ -1,7 +1,7 @@
 """The training loop: AdamW, warmup + cosine schedule, accumulation, clipping, evaluation, checkpoints.
 
-``train`` is generic over where batches come from (pretraining windows here, chat examples for SFT);
-``pretrain`` wires it to the token files. The loop never imports orchestration code: callers that track
+``train`` is generic over where batches come from (token windows in ``llm.training.pretrain``, chat
+examples in ``llm.training.finetune``). The loop never imports orchestration code: callers that track
 experiments pass ``callbacks`` that receive ``(step, metrics)``.
 
 Exact resume: the checkpoint stores weights, optimizer moments, the step, every RNG that the loop draws
@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import torch
 
-from llm.config import ModelConfig, PretrainParams
-from llm.data.tokenizer import Tokenizer, load_tokenizer
-from llm.data.tokens import TokenFile, bits_per_byte, read_meta
+from llm.config import PretrainParams
+from llm.data.tokenizer import Tokenizer
+from llm.data.tokens import bits_per_byte
 from llm.model.checkpoint import (
     CheckpointError,
     TrainState,
@@ -335,56 +335,3 @@ def _progress(enabled: bool):
         disable=not enabled,
         transient=False,
     )
-
-
-class PretrainData:
-    """Random windows of the train split; validation on evenly spread windows of the val split."""
-
-    def __init__(self, tokens_dir: str | Path, batch_size: int, context_length: int, eval_batches: int):
-        self.train = TokenFile(tokens_dir, "train")
-        self.val = TokenFile(tokens_dir, "val")
-        self.batch_size, self.block, self.eval_batches = batch_size, context_length, eval_batches
-        self.train.check_fits(context_length)
-        self.val.check_fits(context_length)
-        self.tokens_per_byte = self.val.tokens_per_byte
-
-    def train_batch(self, generator: torch.Generator) -> Batch:
-        return self.train.random_batch(self.batch_size, self.block, generator)
-
-    def val_batches(self) -> Iterator[Batch]:
-        return self.val.eval_batches(self.batch_size, self.block, self.eval_batches)
-
-
-def pretrain(
-    params: PretrainParams,
-    model_config: ModelConfig,
-    tokens_dir: str | Path,
-    tokenizer_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    resume: bool = True,
-    until_step: int | None = None,
-    callbacks: list[Callback] | None = None,
-) -> TrainResult:
-    """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``.
-
-    ``model_config.vocab_size`` is taken from the tokenizer when unset. Raises TokenDataError for missing
-    token files, ValueError when the tokenizer and the token files disagree, and see ``train``.
-    """
-    tokenizer = load_tokenizer(tokenizer_dir)
-    meta = read_meta(tokens_dir)
-    if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer_kind"] != tokenizer.kind:
-        raise ValueError(
-            f"{Path(tokens_dir) / 'meta.json'}: tokens were made by a {meta['tokenizer_kind']} tokenizer of "
-            f"{meta['vocab_size']} ids, but {tokenizer_dir} holds a {tokenizer.kind} tokenizer of "
-            f"{tokenizer.vocab_size}; re-run the tokenize stage"
-        )
-    if model_config.vocab_size is None:
-        model_config = model_config.model_copy(update={"vocab_size": tokenizer.vocab_size})
-    elif model_config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size {model_config.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}")
-    torch.manual_seed(params.seed)
-    model = GPT(model_config)
-    data = PretrainData(tokens_dir, params.batch_size, model_config.context_length, params.eval_batches)
-    return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
-                 callbacks=callbacks, metadata={"stage": "pretrain"})
