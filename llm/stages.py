@@ -174,7 +174,7 @@ def pretrain_stage(
     Returns the final metrics plus ``run_id`` and ``model_version`` (None when untracked or stopped
     early with ``until_step``). The registration is also written to ``out_dir/registration.json``.
     """
-    from llm.training.loop import pretrain
+    from llm.training.pretrain import pretrain
 
     enabled = tracking_enabled(track)
     logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}

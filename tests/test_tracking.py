@@ -210,8 +210,9 @@ def test_disabled_stage_run_does_nothing_and_needs_no_database(tmp_path, monkeyp
 
 def test_core_modules_do_not_import_mlflow():
     code = (
-        "import sys, llm.config, llm.model.gpt, llm.data.tokenizer, llm.model.checkpoint, llm.training.loop, llm.inference.generate, "
-        "llm.training.evaluate, llm.stages; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+        "import sys, llm.config, llm.model.gpt, llm.data.tokenizer, llm.model.checkpoint, llm.training.loop, "
+        "llm.training.pretrain, llm.inference.generate, llm.training.evaluate, llm.stages; "
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,8 @@ import torch
 from llm.config import ModelConfig, PretrainParams
 from llm.model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from llm.model.gpt import GPT
-from llm.training.loop import TrainingDivergedError, build_optimizer, lr_at, pretrain
+from llm.training.loop import TrainingDivergedError, build_optimizer, lr_at
+from llm.training.pretrain import pretrain
 
 TINY = ModelConfig(context_length=32, n_layer=2, n_head=2, d_model=32, dropout=0.1)
 

@@ -1,0 +1,73 @@
+"""Pretraining: a GPT from scratch on the token files of the tokenize stage.
+
+``PretrainData`` is the ``BatchSource`` (random windows of the train split, fixed windows of the val
+split); ``pretrain`` checks that the tokenizer and the token files agree, builds the model and hands
+both to the training loop, ``llm.training.loop.train``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llm.config import ModelConfig, PretrainParams
+from llm.data.tokenizer import load_tokenizer
+from llm.data.tokens import TokenFile, read_meta
+from llm.model.gpt import GPT
+from llm.training.loop import Batch, Callback, TrainResult, train
+
+
+class PretrainData:
+    """Random windows of the train split; validation on evenly spread windows of the val split."""
+
+    def __init__(self, tokens_dir: str | Path, batch_size: int, context_length: int, eval_batches: int):
+        self.train = TokenFile(tokens_dir, "train")
+        self.val = TokenFile(tokens_dir, "val")
+        self.batch_size, self.block, self.eval_batches = batch_size, context_length, eval_batches
+        self.train.check_fits(context_length)
+        self.val.check_fits(context_length)
+        self.tokens_per_byte = self.val.tokens_per_byte
+
+    def train_batch(self, generator: torch.Generator) -> Batch:
+        return self.train.random_batch(self.batch_size, self.block, generator)
+
+    def val_batches(self) -> Iterator[Batch]:
+        return self.val.eval_batches(self.batch_size, self.block, self.eval_batches)
+
+
+def pretrain(
+    params: PretrainParams,
+    model_config: ModelConfig,
+    tokens_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    until_step: int | None = None,
+    callbacks: list[Callback] | None = None,
+) -> TrainResult:
+    """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``.
+
+    ``model_config.vocab_size`` is taken from the tokenizer when unset. Returns the ``TrainResult`` of
+    ``llm.training.loop.train``. Raises TokenDataError for missing token files, ValueError when the
+    tokenizer and the token files disagree, and what ``train`` raises.
+    """
+    tokenizer = load_tokenizer(tokenizer_dir)
+    meta = read_meta(tokens_dir)
+    if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer_kind"] != tokenizer.kind:
+        raise ValueError(
+            f"{Path(tokens_dir) / 'meta.json'}: tokens were made by a {meta['tokenizer_kind']} tokenizer of "
+            f"{meta['vocab_size']} ids, but {tokenizer_dir} holds a {tokenizer.kind} tokenizer of "
+            f"{tokenizer.vocab_size}; re-run the tokenize stage"
+        )
+    if model_config.vocab_size is None:
+        model_config = model_config.model_copy(update={"vocab_size": tokenizer.vocab_size})
+    elif model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size {model_config.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}")
+    torch.manual_seed(params.seed)
+    model = GPT(model_config)
+    data = PretrainData(tokens_dir, params.batch_size, model_config.context_length, params.eval_batches)
+    return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
+                 callbacks=callbacks, metadata={"stage": "pretrain"})
