@@ -19,24 +19,20 @@ so MinHash only decides which pairs get checked, never the outcome.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import re
-import secrets
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
 from llm.config import DataParams
 from llm.data.corpus import CorpusError, iter_corpus_files
+from llm.io import atomic_file, atomic_write_json, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -328,30 +324,12 @@ def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> tup
     return [x for x in names if x not in val], [x for x in names if x in val]
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[TextIO]:
-    """A text file written under a hidden temporary name next to ``path`` and renamed to ``path`` when the
-    block ends without an error; on an error it is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # not mkstemp: that makes it 0600
-    f = open(tmp, "x", encoding="utf-8", newline="\n")
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_documents(path: Path, docs: Iterable[str]) -> None:
     """Write documents to ``path`` in the split file format (see the module docstring), atomically.
 
     Raises ValueError for a document containing DOC_SEPARATOR; ``path`` is then left untouched.
     """
-    with _atomic_file(Path(path)) as f:
+    with atomic_file(path, fsync=True) as f:
         for i, doc in enumerate(docs):
             if DOC_SEPARATOR in doc:
                 raise ValueError(f"document {i} contains the separator character U+001E; clean it first")
@@ -382,9 +360,7 @@ def _without_final_newline(text: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with _atomic_file(path) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    atomic_write_json(path, data, ensure_ascii=False, fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -475,8 +451,7 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in [*SPLIT_FILES.values(), STATS_FILE]:
-        for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a run that crashed mid-write
-            stale.unlink()
+        remove_stale_temp_files(out_dir / name)  # left by a run that crashed mid-write
     for split, docs in split_docs.items():
         write_documents(out_dir / SPLIT_FILES[split], docs)
 
