@@ -25,6 +25,7 @@ from llm.config import (
     PretrainParams,
     TokenizerParams,
 )
+from llm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,6 @@ def tracking_enabled(track: bool | None) -> bool:
     if track is not None:
         return track
     return os.environ.get("LLM_TRACKING", "1").lower() not in ("0", "false", "no", "off")
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def fetch_stage(source: str, dest: Path) -> list[Path]:
@@ -239,7 +234,7 @@ def read_registration(checkpoint_dir: Path) -> dict:
 
 def _write_registration(out_dir: Path, registration: dict) -> dict:
     if is_main_process():
-        _atomic_json(out_dir / REGISTRATION_FILE, registration)
+        atomic_write_json(out_dir / REGISTRATION_FILE, registration, sort_keys=True)
     return registration
 
 
@@ -321,9 +316,10 @@ def evaluate_stage(
                                                                     max_conversations=params.max_conversations)
             metric, candidate_score = "chat/assistant_loss", result["chat/assistant_loss"]
             conversations = sample_conversations(candidate_dir, chat_val, params)
-            (out_dir / "samples.md").write_text(samples_markdown(samples, conversations))
+            atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
             run.log_text(json.dumps(conversations, indent=2, ensure_ascii=False), "sample_conversations.json")
-            _atomic_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)})
+            atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
+                              sort_keys=True)
         run.log_metrics({k: float(v) for k, v in result.items()})
         run.log_artifact(out_dir / "samples.md")
         decision: dict[str, Any] = {"promoted": False, "metric": metric, "candidate_score": candidate_score,
@@ -348,7 +344,7 @@ def evaluate_stage(
                                   "(run the training stage tracked)")
         run.set_tags({"promotion.promoted": str(decision["promoted"]).lower()})
         run.log_text(json.dumps(decision, indent=2), "promotion.json")
-    _atomic_json(out_dir / "promotion.json", decision)
+    atomic_write_json(out_dir / "promotion.json", decision, sort_keys=True)
     return {**result, "promotion": decision, "samples": samples}
 
 

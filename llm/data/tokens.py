@@ -19,6 +19,7 @@ import torch
 
 from llm.data.clean import iter_documents
 from llm.data.tokenizer import Tokenizer, load_tokenizer
+from llm.io import atomic_file, atomic_write_json, remove_stale_temp_files
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
@@ -79,6 +80,8 @@ def tokenize_corpus(clean_dir: str | Path, tokenizer_dir: str | Path, out_dir: s
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*(f"{split}.bin" for split in SPLITS), META_FILE]:
+        remove_stale_temp_files(out_dir / name)  # left by a run that died mid-write
     workers = workers or os.cpu_count() or 1
     meta: dict = {
         "dtype": dtype.name,
@@ -93,27 +96,22 @@ def tokenize_corpus(clean_dir: str | Path, tokenizer_dir: str | Path, out_dir: s
             src = clean_dir / f"{split}.txt"
             if not src.exists():
                 raise TokenDataError(f"{src}: missing; run the clean stage first")
-            tmp = out_dir / f".{split}.bin.tmp"
             n_tokens = n_bytes = n_docs = 0
-            with open(tmp, "wb") as f:
+            with atomic_file(out_dir / f"{split}.bin", binary=True) as f:
                 for ids, nbytes in pool.imap(_encode_piece, _pieces(src), chunksize=4):
                     f.write(ids.astype(dtype).tobytes())
                     n_tokens += len(ids)
                     n_bytes += nbytes
                     n_docs += int(len(ids) > 0 and ids[0] == tokenizer.bos_id)
-            if n_tokens == 0:
-                tmp.unlink()
-                raise TokenDataError(f"{src}: no documents to tokenize")
-            os.replace(tmp, out_dir / f"{split}.bin")
+                if n_tokens == 0:
+                    raise TokenDataError(f"{src}: no documents to tokenize")
             meta["splits"][split] = {
                 "tokens": n_tokens,
                 "bytes": n_bytes,
                 "documents": n_docs,
                 "tokens_per_byte": n_tokens / max(1, n_bytes),
             }
-    tmp_meta = out_dir / f".{META_FILE}.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, out_dir / META_FILE)
+    atomic_write_json(out_dir / META_FILE, meta)
     return meta
 
 

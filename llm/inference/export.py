@@ -22,10 +22,8 @@ batch, seq and past dimensions, traced at sizes of at least 2 so that no axis is
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +36,8 @@ from torch import nn
 from llm.config import EvalParams
 from llm.data.chat_template import generation_stop_ids
 from llm.inference.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
-from llm.model.checkpoint import TOKENIZER_DIR, load_checkpoint, replace_folder
+from llm.io import atomic_folder, atomic_write_json
+from llm.model.checkpoint import TOKENIZER_DIR, load_checkpoint
 from llm.model.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -259,7 +258,7 @@ def check_parity(
                           atol, n_prompts, new_tokens, batch_size, seed)
     finally:
         torch.set_num_threads(previous_threads)
-    (onnx_dir / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(onnx_dir / PARITY_FILE, report)
     return report
 
 
@@ -378,14 +377,12 @@ def export_onnx(
     c = model.config
     if external_data is None:
         external_data = 4 * model.num_parameters() > EXTERNAL_DATA_BYTES
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         opset = _export_graph(model, tmp / MODEL_FILE, opset, external_data)
         axes = check_dynamic_axes(tmp / MODEL_FILE, c.n_layer, c.n_head, c.head_dim, c.vocab_size)
         export_s = time.perf_counter() - start
         config = _generation_config(model, tokenizer, checkpoint_config, opset, external_data, quantize)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_json(tmp / CONFIG_FILE, config)
         source_tokenizer = checkpoint_dir / TOKENIZER_DIR
         shutil.copytree(source_tokenizer, tmp / TOKENIZER_DIR)
         summary: dict[str, Any] = {"path": str(out_dir), "opset": opset, "axes": axes, "export_s": export_s}
@@ -399,10 +396,6 @@ def export_onnx(
         summary["files"] = {
             str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["total_s"] = time.perf_counter() - start
     log.info("exported %s to %s (opset %d) in %.1fs", checkpoint_dir, out_dir, opset, summary["total_s"])
     return summary

@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 
+from llm.io import atomic_write_json, replace_folder, temporary_folder_beside
 from llm.mlops.tracking import LINEAGE_KEYS, configure_mlflow, registry_uri, set_uris, sqlite_path, tracking_uri
 from llm.model.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, verify_checkpoint
 
@@ -139,7 +140,7 @@ def _stage_for_logging(checkpoint_dir: Path, staging: Path) -> tuple[Path, Path]
     shutil.copytree(checkpoint_dir, checkpoint, ignore=shutil.ignore_patterns(TRAIN_STATE_DIR, ".*"))
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     manifest = {k: v for k, v in manifest.items() if not k.startswith(f"{TRAIN_STATE_DIR}/")}
-    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(checkpoint / MANIFEST_FILE, manifest, sort_keys=True)
     code = staging / "code" / PACKAGE_DIR.name
     shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     return checkpoint, code
@@ -283,20 +284,15 @@ def _checkpoint_subpath(model_root: str) -> str:
 def _download_checkpoint(model_root: str, target: Path) -> Path:
     """Download the model's checkpoint folder into ``target`` (atomically: temp sibling, then rename)."""
     subpath = _checkpoint_subpath(model_root)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_root}/{subpath}", dst_path=str(tmp))
-        if not (Path(local) / MANIFEST_FILE).is_file():
-            raise RegistryError(f"{model_root}/{subpath}: downloaded, but it is not a checkpoint folder")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(local, target)
+        with temporary_folder_beside(target) as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_root}/{subpath}", dst_path=str(tmp))
+            if not (Path(local) / MANIFEST_FILE).is_file():
+                raise RegistryError(f"{model_root}/{subpath}: downloaded, but it is not a checkpoint folder")
+            replace_folder(local, target)
     except MlflowException as err:
         reason = str(err.message).splitlines()[0]
         raise RegistryError(f"{model_root}/{subpath}: cannot download the checkpoint: {reason}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -383,8 +379,6 @@ def resolve_onnx(uri: str) -> Path:
 
     Raises RegistryError (one line) when the version is missing or carries no export.
     """
-    import tempfile
-
     import mlflow.artifacts
 
     ref = str(uri).removeprefix("models:/").strip("/")
@@ -402,12 +396,9 @@ def resolve_onnx(uri: str) -> Path:
     key = hashlib.sha256(artifact.encode()).hexdigest()[:12]
     target = _cache_root() / version.name / f"{version.version}-onnx-{key}"
     if not (target / "generation_config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=tmp))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(local, target)
+        with temporary_folder_beside(target) as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=str(tmp))
+            replace_folder(local, target)
     return target
 
 

@@ -14,11 +14,7 @@ previous checkpoint or the new one, never a mix. ``manifest.json`` catches trunc
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llm.config import ModelConfig
+from llm.io import atomic_folder, atomic_write_json, atomic_write_text, recover_interrupted_swap, sha256_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,16 +48,8 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, data, sort_keys=True)
 
 
 def _optimizer_to_files(state_dict: dict[str, Any], folder: Path) -> None:
@@ -105,9 +94,7 @@ def save_checkpoint(
     An existing folder at ``path`` is replaced only after the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         # tied weights share storage; safetensors refuses shared tensors, so store each name once
         state = {}
         seen: dict[int, str] = {}
@@ -135,37 +122,11 @@ def save_checkpoint(
         for name, text in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            atomic_write_text(target, text)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
         _write_json(tmp / MANIFEST_FILE, manifest)
-        replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def replace_folder(new: Path, path: Path) -> None:
-    """Replace ``path`` by the complete folder ``new``: the old folder is moved aside first and removed only
-    at the end (``recover_interrupted_swap`` undoes a crash in between)."""
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(new, path)
-    if old.exists():
-        shutil.rmtree(old)
-    os.chmod(path, 0o755)
-
-
-def recover_interrupted_swap(path: str | Path) -> None:
-    """If a crash hit between the two renames of ``replace_folder``, put the previous checkpoint back."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.exists():
-        os.replace(old, path)
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -191,7 +152,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{file}: truncated or altered ({size} bytes, expected {entry['bytes']})")
-        if _sha256(file) != entry["sha256"]:
+        if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: contents do not match the manifest checksum (corrupt)")
     try:
         return json.loads((path / CONFIG_FILE).read_text())

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from llm.config import EvalParams
@@ -13,6 +11,7 @@ from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.data.tokens import TokenFile, bits_per_byte, encode_documents, read_meta
 from llm.inference.decoding import SamplingParams, complete, stream_text
 from llm.inference.generate import TorchGenerator
+from llm.io import atomic_write_json, atomic_write_text
 from llm.model.checkpoint import load_checkpoint
 from llm.training.device import select_device, select_dtype
 from llm.training.loop import evaluate_loss
@@ -119,11 +118,6 @@ def evaluate_checkpoint(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in (
-            ("samples.md", samples_markdown(samples)),
-            ("metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"),
-        ):
-            tmp = out_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / "samples.md", samples_markdown(samples))
+        atomic_write_json(out_dir / "metrics.json", metrics, sort_keys=True)
     return {**metrics, "samples": samples}

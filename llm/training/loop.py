@@ -31,12 +31,12 @@ import torch
 from llm.config import PretrainParams
 from llm.data.tokenizer import Tokenizer
 from llm.data.tokens import bits_per_byte
+from llm.io import recover_interrupted_swap
 from llm.model.checkpoint import (
     CheckpointError,
     TrainState,
     load_train_state,
     load_weights,
-    recover_interrupted_swap,
     save_checkpoint,
     verify_checkpoint,
 )
