@@ -61,7 +61,9 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def measure(build, cfg: ModelConfig, batch_size: int, steps: int, warmup: int, device, dtype, compile_model: bool) -> dict:
+def measure(
+    build, cfg: ModelConfig, batch_size: int, steps: int, warmup: int, device, dtype, compile_model: bool
+) -> dict:
     torch.manual_seed(0)
     model = build(cfg).to(device).train()
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -259,8 +259,8 @@ def test_mlflow_models_serve_answers_over_http_and_refuses_oversized_requests(re
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gpt/Production", "--env-manager", "local",
-             "--host", "127.0.0.1", "-p", str(port)],
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gpt/Production",
+             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

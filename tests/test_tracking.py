@@ -77,7 +77,8 @@ def test_lineage_tags_read_git_commit_and_the_dvc_data_hash(tmp_path):
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef.dir\n  size: 10\n  path: data\n")
     subprocess.run([*git, "add", "data.dvc"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "data"], cwd=tmp_path, check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
     tags = lineage_tags("pretrain", {"lr": 1}, root=tmp_path)
     assert tags["git.commit"] == head
@@ -135,7 +136,8 @@ def test_stage_run_logs_params_lineage_tags_and_metrics_under_their_exact_keys(t
     assert [m.step for m in client.get_metric_history(run_id, "val/bpb")] == [10, 20, 30]
     artifacts = {f.path for f in client.list_artifacts(run_id)}
     assert {"loss_curve.png", "notes.txt", "notes"} <= artifacts
-    png = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="loss_curve.png", dst_path=str(tmp_path / "dl")))
+    png = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="loss_curve.png",
+                                                   dst_path=str(tmp_path / "dl")))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # artifacts live beside the database, in a folder named after the experiment
     assert logged.info.artifact_uri == (tmp_path / "mlruns" / "llm" / run_id / "artifacts").as_uri()

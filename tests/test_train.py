@@ -70,7 +70,9 @@ def test_training_lowers_val_loss_and_reports_bits_per_byte(prepared, tmp_path):
     assert m["val/ppl"] == pytest.approx(math.exp(m["val/loss"]))
     assert m["perf/tokens_per_s"] > 0 and 0 < m["perf/mfu"] < 1
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer", "train_state", "metrics.json", "curve", "manifest.json"} <= files
+    expected = {"config.json", "model.safetensors", "tokenizer", "train_state", "metrics.json", "curve",
+                "manifest.json"}
+    assert expected <= files
     assert (tmp_path / "run" / "curve" / "val.csv").read_text().startswith("step,val_loss,val_bpb\n")
 
 

@@ -85,7 +85,9 @@ def validate_conversation(record: Any, where: str) -> Conversation:
         if role not in ROLES:
             raise ChatDataError(f"{where}: message {i}: unknown role {role!r}; expected system, user or assistant")
         if not isinstance(content, str):
-            raise ChatDataError(f"{where}: message {i} ({role}): content must be a string, got {type(content).__name__}")
+            raise ChatDataError(
+                f"{where}: message {i} ({role}): content must be a string, got {type(content).__name__}"
+            )
         if not content.strip():
             raise ChatDataError(f"{where}: message {i} ({role}): empty content")
         if role == "system" and out and out[-1]["role"] != "system":
@@ -329,7 +331,8 @@ def conversations_from_play(text: str, params: ChatDataParams) -> list[Conversat
             while s + 1 < n:
                 user, assistant = run[s].speaker, run[s + 1].speaker  # differ: same-speaker speeches are merged
                 e, turns = s + 1, 1
-                while turns < params.max_turns and e + 2 < n and run[e + 1].speaker == user and run[e + 2].speaker == assistant:
+                while (turns < params.max_turns and e + 2 < n
+                       and run[e + 1].speaker == user and run[e + 2].speaker == assistant):
                     e, turns = e + 2, turns + 1
                 messages = [{"role": "system", "content": params.system_template.format(name=assistant)}]
                 for k, speech in enumerate(run[s : e + 1]):
@@ -366,7 +369,7 @@ def build_chat_data(clean_dir: str | Path, out_dir: str | Path, params: ChatData
         if not path.exists():
             raise ChatDataError(f"{path}: missing; run the clean stage first (`llm clean`)")
         records, formats, plays = [], Counter(), []
-        for i, doc in enumerate(iter_documents(path)):
+        for doc in iter_documents(path):
             fmt, _ = parse_play(doc)
             formats[fmt] += 1
             conversations = conversations_from_play(doc, params)

@@ -300,9 +300,10 @@ _ARCHIVE_ERRORS = (
 def extract_texts_from_archive(archive: Path, dest: Path) -> list[Path]:
     """Write every ``.txt`` member of a zip or tar archive (any compression) into ``dest``, byte for byte.
 
-    A file named ``*.zip`` is read as a zip, any other as a tar (gzip, bzip2, xz or none). Member paths are kept relative to the archive root; hidden paths (a part starting with ``.``) and
-    ``__MACOSX/`` are skipped, like iter_corpus_files does. ``dest`` is replaced atomically. Returns the
-    written paths, sorted by relative POSIX path.
+    A file named ``*.zip`` is read as a zip, any other as a tar (gzip, bzip2, xz or none). Member paths are
+    kept relative to the archive root; hidden paths (a part starting with ``.``) and ``__MACOSX/`` are
+    skipped, like iter_corpus_files does. ``dest`` is replaced atomically. Returns the written paths, sorted
+    by relative POSIX path.
 
     Raises CorpusError when the archive is unreadable, when any member's name is absolute or holds ``..``,
     when a ``.txt`` member is a symlink, hard link or device, when two members have the same path, or

@@ -69,7 +69,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def tokenize_corpus(clean_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, workers: int | None = None) -> dict:
+def tokenize_corpus(
+    clean_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, workers: int | None = None
+) -> dict:
     """Encode ``clean_dir/{train,val}.txt`` into ``out_dir/{train,val}.bin`` and write ``meta.json``.
 
     Documents are read one at a time and encoded by a pool of ``workers`` processes (default: all
@@ -170,14 +172,18 @@ class TokenFile:
                 "lower context_length or add text"
             )
 
-    def random_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def random_batch(
+        self, batch_size: int, block_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` windows at offsets drawn from ``generator``: inputs and next-token targets."""
         self.check_fits(block_size)
         offsets = torch.randint(self.n_tokens - block_size, (batch_size,), generator=generator).tolist()
         rows = torch.stack([self.window(o, block_size + 1) for o in offsets])
         return rows[:, :-1], rows[:, 1:]
 
-    def eval_batches(self, batch_size: int, block_size: int, max_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, batch_size: int, block_size: int, max_batches: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Deterministic batches: non-overlapping windows over the whole file, or, with ``max_batches``,
         that many batches of windows spread evenly across it (so a quick estimate still sees all of it)."""
         self.check_fits(block_size)
