@@ -239,3 +239,21 @@ def test_prepare_reports_invalid_user_data_and_too_few_conversations(tmp_path):
 def test_missing_clean_split_says_what_to_run(tmp_path):
     with pytest.raises(ChatDataError, match=r"train\.txt: missing; run the clean stage first"):
         build_chat_data(tmp_path / "clean", tmp_path / "out", ChatDataParams())
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_file_and_line_before_anything_is_written(tmp_path):
+    chat = tmp_path / "chat"
+    # an unpaired \ud800 escape is valid JSON, but no character: it could never be written as UTF-8
+    write_jsonl(chat / "a.jsonl", [GOOD, GOOD, r'{"messages": [{"role": "user", "content": "\ud800"}]}'])
+    with pytest.raises(ChatDataError, match=r"a\.jsonl:3: message 0 \(user\): content holds the lone surrogate "
+                                            r"\\ud800 at character 0"):
+        prepare_chat_data(chat, tmp_path / "clean", tmp_path / "out", ChatDataParams())
+    assert not (tmp_path / "out").exists()
+
+    write_jsonl(chat / "a.jsonl", [{"messages": [{"role": "user", "content": "Hi \udfff"},
+                                                 {"role": "assistant", "content": "x"}]}])
+    with pytest.raises(ChatDataError, match=r"a\.jsonl:1: .*lone surrogate \\udfff at character 3"):
+        read_chat_file(chat / "a.jsonl")
+    write_jsonl(chat / "a.jsonl", [r'{"messages": [{"role": "user", "content": "\ud83d\ude00"},'
+                                   r' {"role": "assistant", "content": "x"}]}'])
+    assert read_chat_file(chat / "a.jsonl")[0][0]["content"] == "\U0001f600"  # a pair is one character

@@ -7,7 +7,8 @@ File format (one conversation per line, the common ``messages`` form; other keys
                   {"role": "assistant", "content": "It is not yet near day."}]}
 
 A valid conversation has at least one message; every role is ``system``, ``user`` or ``assistant``; system
-messages only open it; every content is a non-empty string; it ends with an assistant turn.
+messages only open it; every content is a non-empty string of characters (no lone surrogate, such as an
+unpaired ``\\ud800`` escape); it ends with an assistant turn.
 ``read_chat_file`` raises ChatDataError naming the file and line of the first problem.
 
 ``prepare_chat_data`` is the chat-data stage: user conversations in ``data/chat/*.jsonl`` when there are
@@ -59,6 +60,10 @@ STATS_FILE = "stats.json"
 Conversation = list[dict[str, str]]
 
 
+# json.loads turns an unpaired "\ud800" escape into a str that no UTF-8 file can hold
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class ChatDataError(ValueError):
     """Chat data is malformed or missing; the message names the file and line."""
 
@@ -90,6 +95,12 @@ def validate_conversation(record: Any, where: str) -> Conversation:
             )
         if not content.strip():
             raise ChatDataError(f"{where}: message {i} ({role}): empty content")
+        if (surrogate := _LONE_SURROGATE.search(content)) is not None:
+            raise ChatDataError(
+                f"{where}: message {i} ({role}): content holds the lone surrogate \\u{ord(surrogate.group()):04x} at "
+                f"character {surrogate.start()}, which is no character and cannot be written as UTF-8; a JSON "
+                "\\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one (fix the tool that wrote the file)"
+            )
         if role == "system" and out and out[-1]["role"] != "system":
             raise ChatDataError(f"{where}: message {i}: a system message may only open the conversation")
         out.append({"role": role, "content": content})
