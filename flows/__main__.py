@@ -4,8 +4,9 @@ This is the command of every ``dvc.yaml`` stage. ``--set`` overrides a key of a 
 ``dvc exp run -S``: a bare ``key`` is in the flow's own file (``params/pretrain.yaml`` for ``pretrain``),
 ``model:n_layer=2`` or ``params/model.yaml:n_layer=2`` names the file. ``--param`` sets any other flow
 parameter, like ``prefect deployment run --param``. Values are read as YAML (``5``, ``true``, ``null``,
-``[a, b]``). An empty value (``--set max_steps=``) overrides nothing, so wrappers such as ``MLproject`` can
-pass optional settings through.
+``[a, b]``). A dotted key (``finetune:chat_data.max_turns=3``) or a mapping value (``chat_data={max_turns: 3}``)
+changes only the keys it names, keeping the file's other keys. An empty value (``--set max_steps=``) overrides
+nothing, so wrappers such as ``MLproject`` can pass optional settings through.
 
 With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it Prefect starts a
 temporary one for the run.
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from flows import all_flows
 from flows.params import PARAMS_MODELS
+from llm.config import ParamsError, apply_overrides, check_until_step, parse_yaml
 
 # the params file that a bare ``--set key=value`` refers to, for flows that have one of their own
 OWN_PARAMS_FILE = {"clean": "data", "tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "finetune",
@@ -35,6 +36,13 @@ def _split_assignment(item: str, option: str) -> tuple[str, str]:
     if not sep or not name.strip():
         raise typer.BadParameter(f"{option} {item!r}: expected name=value")
     return name.strip(), value
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    try:
+        return parse_yaml(text, where)
+    except ParamsError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def _params_file(spec: str) -> str:
@@ -53,7 +61,12 @@ def flow_arguments(flow_name: str, sets: list[str], params: list[str]) -> dict[s
         name, value = _split_assignment(item, "--param")
         if name not in accepted:
             raise typer.BadParameter(f"--param {item!r}: the {flow_name} flow takes {', '.join(accepted) or 'none'}")
-        arguments[name] = yaml.safe_load(value)
+        arguments[name] = _yaml_value(value, f"--param {item}")
+        if name == "until_step":  # refused now, before Prefect starts the run
+            try:
+                check_until_step(arguments[name])
+            except ParamsError as err:
+                raise typer.BadParameter(f"--param {item!r}: {err}") from None
     for item in sets:
         target, value = _split_assignment(item, "--set")
         if value == "":
@@ -69,7 +82,12 @@ def flow_arguments(flow_name: str, sets: list[str], params: list[str]) -> dict[s
         argument = "overrides" if OWN_PARAMS_FILE.get(flow_name) == file_name else f"{file_name}_overrides"
         if argument not in accepted:
             raise typer.BadParameter(f"--set {item!r}: the {flow_name} flow does not read params/{file_name}.yaml")
-        arguments[argument] = {**(arguments.get(argument) or {}), key: yaml.safe_load(value)}
+        # merged as they come (a later item wins); load_params then changes only the keys they name
+        try:
+            arguments[argument] = apply_overrides(arguments.get(argument) or {},
+                                                  {key: _yaml_value(value, f"--set {item}")}, f"--set {item}")
+        except ParamsError as err:
+            raise typer.BadParameter(str(err)) from None
     return arguments
 
 

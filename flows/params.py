@@ -2,7 +2,9 @@
 
 A flow takes one overrides dict per params file it reads (``overrides`` for its own file, ``model_overrides``
 for ``params/model.yaml``, ...) so a deployment run can change any key, and a bad key fails the run with the
-file and key named (``llm.config.ParamsError``).
+file and key named (``llm.config.ParamsError``). An override changes only the keys it names:
+``{"chat_data.max_turns": 3}`` and ``{"chat_data": {"max_turns": 3}}`` both keep the file's other ``chat_data``
+keys. A params file that is missing fails the run too; it never stands for the defaults.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ Overrides = dict[str, Any] | None
 
 
 def read_params(name: str, overrides: Overrides = None, layout: Layout | None = None) -> Any:
-    """``params/<name>.yaml`` with ``overrides`` applied on top, validated by its pydantic model.
+    """``params/<name>.yaml`` with ``overrides`` applied on top (``llm.config.apply_overrides``), validated by
+    its pydantic model.
 
-    Raises ParamsError naming the file and the key when a key is unknown or a value invalid.
+    Raises ParamsError naming the file when it is missing or holds a key twice, and the file and the key when
+    a key is unknown or a value invalid.
     """
     layout = layout or Layout()
     return load_params(PARAMS_MODELS[name], layout.params / f"{name}.yaml", overrides)

@@ -13,18 +13,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 from llm.config import (
     DataParams,
     EvalParams,
     ExportParams,
+    FetchLimits,
     FinetuneParams,
     ModelConfig,
     ParamsError,
     PretrainParams,
     TokenizerParams,
+    apply_overrides,
     load_params,
+    parse_yaml,
+    validate_params,
 )
 from llm.stages import (
     Layout,
@@ -46,16 +49,26 @@ export_app = typer.Typer(help="Deployable exports of a checkpoint.", no_args_is_
 app.add_typer(export_app, name="export")
 
 LAYOUT = Layout()  # the default paths: params/, data/ and artifacts/<stage> under the working directory
-Sets = Annotated[list[str] | None, typer.Option("--set", help="override a params key: --set key=value (repeatable)")]
+_DEFAULT_LIMITS = FetchLimits()
+Sets = Annotated[list[str] | None, typer.Option(
+    "--set", help="override a params key: --set key=value, --set chat_data.max_turns=3 (repeatable)")]
+# 0 or a negative step would silently train to max_steps or nothing: refused here, and again by the stages
+UntilStep = Annotated[int | None, typer.Option(min=1, help="stop after this step (resume later)")]
 
 
-def _overrides(sets: list[str] | None) -> dict:
-    out = {}
+def _overrides(sets: list[str] | None, option: str = "--set") -> dict:
+    """The ``key=value`` items of ``--set`` as an overrides dict for ``load_params``, values read as YAML.
+
+    A dotted key (``chat_data.max_turns=3``) or a mapping value (``chat_data={max_turns: 3}``) changes only
+    the keys it names; the file's other keys stay (see ``llm.config.apply_overrides``).
+    """
+    out: dict = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--set {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{option} {item!r}: expected key=value")
+        # merged as they come, so a later item wins over an earlier one that names the same key
+        out = apply_overrides(out, {key.strip(): parse_yaml(value, f"{option} {item}")}, f"{option} {item}")
     return out
 
 
@@ -69,9 +82,23 @@ def data_fetch(
     source: str = typer.Option("default", help="'default' (Gutenberg Shakespeare), a local folder, or an http(s) URL "
                                                 "of a .txt file or a .zip/.tar.gz archive"),
     dest: Path = typer.Option(LAYOUT.corpus, help="folder to write the corpus into"),
+    max_bytes: str | None = typer.Option(
+        None, help=f"refuse a source whose download, or whose .txt files together, exceed this size (units "
+                   f"allowed: 8GB) [default: {_DEFAULT_LIMITS.max_bytes.human_readable(decimal=True)}]"),
+    max_member_bytes: str | None = typer.Option(
+        None, help="refuse an archive with a member larger than this, uncompressed "
+                   f"[default: {_DEFAULT_LIMITS.max_member_bytes.human_readable(decimal=True)}]"),
+    max_members: int | None = typer.Option(
+        None, min=1, help=f"refuse an archive with more entries [default: {_DEFAULT_LIMITS.max_members}]"),
+    timeout: float | None = typer.Option(
+        None, min=0.001, help=f"give up a URL fetch after this many seconds in all, retries included "
+                              f"[default: {_DEFAULT_LIMITS.timeout_s:g}]"),
 ) -> None:
     """Build data/corpus from a source, deterministically (same source, byte-identical files)."""
-    files = fetch_stage(source, dest)
+    given = {"max_bytes": max_bytes, "max_member_bytes": max_member_bytes, "max_members": max_members,
+             "timeout_s": timeout}
+    limits = validate_params(FetchLimits, {k: v for k, v in given.items() if v is not None}, "llm data fetch")
+    files = fetch_stage(source, dest, limits)
     typer.echo(f"wrote {len(files)} text files under {dest}")
 
 
@@ -120,12 +147,12 @@ def pretrain(
     sets: Sets = None,
     model_sets: Annotated[list[str] | None, typer.Option("--model-set", help="override a model.yaml key")] = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
-    until_step: int | None = typer.Option(None, help="stop after this step (resume later)"),
+    until_step: UntilStep = None,
 ) -> None:
     """Pretrain the GPT on the token files; checkpoints land in --out and resume exactly."""
     result = pretrain_stage(
         load_params(PretrainParams, params, _overrides(sets)),
-        load_params(ModelConfig, model_params, _overrides(model_sets)),
+        load_params(ModelConfig, model_params, _overrides(model_sets, "--model-set")),
         tokens, tokenizer_dir, out, resume=resume, until_step=until_step,
     )
     typer.echo(json.dumps(result, indent=2))
@@ -143,7 +170,7 @@ def finetune(
     params: Path = typer.Option(LAYOUT.params / "finetune.yaml"),
     sets: Sets = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
-    until_step: int | None = typer.Option(None, help="stop after this step (resume later)"),
+    until_step: UntilStep = None,
 ) -> None:
     """Supervised finetuning into a chat model: loss on assistant tokens only."""
     result = finetune_stage(load_params(FinetuneParams, params, _overrides(sets)), base, clean_dir, chat_source,

@@ -1,22 +1,29 @@
 """Typed configuration: one pydantic model per concern, each matching a file in ``params/``.
 
-Every model forbids unknown keys, so a typo in a YAML file is an error that names the key.
-``load_params`` reads a YAML file and re-raises validation errors with the file name attached.
+Every model forbids unknown keys and non-finite floats (``.inf``, ``.nan``), so a typo or a bad value in a
+YAML file is an error that names the key. ``load_params`` reads a YAML file (refusing a missing file and a
+key written twice), applies overrides key by key (``chat_data.max_turns=3`` changes only that key), and
+re-raises validation errors with the file name attached.
 """
 
 from __future__ import annotations
 
+import copy
+import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, values are re-validated on assignment."""
+    """Base for every config: unknown keys are errors, every float must be finite, values are re-validated
+    on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a learning_rate of .inf or a val_fraction of .nan passes gt/lt bounds otherwise
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -68,7 +75,8 @@ class ModelConfig(StrictModel):
 class DataParams(StrictModel):
     """Cleaning and splitting of the raw corpus (``params/data.yaml``)."""
 
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of documents (by count) held out")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share held out for validation: of the documents "
+                                "(by count) in a split by document, of the bytes in a split into sections")
     split_seed: int = 1337
     min_doc_chars: int = Field(500, ge=0, description="documents shorter than this after cleaning are dropped")
     strip_gutenberg: bool = True
@@ -159,7 +167,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate_params(model: type[P], data: dict | None, source: str) -> P:
+def validate_params(model: type[P], data: Mapping | None, source: str) -> P:
     """Validate ``data`` against ``model``; raise ParamsError naming ``source`` and each bad key."""
     try:
         return model.model_validate(data or {})
@@ -167,22 +175,138 @@ def validate_params(model: type[P], data: dict | None, source: str) -> P:
         raise ParamsError(format_validation_error(err, source)) from None
 
 
-def load_params(model: type[P], path: str | Path, overrides: dict | None = None) -> P:
-    """Read a YAML params file, apply ``overrides`` on top, and validate it.
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
-    Raises ParamsError naming the file (and key) when the file is missing, not a mapping or invalid.
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, path: str = "") -> None:
+    """Raise ParamsError naming ``source``, the key and both lines when a mapping holds a key twice
+    (PyYAML would keep the last value silently)."""
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # ``<<: *base`` may be overridden by explicit keys, as YAML intends
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            name = f"{path}{key}"
+            try:
+                first = first_line.get(key)
+            except TypeError:  # an unhashable key (a list): the constructor rejects it with its own message
+                continue
+            if first is not None:
+                raise ParamsError(f"{source}: line {line}: duplicate key {name!r} (first on line {first}); "
+                                  "keep one of them")
+            first_line[key] = line
+            _check_unique_keys(loader, value_node, source, f"{name}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, source, f"{path}{i}.")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The value of the YAML document ``text`` (None when it is empty), read like ``yaml.safe_load``.
+
+    Raises ParamsError naming ``source`` for invalid YAML and for a mapping that holds a key twice (with
+    the key and both line numbers).
     """
+    stream = io.StringIO(text)
+    stream.name = source  # PyYAML's own messages then say where: in "params/data.yaml", line 3, column 1
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(loader, node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+    """``data`` with ``overrides`` applied in order; returns a new dict and leaves ``data`` as it was.
+
+    A dotted key (``chat_data.max_turns``) names a key inside a mapping. A mapping value is merged key by
+    key into the mapping it overrides, so ``{"chat_data": {"max_turns": 3}}`` changes ``max_turns`` and keeps
+    the other ``chat_data`` keys; any other value replaces the old one. Raises ParamsError naming ``source``
+    and the override when a dotted key has an empty part or runs through a value that is not a mapping.
+    """
+    merged = copy.deepcopy(dict(data))
+    for key, value in (overrides or {}).items():
+        parts = str(key).split(".")
+        if not all(part.strip() for part in parts):
+            raise ParamsError(f"{source}: override {key!r}: a key may not be empty (write a.b, not a..b or .a)")
+        target = merged
+        for depth, part in enumerate(parts[:-1]):
+            inner = target.get(part)
+            if inner is None:
+                inner = target[part] = {}
+            elif not isinstance(inner, dict):
+                raise ParamsError(f"{source}: override {key!r}: {'.'.join(parts[:depth + 1])} is {inner!r}, "
+                                  "not a mapping of keys")
+            target = inner
+        target[parts[-1]] = _merge_value(target.get(parts[-1]), value)
+    return merged
+
+
+def _merge_value(old: Any, new: Any) -> Any:
+    """``new`` merged into ``old``: mappings key by key (recursively), anything else replaced."""
+    if isinstance(old, dict) and isinstance(new, Mapping):
+        return {**old, **{k: _merge_value(old.get(k), v) for k, v in new.items()}}
+    return copy.deepcopy(new)
+
+
+def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> P:
+    """Read the YAML params file ``path``, apply ``overrides`` on top (``apply_overrides``: dotted keys and
+    mappings change only the keys they name), and validate it against ``model``.
+
+    ``path=None`` says there is no params file: the model's defaults with ``overrides``. A path that does
+    not exist is an error, never the defaults in disguise.
+
+    Raises ParamsError naming the file (and key, and line where there is one) when the file is missing or
+    unreadable, is not valid YAML, holds a key twice, is not a mapping, or holds an invalid value.
+    """
+    if path is None:
+        return validate_params(model, apply_overrides({}, overrides, "overrides"), f"{model.__name__} (no params file)")
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) if path.exists() else {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found (looked for {path.absolute()}); run from the project "
+                          "root, or name an existing file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read the params file: {err}") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    data = {**data, **(overrides or {})}
-    return validate_params(model, data, str(path))
+    return validate_params(model, apply_overrides(data, overrides, str(path)), str(path))
+
+
+def check_until_step(until_step: int | None) -> None:
+    """Refuse an ``until_step`` that would train nothing or everything by accident: it must be None
+    (train to ``max_steps``) or a step number of at least 1. Raises ParamsError naming ``until_step``."""
+    if until_step is not None and (isinstance(until_step, bool) or not isinstance(until_step, int) or until_step < 1):
+        raise ParamsError(f"until_step={until_step!r}: must be a step number of at least 1 "
+                          "(leave it unset to train to max_steps)")
+
+
+class FetchLimits(StrictModel):
+    """Caps on what fetching a corpus source may read and write (``llm.data.corpus.fetch_corpus``).
+
+    A source past a cap is refused with an error that names the cap and how to raise it; nothing is
+    written. Sizes accept units (``4GB``, ``512MiB``). They are options of ``llm data fetch`` rather than
+    keys of a params file, as fetching is not a pipeline stage: its output is versioned by ``data.dvc``.
+    """
+
+    max_bytes: ByteSize = Field(ByteSize(2_000_000_000), gt=0,
+                                description="total bytes of a download, and of the .txt files written")
+    max_member_bytes: ByteSize = Field(ByteSize(1_000_000_000), gt=0,
+                                       description="bytes of one archive member, uncompressed")
+    max_members: int = Field(100_000, gt=0, description="entries of an archive, of any kind")
+    timeout_s: float = Field(3600.0, gt=0, description="deadline for a whole URL fetch, retries included")
 
 
 class ChatDataParams(StrictModel):

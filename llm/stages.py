@@ -20,10 +20,12 @@ from llm.config import (
     DataParams,
     EvalParams,
     ExportParams,
+    FetchLimits,
     FinetuneParams,
     ModelConfig,
     PretrainParams,
     TokenizerParams,
+    check_until_step,
 )
 from llm.io import atomic_write_json, atomic_write_text
 
@@ -112,11 +114,11 @@ def tracking_enabled(track: bool | None) -> bool:
     return os.environ.get("LLM_TRACKING", "1").lower() not in ("0", "false", "no", "off")
 
 
-def fetch_stage(source: str, dest: Path) -> list[Path]:
-    """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL)."""
+def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None) -> list[Path]:
+    """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``."""
     from llm.data.corpus import fetch_corpus
 
-    return fetch_corpus(source, dest)
+    return fetch_corpus(source, dest, limits=limits)
 
 
 def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
@@ -171,6 +173,7 @@ def pretrain_stage(
     """
     from llm.training.pretrain import pretrain
 
+    check_until_step(until_step)
     enabled = tracking_enabled(track)
     logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}
     with _run("pretrain", logged, enabled) as run:
@@ -204,6 +207,7 @@ def finetune_stage(
     from llm.data.chat_data import prepare_chat_data
     from llm.training.finetune import finetune
 
+    check_until_step(until_step)
     enabled = tracking_enabled(track)
     parent = read_registration(base_dir)
     parent_tags = {"llm.parent_run_id": parent.get("run_id") or "none",

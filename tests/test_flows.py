@@ -124,6 +124,24 @@ def test_pipeline_checks_every_params_file_before_the_first_stage(prefect_api, p
     assert not (project / "artifacts").exists()  # nothing was cleaned, let alone trained
 
 
+def test_a_missing_params_file_fails_the_pipeline_before_the_first_stage(prefect_api, project):
+    from flows.pipeline import pipeline
+
+    (project / "params" / "export.yaml").unlink()
+    with pytest.raises(ParamsError, match=r"params/export\.yaml: params file not found"):
+        pipeline()
+    assert not (project / "artifacts").exists()  # the defaults did not stand in for the missing file
+
+
+@pytest.mark.parametrize(("flow_name", "until_step"), [("pretrain", 0), ("finetune", -1)])
+def test_until_step_below_one_fails_a_training_flow_before_any_work(prefect_api, project, flow_name, until_step):
+    from flows import all_flows
+
+    with pytest.raises(ParamsError, match=rf"until_step={until_step}: must be a step number of at least 1"):
+        all_flows()[flow_name](until_step=until_step)
+    assert not (project / "artifacts").exists()
+
+
 def test_no_task_caches_and_only_io_tasks_retry():
     from prefect.cache_policies import NO_CACHE
 
@@ -192,7 +210,8 @@ def test_set_options_map_to_the_overrides_of_each_params_file():
     [("pipeline", ["max_steps=5"], "reads several params files"),
      ("clean", ["model:n_layer=1"], "does not read params/model.yaml"),
      ("tokenize", ["nosuch:key=1"], "unknown params file"),
-     ("clean", ["no_equals_sign"], "expected name=value")],
+     ("clean", ["no_equals_sign"], "expected name=value"),
+     ("finetune", ["chat_data={max_turns: 2, max_turns: 3}"], r"line 1: duplicate key 'max_turns'")],
 )
 def test_set_options_that_name_nothing_the_flow_reads_are_refused(flow, sets, message):
     import typer
@@ -201,6 +220,42 @@ def test_set_options_that_name_nothing_the_flow_reads_are_refused(flow, sets, me
 
     with pytest.raises(typer.BadParameter, match=message):
         flow_arguments(flow, sets, [])
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_param_until_step_below_one_is_refused_before_the_flow_starts(value):
+    import typer
+
+    from flows.__main__ import flow_arguments
+
+    with pytest.raises(typer.BadParameter, match=rf"--param 'until_step={value}': until_step={value}: must be a step"):
+        flow_arguments("pretrain", [], [f"until_step={value}"])
+
+
+def test_set_options_naming_the_same_key_apply_in_order():
+    from flows.__main__ import flow_arguments
+
+    sets = ["chat_data.max_turns=3", "chat_data={max_turns: 1, val_fraction: 0.2}", "chat_data.max_turns=4"]
+    assert flow_arguments("finetune", sets, []) == {"overrides": {"chat_data": {"max_turns": 4, "val_fraction": 0.2}}}
+
+
+@pytest.mark.parametrize("item", ["chat_data.max_turns=3", "finetune:chat_data={max_turns: 3}"])
+def test_set_of_a_nested_key_keeps_the_files_other_keys(tmp_path, item):
+    from flows.__main__ import flow_arguments
+    from flows.params import read_params
+    from llm.stages import Layout
+
+    root = make_tiny_project(tmp_path)
+    finetune_yaml = root / "params" / "finetune.yaml"
+    values = yaml.safe_load(finetune_yaml.read_text())
+    finetune_yaml.write_text(yaml.safe_dump({**values, "chat_data": {"max_turns": 1, "max_speech_chars": 123}}))
+
+    arguments = flow_arguments("finetune", [item], [])
+    params = read_params("finetune", arguments["overrides"], Layout(root))
+
+    assert params.chat_data.max_turns == 3
+    assert params.chat_data.max_speech_chars == 123  # kept from the file, not reset to the default
+    assert params.max_steps == values["max_steps"]
 
 
 def test_every_flow_is_registered_under_its_deployment_name():

