@@ -14,6 +14,7 @@ import pytest
 from llm.config import DataParams
 from llm.data.clean import (
     DOC_SEPARATOR,
+    Section,
     clean_corpus,
     clean_text,
     find_near_duplicates,
@@ -23,6 +24,7 @@ from llm.data.clean import (
     normalize_text,
     shingle_jaccard,
     split_documents,
+    split_into_sections,
     strip_gutenberg_boilerplate,
     word_shingles,
     write_documents,
@@ -274,7 +276,10 @@ def test_short_documents_are_dropped(tmp_path):
     stats, out = run_clean(tmp_path, files, min_doc_chars=200)
     assert stats["too_short"] == [{"path": "blank.txt", "chars": 0}, {"path": "short.txt", "chars": 139}]
     assert stats["dropped_too_short"] == 2 and stats["docs_kept"] == 1
-    assert all_documents(out) == [files["long.txt"]]
+    # the one document left is cut into a train and a val section (see the single-document tests below)
+    (train,), (val,) = (list(iter_documents(out / name)) for name in ("train.txt", "val.txt"))
+    long = files["long.txt"]
+    assert long.startswith(train) and long.endswith(val) and not long[len(train) : len(long) - len(val)].strip()
 
     stats, _ = run_clean(tmp_path / "zero", files, min_doc_chars=0)  # an empty document is never kept
     assert [d["path"] for d in stats["too_short"]] == ["blank.txt"]
@@ -372,3 +377,81 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(CorpusError, match="no document .* is left after cleaning: 1 files read, 1 shorter"):
         clean_corpus(DataParams(), tmp_path / "corpus", tmp_path / "clean")
     assert not (tmp_path / "clean").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corpora with too few documents for a split by document: contiguous sections
+
+
+def sections_of(stats: dict, split: str) -> list[tuple[str, int, int]]:
+    return [(s["document"], s["start"], s["end"]) for s in stats["split"]["sections"][split]]
+
+
+def test_a_multi_document_corpus_is_split_by_document_and_says_so(tmp_path):
+    files = {f"p{i}.txt": make_play(70 + i, n_lines=40) for i in range(10)}
+    stats, _ = run_clean(tmp_path, files, val_fraction=0.2)
+    val_bytes = sum(len(files[name].encode()) for name in stats["splits"]["val"])
+    assert stats["split"] == {"method": "documents",
+                              "val_bytes_share": round(val_bytes / (val_bytes + stats["train_bytes"]), 6)}
+    assert stats["val_docs"] == 2
+
+
+def test_a_single_document_is_cut_into_a_train_section_and_the_val_section_after_it(tmp_path):
+    text = make_play(5, n_lines=2000)
+    stats, out = run_clean(tmp_path, {"book.txt": text}, val_fraction=0.1)
+
+    assert stats["split"]["method"] == "sections" and "single document" in stats["split"]["reason"]
+    [(_, train_start, train_end)], [(_, val_start, val_end)] = sections_of(stats, "train"), sections_of(stats, "val")
+    assert (train_start, val_end) == (0, len(text))
+    assert train_end < val_start and text[val_start - 1] == "\n"  # cut at a line start; no overlap
+    assert not text[train_end:val_start].strip()  # only the line break between them belongs to neither
+    assert list(iter_documents(out / "train.txt")) == [text[:train_end]]
+    assert list(iter_documents(out / "val.txt")) == [text[val_start:]]
+    assert stats["split"]["val_bytes_share"] == pytest.approx(0.1, abs=0.005)
+    assert stats["val_bytes"] == len(text[val_start:].encode()) and stats["val_docs"] == 1
+    assert stats["splits"] == {"train": ["book.txt"], "val": ["book.txt"]}
+
+    _, again = run_clean(tmp_path / "again", {"book.txt": text}, val_fraction=0.1)
+    for name in ["train.txt", "val.txt", "stats.json"]:
+        assert (again / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_one_large_document_beside_a_small_one_is_split_into_sections(tmp_path):
+    files = {"book.txt": make_play(6, n_lines=3000), "readme.txt": make_play(7, n_lines=20)}
+    stats, out = run_clean(tmp_path, files, val_fraction=0.1, dedup_near=False)
+
+    # a split by document would make one of them val: over half the bytes, or well under a tenth of them
+    assert stats["split"]["method"] == "sections"
+    assert stats["split"]["val_bytes_share"] == pytest.approx(0.1, abs=0.005)
+    train, val = sections_of(stats, "train"), sections_of(stats, "val")
+    assert train[0][:2] == ("book.txt", 0) and val[-1] == ("readme.txt", 0, len(files["readme.txt"]))
+    for name in files:  # no character of any document is on both sides
+        train_chars = {c for doc, start, end in train if doc == name for c in range(start, end)}
+        assert not train_chars & {c for doc, start, end in val if doc == name for c in range(start, end)}
+    assert list(iter_documents(out / "val.txt")) == [files[doc][start:end] for doc, start, end in val]
+
+
+def test_sections_cut_at_a_word_start_in_text_without_line_breaks_and_measure_bytes():
+    text = " ".join(["caf\u00e9"] * 1000)  # 5 bytes and 4 characters a word, plus a space
+    train, val = split_into_sections(["a.txt"], [text], val_fraction=0.25)
+    (doc, start, end), = [(s.document, s.start, s.end) for s in val]
+    assert text[start - 1] == " " and text[start:start + 4] == "caf\u00e9" and end == len(text)
+    assert len(text[start:].encode()) / len(text.encode()) == pytest.approx(0.25, abs=0.002)
+    assert train == [Section("a.txt", 0, start - 1)]
+
+
+def test_sections_prefer_a_document_boundary_near_the_cut():
+    names, texts = ["a.txt", "b.txt"], ["x\n" * 899 + "x" * 50, "y\n" * 99 + "y"]  # the cut falls 6 chars before b
+    train, val = split_into_sections(names, texts, val_fraction=0.1)
+    assert train == [Section("a.txt", 0, len(texts[0]))] and val == [Section("b.txt", 0, len(texts[1]))]
+
+
+def test_a_corpus_too_short_for_two_sections_is_an_error_that_says_what_to_do(tmp_path):
+    corpus = write_files(tmp_path / "corpus", {"tiny.txt": "x"})
+    with pytest.raises(CorpusError, match=r"cannot split .*corpus into train and val: .*add text to the corpus"):
+        clean_corpus(DataParams(min_doc_chars=0), corpus, tmp_path / "clean")
+    assert not (tmp_path / "clean").exists()
+    with pytest.raises(ValueError, match="cannot be cut"):
+        split_into_sections(["a.txt"], ["x"], val_fraction=0.5)
+    assert split_into_sections(["a.txt"], ["xy"], val_fraction=0.5) == ([Section("a.txt", 0, 1)],
+                                                                         [Section("a.txt", 1, 2)])

@@ -14,6 +14,8 @@ import yaml
 
 from llm.config import DataParams, ParamsError, PretrainParams, load_params
 
+from helpers import make_play
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"context_length": 32, "n_layer": 1, "n_head": 2, "d_model": 32}
 TINY_PRETRAIN = {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2,
@@ -150,3 +152,27 @@ def test_fetch_caps_are_named_with_the_option_that_raises_them(project):
     proc = llm("data", "fetch", "--source", str(texts), "--max-bytes", "lots", cwd=project, check=False)
     assert proc.returncode == 1 and "error: llm data fetch: max_bytes: could not parse" in proc.stderr
 
+
+def test_one_big_text_file_goes_through_fetch_clean_tokenizer_and_tokenize(tmp_path):
+    """The most common corpus: a single ~1.1 MB .txt (as for nanoGPT or char-rnn), with the default params."""
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    (tmp_path / "my-texts").mkdir()
+    text = make_play(7, n_speeches=12_600)
+    (tmp_path / "my-texts" / "input.txt").write_text(text)
+    assert 1_000_000 < len(text.encode()) < 1_200_000
+
+    llm("data", "fetch", "--source", "my-texts", cwd=tmp_path)
+    llm("clean", cwd=tmp_path)
+    llm("tokenizer", cwd=tmp_path)
+    llm("tokenize", cwd=tmp_path)
+
+    stats = json.loads((tmp_path / "artifacts" / "clean" / "stats.json").read_text())
+    assert stats["split"]["method"] == "sections" and stats["docs_kept"] == 1
+    [train], [val] = stats["split"]["sections"]["train"], stats["split"]["sections"]["val"]
+    assert train["document"] == val["document"] == "my-texts/input.txt"
+    assert train["start"] == 0 and train["end"] < val["start"]  # val never overlaps train
+    assert stats["val_bytes"] / (stats["train_bytes"] + stats["val_bytes"]) == pytest.approx(0.1, abs=0.01)
+    splits = json.loads((tmp_path / "artifacts" / "tokens" / "meta.json").read_text())["splits"]
+    assert splits["train"]["tokens"] > 0 and splits["val"]["tokens"] > 0
+    val_share = splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"])
+    assert val_share == pytest.approx(0.1, abs=0.01)

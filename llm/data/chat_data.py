@@ -32,7 +32,8 @@ max_speech_chars]`` breaks the dialogue. Within a scene, each reply by a differe
 assistant turn of exactly one conversation: the speech before it is the user turn, the system message
 names who answers (``system_template``), and while the two speakers keep alternating the conversation
 grows to ``max_turns`` exchanges; the next conversation starts with the last reply as its user turn.
-Train documents give ``train.jsonl``, val documents ``val.jsonl``, so no play is in both.
+Train documents give ``train.jsonl``, val documents ``val.jsonl``, so no speech is in both (a play that
+the clean stage cut into sections gives its beginning to train and its end to val).
 """
 
 from __future__ import annotations

@@ -1,8 +1,22 @@
-"""The clean stage: normalise raw text documents, drop boilerplate and duplicates, split by document.
+"""The clean stage: normalise raw text documents, drop boilerplate and duplicates, split train from val.
 
 Each ``.txt`` file of the corpus is one document. ``clean_corpus`` cleans every document, drops the
-ones that are too short, exact duplicates or near duplicates, sends whole documents to train or val by a
-seeded hash of their path, and writes ``train.txt``, ``val.txt`` and ``stats.json``.
+ones that are too short, exact duplicates or near duplicates, splits the rest into train and val, and
+writes ``train.txt``, ``val.txt`` and ``stats.json``.
+
+The split. By default whole documents go to train or val by a seeded hash of their path
+(``split_documents``: ``round(val_fraction * n)`` documents, at least one, to val). A corpus has too few
+documents for that when the split by document cannot give val at least one document holding roughly
+``val_fraction`` of the bytes: when there is a single document (one big ``.txt``, as for nanoGPT or
+char-rnn), or when the documents drawn for val hold more than half of the bytes (``VAL_SHARE_MAX``) or
+less than a tenth of ``val_fraction`` of them (``VAL_SHARE_MIN_RATIO``), as with one large book beside a
+README. Such a corpus is cut into two contiguous sections instead (``split_into_sections``): the documents
+in path order are read as one text, and its last ``val_fraction`` of the bytes, moved to the nearest line
+start, is val; the document holding the cut is split there, so val never overlaps train. ``stats.json``
+records the method under ``split``, with the reason and, for sections, each section's document and
+character range in the cleaned document. A corpus that cannot give both splits some text (a single
+document of one character) is an error that says what to add. Multi-document corpora such as the default
+Shakespeare are split by document, exactly as before.
 
 Split file format (``write_documents`` / ``iter_documents``): UTF-8, ``\\n`` line endings, documents in
 sorted-path order joined by a separator line holding only U+001E (RECORD SEPARATOR), and one final
@@ -40,6 +54,11 @@ DOC_SEPARATOR = "\x1e"
 _SEPARATOR_LINE = DOC_SEPARATOR + "\n"
 SPLIT_FILES = {"train": "train.txt", "val": "val.txt"}
 STATS_FILE = "stats.json"
+
+# a split by document is kept only if val's documents hold between VAL_SHARE_MIN_RATIO * val_fraction and
+# VAL_SHARE_MAX of the bytes: more, and train would be smaller than val; less, and val would be noise
+VAL_SHARE_MAX = 0.5
+VAL_SHARE_MIN_RATIO = 0.1
 
 # below this many documents every pair is checked exactly; above it MinHash + LSH picks the candidates
 EXACT_ALL_PAIRS_MAX_DOCS = 100
@@ -324,6 +343,80 @@ def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> tup
     return [x for x in names if x not in val], [x for x in names if x in val]
 
 
+_NON_SPACE = re.compile(r"\S")
+
+
+@dataclass(frozen=True)
+class Section:
+    """The characters ``[start, end)`` of the cleaned document ``document``: one piece of a split."""
+
+    document: str
+    start: int
+    end: int
+
+    def of(self, text: str) -> str:
+        """This section of ``text``, the cleaned document it names."""
+        return text[self.start : self.end]
+
+
+def split_into_sections(
+    names: Sequence[str], texts: Sequence[str], val_fraction: float
+) -> tuple[list[Section], list[Section]]:
+    """Cut the documents, read in the given order as one text, into a train section and the val section
+    after it, which holds about the last ``val_fraction`` of the bytes.
+
+    The cut is moved to the nearest line start (or document boundary), or to the nearest word start in
+    a text without line breaks; the whitespace at the cut belongs to neither side. Returns (train, val)
+    as lists of sections in text order; both are non-empty and never overlap.
+
+    Raises ValueError when the text is too short to give both sides a character.
+    """
+    sizes = [len(t.encode("utf-8")) for t in texts]
+    total = sum(sizes)
+    val_bytes = min(max(1, math.floor(val_fraction * total + 0.5)), total - 1)
+    cut = total - val_bytes  # byte offset of the cut in the whole text
+    i, doc_start = 0, 0
+    while i < len(texts) - 1 and doc_start + sizes[i] <= cut:
+        doc_start += sizes[i]
+        i += 1
+    text = texts[i]
+    target = len(text.encode("utf-8")[: max(0, cut - doc_start)].decode("utf-8", errors="ignore"))
+    start = _nearest_cut(text, target, may_start=i > 0, may_end=i < len(texts) - 1)
+    if start is None:
+        raise ValueError(f"{sum(map(len, texts))} character(s) cannot be cut into a train and a val section")
+    head_end = len(text[:start].rstrip())
+    train = [Section(n, 0, len(t)) for n, t in zip(names[:i], texts[:i])]
+    val = [Section(n, 0, len(t)) for n, t in zip(names[i + 1 :], texts[i + 1 :])]
+    if head_end > 0:
+        train.append(Section(names[i], 0, head_end))
+    if start < len(text):
+        val.insert(0, Section(names[i], start, len(text)))
+    return train, val
+
+
+def _nearest_cut(text: str, target: int, *, may_start: bool, may_end: bool) -> int | None:
+    """Where to cut ``text`` near character ``target``: the nearest line start, the document's start or end
+    where allowed (a neighbouring document keeps the other side non-empty), else the nearest word start,
+    else ``target`` itself. None when no position leaves text on both sides."""
+
+    def usable(pos: int) -> bool:
+        if pos == 0:
+            return may_start
+        if pos == len(text):
+            return may_end
+        return 0 < pos < len(text) and bool(_NON_SPACE.search(text, 0, pos)) and bool(_NON_SPACE.search(text, pos))
+
+    for separator in ("\n", " "):
+        before, after = text.rfind(separator, 0, target), text.find(separator, target)
+        candidates = [0, len(text)] if separator == "\n" else []
+        candidates += [pos + 1 for pos in (before, after) if pos >= 0]
+        usable_candidates = [pos for pos in candidates if usable(pos)]
+        if usable_candidates:
+            return min(usable_candidates, key=lambda pos: (abs(pos - target), pos))
+    clamped = min(max(target, 1), len(text) - 1)
+    return clamped if usable(clamped) else None
+
+
 def write_documents(path: Path, docs: Iterable[str]) -> None:
     """Write documents to ``path`` in the split file format (see the module docstring), atomically.
 
@@ -441,17 +534,63 @@ def _write_splits(out_dir: Path, split_docs: dict[str, list[str]]) -> None:
         write_documents(out_dir / SPLIT_FILES[split], docs)
 
 
+def _split(
+    names: list[str], texts: list[str], params: DataParams, corpus_dir: Path
+) -> tuple[dict[str, list[Section]], dict]:
+    """The sections of each split (whole documents when split by document) and the ``split`` record of
+    ``stats.json``: by document when the corpus has enough documents for it, else by sections (see the
+    module docstring). Raises CorpusError, saying what to do, when a split would be empty."""
+    by_name = dict(zip(names, texts))
+    sizes = {x: len(t.encode("utf-8")) for x, t in by_name.items()}
+    total = sum(sizes.values())
+    reason = None
+    if len(names) < 2:
+        reason = "a single document: a split by document would leave val empty"
+    else:
+        train_names, val_names = split_documents(names, params.val_fraction, params.split_seed)
+        share = sum(sizes[x] for x in val_names) / total
+        if share > VAL_SHARE_MAX:
+            reason = (f"the {len(val_names)} document(s) drawn for val hold {share:.1%} of the bytes, more than "
+                      f"{VAL_SHARE_MAX:.0%}")
+        elif share < VAL_SHARE_MIN_RATIO * params.val_fraction:
+            reason = (f"the {len(val_names)} document(s) drawn for val hold {share:.2%} of the bytes, less than "
+                      f"{VAL_SHARE_MIN_RATIO:g} x val_fraction={params.val_fraction:g}")
+        if reason is None:
+            by_document = {"train": [Section(x, 0, len(by_name[x])) for x in train_names],
+                           "val": [Section(x, 0, len(by_name[x])) for x in val_names]}
+            return by_document, {"method": "documents", "val_bytes_share": round(share, 6)}
+    try:
+        train, val = split_into_sections(names, texts, params.val_fraction)
+    except ValueError as err:
+        raise CorpusError(
+            f"cannot split {corpus_dir} into train and val: {err}; add text to the corpus (at least a few "
+            f"thousand characters, in one or more .txt files)"
+        ) from None
+    val_bytes = sum(len(s.of(by_name[s.document]).encode("utf-8")) for s in val)
+    log.warning("%s: %s; split into contiguous sections instead: the last %.1f%% of the text is val",
+                corpus_dir, reason, 100 * val_bytes / total)
+    record = {
+        "method": "sections",
+        "reason": reason,
+        "val_bytes_share": round(val_bytes / total, 6),
+        "sections": {split: [{"document": s.document, "start": s.start, "end": s.end} for s in secs]
+                     for split, secs in (("train", train), ("val", val))},
+    }
+    return {"train": train, "val": val}, record
+
+
 def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
     """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
 
     Writes ``train.txt`` and ``val.txt`` (split file format, see the module docstring) and ``stats.json``,
     each atomically. Documents are taken in sorted relative-path order, which decides which copy of a
-    duplicate is kept. Returns the stats dict: top-level counts (files read, documents kept and dropped
-    per reason, docs/chars/bytes/words per split), the dropped documents and near-duplicate pairs, and the
-    documents of each split.
+    duplicate is kept. The split is by document, or by contiguous sections for a corpus with too few
+    documents (see the module docstring). Returns the stats dict: top-level counts (files read, documents
+    kept and dropped per reason, docs/chars/bytes/words per split, a section counting as a document), the
+    dropped documents and near-duplicate pairs, the documents of each split, and how it was split.
 
-    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, or no document is
-    left after cleaning.
+    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, no document is left
+    after cleaning, or the text left is too short to give both splits some of it.
     """
     t0 = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
@@ -469,9 +608,10 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
             f"no document of {corpus_dir} is left after cleaning: {len(files)} files read, {len(too_short)} shorter "
             f"than min_doc_chars={params.min_doc_chars}, {len(exact_dups)} exact duplicates"
         )
-    train_names, val_names = split_documents(names, params.val_fraction, params.split_seed)
+    sections, split_record = _split(names, texts, params, corpus_dir)
     by_name = dict(zip(names, texts))
-    split_docs = {"train": [by_name[x] for x in train_names], "val": [by_name[x] for x in val_names]}
+    split_docs = {split: [s.of(by_name[s.document]) for s in secs] for split, secs in sections.items()}
+    train_names, val_names = ([s.document for s in sections[split]] for split in ("train", "val"))
     _write_splits(out_dir, split_docs)
 
     stats: dict = {
@@ -493,6 +633,7 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
         exact_duplicates=exact_dups,
         near_duplicates=near_dups,
         splits={"train": train_names, "val": val_names},
+        split=split_record,
         params=params.model_dump(),
     )
     _write_json(out_dir / STATS_FILE, stats)
