@@ -83,16 +83,16 @@ def data_fetch(
                                                 "of a .txt file or a .zip/.tar.gz archive"),
     dest: Path = typer.Option(LAYOUT.corpus, help="folder to write the corpus into"),
     max_bytes: str | None = typer.Option(
-        None, help=f"refuse a source whose download, or whose .txt files together, exceed this size (units "
-                   f"allowed: 8GB) [default: {_DEFAULT_LIMITS.max_bytes.human_readable(decimal=True)}]"),
+        None, show_default=_DEFAULT_LIMITS.max_bytes.human_readable(decimal=True),
+        help="refuse a source whose download, or whose .txt files together, exceed this size (units: 8GB, 512MiB)"),
     max_member_bytes: str | None = typer.Option(
-        None, help="refuse an archive with a member larger than this, uncompressed "
-                   f"[default: {_DEFAULT_LIMITS.max_member_bytes.human_readable(decimal=True)}]"),
+        None, show_default=_DEFAULT_LIMITS.max_member_bytes.human_readable(decimal=True),
+        help="refuse an archive with a member larger than this, uncompressed"),
     max_members: int | None = typer.Option(
-        None, min=1, help=f"refuse an archive with more entries [default: {_DEFAULT_LIMITS.max_members}]"),
+        None, min=1, show_default=str(_DEFAULT_LIMITS.max_members), help="refuse an archive with more entries"),
     timeout: float | None = typer.Option(
-        None, min=0.001, help=f"give up a URL fetch after this many seconds in all, retries included "
-                              f"[default: {_DEFAULT_LIMITS.timeout_s:g}]"),
+        None, min=0.001, show_default=f"{_DEFAULT_LIMITS.timeout_s:g}",
+        help="give up a URL fetch after this many seconds in all, retries included"),
 ) -> None:
     """Build data/corpus from a source, deterministically (same source, byte-identical files)."""
     given = {"max_bytes": max_bytes, "max_member_bytes": max_member_bytes, "max_members": max_members,
