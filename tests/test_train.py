@@ -112,6 +112,8 @@ def test_truncated_checkpoint_is_a_clear_error(prepared, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
         load_checkpoint(out)
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated .* It cannot be resumed: .*--no-resume"):
+        pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, prepared["tokens"], prepared["tokenizer"], out)
 
 
 def weights_of(folder) -> dict[str, torch.Tensor]:

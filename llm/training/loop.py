@@ -341,7 +341,11 @@ def _settle_checkpoint_folder(run: RunState, resume: bool) -> None:
         log.warning("%s: resume is off, starting over: its checkpoint is replaced when this run writes its first",
                     out_dir)
         return
-    saved = verify_checkpoint(out_dir)
+    try:
+        saved = verify_checkpoint(out_dir)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. It cannot be resumed: delete it, or start over with resume=False "
+                              "(`--no-resume`), which replaces it at the first checkpoint") from None
     if saved.get("run_identity") == run.identity_digest:
         _resume(run)
         return
