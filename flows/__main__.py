@@ -8,7 +8,8 @@ parameter, like ``prefect deployment run --param``. Values are read as YAML (``5
 pass optional settings through.
 
 With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it Prefect starts a
-temporary one for the run.
+temporary one for the run. A training stopped by SIGINT or SIGTERM exits with 130 or 143 and one line saying
+where its checkpoint is and how to resume.
 """
 
 from __future__ import annotations
