@@ -9,12 +9,14 @@ changes only the keys it names, keeping the file's other keys. An empty value (`
 nothing, so wrappers such as ``MLproject`` can pass optional settings through.
 
 With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it Prefect starts a
-temporary one for the run.
+temporary one for the run. A training stopped by SIGINT or SIGTERM exits with 130 or 143 and one line saying
+where its checkpoint is and how to resume.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -106,6 +108,14 @@ def main(
     arguments = flow_arguments(flow, sets or [], params or [])
     try:
         flows[flow](**arguments)
+    except KeyboardInterrupt as err:
+        loop = sys.modules.get("llm.training.loop")  # imported only by the flows that train (torch is slow to load)
+        if loop is None or not isinstance(err, loop.TrainingInterrupted):
+            raise
+        # SIGINT or SIGTERM: training stopped at a step boundary with a checkpoint
+        advice = "again (or `dvc repro`) to resume" if err.checkpoint is not None else "to start it again"
+        typer.secho(f"interrupted: {err}; run `python -m flows {flow}` {advice}", fg="yellow", err=True)
+        raise typer.Exit(err.exit_code) from None
     except Exception as err:  # noqa: BLE001 - any failure; Prefect has logged its traceback with the failed run
         typer.secho(f"error: the {flow} flow failed: {err}", fg="red", err=True)
         raise typer.Exit(1) from None

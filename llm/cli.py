@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -276,10 +277,32 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return expected
 
 
+def _training_interrupted(err: BaseException | None):
+    """The TrainingInterrupted behind ``err`` (typer turns a KeyboardInterrupt into ``Exit(130)``), or None."""
+    loop = sys.modules.get("llm.training.loop")  # not imported: nothing was trained
+    seen: set[int] = set()
+    while loop is not None and err is not None and id(err) not in seen:
+        if isinstance(err, loop.TrainingInterrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run() -> None:
-    """Entry point that turns the library's expected errors into one clear line and exit code 1."""
+    """Entry point that turns the library's expected errors into one clear line and exit code 1, and a
+    training stopped by SIGINT or SIGTERM into one line (where its checkpoint is, how to resume) and exit
+    code 128 + the signal number (130, 143)."""
     try:
         app()
+    except (SystemExit, KeyboardInterrupt) as err:
+        interrupted = _training_interrupted(err)
+        if interrupted is None:
+            raise
+        command = shlex.join(["llm", *sys.argv[1:]])
+        advice = "again to resume" if interrupted.checkpoint is not None else "to start it again"
+        typer.secho(f"interrupted: {interrupted}; run `{command}` {advice}", fg="yellow", err=True)
+        sys.exit(interrupted.exit_code)
     except Exception as err:
         if isinstance(err, _expected_errors()):
             typer.secho(f"error: {err}", fg="red", err=True)

@@ -1,17 +1,20 @@
-"""Atomic writes and file hashing: every file and folder the package produces is put on disk through here.
+"""Atomic, durable writes and file hashing: every file and folder the package produces is put on disk through here.
 
 A file is written under a fresh hidden temporary name beside its destination, ``.<name>.<12 hex>.tmp``,
 and renamed over it, so a reader sees the old file or the new one, never part of one. A folder is built
 in a fresh hidden sibling, ``.<name>.<12 hex>.tmp``, and swapped in by two renames: the previous folder
-is moved aside to ``<name>.old`` first and deleted only once the new one is in place, and
-``recover_interrupted_swap`` puts it back after a crash between the two renames.
+is moved aside to ``<name>.old`` first and deleted only once the new one is in place. An error (or
+Ctrl-C) between the two renames moves the previous folder back at once; after a crash there, the next
+writer puts it back (``recover_interrupted_swap``) before it writes, while readers only detect it
+(``interrupted_swap``) and say what to run.
+
+Durability: every write is on disk before it becomes visible. ``_rename`` is the one place a write is
+published; before it the file is synced (for a folder, every file and folder of the new tree) and after
+it the parent folder, so the new name survives a power cut as well. One fsync per file: a file written
+inside a folder that is being built is synced with that folder's tree, not on its own.
 
 Temporary files and folders get the umask's permissions (``mkstemp`` would make a file 0600 and
 ``mkdtemp`` a folder 0700), so outputs end up as readable as any file the user creates.
-
-Durability: ``fsync=True`` syncs a file's bytes before its rename (as the clean and chat-data stages
-ask); nothing else is synced yet. Every rename goes through ``_rename``, the one place where syncing
-the data before it and the parent folder after it belongs.
 
 Imports nothing from ``llm`` (and no torch, numpy or MLflow): it is the base layer.
 """
@@ -22,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 HASH_CHUNK_BYTES = 1 << 20
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 
 def _temp_path(dest: str | Path) -> Path:
@@ -45,43 +50,81 @@ def _aside_path(dest: str | Path, *, hidden: bool = False) -> Path:
     return dest.with_name(f"{'.' if hidden else ''}{dest.name}.old")
 
 
-def _rename(src: Path, dest: Path) -> None:
-    """Every rename in this module: the step that makes a write visible. Durable writes will sync ``src``
-    (a file's bytes, a folder's tree) before it and the parent folder after it, here."""
+# ---------------------------------------------------------------------------------------------- syncing
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder_entries(folder: Path) -> None:
+    # Windows cannot open a folder for syncing; its renames are journaled by NTFS
+    if os.name != "nt":
+        _fsync_path(folder)
+
+
+def _sync_tree(root: Path) -> None:
+    """Sync every file and folder under ``root`` (``root`` included), each once."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath, name)
+            if not path.is_symlink():
+                _fsync_path(path)
+        _sync_folder_entries(Path(dirpath))
+
+
+def _inside_folder_being_built(path: Path) -> bool:
+    """True when ``path`` lies in a temporary folder of this module, whose tree is synced when it is swapped in."""
+    return any(_TEMP_NAME.match(parent.name) for parent in path.absolute().parents)
+
+
+def _rename(src: Path, dest: Path, *, sync_parent: bool = True) -> None:
+    """Every rename in this module: the step that makes a write visible. The caller has synced ``src``;
+    afterwards the parent folder (both parents, when they differ) is synced, so the new name is durable."""
     os.replace(src, dest)
+    if sync_parent:
+        _sync_folder_entries(dest.parent)
+        if src.parent.absolute() != dest.parent.absolute():
+            _sync_folder_entries(src.parent)
 
 
 # ---------------------------------------------------------------------------------------------- files
 
 
 @contextmanager
-def atomic_file(path: str | Path, *, binary: bool = False, fsync: bool = False) -> Iterator[IO[Any]]:
+def atomic_file(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     """Open a new temporary file beside ``path`` for writing; rename it to ``path`` when the block ends.
 
-    Text mode writes UTF-8 with ``\\n`` line endings. With ``fsync`` the bytes are synced to disk before
-    the rename. If the block raises, the temporary file is removed, ``path`` is left as it was and the
-    error propagates. The parent folder must exist (FileNotFoundError otherwise).
+    Text mode writes UTF-8 with ``\\n`` line endings. The bytes are synced to disk before the rename and
+    the folder after it. If the block raises, the temporary file is removed, ``path`` is left as it was
+    and the error propagates. The parent folder must exist (FileNotFoundError otherwise).
     """
     path = Path(path)
     tmp = _temp_path(path)
+    durable = not _inside_folder_being_built(path)
     f = open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8", newline="\n")
     try:
         yield f
         f.flush()
-        if fsync:
+        if durable:
             os.fsync(f.fileno())
         f.close()
-        _rename(tmp, path)
+        _rename(tmp, path, sync_parent=durable)
     except BaseException:
         f.close()
         tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: str | Path, text: str | Iterable[str], *, fsync: bool = False) -> None:
+def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
     """Write ``text`` (a string, or an iterable of string chunks written in order) to ``path`` atomically,
     as UTF-8 with ``\\n`` line endings (see ``atomic_file``)."""
-    with atomic_file(path, fsync=fsync) as f:
+    with atomic_file(path) as f:
         if isinstance(text, str):
             f.write(text)
         else:
@@ -95,27 +138,30 @@ def atomic_write_json(
     indent: int | None = 2,
     sort_keys: bool = False,
     ensure_ascii: bool = True,
-    fsync: bool = False,
 ) -> None:
     """Write ``json.dumps(data, ...)`` plus a final newline to ``path`` atomically (see ``atomic_file``).
 
     Raises TypeError (before anything is written) when ``data`` is not JSON-serialisable.
     """
     text = json.dumps(data, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n"
-    atomic_write_text(path, text, fsync=fsync)
+    atomic_write_text(path, text)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see ``atomic_file``)."""
-    with atomic_file(path, binary=True, fsync=fsync) as f:
+    with atomic_file(path, binary=True) as f:
         f.write(data)
 
 
 def remove_stale_temp_files(path: str | Path) -> None:
-    """Delete the temporary files that ``atomic_file`` left beside ``path`` when a process died mid-write."""
+    """Delete the temporary files, and folders being built, that a process killed mid-write left beside
+    ``path``. For writers only: it would also delete the temporary of a write still in progress."""
     path = Path(path)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink()
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -136,20 +182,29 @@ def temporary_folder_beside(dest: str | Path) -> Iterator[Path]:
 
 
 def replace_folder(new: str | Path, dest: str | Path, *, hidden_aside: bool = False) -> None:
-    """Put the complete folder ``new`` at ``dest``, on the same file system.
+    """Put the complete folder ``new`` at ``dest``, on the same file system, durably.
 
-    An existing ``dest`` is moved aside first, to ``<name>.old`` (``.<name>.old`` with ``hidden_aside``,
-    for folders whose siblings are named by users), and deleted only after ``new`` is in place; a crash
-    between the two renames leaves it there for ``recover_interrupted_swap``. A stale aside folder from
-    such a crash is deleted first. Errors (OSError) propagate.
+    Every file and folder of ``new`` is synced first. An existing ``dest`` is moved aside, to
+    ``<name>.old`` (``.<name>.old`` with ``hidden_aside``, for folders whose siblings are named by users),
+    and deleted only after ``new`` is in place. If the second rename fails (an error, Ctrl-C), the previous
+    folder is moved back before the error propagates; a crash there leaves it aside, and this function
+    (any later writer of ``dest``) puts it back first. A stale aside folder next to a complete ``dest`` is
+    deleted. Errors (OSError) propagate.
     """
     new, dest = Path(new), Path(dest)
     old = _aside_path(dest, hidden=hidden_aside)
+    recover_interrupted_swap(dest, hidden_aside=hidden_aside)
     if old.exists():
         shutil.rmtree(old)
+    _sync_tree(new)
     if dest.exists():
         _rename(dest, old)
-    _rename(new, dest)
+    try:
+        _rename(new, dest)
+    except BaseException:
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)  # undo the first rename: readers keep the previous folder
+        raise
     if old.exists():
         shutil.rmtree(old)
 
@@ -157,22 +212,54 @@ def replace_folder(new: str | Path, dest: str | Path, *, hidden_aside: bool = Fa
 @contextmanager
 def atomic_folder(dest: str | Path, *, hidden_aside: bool = False) -> Iterator[Path]:
     """Yield a new empty hidden folder beside ``dest`` to fill; when the block ends without an error it
-    replaces ``dest`` (``replace_folder``). If the block raises, the folder is removed, ``dest`` is left
-    as it was and the error propagates. ``dest``'s parent is created if missing.
+    replaces ``dest`` (``replace_folder``: synced, then swapped in). A previous folder that a crash left
+    aside is put back first. If the block raises, the folder is removed, ``dest`` is left as it was and
+    the error propagates. ``dest``'s parent is created if missing.
     """
     dest = Path(dest)
+    recover_interrupted_swap(dest, hidden_aside=hidden_aside)  # a failing writer must leave the previous folder
     with temporary_folder_beside(dest) as tmp:
         yield tmp
         replace_folder(tmp, dest, hidden_aside=hidden_aside)
 
 
-def recover_interrupted_swap(dest: str | Path, *, hidden_aside: bool = False) -> None:
-    """If a crash hit between the two renames of ``replace_folder`` (``dest`` missing, its aside folder
-    present), move the previous folder back to ``dest``; otherwise do nothing."""
+def interrupted_swap(dest: str | Path, *, hidden_aside: bool = False) -> Path | None:
+    """The previous folder that a crash between the two renames of ``replace_folder`` left aside (``dest``
+    missing, ``<name>.old`` present), or None when there is none. Reads only: for readers, which must not
+    move it back while a writer may be between its renames."""
     dest = Path(dest)
     old = _aside_path(dest, hidden=hidden_aside)
-    if not dest.exists() and old.exists():
-        _rename(old, dest)
+    if not dest.exists() and old.is_dir():
+        return old
+    return None
+
+
+def recover_interrupted_swap(dest: str | Path, *, hidden_aside: bool = False) -> bool:
+    """For writers of ``dest``: if a crash hit between the two renames of ``replace_folder``, move the
+    previous folder back to ``dest``. Returns True when it did, False when there was nothing to recover."""
+    dest = Path(dest)
+    old = interrupted_swap(dest, hidden_aside=hidden_aside)
+    if old is None:
+        return False
+    _rename(old, dest)
+    return True
+
+
+def recover_interrupted_swaps(parent: str | Path, *, hidden_aside: bool = False) -> list[Path]:
+    """``recover_interrupted_swap`` for every folder in ``parent`` (a folder of separately swapped folders,
+    such as ``data/corpus/<source>``). Returns the folders put back, sorted."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    restored = []
+    for aside in sorted(parent.iterdir()):
+        name = aside.name
+        if not name.endswith(".old") or name.startswith(".") != hidden_aside:
+            continue
+        dest = parent / name.removesuffix(".old").removeprefix("." if hidden_aside else "")
+        if dest.name and recover_interrupted_swap(dest, hidden_aside=hidden_aside):
+            restored.append(dest)
+    return restored
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -185,3 +272,17 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_tree(folder: str | Path) -> dict[str, str]:
+    """Hex sha256 of every file under ``folder`` by relative POSIX path, sorted, leaving out hidden files and
+    folders (the temporaries of writes). Raises FileNotFoundError naming ``folder`` when it is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            hashes[rel.as_posix()] = sha256_file(path)
+    return dict(sorted(hashes.items()))

@@ -138,6 +138,9 @@ def test_exp_run_with_a_pretrain_param_reruns_pretrain_and_evaluate_only(repo):
     output = run(root, env, "dvc", "exp", "run", "-n", "longer", "-S", "params/pretrain.yaml:max_steps=6")
     assert ran_stages(output) == ["pretrain", "finetune", "evaluate", "export"]
     assert all(f"Stage '{s}' didn't change, skipping" in output for s in ("clean", "tokenizer", "tokenize"))
+    # the training outputs persist across runs of their stage, and the kept checkpoints are of other runs now
+    assert "artifacts/pretrain holds the checkpoint of another run (params.max_steps 4 -> 6)" in output
+    assert "artifacts/finetune holds the checkpoint of another run (inputs.base_model.weights_sha256 changed" in output
     assert json.loads((root / "artifacts" / "pretrain" / "metrics.json").read_text())["step"] == 6
     assert json.loads((root / "artifacts" / "finetune" / "config.json").read_text())["parent"]["step"] == 6
     experiments = {e["name"]: e["revs"][0]["data"] for commit in run_json(root, env, "dvc", "exp", "show")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -143,3 +144,25 @@ def test_missing_chat_data_says_what_to_run(setup, tmp_path):
 
     with pytest.raises(ChatDataError, match=r"train\.jsonl: missing; prepare the chat data first"):
         finetune(sft_params(), setup["base"], tmp_path / "nothing", tmp_path / "out")
+
+
+def test_a_new_base_model_starts_finetuning_over_and_the_same_one_resumes(setup, tmp_path, caplog):
+    params = sft_params(max_steps=6, eval_interval=3, checkpoint_interval=3)
+    finetune(params, setup["base"], setup["chat"], tmp_path / "sft", until_step=3)
+    model, tokenizer, config = load_checkpoint(setup["base"])
+    with torch.no_grad():
+        model.wte.weight.mul_(2.0)  # the base was trained further: other weights, same shape and tokenizer
+    other_base = save_checkpoint(tmp_path / "base2", model, model.config, tokenizer, metadata={"stage": "pretrain"})
+
+    with caplog.at_level(logging.INFO, logger="llm.training.loop"):
+        restarted = finetune(params, other_base, setup["chat"], tmp_path / "sft", until_step=3)
+    assert "inputs.base_model.weights_sha256 changed" in caplog.text and "resuming" not in caplog.text
+    fresh = finetune(params, other_base, setup["chat"], tmp_path / "fresh", until_step=3)
+    assert [h["train/loss"] for h in restarted.history] == [h["train/loss"] for h in fresh.history]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llm.training.loop"):
+        resumed = finetune(params, other_base, setup["chat"], tmp_path / "sft")
+    assert "resuming from" in caplog.text and resumed.step == 6
+    assert verify_checkpoint(tmp_path / "sft")["identity"]["inputs"]["base_model"]["weights_sha256"] == json.loads(
+        (other_base / "manifest.json").read_text())["model.safetensors"]["sha256"]

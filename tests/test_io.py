@@ -18,10 +18,13 @@ from llm.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    interrupted_swap,
     recover_interrupted_swap,
+    recover_interrupted_swaps,
     remove_stale_temp_files,
     replace_folder,
     sha256_file,
+    sha256_tree,
     temporary_folder_beside,
 )
 
@@ -164,16 +167,56 @@ def test_written_files_get_the_umask_permissions(tmp_path, mask, expected):
     assert [mode(tmp_path / name) for name in ["a.txt", "b.json", "c.bin"]] == [expected] * 3
 
 
-def test_fsync_is_called_only_when_asked(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    atomic_write_text(tmp_path / "plain.txt", "x")
-    assert synced == []
-    atomic_write_text(tmp_path / "durable.txt", "x", fsync=True)
-    atomic_write_json(tmp_path / "durable.json", {}, fsync=True)
-    atomic_write_bytes(tmp_path / "durable.bin", b"x", fsync=True)
-    assert len(synced) == 3
+@pytest.fixture
+def disk_events(monkeypatch):
+    """Every fsync (as the path synced) and rename (as ``("rename", src name, dest name)``), in order."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names synced files through /proc")
+@pytest.mark.parametrize("write", [
+    lambda path: atomic_write_text(path, "x"),
+    lambda path: atomic_write_json(path, {}),
+    lambda path: atomic_write_bytes(path, b"x"),
+])
+def test_every_file_write_syncs_the_bytes_before_the_rename_and_the_folder_after(tmp_path, disk_events, write):
+    write(tmp_path / "out.json")
+    [(_, synced_file), rename, (_, synced_folder)] = disk_events
+    assert TEMP_NAME.match(synced_file.name)["name"] == "out.json" and synced_file.parent == tmp_path
+    assert rename == ("rename", synced_file.name, "out.json")
+    assert synced_folder == tmp_path
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names synced files through /proc")
+def test_a_folder_swap_syncs_every_file_and_folder_of_the_new_tree_once_before_the_rename(tmp_path, disk_events):
+    dest = make_folder(tmp_path / "run", {"old.txt": "old"})
+    with atomic_folder(dest) as tmp:
+        (tmp / "weights.bin").write_bytes(b"w")  # written directly, as safetensors does
+        (tmp / "curve").mkdir()
+        atomic_write_text(tmp / "curve" / "train.csv", "step\n")  # an atomic write inside the tree being built
+        atomic_write_json(tmp / "config.json", {})
+    built = tmp.name
+    swaps = [event[1:] for event in disk_events if event[0] == "rename" and event[2] in ("run", "run.old")]
+    assert swaps == [("run", "run.old"), (built, "run")]
+    first_swap = disk_events.index(("rename", "run", "run.old"))
+    before = [str(event[1].relative_to(tmp_path)) for event in disk_events[:first_swap] if event[0] == "fsync"]
+    expected = [f"{built}/{rel}" for rel in ("weights.bin", "curve", "curve/train.csv", "config.json")] + [built]
+    assert sorted(before) == sorted(expected)  # every file and folder of the new tree, once, and nothing else
+    assert disk_events[-1] == ("fsync", tmp_path)  # after the last rename: the new name is durable
+    assert tree(dest) == {"weights.bin": b"w", "curve/train.csv": b"step\n", "config.json": b"{}\n"}
 
 
 def test_remove_stale_temp_files_removes_only_the_temp_files_of_that_file(tmp_path):
@@ -182,6 +225,13 @@ def test_remove_stale_temp_files_removes_only_the_temp_files_of_that_file(tmp_pa
         (tmp_path / name).write_text("x")
     remove_stale_temp_files(tmp_path / "train.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".val.txt.0123456789ab.tmp", "train.txt"]
+
+
+def test_remove_stale_temp_files_removes_the_folders_of_killed_folder_writes(tmp_path):
+    make_folder(tmp_path / ".run.0123456789ab.tmp", {"model.safetensors": "half", "sub/x": "y"})
+    make_folder(tmp_path / "run", {"model.safetensors": "complete"})
+    remove_stale_temp_files(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_remove_stale_temp_files_removes_what_a_killed_writer_left(tmp_path):
@@ -255,38 +305,75 @@ def test_atomic_folder_keeps_the_old_folder_aside_until_the_new_one_is_in(tmp_pa
     assert tree(dest) == {"model.txt": b"new"} and not (tmp_path / "run.old").exists()
 
 
-def crash_on_the_second_rename(monkeypatch):
-    """Make the rename of the finished temporary folder fail, as if the process died just before it."""
+CRASH_BETWEEN_THE_RENAMES = """
+import os, sys
+from pathlib import Path
+import llm.io
+
+real_replace = os.replace
+def replace(src, dst):
+    if llm.io._TEMP_NAME.match(Path(src).name):
+        os._exit(9)  # killed after the old folder went aside, before the new one came in
+    real_replace(src, dst)
+os.replace = replace
+with llm.io.atomic_folder(sys.argv[1], hidden_aside=sys.argv[2] == "hidden") as tmp:
+    (tmp / "a.txt").write_text("new")
+"""
+
+
+def crash_between_the_renames(dest: Path, *, hidden_aside: bool = False) -> None:
+    """Swap a new folder into ``dest`` in a process that dies between the two renames."""
+    args = [sys.executable, "-c", CRASH_BETWEEN_THE_RENAMES, str(dest), "hidden" if hidden_aside else "visible"]
+    assert subprocess.run(args, cwd=Path(__file__).resolve().parents[1]).returncode == 9
+
+
+def test_a_crash_between_the_renames_leaves_the_old_folder_aside_for_the_next_writer(tmp_path):
+    dest = make_folder(tmp_path / "run", {"a.txt": "previous"})
+    crash_between_the_renames(dest)
+    assert not dest.exists() and interrupted_swap(dest) == tmp_path / "run.old"
+
+    assert recover_interrupted_swap(dest) is True
+
+    assert tree(dest) == {"a.txt": b"previous"} and interrupted_swap(dest) is None
+    assert sorted(p.name for p in tmp_path.iterdir() if not TEMP_NAME.match(p.name)) == ["run"]
+
+
+def test_the_next_swap_puts_the_old_folder_back_before_it_writes(tmp_path, monkeypatch):
+    dest = make_folder(tmp_path / "run", {"a.txt": "previous"})
+    crash_between_the_renames(dest)
+    with pytest.raises(RuntimeError), atomic_folder(dest) as tmp:  # a writer that then fails itself
+        (tmp / "a.txt").write_text("newer")
+        raise RuntimeError("the second writer failed too")
+    assert tree(dest) == {"a.txt": b"previous"}
+    with atomic_folder(dest) as tmp:
+        (tmp / "a.txt").write_text("newest")
+    assert tree(dest) == {"a.txt": b"newest"} and not (tmp_path / "run.old").exists()
+
+
+def test_an_error_between_the_renames_puts_the_old_folder_back_at_once(tmp_path, monkeypatch):
+    dest = make_folder(tmp_path / "run", {"model.txt": "previous"})
     real_replace = os.replace
 
-    def replace(src, dst):
+    def interrupted(src, dst):
         if TEMP_NAME.match(Path(src).name):
-            raise OSError("simulated crash")
+            raise KeyboardInterrupt  # a second Ctrl-C between the renames
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
-
-
-def test_recover_interrupted_swap_restores_the_old_folder(tmp_path, monkeypatch):
-    dest = make_folder(tmp_path / "run", {"model.txt": "previous"})
-    crash_on_the_second_rename(monkeypatch)
-    with pytest.raises(OSError, match="simulated crash"), atomic_folder(dest) as tmp:
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_folder(dest) as tmp:
         (tmp / "model.txt").write_text("new")
-    monkeypatch.undo()
-    assert not dest.exists() and tree(tmp_path / "run.old") == {"model.txt": b"previous"}
-
-    recover_interrupted_swap(dest)
-
     assert tree(dest) == {"model.txt": b"previous"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_recover_interrupted_swap_does_nothing_when_no_swap_was_interrupted(tmp_path):
-    recover_interrupted_swap(tmp_path / "never_written")
+def test_interrupted_swap_only_reports_and_recovery_does_nothing_when_no_swap_was_interrupted(tmp_path):
+    assert interrupted_swap(tmp_path / "never_written") is None
+    assert recover_interrupted_swap(tmp_path / "never_written") is False
     assert list(tmp_path.iterdir()) == []
     dest = make_folder(tmp_path / "run", {"model.txt": "current"})
     make_folder(tmp_path / "run.old", {"model.txt": "stale"})
-    recover_interrupted_swap(dest)
+    assert interrupted_swap(dest) is None
+    assert recover_interrupted_swap(dest) is False
     assert tree(dest) == {"model.txt": b"current"}
 
 
@@ -299,22 +386,34 @@ def test_a_stale_aside_folder_is_deleted_by_the_next_swap(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_hidden_aside_keeps_the_old_folder_under_a_dot_name(tmp_path, monkeypatch):
+def test_hidden_aside_keeps_the_old_folder_under_a_dot_name(tmp_path):
     make_folder(tmp_path / "books.old", {"a.txt": "another source, not an aside folder"})
     dest = make_folder(tmp_path / "books", {"a.txt": "previous"})
-    crash_on_the_second_rename(monkeypatch)
-    with pytest.raises(OSError), atomic_folder(dest, hidden_aside=True) as tmp:
-        (tmp / "a.txt").write_text("new")
-    monkeypatch.undo()
+    crash_between_the_renames(dest, hidden_aside=True)
     assert tree(tmp_path / ".books.old") == {"a.txt": b"previous"}
+    assert interrupted_swap(dest, hidden_aside=True) == tmp_path / ".books.old"
 
-    recover_interrupted_swap(dest, hidden_aside=True)
     with atomic_folder(dest, hidden_aside=True) as tmp:
         (tmp / "a.txt").write_text("new")
 
     assert tree(dest) == {"a.txt": b"new"}
     assert tree(tmp_path / "books.old") == {"a.txt": b"another source, not an aside folder"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["books", "books.old"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not TEMP_NAME.match(p.name)) == ["books", "books.old"]
+
+
+def test_recover_interrupted_swaps_puts_back_every_hidden_folder_of_a_parent(tmp_path):
+    corpus = tmp_path / "corpus"
+    crash_between_the_renames(make_folder(corpus / "plays", {"a.txt": "plays"}), hidden_aside=True)
+    crash_between_the_renames(make_folder(corpus / "poems", {"a.txt": "poems"}), hidden_aside=True)
+    make_folder(corpus / "letters", {"a.txt": "letters"})
+    make_folder(corpus / "letters.old", {"a.txt": "a user's folder of that name"})
+
+    assert recover_interrupted_swaps(corpus, hidden_aside=True) == [corpus / "plays", corpus / "poems"]
+
+    assert {p.name for p in corpus.iterdir() if not TEMP_NAME.match(p.name)} == {"letters", "letters.old", "plays",
+                                                                                  "poems"}
+    assert tree(corpus / "plays") == {"a.txt": b"plays"} and tree(corpus / "poems") == {"a.txt": b"poems"}
+    assert recover_interrupted_swaps(tmp_path / "missing", hidden_aside=True) == []
 
 
 def test_replace_folder_moves_a_finished_folder_into_place(tmp_path):
@@ -343,6 +442,15 @@ def test_sha256_file_matches_hashlib_across_chunk_boundaries(tmp_path, size):
     data = (bytes(range(251)) * (size // 251 + 1))[:size]
     (tmp_path / "f.bin").write_bytes(data)
     assert sha256_file(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_tree_hashes_every_visible_file_by_relative_path(tmp_path):
+    folder = make_folder(tmp_path / "tokens", {"train.bin": "t", "sub/val.bin": "v", ".train.bin.0123456789ab.tmp": "x",
+                                               ".hidden/file": "h"})
+    assert sha256_tree(folder) == {"sub/val.bin": hashlib.sha256(b"v").hexdigest(),
+                                   "train.bin": hashlib.sha256(b"t").hexdigest()}
+    with pytest.raises(FileNotFoundError, match="missing: no such folder"):
+        sha256_tree(tmp_path / "missing")
 
 
 def test_sha256_file_of_a_missing_file_is_an_error(tmp_path):

@@ -1,17 +1,25 @@
-"""Specification of the training loop: schedule, exact resume, divergence, checkpoints."""
+"""Specification of the training loop: schedule, exact resume of the same run only, divergence, checkpoints,
+and stopping on a signal."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
+import signal
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 from llm.config import ModelConfig, PretrainParams
-from llm.model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
+from llm.data.tokenizer import CharTokenizer
+from llm.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from llm.model.gpt import GPT
-from llm.training.loop import TrainingDivergedError, build_optimizer, lr_at
+from llm.training.loop import TrainingDivergedError, TrainingInterrupted, build_optimizer, lr_at
 from llm.training.pretrain import pretrain
 
 TINY = ModelConfig(context_length=32, n_layer=2, n_head=2, d_model=32, dropout=0.1)
@@ -104,18 +112,240 @@ def test_truncated_checkpoint_is_a_clear_error(prepared, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
         load_checkpoint(out)
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated .* It cannot be resumed: .*--no-resume"):
+        pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, prepared["tokens"], prepared["tokenizer"], out)
 
 
-def test_resuming_a_different_model_shape_is_refused(prepared, tmp_path):
+def weights_of(folder) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder)[0].state_dict()
+
+
+def assert_same_weights(a, b) -> None:
+    wa, wb = weights_of(a), weights_of(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.mark.parametrize("change", [{"max_steps": 14}, {"learning_rate": 1e-3}])
+def test_a_changed_param_starts_a_new_run_from_fresh_weights(prepared, tmp_path, caplog, change):
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    pretrain(tiny_params(), *args, tmp_path / "run", until_step=6)
+    with caplog.at_level(logging.WARNING, logger="llm.training.loop"):
+        restarted = pretrain(tiny_params(**change), *args, tmp_path / "run", until_step=4)
+    fresh = pretrain(tiny_params(**change), *args, tmp_path / "fresh", until_step=4)
+    key, value = next(iter(change.items()))
+    before = tiny_params().model_dump()[key]
+    assert f"holds the checkpoint of another run (params.{key} {before} -> {value})" in caplog.text
+    assert restarted.step == 4
+    assert [h["train/loss"] for h in restarted.history] == [h["train/loss"] for h in fresh.history]
+    assert_same_weights(tmp_path / "run", tmp_path / "fresh")
+    config = verify_checkpoint(tmp_path / "run")
+    assert config["step"] == 4 and config["run_identity"] == restarted.run_identity == fresh.run_identity
+    assert config["identity"]["params"][key] == value
+
+
+def test_another_runs_checkpoint_is_kept_until_the_new_run_writes_its_first(prepared, tmp_path):
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    first = pretrain(tiny_params(), *args, tmp_path / "run", until_step=6)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+
+    def fail_at_step_3(step, metrics):
+        if step == 3:
+            raise RuntimeError("the new run died before its first checkpoint (step 6)")
+
+    with pytest.raises(RuntimeError, match="died before its first checkpoint"):
+        pretrain(tiny_params(max_steps=20), *args, tmp_path / "run", callbacks=[fail_at_step_3])
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    assert verify_checkpoint(tmp_path / "run")["run_identity"] == first.run_identity
+
+
+def test_the_same_run_resumes_whatever_the_execution_only_params(prepared, tmp_path, caplog):
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    pretrain(tiny_params(), *args, tmp_path / "run", until_step=6)
+    with caplog.at_level(logging.INFO, logger="llm.training.loop"):
+        resumed = pretrain(tiny_params(checkpoint_interval=4, log_interval=3, num_threads=1), *args, tmp_path / "run")
+    assert "resuming from" in caplog.text and "another run" not in caplog.text
+    assert resumed.step == 12 and len(resumed.history) == 12
+
+
+def test_a_different_model_shape_starts_over(prepared, tmp_path, caplog):
     out = tmp_path / "run"
     pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, prepared["tokens"], prepared["tokenizer"], out)
     wider = TINY.model_copy(update={"d_model": 64})
-    with pytest.raises(CheckpointError, match="different model shape"):
-        pretrain(tiny_params(max_steps=4), wider, prepared["tokens"], prepared["tokenizer"], out)
+    with caplog.at_level(logging.WARNING, logger="llm.training.loop"):
+        result = pretrain(tiny_params(max_steps=2, eval_interval=2), wider, prepared["tokens"], prepared["tokenizer"],
+                          out)
+    assert "model.d_model 32 -> 64" in caplog.text
+    assert result.step == 2 and verify_checkpoint(out)["model"]["d_model"] == 64
 
 
-def test_interrupted_swap_recovers_previous_checkpoint(prepared, tmp_path):
+def test_other_token_data_starts_over(prepared, tmp_path, caplog):
     out = tmp_path / "run"
     pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, prepared["tokens"], prepared["tokenizer"], out)
+    tokens = shutil.copytree(prepared["tokens"], tmp_path / "tokens")
+    meta = json.loads((tokens / "meta.json").read_text())
+    train = np.memmap(tokens / "train.bin", dtype=meta["dtype"], mode="r+")
+    train[:2] = train[1::-1].copy()  # swap two tokens: same size, other data
+    train.flush()
+    with caplog.at_level(logging.WARNING, logger="llm.training.loop"):
+        result = pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, tokens, prepared["tokenizer"], out)
+    assert "inputs.tokens.train.bin changed" in caplog.text
+    assert result.step == 2 and len(result.history) == 2
+
+
+def test_no_resume_starts_over_even_for_the_same_run(prepared, tmp_path, caplog):
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    pretrain(tiny_params(), *args, tmp_path / "run", until_step=6)
+    with caplog.at_level(logging.WARNING, logger="llm.training.loop"):
+        result = pretrain(tiny_params(), *args, tmp_path / "run", resume=False, until_step=2)
+    assert "resume is off, starting over" in caplog.text
+    assert result.step == 2 and verify_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_a_reader_refuses_an_interrupted_swap_and_the_next_training_puts_it_back(prepared, tmp_path, caplog):
+    out = tmp_path / "run"
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    pretrain(tiny_params(max_steps=4, eval_interval=2), *args, out, until_step=2)
     out.rename(out.with_name("run.old"))  # as if the process died between the two renames
-    assert verify_checkpoint(out)["step"] == 2
+    for read in (verify_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointError, match=r"interrupted between its two renames .* run the training"):
+            read(out)
+    assert not out.exists() and (tmp_path / "run.old").is_dir()  # readers change nothing
+    with caplog.at_level(logging.INFO, logger="llm.training.loop"):
+        result = pretrain(tiny_params(max_steps=4, eval_interval=2), *args, out)
+    assert "put back the checkpoint" in caplog.text and "resuming from" in caplog.text
+    assert result.step == 4 and verify_checkpoint(out)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_training_removes_the_temporary_folders_of_killed_checkpoint_writes(prepared, tmp_path):
+    killed_write = tmp_path / ".run.0123456789ab.tmp"
+    killed_write.mkdir()
+    (killed_write / "model.safetensors").write_bytes(b"half")
+    pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, prepared["tokens"], prepared["tokenizer"],
+             tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_non_finite_gradient_norm_refuses_the_step(prepared, tmp_path, monkeypatch, grad_clip):
+    out = tmp_path / "run"
+    params = tiny_params(grad_clip=grad_clip)
+    pretrain(params, TINY, prepared["tokens"], prepared["tokenizer"], out, until_step=6)
+    before = (out / "model.safetensors").read_bytes()
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def infinite_gradient(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        calls["n"] += self.training
+        if self.training and calls["n"] == 3:
+            self.lm_head.weight.register_hook(lambda grad: grad * float("inf"))  # the loss itself stays finite
+        return out
+
+    monkeypatch.setattr(GPT, "forward", infinite_gradient)
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm became (inf|nan) at step 9 .* not taken"):
+        pretrain(params, TINY, prepared["tokens"], prepared["tokenizer"], out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert verify_checkpoint(out)["step"] == 6
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(prepared, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    pretrain(tiny_params(), TINY, prepared["tokens"], prepared["tokenizer"], out, until_step=6)
+    before = (out / "model.safetensors").read_bytes()
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned_step(self, *a, **kw):
+        result = real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 12, a checkpoint step: the next forward would come too late to notice
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(TrainingDivergedError, match="weights became NaN or infinite at step 12"):
+        pretrain(tiny_params(), TINY, prepared["tokens"], prepared["tokenizer"], out)
+    assert (out / "model.safetensors").read_bytes() == before and verify_checkpoint(out)["step"] == 6
+
+
+def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
+    tokenizer = CharTokenizer(list("ab"))
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=8, n_layer=1, n_head=1, d_model=8)
+    model = GPT(config)
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="not written: weights wte.weight hold NaN or infinite"):
+        save_checkpoint(tmp_path / "ckpt", model, config, tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def send_at_step(step_to_signal: int, *signums: int):
+    """A callback that sends this process ``signums`` when step ``step_to_signal`` is done."""
+
+    def callback(step, metrics):
+        if step == step_to_signal:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+
+    return callback
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_and_the_run_resumes_exactly(prepared, tmp_path,
+                                                                                           signum):
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(TrainingInterrupted) as stopped:
+        pretrain(tiny_params(), *args, tmp_path / "run", callbacks=[send_at_step(4, signum)])
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    assert (stopped.value.signum, stopped.value.step, stopped.value.checkpoint) == (signum, 4, tmp_path / "run")
+    assert stopped.value.exit_code == 128 + signum
+    assert verify_checkpoint(tmp_path / "run")["step"] == 4
+    assert {s: signal.getsignal(s) for s in previous} == previous  # handlers restored
+
+    resumed = pretrain(tiny_params(), *args, tmp_path / "run")
+    full = pretrain(tiny_params(), *args, tmp_path / "full")
+    assert resumed.step == 12 and [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in full.history]
+    assert_same_weights(tmp_path / "run", tmp_path / "full")
+
+
+def test_a_signal_on_a_checkpoint_step_writes_no_second_checkpoint(prepared, tmp_path, monkeypatch):
+    import llm.training.loop as loop
+
+    writes = []
+    real_write = loop._write_checkpoint
+    monkeypatch.setattr(loop, "_write_checkpoint",
+                        lambda run, metrics: writes.append(run.step) or real_write(run, metrics))
+    with pytest.raises(TrainingInterrupted, match="SIGINT stopped training at step 6"):
+        pretrain(tiny_params(), TINY, prepared["tokens"], prepared["tokenizer"], tmp_path / "run",
+                 callbacks=[send_at_step(6, signal.SIGINT)])  # step 6 is a checkpoint step
+    assert writes == [6]
+
+
+def test_a_second_sigint_stops_at_once_without_a_new_checkpoint(prepared, tmp_path):
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        pretrain(tiny_params(), *args, tmp_path / "run", callbacks=[send_at_step(8, signal.SIGINT, signal.SIGINT)])
+    assert not isinstance(stopped.value, TrainingInterrupted)
+    assert verify_checkpoint(tmp_path / "run")["step"] == 6  # the last periodic checkpoint, intact
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_training_outside_the_main_thread_leaves_signal_handlers_alone(prepared, tmp_path):
+    results, errors = [], []
+
+    def train_in_thread():
+        try:
+            results.append(pretrain(tiny_params(max_steps=2, eval_interval=2), TINY, prepared["tokens"],
+                                    prepared["tokenizer"], tmp_path / "run"))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=train_in_thread)
+    thread.start()
+    thread.join()
+    assert errors == [] and results[0].step == 2

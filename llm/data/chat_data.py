@@ -149,12 +149,12 @@ def write_chat_file(path: str | Path, records: Iterable[dict[str, Any]]) -> None
     """Write records (each with a ``messages`` list) as JSONL at ``path``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records), fsync=True)
+    atomic_write_text(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, data, ensure_ascii=False, fsync=True)
+    atomic_write_json(path, data, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------

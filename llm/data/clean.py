@@ -422,7 +422,7 @@ def write_documents(path: Path, docs: Iterable[str]) -> None:
 
     Raises ValueError for a document containing DOC_SEPARATOR; ``path`` is then left untouched.
     """
-    with atomic_file(path, fsync=True) as f:
+    with atomic_file(path) as f:
         for i, doc in enumerate(docs):
             if DOC_SEPARATOR in doc:
                 raise ValueError(f"document {i} contains the separator character U+001E; clean it first")
@@ -453,7 +453,7 @@ def _without_final_newline(text: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    atomic_write_json(path, data, ensure_ascii=False, fsync=True)
+    atomic_write_json(path, data, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from llm.config import FetchLimits
-from llm.io import atomic_file, atomic_folder, sha256_file
+from llm.io import atomic_file, atomic_folder, recover_interrupted_swaps, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,7 @@ def iter_corpus_files(corpus_dir: Path) -> list[Path]:
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus folder {corpus_dir} does not exist; run `llm data fetch` or add .txt files")
+    recover_interrupted_swaps(corpus_dir, hidden_aside=True)  # a fetch killed mid-swap hid its source's folder
     files = _txt_files(corpus_dir)
     if not files:
         raise CorpusError(f"no .txt files under corpus folder {corpus_dir}; run `llm data fetch` or add some")

@@ -8,8 +8,11 @@ Layout of a checkpoint folder::
     train_state/         optimizer.safetensors + state.json (step, RNG states, data position, history)
     manifest.json        size and sha256 of every file above, written last
 
-A folder is written whole into a temporary sibling and swapped in by rename, so a crash leaves either the
-previous checkpoint or the new one, never a mix. ``manifest.json`` catches truncation and corruption.
+A folder is written whole into a temporary sibling, synced, and swapped in by rename (``llm.io``), so a
+crash leaves either the previous checkpoint or the new one, never a mix. ``manifest.json`` catches truncation
+and corruption. Readers (``verify_checkpoint``, ``load_checkpoint``: chat, evaluation, serving) never modify
+a folder: a crash between the two renames of a swap is put right by the next writer
+(``recover_checkpoint_folder``, called by the training loop), and a reader that meets one says so.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llm.config import ModelConfig
-from llm.io import atomic_folder, atomic_write_json, atomic_write_text, recover_interrupted_swap, sha256_file
+from llm.io import (
+    atomic_folder,
+    atomic_write_json,
+    atomic_write_text,
+    interrupted_swap,
+    recover_interrupted_swap,
+    remove_stale_temp_files,
+    sha256_file,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,19 +102,23 @@ def save_checkpoint(
 
     ``tokenizer`` is any object with ``kind`` and ``save(folder)``. ``extra_files`` maps file names to text
     written beside the checkpoint (metrics, curves), so they are swapped in together with the weights.
-    An existing folder at ``path`` is replaced only after the new one is complete.
+    An existing folder at ``path`` is replaced only after the new one is complete and on disk.
+    Raises CheckpointError, writing nothing, when a weight is NaN or infinite.
     """
     path = Path(path)
+    # tied weights share storage; safetensors refuses shared tensors, so store each name once
+    state = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            continue
+        seen[ptr] = name
+        state[name] = tensor.detach().cpu().contiguous()
+    non_finite = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if non_finite:
+        raise CheckpointError(f"{path}: not written: weights {', '.join(non_finite[:5])} hold NaN or infinite values")
     with atomic_folder(path) as tmp:
-        # tied weights share storage; safetensors refuses shared tensors, so store each name once
-        state = {}
-        seen: dict[int, str] = {}
-        for name, tensor in model.state_dict().items():
-            ptr = tensor.data_ptr()
-            if ptr in seen and tensor.numel() > 0:
-                continue
-            seen[ptr] = name
-            state[name] = tensor.detach().cpu().contiguous()
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "llm"})
         tokenizer.save(tmp / TOKENIZER_DIR)
         config = {
@@ -132,10 +147,17 @@ def save_checkpoint(
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check every file against ``manifest.json``; return the parsed ``config.json``.
 
-    Raises CheckpointError naming the folder and the first missing, truncated or altered file.
+    Reads only. Raises CheckpointError naming the folder and the first missing, truncated or altered file,
+    and when a crash between the two renames of a checkpoint write left the previous checkpoint aside.
     """
     path = Path(path)
-    recover_interrupted_swap(path)
+    aside = interrupted_swap(path)
+    if aside is not None:
+        raise CheckpointError(
+            f"{path}: a checkpoint write was interrupted between its two renames and left the previous checkpoint "
+            f"at {aside}; run the training that writes it again (`llm pretrain`, `llm finetune` or `dvc repro`: it "
+            f"puts it back and resumes), or put it back yourself: mv {aside} {path}"
+        )
     if not path.is_dir():
         raise CheckpointError(f"{path}: no checkpoint folder here (train one first, e.g. `llm pretrain`)")
     manifest_path = path / MANIFEST_FILE
@@ -158,6 +180,15 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         return json.loads((path / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: unreadable: {err}") from None
+
+
+def recover_checkpoint_folder(path: str | Path) -> bool:
+    """For the writer of the checkpoint folder ``path`` only (the training loop, before it resumes or writes):
+    put back the checkpoint that a crash between the two renames of a write left aside, and delete the
+    temporary folders of writes that were killed. Returns True when a checkpoint was put back."""
+    path = Path(path)
+    remove_stale_temp_files(path)
+    return recover_interrupted_swap(path)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -1,7 +1,8 @@
 """Data-parallel training across processes launched by ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs).
 
-The training loop asks this module three things: which process am I, average a number over processes,
-and collect every process's RNG state for the checkpoint. Outside ``torchrun`` (no ``WORLD_SIZE``) it is
+The training loop asks this module four things: which process am I, average a number over processes,
+agree on a flag that any process may raise (a stop request), and collect every process's RNG state for
+the checkpoint. Outside ``torchrun`` (no ``WORLD_SIZE``) it is
 a single process and every call is a no-op, so the loop reads the same either way.
 """
 
@@ -65,6 +66,16 @@ def mean_over_processes(value: float, ctx: Distributed, device: torch.device) ->
     return float(t.item()) / ctx.world_size
 
 
+def max_over_processes(value: int, ctx: Distributed, device: torch.device) -> int:
+    """The largest ``value`` of every process (itself in a single process): how all processes agree on a
+    flag that any one of them may have raised, such as a stop request."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def gather_rng_states(state: dict[str, torch.Tensor], ctx: Distributed) -> dict[str, torch.Tensor]:
     """Every process's RNG states in one dict for the checkpoint: rank 0's keys as they are, rank r's
     prefixed ``rank{r}/``. A collective call: every process must make it."""
@@ -97,6 +108,7 @@ def own_rng_states(saved: dict[str, torch.Tensor], ctx: Distributed) -> dict[str
 
 
 def barrier(ctx: Distributed) -> None:
+    """Wait until every process gets here."""
     if ctx.enabled:
         dist.barrier()
 

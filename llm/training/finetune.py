@@ -30,7 +30,8 @@ from llm.config import FinetuneParams
 from llm.data.chat_data import CHAT_FILES, ChatDataError, Conversation, read_chat_file
 from llm.data.chat_template import fit_chat
 from llm.data.tokenizer import Tokenizer
-from llm.model.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint
+from llm.io import sha256_file
+from llm.model.checkpoint import MANIFEST_FILE, TOKENIZER_DIR, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from llm.training.device import select_device, select_dtype
 from llm.training.loop import Batch, Callback, TrainResult, evaluate_loss, train
 
@@ -143,6 +144,28 @@ def _parent_metadata(base_checkpoint: Path, config: dict[str, Any]) -> dict[str,
     }
 
 
+def finetune_inputs(base_checkpoint: str | Path, chat_dir: str | Path) -> dict[str, Any]:
+    """What a finetuning run trains on and from, for its identity (``llm.training.loop.run_identity``): the
+    base model's weights and tokenizer (their sha256 as its manifest records them: verify the checkpoint
+    first, as ``load_checkpoint`` does) and the sha256 of the chat files. Raises CheckpointError when the
+    base has no readable manifest and FileNotFoundError for missing chat files."""
+    base_checkpoint, chat_dir = Path(base_checkpoint), Path(chat_dir)
+    try:
+        manifest = json.loads((base_checkpoint / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{base_checkpoint / MANIFEST_FILE}: unreadable: {err}") from None
+    tokenizer_prefix = f"{TOKENIZER_DIR}/"
+    return {
+        "stage": "finetune",
+        "base_model": {
+            "weights_sha256": manifest[WEIGHTS_FILE]["sha256"],
+            "tokenizer": {k.removeprefix(tokenizer_prefix): v["sha256"] for k, v in sorted(manifest.items())
+                          if k.startswith(tokenizer_prefix)},
+        },
+        "chat_data": {name: sha256_file(chat_dir / name) for name in sorted(CHAT_FILES.values())},
+    }
+
+
 def finetune(
     params: FinetuneParams,
     base_checkpoint: str | Path,
@@ -157,7 +180,9 @@ def finetune(
 
     Loss is on assistant tokens only (see the module docstring). The checkpoint records ``stage:
     finetune`` and its ``parent`` (path, stage, step and weights hash of the base). With ``resume`` a
-    checkpoint already in ``out_dir`` is continued exactly; ``until_step`` pauses early.
+    checkpoint already in ``out_dir`` is continued exactly when it is of the same run (same base weights
+    and tokenizer, chat files, model config and params; see ``llm.training.loop.train``); ``until_step``
+    pauses early.
     Raises CheckpointError for a bad base checkpoint, ChatDataError for missing or invalid chat files,
     ValueError when no conversation fits the context, and see ``llm.training.loop.train``.
     """
@@ -180,7 +205,7 @@ def finetune(
     metadata = {"stage": "finetune", "parent": _parent_metadata(base_checkpoint, config),
                 "chat_data": {"train": data.train_counts, "val": data.val_counts}}
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
-                 callbacks=callbacks, metadata=metadata)
+                 callbacks=callbacks, metadata=metadata, inputs=finetune_inputs(base_checkpoint, chat_dir))
 
 
 def assistant_loss(

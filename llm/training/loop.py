@@ -2,41 +2,57 @@
 
 ``train`` is generic over where batches come from (token windows in ``llm.training.pretrain``, chat
 examples in ``llm.training.finetune``). It settles the device, the processes and the run's state once
-(``RunState``), resumes a checkpoint if there is one, then loops over its phases, one small function
-each: ``_train_step`` (micro-batches, clipping, optimizer step), ``_validate``, ``_write_checkpoint``
-and ``_summary``. The loop never imports orchestration code: callers that track experiments pass
-``callbacks`` that receive ``(step, metrics)``.
+(``RunState``), resumes a checkpoint if it belongs to the same run, then loops over its phases, one small
+function each: ``_train_step`` (micro-batches, clipping, optimizer step), ``_validate``,
+``_write_checkpoint`` and ``_summary``. The loop never imports orchestration code: callers that track
+experiments pass ``callbacks`` that receive ``(step, metrics)``.
 
 Exact resume: the checkpoint stores weights, optimizer moments, the step, every RNG that the loop draws
 from (torch CPU/CUDA for dropout, the batch sampler's generator) and the metric history, so a run
 stopped at step k and resumed replays the same batches and produces the same losses.
+
+Run identity: a checkpoint records what its run trains on and from (hashes of the data, tokenizer and base
+model), the model config and every param that changes the result (``run_identity``; its digest is the
+``run_identity`` key of ``config.json``). A checkpoint of the same run is resumed; one of another run
+(a changed ``max_steps`` or learning rate, new data) is left in place until the new run, started from
+fresh weights, writes its first checkpoint over it.
+
+Interruption: SIGINT and SIGTERM stop the loop at the next step boundary (every process of a ``torchrun``
+job at the same step), write a checkpoint and raise ``TrainingInterrupted``; a second signal acts at once.
+A gradient norm or loss that is NaN or infinite stops training before the optimizer step, and a checkpoint
+is never written from non-finite weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from llm.config import PretrainParams
+from llm.config import ModelConfig, PretrainParams
 from llm.data.tokenizer import Tokenizer
 from llm.data.tokens import bits_per_byte
-from llm.io import recover_interrupted_swap
 from llm.model.checkpoint import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
     CheckpointError,
     TrainState,
     load_train_state,
     load_weights,
+    recover_checkpoint_folder,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -44,8 +60,10 @@ from llm.model.gpt import GPT
 from llm.training.device import autocast, peak_flops, select_device, select_dtype, synchronize
 from llm.training.distributed import (
     Distributed,
+    barrier,
     gather_rng_states,
     init_distributed,
+    max_over_processes,
     mean_over_processes,
     own_rng_states,
     shutdown,
@@ -58,7 +76,30 @@ Callback = Callable[[int, dict[str, float]], None]
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss, the gradient norm or the weights became NaN or infinite; the last good checkpoint is left as
+    it was."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training at a step boundary, after writing a checkpoint.
+
+    A KeyboardInterrupt, so whatever records the run (the MLflow stage run) ends it as KILLED. ``signum`` is
+    the signal, ``step`` the step reached and ``checkpoint`` the folder that holds it (None when the run was
+    stopped before its first step and nothing was saved); ``exit_code`` is the shell's 128 + signal number.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = (f"the checkpoint in {checkpoint} is at step {step}" if checkpoint is not None
+                 else "no step was trained, so there is no checkpoint")
+        super().__init__(f"{signal.Signals(signum).name} stopped training at step {step}: {where}")
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.step, self.checkpoint)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class BatchSource(Protocol):
@@ -79,6 +120,7 @@ class TrainResult:
     step: int
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    run_identity: str = ""  # the digest recorded in the checkpoint (see ``run_identity``)
 
 
 def lr_at(step: int, params: PretrainParams) -> float:
@@ -133,6 +175,29 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator[Batch], device: torc
     return total / count
 
 
+# params that change how a run is executed or displayed, not what it computes: not part of its identity
+_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile"}
+
+
+def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity of a training run: ``inputs`` (what it trains on and from: hashes of its data, its
+    tokenizer and, for finetuning, its base model), the model config and every param that changes the result.
+
+    Two attempts with equal identities are the same run, so the later one resumes the earlier one's checkpoint.
+    """
+    return {
+        "inputs": dict(inputs),
+        "model": model_config.model_dump(),
+        "params": {k: v for k, v in params.model_dump().items() if k not in _RESUME_FREE_KEYS},
+    }
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    """Hex sha256 of an identity's canonical JSON: the ``run_identity`` that checkpoints record in ``config.json``."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @dataclass
 class RunState:
     """One training run: what it trains on and with (settled once before the loop) and how far it got."""
@@ -143,14 +208,20 @@ class RunState:
     params: PretrainParams
     out_dir: Path
     metadata: dict[str, Any]
+    identity: dict[str, Any]
     dist: Distributed
     device: torch.device
     dtype: torch.dtype
     optimizer: torch.optim.AdamW
     generator: torch.Generator
     step: int = 0
+    saved_step: int | None = None  # the step of this run's checkpoint in out_dir, None before the first
     history: list[dict[str, float]] = field(default_factory=list)
     elapsed: float = 0.0  # seconds spent training, without evaluation and checkpoints
+
+    @property
+    def identity_digest(self) -> str:
+        return identity_digest(self.identity)
 
 
 def train(
@@ -164,70 +235,82 @@ def train(
     until_step: int | None = None,
     callbacks: list[Callback] | None = None,
     metadata: dict[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` and keep an up-to-date checkpoint folder at ``out_dir``.
 
-    Checkpoints are written every ``checkpoint_interval`` steps and at the end; with ``resume`` an existing
-    checkpoint in ``out_dir`` is continued exactly. ``until_step`` stops early (a time-boxed slice of a
-    longer run; the schedule still follows ``max_steps``). ``callbacks`` get ``(step, metrics)`` after each
-    step on the main process; ``metadata`` goes into the checkpoint's config. Returns the final metrics,
-    the step reached and the metric history.
+    Checkpoints are written every ``checkpoint_interval`` steps and at the end. ``inputs`` names what the
+    run trains on and from (hashes of its data, tokenizer and base model; see ``run_identity``): with
+    ``resume``, a checkpoint in ``out_dir`` of the same run is continued exactly, and one of another run is
+    replaced when this run, started from ``model``'s weights, writes its first checkpoint (a log line says
+    what differs). ``until_step`` stops early (a time-boxed slice of a longer run; the schedule still
+    follows ``max_steps``). ``callbacks`` get ``(step, metrics)`` after each step on the main process;
+    ``metadata`` goes into the checkpoint's config. Returns the final metrics, the step reached, the metric
+    history and the run identity's digest.
 
-    Raises TrainingDivergedError on a NaN/inf loss (before the optimizer step, so nothing is saved) and
-    CheckpointError if the checkpoint to resume is unreadable, belongs to another model shape, was made
-    with other params or by a job with another number of processes.
+    SIGINT and SIGTERM (main thread only; the previous handlers are restored on return) stop training at the
+    next step boundary with a checkpoint and raise TrainingInterrupted; a second signal gets the previous
+    handler at once. Raises TrainingDivergedError on a NaN/inf loss or gradient norm (before the optimizer
+    step) or non-finite weights (before a checkpoint), leaving the last good checkpoint as it was, and
+    CheckpointError if the checkpoint to resume is unreadable or was written by a job with another number
+    of processes.
     """
-    run = _start_run(model, tokenizer, data, params, Path(out_dir), metadata or {})
-    recover_interrupted_swap(run.out_dir)
-    if resume and (run.out_dir / "train_state").is_dir():
-        _resume(run)
-    last_step = min(params.max_steps, until_step or params.max_steps)
-    train_model = _wrap_model(run)
-    log.info("model: %s parameters (%s without embeddings) on %s/%s", f"{model.num_parameters():,}",
-             f"{model.num_parameters(exclude_embeddings=True):,}", run.device, str(run.dtype).removeprefix("torch."))
-    callbacks = (callbacks or []) if run.dist.is_main else []  # one process reports for the job
-    meter = _Throughput(
-        tokens_per_step=params.batch_size * params.grad_accum_steps * model.config.context_length * run.dist.world_size,
-        flops_per_token=model.flops_per_token(),
-        peak_flops=peak_flops(run.device, run.dtype),
-    )
-    progress = _progress(params.progress and run.step < last_step and run.dist.is_main)
-    task = progress.add_task("train", total=last_step, completed=run.step, loss=float("nan"), tps=0.0)
-    meter.restart()
-    with progress:
-        while run.step < last_step:
-            # forward/backward over the micro-batches, then one optimizer step at this step's learning rate
-            lr = lr_at(run.step, params)
-            train_loss = _train_step(run, train_model, lr)
-            run.step += 1
-            row: dict[str, float] = {"step": run.step, "train/loss": train_loss, "lr": lr}
-            # throughput since the last log line
-            meter.count_step()
-            if run.step % params.log_interval == 0 or run.step == last_step:
-                seconds, perf = meter.measure(run.device)
-                run.elapsed += seconds
-                row.update(perf)
-                progress.update(task, loss=train_loss, tps=perf["perf/tokens_per_s"])
-            # validation loss
-            if run.step % params.eval_interval == 0 or run.step == params.max_steps:
-                row.update(_validate(run))
-                log.info("step %d: train %.4f, val %.4f", run.step, train_loss, row["val/loss"])
-            # record and report the step
-            run.history.append(row)
-            progress.update(task, completed=run.step)
-            for cb in callbacks:
-                cb(run.step, {k: v for k, v in row.items() if k != "step"})
-            # checkpoint
-            if run.step % params.checkpoint_interval == 0 or run.step == last_step:
-                _write_checkpoint(run, _summary(run))
-            if "perf/tokens_per_s" in row:
-                meter.restart()  # checkpoint and eval time is not training throughput
+    run = _start_run(model, tokenizer, data, params, Path(out_dir), metadata or {}, inputs or {})
+    with _StopSignals() as stop:
+        _settle_checkpoint_folder(run, resume)
+        last_step = min(params.max_steps, until_step or params.max_steps)
+        train_model = _wrap_model(run)
+        log.info("model: %s parameters (%s without embeddings) on %s/%s", f"{model.num_parameters():,}",
+                 f"{model.num_parameters(exclude_embeddings=True):,}", run.device,
+                 str(run.dtype).removeprefix("torch."))
+        callbacks = (callbacks or []) if run.dist.is_main else []  # one process reports for the job
+        meter = _Throughput(
+            tokens_per_step=(params.batch_size * params.grad_accum_steps * model.config.context_length
+                             * run.dist.world_size),
+            flops_per_token=model.flops_per_token(),
+            peak_flops=peak_flops(run.device, run.dtype),
+        )
+        progress = _progress(params.progress and run.step < last_step and run.dist.is_main)
+        task = progress.add_task("train", total=last_step, completed=run.step, loss=float("nan"), tps=0.0)
+        meter.restart()
+        with progress:
+            while run.step < last_step:
+                _stop_if_signalled(run, stop)
+                # forward/backward over the micro-batches, then one optimizer step at this step's learning rate
+                lr = lr_at(run.step, params)
+                train_loss = _train_step(run, train_model, lr)
+                run.step += 1
+                row: dict[str, float] = {"step": run.step, "train/loss": train_loss, "lr": lr}
+                # throughput since the last log line
+                meter.count_step()
+                if run.step % params.log_interval == 0 or run.step == last_step:
+                    seconds, perf = meter.measure(run.device)
+                    run.elapsed += seconds
+                    row.update(perf)
+                    progress.update(task, loss=train_loss, tps=perf["perf/tokens_per_s"])
+                # validation loss
+                if run.step % params.eval_interval == 0 or run.step == params.max_steps:
+                    row.update(_validate(run))
+                    log.info("step %d: train %.4f, val %.4f", run.step, train_loss, row["val/loss"])
+                # record and report the step
+                run.history.append(row)
+                progress.update(task, completed=run.step)
+                for cb in callbacks:
+                    cb(run.step, {k: v for k, v in row.items() if k != "step"})
+                # checkpoint
+                if run.step % params.checkpoint_interval == 0 or run.step == last_step:
+                    _write_checkpoint(run, _summary(run))
+                if "perf/tokens_per_s" in row:
+                    meter.restart()  # checkpoint and eval time is not training throughput
+            _stop_if_signalled(run, stop)
     shutdown(run.dist)
-    return TrainResult(out_dir=run.out_dir, step=run.step, metrics=_summary(run), history=run.history)
+    return TrainResult(out_dir=run.out_dir, step=run.step, metrics=_summary(run), history=run.history,
+                       run_identity=run.identity_digest)
 
 
 def _start_run(
-    model: GPT, tokenizer: Tokenizer, data: BatchSource, params: PretrainParams, out_dir: Path, metadata: dict[str, Any]
+    model: GPT, tokenizer: Tokenizer, data: BatchSource, params: PretrainParams, out_dir: Path,
+    metadata: dict[str, Any], inputs: Mapping[str, Any],
 ) -> RunState:
     """Seed, join the processes, pick device and dtype, move the model there and build the optimizer."""
     torch.manual_seed(params.seed)
@@ -238,29 +321,71 @@ def _start_run(
     model.to(device).train()
     return RunState(
         model=model, tokenizer=tokenizer, data=data, params=params, out_dir=out_dir, metadata=metadata,
+        identity=run_identity(params, model.config, inputs),
         dist=dist, device=device, dtype=dtype, optimizer=build_optimizer(model, params, device),
         generator=torch.Generator().manual_seed(params.seed + dist.rank),  # each process draws its own batches
     )
 
 
+def _settle_checkpoint_folder(run: RunState, resume: bool) -> None:
+    """Repair ``run.out_dir`` after a crash (main process, before anyone reads it), then resume its
+    checkpoint if it is one of this run, or say why training starts over."""
+    if run.dist.is_main:
+        if recover_checkpoint_folder(run.out_dir):
+            log.warning("%s: put back the checkpoint that a crash left aside in the middle of a write", run.out_dir)
+    barrier(run.dist)
+    out_dir = run.out_dir
+    if not ((out_dir / CONFIG_FILE).exists() or (out_dir / MANIFEST_FILE).exists()):
+        return
+    if not resume:
+        log.warning("%s: resume is off, starting over: its checkpoint is replaced when this run writes its first",
+                    out_dir)
+        return
+    try:
+        saved = verify_checkpoint(out_dir)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. It cannot be resumed: delete it, or start over with resume=False "
+                              "(`--no-resume`), which replaces it at the first checkpoint") from None
+    if saved.get("run_identity") == run.identity_digest:
+        _resume(run)
+        return
+    log.warning("%s holds the checkpoint of another run (%s); starting over from fresh weights: it is replaced "
+                "when this run writes its first checkpoint", out_dir, _identity_changes(saved.get("identity"),
+                                                                                         run.identity))
+
+
+def _identity_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str:
+    """What differs between two run identities, in a few words: ``params.max_steps 4 -> 6, inputs.tokens changed``."""
+    if not saved:
+        return "it records no run identity"
+    before, after = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key, "(none)"), after.get(key, "(none)")
+        if old != new:
+            is_hash = isinstance(new, str) and len(new) == 64  # a file hash: its value says nothing to a reader
+            changes.append(f"{key} changed" if is_hash else f"{key} {old} -> {new}")
+    more = f", and {len(changes) - 5} more" if len(changes) > 5 else ""
+    return ", ".join(changes[:5]) + more if changes else "same identity, other digest"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _resume(run: RunState) -> None:
     """Load the checkpoint in ``run.out_dir`` into ``run``: weights, optimizer moments, RNGs, step, history.
 
-    Raises CheckpointError when it is unreadable, holds another model shape, was made with other params
-    or by a job with another number of processes: continuing it would reproduce neither run.
+    Raises CheckpointError when it is unreadable or was written by a job with another number of processes
+    (its batch sampling cannot be continued exactly).
     """
     out_dir = run.out_dir
-    saved = verify_checkpoint(out_dir)
-    if saved["model"] != run.model.config.model_dump():
-        raise CheckpointError(
-            f"{out_dir}: holds a checkpoint of a different model shape; delete it or pass resume=False"
-        )
-    changed = _changed_params(saved.get("params", {}), run.params)
-    if changed:
-        raise CheckpointError(
-            f"{out_dir}: holds a run with other params ({', '.join(changed)}); resuming would not reproduce "
-            "either run. Delete it or pass resume=False (--no-resume) to start over"
-        )
     load_weights(out_dir, run.model)
     state = load_train_state(out_dir)
     run.optimizer.load_state_dict(state.optimizer)
@@ -269,8 +394,60 @@ def _resume(run: RunState) -> None:
     except ValueError as err:
         raise CheckpointError(f"{out_dir}: {err}") from None
     run.step, run.history = state.step, state.extra.get("history", [])
+    run.saved_step = state.step
     run.elapsed = state.extra.get("elapsed_s", 0.0)
     log.info("resuming from %s at step %d", out_dir, run.step)
+
+
+class _StopSignals:
+    """While open, SIGINT and SIGTERM ask the loop to stop at the next step boundary (``signum`` is set).
+
+    Handlers are installed only in the main thread (Python delivers signals there) and not for a signal
+    the parent process ignores. The first signal puts the previous handlers back, so a second one acts at
+    once (Ctrl-C raises KeyboardInterrupt); closing puts them back too.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._ask_to_stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _ask_to_stop(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self._restore()
+        log.warning("%s received: stopping at the end of this step with a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+
+def _stop_if_signalled(run: RunState, stop: _StopSignals) -> None:
+    """At a step boundary: if a signal reached any process, write a checkpoint of the step reached (unless
+    it is already on disk) and raise TrainingInterrupted on every process at the same step."""
+    signum = max_over_processes(stop.signum or 0, run.dist, run.device)  # every process stops at the same step
+    if not signum:
+        return
+    if run.step > 0 and run.saved_step != run.step:
+        _write_checkpoint(run, _summary(run))
+    barrier(run.dist)  # the checkpoint is complete before any process exits
+    shutdown(run.dist)
+    raise TrainingInterrupted(signum, run.step, run.out_dir if run.saved_step is not None else None)
 
 
 def _wrap_model(run: RunState) -> torch.nn.Module:
@@ -292,7 +469,7 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
     """One optimizer step at learning rate ``lr`` over ``grad_accum_steps`` micro-batches, gradients clipped.
 
     Returns the training loss, averaged over micro-batches and processes. Raises TrainingDivergedError
-    when it is NaN or infinite, before the optimizer step, so the weights stay good.
+    when it or the gradient norm is NaN or infinite, before the optimizer step, so the weights stay good.
     """
     params = run.params
     for group in run.optimizer.param_groups:
@@ -313,8 +490,17 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
             f"loss became {train_loss} at step {run.step + 1} (lr {lr:.3g}); "
             f"the last good checkpoint in {run.out_dir} is untouched. Lower learning_rate or check the data."
         )
+    # the norm of the gradients that DDP has already averaged: the same on every process
+    parameters = [p for p in run.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if not math.isfinite(norm := grad_norm.item()):
+        raise TrainingDivergedError(
+            f"gradient norm became {norm} at step {run.step + 1} (lr {lr:.3g}, loss {train_loss:.4f}); "
+            f"the step was not taken and the last good checkpoint in {run.out_dir} is untouched. "
+            "Lower learning_rate, clip gradients (grad_clip) or check the data."
+        )
     if params.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), params.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(parameters, params.grad_clip, grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return train_loss
@@ -330,22 +516,32 @@ def _validate(run: RunState) -> dict[str, float]:
 
 
 def _write_checkpoint(run: RunState, metrics: dict[str, float]) -> None:
-    """Save weights, train state, ``metrics.json`` and the loss curves to ``run.out_dir`` (main process)."""
+    """Save weights, train state, ``metrics.json`` and the loss curves to ``run.out_dir`` (main process).
+
+    Raises TrainingDivergedError on every process, writing nothing, when a weight is NaN or infinite.
+    """
+    non_finite = [name for name, p in run.model.named_parameters() if not p.detach().isfinite().all()]
+    if non_finite:
+        raise TrainingDivergedError(
+            f"weights became NaN or infinite at step {run.step} ({', '.join(non_finite[:3])}); not saved: the last "
+            f"good checkpoint in {run.out_dir} is untouched. Lower learning_rate or check the data."
+        )
     rng = gather_rng_states(_rng_state(run.generator), run.dist)  # collective: every process takes part
-    if not run.dist.is_main:
-        return
-    extra_files = {
-        "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n",
-        "curve/train.csv": _curve_csv(run.history, ["step", "train/loss", "lr"]),
-        "curve/val.csv": _curve_csv(run.history, ["step", "val/loss", "val/bpb"]),
-    }
-    save_checkpoint(
-        run.out_dir, run.model, run.model.config, run.tokenizer,
-        train_state=TrainState(run.step, run.optimizer.state_dict(), rng,
-                               {"history": run.history, "elapsed_s": run.elapsed}),
-        metadata={"step": run.step, "params": run.params.model_dump(), **run.metadata},
-        extra_files=extra_files,
-    )
+    if run.dist.is_main:
+        extra_files = {
+            "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n",
+            "curve/train.csv": _curve_csv(run.history, ["step", "train/loss", "lr"]),
+            "curve/val.csv": _curve_csv(run.history, ["step", "val/loss", "val/bpb"]),
+        }
+        save_checkpoint(
+            run.out_dir, run.model, run.model.config, run.tokenizer,
+            train_state=TrainState(run.step, run.optimizer.state_dict(), rng,
+                                   {"history": run.history, "elapsed_s": run.elapsed}),
+            metadata={"step": run.step, "params": run.params.model_dump(), **run.metadata,
+                      "run_identity": run.identity_digest, "identity": run.identity},
+            extra_files=extra_files,
+        )
+    run.saved_step = run.step
 
 
 def _summary(run: RunState) -> dict[str, float]:
@@ -421,15 +617,6 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -
     cuda = [state[k] for k in sorted(state) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-
-
-# keys that change how a run is executed or displayed, not what it computes
-_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile"}
-
-
-def _changed_params(saved: dict[str, Any], params: PretrainParams) -> list[str]:
-    now = params.model_dump()
-    return sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
 
 
 def _curve_csv(history: list[dict[str, float]], keys: list[str]) -> str:

@@ -2,19 +2,22 @@
 
 ``PretrainData`` is the ``BatchSource`` (random windows of the train split, fixed windows of the val
 split); ``pretrain`` checks that the tokenizer and the token files agree, builds the model and hands
-both to the training loop, ``llm.training.loop.train``.
+both to the training loop, ``llm.training.loop.train``, with the hashes of the token files and the
+tokenizer as the run's inputs (``pretrain_inputs``), so a checkpoint resumes only on the same data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llm.config import ModelConfig, PretrainParams
 from llm.data.tokenizer import load_tokenizer
 from llm.data.tokens import TokenFile, read_meta
+from llm.io import sha256_tree
 from llm.model.gpt import GPT
 from llm.training.loop import Batch, Callback, TrainResult, train
 
@@ -37,6 +40,12 @@ class PretrainData:
         return self.val.eval_batches(self.batch_size, self.block, self.eval_batches)
 
 
+def pretrain_inputs(tokens_dir: str | Path, tokenizer_dir: str | Path) -> dict[str, Any]:
+    """What a pretraining run trains on, for its identity (``llm.training.loop.run_identity``): the sha256
+    of every file of the token folder and of the tokenizer folder. Raises FileNotFoundError for a missing folder."""
+    return {"stage": "pretrain", "tokens": sha256_tree(tokens_dir), "tokenizer": sha256_tree(tokenizer_dir)}
+
+
 def pretrain(
     params: PretrainParams,
     model_config: ModelConfig,
@@ -50,9 +59,11 @@ def pretrain(
 ) -> TrainResult:
     """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``.
 
-    ``model_config.vocab_size`` is taken from the tokenizer when unset. Returns the ``TrainResult`` of
-    ``llm.training.loop.train``. Raises TokenDataError for missing token files, ValueError when the
-    tokenizer and the token files disagree, and what ``train`` raises.
+    ``model_config.vocab_size`` is taken from the tokenizer when unset. A checkpoint in ``out_dir`` is
+    resumed only when it is of the same run: the same token files, tokenizer, model config and params
+    (see ``llm.training.loop.train``). Returns the ``TrainResult`` of ``llm.training.loop.train``.
+    Raises TokenDataError for missing token files, ValueError when the tokenizer and the token files
+    disagree, and what ``train`` raises.
     """
     tokenizer = load_tokenizer(tokenizer_dir)
     meta = read_meta(tokens_dir)
@@ -70,4 +81,5 @@ def pretrain(
     model = GPT(model_config)
     data = PretrainData(tokens_dir, params.batch_size, model_config.context_length, params.eval_batches)
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
-                 callbacks=callbacks, metadata={"stage": "pretrain"})
+                 callbacks=callbacks, metadata={"stage": "pretrain"},
+                 inputs=pretrain_inputs(tokens_dir, tokenizer_dir))
