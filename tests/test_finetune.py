@@ -17,7 +17,14 @@ from llm.inference.chat_session import ChatSession
 from llm.inference.generate import TorchGenerator
 from llm.model.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from llm.model.gpt import GPT
-from llm.training.finetune import ChatBatches, assistant_loss, collate_chat_examples, encode_chat_examples, finetune
+from llm.training.finetune import (
+    ChatBatches,
+    assistant_loss,
+    collate_chat_examples,
+    encode_chat_examples,
+    finetune,
+    finetune_identity,
+)
 
 WORDS = ["lamp", "rose", "moon", "star", "king", "sword", "crown", "ring", "bell", "door", "tree", "wolf"]
 
@@ -113,6 +120,7 @@ def test_finetuning_lowers_assistant_loss_and_records_its_parent(setup, tmp_path
 def test_resumed_finetuning_reproduces_the_uninterrupted_run(setup, tmp_path):
     params = sft_params(max_steps=8, eval_interval=4, checkpoint_interval=4, dropout=0.1)
     full = finetune(params, setup["base"], setup["chat"], tmp_path / "full")
+    assert full.run_identity == finetune_identity(params, setup["base"], setup["chat"])  # known before training
     part = finetune(params, setup["base"], setup["chat"], tmp_path / "split", until_step=3)
     assert part.step == 3
     resumed = finetune(params, setup["base"], setup["chat"], tmp_path / "split")

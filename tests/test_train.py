@@ -20,7 +20,7 @@ from llm.data.tokenizer import CharTokenizer
 from llm.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from llm.model.gpt import GPT
 from llm.training.loop import TrainingDivergedError, TrainingInterrupted, build_optimizer, lr_at
-from llm.training.pretrain import pretrain
+from llm.training.pretrain import pretrain, pretrain_identity
 
 TINY = ModelConfig(context_length=32, n_layer=2, n_head=2, d_model=32, dropout=0.1)
 
@@ -52,6 +52,7 @@ def test_weight_decay_applies_to_matrices_only():
 def test_resumed_run_reproduces_the_uninterrupted_losses(prepared, tmp_path):
     args = (TINY, prepared["tokens"], prepared["tokenizer"])
     full = pretrain(tiny_params(), *args, tmp_path / "full")
+    assert full.run_identity == pretrain_identity(tiny_params(), *args)  # known before training starts
     part = pretrain(tiny_params(), *args, tmp_path / "split", until_step=5)
     assert part.step == 5 and verify_checkpoint(tmp_path / "split")["step"] == 5
     resumed = pretrain(tiny_params(), *args, tmp_path / "split")
@@ -349,3 +350,15 @@ def test_training_outside_the_main_thread_leaves_signal_handlers_alone(prepared,
     thread.start()
     thread.join()
     assert errors == [] and results[0].step == 2
+
+
+def test_the_code_that_computes_a_run_is_part_of_its_identity_but_its_comments_are_not(prepared):
+    from llm.training.loop import _code_digest
+    from llm.training.pretrain import pretrain_inputs
+
+    plain = _code_digest("def step(x):\n    return x + 1\n")
+    assert _code_digest('"""Module."""\ndef step(x):\n    """Add one."""\n    return x + 1  # why\n') == plain
+    assert _code_digest("def step(x):\n    return x + 2\n") != plain
+    code = pretrain_inputs(prepared["tokens"], prepared["tokenizer"])["code"]
+    assert set(code) == {"llm.model.gpt", "llm.training.loop", "llm.training.pretrain", "llm.data.tokens"}
+    assert all(len(digest) == 64 for digest in code.values())

@@ -26,14 +26,30 @@ from typing import Any
 
 import torch
 
-from llm.config import FinetuneParams
+from llm.config import FinetuneParams, ModelConfig
 from llm.data.chat_data import CHAT_FILES, ChatDataError, Conversation, read_chat_file
 from llm.data.chat_template import fit_chat
 from llm.data.tokenizer import Tokenizer
 from llm.io import sha256_file
-from llm.model.checkpoint import MANIFEST_FILE, TOKENIZER_DIR, WEIGHTS_FILE, CheckpointError, load_checkpoint
+from llm.model.checkpoint import (
+    MANIFEST_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    load_model_config,
+)
 from llm.training.device import select_device, select_dtype
-from llm.training.loop import Batch, Callback, TrainResult, evaluate_loss, train
+from llm.training.loop import (
+    Batch,
+    Callback,
+    TrainResult,
+    code_digests,
+    evaluate_loss,
+    identity_digest,
+    run_identity,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +179,22 @@ def finetune_inputs(base_checkpoint: str | Path, chat_dir: str | Path) -> dict[s
                           if k.startswith(tokenizer_prefix)},
         },
         "chat_data": {name: sha256_file(chat_dir / name) for name in sorted(CHAT_FILES.values())},
+        "code": code_digests("llm.model.gpt", "llm.training.loop", __name__, "llm.data.chat_template"),
     }
+
+
+def _finetuned_config(params: FinetuneParams, base_config: ModelConfig) -> ModelConfig:
+    """The base model's config with finetuning's own dropout, when it sets one."""
+    if params.dropout is not None and params.dropout != base_config.dropout:
+        return base_config.model_copy(update={"dropout": params.dropout})
+    return base_config
+
+
+def finetune_identity(params: FinetuneParams, base_checkpoint: str | Path, chat_dir: str | Path) -> str:
+    """The ``run_identity`` digest that ``finetune`` with these arguments records in its checkpoint, computed
+    before training. Raises CheckpointError for a bad base checkpoint and FileNotFoundError for missing chat files."""
+    config = _finetuned_config(params, load_model_config(base_checkpoint))
+    return identity_digest(run_identity(params, config, finetune_inputs(base_checkpoint, chat_dir)))
 
 
 def finetune(
@@ -175,6 +206,7 @@ def finetune(
     resume: bool = True,
     until_step: int | None = None,
     callbacks: list[Callback] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Finetune the checkpoint ``base_checkpoint`` on ``chat_dir/{train,val}.jsonl`` into ``out_dir``.
 
@@ -182,7 +214,7 @@ def finetune(
     finetune`` and its ``parent`` (path, stage, step and weights hash of the base). With ``resume`` a
     checkpoint already in ``out_dir`` is continued exactly when it is of the same run (same base weights
     and tokenizer, chat files, model config and params; see ``llm.training.loop.train``); ``until_step``
-    pauses early.
+    pauses early; ``metadata`` joins the checkpoint's config (e.g. the tracking run).
     Raises CheckpointError for a bad base checkpoint, ChatDataError for missing or invalid chat files,
     ValueError when no conversation fits the context, and see ``llm.training.loop.train``.
     """
@@ -192,17 +224,17 @@ def finetune(
             raise ChatDataError(f"{chat_dir / name}: missing; prepare the chat data first "
                                 "(llm.data.chat_data.prepare_chat_data)")
     model, tokenizer, config = load_checkpoint(base_checkpoint)
-    if params.dropout is not None and params.dropout != model.config.dropout:
+    if _finetuned_config(params, model.config) != model.config:
         from llm.model.gpt import GPT
 
         state = model.state_dict()
-        model = GPT(model.config.model_copy(update={"dropout": params.dropout}))
+        model = GPT(_finetuned_config(params, model.config))
         model.load_state_dict(state)
     data = ChatBatches(chat_dir / CHAT_FILES["train"], chat_dir / CHAT_FILES["val"], tokenizer,
                        model.config.context_length, params.batch_size, params.eval_batches)
     log.info("finetuning %s on %d train conversations (%d for validation)", base_checkpoint, len(data.train),
              len(data.val))
-    metadata = {"stage": "finetune", "parent": _parent_metadata(base_checkpoint, config),
+    metadata = {**(metadata or {}), "stage": "finetune", "parent": _parent_metadata(base_checkpoint, config),
                 "chat_data": {"train": data.train_counts, "val": data.val_counts}}
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
                  callbacks=callbacks, metadata=metadata, inputs=finetune_inputs(base_checkpoint, chat_dir))

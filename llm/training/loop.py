@@ -25,9 +25,12 @@ is never written from non-finite weights.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import hashlib
+import importlib
+import inspect
 import io
 import json
 import logging
@@ -181,7 +184,8 @@ _RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device"
 
 def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """The identity of a training run: ``inputs`` (what it trains on and from: hashes of its data, its
-    tokenizer and, for finetuning, its base model), the model config and every param that changes the result.
+    tokenizer, for finetuning its base model, and the code that computes it: ``code_digests``), the model
+    config and every param that changes the result.
 
     Two attempts with equal identities are the same run, so the later one resumes the earlier one's checkpoint.
     """
@@ -190,6 +194,25 @@ def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapp
         "model": model_config.model_dump(),
         "params": {k: v for k, v in params.model_dump().items() if k not in _RESUME_FREE_KEYS},
     }
+
+
+def code_digests(*modules: str) -> dict[str, str]:
+    """The code of the named modules for a run identity: per module, the sha256 of its syntax tree without
+    docstrings, so that editing a comment, a docstring or the formatting does not start a run over but
+    changing what the code computes does (``dvc repro`` reruns a stage when its code changes; a resumed
+    finished run would otherwise hand back weights the old code made)."""
+    return {name: _code_digest(inspect.getsource(importlib.import_module(name))) for name in modules}
+
+
+def _code_digest(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 
 def identity_digest(identity: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ from llm.data.tokenizer import load_tokenizer
 from llm.data.tokens import TokenFile, read_meta
 from llm.io import sha256_tree
 from llm.model.gpt import GPT
-from llm.training.loop import Batch, Callback, TrainResult, train
+from llm.training.loop import Batch, Callback, TrainResult, code_digests, identity_digest, run_identity, train
 
 
 class PretrainData:
@@ -42,8 +42,35 @@ class PretrainData:
 
 def pretrain_inputs(tokens_dir: str | Path, tokenizer_dir: str | Path) -> dict[str, Any]:
     """What a pretraining run trains on, for its identity (``llm.training.loop.run_identity``): the sha256
-    of every file of the token folder and of the tokenizer folder. Raises FileNotFoundError for a missing folder."""
-    return {"stage": "pretrain", "tokens": sha256_tree(tokens_dir), "tokenizer": sha256_tree(tokenizer_dir)}
+    of every file of the token folder and of the tokenizer folder, and the code that computes the run.
+    Raises FileNotFoundError for a missing folder."""
+    return {"stage": "pretrain", "tokens": sha256_tree(tokens_dir), "tokenizer": sha256_tree(tokenizer_dir),
+            "code": code_digests("llm.model.gpt", "llm.training.loop", __name__, "llm.data.tokens")}
+
+
+def _model_config_for(model_config: ModelConfig, tokenizer, tokens_dir: str | Path, tokenizer_dir: str | Path):
+    """``model_config`` with the tokenizer's vocab_size when unset, after checking tokenizer and token files agree."""
+    meta = read_meta(tokens_dir)
+    if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer_kind"] != tokenizer.kind:
+        raise ValueError(
+            f"{Path(tokens_dir) / 'meta.json'}: tokens were made by a {meta['tokenizer_kind']} tokenizer of "
+            f"{meta['vocab_size']} ids, but {tokenizer_dir} holds a {tokenizer.kind} tokenizer of "
+            f"{tokenizer.vocab_size}; re-run the tokenize stage"
+        )
+    if model_config.vocab_size is None:
+        return model_config.model_copy(update={"vocab_size": tokenizer.vocab_size})
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size {model_config.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}")
+    return model_config
+
+
+def pretrain_identity(
+    params: PretrainParams, model_config: ModelConfig, tokens_dir: str | Path, tokenizer_dir: str | Path
+) -> str:
+    """The ``run_identity`` digest that ``pretrain`` with these arguments records in its checkpoint, computed
+    before training (so a caller can tell whether a checkpoint on disk will be resumed). Raises like ``pretrain``."""
+    model_config = _model_config_for(model_config, load_tokenizer(tokenizer_dir), tokens_dir, tokenizer_dir)
+    return identity_digest(run_identity(params, model_config, pretrain_inputs(tokens_dir, tokenizer_dir)))
 
 
 def pretrain(
@@ -56,30 +83,21 @@ def pretrain(
     resume: bool = True,
     until_step: int | None = None,
     callbacks: list[Callback] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``.
 
     ``model_config.vocab_size`` is taken from the tokenizer when unset. A checkpoint in ``out_dir`` is
-    resumed only when it is of the same run: the same token files, tokenizer, model config and params
-    (see ``llm.training.loop.train``). Returns the ``TrainResult`` of ``llm.training.loop.train``.
-    Raises TokenDataError for missing token files, ValueError when the tokenizer and the token files
-    disagree, and what ``train`` raises.
+    resumed only when it is of the same run: the same token files, tokenizer, code, model config and params
+    (see ``llm.training.loop.train``). ``metadata`` joins the checkpoint's config (e.g. the tracking run).
+    Returns the ``TrainResult`` of ``llm.training.loop.train``. Raises TokenDataError for missing token
+    files, ValueError when the tokenizer and the token files disagree, and what ``train`` raises.
     """
     tokenizer = load_tokenizer(tokenizer_dir)
-    meta = read_meta(tokens_dir)
-    if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer_kind"] != tokenizer.kind:
-        raise ValueError(
-            f"{Path(tokens_dir) / 'meta.json'}: tokens were made by a {meta['tokenizer_kind']} tokenizer of "
-            f"{meta['vocab_size']} ids, but {tokenizer_dir} holds a {tokenizer.kind} tokenizer of "
-            f"{tokenizer.vocab_size}; re-run the tokenize stage"
-        )
-    if model_config.vocab_size is None:
-        model_config = model_config.model_copy(update={"vocab_size": tokenizer.vocab_size})
-    elif model_config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size {model_config.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}")
+    model_config = _model_config_for(model_config, tokenizer, tokens_dir, tokenizer_dir)
     torch.manual_seed(params.seed)
     model = GPT(model_config)
     data = PretrainData(tokens_dir, params.batch_size, model_config.context_length, params.eval_batches)
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
-                 callbacks=callbacks, metadata={"stage": "pretrain"},
+                 callbacks=callbacks, metadata={**(metadata or {}), "stage": "pretrain"},
                  inputs=pretrain_inputs(tokens_dir, tokenizer_dir))
