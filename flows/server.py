@@ -29,7 +29,6 @@ the environment or the Prefect profile, nothing here starts anything.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -136,6 +135,8 @@ def is_healthy(record: ServerRecord, timeout: float = 2.0) -> bool:
 @contextlib.contextmanager
 def _locked(folder: Path, timeout: float) -> Iterator[int]:
     """Hold ``server.lock`` (an flock, released by the kernel if the holder dies); yields its descriptor."""
+    import fcntl  # POSIX only: on Windows, pipeline_api_url() leaves Prefect to its temporary servers
+
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -274,7 +275,7 @@ def pipeline_api_url() -> str | None:
 
     Raises ServerError as ``ensure_server`` does.
     """
-    if configured_api_url():
+    if configured_api_url() or sys.platform == "win32":  # Windows has no sessions or flock to run it safely
         return None
     record, started = ensure_server()
     if started:

@@ -250,3 +250,15 @@ def test_an_explicit_prefect_api_url_starts_no_server(prefect_home):
         assert api_url is None
         assert get_current_settings().api.url == "http://127.0.0.1:9/api"
     assert not (prefect_home / "pipeline-server").exists()
+
+
+def test_a_running_server_of_another_prefect_version_is_refused_with_what_to_do(prefect_home):
+    from flows.server import ServerError, ensure_server
+
+    this_process = psutil.Process()  # alive, as the server of the record would be
+    state = prefect_home / "pipeline-server"
+    state.mkdir(parents=True)
+    (state / "server.json").write_text(json.dumps({"pid": this_process.pid, "create_time": this_process.create_time(),
+                                                   "port": 9, "prefect_version": "2.0.0", "python": "/old/python"}))
+    with pytest.raises(ServerError, match=r"runs Prefect 2\.0\.0 .* Stop it with `python -m flows server stop`"):
+        ensure_server(timeout=5)
