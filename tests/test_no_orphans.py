@@ -160,8 +160,9 @@ def test_stages_starting_at_once_start_one_server(project):
 
 @pytest.mark.slow
 def test_killing_dvc_repro_or_its_pretrain_stage_during_training_leaves_only_the_server(project):
-    """Three ways to kill it while it trains: the whole process group (a terminal closed, ``kill -9 -PGID``),
-    the pretrain stage's process alone (the issue's ``kill -9``), and dvc alone (its stage then stops itself)."""
+    """Four ways to stop it while it trains: Ctrl-C (SIGINT to the process group), SIGKILL of the whole process
+    group (``kill -9 -PGID``), of the pretrain stage's process alone (the issue's ``kill -9``), and of dvc alone
+    (its stage then stops itself)."""
     root = project.root
     # pretraining that only ends when it is killed, with a checkpoint every 2 steps to show it is under way
     params = root / "params" / "pretrain.yaml"
@@ -182,11 +183,14 @@ def test_killing_dvc_repro_or_its_pretrain_stage_during_training_leaves_only_the
                 continue
         return None
 
-    for way in ("process group", "pretrain stage", "dvc alone"):
+    for way in ("ctrl-c", "process group", "pretrain stage", "dvc alone"):
         shutil.rmtree(checkpoint.parent, ignore_errors=True)  # so the next checkpoint is this run's
         repro = project.launch(str(BIN / "dvc"), "repro", "pretrain", log=f"repro-{way}.log")
         wait_for(checkpoint.exists, 300, f"pretraining under `dvc repro` has written a checkpoint ({way})")
-        if way == "process group":
+        if way == "ctrl-c":
+            os.killpg(repro.pid, signal.SIGINT)
+            assert repro.wait(timeout=120) != 0
+        elif way == "process group":
             kill_group(repro)
         elif way == "pretrain stage":
             stage = pretrain_stage()
@@ -198,7 +202,7 @@ def test_killing_dvc_repro_or_its_pretrain_stage_during_training_leaves_only_the
             repro.wait()
         project.assert_only_the_documented_server_remains()
 
-    output = (root / "repro-process group.log").read_text()
+    output = (root / "repro-ctrl-c.log").read_text()
     assert output.count("Started the pipeline's Prefect server") == 1
     assert "Traceback" not in output  # the server's start-up writes to its own log, never into dvc's output
     assert "stopping this stage" in (root / "repro-dvc alone.log").read_text()
