@@ -5,9 +5,11 @@ One flow per stage (``fetch``, ``clean``, ``tokenizer``, ``tokenize``, ``pretrai
 logic live in ``llm``; a flow reads its params file with the overrides it was given, then calls the stage.
 Paths are those of ``llm.stages.Layout`` relative to the working directory, which is the project root.
 
-Three ways in: ``python -m flows <flow> --set key=value`` runs one flow in this process (``dvc repro`` does
-this), ``python -m flows.serve`` serves every flow as a deployment ``<flow>/<flow>``, and the functions can be
-called from Python like any Prefect flow.
+Four ways in: ``python -m flows <flow> --set key=value`` runs one flow in this process (``dvc repro`` does
+this), ``python -m flows.serve`` serves every flow as a deployment ``<flow>/<flow>``, ``python -m flows.deploy
+--pool NAME`` deploys them to a work pool as ``<flow>/<NAME>`` for workers on other machines, and the functions
+can be called from Python like any Prefect flow. Without PREFECT_API_URL the runs go to the pipeline's own local
+Prefect server (``python -m flows server status|stop``, flows/server.py).
 """
 
 from __future__ import annotations

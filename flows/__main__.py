@@ -8,15 +8,23 @@ parameter, like ``prefect deployment run --param``. Values are read as YAML (``5
 changes only the keys it names, keeping the file's other keys. An empty value (``--set max_steps=``) overrides
 nothing, so wrappers such as ``MLproject`` can pass optional settings through.
 
-With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it Prefect starts a
-temporary one for the run. A training stopped by SIGINT or SIGTERM exits with 130 or 143 and one line saying
-where its checkpoint is and how to resume.
+With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it, by the pipeline's own local
+server, started on first use and shared by every later stage (``python -m flows server status|stop``, see
+``flows/server.py``). A training stopped by SIGINT or SIGTERM exits with 130 or 143 and one line saying where
+its checkpoint is and how to resume.
+
+Under ``dvc repro`` (``DVC_STAGE`` is set) the stage stops itself, as on SIGTERM, when dvc dies, so a killed
+``dvc repro`` leaves no stage running on without it.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -93,6 +101,27 @@ def flow_arguments(flow_name: str, sets: list[str], params: list[str]) -> dict[s
     return arguments
 
 
+def stop_when_parent_dies(poll_s: float = 1.0) -> threading.Thread:
+    """Send this process SIGTERM (the signal for "checkpoint and stop") once its parent process is gone.
+
+    A SIGKILL of ``dvc repro`` kills dvc alone; the stage it started would train on for hours, unseen, with its
+    result thrown away. Returns the daemon thread that watches.
+    """
+    parent = os.getppid()
+    if parent == 1:  # dvc died before this process got here: it was reparented to init already
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        typer.secho(f"the parent process {parent} (dvc) is gone: stopping this stage", fg="yellow", err=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch, name="stop-when-parent-dies", daemon=True)
+    watcher.start()
+    return watcher
+
+
 @app.command(help=__doc__.partition("\n\n")[2])
 def main(
     flow: Annotated[str, typer.Argument(help="the flow to run: fetch, clean, tokenizer, tokenize, prepare, "
@@ -102,12 +131,20 @@ def main(
     params: Annotated[list[str] | None,
                       typer.Option("--param", metavar="NAME=VALUE", help="set a flow parameter")] = None,
 ) -> None:
+    if os.environ.get("DVC_STAGE"):
+        stop_when_parent_dies()
     flows = all_flows()
     if flow not in flows:
         raise typer.BadParameter(f"unknown flow {flow!r}; choose one of {', '.join(flows)}", param_hint="FLOW")
     arguments = flow_arguments(flow, sets or [], params or [])
+    from flows.server import ServerError, pipeline_api
+
     try:
-        flows[flow](**arguments)
+        with pipeline_api():
+            flows[flow](**arguments)
+    except ServerError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt as err:
         loop = sys.modules.get("llm.training.loop")  # imported only by the flows that train (torch is slow to load)
         if loop is None or not isinstance(err, loop.TrainingInterrupted):
@@ -122,4 +159,9 @@ def main(
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m flows")
+    if sys.argv[1:2] == ["server"]:  # `python -m flows server start|status|stop`
+        from flows.server import app as server_app
+
+        server_app(args=sys.argv[2:], prog_name="python -m flows server")
+    else:
+        app(prog_name="python -m flows")

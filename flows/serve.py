@@ -1,11 +1,11 @@
 """Serve every flow as a Prefect deployment named after it: ``pretrain/pretrain``, ``pipeline/pipeline``, ...
 
-    prefect server start                                  # in one terminal: API and UI on :4200
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve                                 # in the project root: waits for runs
+    export PREFECT_API_URL=$(python -m flows server start)   # the pipeline's server, or any Prefect server
+    python -m flows.serve                                     # in the project root: waits for runs
     prefect deployment run pretrain/pretrain --param overrides='{"max_steps": 50}'
 
-Runs execute on this machine, in the directory this process was started from (the project root).
+Runs execute on this machine, in the directory this process was started from (the project root). For workers
+on other machines, deploy to a work pool instead: ``python -m flows.deploy`` (flows/deploy.py).
 """
 
 from __future__ import annotations

@@ -274,3 +274,17 @@ def test_flows_import_no_model_code_at_module_level():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_pool_deployments_import_each_flow_by_module_path_in_the_workers_checkout_with_heartbeats(tmp_path):
+    from flows.deploy import HEARTBEAT_SECONDS, pool_deployments
+
+    deployments = {d.flow_name: d for d in pool_deployments("gpu", tmp_path)}
+    assert list(deployments) == ["fetch", "clean", "tokenizer", "tokenize", "prepare", "pretrain", "finetune",
+                                 "evaluate", "export", "pipeline"]
+    pretrain = deployments["pretrain"]
+    assert (pretrain.name, pretrain.work_pool_name) == ("gpu", "gpu")
+    assert pretrain.entrypoint == "flows.pretrain.pretrain"  # no code upload: the worker's checkout has it
+    assert pretrain.storage is None
+    assert pretrain.job_variables["working_dir"] == str(tmp_path)
+    assert pretrain.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS) == "30"
