@@ -189,7 +189,8 @@ def test_rerunning_a_decided_evaluation_keeps_its_decision_and_production(tracke
     first = evaluate_stage(EVAL, tracked / "short", p["tokens"], p["clean"], tracked / "eval_short")
     first_json = (tracked / "eval_short" / "promotion.json").read_text()
     pretrain_stage(pretrain_params(20), MODEL, p["tokens"], p["tokenizer"], tracked / "long")
-    assert evaluate_stage(EVAL, tracked / "long", p["tokens"], p["clean"], tracked / "eval_long")["promotion"]["promoted"]
+    second = evaluate_stage(EVAL, tracked / "long", p["tokens"], p["clean"], tracked / "eval_long")
+    assert second["promotion"]["promoted"]
 
     # the short model's evaluation runs again (a rerun stage, a Prefect retry): its decision stands, no flip
     again = evaluate_stage(EVAL, tracked / "short", p["tokens"], p["clean"], tracked / "eval_short")

@@ -119,6 +119,14 @@ def test_the_end_of_a_stage_waits_a_bounded_time_when_the_store_never_answers(tr
     assert _steps(run.run_id) == []
 
 
+def test_points_the_store_refuses_are_dropped_with_a_warning_instead_of_retried_forever(tracking_db, caplog):
+    with caplog.at_level(logging.WARNING, logger="llm.mlops.tracking"), stage_run("clean", {}) as run:
+        run.log_metrics({"not a valid key!": 1.0})
+    logged = MlflowClient(tracking_uri()).get_run(run.run_id)
+    assert logged.info.status == "FINISHED" and logged.data.tags[tracking.DROPPED_TAG] == "1"
+    assert any("refused 1 metric points" in r.getMessage() for r in caplog.records)
+
+
 def test_a_resumed_run_continues_one_curve_at_its_real_steps(tracking_db):
     with pytest.raises(KeyboardInterrupt), stage_run("pretrain", {"lr": 0.1}) as first:
         for step in range(1, 13):  # logged through step 12; the checkpoint it resumes from is step 10

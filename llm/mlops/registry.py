@@ -233,7 +233,13 @@ def register_checkpoint(
                      found.version)
             client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{found.version}")
             return str(found.version)
-        run = client.get_run(run_id)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
+            raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()} to register "
+                                f"{checkpoint_dir} under (`llm register --run-id` names another)") from None
         version_tags = {k: v for k, v in run.data.tags.items() if k in LINEAGE_KEYS}
         version_tags.update({
             "run_id": run_id,

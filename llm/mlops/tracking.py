@@ -78,9 +78,9 @@ CLOSE_TIMEOUT_S = 60.0  # the end of a stage waits at most this long for undeliv
 SEND_TIMEOUT_S = 10.0  # one delivery attempt of the sender
 MAX_BACKOFF_S = 5.0  # while the store is unreachable, the sender tries again at least this often
 MAX_PENDING = 200_000  # metric points kept in memory while the store is unreachable (about 20 MB)
-# one bounded try of MLflow's own HTTP client (its default retries for about four minutes)
-BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# one bounded try of MLflow's own HTTP client (its default retries for about four minutes); the timeout stays
+# MLflow's: an upload of large weights may take long before the server answers
+BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def project_root() -> Path:
@@ -378,6 +378,7 @@ class _MetricSender:
         self._cond = threading.Condition()
         self._nudged = self._closing = self._abandoned = False
         self.overflowed = 0  # points dropped because the queue was full
+        self.rejected = 0  # points the store refused (an invalid key or value)
         self.failing_since: float | None = None  # monotonic time of the first failed send of an outage
         self.logged_through = logged_through
         self._last_heartbeat = time.monotonic()
@@ -396,13 +397,13 @@ class _MetricSender:
     def add_tags(self, tags: Mapping[str, str]) -> None:
         with self._cond:
             self._tags.update(tags)
-            self.nudge_locked()
+            self._nudge_locked()
 
     def nudge(self) -> None:
         with self._cond:
-            self.nudge_locked()
+            self._nudge_locked()
 
-    def nudge_locked(self) -> None:
+    def _nudge_locked(self) -> None:
         self._nudged = True
         self._cond.notify()
 
@@ -444,7 +445,8 @@ class _MetricSender:
                     return
                 room = MAX_ENTITIES_PER_BATCH - MAX_PARAMS_TAGS_PER_BATCH
                 points = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                tags, self._tags = self._tags, {}
+                tags = dict(list(self._tags.items())[:MAX_PARAMS_TAGS_PER_BATCH - 2])  # room for ours below
+                self._tags = {k: v for k, v in self._tags.items() if k not in tags}
                 self._nudged = False
                 if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
                     tags[HEARTBEAT_TAG] = str(int(time.time()))
@@ -452,10 +454,15 @@ class _MetricSender:
                 continue
             through = max([self.logged_through, *(p[3] for p in points)])
             if through > self.logged_through:
-                tags.setdefault(LOGGED_THROUGH_TAG, str(through))
+                tags[LOGGED_THROUGH_TAG] = str(through)
             try:
                 self._send(points, tags)
             except Exception as err:
+                if not store_unavailable(err):  # the store answered and refused it: sending again cannot help
+                    self.rejected += len(points)
+                    log.warning("tracking store %s refused %d metric points and tags %s of run %s: %s", self.uri,
+                                len(points), sorted(tags), self.run_id, _first_line(err))
+                    continue
                 with self._cond:  # back to the front, in order; newer tag values set meanwhile win
                     self._pending.extendleft(reversed(points))
                     self._drop_oldest_beyond_bound()
@@ -627,7 +634,7 @@ class StageRun:
         timeout = CLOSE_TIMEOUT_S if timeout is None else timeout
         undelivered = sender.close(timeout)
         reachable = sender.failing_since is None and undelivered == 0
-        dropped = sender.overflowed + undelivered
+        dropped = sender.overflowed + undelivered + sender.rejected
         if dropped:
             parts = []
             if sender.overflowed:
@@ -635,6 +642,8 @@ class StageRun:
                              "waited for the store")
             if undelivered:
                 parts.append(f"{undelivered} still undelivered when the stage ended ({timeout:.0f} s limit)")
+            if sender.rejected:
+                parts.append(f"{sender.rejected} refused by the store")
             log.warning("%d metric points of run %s never reached the tracking store %s: %s", dropped,
                         self.run_id, sender.uri, "; ".join(parts))
             if reachable:
@@ -876,6 +885,9 @@ def stage_run(
         log.info("run %s belongs to another experiment than %s: starting a new run", resume_run_id,
                  experiment_name())
         resumed = None
+    if resumed is not None and resumed.info.status == "RUNNING":  # stale ones were ended just above
+        log.warning("run %s is RUNNING in a process that is still alive (%s %s); continuing it here as well",
+                    resume_run_id, resumed.data.tags.get(HOST_TAG, "?"), resumed.data.tags.get(PID_TAG, "?"))
     # under `mlflow run`, MLFLOW_RUN_ID names the project's run: each stage becomes its child rather than
     # taking it over (start_run would otherwise resume it and rename it after the first stage)
     handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
