@@ -38,6 +38,7 @@ from llm.stages import (
     fetch_stage,
     finetune_stage,
     pretrain_stage,
+    register_stage,
     tokenize_stage,
     tokenizer_stage,
 )
@@ -205,6 +206,17 @@ def evaluate(
     typer.echo(json.dumps(result, indent=2))
     for s in samples:
         typer.echo(f"\n--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
+
+
+@app.command()
+def register(
+    model: Path = typer.Option(LAYOUT.artifact("pretrain"), help="a finished training checkpoint folder"),
+    run_id: str | None = typer.Option(None, help="the run to register it under; default: the run in the "
+                                                 "folder's registration.json, else a new run"),
+) -> None:
+    """Register a finished checkpoint as a version of gpt, when its training stage could not (the tracking
+    store was down) or ran untracked. A version that already holds it is reused, never duplicated."""
+    typer.echo(json.dumps(register_stage(model, run_id=run_id), indent=2))
 
 
 @export_app.command("onnx")

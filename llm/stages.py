@@ -91,13 +91,14 @@ class _Untracked:
         pass
 
 
-def _run(stage: str, params: dict[str, Any], enabled: bool):
-    """An MLflow run for a stage (``llm.mlops.tracking.stage_run``), or a no-op stand-in when tracking is off."""
+def _run(stage: str, params: dict[str, Any], enabled: bool, *, resume_run_id: str | None = None):
+    """An MLflow run for a stage (``llm.mlops.tracking.stage_run``), or a no-op stand-in when tracking is off.
+    ``resume_run_id`` reopens that run when the store has it (a resumed training run), else a new one starts."""
     if not enabled:
         return contextlib.nullcontext(_Untracked())
     from llm.mlops.tracking import stage_run
 
-    return stage_run(stage, params)
+    return stage_run(stage, params, resume_run_id=resume_run_id)
 
 
 def is_main_process() -> bool:
@@ -245,20 +246,84 @@ def _write_registration(out_dir: Path, registration: dict) -> dict:
 def _finish_training_run(run, stage: str, logged: dict, result, out_dir: Path, *, register: bool,
                          tags: dict[str, str] | None = None) -> str | None:
     """Log a finished training run's summary and files; with ``register``, register the checkpoint as a
-    version of ``gpt`` tagged with its lineage and ``stage``. Returns the version (None if not registered)."""
+    version of ``gpt`` tagged with its lineage and ``stage`` (the version that already holds it, if any).
+    Returns the version (None if not registered).
+
+    The files are also in ``out_dir``: a tracking store that does not answer costs the run its copies, with a
+    warning. Registration tries again with backoff, then raises RegistrationError; the checkpoint is complete
+    and ``registration.json`` names the run and tags, so ``llm register --model <out_dir>`` finishes it later.
+    """
     # the step-wise metrics went through the callback; the summary adds only the best val loss
     run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
-    run.log_artifact(out_dir / "config.json")
-    run.log_artifact(out_dir / "metrics.json")
-    run.log_artifacts(out_dir / "curve", "curve")
-    run.log_loss_curve(result.history)
+    _log_training_files(run, result, out_dir)
     if not register:
         return None
-    from llm.mlops.registry import register_checkpoint
+    from llm.mlops.registry import RegistrationError, register_checkpoint
     from llm.mlops.tracking import lineage_tags
 
-    return register_checkpoint(out_dir, run_id=run.run_id,
-                               tags={**lineage_tags(stage, logged), "llm.stage": stage, **(tags or {})})
+    version_tags = {**lineage_tags(stage, logged), "llm.stage": stage, **(tags or {})}
+    try:
+        return register_checkpoint(out_dir, run_id=run.run_id, tags=version_tags)
+    except RegistrationError:
+        _write_registration(out_dir, {"run_id": run.run_id, "model_version": None, "stage": stage,
+                                      "tags": version_tags})
+        raise
+
+
+def _log_training_files(run, result, out_dir: Path) -> None:
+    """config.json, metrics.json, curve/ and the loss curve plot as the run's artifacts, while the store answers."""
+    if not run.enabled:
+        return
+    from llm.mlops.tracking import retry_unavailable, store_unavailable
+
+    def log_files() -> None:
+        run.log_artifact(out_dir / "config.json")
+        run.log_artifact(out_dir / "metrics.json")
+        run.log_artifacts(out_dir / "curve", "curve")
+        run.log_loss_curve(result.history)
+
+    try:
+        retry_unavailable(log_files, what=f"logging the files of run {run.run_id}", attempts=3, first_delay_s=2.0)
+    except Exception as err:
+        if not store_unavailable(err):
+            raise
+        log.warning("run %s lacks its files (config.json, metrics.json, curve/, loss curve): the tracking store "
+                    "did not answer (%s); they are in %s", run.run_id, str(err).splitlines()[0][:300], out_dir)
+
+
+def register_stage(checkpoint_dir: Path, *, run_id: str | None = None) -> dict:
+    """Register a finished training checkpoint as a version of ``gpt`` after the fact: when its training stage
+    could not reach the tracking store, or ran untracked. Under ``run_id``, else the run its
+    ``registration.json`` names, else a new run ``register``; with the tags the training stage chose, when it
+    recorded them. A version that already holds these weights is reused. Writes ``registration.json`` and
+    returns it.
+
+    Raises CheckpointError for an incomplete checkpoint, RegistryError/RegistrationError as
+    ``llm.mlops.registry.register_checkpoint`` does.
+    """
+    from llm.mlops.registry import register_checkpoint
+    from llm.model.checkpoint import verify_checkpoint
+
+    config = verify_checkpoint(checkpoint_dir)
+    previous = read_registration(checkpoint_dir)
+    stage = previous.get("stage") or config.get("stage") or "pretrain"
+    tags = previous.get("tags") or {"llm.stage": stage, **({"llm.finetuned": "true"} if stage == "finetune" else {})}
+    run_id = run_id or previous.get("run_id")
+    if run_id is None:
+        with _run("register", {"checkpoint": str(checkpoint_dir), "stage": stage}, tracking_enabled(True)) as run:
+            version = register_checkpoint(checkpoint_dir, run_id=run.run_id, tags=tags)
+        run_id = run.run_id
+    else:
+        version = register_checkpoint(checkpoint_dir, run_id=run_id, tags=tags)
+    registration = {"run_id": run_id, "model_version": version, "stage": stage}
+    if stage == "finetune":
+        registration.update(parent_run_id=_none_if_missing(tags.get("llm.parent_run_id")),
+                            parent_version=_none_if_missing(tags.get("llm.parent_version")))
+    return _write_registration(checkpoint_dir, registration)
+
+
+def _none_if_missing(value: str | None) -> str | None:
+    return None if value in (None, "none") else value
 
 
 def _production_score(current, metric: str, params: EvalParams, clean_dir: Path, chat_val: Path | None) -> float:
@@ -330,10 +395,12 @@ def evaluate_stage(
                                     "reason": "tracking disabled: no registry to promote in"}
         candidate_version = registration.get("model_version")
         if enabled and promote and candidate_version:
-            from llm.mlops.registry import compare_and_promote, production_version
+            from llm.mlops.registry import compare_and_promote, production_version, recorded_decision
 
             current = production_version()
-            if current is not None and str(current.version) == str(candidate_version):
+            if recorded_decision(str(candidate_version)) is not None:  # decided once (a rerun, a retry): kept
+                decision = compare_and_promote(str(candidate_version), candidate_score, None, metric=metric)
+            elif current is not None and str(current.version) == str(candidate_version):
                 decision.update(reason=f"version {candidate_version} is already Production",
                                 candidate=str(candidate_version))
             else:

@@ -19,10 +19,14 @@ from llm.config import ModelConfig, TokenizerParams
 from llm.data.tokenizer import train_tokenizer
 from llm.mlops.registry import (
     MODEL_NAME,
+    RegistrationError,
     RegistryError,
+    checkpoint_weights_sha256,
     compare_and_promote,
+    decide,
     production_version,
     promote,
+    recorded_decision,
     register_checkpoint,
     resolve_model,
 )
@@ -93,6 +97,59 @@ def test_registered_versions_carry_lineage_tags_and_the_run(registry):
     assert client.get_run(registry["runs"][1]).data.tags["registered_model.version"] == "gpt/2"
 
 
+def test_registering_the_same_checkpoint_again_reuses_its_version(registry):
+    checkpoint = registry["checkpoints"][0]
+    with stage_run("pretrain", {"seed": 1}) as rerun:  # a rerun stage or a retried task: a new run
+        again = register_checkpoint(checkpoint, run_id=rerun.run_id, tags={"llm.stage": "pretrain"})
+    assert again == "1"
+    client = MlflowClient()
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL_NAME}'")) == ["1", "2"]
+    assert client.get_model_version(MODEL_NAME, "1").tags["checkpoint.weights_sha256"] == \
+        checkpoint_weights_sha256(checkpoint) == json.loads((checkpoint / "manifest.json").read_text())[
+            "model.safetensors"]["sha256"]
+    assert client.get_run(rerun.run_id).data.tags["registered_model.version"] == "gpt/1"
+
+
+def test_registration_tries_again_while_the_store_does_not_answer(registry, tmp_path, monkeypatch):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt3", seed=3, step=30)
+    refused, register_model = [], mlflow.register_model
+
+    def unavailable_twice(*args, **kwargs):
+        if len(refused) < 2:
+            refused.append(1)
+            raise MlflowException("API request to http://tracking:5000/api/2.0/mlflow/model-versions/create "
+                                  "failed with exception Connection refused")
+        return register_model(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", unavailable_twice)
+    with stage_run("pretrain", {"seed": 3}) as run:
+        version = register_checkpoint(checkpoint, run_id=run.run_id, tags={}, first_delay_s=0.01)
+    assert version == "3" and len(refused) == 2
+    client = MlflowClient()
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL_NAME}'")) == ["1", "2", "3"]
+    assert len(client.get_run(run.run_id).outputs.model_outputs) == 1  # logged once, registered on the third try
+
+
+def test_registration_that_never_reaches_the_store_says_how_to_register_later(tmp_path, monkeypatch):
+    import socket
+
+    checkpoint = tiny_checkpoint(tmp_path / "pretrain", seed=1, step=10, with_train_state=True)
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each try fails at once
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with pytest.raises(RegistrationError) as err:
+        register_checkpoint(checkpoint, run_id="0123456789abcdef0123456789abcdef", tags={}, attempts=3,
+                            first_delay_s=0.01)
+    message = str(err.value)
+    assert "\n" not in message and f"http://127.0.0.1:{port}" in message and "3 tries" in message
+    assert "The checkpoint is complete (step 10)" in message
+    assert f"`llm register --model {checkpoint}`" in message
+    assert verify_checkpoint(checkpoint)["step"] == 10
+
+
 def test_resolved_checkpoint_is_complete_and_leaves_out_train_state(registry):
     folder = resolve_model("models:/gpt/1")
     assert not (folder / "train_state").exists()
@@ -134,28 +191,60 @@ def test_compare_and_promote_keeps_the_better_model(registry):
     first = compare_and_promote("1", 2.0, None, metric="val/bpb")
     assert first["promoted"] and first["production"] is None and str(production_version().version) == "1"
 
-    worse = compare_and_promote("2", 2.5, 2.0, metric="val/bpb")
-    assert not worse["promoted"] and str(production_version().version) == "1"
-    assert worse == {"promoted": False, "candidate": "2", "production": "1", "metric": "val/bpb",
-                     "candidate_score": 2.5, "production_score": 2.0, "reason": worse["reason"]}
-    assert MlflowClient().get_model_version(MODEL_NAME, "2").tags["promotion.promoted"] == "false"
-
-    assert not compare_and_promote("2", 2.0, 2.0, metric="val/bpb")["promoted"]  # a tie keeps Production
-    assert not compare_and_promote("2", 1.0, None, metric="val/bpb")["promoted"]  # nothing to compare with
-    assert not compare_and_promote("2", 0.5, 0.9, metric="acc", lower_is_better=False)["promoted"]
-
     better = compare_and_promote("2", 1.5, 2.0, metric="val/bpb")
-    assert better["promoted"] and better["production"] == "1" and str(production_version().version) == "2"
+    assert better == {"promoted": True, "candidate": "2", "production": "1", "metric": "val/bpb",
+                      "candidate_score": 1.5, "production_score": 2.0, "reason": better["reason"]}
+    assert str(production_version().version) == "2"
     tags = MlflowClient().get_model_version(MODEL_NAME, "2").tags
     assert tags["promotion.promoted"] == "true" and float(tags["promotion.score.baseline.val/bpb"]) == 2.0
-
-    again = compare_and_promote("2", 1.5, 1.5, metric="val/bpb")
-    assert not again["promoted"] and "already Production" in again["reason"]
-    assert MlflowClient().get_model_version(MODEL_NAME, "2").tags["promotion.promoted"] == "true"
+    assert json.loads(tags["promotion.decision"]) == better
+    assert MlflowClient().get_model_version(MODEL_NAME, "1").tags["promotion.replaced_by"] == "2"
     with pytest.raises(RegistryError, match="no version 7"):
         compare_and_promote("7", 0.1, 1.5, metric="val/bpb")
     with pytest.raises(RegistryError, match="no version 7"):
         promote("7", reason="x", scores={})
+
+
+def test_decide_promotes_only_a_strictly_better_candidate():
+    assert decide("2", 1.5, "1", 2.0, metric="val/bpb") == (
+        True, "val/bpb 1.5000 beats Production version 1 (2.0000; lower is better)")
+    assert decide("2", 2.0, "1", 2.0, metric="val/bpb")[0] is False  # a tie keeps Production
+    assert decide("2", 2.5, "1", 2.0, metric="val/bpb")[0] is False
+    assert decide("2", 1.0, "1", None, metric="val/bpb")[0] is False  # nothing to compare with
+    assert decide("2", float("nan"), None, None, metric="val/bpb")[0] is False
+    assert decide("2", 3.0, None, None, metric="val/bpb")[0] is True  # no Production yet
+    assert decide("2", 0.5, "1", 0.9, metric="acc", lower_is_better=False)[0] is False
+    assert decide("2", 0.95, "1", 0.9, metric="acc", lower_is_better=False)[0] is True
+    assert decide("1", 0.1, "1", 0.5, metric="val/bpb") == (False, "version 1 is already Production")
+
+
+def test_a_decided_candidate_keeps_its_decision_when_evaluated_again(registry):
+    promoted = compare_and_promote("1", 2.0, None, metric="val/bpb")
+    rejected = compare_and_promote("2", 2.5, 2.0, metric="val/bpb")
+    assert not rejected["promoted"] and str(production_version().version) == "1"
+    assert MlflowClient().get_model_version(MODEL_NAME, "2").tags["promotion.promoted"] == "false"
+
+    # a rerun stage or a retried task scores again, maybe differently: the decision taken stands
+    assert compare_and_promote("2", 1.0, 2.0, metric="val/bpb") == rejected
+    assert compare_and_promote("1", 9.0, 1.0, metric="val/bpb") == promoted  # not "already Production"
+    assert recorded_decision("2") == rejected and recorded_decision("1") == promoted
+    assert str(production_version().version) == "1"
+    versions = MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+
+
+def test_a_promotion_interrupted_after_its_decision_is_carried_out_by_the_retry(registry):
+    compare_and_promote("1", 2.0, None, metric="val/bpb")
+    decision = {"promoted": True, "candidate": "2", "production": "1", "metric": "val/bpb",
+                "candidate_score": 1.5, "production_score": 2.0, "reason": "val/bpb 1.5000 beats 1"}
+    # the state a crash leaves between recording the decision and promoting
+    MlflowClient().set_model_version_tag(MODEL_NAME, "2", "promotion.decision", json.dumps(decision))
+    assert str(production_version().version) == "1"
+
+    assert compare_and_promote("2", 1.5, 2.0, metric="val/bpb") == decision
+    assert str(production_version().version) == "2"
+    assert MlflowClient().get_model_version(MODEL_NAME, "2").current_stage == "Production"
+    assert compare_and_promote("2", 1.5, 2.0, metric="val/bpb") == decision  # and only once
 
 
 def test_missing_database_model_and_version_are_one_line_registry_errors(registry, tmp_path, monkeypatch,

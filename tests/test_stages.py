@@ -138,3 +138,63 @@ def test_untracked_stand_in_offers_exactly_the_tracked_runs_public_methods():
             assert list(inspect.signature(stand_in[name]).parameters) == list(inspect.signature(member).parameters)
     with pytest.raises(AttributeError):
         _Untracked().log_metric({"val/loss": 1.0})  # misspelt: log_metrics
+
+
+def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_register_finishes(
+    tracked, prepared, monkeypatch
+):
+    from mlflow.exceptions import MlflowException
+
+    from llm.mlops import registry
+    from llm.mlops.registry import RegistrationError
+    from llm.model.checkpoint import verify_checkpoint
+    from llm.stages import read_registration
+
+    p, register_model = prepared, mlflow.register_model
+
+    def store_down(*args, **kwargs):
+        raise MlflowException("API request to http://tracking:5000/api/2.0/mlflow/model-versions/create failed "
+                              "with exception Connection refused")
+
+    monkeypatch.setattr(registry, "REGISTER_FIRST_DELAY_S", 0.01)
+    monkeypatch.setattr(mlflow, "register_model", store_down)
+    with pytest.raises(RegistrationError, match=r"llm register --model .*pretrain"):
+        pretrain_stage(pretrain_params(3), MODEL, p["tokens"], p["tokenizer"], tracked / "pretrain")
+    assert verify_checkpoint(tracked / "pretrain")["step"] == 3  # training's work is complete and kept
+    pending = read_registration(tracked / "pretrain")
+    assert pending["model_version"] is None and pending["tags"]["llm.stage"] == "pretrain"
+    client = MlflowClient()
+    failed = client.get_run(pending["run_id"])
+    assert failed.info.status == "FAILED" and "llm register" in failed.data.tags["error"]
+    assert len(client.get_metric_history(pending["run_id"], "train/loss")) == 3
+
+    monkeypatch.setattr(mlflow, "register_model", register_model)  # the store is back
+    proc = cli("llm", "register", "--model", str(tracked / "pretrain"), cwd=tracked)
+    assert proc.returncode == 0, proc.stderr
+    registered = read_registration(tracked / "pretrain")
+    assert registered == {"run_id": pending["run_id"], "model_version": "1", "stage": "pretrain"}
+    version = client.get_model_version("gpt", "1")
+    assert version.run_id == pending["run_id"] and version.tags["llm.stage"] == "pretrain"
+    assert version.tags["params.hash"] == pending["tags"]["params.hash"]
+
+    # rerunning the finished stage (dvc repro after the failure) trains nothing and registers nothing new
+    rerun = pretrain_stage(pretrain_params(3), MODEL, p["tokens"], p["tokenizer"], tracked / "pretrain")
+    assert rerun["model_version"] == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='gpt'")] == ["1"]
+
+
+def test_rerunning_a_decided_evaluation_keeps_its_decision_and_production(tracked, prepared):
+    p = prepared
+    pretrain_stage(pretrain_params(2), MODEL, p["tokens"], p["tokenizer"], tracked / "short")
+    first = evaluate_stage(EVAL, tracked / "short", p["tokens"], p["clean"], tracked / "eval_short")
+    first_json = (tracked / "eval_short" / "promotion.json").read_text()
+    pretrain_stage(pretrain_params(20), MODEL, p["tokens"], p["tokenizer"], tracked / "long")
+    second = evaluate_stage(EVAL, tracked / "long", p["tokens"], p["clean"], tracked / "eval_long")
+    assert second["promotion"]["promoted"]
+
+    # the short model's evaluation runs again (a rerun stage, a Prefect retry): its decision stands, no flip
+    again = evaluate_stage(EVAL, tracked / "short", p["tokens"], p["clean"], tracked / "eval_short")
+    assert again["promotion"] == first["promotion"] and again["promotion"]["promoted"]
+    assert (tracked / "eval_short" / "promotion.json").read_text() == first_json
+    production = MlflowClient().get_model_version_by_alias("gpt", "production")
+    assert str(production.version) == "2"

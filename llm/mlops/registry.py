@@ -11,6 +11,13 @@ Promotion moves a version to the ``Production`` stage (archiving the previous on
 alias ``production`` at it, so both ``models:/gpt/Production`` and ``models:/gpt@production`` resolve.
 Stages are deprecated in MLflow 3 but still work; their FutureWarning is silenced here.
 
+Idempotent: a version records the sha256 of its checkpoint's weights (tag ``checkpoint.weights_sha256``), and
+registering a checkpoint that a version already holds returns that version instead of a new one (a rerun
+stage, a Prefect retry). A promotion decision is recorded on the candidate (tag ``promotion.decision``)
+before it is carried out, and deciding on the same candidate again returns that decision (and finishes a
+promotion that was interrupted) instead of comparing anew. Registration tries again with backoff while the
+store does not answer, then raises RegistrationError saying how to register the finished checkpoint later.
+
 ``resolve_model`` downloads a version's checkpoint into a cache, ``$LLM_CACHE_DIR/models`` (default
 ``$XDG_CACHE_HOME/llm/models``, i.e. ``~/.cache/llm/models``): ``<name>/<version>-<id>/`` for registry
 versions and ``runs/<run id>/<path>/`` for run models, where ``<id>`` is a short hash of the storage
@@ -42,8 +49,17 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 
 from llm.io import atomic_write_json, replace_folder, temporary_folder_beside
-from llm.mlops.tracking import LINEAGE_KEYS, configure_mlflow, registry_uri, set_uris, sqlite_path, tracking_uri
-from llm.model.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, verify_checkpoint
+from llm.mlops.tracking import (
+    LINEAGE_KEYS,
+    configure_mlflow,
+    registry_uri,
+    retry_unavailable,
+    set_uris,
+    sqlite_path,
+    store_unavailable,
+    tracking_uri,
+)
+from llm.model.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, WEIGHTS_FILE, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +78,19 @@ STAGES = ("None", "Staging", "Production", "Archived")
 # what the serving code imports; pinned to the versions installed where the model was logged
 SERVING_REQUIREMENTS = ("torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas")
 FIRST_STEP_HINT = "run `dvc repro` or `llm pretrain` first"
+WEIGHTS_SHA_TAG = "checkpoint.weights_sha256"  # what makes two registrations the same checkpoint
+DECISION_TAG = "promotion.decision"  # the JSON of compare_and_promote's decision on this candidate
+REGISTER_ATTEMPTS = 5  # tries while the store does not answer, waiting 2, 4, 8, 16 s between them
+REGISTER_FIRST_DELAY_S = 2.0
 
 
 class RegistryError(ValueError):
     """A model, version, run or tracking database cannot be found; the message says what to run."""
+
+
+class RegistrationError(RegistryError):
+    """The store did not answer while registering a checkpoint; the checkpoint is complete and the message
+    says how to register it later."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -149,39 +174,115 @@ def _stage_for_logging(checkpoint_dir: Path, staging: Path) -> tuple[Path, Path]
 # ---------------------------------------------------------------------------------------------- register
 
 
+def checkpoint_weights_sha256(checkpoint_dir: str | Path) -> str:
+    """The sha256 of the checkpoint's weights, as its ``manifest.json`` records it: the key that says two
+    registrations are the same checkpoint. Raises RegistryError when the manifest records none."""
+    manifest_path = Path(checkpoint_dir) / MANIFEST_FILE
+    try:
+        return json.loads(manifest_path.read_text())[WEIGHTS_FILE]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RegistryError(f"{manifest_path}: no sha256 of {WEIGHTS_FILE} in it ({err})") from None
+
+
+def version_holding(weights_sha256: str) -> ModelVersion | None:
+    """The (first) version of ``gpt`` registered from a checkpoint with these weights; None if there is none
+    (or no tracking database yet)."""
+    client = _client(must_exist=False)
+    return None if client is None else _version_holding(client, weights_sha256)
+
+
+def _version_holding(client: MlflowClient, weights_sha256: str) -> ModelVersion | None:
+    holding = [v for v in _all_versions(client, MODEL_NAME) if v.tags.get(WEIGHTS_SHA_TAG) == weights_sha256]
+    return min(holding, key=lambda v: int(v.version)) if holding else None
+
+
 def register_checkpoint(
     checkpoint_dir: str | Path,
     *,
     run_id: str,
     tags: dict[str, str],
     artifact_path: str = "model",
+    attempts: int | None = None,
+    first_delay_s: float | None = None,
 ) -> str:
-    """Log ``checkpoint_dir`` as a pyfunc model from code in run ``run_id`` and register it as a new
-    version of ``gpt``; returns the version number as a string.
+    """Log ``checkpoint_dir`` as a pyfunc model from code in run ``run_id`` and register it as a version of
+    ``gpt``; returns the version number as a string. A version that already holds these weights (tag
+    ``checkpoint.weights_sha256``) is returned instead of registering a duplicate.
 
     The version is tagged with the run's lineage tags (``git.commit``, ``dvc.data_hash``,
-    ``params.hash``, ``stage``), ``run_id``, ``checkpoint.step``, ``tokenizer.kind``, then ``tags``
-    (which win). ``train_state/`` is left out. Raises CheckpointError for an incomplete checkpoint.
-    """
-    from mlflow.models import Model
+    ``params.hash``, ``stage``), ``run_id``, ``checkpoint.step``, ``tokenizer.kind``, the weights sha256,
+    then ``tags`` (which win). ``train_state/`` is left out. While the store does not answer it tries
+    again, ``attempts`` times (``REGISTER_ATTEMPTS``) with doubling waits from ``first_delay_s``.
 
+    Raises CheckpointError for an incomplete checkpoint, RegistryError for a missing database or run, and
+    RegistrationError (naming the way to register later) when the store never answered.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     config = verify_checkpoint(checkpoint_dir)
-    configure_mlflow()
-    client = _client()
-    run = client.get_run(run_id)
-    version_tags = {k: v for k, v in run.data.tags.items() if k in LINEAGE_KEYS}
-    version_tags.update({
-        "run_id": run_id,
-        "checkpoint.step": config.get("step", 0),
-        "tokenizer.kind": config.get("tokenizer", {}).get("kind", "unknown"),
-        "model.config": config.get("model", {}),
-    })
-    version_tags.update(tags)
+    weights_sha256 = checkpoint_weights_sha256(checkpoint_dir)
+    attempts = REGISTER_ATTEMPTS if attempts is None else attempts
+    first_delay_s = REGISTER_FIRST_DELAY_S if first_delay_s is None else first_delay_s
+    logged: list = []  # the logged model survives a failed try: the next one only registers it
+
+    def register_once() -> str:
+        configure_mlflow()
+        client = _client()
+        found = _version_holding(client, weights_sha256)
+        if found is not None:
+            log.info("%s is already registered as %s version %s: reusing it", checkpoint_dir, MODEL_NAME,
+                     found.version)
+            client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{found.version}")
+            return str(found.version)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
+            raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()} to register "
+                                f"{checkpoint_dir} under (`llm register --run-id` names another)") from None
+        version_tags = {k: v for k, v in run.data.tags.items() if k in LINEAGE_KEYS}
+        version_tags.update({
+            "run_id": run_id,
+            "checkpoint.step": config.get("step", 0),
+            "tokenizer.kind": config.get("tokenizer", {}).get("kind", "unknown"),
+            "model.config": config.get("model", {}),
+            WEIGHTS_SHA_TAG: weights_sha256,
+        })
+        version_tags.update(tags)
+        if not logged:
+            logged.append(_log_model(checkpoint_dir, run_id, artifact_path))
+        version = mlflow.register_model(
+            logged[0].model_uri, MODEL_NAME, tags={k: _tag_value(v) for k, v in version_tags.items()}
+        )
+        client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{version.version}")
+        log.info("registered %s as %s version %s (%s)", checkpoint_dir, MODEL_NAME, version.version,
+                 logged[0].model_uri)
+        return str(version.version)
+
+    try:
+        return retry_unavailable(register_once, what=f"registering {checkpoint_dir}", attempts=attempts,
+                                 first_delay_s=first_delay_s)
+    except Exception as err:
+        if not store_unavailable(err):
+            raise
+        waited = first_delay_s * (2 ** (attempts - 1) - 1)
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise RegistrationError(
+            f"could not register {checkpoint_dir} as a version of {MODEL_NAME}: {_where()} did not answer "
+            f"in {attempts} tries over {waited:.0f} s ({reason}). The checkpoint is complete (step "
+            f"{config.get('step', '?')}); once the store is back, register it with "
+            f"`llm register --model {checkpoint_dir}` (it reuses run {run_id} from registration.json)"
+        ) from err
+
+
+def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
+    """Log the checkpoint as a pyfunc model from code in run ``run_id``; returns MLflow's ModelInfo."""
+    from mlflow.models import Model
+
     with tempfile.TemporaryDirectory(prefix="llm-register-") as tmp:
         checkpoint, code = _stage_for_logging(checkpoint_dir, Path(tmp))
         # what mlflow.pyfunc.log_model does, plus run_id: the run need not be the active one
-        info = Model.log(
+        return Model.log(
             artifact_path=None,
             name=artifact_path,
             flavor=mlflow.pyfunc,
@@ -194,12 +295,6 @@ def register_checkpoint(
             signature=_signature(),
             input_example=pd.DataFrame({"prompt": ["Once upon a time"], "max_new_tokens": [8], "seed": [0]}),
         )
-    version = mlflow.register_model(
-        info.model_uri, MODEL_NAME, tags={k: _tag_value(v) for k, v in version_tags.items()}
-    )
-    client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{version.version}")
-    log.info("registered %s as %s version %s (%s)", checkpoint_dir, MODEL_NAME, version.version, info.model_uri)
-    return str(version.version)
 
 
 def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
@@ -456,6 +551,76 @@ def promote(version: str, *, reason: str, scores: dict[str, float]) -> None:
     log.info("promoted %s version %s to Production: %s", MODEL_NAME, version, reason)
 
 
+def decide(
+    candidate: str,
+    candidate_score: float | None,
+    production: str | None,
+    production_score: float | None,
+    *,
+    metric: str,
+    lower_is_better: bool = True,
+) -> tuple[bool, str]:
+    """Whether ``candidate`` should replace ``production`` on ``metric``, and why (pure; touches no store).
+
+    Yes if it scores strictly better, or if there is no Production version. A tie, a missing or NaN
+    candidate score, a Production version without a score, or the candidate already being Production: no.
+    """
+    better = "lower" if lower_is_better else "higher"
+    if candidate_score is None or math.isnan(candidate_score):
+        return False, f"candidate has no valid {metric} score ({candidate_score}); not promoting it"
+    if production is None:
+        return True, f"no Production version yet; {metric} {candidate_score:.4f}"
+    if production == candidate:
+        return False, f"version {candidate} is already Production"
+    if production_score is None or math.isnan(production_score):
+        return False, f"no {metric} score for Production version {production} to compare with; keeping it"
+    beats = candidate_score < production_score if lower_is_better else candidate_score > production_score
+    verdict = "beats" if beats else "does not beat"
+    return beats, (f"{metric} {candidate_score:.4f} {verdict} Production version {production} "
+                   f"({production_score:.4f}; {better} is better)")
+
+
+def recorded_decision(candidate_version: str) -> dict | None:
+    """The promotion decision already taken on ``candidate_version`` of ``gpt`` (what ``compare_and_promote``
+    returned then), or None when it was never decided. Raises RegistryError for a missing version."""
+    client = _client()
+    _find_version(client, MODEL_NAME, str(candidate_version), alias=False)  # RegistryError if it is not there
+    return _recorded_decision(client.get_model_version(MODEL_NAME, str(candidate_version)))
+
+
+def _recorded_decision(version: ModelVersion) -> dict | None:
+    raw = version.tags.get(DECISION_TAG)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        log.warning("version %s has an unreadable %s tag; deciding again", version.version, DECISION_TAG)
+        return None
+
+
+def _finish_interrupted_promotion(client: MlflowClient, decision: dict) -> None:
+    """A decision to promote is recorded before it is carried out: carry it out if it never was (the
+    version is not Production and no later version replaced it)."""
+    if not decision.get("promoted"):
+        return
+    version = str(decision["candidate"])
+    current = production_version()
+    replaced_by = client.get_model_version(MODEL_NAME, version).tags.get("promotion.replaced_by")
+    if replaced_by or (current is not None and str(current.version) == version):
+        return
+    log.info("version %s was decided Production but not promoted (interrupted): promoting it now", version)
+    promote(version, reason=decision["reason"], scores=_decision_scores(decision))
+
+
+def _decision_scores(decision: dict) -> dict[str, float]:
+    metric = decision["metric"]
+    scores = {metric: decision["candidate_score"]}
+    if decision.get("production_score") is not None:
+        scores[f"baseline.{metric}"] = decision["production_score"]
+    return scores
+
+
 def compare_and_promote(
     candidate_version: str,
     candidate_score: float,
@@ -465,49 +630,44 @@ def compare_and_promote(
     lower_is_better: bool = True,
 ) -> dict:
     """Promote ``candidate_version`` if it scores strictly better than Production on ``metric``, or if
-    there is no Production version yet. A tie, a NaN candidate score, or a Production version without a
-    score keeps Production. Returns the decision: ``{promoted, candidate, production, metric,
-    candidate_score, production_score, reason}``; a rejected candidate gets the tags
-    ``promotion.promoted=false`` and ``promotion.reason``. Raises RegistryError for a missing version.
+    there is no Production version yet (``decide``). Returns the decision: ``{promoted, candidate,
+    production, metric, candidate_score, production_score, reason}``; a rejected candidate gets the tags
+    ``promotion.promoted=false`` and ``promotion.reason``.
+
+    A candidate is decided once: the decision is recorded on it (tag ``promotion.decision``) before it is
+    carried out, and a later call for the same candidate (a rerun stage, a retried task) returns the
+    recorded decision unchanged, whatever the scores now, after finishing a promotion that was interrupted.
+    Raises RegistryError for a missing version.
     """
     candidate_version = str(candidate_version)
     client = _client()
-    _find_version(client, MODEL_NAME, candidate_version, alias=False)  # RegistryError if it is not there
+    found = _find_version(client, MODEL_NAME, candidate_version, alias=False)  # RegistryError if it is not there
+    decided = _recorded_decision(client.get_model_version(MODEL_NAME, str(found.version)))
+    if decided is not None:
+        _finish_interrupted_promotion(client, decided)
+        log.info("version %s was already decided (%s): keeping that decision", candidate_version, decided["reason"])
+        return decided
     current = production_version()
     production = str(current.version) if current is not None else None
-    better = "lower" if lower_is_better else "higher"
-    promoted = False
-    if candidate_score is None or math.isnan(candidate_score):
-        reason = f"candidate has no valid {metric} score ({candidate_score}); not promoting it"
-    elif current is None:
-        promoted, reason = True, f"no Production version yet; {metric} {candidate_score:.4f}"
-    elif production == candidate_version:
-        reason = f"version {candidate_version} is already Production"
-    elif production_score is None or math.isnan(production_score):
-        reason = f"no {metric} score for Production version {production} to compare with; keeping it"
-    elif (candidate_score < production_score) if lower_is_better else (candidate_score > production_score):
-        promoted = True
-        reason = (f"{metric} {candidate_score:.4f} beats Production version {production} "
-                  f"({production_score:.4f}; {better} is better)")
-    else:
-        reason = (f"{metric} {candidate_score:.4f} does not beat Production version {production} "
-                  f"({production_score:.4f}; {better} is better)")
-    if promoted:
-        scores = {metric: candidate_score}
-        if production_score is not None:
-            scores[f"baseline.{metric}"] = production_score
-        promote(candidate_version, reason=reason, scores=scores)
-    elif production != candidate_version:  # the Production version keeps the tags of its promotion
-        for key, value in {"promotion.promoted": "false", "promotion.reason": reason}.items():
-            client.set_model_version_tag(MODEL_NAME, candidate_version, key, value)
-    if not promoted:
-        log.info("kept Production %s: %s", production, reason)
-    return {
+    promoted, reason = decide(candidate_version, candidate_score, production, production_score, metric=metric,
+                              lower_is_better=lower_is_better)
+    decision = {
         "promoted": promoted,
         "candidate": candidate_version,
         "production": production,
         "metric": metric,
-        "candidate_score": candidate_score,
-        "production_score": production_score,
+        "candidate_score": None if candidate_score is None else float(candidate_score),
+        "production_score": None if production_score is None else float(production_score),
         "reason": reason,
     }
+    if production == candidate_version:  # nothing was decided: it holds the tags of its own promotion
+        log.info("kept Production %s: %s", production, reason)
+        return decision
+    client.set_model_version_tag(MODEL_NAME, candidate_version, DECISION_TAG, _tag_value(decision))
+    if promoted:
+        promote(candidate_version, reason=reason, scores=_decision_scores(decision))
+    else:
+        for key, value in {"promotion.promoted": "false", "promotion.reason": reason}.items():
+            client.set_model_version_tag(MODEL_NAME, candidate_version, key, value)
+        log.info("kept Production %s: %s", production, reason)
+    return decision

@@ -2,9 +2,12 @@
 
 Where runs go:
 
-- the tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project root>/mlflow.db``, the
-  project root being the current working directory (where ``dvc repro`` and the ``llm`` CLI run);
-  the registry URI is ``MLFLOW_REGISTRY_URI`` when set, else the tracking URI;
+- the tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project root>/mlflow.db``. The
+  project root is ``DVC_ROOT`` when DVC runs the stage (``dvc repro`` sets it to the repository; ``dvc exp
+  run --temp`` and ``--queue`` run in a temporary copy under ``.dvc/tmp/exps/`` and set it to the real
+  repository, so experiments land in the same database as ``dvc repro``), else the current working
+  directory (where the ``llm`` CLI runs); the registry URI is ``MLFLOW_REGISTRY_URI`` when set, else the
+  tracking URI;
 - the experiment is ``MLFLOW_EXPERIMENT_ID`` or ``MLFLOW_EXPERIMENT_NAME`` when set, else ``llm``. When
   this module creates it in a SQLite database, its artifacts go in ``mlruns/<experiment name>/`` beside
   the database file: run artifacts in ``<run id>/artifacts/``, logged models (MLflow 3 keeps them apart
@@ -13,6 +16,18 @@ Where runs go:
 ``stage_run`` is the one entry point the stages use. Metric keys are logged exactly as given
 (``train/loss``, ``val/bpb``, ...) so runs line up in the MLflow UI. This module imports MLflow at the
 top: only code that tracks imports it, never the model or the training loop.
+
+Tracking never stops training. Metrics and tags go to the store from a background thread
+(``_MetricSender``): the training loop only appends to a bounded in-memory queue. While the store is
+unreachable the points wait there and are delivered when it answers again; past ``MAX_PENDING`` points the
+oldest are dropped, reported in one warning at the end of the stage and in the run tag
+``llm.metrics_dropped``. The end of a stage waits at most ``CLOSE_TIMEOUT_S`` for the last points.
+
+Runs that a killed process left RUNNING are recognised when the same stage starts again: each run records
+``llm.host``, ``llm.pid`` (and the process start time) at start and ``llm.heartbeat`` (epoch seconds) every
+``HEARTBEAT_S`` while it lives. A RUNNING run of the same stage is stale when it was started on this host by
+a process that no longer exists, or, started elsewhere, when its last heartbeat is older than
+``STALE_AFTER_S``; it is marked KILLED with the reason in the tag ``llm.killed_reason``.
 """
 
 from __future__ import annotations
@@ -23,9 +38,12 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +52,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+from mlflow.utils.validation import (
+    MAX_ENTITIES_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +65,34 @@ DEFAULT_EXPERIMENT = "llm"
 DB_FILE = "mlflow.db"
 LINEAGE_KEYS = ("git.commit", "git.dirty", "dvc.data_hash", "dvc.data_source", "params.hash", "stage")
 
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "llm.host", "llm.pid", "llm.pid_started"
+HEARTBEAT_TAG = "llm.heartbeat"  # epoch seconds, refreshed by the sender while the stage lives
+KILLED_REASON_TAG = "llm.killed_reason"
+DROPPED_TAG = "llm.metrics_dropped"
+LOGGED_THROUGH_TAG = "llm.logged_through_step"  # highest step delivered; a resumed run skips replayed steps
+ATTEMPT_TAG = "llm.attempt"  # 1 for a new run, +1 each time it is resumed
+
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 30 * 60.0  # a run from another host without a heartbeat for this long is stale
+CLOSE_TIMEOUT_S = 60.0  # the end of a stage waits at most this long for undelivered metrics
+SEND_TIMEOUT_S = 10.0  # one delivery attempt of the sender
+MAX_BACKOFF_S = 5.0  # while the store is unreachable, the sender tries again at least this often
+MAX_PENDING = 200_000  # metric points kept in memory while the store is unreachable (about 20 MB)
+# one bounded try of MLflow's own HTTP client (its default retries for about four minutes); the timeout stays
+# MLflow's: an upload of large weights may take long before the server answers
+BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def project_root() -> Path:
+    """Where the default tracking database lives: ``DVC_ROOT`` under DVC (the real repository, also for
+    ``dvc exp run --temp``/``--queue``), else the current working directory."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    return Path(dvc_root).resolve() if dvc_root else Path.cwd().resolve()
+
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the SQLite database ``mlflow.db`` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / DB_FILE}"
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite database ``mlflow.db`` in ``project_root()``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DB_FILE}"
 
 
 def registry_uri() -> str:
@@ -114,6 +161,65 @@ def set_uris() -> None:
     with _environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(tracking_uri())
         mlflow.set_registry_uri(registry_uri())
+
+
+@contextmanager
+def bounded_http_retries() -> Iterator[None]:
+    """Within the block, each MLflow HTTP request gives up after a few seconds instead of minutes.
+
+    MLflow's client retries a failed request 7 times with doubling waits (about four minutes) before it
+    raises. Callers that retry on their own (registration) or must end in bounded time (the end of a stage
+    during an outage) use this. Process-wide while it lasts, as MLflow reads the ``MLFLOW_HTTP_REQUEST_*``
+    variables per request; a value the user set is kept.
+    """
+    with _environment_kept(*BOUNDED_HTTP):
+        for name, value in BOUNDED_HTTP.items():
+            os.environ.setdefault(name, value)
+        yield
+
+
+def store_unavailable(err: BaseException) -> bool:
+    """True for errors that say the tracking store did not answer (connection refused, timeout, 5xx, 429,
+    a locked SQLite database): worth trying again later, unlike a refused request."""
+    try:
+        import requests
+
+        if isinstance(err, requests.RequestException):
+            return True
+    except ImportError:
+        pass
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, MlflowException):
+        text = str(err)
+        # MLflow's HTTP client words every failure to reach the server, or a non-JSON error page, this way
+        return (text.startswith("API request to") or "database is locked" in text
+                or err.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"))
+    return False
+
+
+def retry_unavailable(fn: Callable[[], Any], *, what: str, attempts: int, first_delay_s: float) -> Any:
+    """``fn()``, tried up to ``attempts`` times while the store is unavailable (``store_unavailable``),
+    waiting ``first_delay_s``, then twice as long each time; each try gives up fast
+    (``bounded_http_retries``). Returns what ``fn`` returns; raises its last error."""
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            with bounded_http_retries():
+                return fn()
+        except Exception as err:
+            if attempt == attempts or not store_unavailable(err):
+                raise
+            log.warning("%s: tracking store unavailable (%s); try %d of %d in %.0f s", what,
+                        _first_line(err), attempt + 1, attempts, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _configure() -> tuple[MlflowClient, str]:
@@ -246,12 +352,180 @@ def _system_metrics_available() -> bool:
     return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false", "no")
 
 
+Point = tuple[str, float, int, int]  # (key, value, timestamp in ms, step): lighter than Metric while queued
+
+
+class _MetricSender:
+    """Delivers one run's metric points and tags to the store from a daemon thread.
+
+    The training loop only appends to a queue (``add``); the thread sends a batch when ``flush_every``
+    points are waiting, ``flush_seconds`` after the last send, when nudged, and at ``close``. A failed send
+    puts the batch back and is tried again after a backoff (at most ``MAX_BACKOFF_S``), so points wait out an
+    outage and arrive in order when the store answers; past ``max_pending`` waiting points the oldest are
+    dropped and counted. Against a tracking server each try is one HTTP request without MLflow's minutes of
+    retries (its ``MLFLOW_HTTP_REQUEST_*`` settings are process-wide, so the sender passes its own).
+    MLflow's ``synchronous=False`` logging is not used: it drops a batch that fails and never bounds its queue.
+    """
+
+    def __init__(self, run_id: str, client: MlflowClient, *, flush_every: int, flush_seconds: float,
+                 max_pending: int, logged_through: int = 0):
+        self.run_id = run_id
+        self._client = client
+        self.uri = client.tracking_uri
+        self._flush_every, self._flush_seconds, self.max_pending = flush_every, flush_seconds, max_pending
+        self._pending: deque[Point] = deque()
+        self._tags: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._nudged = self._closing = self._abandoned = False
+        self.overflowed = 0  # points dropped because the queue was full
+        self.rejected = 0  # points the store refused (an invalid key or value)
+        self.failing_since: float | None = None  # monotonic time of the first failed send of an outage
+        self.logged_through = logged_through
+        self._last_heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"llm-metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ called by the training thread
+
+    def add(self, points: list[Point]) -> None:
+        with self._cond:
+            self._pending.extend(points)
+            self._drop_oldest_beyond_bound()
+            if len(self._pending) >= self._flush_every:
+                self._cond.notify()
+
+    def add_tags(self, tags: Mapping[str, str]) -> None:
+        with self._cond:
+            self._tags.update(tags)
+            self._nudge_locked()
+
+    def nudge(self) -> None:
+        with self._cond:
+            self._nudge_locked()
+
+    def _nudge_locked(self) -> None:
+        self._nudged = True
+        self._cond.notify()
+
+    def close(self, timeout: float) -> int:
+        """Deliver what is waiting, for at most ``timeout`` seconds; returns how many points were not
+        delivered (they are given up, and the thread ends after its current try)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        with self._cond:
+            undelivered = len(self._pending)
+            self._pending.clear()
+            self._abandoned = True
+            self._cond.notify()
+        return undelivered
+
+    # ------------------------------------------------------------------ the sender thread
+
+    def _drop_oldest_beyond_bound(self) -> None:
+        excess = len(self._pending) - self.max_pending
+        for _ in range(max(0, excess)):
+            self._pending.popleft()
+        self.overflowed += max(0, excess)
+
+    def _wake(self) -> bool:
+        if self._abandoned:
+            return True
+        if self.failing_since is not None:  # in backoff: only the timeout wakes it
+            return False
+        return self._nudged or self._closing or len(self._pending) >= self._flush_every
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._wake, timeout=backoff or self._flush_seconds)
+                if self._abandoned or (self._closing and not self._pending and not self._tags):
+                    return
+                room = MAX_ENTITIES_PER_BATCH - MAX_PARAMS_TAGS_PER_BATCH
+                points = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                tags = dict(list(self._tags.items())[:MAX_PARAMS_TAGS_PER_BATCH - 2])  # room for ours below
+                self._tags = {k: v for k, v in self._tags.items() if k not in tags}
+                self._nudged = False
+                if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
+                    tags[HEARTBEAT_TAG] = str(int(time.time()))
+            if not points and not tags:
+                continue
+            through = max([self.logged_through, *(p[3] for p in points)])
+            if through > self.logged_through:
+                tags[LOGGED_THROUGH_TAG] = str(through)
+            try:
+                self._send(points, tags)
+            except Exception as err:
+                if not store_unavailable(err):  # the store answered and refused it: sending again cannot help
+                    self.rejected += len(points)
+                    log.warning("tracking store %s refused %d metric points and tags %s of run %s: %s", self.uri,
+                                len(points), sorted(tags), self.run_id, _first_line(err))
+                    continue
+                with self._cond:  # back to the front, in order; newer tag values set meanwhile win
+                    self._pending.extendleft(reversed(points))
+                    self._drop_oldest_beyond_bound()
+                    self._tags = {**tags, **self._tags}
+                backoff = min(MAX_BACKOFF_S, max(0.5, backoff * 2))
+                self._note_failure(err)
+                continue
+            backoff = 0.0
+            self.logged_through = through
+            if HEARTBEAT_TAG in tags:
+                self._last_heartbeat = time.monotonic()
+            self._note_success()
+
+    def _note_failure(self, err: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            log.warning("tracking store %s unreachable (%s): training goes on; metrics of run %s wait in memory "
+                        "(%d now, at most %d) and are sent when it answers", self.uri, _first_line(err),
+                        self.run_id, len(self._pending), self.max_pending)
+
+    def _note_success(self) -> None:
+        if self.failing_since is not None:
+            log.warning("tracking store %s answers again after %.0f s; sending the %d waiting metric points",
+                        self.uri, time.monotonic() - self.failing_since, len(self._pending))
+            self.failing_since = None
+
+    def _send(self, points: list[Point], tags: Mapping[str, str], timeout: float = SEND_TIMEOUT_S) -> None:
+        metrics = [Metric(key=k, value=v, timestamp=t, step=s) for k, v, t, s in points]
+        run_tags = [RunTag(k, v) for k, v in tags.items()]
+        if not self.uri.startswith(("http://", "https://")):
+            self._client.log_batch(self.run_id, metrics=metrics, tags=run_tags)
+            return
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.proto_json_utils import message_to_json
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        endpoint = "/api/2.0/mlflow/runs/log-batch"  # MLflow's REST API, as RestStore.log_batch posts it
+        body = message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics],
+                                        tags=[t.to_proto() for t in run_tags]))
+        response = http_request(get_default_host_creds(self.uri), endpoint, "POST", max_retries=0,
+                                timeout=timeout, json=json.loads(body))
+        verify_rest_response(response, endpoint)
+
+    def send_now(self, tags: Mapping[str, str]) -> bool:
+        """One bounded try to set ``tags`` from the calling thread; False when the store did not take them."""
+        try:
+            self._send([], tags)
+            return True
+        except Exception as err:
+            log.debug("could not set %s on run %s: %s", sorted(tags), self.run_id, _first_line(err))
+            return False
+
+
 class StageRun:
     """Handle on the MLflow run of one stage. With ``run_id`` None (tracking disabled) all methods do nothing.
 
-    Metrics are buffered and sent with ``log_batch``: when ``flush_every`` points have piled up, when
-    ``flush_seconds`` have passed since the last send (so a slow run still shows progress), and at the
-    end of the run. Calling ``callback`` on every training step is cheap.
+    Metrics (``callback``, ``log_metrics``) and tags (``set_tags``) are queued and sent in batches by a
+    background thread (``_MetricSender``): when ``flush_every`` points have piled up, when ``flush_seconds``
+    have passed since the last send (so a slow run still shows progress), and at the end of the run. Calling
+    ``callback`` on every training step is cheap and never waits on the network. Params and artifacts are
+    sent at once. ``logged_through`` (a resumed run) skips callback steps up to it: the earlier attempt
+    logged them and an exact resume replays them with the same values.
     """
 
     def __init__(
@@ -261,13 +535,17 @@ class StageRun:
         *,
         flush_every: int = 500,
         flush_seconds: float = 15.0,
+        max_pending: int | None = None,
+        logged_through: int = 0,
     ):
         self.run_id = run_id
         self._client = client
-        self._buffer: list[Metric] = []
-        self._flush_every = flush_every
-        self._flush_seconds = flush_seconds
-        self._last_flush = time.monotonic()
+        self._logged_through = logged_through
+        self._sender = None
+        if run_id is not None and client is not None:
+            self._sender = _MetricSender(run_id, client, flush_every=flush_every, flush_seconds=flush_seconds,
+                                         max_pending=MAX_PENDING if max_pending is None else max_pending,
+                                         logged_through=logged_through)
 
     @property
     def enabled(self) -> bool:
@@ -275,28 +553,24 @@ class StageRun:
 
     def _add(self, metrics: Mapping[str, Any], step: int | None) -> None:
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-                continue  # text is not a metric
-            self._buffer.append(Metric(key=key, value=float(value), timestamp=now, step=int(step or 0)))
+        points = [(str(key), float(value), now, int(step or 0)) for key, value in metrics.items()
+                  if not isinstance(value, (str, bytes)) and hasattr(value, "__float__")]  # text is not a metric
+        if points and self._sender is not None:
+            self._sender.add(points)
 
     def flush(self) -> None:
-        """Send the buffered metrics now."""
-        if self.enabled and self._buffer:
-            batch, self._buffer = self._buffer, []
-            self._client.log_batch(self.run_id, metrics=batch)
-        self._last_flush = time.monotonic()
+        """Have the queued metrics and tags sent now, in the background (returns at once)."""
+        if self._sender is not None:
+            self._sender.nudge()
 
     def callback(self, step: int, metrics: dict[str, float]) -> None:
-        """Training callback ``(step, metrics)``: buffers the step's metrics under their own keys."""
-        if not self.enabled:
+        """Training callback ``(step, metrics)``: queues the step's metrics under their own keys."""
+        if not self.enabled or step <= self._logged_through:
             return
         self._add(metrics, step)
-        if len(self._buffer) >= self._flush_every or time.monotonic() - self._last_flush >= self._flush_seconds:
-            self.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log metrics now (after any buffered ones), at ``step`` (0 when None)."""
+        """Log metrics at ``step`` (0 when None): queued after any waiting ones and sent right away."""
         if not self.enabled:
             return
         self._add(metrics, step)
@@ -311,10 +585,14 @@ class StageRun:
             self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values cut to MLflow's limit); sent in the background like metrics."""
         if not self.enabled or not tags:
             return
-        run_tags = [RunTag(str(k), _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-        self._client.log_batch(self.run_id, tags=run_tags)
+        values = {str(k): _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+        if self._sender is not None:
+            self._sender.add_tags(values)
+        else:
+            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file into the run's artifacts (under ``artifact_path``). Raises FileNotFoundError."""
@@ -346,6 +624,123 @@ class StageRun:
             return
         self._client.log_figure(self.run_id, figure, path_name)
 
+    def _close(self, timeout: float | None = None) -> bool:
+        """Deliver the waiting metrics and tags within ``timeout`` seconds and stop the sender. Points that
+        were dropped or not delivered are counted in one warning and in the tag ``llm.metrics_dropped``.
+        Returns whether the store was reachable at the end."""
+        sender = self._sender
+        if sender is None:
+            return True
+        timeout = CLOSE_TIMEOUT_S if timeout is None else timeout
+        undelivered = sender.close(timeout)
+        reachable = sender.failing_since is None and undelivered == 0
+        dropped = sender.overflowed + undelivered + sender.rejected
+        if dropped:
+            parts = []
+            if sender.overflowed:
+                parts.append(f"{sender.overflowed} oldest ones dropped while more than {sender.max_pending} "
+                             "waited for the store")
+            if undelivered:
+                parts.append(f"{undelivered} still undelivered when the stage ended ({timeout:.0f} s limit)")
+            if sender.rejected:
+                parts.append(f"{sender.rejected} refused by the store")
+            log.warning("%d metric points of run %s never reached the tracking store %s: %s", dropped,
+                        self.run_id, sender.uri, "; ".join(parts))
+            if reachable:
+                sender.send_now({DROPPED_TAG: str(dropped)})
+        return reachable
+
+
+def _process_start_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # no psutil, or no such process: the pid alone identifies it
+        return None
+
+
+def _process_alive(pid: int, started: float | None) -> bool:
+    """Whether process ``pid`` still runs (and is the one that started at ``started``, if known)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _stale_reason(run, now: float) -> str | None:
+    """Why a RUNNING run is stale (see the module docstring), or None when it may still be alive."""
+    tags = run.data.tags
+    host, pid = tags.get(HOST_TAG), tags.get(PID_TAG)
+    if host == socket.gethostname() and pid and pid.isdigit():
+        if int(pid) == os.getpid():
+            return None
+        try:
+            started = float(tags[PID_STARTED_TAG])
+        except (KeyError, ValueError):
+            started = None
+        if _process_alive(int(pid), started):
+            return None
+        return f"its process {pid} on {host} is gone (killed, or the machine restarted)"
+    heartbeat = tags.get(HEARTBEAT_TAG, "")
+    last_alive = float(heartbeat) if heartbeat.isdigit() else run.info.start_time / 1000  # older runs: their start
+    if now - last_alive > STALE_AFTER_S:
+        where = f"process {pid} on {host}" if host else "an unknown process"
+        return (f"no sign of life from {where} for {(now - last_alive) / 60:.0f} min "
+                f"(more than {STALE_AFTER_S / 60:.0f})")
+    return None
+
+
+def _end_stale_runs(client: MlflowClient, experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of ``stage`` left RUNNING by a process that is gone; returns their ids."""
+    active = {r.info.run_id for r in [mlflow.active_run()] if r is not None}
+    running = client.search_runs([experiment_id], max_results=1000,
+                                 filter_string=f"attributes.status = 'RUNNING' and tags.stage = '{stage}'")
+    now, ended = time.time(), []
+    for run in running:
+        reason = None if run.info.run_id in active else _stale_reason(run, now)
+        if reason is None:
+            continue
+        heartbeat = run.data.tags.get(HEARTBEAT_TAG, "")
+        last_alive_ms = int(heartbeat) * 1000 if heartbeat.isdigit() else None
+        client.set_tag(run.info.run_id, KILLED_REASON_TAG, reason)
+        client.set_terminated(run.info.run_id, "KILLED", end_time=last_alive_ms)
+        log.warning("run %s of stage %s was left RUNNING: %s; marked it KILLED", run.info.run_id, stage, reason)
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _resumable(client: MlflowClient, run_id: str | None) -> Any:
+    """The run ``run_id`` when it exists in the store and is not deleted, else None."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            log.info("run %s is not in the tracking store at %s: starting a new run", run_id, client.tracking_uri)
+            return None
+        raise
+    if run.info.lifecycle_stage == "deleted":
+        log.info("run %s was deleted: starting a new run", run_id)
+        return None
+    return run
+
 
 def loss_curve_figure(history: list[dict[str, float]]):
     """A matplotlib Figure of train and val loss against step, or None when the history has no loss."""
@@ -373,6 +768,80 @@ def loss_curve_figure(history: list[dict[str, float]]):
     return figure
 
 
+def _process_tags() -> dict[str, str]:
+    """Who runs the stage (host, pid, process start time) and a first heartbeat: what stale detection reads."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
+    started = _process_start_time(os.getpid())
+    if started is not None:
+        tags[PID_STARTED_TAG] = f"{started:.3f}"
+    return tags
+
+
+def _start_system_metrics(run_id: str, resumed: bool, uri: str):
+    """MLflow's system metrics monitor (CPU, memory, disk; GPU with pynvml), started here rather than by
+    ``mlflow.start_run`` so that the end of a stage can stop waiting for it (``_stop_system_metrics``)."""
+    if not _system_metrics_available():
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # the stage runs without them
+        log.warning("system metrics are not logged for run %s: %s", run_id, _first_line(err))
+        return None
+
+
+def _stop_system_metrics(monitor, timeout: float = 10.0) -> None:
+    if monitor is None:
+        return
+    # its thread may sit in MLflow's minutes of HTTP retries during an outage: do not wait for that
+    stopper = threading.Thread(target=monitor.finish, name="llm-system-metrics-stop", daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+
+
+def _end(run: StageRun, monitor, status: str) -> None:
+    """Deliver the run's waiting metrics, stop its system metrics and mark it ``status``, all in bounded time.
+    A store that does not answer leaves the run RUNNING there, with a warning (the next start of the stage
+    marks it KILLED)."""
+    reachable = run._close()
+    _stop_system_metrics(monitor)
+    try:
+        if reachable:
+            mlflow.end_run(status)
+            return
+        with bounded_http_retries():
+            mlflow.end_run(status)
+    except Exception as err:
+        if not store_unavailable(err):
+            raise
+        try:  # end_run already left MLflow's stack of active runs; only the store is missing the status
+            retry_unavailable(lambda: run._client.set_terminated(run.run_id, status), what=f"ending run {run.run_id}",
+                              attempts=3, first_delay_s=2.0)
+        except Exception as last:
+            if not store_unavailable(last):
+                raise
+            log.warning("could not mark run %s %s in %s (%s): it stays RUNNING there", run.run_id, status,
+                        run._client.tracking_uri, _first_line(last))
+
+
+def _log_params(client: MlflowClient, run: StageRun, params: Mapping[str, Any], resumed) -> None:
+    """Params of a new run; for a resumed run only the ones it lacks (MLflow params never change value)."""
+    if resumed is None:
+        run.log_params(params)
+        return
+    flat, before = flatten_params(params), resumed.data.params
+    changed = sorted(k for k, v in flat.items() if k in before and before[k] != v)
+    if changed:
+        log.warning("run %s resumed with other values for %s; MLflow keeps the first ones", run.run_id,
+                    ", ".join(changed))
+    missing = [Param(k, v) for k, v in flat.items() if k not in before]
+    for start in range(0, len(missing), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run.run_id, params=missing[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -381,54 +850,76 @@ def stage_run(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     enabled: bool = True,
+    resume_run_id: str | None = None,
 ) -> Iterator[StageRun]:
     """Run the body of a pipeline stage inside an MLflow run and yield its ``StageRun``.
 
-    The run gets ``params`` (flattened), ``lineage_tags`` plus MLflow's ``mlflow.source.git.commit``,
-    and system metrics (CPU, memory, disk; GPU when pynvml is present) sampled by MLflow when psutil is
-    installed. It is nested under ``parent_run_id``, or under the active run if there is one. It ends
-    FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises, with the error in the tag ``error``.
-    Buffered metrics are flushed either way. ``enabled=False`` yields a ``StageRun`` that does nothing.
+    The run gets ``params`` (flattened), ``lineage_tags`` plus MLflow's ``mlflow.source.git.commit``, the
+    DVC experiment name (``dvc.experiment``) under ``dvc exp run``, the process tags that stale detection
+    reads, and system metrics (CPU, memory, disk; GPU when pynvml is present) sampled by MLflow when psutil
+    is installed. It is nested under ``parent_run_id``, or under the active run if there is one.
+
+    With ``resume_run_id`` naming a run that exists in the store (same experiment, not deleted), that run is
+    reopened instead: same run id, its params kept (missing ones added), tag ``llm.attempt`` counted up,
+    and the callback skips the steps the earlier attempt already delivered, so a resumed training run is
+    one continuous curve at its real step numbers. Otherwise a new run starts.
+
+    Before that, runs of ``stage`` left RUNNING by a process that is gone are marked KILLED (module
+    docstring). The run ends FINISHED, or FAILED (KILLED on Ctrl-C/SIGTERM, i.e. a KeyboardInterrupt) if
+    the body raises, with the error in the tag ``error``; waiting metrics are delivered either way, for at
+    most ``CLOSE_TIMEOUT_S``. ``enabled=False`` yields a ``StageRun`` that does nothing.
     """
     if not enabled:
         yield StageRun(None)
         return
     client, experiment_id = _configure()
+    _end_stale_runs(client, experiment_id, stage)
     tags = lineage_tags(stage, params)
     if tags["git.commit"] != "unknown":
         tags["mlflow.source.git.commit"] = tags["git.commit"]
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    tags.update(_process_tags())
+    resumed = _resumable(client, resume_run_id)
+    if resumed is not None and resumed.info.experiment_id != experiment_id:
+        log.info("run %s belongs to another experiment than %s: starting a new run", resume_run_id,
+                 experiment_name())
+        resumed = None
+    if resumed is not None and resumed.info.status == "RUNNING":  # stale ones were ended just above
+        log.warning("run %s is RUNNING in a process that is still alive (%s %s); continuing it here as well",
+                    resume_run_id, resumed.data.tags.get(HOST_TAG, "?"), resumed.data.tags.get(PID_TAG, "?"))
     # under `mlflow run`, MLFLOW_RUN_ID names the project's run: each stage becomes its child rather than
     # taking it over (start_run would otherwise resume it and rename it after the first stage)
     handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        active = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name or stage,
-            nested=mlflow.active_run() is not None or handed_over is not None,
-            parent_run_id=parent_run_id or (handed_over if mlflow.active_run() is None else None),
-            tags=tags,
-            log_system_metrics=_system_metrics_available(),
-        )
+        if resumed is not None:
+            tags[ATTEMPT_TAG] = str(int(resumed.data.tags.get(ATTEMPT_TAG, "1")) + 1)
+            active = mlflow.start_run(run_id=resumed.info.run_id, nested=mlflow.active_run() is not None,
+                                      tags=tags, log_system_metrics=False)
+        else:
+            tags[ATTEMPT_TAG] = "1"
+            active = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=run_name or stage,
+                nested=mlflow.active_run() is not None or handed_over is not None,
+                parent_run_id=parent_run_id or (handed_over if mlflow.active_run() is None else None),
+                tags=tags,
+                log_system_metrics=False,
+            )
     finally:
         if handed_over is not None:
             os.environ["MLFLOW_RUN_ID"] = handed_over
-    run = StageRun(active.info.run_id, client)
+    logged_through = resumed.data.tags.get(LOGGED_THROUGH_TAG, "0") if resumed is not None else "0"
+    run = StageRun(active.info.run_id, client, logged_through=int(logged_through) if logged_through.isdigit() else 0)
+    monitor = _start_system_metrics(run.run_id, resumed is not None, client.tracking_uri)
     try:
-        run.log_params(params)
+        _log_params(client, run, params, resumed)
         yield run
     except BaseException as err:
         try:
             run.set_tags({"error": f"{type(err).__name__}: {err}"})
-            run.flush()
-        except Exception:  # the original error matters more than a failed tag
-            log.exception("could not record the error on run %s", run.run_id)
         finally:
-            mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            _end(run, monitor, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     else:
-        try:
-            run.flush()
-        except BaseException:
-            mlflow.end_run("FAILED")
-            raise
-        mlflow.end_run("FINISHED")
+        _end(run, monitor, "FINISHED")
