@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from llm.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 REGISTRATION_FILE = "registration.json"
+TRACKING_RUN_KEY = "tracking_run_id"  # in a checkpoint's config.json: the MLflow run that trains it
 
 
 @dataclass(frozen=True)
@@ -172,14 +173,16 @@ def pretrain_stage(
     Returns the final metrics plus ``run_id`` and ``model_version`` (None when untracked or stopped
     early with ``until_step``). The registration is also written to ``out_dir/registration.json``.
     """
-    from llm.training.pretrain import pretrain
+    from llm.training.pretrain import pretrain, pretrain_identity
 
     check_until_step(until_step)
     enabled = tracking_enabled(track)
     logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}
-    with _run("pretrain", logged, enabled) as run:
+    previous = _resumed_run_id(out_dir, lambda: pretrain_identity(params, model_config, tokens_dir, tokenizer_dir),
+                               enabled and resume)
+    with _run("pretrain", logged, enabled, resume_run_id=previous) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
-                          until_step=until_step, callbacks=[run.callback])
+                          until_step=until_step, callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id})
         version = _finish_training_run(run, "pretrain", logged, result, out_dir,
                                        register=enabled and register and result.step >= params.max_steps)
     registration = _write_registration(out_dir, {"run_id": run.run_id, "model_version": version, "stage": "pretrain"})
@@ -206,7 +209,7 @@ def finetune_stage(
     Returns the final metrics plus ``run_id`` and ``model_version``.
     """
     from llm.data.chat_data import prepare_chat_data
-    from llm.training.finetune import finetune
+    from llm.training.finetune import finetune, finetune_identity
 
     check_until_step(until_step)
     enabled = tracking_enabled(track)
@@ -215,11 +218,12 @@ def finetune_stage(
                    "llm.parent_version": parent.get("model_version") or "none"}
     chat_stats = prepare_chat_data(chat_source, clean_dir, chat_dir, params.chat_data)
     logged = {"finetune": params.model_dump()}
-    with _run("finetune", logged, enabled) as run:
+    previous = _resumed_run_id(out_dir, lambda: finetune_identity(params, base_dir, chat_dir), enabled and resume)
+    with _run("finetune", logged, enabled, resume_run_id=previous) as run:
         run.set_tags(parent_tags)
         run.log_artifact(chat_dir / "stats.json")
         result = finetune(params, base_dir, chat_dir, out_dir, resume=resume, until_step=until_step,
-                          callbacks=[run.callback])
+                          callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id})
         version = _finish_training_run(run, "finetune", logged, result, out_dir,
                                        register=enabled and register and result.step >= params.max_steps,
                                        tags={"llm.finetuned": "true", **parent_tags})
@@ -228,6 +232,23 @@ def finetune_stage(
         "parent_run_id": parent.get("run_id"), "parent_version": parent.get("model_version"),
     })
     return {**result.metrics, **registration, "chat_data": {k: chat_stats.get(k) for k in ("train", "val")}}
+
+
+def _resumed_run_id(out_dir: Path, identity: Callable[[], str], enabled: bool) -> str | None:
+    """The tracking run recorded by the checkpoint in ``out_dir`` when training is going to resume it (the same
+    run identity), so that the resumed attempt continues that run: one curve per training run, not one per
+    attempt. None when tracking or resuming is off, or there is no such checkpoint."""
+    if not enabled:
+        return None
+    from llm.model.checkpoint import CONFIG_FILE
+
+    try:
+        saved = json.loads((out_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not saved.get(TRACKING_RUN_KEY) or saved.get("run_identity") != identity():
+        return None
+    return saved[TRACKING_RUN_KEY]
 
 
 def read_registration(checkpoint_dir: Path) -> dict:

@@ -198,3 +198,17 @@ def test_rerunning_a_decided_evaluation_keeps_its_decision_and_production(tracke
     assert (tracked / "eval_short" / "promotion.json").read_text() == first_json
     production = MlflowClient().get_model_version_by_alias("gpt", "production")
     assert str(production.version) == "2"
+
+
+def test_a_resumed_training_continues_its_mlflow_run_and_a_new_run_starts_a_new_one(tracked, prepared):
+    p, out = prepared, tracked / "pretrain"
+    paused = pretrain_stage(pretrain_params(6), MODEL, p["tokens"], p["tokenizer"], out, until_step=3)
+    finished = pretrain_stage(pretrain_params(6), MODEL, p["tokens"], p["tokenizer"], out)
+    assert finished["run_id"] == paused["run_id"] and finished["model_version"] == "1"
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(finished["run_id"], "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # one continuous curve, each step once
+    assert client.get_run(finished["run_id"]).info.status == "FINISHED"
+    # other params are another run: a new MLflow run, and training starts over
+    longer = pretrain_stage(pretrain_params(8), MODEL, p["tokens"], p["tokenizer"], out)
+    assert longer["run_id"] != finished["run_id"] and longer["step"] == 8
