@@ -202,7 +202,7 @@ def retry_unavailable(fn: Callable[[], Any], *, what: str, attempts: int, first_
     """``fn()``, tried up to ``attempts`` times while the store is unavailable (``store_unavailable``),
     waiting ``first_delay_s``, then twice as long each time; each try gives up fast
     (``bounded_http_retries``). Returns what ``fn`` returns; raises its last error."""
-    delay = first_delay_s
+    delay, attempts = first_delay_s, max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
             with bounded_http_retries():
