@@ -26,7 +26,7 @@ def pipeline(
     """prepare, pretrain, finetune, evaluate, export; one overrides dict per params file. Returns each stage's result.
 
     Pretraining starts over unless ``resume``, which continues the checkpoint in ``artifacts/pretrain``
-    (left by an interrupted run with the same params).
+    (left by an interrupted attempt of the same run; another run starts over).
     """
     # Every params file is checked before the first stage: a typo in evaluate.yaml must not cost a training run.
     for name, overrides in (("data", data_overrides), ("tokenizer", tokenizer_overrides),

@@ -2,7 +2,8 @@
 
 No task has a cache policy. Prefect caching would return a stored result without running the task body, and
 the body is what writes ``artifacts/<stage>/``: ``dvc repro`` deletes a stage's outputs before it runs the
-stage, so a cached task would leave DVC with missing outputs (or stale ones from another run). DVC decides
+stage (all but the training checkpoints, kept for resuming), so a cached task would leave DVC with missing
+outputs (or stale ones from another run). DVC decides
 what needs to run; Prefect always runs what it is asked to.
 """
 

@@ -21,8 +21,8 @@ def pretrain(
 ) -> dict:
     """Pretrain with ``params/pretrain.yaml`` and ``params/model.yaml`` (each with its overrides).
 
-    With ``resume`` a checkpoint already in ``artifacts/pretrain`` is continued exactly (it must come from the
-    same params); ``until_step`` stops early, to be resumed later. Returns the final metrics, MLflow run id
+    With ``resume`` a checkpoint already in ``artifacts/pretrain`` is continued exactly when it is of the same
+    run (same data, tokenizer, code and params; another run starts over); ``until_step`` stops early, to be resumed later. Returns the final metrics, MLflow run id
     and registered model version.
     """
     layout = Layout()
