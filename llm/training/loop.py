@@ -287,12 +287,7 @@ def train(
                  f"{model.num_parameters(exclude_embeddings=True):,}", run.device,
                  str(run.dtype).removeprefix("torch."))
         callbacks = (callbacks or []) if run.dist.is_main else []  # one process reports for the job
-        meter = _Throughput(
-            tokens_per_step=(params.batch_size * params.grad_accum_steps * model.config.context_length
-                             * run.dist.world_size),
-            flops_per_token=model.flops_per_token(),
-            peak_flops=peak_flops(run.device, run.dtype),
-        )
+        meter = _meter_for(run)
         progress = _progress(params.progress and run.step < last_step and run.dist.is_main)
         task = progress.add_task("train", total=last_step, completed=run.step, loss=float("nan"), tps=0.0)
         meter.restart()
@@ -329,6 +324,13 @@ def train(
     shutdown(run.dist)
     return TrainResult(out_dir=run.out_dir, step=run.step, metrics=_summary(run), history=run.history,
                        run_identity=run.identity_digest)
+
+
+def _meter_for(run: RunState) -> _Throughput:
+    """Throughput and MFU of the job: every process's tokens per step, against the device's peak FLOP/s."""
+    p, config = run.params, run.model.config
+    return _Throughput(tokens_per_step=p.batch_size * p.grad_accum_steps * config.context_length * run.dist.world_size,
+                       flops_per_token=run.model.flops_per_token(), peak_flops=peak_flops(run.device, run.dtype))
 
 
 def _start_run(
