@@ -46,16 +46,6 @@ def checkpoint_step(folder: Path) -> int | None:
         return None
 
 
-def flow_run_logs(api_url: str, flow_run_id: str) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
-
-
 def kill_like_a_crash(worker: psutil.Process) -> None:
     """SIGKILL the worker and everything it started at once: nothing gets to report anything."""
     processes = [worker, *worker.children(recursive=True)]
@@ -96,9 +86,9 @@ def test_a_worker_killed_in_pretraining_leaves_a_crashed_run_and_the_rerun_resum
             state = wait_for_flow_run(api_url, second, tmp_path / "worker2.log", timeout=300)
             assert state.is_completed(), f"{state.name}: {state.message}\n{(tmp_path / 'worker2.log').read_text()}"
 
-        deadline = time.monotonic() + 60  # the run's last logs reach the server shortly after its end
-        while not (resumed := re.search(r"resuming from \S+ at step (\d+)", flow_run_logs(api_url, second))):
-            assert time.monotonic() < deadline, flow_run_logs(api_url, second)
-            time.sleep(1)
+        # the flow run's output, as the worker printed it (the API copy of the logs can lag behind the run's end)
+        worker_log = (tmp_path / "worker2.log").read_text()
+        resumed = re.search(r"resuming from \S+ at step (\d+)", worker_log)
+        assert resumed, worker_log[-4000:]
         assert int(resumed.group(1)) == last_checkpoint  # its first step is the one after the last checkpoint
         assert json.loads((out / "metrics.json").read_text())["step"] == 60
