@@ -184,13 +184,6 @@ def checkpoint_weights_sha256(checkpoint_dir: str | Path) -> str:
         raise RegistryError(f"{manifest_path}: no sha256 of {WEIGHTS_FILE} in it ({err})") from None
 
 
-def version_holding(weights_sha256: str) -> ModelVersion | None:
-    """The (first) version of ``gpt`` registered from a checkpoint with these weights; None if there is none
-    (or no tracking database yet)."""
-    client = _client(must_exist=False)
-    return None if client is None else _version_holding(client, weights_sha256)
-
-
 def _version_holding(client: MlflowClient, weights_sha256: str) -> ModelVersion | None:
     holding = [v for v in _all_versions(client, MODEL_NAME) if v.tags.get(WEIGHTS_SHA_TAG) == weights_sha256]
     return min(holding, key=lambda v: int(v.version)) if holding else None
