@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import psutil
 import typer
 
 from flows import all_flows
@@ -101,20 +102,49 @@ def flow_arguments(flow_name: str, sets: list[str], params: list[str]) -> dict[s
     return arguments
 
 
-def stop_when_parent_dies(poll_s: float = 1.0) -> threading.Thread:
-    """Send this process SIGTERM (the signal for "checkpoint and stop") once its parent process is gone.
+# the shells dvc may run a stage's command in (``$SHELL -c``, else ``/bin/sh -c``); dash stays as the parent
+_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})
+
+
+def stage_launcher() -> psutil.Process | None:
+    """The process that started this stage: the first ancestor that is not the shell running its command.
+
+    Under ``dvc repro`` that is dvc. ``None`` when the chain is already broken (an ancestor has exited).
+    """
+    try:
+        process = psutil.Process().parent()
+        while process is not None and process.name() in _SHELLS:
+            process = process.parent()
+    except psutil.NoSuchProcess:
+        return None
+    return process
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:  # is_running() compares the start time too, so a reused pid does not count as alive
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_when_parent_dies(poll_s: float = 1.0) -> threading.Thread | None:
+    """Send this process SIGTERM (the signal for "checkpoint and stop") once the process that launched it is gone.
 
     A SIGKILL of ``dvc repro`` kills dvc alone; the stage it started would train on for hours, unseen, with its
-    result thrown away. Returns the daemon thread that watches.
+    result thrown away. The launcher is dvc itself, not the shell between: ``/bin/sh -c`` (dash) waits for its
+    command, so it outlives dvc. Returns the daemon thread that watches, or ``None`` when the launcher was gone
+    before this process got here (the SIGTERM is then sent at once).
     """
-    parent = os.getppid()
-    if parent == 1:  # dvc died before this process got here: it was reparented to init already
+    launcher = stage_launcher()
+    if launcher is None or launcher.pid == 1 or not _alive(launcher):  # already reparented to init
         os.kill(os.getpid(), signal.SIGTERM)
+        return None
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while _alive(launcher):
             time.sleep(poll_s)
-        typer.secho(f"the parent process {parent} (dvc) is gone: stopping this stage", fg="yellow", err=True)
+        typer.secho(f"the process that started this stage ({launcher.pid}, dvc) is gone: stopping this stage",
+                    fg="yellow", err=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
     watcher = threading.Thread(target=watch, name="stop-when-parent-dies", daemon=True)

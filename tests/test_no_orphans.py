@@ -59,7 +59,8 @@ class Project:
 
     def __init__(self, root: Path, home: Path) -> None:
         self.root, self.tag = root, uuid.uuid4().hex
-        self.env = {**prefect_env(home), MARKER: self.tag, "PYTHONPATH": str(root)}
+        # dvc runs a stage's command with $SHELL -c; /bin/sh (dash) stays as the stage's parent, unlike bash
+        self.env = {**prefect_env(home), MARKER: self.tag, "PYTHONPATH": str(root), "SHELL": "/bin/sh"}
         self.state = home / "pipeline-server"
 
     def launch(self, *args: str, log: str) -> subprocess.Popen:
@@ -123,6 +124,16 @@ def project(tmp_path) -> Iterator[Project]:
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(with_children, timeout=30)
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_the_stage_launcher_is_the_process_above_the_shell_that_runs_the_command(shell):
+    """dvc runs ``$SHELL -c 'python -m flows ...'``: dash waits for the command, bash execs it; either way the
+    stage watches dvc (here: this test), not the shell, which outlives a killed dvc."""
+    code = "from flows.__main__ import stage_launcher; print(stage_launcher().pid)"
+    out = subprocess.run([shell, "-c", f"{sys.executable} -c '{code}'; true"], capture_output=True, text=True,
+                         check=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert int(out.stdout) == os.getpid()
 
 
 @pytest.mark.slow
