@@ -104,6 +104,17 @@ def test_batch_seq_and_past_axes_are_symbolic(exported):
             assert present[0] == batch and present[1:] == [heads, present[2], head_dim]
             assert isinstance(present[2], str) and present[2] != past  # past + seq
     assert axes["logits"] == [batch, seq, vocab]
+    assert axes["position_ids"] == [batch, seq] and axes["past_mask"] == [batch, past]
+
+
+def test_rows_of_different_lengths_padded_into_one_batch_match_each_row_alone(exported):
+    """The ragged cases of the parity report: caches of lengths such as 3, 0 and 9 padded on the left into one
+    batch (past_mask False on the padding, per-row position_ids), one or three new tokens per row."""
+    _, _, summary = exported
+    ragged = summary["parity"]["ragged"]
+    assert {tuple(c["cache_lengths"]) for c in ragged["cases"]} >= {(3, 0, 9), (5, 1, 12), (CONTEXT - 1, 2)}
+    assert {c["new"] for c in ragged["cases"]} == {1, 3}
+    assert ragged["max_abs_logits"] == max(c["max_abs_logits"] for c in ragged["cases"]) <= 1e-4
 
 
 def test_logits_match_pytorch_at_past_lengths_0_1_17_and_the_limit(exported):
@@ -192,8 +203,8 @@ def test_corrupt_graph_fails_parity_and_keeps_the_previous_export(tmp_path, monk
     (out / "marker").write_text("previous export")
     original = DecoderForExport.forward
 
-    def corrupted(self, input_ids, *past):  # flip the logits: greedy picks the least likely token
-        logits, *present = original(self, input_ids, *past)
+    def corrupted(self, input_ids, position_ids, past_mask, *past):  # flipped logits: greedy picks the least likely
+        logits, *present = original(self, input_ids, position_ids, past_mask, *past)
         return (-logits, *present)
 
     monkeypatch.setattr(DecoderForExport, "forward", corrupted)

@@ -16,6 +16,7 @@ No torch here (an import-linter contract checks it).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
@@ -24,7 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from llm.inference.decoding import SamplingParams, check_prompt, decode, numpy_sampler
+import numpy as np
+
+from llm.inference.decoding import SamplingParams, check_prompt, numpy_sampler
 from llm.inference.onnx_runtime import OnnxGenerator
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,12 @@ class BatchEngine:
         self._running = threading.Event()
         self._worker: threading.Thread | None = None
         self._active = 0
+        self._keep = max(1, generator.context_length // 2)  # what a sliding window keeps (see decoding.decode)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps by batch size
+        if max_batch > 1 and not generator.batched:
+            log.warning("%s is a format 1 export: requests are decoded one at a time (export it again to batch)",
+                        generator.model_path)
+            self.max_batch = 1
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -154,46 +163,187 @@ class BatchEngine:
     # ------------------------------------------------------------------------------------------ worker
 
     def _work(self) -> None:
-        while self._running.is_set():
-            try:
-                job = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self._active = 1
-            try:
-                self._run_alone(job)
-            finally:
-                self._active = 0
-
-    def _run_alone(self, job: Job) -> None:
-        """Decode one job by itself (the reference behaviour; the batched path must match it)."""
-        g = self.generator
-        sampler = numpy_sampler(job.params)
-
-        def step(ids, past):
-            logits, present = g.forward([ids], past)
-            return logits[:, -1, :], present
-
-        produced = 0
+        """Admit queued requests into free rows, prefill them, then advance the whole batch one token; repeat."""
+        batch, fresh = _Batch(self.generator), []  # fresh: rows whose window must be prefilled (new or slid)
         try:
-            for token in decode(step, job.prompt_ids, job.params, context_length=g.context_length,
-                                vocab_size=g.vocab_size, sampler=sampler):
-                if job.cancelled.is_set() or not self._running.is_set():
-                    _emit(job, Event(finish_reason="cancelled"))
-                    return
-                if job.expired(time.monotonic()):
-                    _emit(job, Event(finish_reason="timeout"))
-                    return
-                produced += 1
-                _emit(job, Event(token_id=token))
-                if token in job.params.stop_ids:
-                    _emit(job, Event(finish_reason="stop"))
-                    return
-        except Exception as err:  # noqa: BLE001 - the request fails, the engine goes on
-            log.exception("request %d failed", job.id)
-            _emit(job, Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+            while self._running.is_set():
+                idle = not batch.rows and not fresh
+                fresh += self._admit(self.max_batch - len(batch.rows) - len(fresh), wait=idle)
+                while fresh:
+                    row = fresh.pop(0)
+                    cache = self._prefill(row)
+                    if cache is _SLID:
+                        fresh.append(row)
+                    elif cache is not None:
+                        batch.joiners.append((row, cache))
+                batch.join()
+                self._active = len(batch.rows)
+                if batch.rows:
+                    self._decode_step(batch, fresh)
+        finally:
+            for row in [*batch.rows, *fresh]:
+                _emit(row.job, Event(finish_reason="cancelled"))
+            self._active = 0
+
+    def _admit(self, free: int, wait: bool) -> list[_Row]:
+        """Up to ``free`` queued requests as rows (waiting a moment for one when ``wait``); requests that ended
+        while queued (cancelled, past their deadline) or ask for no tokens are answered here."""
+        rows: list[_Row] = []
+        while len(rows) < free:
+            try:
+                job = self._queue.get(timeout=0.05) if wait and not rows else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            reason = self._ended(job)
+            if reason is None and job.params.max_new_tokens == 0:
+                reason = "length"
+            if reason is not None:
+                _emit(job, Event(finish_reason=reason))
+                continue
+            window = job.prompt_ids[-self.generator.context_length :]
+            rows.append(_Row(job, numpy_sampler(job.params), window))
+        return rows
+
+    def _ended(self, job: Job) -> str | None:
+        if job.cancelled.is_set() or not self._running.is_set():
+            return "cancelled"
+        if job.expired(time.monotonic()):
+            return "timeout"
+        return None
+
+    def _prefill(self, row: _Row) -> list[np.ndarray] | object | None:
+        """Feed the row's whole window and take its next token. Returns the row's cache when it goes on,
+        ``_SLID`` when its window slid (prefill it again), None when it ended."""
+        try:
+            logits, cache = self.generator.forward(np.array([row.window], dtype=np.int64))
+        except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
+            return self._fail([row], err)
+        if not self._advance(row, logits[0, -1]):
+            return None
+        if len(row.window) > self.generator.context_length:
+            row.window = row.window[-self._keep :]
+            return _SLID
+        return cache
+
+    def _decode_step(self, batch: _Batch, fresh: list[_Row]) -> None:
+        """One decoder call for every row of the batch; rows that ended leave it, rows whose window slid
+        leave it for ``fresh``."""
+        try:
+            logits = batch.step()
+        except Exception as err:  # noqa: BLE001 - these requests fail, the engine goes on
+            self._fail(batch.rows, err)
+            batch.keep([False] * len(batch.rows))
             return
-        _emit(job, Event(finish_reason="length"))
+        self.batch_sizes[len(batch.rows)] += 1
+        keep = []
+        for row, row_logits in zip(batch.rows, logits, strict=True):
+            goes_on = self._advance(row, row_logits)
+            if goes_on and len(row.window) > self.generator.context_length:
+                row.window = row.window[-self._keep :]
+                fresh.append(row)
+                goes_on = False
+            keep.append(goes_on)
+        batch.keep(keep)
+
+    def _advance(self, row: _Row, logits: np.ndarray) -> bool:
+        """Sample the row's next token from ``logits`` [V] and emit it; False when the row has ended (its final
+        event sent). The token joins the window, to be fed next."""
+        job = row.job
+        reason = self._ended(job)
+        if reason is not None:
+            _emit(job, Event(finish_reason=reason))
+            return False
+        token = row.sample(logits)
+        row.produced += 1
+        _emit(job, Event(token_id=token))
+        if token in job.params.stop_ids:
+            _emit(job, Event(finish_reason="stop"))
+            return False
+        if row.produced >= job.params.max_new_tokens:
+            _emit(job, Event(finish_reason="length"))
+            return False
+        row.window.append(token)
+        return True
+
+    def _fail(self, rows: list[_Row], err: Exception) -> None:
+        log.error("decoding failed for requests %s: %s: %s", [r.job.id for r in rows], type(err).__name__, err)
+        for row in rows:
+            _emit(row.job, Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+
+
+_SLID = object()  # _prefill's answer for a row whose window slid right after its prefill
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request being decoded: its sampler and its window (the tokens the model sees; while the row is
+    in the batch, all but the last are in the cache and the last is fed next)."""
+
+    job: Job
+    sample: Callable[[np.ndarray], int]
+    window: list[int]
+    produced: int = 0
+
+
+class _Batch:
+    """The rows decoding together and their one cache, each row's tokens at its right end.
+
+    Rows of different lengths are padded on the left: ``mask`` [B, P] is False on the padding, so no token
+    attends to it, and each row's next token is fed at its own position (``len(window) - 1``). Leading
+    columns that no row uses any more are cut off, so P is the longest row's cache.
+    """
+
+    def __init__(self, generator: OnnxGenerator):
+        self.generator = generator
+        self.rows: list[_Row] = []
+        self.joiners: list[tuple[_Row, list[np.ndarray]]] = []  # prefilled rows, with their caches [1, H, p, D]
+        self.cache: list[np.ndarray] = []
+        self.mask = np.zeros((0, 0), dtype=bool)
+
+    def join(self) -> None:
+        """Add the prefilled rows, padding the shorter caches (theirs or the batch's) on the left."""
+        for row, cache in self.joiners:
+            p, P = cache[0].shape[2], self.mask.shape[1]
+            width = max(p, P)
+            row_mask = np.arange(width) >= width - p
+            if self.rows:
+                self.cache = [np.concatenate([_pad_left(a, width - P), _pad_left(b, width - p)])
+                              for a, b in zip(self.cache, cache, strict=True)]
+                self.mask = np.concatenate([np.pad(self.mask, ((0, 0), (width - P, 0))), row_mask[None]])
+            else:
+                self.cache, self.mask = cache, row_mask[None]
+            self.rows.append(row)
+        self.joiners = []
+
+    def step(self) -> np.ndarray:
+        """Feed each row's last token at its position; returns the next-token logits [B, V]."""
+        ids = np.array([[row.window[-1]] for row in self.rows], dtype=np.int64)
+        if self.generator.batched:
+            positions = np.array([[len(row.window) - 1] for row in self.rows], dtype=np.int64)
+            logits, self.cache = self.generator.forward(ids, self.cache, position_ids=positions, past_mask=self.mask)
+        else:  # a format 1 export: one row, no padding, so its positions are implicit
+            logits, self.cache = self.generator.forward(ids, self.cache)
+        self.mask = np.pad(self.mask, ((0, 0), (0, 1)), constant_values=True)
+        return logits[:, -1]
+
+    def keep(self, keep: list[bool]) -> None:
+        """Keep the rows marked True; cut the cache columns that no remaining row uses."""
+        index = [i for i, k in enumerate(keep) if k]
+        self.rows = [self.rows[i] for i in index]
+        if not index:
+            self.cache, self.mask = [], np.zeros((0, 0), dtype=bool)
+            return
+        if len(index) < len(keep):
+            self.cache, self.mask = [a[index] for a in self.cache], self.mask[index]
+        first = int(self.mask.any(axis=0).argmax())  # the first column some row uses
+        if first:
+            self.cache = [np.ascontiguousarray(a[:, :, first:]) for a in self.cache]
+            self.mask = np.ascontiguousarray(self.mask[:, first:])
+
+
+def _pad_left(cache: np.ndarray, n: int) -> np.ndarray:
+    """``cache`` [B, H, P, D] with ``n`` zero slots before its first one."""
+    return np.pad(cache, ((0, 0), (0, 0), (n, 0), (0, 0))) if n else cache
 
 
 def _emit(job: Job, event: Event) -> None:

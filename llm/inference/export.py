@@ -8,12 +8,15 @@ The export folder is self-contained, so ``llm.inference.onnx_runtime`` can gener
     tokenizer/               copied from the checkpoint
     parity.json              ONNX Runtime against PyTorch: logits and greedy ids
 
-Graph interface (one decoder for prefill and decode): inputs ``input_ids`` [batch, seq] int64 and
-``past_key_values.{i}.key`` / ``.value`` [batch, n_head, past, head_dim] float32; outputs ``logits``
-[batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, n_head, past + seq, head_dim]. There is no
-position input: token t of ``input_ids`` sits at position ``past + t``, which the graph reads from the
-cache's shape exactly as ``GPT.forward`` does, so positions and cache can never disagree. The first step
-feeds a cache of past length 0.
+Graph interface (one decoder for prefill and decode, format 2): inputs ``input_ids`` [batch, seq] int64,
+``position_ids`` [batch, seq] int64, ``past_mask`` [batch, past] bool and ``past_key_values.{i}.key`` /
+``.value`` [batch, n_head, past, head_dim] float32; outputs ``logits`` [batch, seq, vocab] and
+``present.{i}.key`` / ``.value`` [batch, n_head, past + seq, head_dim]. The first step feeds a cache of past
+length 0. For one sequence, ``position_ids`` is ``past .. past + seq - 1`` and ``past_mask`` all True
+(``OnnxGenerator.forward`` fills both in). Sequences of different lengths share one batch by padding their
+caches on the left: ``past_mask`` is False on the padding, which no token attends to, and ``position_ids``
+gives each row's own positions (``llm.inference.batching``). Format 1 exports (no ``position_ids`` or
+``past_mask``: positions implicit from the cache length) still load, one sequence at a time.
 
 The graph comes from ``torch.onnx.export(dynamo=True)`` (torch.export, then ONNX Script) with symbolic
 batch, seq and past dimensions, traced at sizes of at least 2 so that no axis is specialised to 0 or 1.
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DATA_FILE = MODEL_FILE + ".data"
 PARITY_FILE = "parity.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf caps a file at 2 GiB)
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 4  # >= 2 and distinct, so none is specialised or unified
 
@@ -56,22 +59,25 @@ class ExportError(RuntimeError):
 class DecoderForExport(nn.Module):
     """``GPT.forward`` with the cache flattened to tensors: the signature an ONNX graph can have.
 
-    forward(input_ids [B, T], k0, v0, k1, v1, ...) -> (logits [B, T, V], k0', v0', k1', v1', ...), each
-    past tensor [B, H, P, D] and each present [B, H, P+T, D].
+    forward(input_ids [B, T], position_ids [B, T], past_mask [B, P], k0, v0, k1, v1, ...)
+    -> (logits [B, T, V], k0', v0', k1', v1', ...), each past tensor [B, H, P, D] and each present [B, H, P+T, D].
     """
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_mask: torch.Tensor,
+                *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
-        out = self.model(input_ids, past_key_values=past, use_cache=True)
+        out = self.model(input_ids, past_key_values=past, use_cache=True, position_ids=position_ids,
+                         past_mask=past_mask)
         return (out.logits, *(t for kv in out.present_key_values for t in kv))
 
 
 def input_names(n_layer: int) -> list[str]:
-    return ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    cache = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "past_mask", *cache]
 
 
 def output_names(n_layer: int) -> list[str]:
@@ -89,13 +95,16 @@ def _export_graph(model: GPT, path: Path, opset: int | None, external_data: bool
     seq = Dim("seq", min=1, max=c.context_length)
     past = Dim("past", min=0, max=c.context_length - 1)
     ids = torch.arange(_TRACE_BATCH * _TRACE_SEQ).reshape(_TRACE_BATCH, _TRACE_SEQ) % c.vocab_size
+    positions = torch.arange(_TRACE_PAST, _TRACE_PAST + _TRACE_SEQ).expand(_TRACE_BATCH, -1)
+    past_mask = torch.ones(_TRACE_BATCH, _TRACE_PAST, dtype=torch.bool)
     cache = [torch.zeros(_TRACE_BATCH, c.n_head, _TRACE_PAST, c.head_dim) for _ in range(2 * c.n_layer)]
-    dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in cache))
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
+                      tuple({0: batch, 2: past} for _ in cache))
     with _quiet("torch.onnx", "onnxscript", "onnx_ir"):  # step-by-step notes, not about this model
         try:
             program = torch.onnx.export(
                 DecoderForExport(model).eval(),
-                (ids, *cache),
+                (ids, positions, past_mask, *cache),
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
                 input_names=input_names(c.n_layer),
@@ -166,8 +175,15 @@ def check_dynamic_axes(path: str | Path, n_layer: int, n_head: int, head_dim: in
 
     require("input_ids", [0, 1], {})
     require("logits", [0, 1], {2: vocab_size})
-    batch = axes["input_ids"][0]
-    for name in expected_names[1:]:
+    batch, past = axes["input_ids"][0], axes["past_key_values.0.key"][2]
+    for name in ("position_ids", "past_mask"):
+        require(name, [0, 1], {})
+        if axes[name][0] != batch:
+            raise ExportError(f"{path}: {name} has batch axis {axes[name][0]!r}, input_ids has {batch!r}")
+    if axes["position_ids"][1] != axes["input_ids"][1] or axes["past_mask"][1] != past:
+        raise ExportError(f"{path}: position_ids must share input_ids' seq axis and past_mask the cache's past "
+                          f"axis: {axes['position_ids']}, {axes['past_mask']}")
+    for name in expected_names[3:]:
         if name == "logits":
             continue
         require(name, [0, 2], {1: n_head, 3: head_dim})
@@ -198,7 +214,7 @@ def _generation_config(
         "vocab_size": c.vocab_size,
         "context_length": c.context_length,
         "position": c.position,
-        "positions": "implicit: token t of input_ids sits at position past_length + t",
+        "positions": "position_ids per token; past_mask marks the cache slots that hold a token",
         "window_policy": {"slide_keep": max(1, c.context_length // 2), "reencode_from": 0},
         "inputs": input_names(c.n_layer),
         "outputs": output_names(c.n_layer),
@@ -225,6 +241,35 @@ def _logit_cases(context: int) -> list[tuple[int, int]]:
     return [(p, t) for p, t in dict.fromkeys(cases) if p >= 0 and t >= 1 and p + t <= context]
 
 
+def _ragged_cases(context: int) -> list[tuple[list[int], int]]:
+    """(cache length of each row, new tokens) for batches whose rows differ in length: one decode step,
+    and a few tokens at once, with an empty row and a row at the context limit among them."""
+    cases = [([3, 0, 9], 1), ([5, 1, 12], 3), ([context - 1, 2], 1), ([context - 3, 4, 0], 3)]
+    return [([min(n, context - new) for n in lengths], new) for lengths, new in cases if new <= context]
+
+
+def _ragged_case(model: GPT, generator: OnnxGenerator, rng: np.random.Generator, lengths: list[int],
+                 new: int) -> dict[str, Any]:
+    """ONNX Runtime on rows of different cache lengths, padded on the left into one batch (``past_mask`` and
+    ``position_ids``), against PyTorch on each row alone. Returns the largest logits difference."""
+    c = model.config
+    P = max(lengths)
+    rows = [torch.from_numpy(rng.integers(0, c.vocab_size, n + new)) for n in lengths]
+    padded, reference = [], []
+    for row, n in zip(rows, lengths, strict=True):
+        cache = model(row[None, :n], use_cache=True).present_key_values if n else None
+        reference.append(model(row[None, n:], past_key_values=cache, use_cache=True).logits[0].numpy())
+        flat = [t.numpy() for kv in cache for t in kv] if cache else generator.empty_cache(1)
+        padded.append([np.pad(t, ((0, 0), (0, 0), (P - n, 0), (0, 0))) for t in flat])
+    past = [np.concatenate(layer) for layer in zip(*padded, strict=True)]
+    past_mask = np.array([[j >= P - n for j in range(P)] for n in lengths])
+    positions = np.array([np.arange(n, n + new) for n in lengths])
+    ids = np.stack([row[n:].numpy() for row, n in zip(rows, lengths, strict=True)])
+    logits, _ = generator.forward(ids, past, position_ids=positions, past_mask=past_mask)
+    diff = max(float(np.abs(logits[i] - ref).max()) for i, ref in enumerate(reference))
+    return {"cache_lengths": lengths, "new": new, "max_abs_logits": diff}
+
+
 @torch.inference_mode()
 def check_parity(
     checkpoint_dir: str | Path,
@@ -241,7 +286,8 @@ def check_parity(
     """Compare ONNX Runtime with PyTorch for the checkpoint and write ``parity.json`` into ``onnx_dir``.
 
     Logits: for random ids at past lengths 0, 1, 17 and at the context limit (batch ``batch_size``), the
-    max absolute difference of the logits and of the returned cache must be <= ``atol``. Greedy: for
+    max absolute difference of the logits and of the returned cache must be <= ``atol``; so must the logits of
+    ragged batches (rows of different lengths padded into one cache) against each row alone. Greedy: for
     ``n_prompts`` random prompts (lengths 1 to past the context, so the window slides), ``new_tokens`` ids
     from ``OnnxGenerator`` must equal ``llm.inference.generate.generate`` with temperature 0.
     Both runtimes use ``num_threads`` threads (1 by default: batch-1 decoding gains little from more, and a
@@ -285,6 +331,9 @@ def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, 
             "max_abs_logits": logits_diff, "max_abs_cache": cache_diff,
         })
 
+    ragged_rows = [_ragged_case(model, generator, rng, lengths, new)
+                   for lengths, new in _ragged_cases(c.context_length)]
+
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     mismatches = []
     for i in range(n_prompts):
@@ -298,11 +347,13 @@ def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, 
             mismatches.append({"prompt": i, "prompt_length": length, "first_difference_at": first})
 
     worst = max(max(r["max_abs_logits"], r["max_abs_cache"]) for r in logit_rows)
+    worst_ragged = max((r["max_abs_logits"] for r in ragged_rows), default=0.0)
     return {
-        "passed": worst <= atol and not mismatches,
+        "passed": max(worst, worst_ragged) <= atol and not mismatches,
         "atol": atol,
         "max_abs_diff": worst,
         "logits": logit_rows,
+        "ragged": {"max_abs_logits": worst_ragged, "cases": ragged_rows},
         "greedy": {
             "prompts": n_prompts,
             "new_tokens": new_tokens,

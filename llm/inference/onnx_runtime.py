@@ -1,10 +1,12 @@
 """Generation from an ONNX export with onnxruntime, numpy and the tokenizer only: no PyTorch.
 
 An export folder (written by ``llm.inference.export.export_onnx``) holds ``model.onnx``,
-``generation_config.json`` and ``tokenizer/``. The decoder takes ``input_ids`` [B, T] and the cache
-``past_key_values.{i}.key`` / ``.value`` [B, H, P, D] and returns ``logits`` [B, T, V] and
-``present.{i}.key`` / ``.value`` [B, H, P+T, D]. Positions are implicit: token t of ``input_ids`` sits at
-position P + t, P being the past length, so the first step feeds an empty cache (P = 0).
+``generation_config.json`` and ``tokenizer/``. The decoder takes ``input_ids`` [B, T], ``position_ids``
+[B, T], ``past_mask`` [B, P] and the cache ``past_key_values.{i}.key`` / ``.value`` [B, H, P, D] and returns
+``logits`` [B, T, V] and ``present.{i}.key`` / ``.value`` [B, H, P+T, D]; the first step feeds an empty cache
+(P = 0). For one sequence, ``forward`` fills in positions P..P+T-1 and an all-True mask; a batch of
+sequences of different lengths passes both (see ``llm.inference.batching``). Exports of format 1 have no
+``position_ids``/``past_mask`` inputs (positions implicit from P) and run one sequence at a time.
 
 ``OnnxGenerator`` supplies this decoder as the forward step of the decoding core
 (``llm.inference.decoding``), so the sampling rules, stopping rules and sliding-window policy are the
@@ -105,6 +107,8 @@ class OnnxGenerator:
         self.context_length = int(self.config["context_length"])
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
         self.output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        # format 2 graphs take per-row positions and a cache mask, so rows of different lengths can share a batch
+        self.batched = {"position_ids", "past_mask"} <= {i.name for i in self.session.get_inputs()}
         self._tokenizer: Tokenizer | None = None
 
     @property
@@ -127,19 +131,26 @@ class OnnxGenerator:
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
     def forward(
-        self, input_ids: np.ndarray, past: list[np.ndarray] | None = None
+        self,
+        input_ids: np.ndarray,
+        past: list[np.ndarray] | None = None,
+        *,
+        position_ids: np.ndarray | None = None,
+        past_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: ``input_ids`` [B, T] after ``past`` (flat [k0, v0, k1, v1, ...], each [B, H, P, D]).
 
+        ``position_ids`` [B, T] (None: P..P+T-1 for every row) and ``past_mask`` [B, P] (None: every cache slot
+        holds a token) let rows of different lengths share the batch; they need a format 2 export.
         Returns ``(logits [B, T, V], present)`` with ``present`` flat like ``past``, each [B, H, P+T, D].
-        Raises ValueError when P + T exceeds the context length.
+        Raises ValueError when P + T exceeds the context length, or for positions or a mask on a format 1 export.
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         if past is None:
             past = self.empty_cache(input_ids.shape[0])
-        P, T = past[0].shape[2], input_ids.shape[1]
+        (B, T), P = input_ids.shape, past[0].shape[2]
         if P + T > self.context_length:
             raise ValueError(
                 f"sequence of {P + T} tokens ({P} cached + {T} new) exceeds context_length={self.context_length}"
@@ -147,6 +158,14 @@ class OnnxGenerator:
         if len(past) != len(self.past_names):
             raise ValueError(f"past must hold {len(self.past_names)} arrays (key and value per layer), got {len(past)}")
         feed = {"input_ids": input_ids, **dict(zip(self.past_names, past, strict=True))}
+        if self.batched:
+            if position_ids is None:
+                position_ids = np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T))
+            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+            feed["past_mask"] = np.ones((B, P), dtype=bool) if past_mask is None else np.asarray(past_mask, bool)
+        elif position_ids is not None or past_mask is not None:
+            raise ValueError(f"{self.model_path} is a format 1 export without position_ids/past_mask inputs: "
+                             "export it again (`llm export onnx`) to batch sequences of different lengths")
         logits, *present = self.session.run(self.output_names, feed)
         return logits, present
 

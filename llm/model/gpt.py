@@ -58,9 +58,12 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + D/2) of x [B, H, T, D] by the angles in cos/sin [T, D/2]."""
+    """Rotate channel pairs (i, i + D/2) of x [B, H, T, D] by the angles in cos/sin: [T, D/2] for every row
+    alike, or [B, T, D/2] for positions that differ by row."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D/2]: the same angles for every head
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -82,8 +85,12 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B, T, C] -> (y [B, T, C], (k, v) each [B, H, P+T, D] to cache)."""
+        """x [B, T, C] -> (y [B, T, C], (k, v) each [B, H, P+T, D] to cache).
+
+        ``mask`` [B, 1, T, P+T] (True: may attend) replaces the causal rule; ``GPT.forward`` builds it.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
@@ -93,7 +100,9 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P+T, D]
         dropout_p = self.dropout if self.training else 0.0
-        if past is None:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif past is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # is_causal would align the triangle top-left; query i sits at P+i and sees keys 0..P+i
             P = k.size(2) - T
@@ -137,9 +146,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, past=None):
+    def forward(self, x, rope=None, past=None, mask=None):
         """x [B, T, C] -> (x [B, T, C], this layer's (k, v) for the cache)."""
-        a, present = self.attn(self.norm1(x), rope, past)
+        a, present = self.attn(self.norm1(x), rope, past, mask)
         x = x + a
         return x + self.mlp(self.norm2(x)), present
 
@@ -158,6 +167,16 @@ def language_model_loss(
     ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")  # [B*T]
     weight = loss_mask.reshape(-1).to(ce.dtype) * (flat_targets != -100).to(ce.dtype)
     return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def attention_mask(past_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, 1, T, P+T] bool for T new tokens after a cache whose real slots ``past_mask`` [B, P] marks:
+    each new token sees its row's real cache slots, and the new tokens up to itself."""
+    B = past_mask.size(0)
+    new = torch.arange(T, device=past_mask.device)
+    causal = (new[None, :] <= new[:, None])[None, None].expand(B, 1, T, T)  # [B, 1, T, T]
+    cached = past_mask.bool()[:, None, None, :].expand(-1, 1, T, -1)  # [B, 1, T, P]
+    return torch.cat([cached, causal], dim=-1)
 
 
 class GPTOutput(NamedTuple):
@@ -209,12 +228,20 @@ class GPT(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         loss_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_mask: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Logits for ``idx`` [B, T] placed after the ``past_key_values`` (positions P..P+T-1).
 
         ``loss`` is the mean cross-entropy over ``targets`` [B, T], skipping targets equal to -100 and,
         when ``loss_mask`` [B, T] (0/1 or bool) is given, positions where it is 0.
         ``present_key_values`` (only when ``use_cache``) is the cache to pass back for the next tokens.
+
+        For a batch of sequences of different lengths sharing one cache (``llm.inference.batching``):
+        ``past_mask`` [B, P] (bool, or 0/1) marks the cache slots that hold a token (False: padding, never
+        attended to), and ``position_ids`` [B, T] gives each new token's position, which then need not be
+        P..P+T-1. The new tokens themselves are never padding: each attends to its row's unmasked cache and
+        causally to the new tokens before it.
         Raises ValueError when P + T exceeds ``config.context_length``.
         """
         T = idx.size(1)
@@ -225,15 +252,18 @@ class GPT(nn.Module):
                 f"{self.config.context_length}; truncate or slide the window (see llm.inference.generate)"
             )
         x = self.wte(idx)  # [B, T, C]
+        # [T] positions shared by every row (a slice, the fast path), or [B, T] gathered per row
+        pos = slice(P, P + T) if position_ids is None else position_ids
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(P, P + T, device=idx.device))
+            x = x + (self.wpe(torch.arange(P, P + T, device=idx.device)) if position_ids is None else self.wpe(pos))
         elif self.config.position == "sinusoidal":
-            x = x + self.pos_table[P : P + T].to(x.dtype)
-        rope = (self.rope_cos[P : P + T], self.rope_sin[P : P + T]) if self.config.position == "rope" else None
+            x = x + self.pos_table[pos].to(x.dtype)
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.position == "rope" else None
+        mask = None if past_mask is None else attention_mask(past_mask, T)
         x = self.drop(x)
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, rope, past_key_values[i] if past_key_values else None)
+            x, present = block(x, rope, past_key_values[i] if past_key_values else None, mask)
             presents.append(present)
         logits = self.lm_head(self.norm_f(x))  # [B, T, V]
         loss = None if targets is None else language_model_loss(logits, targets, loss_mask)

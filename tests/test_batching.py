@@ -1,0 +1,186 @@
+"""Specification of llm/inference/batching.py: concurrent requests decode together, each as if it ran alone."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
+from llm.inference.decoding import SamplingParams
+from llm.inference.export import export_onnx
+from llm.inference.onnx_runtime import OnnxGenerator
+
+from helpers import write_checkpoint
+
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory) -> OnnxGenerator:
+    root = tmp_path_factory.mktemp("batching")
+    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=CONTEXT, position="rope")
+    export_onnx(checkpoint, root / "onnx", verify=False)  # parity is test_export's business
+    return OnnxGenerator(root / "onnx", intra_op_num_threads=1)
+
+
+class Collector:
+    """The events of several requests, by request name; ``wait`` until all have their final event."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, Event] = {}
+        self.expected: set[str] = set()
+        self._done = threading.Condition()
+
+    def callback(self, name: str):
+        self.tokens[name] = []
+        self.expected.add(name)
+
+        def on_event(event: Event) -> None:
+            if event.finish_reason is None:
+                self.tokens[name].append(event.token_id)
+                return
+            with self._done:
+                self.finish[name] = event
+                self._done.notify_all()
+
+        return on_event
+
+    def wait(self, timeout: float = 60) -> None:
+        with self._done:
+            assert self._done.wait_for(lambda: set(self.finish) >= self.expected, timeout), "requests never ended"
+
+
+def ragged_requests(vocab: int, n: int) -> list[tuple[list[int], SamplingParams]]:
+    """Prompts of 1 to 40 tokens (some past the context), 1 to 70 new tokens (so windows slide), greedy and
+    seeded sampling with top-k / top-p."""
+    rng = random.Random(0)
+    requests = []
+    for i in range(n):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, CONTEXT + 8))]
+        sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": i}
+        requests.append((prompt, SamplingParams(max_new_tokens=rng.randint(1, 70), **sampling)))
+    return requests
+
+
+def test_concurrent_requests_decode_together_and_each_gets_what_it_would_get_alone(generator):
+    requests = ragged_requests(generator.vocab_size, 12)
+    alone = [generator.generate(prompt, params) for prompt, params in requests]
+    events = Collector()
+    with BatchEngine(generator, max_batch=5, max_queue=16) as engine:
+        for i, (prompt, params) in enumerate(requests):
+            engine.submit(prompt, params, on_event=events.callback(str(i)))
+        events.wait()
+    assert [events.tokens[str(i)] for i in range(len(requests))] == alone
+    assert {e.finish_reason for e in events.finish.values()} == {"length"}
+    assert max(engine.batch_sizes) == 5  # rows of different lengths shared decoder calls
+    assert sum(n for size, n in engine.batch_sizes.items() if size > 1) > sum(engine.batch_sizes.values()) // 2
+
+
+def test_a_stop_id_ends_only_its_own_row(generator):
+    prompt = [5, 6, 7]
+    greedy = generator.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0.0))
+    stop = greedy[3]
+    events = Collector()
+    with BatchEngine(generator, max_batch=4) as engine:
+        engine.submit(prompt, SamplingParams(max_new_tokens=20, temperature=0.0, stop_ids=(stop,)),
+                      on_event=events.callback("stops"))
+        engine.submit(prompt, SamplingParams(max_new_tokens=20, temperature=0.0), on_event=events.callback("runs"))
+        engine.submit(prompt, SamplingParams(max_new_tokens=0), on_event=events.callback("nothing"))
+        events.wait()
+    assert events.tokens["stops"] == greedy[: greedy.index(stop) + 1]  # the stop id itself is delivered
+    assert events.finish["stops"].finish_reason == "stop"
+    assert events.tokens["runs"] == greedy and events.finish["runs"].finish_reason == "length"
+    assert events.tokens["nothing"] == [] and events.finish["nothing"].finish_reason == "length"
+
+
+def test_cancelled_and_expired_requests_end_and_the_rest_go_on(generator):
+    events = Collector()
+    long = SamplingParams(max_new_tokens=2000, temperature=0.0)
+    with BatchEngine(generator, max_batch=2, max_queue=4) as engine:
+        cancelled = engine.submit([1, 2], long, on_event=events.callback("cancelled"))
+        engine.submit([1, 2], long, deadline=time.monotonic() + 0.3, on_event=events.callback("deadline"))
+        engine.submit([3], long, deadline=time.monotonic() - 1, on_event=events.callback("late"))  # waits, expired
+        engine.submit([4], SamplingParams(max_new_tokens=10, temperature=0.0), on_event=events.callback("short"))
+        time.sleep(0.2)
+        cancelled.cancel()
+        events.wait()
+        assert engine.stats()["active"] == 0 and engine.stats()["queued"] == 0
+    reasons = {name: e.finish_reason for name, e in events.finish.items()}
+    assert reasons == {"cancelled": "cancelled", "deadline": "timeout", "late": "timeout", "short": "length"}
+    assert 0 < len(events.tokens["cancelled"]) < 2000 and events.tokens["late"] == []
+    assert len(events.tokens["short"]) == 10
+
+
+def test_the_queue_is_bounded_and_a_stopped_engine_refuses_work(generator):
+    engine = BatchEngine(generator, max_batch=1, max_queue=2)
+    with pytest.raises(EngineStopped):
+        engine.submit([1], SamplingParams(), on_event=lambda e: None)
+    events = Collector()
+    long = SamplingParams(max_new_tokens=5000, temperature=0.0)
+    with engine:
+        engine.submit([1], long, on_event=events.callback("running"))
+        deadline = time.monotonic() + 10
+        while engine.stats()["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.submit([1], long, on_event=events.callback("queued 1"))
+        engine.submit([1], long, on_event=events.callback("queued 2"))
+        with pytest.raises(EngineFull, match="2 requests are waiting"):
+            engine.submit([1], long, on_event=lambda e: None)
+        with pytest.raises(ValueError, match="prompt_ids"):
+            engine.submit([generator.vocab_size], long, on_event=lambda e: None)
+    events.wait(10)  # stopping the engine ends what was running or waiting
+    assert {e.finish_reason for e in events.finish.values()} == {"cancelled"}
+
+
+def test_a_failing_decoder_call_fails_its_requests_and_the_engine_goes_on(generator, monkeypatch):
+    real_forward = generator.forward
+    failures = iter([True])
+
+    def flaky(*args, **kwargs):
+        if kwargs.get("past_mask") is not None and next(failures, False):
+            raise RuntimeError("the decoder broke")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "forward", flaky)
+    events = Collector()
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    with BatchEngine(generator, max_batch=2) as engine:
+        engine.submit([1, 2, 3], params, on_event=events.callback("first"))
+        events.wait()
+        engine.submit([1, 2, 3], params, on_event=events.callback("second"))
+        events.wait()
+    assert events.finish["first"].finish_reason == "error"
+    assert events.finish["first"].error == "RuntimeError: the decoder broke"
+    assert events.finish["second"].finish_reason == "length" and len(events.tokens["second"]) == 5
+
+
+def test_the_batch_cache_shrinks_back_when_rows_leave(generator):
+    """Memory stays flat: a long row's cache columns are cut off once only short rows remain."""
+    from llm.inference.batching import _Batch, _Row
+
+    batch = _Batch(generator)
+    for length in (20, 3):
+        window = list(range(1, length + 2))
+        _, cache = generator.forward(np.array([window[:-1]]))
+        batch.joiners.append((_Row(None, None, window), cache))
+    batch.join()
+    assert batch.mask.shape == (2, 20) and batch.mask.sum(axis=1).tolist() == [20, 3]
+    batch.step()
+    assert batch.cache[0].shape[2] == 21
+    batch.keep([False, True])
+    assert batch.mask.shape == (1, 4) and batch.mask.all() and batch.cache[0].shape == (1, 2, 4, 16)
+
+
+def test_the_engine_and_its_callers_need_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import llm.inference.batching; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
