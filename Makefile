@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_ARG) torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[pipeline,onnx,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[pipeline,onnx,serve,dev]'
 	touch $@
 
 install: $(BIN)/.installed
