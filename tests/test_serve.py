@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -417,3 +418,36 @@ def test_serve_without_an_export_is_one_line_and_exit_1(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llm", "serve", "--model", str(tmp_path / "nothing")], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not an ONNX export folder" in proc.stderr
+
+
+# --- model URIs -------------------------------------------------------------------------------------------
+
+
+def test_registry_and_run_uris_resolve_to_the_attached_export(export, tmp_path, monkeypatch, empty_mlflow_db):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from llm.mlops.lookup import ONNX_TAG, RegistryError
+    from llm.serve import ServeError, default_model_name, resolve_export
+
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    client = MlflowClient()
+    experiment = client.create_experiment("serve", artifact_location=(tmp_path / "mlruns").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifacts(run_id, str(export), "onnx")
+    client.create_registered_model("gpt")
+    client.create_model_version("gpt", f"runs:/{run_id}/onnx", run_id=run_id, tags={ONNX_TAG: f"runs:/{run_id}/onnx"})
+    client.set_registered_model_alias("gpt", "production", "1")
+    expected = (export / "generation_config.json").read_text()
+    for uri in (f"runs:/{run_id}", "models:/gpt@production", "models:/gpt/1"):
+        assert (resolve_export(uri) / "generation_config.json").read_text() == expected, uri
+    assert default_model_name("models:/gpt@production") == "gpt@production"
+    with pytest.raises(ServeError, match="no alias 'staging'"):
+        resolve_export("models:/gpt@staging")
+    with pytest.raises(RegistryError, match="no ONNX export"):
+        from llm.mlops.lookup import resolve_onnx
+
+        resolve_onnx(f"runs:/{run_id}/elsewhere")
