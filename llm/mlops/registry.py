@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from datetime import UTC, datetime
