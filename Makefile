@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_ARG) torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[pipeline,onnx,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[pipeline,onnx,serve,dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -36,6 +36,7 @@ demo: install
 	@echo "Activate the environment first:  source $(VENV)/bin/activate"
 	@echo "  Chat with the Production model:  python -m llm.chat --model models:/gpt/Production"
 	@echo "  Generate text:                   llm generate --model models:/gpt/Production --prompt 'ROMEO.'"
+	@echo "  Serve the OpenAI API (ONNX):     llm serve --model models:/gpt/Production   # http://127.0.0.1:8000/v1"
 	@echo "  Compare runs, see the registry:  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
 	@echo "  Prefect server: URL, stop it:    python -m flows server status;  python -m flows server stop"
 	@echo "  Serve the flows as deployments:  export PREFECT_API_URL=\$$(python -m flows server start); python -m flows.serve"

@@ -24,6 +24,7 @@ from llm.config import (
     ModelConfig,
     ParamsError,
     PretrainParams,
+    ServeLimits,
     TokenizerParams,
     apply_overrides,
     load_params,
@@ -52,6 +53,7 @@ app.add_typer(export_app, name="export")
 
 LAYOUT = Layout()  # the default paths: params/, data/ and artifacts/<stage> under the working directory
 _DEFAULT_LIMITS = FetchLimits()
+_SERVE_LIMITS = ServeLimits()
 Sets = Annotated[list[str] | None, typer.Option(
     "--set", help="override a params key: --set key=value, --set chat_data.max_turns=3 (repeatable)")]
 # 0 or a negative step would silently train to max_steps or nothing: refused here, and again by the stages
@@ -268,6 +270,51 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(str(LAYOUT.artifact("onnx")),
+                              help="ONNX export folder, or models:/gpt/Production, models:/gpt@production, "
+                                   "models:/gpt/3, runs:/<run id> (its onnx folder)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0: every interface; set an API key)"),
+    port: int = typer.Option(8000, min=0, max=65535),
+    fp32: bool = typer.Option(False, "--fp32", help="run model.onnx even when the export has an int8 model"),
+    api_key: str | None = typer.Option(None, envvar="LLM_API_KEY", show_default=False,
+                                       help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY)"),
+    model_name: str | None = typer.Option(None, help="the model id clients send (default: from --model, e.g. "
+                                                     "gpt/Production)"),
+    threads: int | None = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: one per core)"),
+    max_request_bytes: str | None = typer.Option(
+        None, show_default=_SERVE_LIMITS.max_request_bytes.human_readable(),
+        help="refuse larger request bodies with 413 (units: 1MiB, 64KB)"),
+    max_prompt_tokens: int | None = typer.Option(None, min=1, show_default=str(_SERVE_LIMITS.max_prompt_tokens),
+                                                 help="refuse longer prompts with 400"),
+    max_tokens: int | None = typer.Option(None, min=1, show_default=str(_SERVE_LIMITS.max_tokens),
+                                          help="refuse requests asking for more new tokens with 400"),
+    default_max_tokens: int | None = typer.Option(None, min=1, show_default=str(_SERVE_LIMITS.default_max_tokens),
+                                                  help="max_tokens of a request that does not say"),
+    max_batch: int | None = typer.Option(None, min=1, show_default=str(_SERVE_LIMITS.max_batch),
+                                         help="requests decoded together"),
+    max_queue: int | None = typer.Option(None, min=1, show_default=str(_SERVE_LIMITS.max_queue),
+                                         help="requests waiting for the batch; beyond it 429"),
+    timeout: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.request_timeout_s:g}",
+                                         help="seconds a request may take, queueing included; beyond it 504"),
+) -> None:
+    """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
+    ONNX Runtime, without PyTorch."""
+    given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
+             "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
+             "request_timeout_s": timeout}
+    limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
+    from llm.serve import ServeError, run_server
+
+    try:
+        run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
+                   limits=limits)
+    except ServeError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

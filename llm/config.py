@@ -309,6 +309,28 @@ class FetchLimits(StrictModel):
     timeout_s: float = Field(3600.0, gt=0, description="deadline for a whole URL fetch, retries included")
 
 
+class ServeLimits(StrictModel):
+    """What ``llm serve`` accepts and how much work it queues (options of ``llm serve``, like FetchLimits).
+
+    A request past a limit is refused with the HTTP status that says why (413 for its size, 400 for its
+    tokens, 429 when the queue is full, 504 past the timeout) before any work is spent on it.
+    """
+
+    max_request_bytes: ByteSize = Field(ByteSize(1 << 20), gt=0, description="bytes of a request body")
+    max_prompt_tokens: int = Field(4096, gt=0, description="tokens of a prompt (the chat template included)")
+    max_tokens: int = Field(1024, gt=0, description="the largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(128, gt=0, description="max_tokens of a request that does not say")
+    max_batch: int = Field(8, gt=0, description="requests decoded together")
+    max_queue: int = Field(64, gt=0, description="requests waiting for a place in the batch")
+    request_timeout_s: float = Field(60.0, gt=0, description="deadline of a request, queueing included")
+
+    @model_validator(mode="after")
+    def _check_default(self) -> ServeLimits:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} > max_tokens={self.max_tokens}")
+        return self
+
+
 class ChatDataParams(StrictModel):
     """How chat conversations are derived from the plays, or split when supplied (``chat_data`` in
     ``params/finetune.yaml``)."""

@@ -18,8 +18,9 @@ before it is carried out, and deciding on the same candidate again returns that 
 promotion that was interrupted) instead of comparing anew. Registration tries again with backoff while the
 store does not answer, then raises RegistrationError saying how to register the finished checkpoint later.
 
-``resolve_model`` downloads a version's checkpoint into a cache, ``$LLM_CACHE_DIR/models`` (default
-``$XDG_CACHE_HOME/llm/models``, i.e. ``~/.cache/llm/models``): ``<name>/<version>-<id>/`` for registry
+Finding versions and resolving ONNX exports (``resolve_onnx``, re-exported here) need no torch and live in
+``llm.mlops.lookup``. ``resolve_model`` downloads a version's checkpoint into a cache, ``$LLM_CACHE_DIR/models``
+(default ``$XDG_CACHE_HOME/llm/models``, i.e. ``~/.cache/llm/models``): ``<name>/<version>-<id>/`` for registry
 versions and ``runs/<run id>/<path>/`` for run models, where ``<id>`` is a short hash of the storage
 location, so two databases that both hold a "gpt version 1" never share a cache entry.
 """
@@ -30,10 +31,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
-import warnings
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -45,17 +44,28 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 
 from llm.io import atomic_write_json, replace_folder, temporary_folder_beside
+from llm.mlops.lookup import (
+    MODEL_NAME,
+    ONNX_ARTIFACT,
+    ONNX_TAG,
+    RegistryError,
+    all_versions,
+    cache_root,
+    find_version,
+    not_found,
+    registry_client,
+    registry_location,
+    without_stage_warning,
+)
+from llm.mlops.lookup import resolve_onnx as resolve_onnx  # its home was here: existing callers import it from here
 from llm.mlops.tracking import (
     LINEAGE_KEYS,
     configure_mlflow,
-    registry_uri,
     retry_unavailable,
     set_uris,
-    sqlite_path,
     store_unavailable,
     tracking_uri,
 )
@@ -63,29 +73,17 @@ from llm.model.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, WEIGHTS_FILE, v
 
 log = logging.getLogger(__name__)
 
-# downloads of a few small files need no progress bars on the terminal (they garble the chat's output)
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-MODEL_NAME = "gpt"
 PRODUCTION_STAGE = "Production"
 PRODUCTION_ALIAS = "production"
 CHECKPOINT_ARTIFACT = "checkpoint"
-ONNX_ARTIFACT = "onnx"  # the export's folder among the artifacts of the run that registered the version
-ONNX_TAG = "onnx.artifact_uri"  # the version tag that names it
 SERVING_FILE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parents[1]  # the whole llm package, logged as code
-STAGES = ("None", "Staging", "Production", "Archived")
 # what the serving code imports; pinned to the versions installed where the model was logged
 SERVING_REQUIREMENTS = ("torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas")
-FIRST_STEP_HINT = "run `dvc repro` or `llm pretrain` first"
 WEIGHTS_SHA_TAG = "checkpoint.weights_sha256"  # what makes two registrations the same checkpoint
 DECISION_TAG = "promotion.decision"  # the JSON of compare_and_promote's decision on this candidate
 REGISTER_ATTEMPTS = 5  # tries while the store does not answer, waiting 2, 4, 8, 16 s between them
 REGISTER_FIRST_DELAY_S = 2.0
-
-
-class RegistryError(ValueError):
-    """A model, version, run or tracking database cannot be found; the message says what to run."""
 
 
 class RegistrationError(RegistryError):
@@ -94,32 +92,6 @@ class RegistrationError(RegistryError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _not_found(err: MlflowException) -> bool:
-    return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
-
-
-def _where() -> str:
-    return f"the registry at {registry_uri()}"
-
-
-def _client(*, must_exist: bool = True) -> MlflowClient | None:
-    """A client on the configured stores. A missing SQLite database is a RegistryError (``must_exist``)
-    or None, never a new empty database."""
-    for uri in {tracking_uri(), registry_uri()}:
-        db = sqlite_path(uri)
-        if db is not None and not db.is_file():
-            if not must_exist:
-                return None
-            raise RegistryError(f"no MLflow tracking database at {db} ({uri}); {FIRST_STEP_HINT}")
-    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=registry_uri())
-
-
-def _without_stage_warning(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # registry stages: deprecated, still supported
-        return fn(*args, **kwargs)
 
 
 def _tag_value(value: Any) -> str:
@@ -185,7 +157,7 @@ def checkpoint_weights_sha256(checkpoint_dir: str | Path) -> str:
 
 
 def _version_holding(client: MlflowClient, weights_sha256: str) -> ModelVersion | None:
-    holding = [v for v in _all_versions(client, MODEL_NAME) if v.tags.get(WEIGHTS_SHA_TAG) == weights_sha256]
+    holding = [v for v in all_versions(client, MODEL_NAME) if v.tags.get(WEIGHTS_SHA_TAG) == weights_sha256]
     return min(holding, key=lambda v: int(v.version)) if holding else None
 
 
@@ -219,7 +191,7 @@ def register_checkpoint(
 
     def register_once() -> str:
         configure_mlflow()
-        client = _client()
+        client = registry_client()
         found = _version_holding(client, weights_sha256)
         if found is not None:
             log.info("%s is already registered as %s version %s: reusing it", checkpoint_dir, MODEL_NAME,
@@ -229,7 +201,7 @@ def register_checkpoint(
         try:
             run = client.get_run(run_id)
         except MlflowException as err:
-            if not _not_found(err):
+            if not not_found(err):
                 raise
             raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()} to register "
                                 f"{checkpoint_dir} under (`llm register --run-id` names another)") from None
@@ -261,7 +233,7 @@ def register_checkpoint(
         waited = first_delay_s * (2 ** (attempts - 1) - 1)
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise RegistrationError(
-            f"could not register {checkpoint_dir} as a version of {MODEL_NAME}: {_where()} did not answer "
+            f"could not register {checkpoint_dir} as a version of {MODEL_NAME}: {registry_location()} did not answer "
             f"in {attempts} tries over {waited:.0f} s ({reason}). The checkpoint is complete (step "
             f"{config.get('step', '?')}); once the store is back, register it with "
             f"`llm register --model {checkpoint_dir}` (it reuses run {run_id} from registration.json)"
@@ -295,63 +267,13 @@ def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
     ``run_id`` (the run that registered it), named by the version's tag ``onnx.artifact_uri``, which
     ``resolve_onnx`` reads. Raises RegistryError for a missing database or version."""
     configure_mlflow()
-    client = _client()
-    _find_version(client, MODEL_NAME, str(version), alias=False)
+    client = registry_client()
+    find_version(client, MODEL_NAME, str(version), alias=False)
     client.log_artifacts(run_id, str(onnx_dir), ONNX_ARTIFACT)
     client.set_model_version_tag(MODEL_NAME, str(version), ONNX_TAG, f"runs:/{run_id}/{ONNX_ARTIFACT}")
 
 
 # ---------------------------------------------------------------------------------------------- resolve
-
-
-def _cache_root() -> Path:
-    if os.environ.get("LLM_CACHE_DIR"):
-        return Path(os.environ["LLM_CACHE_DIR"]) / "models"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llm" / "models"
-
-
-def _find_version(client: MlflowClient, name: str, ref: str, *, alias: bool) -> ModelVersion:
-    """The version that ``models:/<name>/<ref>`` or ``models:/<name>@<ref>`` names."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException as err:
-        if _not_found(err):
-            raise RegistryError(f"no model '{name}' in {_where()}; {FIRST_STEP_HINT}") from None
-        raise
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, ref)
-        if ref.isdigit():
-            return client.get_model_version(name, ref)
-    except MlflowException as err:
-        if not _not_found(err) and "not found" not in str(err).lower():
-            raise
-        if alias:
-            hint = "run `dvc repro` (the evaluate stage promotes) or `llm evaluate`"
-            raise RegistryError(f"model '{name}' has no alias '{ref}' in {_where()}; {hint}") from None
-        known = ", ".join(str(v) for v in sorted(int(v.version) for v in _all_versions(client, name))) or "none"
-        raise RegistryError(f"model '{name}' has no version {ref} in {_where()} (versions: {known})") from None
-    if ref.lower() == "latest":
-        versions = _all_versions(client, name)
-        if not versions:
-            raise RegistryError(f"model '{name}' has no versions in {_where()}; {FIRST_STEP_HINT}")
-        return max(versions, key=lambda v: int(v.version))
-    stage = next((s for s in STAGES if s.lower() == ref.lower()), None)
-    if stage is None:
-        raise RegistryError(
-            f"models:/{name}/{ref}: '{ref}' is not a version number, 'latest' or a stage ({', '.join(STAGES)}); "
-            f"for an alias write models:/{name}@{ref}"
-        )
-    found = _without_stage_warning(client.get_latest_versions, name, stages=[stage])
-    if not found:
-        hint = "run `dvc repro` (the evaluate stage promotes) or `llm evaluate`"
-        raise RegistryError(f"model '{name}' has no version in stage {stage} in {_where()}; {hint}")
-    return found[0]
-
-
-def _all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
-    return list(client.search_model_versions(f"name='{name}'"))
 
 
 def _checkpoint_subpath(model_root: str) -> str:
@@ -386,7 +308,7 @@ def _download_checkpoint(model_root: str, target: Path) -> Path:
 
 def _place(model_root: str, cache_key: Path, dst: Path | None) -> Path:
     if dst is None:
-        target = _cache_root() / cache_key
+        target = cache_root() / cache_key
         if (target / MANIFEST_FILE).is_file():  # versions never change: a complete copy is reusable
             return target
         return _download_checkpoint(model_root, target)
@@ -401,7 +323,7 @@ def _run_model_root(client: MlflowClient, run_id: str, path: str) -> str:
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        if _not_found(err):
+        if not_found(err):
             raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()}") from None
         raise
     models = [client.get_logged_model(o.model_id) for o in (run.outputs.model_outputs if run.outputs else []) or []]
@@ -433,7 +355,7 @@ def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
             raise RegistryError(f"{path}: no such checkpoint folder, and not a models:/ or runs:/ URI")
         return path
     set_uris()
-    client = _client()
+    client = registry_client()
     if text.startswith("runs:/"):
         run_id, _, path = text.removeprefix("runs:/").strip("/").partition("/")
         if not run_id or not path:
@@ -449,45 +371,15 @@ def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
         return _place(root, Path("logged") / ref, dst)
     if "@" in ref:
         name, alias_name = ref.split("@", 1)
-        version = _find_version(client, name, alias_name, alias=True)
+        version = find_version(client, name, alias_name, alias=True)
     elif "/" in ref:
         name, selector = ref.split("/", 1)
-        version = _find_version(client, name, selector, alias=False)
+        version = find_version(client, name, selector, alias=False)
     else:
         raise RegistryError(f"{text}: expected models:/<name>/<version|stage|latest> or models:/<name>@<alias>")
     root = client.get_model_version_download_uri(version.name, version.version)
     key = hashlib.sha256(root.encode()).hexdigest()[:12]
     return _place(root, Path(version.name) / f"{version.version}-{key}", dst)
-
-
-def resolve_onnx(uri: str) -> Path:
-    """The ONNX export attached to a registered version (its tag ``onnx.artifact_uri``, set by
-    ``attach_onnx_export``), downloaded into the cache. ``uri`` is ``models:/gpt/<version|stage>`` or
-    ``models:/gpt@<alias>``.
-
-    Raises RegistryError (one line) when the version is missing or carries no export.
-    """
-    import mlflow.artifacts
-
-    ref = str(uri).removeprefix("models:/").strip("/")
-    if not str(uri).startswith("models:/") or ("@" not in ref and "/" not in ref):
-        raise RegistryError(f"{uri}: expected models:/<name>/<version|stage> or models:/<name>@<alias>")
-    set_uris()
-    client = _client()
-    name, sep, selector = ref.partition("@") if "@" in ref else ref.partition("/")
-    found = _find_version(client, name, selector, alias=sep == "@")
-    version = client.get_model_version(found.name, str(found.version))  # stage look-ups come without tags
-    artifact = version.tags.get(ONNX_TAG)
-    if not artifact:
-        raise RegistryError(f"{uri}: version {version.version} carries no ONNX export; run the export stage "
-                            "(`dvc repro` or `llm export onnx`)")
-    key = hashlib.sha256(artifact.encode()).hexdigest()[:12]
-    target = _cache_root() / version.name / f"{version.version}-onnx-{key}"
-    if not (target / "generation_config.json").is_file():
-        with temporary_folder_beside(target) as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=str(tmp))
-            replace_folder(local, target)
-    return target
 
 
 # ---------------------------------------------------------------------------------------------- promote
@@ -497,16 +389,16 @@ def production_version() -> ModelVersion | None:
     """The version that alias ``production`` (else stage ``Production``) names; None if there is none,
     or no model ``gpt``, or no tracking database yet. Compare ``str(v.version)``: a SQL store gives
     ints, a tracking server strings."""
-    client = _client(must_exist=False)
+    client = registry_client(must_exist=False)
     if client is None:
         return None
     try:
         found = [client.get_model_version_by_alias(MODEL_NAME, PRODUCTION_ALIAS)]
     except MlflowException:
         try:
-            found = _without_stage_warning(client.get_latest_versions, MODEL_NAME, stages=[PRODUCTION_STAGE])
+            found = without_stage_warning(client.get_latest_versions, MODEL_NAME, stages=[PRODUCTION_STAGE])
         except MlflowException as err:
-            if _not_found(err):
+            if not_found(err):
                 return None
             raise
     return found[0] if found else None
@@ -520,13 +412,13 @@ def promote(version: str, *, reason: str, scores: dict[str, float]) -> None:
     Raises RegistryError for a missing database, model or version.
     """
     set_uris()
-    client = _client()
+    client = registry_client()
     version = str(version)
-    _find_version(client, MODEL_NAME, version, alias=False)
+    find_version(client, MODEL_NAME, version, alias=False)
     previous = production_version()
     if previous is not None and str(previous.version) == version:
         previous = None  # promoted again: nothing is replaced
-    _without_stage_warning(
+    without_stage_warning(
         client.transition_model_version_stage, MODEL_NAME, version, PRODUCTION_STAGE, archive_existing_versions=True
     )
     client.set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version)
@@ -576,8 +468,8 @@ def decide(
 def recorded_decision(candidate_version: str) -> dict | None:
     """The promotion decision already taken on ``candidate_version`` of ``gpt`` (what ``compare_and_promote``
     returned then), or None when it was never decided. Raises RegistryError for a missing version."""
-    client = _client()
-    _find_version(client, MODEL_NAME, str(candidate_version), alias=False)  # RegistryError if it is not there
+    client = registry_client()
+    find_version(client, MODEL_NAME, str(candidate_version), alias=False)  # RegistryError if it is not there
     return _recorded_decision(client.get_model_version(MODEL_NAME, str(candidate_version)))
 
 
@@ -633,8 +525,8 @@ def compare_and_promote(
     Raises RegistryError for a missing version.
     """
     candidate_version = str(candidate_version)
-    client = _client()
-    found = _find_version(client, MODEL_NAME, candidate_version, alias=False)  # RegistryError if it is not there
+    client = registry_client()
+    found = find_version(client, MODEL_NAME, candidate_version, alias=False)  # RegistryError if it is not there
     decided = _recorded_decision(client.get_model_version(MODEL_NAME, str(found.version)))
     if decided is not None:
         _finish_interrupted_promotion(client, decided)

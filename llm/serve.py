@@ -1,0 +1,451 @@
+"""``llm serve``: an OpenAI-compatible HTTP server over ONNX Runtime, without PyTorch.
+
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (whole answers or server-sent events),
+``GET /v1/models``, and ``GET /health`` (open even with an API key). The request bodies and their checks
+are in ``llm.inference.openai_api``; the decoding is a ``BatchEngine``, whose worker thread decodes every
+request in flight together. Each request hands its events from that thread to the event loop
+(``loop.call_soon_threadsafe``) through an ``asyncio.Queue`` of its own; the server detokenizes them
+(control tokens are never shown) and cuts the text at a stop string.
+
+What a request may cost is bounded by ``ServeLimits``, checked as early as each can be: the body's bytes
+before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens after (400), the queue
+(429), a deadline for the whole request (504). A client that goes away cancels its request. Every error,
+the unexpected ones included, is answered in OpenAI's shape without a traceback or an echo of the input.
+
+``run_server`` is what ``llm serve`` calls: it resolves the model URI (an export folder, ``models:/...`` or
+``runs:/...`` through ``llm.mlops.lookup``), loads the int8 model when the export has one, and runs uvicorn.
+An import-linter contract checks that none of this imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from llm.config import ServeLimits
+from llm.data.chat_template import encode_chat, generation_stop_ids
+from llm.inference import openai_api as api
+from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
+from llm.inference.onnx_runtime import CONFIG_FILE, OnnxGenerator, read_generation_config
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a request waiting for its next token checks that its client is still there
+DEADLINE_GRACE_S = 1.0  # the engine ends a late request itself; past this the server gives up on it too
+
+
+class ServeError(Exception):
+    """The server cannot start (no such model, no export); the message is the one line shown."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection: its request is cancelled and nobody reads the answer."""
+
+
+@dataclass
+class Served:
+    """What every request needs: the engine, the model's tokenizer and name, the limits, the API key."""
+
+    engine: BatchEngine
+    model_name: str
+    limits: ServeLimits
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.engine.generator.tokenizer
+        self.context_length = self.engine.generator.context_length
+        self.stop_ids = generation_stop_ids(self.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------- one request
+
+
+class Generation:
+    """One request in the engine, seen from the event loop: ``pieces()`` yields its text as it decodes.
+
+    Submitting raises APIError 429 when the queue is full and 503 when the engine is not running.
+    ``pieces()`` raises APIError 504 past the deadline, 503 when the engine stopped it, 500 when decoding
+    failed, ClientGone when the client left; however it ends, the job is cancelled (a no-op when done).
+    """
+
+    def __init__(self, served: Served, request: Request, prompt_ids: list[int], params, stops: list[str]):
+        self.served, self.request, self.prompt_ids, self.params = served, request, prompt_ids, params
+        self.stops = api.StopStrings(stops)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.deadline = time.monotonic() + served.limits.request_timeout_s
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_event(event: Event) -> None:  # on the engine's worker thread
+            loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        try:
+            self.job = served.engine.submit(prompt_ids, params, on_event=on_event, deadline=self.deadline)
+        except EngineFull:
+            raise api.APIError(429, "the server is busy: too many requests are waiting; retry later",
+                               type="rate_limit_error", code="queue_full") from None
+        except EngineStopped:
+            raise _unavailable() from None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        decoder = self.served.tokenizer.stream_decoder(skip_special=True)
+        try:
+            while True:
+                event = await self._next_event()
+                if event.token_id is not None:
+                    self.completion_tokens += 1
+                    text = self.stops.feed(decoder.feed(event.token_id))
+                    if text:
+                        yield text
+                    if self.stops.stopped:
+                        self.finish_reason = "stop"
+                        return
+                    continue
+                if event.finish_reason not in ("stop", "length"):
+                    raise _engine_failure(event)
+                tail = self.stops.feed(decoder.finish())
+                tail += self.stops.finish()
+                if tail:
+                    yield tail
+                self.finish_reason = "stop" if self.stops.stopped else event.finish_reason
+                return
+        finally:
+            self.job.cancel()
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
+
+    def usage(self) -> dict[str, int]:
+        return api.usage(len(self.prompt_ids), self.completion_tokens)
+
+    async def _next_event(self) -> Event:
+        while True:
+            left = self.deadline + DEADLINE_GRACE_S - time.monotonic()
+            if left <= 0:
+                raise _timeout()
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=min(POLL_S, left))
+            except TimeoutError:
+                if await self.request.is_disconnected():
+                    raise ClientGone() from None
+
+
+def _unavailable() -> api.APIError:
+    return api.APIError(503, "the engine is not running", type="server_error", code="engine_unavailable")
+
+
+def _timeout() -> api.APIError:
+    return api.APIError(504, "the request did not finish before its deadline", type="timeout",
+                        code="request_timeout")
+
+
+def _engine_failure(event: Event) -> api.APIError:
+    if event.finish_reason == "timeout":
+        return _timeout()
+    if event.finish_reason == "cancelled":
+        return _unavailable()
+    log.error("generation failed: %s", event.error)
+    return api.APIError(500, "generation failed", type="server_error", code="generation_failed")
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body as JSON, refused with 413 past ``max_bytes`` (by its Content-Length, and by counting
+    while reading, before anything is parsed) and with 400 when it is not JSON."""
+    too_large = api.APIError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_bytes):
+        raise too_large if length.isdigit() else api.invalid("invalid Content-Length header")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise api.invalid("the request body is not valid JSON", code="invalid_json") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; JSON has neither
+
+
+async def _parse(request: Request, served: Served, kind: type[api.Request]) -> api.Request:
+    body = api.parse_request(kind, await read_json(request, int(served.limits.max_request_bytes)))
+    if body.model != served.model_name:
+        raise api.APIError(404, f"model: unknown model; this server serves '{served.model_name}'", param="model",
+                           code="model_not_found")
+    return body
+
+
+def _sampling(served: Served, body: api.Request):
+    return api.sampling_params(body, default_max_tokens=served.limits.default_max_tokens,
+                               max_tokens=served.limits.max_tokens, stop_ids=served.stop_ids)
+
+
+def _check_prompt_length(served: Served, ids: list[int], param: str) -> list[int]:
+    limit = min(served.limits.max_prompt_tokens, served.context_length)
+    if len(ids) > limit:
+        raise api.invalid(f"{param}: the prompt is {len(ids)} tokens; at most {limit} fit", param,
+                          "context_length_exceeded")
+    return ids
+
+
+async def chat_completions(request: Request) -> Any:
+    served: Served = request.app.state.served
+    body = await _parse(request, served, api.ChatCompletionRequest)
+    params = _sampling(served, body)
+    messages = [m.template_message() for m in body.messages]
+    ids = _check_prompt_length(served, encode_chat(served.tokenizer, messages, add_generation_prompt=True),
+                               "messages")
+    generation = Generation(served, request, ids, params, body.stop_strings())
+    head = _head("chatcmpl", served)
+    if body.stream:
+        return _event_stream(_chat_chunks(generation, head, body.include_usage()), generation)
+    text = await generation.text()
+    return api.chat_completion(head, text, generation.finish_reason, generation.usage())
+
+
+async def completions(request: Request) -> Any:
+    served: Served = request.app.state.served
+    body = await _parse(request, served, api.CompletionRequest)
+    params = _sampling(served, body)
+    ids = _check_prompt_length(served, [served.tokenizer.bos_id, *served.tokenizer.encode(body.prompt)], "prompt")
+    generation = Generation(served, request, ids, params, body.stop_strings())
+    head = _head("cmpl", served)
+    if body.stream:
+        return _event_stream(_completion_chunks(generation, head, body.include_usage()), generation)
+    text = await generation.text()
+    return api.completion(head, text, generation.finish_reason, generation.usage())
+
+
+def _head(prefix: str, served: Served) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.model_name,
+            "system_fingerprint": None}
+
+
+async def _chat_chunks(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[dict]:
+    extra = {"usage": None} if include_usage else {}
+    yield {**api.chat_chunk(head, {"role": "assistant", "content": ""}), **extra}
+    async for piece in generation.pieces():
+        yield {**api.chat_chunk(head, {"content": piece}), **extra}
+    yield {**api.chat_chunk(head, {}, generation.finish_reason), **extra}
+    if include_usage:
+        yield api.usage_chunk(head, "chat.completion.chunk", generation.usage())
+
+
+async def _completion_chunks(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[dict]:
+    extra = {"usage": None} if include_usage else {}
+    async for piece in generation.pieces():
+        yield {**api.completion(head, piece, None), **extra}
+    yield {**api.completion(head, "", generation.finish_reason), **extra}
+    if include_usage:
+        yield api.usage_chunk(head, "text_completion", generation.usage())
+
+
+class _EventStream(StreamingResponse):
+    """A streamed response that cancels its request however it ends: even a client gone before the first
+    chunk, when the chunks' generator never started and so never runs its own cleanup."""
+
+    def __init__(self, content: AsyncIterator[str], generation: Generation):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.job.cancel()
+
+
+def _event_stream(chunks: AsyncIterator[dict], generation: Generation) -> StreamingResponse:
+    """Server-sent events: one ``data: {json}`` per chunk, then ``data: [DONE]``. An error after the stream
+    began is sent as a last ``data: {"error": ...}`` event, and the stream closes without ``[DONE]``."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+            yield "data: [DONE]\n\n"
+        except api.APIError as err:
+            yield _sse(err.body())
+        except ClientGone:
+            return
+        except Exception:  # noqa: BLE001 - the client gets one line, the log the traceback
+            log.exception("streaming a response failed")
+            yield _sse(_internal_error().body())
+
+    return _EventStream(events(), generation)
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def list_models(request: Request) -> dict[str, Any]:
+    served: Served = request.app.state.served
+    return {"object": "list", "data": [_model_card(served)]}
+
+
+async def get_model(request: Request, model: str) -> dict[str, Any]:
+    served: Served = request.app.state.served
+    if model != served.model_name:
+        raise api.APIError(404, "unknown model", param="model", code="model_not_found")
+    return _model_card(served)
+
+
+def _model_card(served: Served) -> dict[str, Any]:
+    return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "llm"}
+
+
+async def health(request: Request) -> JSONResponse:
+    served: Served = request.app.state.served
+    running = served.engine.running
+    body = {"status": "ok" if running else "unavailable", "model": served.model_name, "engine": served.engine.stats()}
+    return JSONResponse(body, status_code=200 if running else 503)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def _authorize(request: Request) -> None:
+    """Checks ``Authorization: Bearer <key>`` when the server has a key (in constant time)."""
+    key = request.app.state.served.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise api.APIError(401, "invalid or missing API key: send Authorization: Bearer <key>",
+                           type="authentication_error", code="invalid_api_key")
+
+
+def _internal_error() -> api.APIError:
+    return api.APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+def _error_handlers() -> dict[Any, Callable]:
+    """Every error in OpenAI's shape: ours, FastAPI's (unknown route, wrong method), and anything else as a
+    bare 500 (the traceback goes to the log only)."""
+
+    def reply(err: api.APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def on_api_error(request: Request, err: api.APIError) -> JSONResponse:
+        return reply(err)
+
+    async def on_http_error(request: Request, err: HTTPException) -> JSONResponse:
+        message = "unknown route" if err.status_code == 404 else "method not allowed" if err.status_code == 405 \
+            else "request refused"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return reply(api.APIError(err.status_code, message, code=code))
+
+    async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return reply(api.invalid("invalid request"))
+
+    async def on_client_gone(request: Request, err: ClientGone) -> JSONResponse:
+        return reply(api.APIError(499, "client closed the request", code="client_closed"))
+
+    async def on_anything(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return reply(_internal_error())
+
+    return {api.APIError: on_api_error, HTTPException: on_http_error, RequestValidationError: on_validation_error,
+            ClientGone: on_client_gone, Exception: on_anything}
+
+
+def create_app(served: Served) -> FastAPI:
+    """The FastAPI app serving ``served``; it starts the engine on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served.engine.start()
+        try:
+            yield
+        finally:
+            served.engine.stop()
+
+    app = FastAPI(title="llm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
+                  exception_handlers=_error_handlers())
+    app.state.served = served
+    guarded = [Depends(_authorize)]
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=guarded)
+    app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"], dependencies=guarded)
+    app.add_api_route("/health", health, methods=["GET"])
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- llm serve
+
+
+def resolve_export(uri: str) -> Path:
+    """The local ONNX export folder for ``uri``: a folder holding ``generation_config.json`` (or its ``onnx/``
+    subfolder), or a ``models:/``/``runs:/`` URI downloaded through ``llm.mlops.lookup``. Raises ServeError."""
+    if uri.startswith(("models:/", "runs:/")):
+        try:
+            from llm.mlops.lookup import RegistryError, resolve_onnx
+        except ImportError as err:  # the registry needs mlflow, which a serving box may lack
+            raise ServeError(f"cannot resolve {uri}: the model registry is unavailable ({err}); install mlflow "
+                             "or pass --model with an ONNX export folder") from None
+        try:
+            return resolve_onnx(uri)
+        except RegistryError as err:
+            raise ServeError(f"cannot resolve {uri}: {err}") from None
+    for folder in (Path(uri), Path(uri) / "onnx"):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    raise ServeError(f"{uri}: not an ONNX export folder (no {CONFIG_FILE}); export one with `llm export onnx` "
+                     "(or `dvc repro`), or pass a models:/ or runs:/ URI")
+
+
+def default_model_name(uri: str) -> str:
+    """The model id clients name: ``gpt/Production`` for ``models:/gpt/Production``, the run id for
+    ``runs:/<run id>``, the folder's name for a folder."""
+    if uri.startswith(("models:/", "runs:/")):
+        return uri.partition(":/")[2].strip("/")
+    return Path(uri).resolve().name
+
+
+def load_generator(export: Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
+    """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``."""
+    int8 = not fp32 and bool(read_generation_config(export).get("int8_model_file"))
+    return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads)
+
+
+def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,
+               api_key: str | None = None, model_name: str | None = None, threads: int | None = None,
+               limits: ServeLimits | None = None) -> None:
+    """Serve ``model`` (see ``resolve_export``) until interrupted. Raises ServeError when it cannot load."""
+    import uvicorn
+
+    limits = limits or ServeLimits()
+    try:
+        generator = load_generator(resolve_export(model), fp32=fp32, threads=threads)
+    except (FileNotFoundError, ValueError) as err:
+        raise ServeError(f"cannot load {model}: {err}") from None
+    engine = BatchEngine(generator, max_batch=limits.max_batch, max_queue=limits.max_queue)
+    served = Served(engine, model_name or default_model_name(model), limits, api_key or None)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+    print(f"serving {served.model_name} ({generator.model_path.name}) at {url}", flush=True)
+    key = '"<your key>"' if served.api_key else '"none"'
+    print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
+    uvicorn.run(create_app(served), host=host, port=port, log_level="info")
