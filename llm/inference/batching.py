@@ -180,6 +180,7 @@ class BatchEngine:
                 self._active = len(batch.rows)
                 if batch.rows:
                     self._decode_step(batch, fresh)
+                    self._active = len(batch.rows) + len(fresh)
         finally:
             for row in [*batch.rows, *fresh]:
                 _emit(row.job, Event(finish_reason="cancelled"))
