@@ -76,7 +76,9 @@ SERVING_FILE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parents[1]  # the whole llm package, logged as code
 STAGES = ("None", "Staging", "Production", "Archived")
 # what the serving code imports; pinned to the versions installed where the model was logged
-SERVING_REQUIREMENTS = ("torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas")
+SERVING_REQUIREMENTS = (
+    "onnxruntime", "torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas"
+)
 FIRST_STEP_HINT = "run `dvc repro` or `llm pretrain` first"
 WEIGHTS_SHA_TAG = "checkpoint.weights_sha256"  # what makes two registrations the same checkpoint
 DECISION_TAG = "promotion.decision"  # the JSON of compare_and_promote's decision on this candidate
