@@ -34,6 +34,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -274,7 +276,7 @@ def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
     """Log the checkpoint as a pyfunc model from code in run ``run_id``; returns MLflow's ModelInfo."""
     from mlflow.models import Model
 
-    with tempfile.TemporaryDirectory(prefix="llm-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="llm-register-") as tmp, _validated_with_torch():
         checkpoint, code = _stage_for_logging(checkpoint_dir, Path(tmp))
         # what mlflow.pyfunc.log_model does, plus run_id: the run need not be the active one
         return Model.log(
@@ -290,6 +292,21 @@ def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
             signature=_signature(),
             input_example=pd.DataFrame({"prompt": ["Once upon a time"], "max_new_tokens": [8], "seed": [0]}),
         )
+
+
+@contextmanager
+def _validated_with_torch() -> Iterator[None]:
+    """MLflow loads a model it logs to check its input example; the export is attached later, so that load
+    would look for one and warn that it serves with PyTorch. It uses PyTorch without looking (the served
+    model's ``LLM_SERVE_ENGINE``); a value the user set is kept."""
+    if os.environ.get("LLM_SERVE_ENGINE"):
+        yield
+        return
+    os.environ["LLM_SERVE_ENGINE"] = "torch"
+    try:
+        yield
+    finally:
+        os.environ.pop("LLM_SERVE_ENGINE", None)
 
 
 def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
