@@ -22,8 +22,8 @@ def pretrain(
     """Pretrain with ``params/pretrain.yaml`` and ``params/model.yaml`` (each with its overrides).
 
     With ``resume`` a checkpoint already in ``artifacts/pretrain`` is continued exactly when it is of the same
-    run (same data, tokenizer, code and params; another run starts over); ``until_step`` stops early, to be resumed later. Returns the final metrics, MLflow run id
-    and registered model version.
+    run (same data, tokenizer, code and params; another run starts over); ``until_step`` stops early, to be
+    resumed later. Returns the final metrics, MLflow run id and registered model version.
     """
     layout = Layout()
     params = read_params("pretrain", overrides)

@@ -20,7 +20,15 @@ from llm.config import ModelConfig
 from llm.data.chat_template import generation_stop_ids
 from llm.data.tokenizer import N_SPECIAL, ByteTokenizer, CharTokenizer
 from llm.inference.chat_session import ChatSession
-from llm.inference.decoding import SamplingParams, check_prompt, complete, decode, numpy_sampler, stream_text
+from llm.inference.decoding import (
+    SamplingParams,
+    check_prompt,
+    complete,
+    decode,
+    numpy_sampler,
+    sample_next_token,
+    stream_text,
+)
 from llm.inference.generate import TorchGenerator, generate
 from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT
@@ -152,6 +160,25 @@ def test_sampling_params_are_one_validated_model():
     with pytest.raises(ValidationError):
         SamplingParams(top_kk=3)  # a misspelt field is an error, not ignored
     assert SamplingParams(stop_ids=[1, 2]).stop_ids == (1, 2)
+
+
+def test_seeds_outside_int64_and_non_finite_temperatures_are_validation_errors():
+    for seed in (2**70, 2**63, -1):
+        with pytest.raises(ValidationError, match="seed"):
+            SamplingParams(seed=seed)
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+    numpy_sampler(SamplingParams(seed=2**63 - 1))(np.zeros(4))  # the largest seed still seeds numpy
+    for temperature in (float("nan"), float("inf")):
+        with pytest.raises(ValidationError, match="temperature"):
+            SamplingParams(temperature=temperature)
+
+
+def test_a_vanishing_temperature_is_greedy_instead_of_overflowing():
+    logits = np.array([[0.5, 3.0, -2.0, 2.9], [9.0, -1.0, 0.0, 8.5]], dtype=np.float32)
+    for temperature in (1e-40, 1e-320, 5e-7):
+        assert sample_next_token(logits, temperature, rng=np.random.default_rng(0)).tolist() == [1, 0]
+    sampler = numpy_sampler(SamplingParams(temperature=1e-40, seed=3))
+    assert [sampler(logits[0]) for _ in range(20)] == [1] * 20
 
 
 def test_stream_text_holds_back_split_characters_and_hides_the_stop_id():

@@ -177,3 +177,11 @@ def test_sampling_params_are_validated():
         SamplingParams(top_k=0)
     assert SamplingParams(stop_ids=[3, 4]).stop_ids == (3, 4)
     assert math.isclose(SamplingParams().temperature, 1.0)
+
+
+def test_a_vanishing_temperature_and_the_largest_seed_generate_greedily_without_overflow():
+    model = tiny_model()
+    logits = torch.tensor([[0.5, 3.0, -2.0, 2.9]])
+    assert sample_next_token(logits, temperature=1e-40).tolist() == [1]  # 3.0 / 1e-40 overflows float32
+    tiny = SamplingParams(max_new_tokens=8, temperature=1e-40, seed=2**63 - 1)
+    assert generate(model, PROMPT, tiny) == generate(model, PROMPT, greedy(8))

@@ -19,8 +19,11 @@ from llm.config import ModelConfig, TokenizerParams
 from llm.data.tokenizer import train_tokenizer
 from llm.mlops.registry import (
     MODEL_NAME,
+    ONNX_ARTIFACT,
+    ONNX_TAG,
     RegistrationError,
     RegistryError,
+    attach_onnx_export,
     checkpoint_weights_sha256,
     compare_and_promote,
     decide,
@@ -71,6 +74,32 @@ def registered(tmp_path_factory, empty_mlflow_db) -> dict:
             out["checkpoints"].append(ckpt)
             out["runs"].append(run.run_id)
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, empty_mlflow_db) -> dict:
+    """A database of its own holding version 1 of ``gpt`` with an ONNX export attached (fp32 and int8).
+    Attaching writes into the run's artifacts, which ``registered`` shares between its tests: hence a second one."""
+    from llm.inference.export import export_onnx
+
+    root = tmp_path_factory.mktemp("exported")
+    shutil.copy(empty_mlflow_db, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        _use_db(mp, root / "mlflow.db", root)
+        ckpt = tiny_checkpoint(root / "ckpt", seed=3, step=30)
+        with stage_run("finetune", {"seed": 3}) as run:
+            version = register_checkpoint(ckpt, run_id=run.run_id, tags={"llm.stage": "finetune"})
+        export_onnx(ckpt, root / "onnx", quantize=True, verify=False)  # parity is test_export's business
+        attach_onnx_export(version, run.run_id, root / "onnx")
+    return {"db": root / "mlflow.db", "root": root, "onnx": root / "onnx", "run": run.run_id, "version": version}
+
+
+@pytest.fixture
+def with_export(exported, tmp_path, monkeypatch) -> dict:
+    """``exported``, with a copy of its database of the test's own."""
+    shutil.copy(exported["db"], tmp_path / "mlflow.db")
+    _use_db(monkeypatch, tmp_path / "mlflow.db", tmp_path)
+    return exported
 
 
 @pytest.fixture
@@ -286,6 +315,158 @@ def test_pyfunc_model_generates_strings_from_prompts_and_messages(registry):
     assert all(isinstance(s, str) for s in model.predict(chat, params={"max_new_tokens": 2}))
 
 
+def _greedy_text(generator, prompt: str, max_new_tokens: int) -> str:
+    """What a served model should answer for ``prompt`` with greedy decoding through ``generator``."""
+    from llm.data.chat_template import generation_stop_ids
+    from llm.inference.decoding import SamplingParams, stream_text
+
+    tok = generator.tokenizer
+    stop = generation_stop_ids(tok)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop)
+    return "".join(stream_text(generator.stream_generate([tok.bos_id, *tok.encode(prompt)], params), tok, stop))
+
+
+def test_pyfunc_generates_with_onnx_runtime_when_an_export_is_attached(with_export):
+    from llm.inference.onnx_runtime import OnnxGenerator
+
+    configure_mlflow()
+    assert MlflowClient().get_model_version(MODEL_NAME, "1").tags[ONNX_TAG].endswith(f"/{ONNX_ARTIFACT}")
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    served = model.unwrap_python_model()
+    assert served.engine == "onnx" and isinstance(served.generator, OnnxGenerator)
+    assert served.generator.model_path.name == "model.int8.onnx"  # the export has an int8 model: it is used
+    expected = [_greedy_text(OnnxGenerator(with_export["onnx"], int8=True), p, 6) for p in ("hi", "Once upon")]
+    request = pd.DataFrame({"prompt": ["hi", "Once upon"], "max_new_tokens": [6, 6], "temperature": [0.0, 0.0]})
+    assert model.predict(request) == expected
+
+
+def test_the_pyfunc_looks_for_the_export_where_the_registry_attaches_it():
+    from llm.inference import onnx_runtime
+    from llm.mlops import registry, serving
+
+    # serving.py repeats these names: importing the registry would import torch on the ONNX path
+    assert (serving.MODEL_NAME, serving.ONNX_TAG, serving.ONNX_ARTIFACT) == (MODEL_NAME, ONNX_TAG, ONNX_ARTIFACT)
+    assert serving.GENERATION_CONFIG == onnx_runtime.CONFIG_FILE
+    pinned = {r.split("==")[0] for r in registry._requirements()}
+    assert {"pyyaml", "onnxruntime"} <= pinned  # serving reads the MLmodel file; generates with ONNX Runtime
+
+
+def test_pyfunc_engine_can_be_forced_and_an_export_folder_named(with_export, registry, monkeypatch):
+    configure_mlflow()
+    monkeypatch.setenv("LLM_SERVE_ENGINE", "onnx")
+    with pytest.raises(MlflowException, match="LLM_SERVE_ENGINE=onnx, but no ONNX export"):
+        mlflow.pyfunc.load_model("models:/gpt/1")  # ``registry``'s version 1 has none
+    monkeypatch.setenv("LLM_SERVE_ONNX_DIR", str(with_export["onnx"]))
+    served = mlflow.pyfunc.load_model("models:/gpt/1").unwrap_python_model()
+    assert served.engine == "onnx" and served.export_dir == with_export["onnx"]
+    monkeypatch.setenv("LLM_SERVE_ENGINE", "torch")
+    assert mlflow.pyfunc.load_model("models:/gpt/1").unwrap_python_model().engine == "torch"
+
+
+def test_pyfunc_falls_back_to_torch_with_one_line_saying_why(registry, caplog):
+    from llm.inference.generate import TorchGenerator
+
+    configure_mlflow()
+    with caplog.at_level("WARNING"):
+        model = mlflow.pyfunc.load_model("models:/gpt/1")
+    served = model.unwrap_python_model()
+    assert served.engine == "torch" and isinstance(served.generator, TorchGenerator)
+    why = [r.getMessage() for r in caplog.records if "serving with PyTorch" in r.getMessage()]
+    assert len(why) == 1 and "no ONNX export" in why[0] and "\n" not in why[0]
+    request = pd.DataFrame({"prompt": ["hi"], "max_new_tokens": [5], "temperature": [0.0]})
+    assert model.predict(request) == [_greedy_text(served.generator, "hi", 5)]
+
+
+def test_the_onnx_path_of_the_pyfunc_never_imports_torch(with_export, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, importlib.abc\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is hidden in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import mlflow.pyfunc\n"
+        "model = mlflow.pyfunc.load_model('models:/gpt/1')\n"
+        "assert model.unwrap_python_model().engine == 'onnx'\n"
+        "print(model.predict([{'prompt': 'hi', 'max_new_tokens': 3}]))\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_requests_beyond_the_row_and_size_limits_get_short_400s(with_export, monkeypatch):
+    from mlflow.pyfunc.scoring_server import invocations
+
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    with pytest.raises(MlflowException, match=r"17 rows, above this server's limit of 16 .*LLM_SERVE_MAX_ROWS") as err:
+        model.predict(pd.DataFrame({"prompt": ["hi"] * 17, "max_new_tokens": [1] * 17}))
+    assert err.value.get_http_status_code() == 400
+    huge = "Sonnet " * 1_000_000  # 7 MB
+    for request in (pd.DataFrame({"prompt": [huge]}), [{"messages": [{"role": "user", "content": huge}]}]):
+        with pytest.raises(MlflowException, match="LLM_SERVE_MAX_PROMPT_BYTES") as err:
+            model.predict(request)
+        assert err.value.get_http_status_code() == 400
+        assert len(err.value.message) < 300 and "Sonnet" not in err.value.message
+    # the scoring server puts the whole input into the message of an MlflowException: not into these
+    schema = model.metadata.get_input_schema()
+    for body in ({"inputs": {"prompt": [huge]}}, {"dataframe_records": [{"prompt": huge}]},
+                 {"dataframe_records": [{"prompt": "hi", "max_new_tokens": 1}] * 2000}):
+        with pytest.raises(MlflowException) as err:
+            invocations(json.dumps(body), "application/json", model, schema)
+        answer = err.value.serialize_as_json()
+        assert err.value.get_http_status_code() == 400 and len(answer) < 400, answer[:500]
+        assert "Sonnet" not in answer and "stack_trace" not in answer
+    monkeypatch.setenv("LLM_SERVE_MAX_ROWS", "2000")
+    monkeypatch.setenv("LLM_SERVE_MAX_PROMPT_BYTES", str(10**8))
+    wide = mlflow.pyfunc.load_model("models:/gpt/1").unwrap_python_model()
+    assert (wide.max_rows, wide.max_prompt_bytes) == (2000, 10**8)
+
+
+def test_tiny_temperatures_and_huge_seeds_answer_without_an_unexpected_error(with_export):
+    from mlflow.pyfunc.scoring_server import invocations
+
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    schema = model.metadata.get_input_schema()
+    body = {"dataframe_records": [{"prompt": "hi", "max_new_tokens": 4, "temperature": 1e-40, "seed": 2**63 - 1}]}
+    response = invocations(json.dumps(body), "application/json", model, schema)
+    greedy = model.predict([{"prompt": "hi", "max_new_tokens": 4, "temperature": 0.0}])
+    assert response.status == 200 and json.loads(response.response)["predictions"] == greedy
+    body = {"dataframe_records": [{"prompt": "hi", "max_new_tokens": 4, "seed": 2**70}]}
+    with pytest.raises(MlflowException, match="seed: Input should be less than") as err:
+        invocations(json.dumps(body), "application/json", model, schema)
+    assert err.value.get_http_status_code() == 400 and "stack_trace" not in err.value.serialize_as_json()
+
+
+def test_an_unexpected_failure_is_a_500_with_an_error_id_and_no_stack_trace(with_export, caplog):
+    from mlflow.pyfunc.scoring_server import invocations
+
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    served = model.unwrap_python_model()
+
+    def broken(ids, params):
+        raise RuntimeError("the decoder fell over at /secret/path")
+
+    served.generator.stream_generate = broken
+    body = {"dataframe_records": [{"prompt": "hi"}]}
+    with caplog.at_level("ERROR"), pytest.raises(MlflowException, match="generation failed") as err:
+        invocations(json.dumps(body), "application/json", model, model.metadata.get_input_schema())
+    answer = err.value.serialize_as_json()
+    assert err.value.get_http_status_code() == 500
+    assert "secret" not in answer and "Traceback" not in answer and "stack_trace" not in answer
+    error_id = err.value.message.split("error id ")[1].split(";")[0]
+    assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)  # the detail stays in the log
+
+
 def test_messages_are_rendered_with_the_chat_template():
     from llm.data import chat_template
     from llm.mlops.serving import GPTModel
@@ -332,7 +513,8 @@ def test_scoring_server_answers_json_requests_and_400_for_oversized_ones(registr
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_over_http_and_refuses_oversized_requests(registry, tmp_path):
+def test_mlflow_models_serve_answers_over_http_with_onnx_runtime_and_refuses_bad_requests_briefly(with_export,
+                                                                                                 tmp_path):
     import os
     import socket
     import subprocess
@@ -382,6 +564,16 @@ def test_mlflow_models_serve_answers_over_http_and_refuses_oversized_requests(re
         assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "limit of 512" in answer["message"]
         status, answer = post({"dataframe_records": [{"prompt": "x" * 5000, "max_new_tokens": 1}]})
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        status, answer = post({"dataframe_records": [{"prompt": "hi", "max_new_tokens": 1}] * 2000})
+        assert status == 400 and "LLM_SERVE_MAX_ROWS" in answer["message"] and len(json.dumps(answer)) < 400
+        status, answer = post({"inputs": {"prompt": ["Sonnet " * 1_000_000]}})  # 7 MB
+        assert status == 400 and "LLM_SERVE_MAX_PROMPT_BYTES" in answer["message"]
+        assert len(json.dumps(answer)) < 400 and "Sonnet" not in answer["message"]
+        status, answer = post({"dataframe_records": [{"prompt": "hi", "max_new_tokens": 2, "temperature": 1e-40}]})
+        assert status == 200 and len(answer["predictions"]) == 1
+        status, answer = post({"dataframe_records": [{"prompt": "hi", "max_new_tokens": 2, "seed": 2**70}]})
+        assert status == 400 and "seed" in answer["message"] and "stack_trace" not in answer
+        assert "serving with PyTorch" not in (tmp_path / "serve.log").read_text()  # it fell back to torch otherwise
     finally:
         os.killpg(server.pid, 15)  # the server runs uvicorn in a child: end its whole session
         server.wait(timeout=30)

@@ -26,17 +26,28 @@ from pydantic import BaseModel, ConfigDict, Field
 Forward = Callable[[list[int], Any], tuple[Any, Any]]  # (ids, cache or None) -> (last logits, new cache)
 Sampler = Callable[[Any], int]  # last logits -> the next token id
 
+GREEDY_BELOW_TEMPERATURE = 1e-6  # a smaller temperature is greedy: dividing by it overflows float32 logits
+SEED_LIMIT = 2**63  # seeds are int64, as in the OpenAI API; torch.Generator refuses seeds of 2**64 and above
+
 
 class SamplingParams(BaseModel):
-    """How to pick each new token and when to stop."""
+    """How to pick each new token and when to stop.
+
+    ``temperature`` 0 is greedy, and so is any temperature below ``GREEDY_BELOW_TEMPERATURE`` (1e-6): divided
+    by such a temperature, float32 logits overflow to infinity (``1e-40`` made torch's probabilities NaN), and at
+    1e-6 sampling already picks the most likely token unless another lies within about 1e-5 of it.
+    ``seed`` lies in ``[0, 2**63)``; anything else is a validation error rather than a crash deep in a backend.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(256, ge=0)
-    temperature: float = Field(1.0, ge=0.0, description="0 picks the most likely token (greedy)")
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                               description="0 (or below GREEDY_BELOW_TEMPERATURE) picks the most likely token")
     top_k: int | None = Field(None, gt=0, description="keep only the k most likely tokens")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="keep the smallest set with this much probability")
-    seed: int | None = Field(None, description="None draws a fresh seed; an int makes sampling reproducible")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT,
+                             description="None draws a fresh seed; an int in [0, 2**63) makes sampling reproducible")
     stop_ids: tuple[int, ...] = Field((), description="generation ends after yielding one of these ids")
 
 
@@ -50,6 +61,11 @@ class TextGenerator(Protocol):
     def context_length(self) -> int: ...
 
     def stream_generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]: ...
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether ``temperature`` picks the most likely token: 0, or below ``GREEDY_BELOW_TEMPERATURE``."""
+    return temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -111,14 +127,15 @@ def sample_next_token(
 ) -> np.ndarray:
     """Pick one token per row of ``logits`` [B, V] (or [V]); returns int64 ids [B] (or a 0-d array).
 
-    Temperature 0 is argmax. Otherwise the logits are divided by the temperature, cut to the ``top_k``
-    most likely tokens (ties with the k-th survive), then to the smallest set whose probability reaches
-    ``top_p`` (the most likely token always survives), and one token is drawn from what is left with ``rng``.
+    Temperature 0 (or below ``GREEDY_BELOW_TEMPERATURE``) is argmax. Otherwise the logits are divided by the
+    temperature, cut to the ``top_k`` most likely tokens (ties with the k-th survive), then to the smallest set
+    whose probability reaches ``top_p`` (the most likely token always survives), and one token is drawn from
+    what is left with ``rng``.
     """
     logits = np.asarray(logits)
     if logits.ndim == 1:
         return sample_next_token(logits[None, :], temperature, top_k, top_p, rng)[0]
-    if temperature == 0:
+    if is_greedy(temperature):
         return logits.argmax(axis=-1).astype(np.int64)
     rng = rng if rng is not None else np.random.default_rng()
     scaled = logits.astype(np.float64) / temperature

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from llm.inference.decoding import Forward, Sampler, SamplingParams, decode
+from llm.inference.decoding import Forward, Sampler, SamplingParams, decode, is_greedy
 from llm.model.gpt import GPT
 
 
@@ -26,12 +26,13 @@ def sample_next_token(
 ) -> torch.Tensor:
     """Pick one token per row of ``logits`` [B, V]; returns a LongTensor [B].
 
-    The rules of ``llm.inference.decoding.sample_next_token`` in torch: temperature 0 is argmax. Otherwise
+    The rules of ``llm.inference.decoding.sample_next_token`` in torch: temperature 0 (or below
+    ``GREEDY_BELOW_TEMPERATURE``) is argmax. Otherwise
     the logits are divided by the temperature, cut to the ``top_k`` most likely tokens, then to the
     smallest set whose probability reaches ``top_p`` (the most likely token always survives), and one
     token is drawn from what is left.
     """
-    if temperature == 0:
+    if is_greedy(temperature):
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):

@@ -31,8 +31,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -79,7 +82,9 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 SERVING_FILE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parents[1]  # the whole llm package, logged as code
 # what the serving code imports; pinned to the versions installed where the model was logged
-SERVING_REQUIREMENTS = ("torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas")
+SERVING_REQUIREMENTS = (
+    "onnxruntime", "torch", "numpy", "safetensors", "sentencepiece", "pydantic", "pyyaml", "pandas"
+)
 WEIGHTS_SHA_TAG = "checkpoint.weights_sha256"  # what makes two registrations the same checkpoint
 DECISION_TAG = "promotion.decision"  # the JSON of compare_and_promote's decision on this candidate
 REGISTER_ATTEMPTS = 5  # tries while the store does not answer, waiting 2, 4, 8, 16 s between them
@@ -244,7 +249,7 @@ def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
     """Log the checkpoint as a pyfunc model from code in run ``run_id``; returns MLflow's ModelInfo."""
     from mlflow.models import Model
 
-    with tempfile.TemporaryDirectory(prefix="llm-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="llm-register-") as tmp, _validated_with_torch():
         checkpoint, code = _stage_for_logging(checkpoint_dir, Path(tmp))
         # what mlflow.pyfunc.log_model does, plus run_id: the run need not be the active one
         return Model.log(
@@ -260,6 +265,21 @@ def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
             signature=_signature(),
             input_example=pd.DataFrame({"prompt": ["Once upon a time"], "max_new_tokens": [8], "seed": [0]}),
         )
+
+
+@contextmanager
+def _validated_with_torch() -> Iterator[None]:
+    """MLflow loads a model it logs to check its input example; the export is attached later, so that load
+    would look for one and warn that it serves with PyTorch. It uses PyTorch without looking (the served
+    model's ``LLM_SERVE_ENGINE``); a value the user set is kept."""
+    if os.environ.get("LLM_SERVE_ENGINE"):
+        yield
+        return
+    os.environ["LLM_SERVE_ENGINE"] = "torch"
+    try:
+        yield
+    finally:
+        os.environ.pop("LLM_SERVE_ENGINE", None)
 
 
 def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
