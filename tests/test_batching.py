@@ -101,7 +101,7 @@ def test_a_stop_id_ends_only_its_own_row(generator):
 
 def test_cancelled_and_expired_requests_end_and_the_rest_go_on(generator):
     events = Collector()
-    long = SamplingParams(max_new_tokens=2000, temperature=0.0)
+    long = SamplingParams(max_new_tokens=10**7, temperature=0.0)  # runs until cancelled or out of time
     with BatchEngine(generator, max_batch=2, max_queue=4) as engine:
         cancelled = engine.submit([1, 2], long, on_event=events.callback("cancelled"))
         engine.submit([1, 2], long, deadline=time.monotonic() + 0.3, on_event=events.callback("deadline"))
@@ -116,7 +116,7 @@ def test_cancelled_and_expired_requests_end_and_the_rest_go_on(generator):
         assert engine.stats()["active"] == 0 and engine.stats()["queued"] == 0
     reasons = {name: e.finish_reason for name, e in events.finish.items()}
     assert reasons == {"cancelled": "cancelled", "deadline": "timeout", "late": "timeout", "short": "length"}
-    assert 0 < len(events.tokens["cancelled"]) < 2000 and events.tokens["late"] == []
+    assert len(events.tokens["cancelled"]) > 0 and events.tokens["late"] == []
     assert len(events.tokens["short"]) == 10
 
 

@@ -162,12 +162,12 @@ def test_sampling_params_are_one_validated_model():
     assert SamplingParams(stop_ids=[1, 2]).stop_ids == (1, 2)
 
 
-def test_seeds_outside_int64_and_non_finite_temperatures_are_validation_errors():
-    for seed in (2**70, 2**63, -1):
+def test_seeds_outside_uint64_and_non_finite_temperatures_are_validation_errors():
+    for seed in (2**70, 2**64, -1):
         with pytest.raises(ValidationError, match="seed"):
             SamplingParams(seed=seed)
-    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
-    numpy_sampler(SamplingParams(seed=2**63 - 1))(np.zeros(4))  # the largest seed still seeds numpy
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    numpy_sampler(SamplingParams(seed=2**64 - 1))(np.zeros(4))  # the largest seed still seeds numpy
     for temperature in (float("nan"), float("inf")):
         with pytest.raises(ValidationError, match="temperature"):
             SamplingParams(temperature=temperature)

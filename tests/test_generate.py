@@ -183,5 +183,5 @@ def test_a_vanishing_temperature_and_the_largest_seed_generate_greedily_without_
     model = tiny_model()
     logits = torch.tensor([[0.5, 3.0, -2.0, 2.9]])
     assert sample_next_token(logits, temperature=1e-40).tolist() == [1]  # 3.0 / 1e-40 overflows float32
-    tiny = SamplingParams(max_new_tokens=8, temperature=1e-40, seed=2**63 - 1)
+    tiny = SamplingParams(max_new_tokens=8, temperature=1e-40, seed=2**64 - 1)
     assert generate(model, PROMPT, tiny) == generate(model, PROMPT, greedy(8))

@@ -27,7 +27,7 @@ Forward = Callable[[list[int], Any], tuple[Any, Any]]  # (ids, cache or None) ->
 Sampler = Callable[[Any], int]  # last logits -> the next token id
 
 GREEDY_BELOW_TEMPERATURE = 1e-6  # a smaller temperature is greedy: dividing by it overflows float32 logits
-SEED_LIMIT = 2**63  # seeds are int64, as in the OpenAI API; torch.Generator refuses seeds of 2**64 and above
+SEED_LIMIT = 2**64  # any unsigned 64-bit seed; torch.Generator refuses larger ones (the OpenAI API maps int64 here)
 
 
 class SamplingParams(BaseModel):
@@ -36,7 +36,7 @@ class SamplingParams(BaseModel):
     ``temperature`` 0 is greedy, and so is any temperature below ``GREEDY_BELOW_TEMPERATURE`` (1e-6): divided
     by such a temperature, float32 logits overflow to infinity (``1e-40`` made torch's probabilities NaN), and at
     1e-6 sampling already picks the most likely token unless another lies within about 1e-5 of it.
-    ``seed`` lies in ``[0, 2**63)``; anything else is a validation error rather than a crash deep in a backend.
+    ``seed`` lies in ``[0, 2**64)``; anything else is a validation error rather than a crash deep in a backend.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -47,7 +47,7 @@ class SamplingParams(BaseModel):
     top_k: int | None = Field(None, gt=0, description="keep only the k most likely tokens")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="keep the smallest set with this much probability")
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT,
-                             description="None draws a fresh seed; an int in [0, 2**63) makes sampling reproducible")
+                             description="None draws a fresh seed; an int in [0, 2**64) makes sampling reproducible")
     stop_ids: tuple[int, ...] = Field((), description="generation ends after yielding one of these ids")
 
 
