@@ -28,7 +28,7 @@ tokenizing), 512 new tokens and 4096 prompt tokens per row by default. The servi
 with ``LLM_SERVE_MAX_ROWS``, ``LLM_SERVE_MAX_PROMPT_BYTES``, ``LLM_SERVE_MAX_NEW_TOKENS`` and
 ``LLM_SERVE_MAX_PROMPT_TOKENS`` (else a ``model_config`` logged with the model, keys ``max_rows``,
 ``max_prompt_bytes``, ``max_new_tokens_limit`` and ``max_prompt_tokens``, is used). Invalid sampling values
-(a negative temperature, a seed outside ``[0, 2**63)``, ...) and malformed messages are refused the same way.
+(a negative temperature, a seed outside ``[0, 2**64)``, ...) and malformed messages are refused the same way.
 Any other failure is INTERNAL_ERROR (HTTP 500) with an error id; the traceback goes to the server's log only.
 """
 
