@@ -148,9 +148,9 @@ def request(port: int, method: str, path: str, body: dict | None, timeout: float
         conn.close()
 
 
-def llm_chat(port: int, question: str, seed: int, max_tokens: int) -> Result:
+def llm_chat(port: int, model: str, question: str, seed: int, max_tokens: int) -> Result:
     """One streamed chat completion from ``llm serve``; its usage chunk gives the completion tokens."""
-    body = {"model": "gpt", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -275,7 +275,8 @@ def main() -> None:
                     "/health", logs / "llm-serve.log")
     try:
         server.wait_ready()
-        llm_send = lambda question, seed: llm_chat(port, question, seed, args.max_tokens)  # noqa: E731
+        model = json.loads(request(port, "GET", "/v1/models", None)[1])["data"][0]["id"]
+        llm_send = lambda question, seed: llm_chat(port, model, question, seed, args.max_tokens)  # noqa: E731
         run_phase(server, 1, 3, llm_send)  # warm up
         rows += [run_phase(server, n, args.seconds, llm_send).row() for n in clients]
         if args.long_seconds:
@@ -301,9 +302,9 @@ def main() -> None:
     print_table(rows)
     by = {(r["server"], r["clients"]): r["tokens_per_s"] for r in rows}
     top = max(clients)
-    if ("llm serve", 1) in by and ("llm serve", top) in by:
+    if by.get(("llm serve", 1)) and ("llm serve", top) in by:
         print(f"\nllm serve, {top} clients / 1 client: {by['llm serve', top] / by['llm serve', 1]:.1f}x")
-    if ("llm serve", top) in by and ("mlflow models serve", top) in by:
+    if ("llm serve", top) in by and by.get(("mlflow models serve", top)):
         print(f"llm serve / mlflow models serve, {top} clients: "
               f"{by['llm serve', top] / by['mlflow models serve', top]:.1f}x")
     print(f"server logs: {logs}")

@@ -340,6 +340,25 @@ def test_pyfunc_generates_with_onnx_runtime_when_an_export_is_attached(with_expo
     assert model.predict(request) == expected
 
 
+def test_rows_and_concurrent_requests_of_the_onnx_pyfunc_decode_together(with_export):
+    """The scoring server runs predict in threads: the rows of requests answered at once share the batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llm.inference.onnx_runtime import OnnxGenerator
+
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    prompts = [["hi", "Once upon", "the", "a"], ["to be", "or not", "x", "y z"]]
+    generator = OnnxGenerator(with_export["onnx"], int8=True)
+    expected = [[_greedy_text(generator, p, 12) for p in request] for request in prompts]
+    frames = [pd.DataFrame({"prompt": request, "max_new_tokens": [12] * 4, "temperature": [0.0] * 4})
+              for request in prompts]
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(model.predict, frames)) == expected
+    sizes = model.unwrap_python_model().batch_engine.batch_sizes
+    assert max(sizes) >= 4  # at least one request's rows decoded in one batch
+
+
 def test_the_pyfunc_looks_for_the_export_where_the_registry_attaches_it():
     from llm.inference import onnx_runtime
     from llm.mlops import registry, serving

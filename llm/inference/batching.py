@@ -152,6 +152,39 @@ class BatchEngine:
             raise EngineFull(f"{self.max_queue} requests are waiting already") from None
         return job
 
+    def generate(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], *,
+                 deadline: float | None = None) -> list[tuple[list[int], Event]]:
+        """Submit every request at once, wait for all to end, and return each one's new token ids and its
+        final event (whose ``finish_reason`` says why it ended). For callers without an event loop, such as
+        the MLflow pyfunc: requests from several threads at once decode together.
+
+        Raises what ``submit`` raises; a request that did fit in the queue is cancelled when a later one does not.
+        """
+        results: list[tuple[list[int], Event | None]] = [([], None) for _ in requests]
+        done = threading.Semaphore(0)
+
+        def collect(index: int) -> Callable[[Event], None]:
+            def on_event(event: Event) -> None:
+                if event.finish_reason is None:
+                    results[index][0].append(event.token_id)
+                else:
+                    results[index] = (results[index][0], event)
+                    done.release()
+
+            return on_event
+
+        jobs = []
+        try:
+            for i, (ids, params) in enumerate(requests):
+                jobs.append(self.submit(ids, params, on_event=collect(i), deadline=deadline))
+        except (EngineFull, EngineStopped, ValueError):
+            for job in jobs:
+                job.cancel()
+            raise
+        for _ in jobs:
+            done.acquire()
+        return results  # type: ignore[return-value]  # every final event has arrived
+
     def _drain(self, reason: str) -> None:
         while True:
             try:

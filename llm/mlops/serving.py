@@ -21,6 +21,12 @@ through the tracking store of the serving environment (``MLFLOW_TRACKING_URI``, 
 Falling back to PyTorch logs one warning saying why. The ONNX path imports no torch. ``engine`` on the
 loaded model says which one answers ("onnx" or "torch").
 
+With ONNX Runtime, rows decode in ``llm serve``'s engine (``llm.inference.batching.BatchEngine``): the rows
+of a request, and those of the requests the scoring server answers at the same time (it runs ``predict`` in
+threads), share one batch of at most ``LLM_SERVE_MAX_BATCH`` (8) rows; at most ``LLM_SERVE_MAX_QUEUE`` (64)
+rows wait for a place (beyond that: HTTP 503), and a request still generating after ``LLM_SERVE_TIMEOUT``
+(55 s, under the scoring server's own 60 s) gets HTTP 504. PyTorch decodes one row after another.
+
 Requests beyond the limits are refused with INVALID_PARAMETER_VALUE, which the scoring server answers
 with HTTP 400 and a short reason naming the field and the limit, never the input: at most 16 rows per
 request, 256 KiB of prompt text (UTF-8, prompts and message contents of all rows, checked before
@@ -46,7 +52,12 @@ import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    TEMPORARILY_UNAVAILABLE,
+)
 from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger(__name__)
@@ -56,6 +67,9 @@ MAX_NEW_TOKENS_LIMIT = 512
 MAX_PROMPT_TOKENS = 4096
 MAX_ROWS = 16  # one request of 2,000 rows held the worker past the scoring server's 60 s timeout
 MAX_PROMPT_BYTES = 256 * 1024
+MAX_BATCH = 8  # rows decoded together (ONNX engine), from one request or several at once
+MAX_QUEUE = 64  # rows waiting for a place in the batch; beyond it a request gets 503
+TIMEOUT_S = 55  # a request still generating after this gets 504, before the scoring server's own 60 s
 MAX_MESSAGE_CHARS = 300  # an error message longer than this is cut: a client never gets its input back
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 ROLES = ("system", "user", "assistant")
@@ -215,6 +229,9 @@ class GPTModel(PythonModel):
         self.max_new_tokens_limit = _limit("LLM_SERVE_MAX_NEW_TOKENS", config, "max_new_tokens_limit",
                                            MAX_NEW_TOKENS_LIMIT)
         self.max_prompt_tokens = _limit("LLM_SERVE_MAX_PROMPT_TOKENS", config, "max_prompt_tokens", MAX_PROMPT_TOKENS)
+        self.max_batch = _limit("LLM_SERVE_MAX_BATCH", config, "max_batch", MAX_BATCH)
+        self.max_queue = _limit("LLM_SERVE_MAX_QUEUE", config, "max_queue", MAX_QUEUE)
+        self.timeout_s = _limit("LLM_SERVE_TIMEOUT", config, "timeout_s", TIMEOUT_S)
         checkpoint = Path(context.artifacts["checkpoint"])
         engine = os.environ.get(ENGINE_ENV, "").strip().lower()
         if engine and engine not in ENGINES:
@@ -247,11 +264,13 @@ class GPTModel(PythonModel):
             return None, f"{err}; `llm export onnx` attaches one, {ONNX_DIR_ENV} names a folder"
 
     def _load_onnx(self, export: Path) -> None:
+        from llm.inference.batching import BatchEngine
         from llm.inference.onnx_runtime import OnnxGenerator, read_generation_config
 
         int8 = bool(read_generation_config(export).get("int8_model_file"))
         self.generator = OnnxGenerator(export, int8=int8)
         self.tokenizer, self.engine, self.export_dir = self.generator.tokenizer, "onnx", export
+        self.batch_engine = BatchEngine(self.generator, max_batch=self.max_batch, max_queue=self.max_queue).start()
         log.info("serving with ONNX Runtime: %s", self.generator.model_path)
 
     def _load_torch(self, checkpoint: Path) -> None:
@@ -336,13 +355,32 @@ class GPTModel(PythonModel):
         if size > self.max_prompt_bytes:
             raise _invalid(f"the prompts and messages of this request are {size} bytes long, above this server's "
                            f"limit of {self.max_prompt_bytes} (LLM_SERVE_MAX_PROMPT_BYTES)")
-        requests = [(self._prompt_ids(row), self._sampling(row, params)) for row in rows]
         stop = generation_stop_ids(self.tokenizer)
-        outputs = []
-        for ids, sampling in requests:  # every row is validated before any generation starts
-            sampling = sampling.model_copy(update={"stop_ids": stop})
-            outputs.append("".join(stream_text(self.generator.stream_generate(ids, sampling), self.tokenizer, stop)))
-        return outputs
+        requests = [(self._prompt_ids(row), self._sampling(row, params).model_copy(update={"stop_ids": stop}))
+                    for row in rows]  # every row is validated before any generation starts
+        if self.engine == "onnx":
+            return self._generate_batched(requests, stop)
+        return ["".join(stream_text(self.generator.stream_generate(ids, sampling), self.tokenizer, stop))
+                for ids, sampling in requests]
+
+    def _generate_batched(self, requests: list, stop: tuple[int, ...]) -> list[str]:
+        """The rows of this request, and of every request being answered at the same time, decode together."""
+        import time
+
+        from llm.inference.batching import EngineFull
+
+        try:
+            results = self.batch_engine.generate(requests, deadline=time.monotonic() + self.timeout_s)
+        except EngineFull:
+            raise ServingError(f"the server is busy: more than {self.batch_engine.max_queue} rows are waiting "
+                               "(LLM_SERVE_MAX_QUEUE); try again", error_code=TEMPORARILY_UNAVAILABLE) from None
+        if any(event.finish_reason == "timeout" for _, event in results):
+            raise ServingError(f"generation took longer than {self.timeout_s:g} s (LLM_SERVE_TIMEOUT)",
+                               error_code=DEADLINE_EXCEEDED)
+        failed = [event for _, event in results if event.finish_reason in ("error", "cancelled")]
+        if failed:
+            raise RuntimeError(f"generation ended with {failed[0].finish_reason}: {failed[0].error}")
+        return [self.tokenizer.decode([t for t in ids if t not in stop], skip_special=True) for ids, _ in results]
 
 
 set_model(GPTModel())
