@@ -3,9 +3,10 @@
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (whole answers or server-sent events),
 ``GET /v1/models``, and ``GET /health`` (open even with an API key). The request bodies and their checks
 are in ``llm.inference.openai_api``; the decoding is a ``BatchEngine``, whose worker thread decodes every
-request in flight together. Each request hands its events from that thread to the event loop
-(``loop.call_soon_threadsafe``) through an ``asyncio.Queue`` of its own; the server detokenizes them
-(control tokens are never shown) and cuts the text at a stop string.
+request in flight together. The events of every request cross from that thread to the event loop through
+one ``EventBridge`` (one loop wake-up for all the events of a decoder step, not one per token) into an
+``asyncio.Queue`` per request; the server detokenizes them (control tokens are never shown), sends what
+arrived together as one piece, and cuts the text at a stop string.
 
 What a request may cost is bounded by ``ServeLimits``, checked as early as each can be: the body's bytes
 before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens after (400), the queue
@@ -20,9 +21,11 @@ An import-linter contract checks that none of this imports torch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -70,6 +73,45 @@ class Served:
         self.tokenizer = self.engine.generator.tokenizer
         self.context_length = self.engine.generator.context_length
         self.stop_ids = generation_stop_ids(self.tokenizer)
+        self._bridge: EventBridge | None = None
+
+    def bridge(self) -> EventBridge:
+        """The bridge into the running event loop (made on first use, inside it)."""
+        loop = asyncio.get_running_loop()
+        if self._bridge is None or self._bridge.loop is not loop:
+            self._bridge = EventBridge(loop)
+        return self._bridge
+
+
+class EventBridge:
+    """Hands events from the engine's thread to the event loop's queues, waking the loop once per burst.
+
+    ``call_soon_threadsafe`` for every token of every request wakes the loop (a write to its self-pipe) eight
+    times per decoder step at batch 8; here the first event of a burst schedules one delivery, and the
+    events that arrive before it runs ride along.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: collections.deque[tuple[asyncio.Queue, Event]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Called on the engine's thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, collections.deque()
+            self._scheduled = False
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 # ---------------------------------------------------------------------------------------------- one request
@@ -90,10 +132,10 @@ class Generation:
         self.finish_reason: str | None = None
         self.deadline = time.monotonic() + served.limits.request_timeout_s
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        bridge, events = served.bridge(), self.events
 
         def on_event(event: Event) -> None:  # on the engine's worker thread
-            loop.call_soon_threadsafe(self.events.put_nowait, event)
+            bridge.post(events, event)
 
         try:
             self.job = served.engine.submit(prompt_ids, params, on_event=on_event, deadline=self.deadline)
@@ -104,26 +146,35 @@ class Generation:
             raise _unavailable() from None
 
     async def pieces(self) -> AsyncIterator[str]:
+        """The text as it decodes: one piece for the tokens that arrived together (one per token when the
+        server keeps up, more when it falls behind, so a busy server sends fewer, larger chunks)."""
         decoder = self.served.tokenizer.stream_decoder(skip_special=True)
         try:
             while True:
-                event = await self._next_event()
-                if event.token_id is not None:
+                text, final = "", None
+                for event in await self._next_events():
+                    if event.token_id is None:
+                        final = event
+                        break
                     self.completion_tokens += 1
-                    text = self.stops.feed(decoder.feed(event.token_id))
+                    text += self.stops.feed(decoder.feed(event.token_id))
+                    if self.stops.stopped:
+                        break
+                if self.stops.stopped:
                     if text:
                         yield text
-                    if self.stops.stopped:
-                        self.finish_reason = "stop"
-                        return
+                    self.finish_reason = "stop"
+                    return
+                if final is None:
+                    if text:
+                        yield text
                     continue
-                if event.finish_reason not in ("stop", "length"):
-                    raise _engine_failure(event)
-                tail = self.stops.feed(decoder.finish())
-                tail += self.stops.finish()
-                if tail:
-                    yield tail
-                self.finish_reason = "stop" if self.stops.stopped else event.finish_reason
+                if final.finish_reason not in ("stop", "length"):
+                    raise _engine_failure(final)
+                text += self.stops.feed(decoder.finish()) + self.stops.finish()
+                if text:
+                    yield text
+                self.finish_reason = "stop" if self.stops.stopped else final.finish_reason
                 return
         finally:
             self.job.cancel()
@@ -134,16 +185,21 @@ class Generation:
     def usage(self) -> dict[str, int]:
         return api.usage(len(self.prompt_ids), self.completion_tokens)
 
-    async def _next_event(self) -> Event:
-        while True:
+    async def _next_events(self) -> list[Event]:
+        """Every event that has arrived, waiting for the first (checking the deadline and the client)."""
+        events: list[Event] = []
+        while not events and self.events.empty():
             left = self.deadline + DEADLINE_GRACE_S - time.monotonic()
             if left <= 0:
                 raise _timeout()
             try:
-                return await asyncio.wait_for(self.events.get(), timeout=min(POLL_S, left))
+                events.append(await asyncio.wait_for(self.events.get(), timeout=min(POLL_S, left)))
             except TimeoutError:
                 if await self.request.is_disconnected():
                     raise ClientGone() from None
+        while not self.events.empty():
+            events.append(self.events.get_nowait())
+        return events
 
 
 def _unavailable() -> api.APIError:
