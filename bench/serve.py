@@ -3,7 +3,10 @@
 Both servers serve the same registered version, one after the other, in this one run. For each server and
 each number of concurrent clients (1, 4, 8 by default), every client sends chat requests back to back for
 ``--seconds``: one user message (a few lines from a small list), ``--max-tokens`` new tokens (64), temperature
-0.8, a different seed per request. Reported per row:
+0.8, a different seed per request, and ``min_tokens`` (``min_new_tokens`` for the pyfunc) equal to
+``--max-tokens`` so that every answer is that long rather than ending at the model's end of turn (a pyfunc
+logged before ``min_new_tokens`` existed ignores it, and its answers end where the model ends them; its
+figures count the tokens it did return). Reported per row:
 
     tokens/s    completion tokens of all requests / the phase's wall time (aggregate over the clients)
     p50, p99    request latency, from sending the request to its last byte
@@ -151,7 +154,7 @@ def request(port: int, method: str, path: str, body: dict | None, timeout: float
 def llm_chat(port: int, model: str, question: str, seed: int, max_tokens: int) -> Result:
     """One streamed chat completion from ``llm serve``; its usage chunk gives the completion tokens."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+            "min_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
@@ -186,7 +189,7 @@ def llm_chat(port: int, model: str, question: str, seed: int, max_tokens: int) -
 def mlflow_chat(port: int, question: str, seed: int, max_tokens: int, count: Callable[[str], int]) -> Result:
     """One chat request to the scoring server of ``mlflow models serve`` (no streaming)."""
     row = {"messages": [{"role": "user", "content": question}], "max_new_tokens": max_tokens,
-           "temperature": 0.8, "seed": seed}
+           "min_new_tokens": max_tokens, "temperature": 0.8, "seed": seed}
     start = time.perf_counter()
     status, body = request(port, "POST", "/invocations", {"dataframe_records": [row]})
     latency = time.perf_counter() - start

@@ -97,6 +97,13 @@ def test_a_stop_id_ends_only_its_own_row(generator):
     assert events.finish["stops"].finish_reason == "stop"
     assert events.tokens["runs"] == greedy and events.finish["runs"].finish_reason == "length"
     assert events.tokens["nothing"] == [] and events.finish["nothing"].finish_reason == "length"
+    at_least = SamplingParams(max_new_tokens=20, temperature=0.0, stop_ids=(stop,), min_new_tokens=8)
+    alone = generator.generate(prompt, at_least)
+    events = Collector()
+    with BatchEngine(generator, max_batch=4) as engine:
+        engine.submit(prompt, at_least, on_event=events.callback("at least"))
+        events.wait()
+    assert events.tokens["at least"] == alone and stop not in alone[:8]
 
 
 def test_cancelled_and_expired_requests_end_and_the_rest_go_on(generator):

@@ -28,6 +28,7 @@ from llm.inference.decoding import (
     numpy_sampler,
     sample_next_token,
     stream_text,
+    suppress_ids,
 )
 from llm.inference.generate import TorchGenerator, generate
 from llm.model.checkpoint import save_checkpoint
@@ -141,6 +142,17 @@ def test_decode_yields_the_stop_id_then_stops_and_checks_the_prompt():
         list(decode(CountingForward(), [], params, context_length=8, vocab_size=10))
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         check_prompt([1, 10], vocab_size=10)
+
+
+def test_min_new_tokens_keeps_the_stop_ids_out_of_the_first_tokens():
+    """With the stop id 5 the most likely next token, ``min_new_tokens`` forces the runner-up until it is met."""
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(5,), min_new_tokens=3)
+    ids = list(decode(CountingForward(), [3], params, context_length=8, vocab_size=10))
+    assert ids[:2] == [4, 0] and 5 not in ids[:3]  # after 4 the model wants 5; the next best (id 0) is taken
+    logits = np.arange(4.0)
+    assert suppress_ids(logits, (3,)).argmax() == 2 and logits[3] == 3.0  # a copy: the input is unchanged
+    tensor = torch.arange(4.0)
+    assert suppress_ids(tensor, (3,)).argmax() == 2 and suppress_ids(tensor, ()) is tensor
 
 
 def test_numpy_sampler_is_reproducible_per_seed_and_respects_top_k():

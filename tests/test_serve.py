@@ -163,6 +163,13 @@ def test_chat_completion_is_the_greedy_answer_with_usage_counted_by_the_tokenize
     assert reply.usage.total_tokens == len(prompt_ids) + len(ids)
 
 
+def test_min_tokens_holds_off_the_end_of_the_answer(client):
+    """vLLM's ``min_tokens``: no end of answer before that many tokens (how bench/serve.py gets 64 every time)."""
+    reply = client.chat.completions.create(model="onnx", messages=MESSAGES, max_tokens=40, temperature=0,
+                                           extra_body={"min_tokens": 40})
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+
+
 def test_streamed_chat_adds_up_to_the_whole_answer(client):
     whole = client.chat.completions.create(model="onnx", messages=MESSAGES, max_tokens=20, temperature=0)
     chunks = list(client.chat.completions.create(model="onnx", messages=MESSAGES, max_tokens=20, temperature=0,

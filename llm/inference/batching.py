@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm.inference.decoding import SamplingParams, check_prompt, numpy_sampler
+from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, sample_next_token
 from llm.inference.onnx_runtime import OnnxGenerator
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class BatchEngine:
                 _emit(job, Event(finish_reason=reason))
                 continue
             window = job.prompt_ids[-self.generator.context_length :]
-            rows.append(_Row(job, numpy_sampler(job.params), window))
+            rows.append(_Row(job, np.random.default_rng(job.params.seed), window))
         return rows
 
     def _ended(self, job: Job) -> str | None:
@@ -252,7 +252,7 @@ class BatchEngine:
             logits, cache = self.generator.forward(np.array([row.window], dtype=np.int64))
         except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
             return self._fail([row], err)
-        if not self._advance(row, logits[0, -1]):
+        if not self._advance(row, _sample([row], logits[:, -1])[0]):
             return None
         if len(row.window) > self.generator.context_length:
             row.window = row.window[-self._keep :]
@@ -270,8 +270,8 @@ class BatchEngine:
             return
         self.batch_sizes[len(batch.rows)] += 1
         keep = []
-        for row, row_logits in zip(batch.rows, logits, strict=True):
-            goes_on = self._advance(row, row_logits)
+        for row, token in zip(batch.rows, _sample(batch.rows, logits), strict=True):
+            goes_on = self._advance(row, token)
             if goes_on and len(row.window) > self.generator.context_length:
                 row.window = row.window[-self._keep :]
                 fresh.append(row)
@@ -279,15 +279,14 @@ class BatchEngine:
             keep.append(goes_on)
         batch.keep(keep)
 
-    def _advance(self, row: _Row, logits: np.ndarray) -> bool:
-        """Sample the row's next token from ``logits`` [V] and emit it; False when the row has ended (its final
-        event sent). The token joins the window, to be fed next."""
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Emit the row's next token; False when the row has ended (its final event sent). The token joins
+        the window, to be fed next."""
         job = row.job
         reason = self._ended(job)
         if reason is not None:
             _emit(job, Event(finish_reason=reason))
             return False
-        token = row.sample(logits)
         row.produced += 1
         _emit(job, Event(token_id=token))
         if token in job.params.stop_ids:
@@ -314,9 +313,31 @@ class _Row:
     in the batch, all but the last are in the cache and the last is fed next)."""
 
     job: Job
-    sample: Callable[[np.ndarray], int]
+    rng: np.random.Generator
     window: list[int]
     produced: int = 0
+
+
+def _sample(rows: list[_Row], logits: np.ndarray) -> list[int]:
+    """Each row's next token from ``logits`` [B, V]: rows with the same sampling settings are sampled
+    together, each with one draw from its own generator, so a row gets the token it would get alone
+    (``numpy_sampler`` draws the same number for it). Stop ids are kept out until ``min_new_tokens``."""
+    held = [i for i, row in enumerate(rows) if row.produced < row.job.params.min_new_tokens and row.job.params.stop_ids]
+    if held:
+        logits = np.array(logits, copy=True)
+        for i in held:
+            logits[i, list(rows[i].job.params.stop_ids)] = -np.inf
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, row in enumerate(rows):
+        p = row.job.params
+        groups[(0.0, None, None) if is_greedy(p.temperature) else (p.temperature, p.top_k, p.top_p)].append(i)
+    tokens = [0] * len(rows)
+    for (temperature, top_k, top_p), index in groups.items():
+        uniforms = None if is_greedy(temperature) else np.array([rows[i].rng.random(1)[0] for i in index])
+        picks = sample_next_token(logits[index], temperature, top_k, top_p, uniforms=uniforms)
+        for i, token in zip(index, picks.tolist(), strict=True):
+            tokens[i] = token
+    return tokens
 
 
 class _Batch:

@@ -49,6 +49,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT,
                              description="None draws a fresh seed; an int in [0, 2**64) makes sampling reproducible")
     stop_ids: tuple[int, ...] = Field((), description="generation ends after yielding one of these ids")
+    min_new_tokens: int = Field(0, ge=0, description="the stop ids cannot be sampled before this many new tokens")
 
 
 class TextGenerator(Protocol):
@@ -104,6 +105,8 @@ def decode(
     stop_ids = set(params.stop_ids)
     logits, cache = forward(window, None)
     for step in range(params.max_new_tokens):
+        if step < params.min_new_tokens:
+            logits = suppress_ids(logits, params.stop_ids)
         token = sample(logits)
         yield token
         if token in stop_ids or step + 1 == params.max_new_tokens:
@@ -118,23 +121,36 @@ def decode(
             logits, _ = forward(window, None)
 
 
+def suppress_ids(logits: Any, ids: Sequence[int]) -> Any:
+    """A copy of ``logits`` (numpy or torch, [..., V]) where ``ids`` can never be sampled (their logit -inf);
+    ``logits`` itself when ``ids`` is empty. How ``min_new_tokens`` keeps stop ids out of the first tokens."""
+    if not ids:
+        return logits
+    logits = logits.clone() if hasattr(logits, "clone") else np.array(logits, copy=True)
+    logits[..., list(ids)] = float("-inf")
+    return logits
+
+
 def sample_next_token(
     logits: np.ndarray,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     rng: np.random.Generator | None = None,
+    uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pick one token per row of ``logits`` [B, V] (or [V]); returns int64 ids [B] (or a 0-d array).
 
     Temperature 0 (or below ``GREEDY_BELOW_TEMPERATURE``) is argmax. Otherwise the logits are divided by the
     temperature, cut to the ``top_k`` most likely tokens (ties with the k-th survive), then to the smallest set
     whose probability reaches ``top_p`` (the most likely token always survives), and one token is drawn from
-    what is left with ``rng``.
+    what is left with ``rng`` (or, given ``uniforms`` [B] in [0, 1), with those draws: rows that each have a
+    generator of their own, decoding in one batch, draw one number each and are sampled together).
     """
     logits = np.asarray(logits)
     if logits.ndim == 1:
-        return sample_next_token(logits[None, :], temperature, top_k, top_p, rng)[0]
+        return sample_next_token(logits[None, :], temperature, top_k, top_p, rng,
+                                 None if uniforms is None else np.reshape(uniforms, 1))[0]
     if is_greedy(temperature):
         return logits.argmax(axis=-1).astype(np.int64)
     rng = rng if rng is not None else np.random.default_rng()
@@ -152,7 +168,7 @@ def sample_next_token(
         np.put_along_axis(scaled, order, sorted_logits, axis=-1)
     probs = _softmax(scaled)
     cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(len(cdf))[:, None] * cdf[:, -1:]
+    u = (rng.random(len(cdf)) if uniforms is None else np.asarray(uniforms))[:, None] * cdf[:, -1:]
     picks = (cdf <= u).sum(axis=-1)  # inverse CDF: the first token whose cumulative probability passes u
     last_kept = vocab - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # rounding can push u to the very end
     return np.minimum(picks, last_kept).astype(np.int64)

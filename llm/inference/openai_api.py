@@ -99,6 +99,8 @@ class _GenerationRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1, description="not OpenAI's, as vLLM accepts it: the k most likely tokens")
+    min_tokens: int | None = Field(None, ge=0, description="not OpenAI's, as vLLM accepts it: no end of the "
+                                   "answer (stop ids) before this many tokens; stop strings still apply")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int | None = None
@@ -230,6 +232,7 @@ def sampling_params(request: Request, *, default_max_tokens: int, max_tokens: in
         top_p=None if request.top_p is None or request.top_p >= 1.0 else request.top_p,
         seed=None if request.seed is None else request.seed % 2**64,
         stop_ids=tuple(stop_ids),
+        min_new_tokens=min(request.min_tokens or 0, wanted),
     )
 
 
