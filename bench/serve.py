@@ -171,6 +171,8 @@ def llm_chat(port: int, model: str, question: str, seed: int, max_tokens: int) -
             if data == b"[DONE]":
                 done = True
                 break
+            if ttft is not None and data.endswith(b'"usage": null}'):
+                continue  # a content chunk after the first: the client need not parse it (saves its CPU)
             chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(f"error event: {chunk['error'].get('message')}")

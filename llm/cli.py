@@ -284,7 +284,8 @@ def serve(
                                        help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY)"),
     model_name: str | None = typer.Option(None, help="the model id clients send (default: from --model, e.g. "
                                                      "gpt/Production)"),
-    threads: int | None = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: one per core)"),
+    threads: int = typer.Option(1, min=1, help="onnxruntime threads per decoder call; more suit a bigger model on "
+                                               "more cores (batching, not threads, serves many clients)"),
     max_request_bytes: str | None = typer.Option(
         None, show_default=_SERVE_LIMITS.max_request_bytes.human_readable(),
         help="refuse larger request bodies with 413 (units: 1MiB, 64KB)"),
@@ -300,12 +301,15 @@ def serve(
                                          help="requests waiting for the batch; beyond it 429"),
     timeout: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.request_timeout_s:g}",
                                          help="seconds a request may take, queueing included; beyond it 504"),
+    stream_interval: float | None = typer.Option(
+        None, min=0, show_default=f"{_SERVE_LIMITS.stream_interval_s:g}",
+        help="seconds: streamed tokens decoded within this of the last chunk share the next one (0: each alone)"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
     ONNX Runtime, without PyTorch."""
     given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
-             "request_timeout_s": timeout}
+             "request_timeout_s": timeout, "stream_interval_s": stream_interval}
     limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
     from llm.serve import ServeError, run_server
 

@@ -323,6 +323,8 @@ class ServeLimits(StrictModel):
     max_batch: int = Field(8, gt=0, description="requests decoded together")
     max_queue: int = Field(64, gt=0, description="requests waiting for a place in the batch")
     request_timeout_s: float = Field(60.0, gt=0, description="deadline of a request, queueing included")
+    stream_interval_s: float = Field(0.02, ge=0, description="a streamed answer's tokens that decode within "
+                                     "this long of its last chunk go out as one chunk (0: each at once)")
 
     @model_validator(mode="after")
     def _check_default(self) -> ServeLimits:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import json
 import logging
@@ -93,14 +94,14 @@ class EventBridge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._pending: collections.deque[tuple[asyncio.Queue, Event]] = collections.deque()
+        self._pending: collections.deque[tuple[Callable[[Event], None], Event]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
 
-    def post(self, queue: asyncio.Queue, event: Event) -> None:
-        """Called on the engine's thread."""
+    def post(self, receive: Callable[[Event], None], event: Event) -> None:
+        """Called on the engine's thread; ``receive(event)`` runs on the event loop."""
         with self._lock:
-            self._pending.append((queue, event))
+            self._pending.append((receive, event))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -110,8 +111,8 @@ class EventBridge:
         with self._lock:
             pending, self._pending = self._pending, collections.deque()
             self._scheduled = False
-        for queue, event in pending:
-            queue.put_nowait(event)
+        for receive, event in pending:
+            receive(event)
 
 
 # ---------------------------------------------------------------------------------------------- one request
@@ -130,12 +131,14 @@ class Generation:
         self.stops = api.StopStrings(stops)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self._last_piece = 0.0  # when the last piece went out (time.monotonic)
         self.deadline = time.monotonic() + served.limits.request_timeout_s
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        bridge, events = served.bridge(), self.events
+        self.ended = asyncio.Event()  # the final event has arrived
+        bridge, receive = served.bridge(), self._receive
 
         def on_event(event: Event) -> None:  # on the engine's worker thread
-            bridge.post(events, event)
+            bridge.post(receive, event)
 
         try:
             self.job = served.engine.submit(prompt_ids, params, on_event=on_event, deadline=self.deadline)
@@ -146,8 +149,14 @@ class Generation:
             raise _unavailable() from None
 
     async def pieces(self) -> AsyncIterator[str]:
-        """The text as it decodes: one piece for the tokens that arrived together (one per token when the
-        server keeps up, more when it falls behind, so a busy server sends fewer, larger chunks)."""
+        """The text as it decodes: the first piece as soon as it decodes, then one piece for the tokens that
+        decoded within ``stream_interval_s`` of the last (each chunk is a write to the client's socket: eight
+        streams at a token each per decoder step would spend the CPU on writes that batching saved)."""
+        async for piece in self._pieces():
+            self._last_piece = time.monotonic()
+            yield piece
+
+    async def _pieces(self) -> AsyncIterator[str]:
         decoder = self.served.tokenizer.stream_decoder(skip_special=True)
         try:
             while True:
@@ -185,9 +194,19 @@ class Generation:
     def usage(self) -> dict[str, int]:
         return api.usage(len(self.prompt_ids), self.completion_tokens)
 
+    def _receive(self, event: Event) -> None:
+        self.events.put_nowait(event)
+        if event.finish_reason is not None:
+            self.ended.set()
+
     async def _next_events(self) -> list[Event]:
         """Every event that has arrived, waiting for the first (checking the deadline and the client)."""
         events: list[Event] = []
+        pause = self._last_piece + self.served.limits.stream_interval_s - time.monotonic()
+        if pause > 0 and self._last_piece and not self.ended.is_set():
+            # let a few more tokens join this piece; never delays the first piece or the end of the answer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), timeout=min(pause, self.deadline - time.monotonic()))
         while not events and self.events.empty():
             left = self.deadline + DEADLINE_GRACE_S - time.monotonic()
             if left <= 0:
@@ -484,7 +503,7 @@ def default_model_name(uri: str) -> str:
 def load_generator(export: Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
     """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``."""
     int8 = not fp32 and bool(read_generation_config(export).get("int8_model_file"))
-    return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads)
+    return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,
