@@ -154,7 +154,8 @@ def request(port: int, method: str, path: str, body: dict | None, timeout: float
 def llm_chat(port: int, model: str, question: str, seed: int, max_tokens: int) -> Result:
     """One streamed chat completion from ``llm serve``; its usage chunk gives the completion tokens."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "min_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+            "min_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
