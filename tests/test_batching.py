@@ -194,3 +194,20 @@ def test_the_engine_and_its_callers_need_no_torch():
     code = ("import sys; import llm.inference.batching; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+
+
+def test_a_crashed_worker_stops_the_engine_instead_of_queueing_work_nobody_decodes(generator, monkeypatch):
+    from llm.inference import batching
+
+    def broken(self):
+        raise RuntimeError("a bug in the batch")
+
+    monkeypatch.setattr(batching._Batch, "join", broken)
+    events = Collector()
+    engine = BatchEngine(generator).start()
+    engine.submit([1, 2], SamplingParams(max_new_tokens=5), on_event=events.callback("first"))
+    events.wait(10)
+    assert events.finish["first"].finish_reason == "cancelled"
+    with pytest.raises(EngineStopped):
+        engine.submit([1, 2], SamplingParams(max_new_tokens=5), on_event=lambda e: None)
+    engine.stop()

@@ -214,9 +214,13 @@ class BatchEngine:
                 if batch.rows:
                     self._decode_step(batch, fresh)
                     self._active = len(batch.rows) + len(fresh)
+        except Exception:  # noqa: BLE001 - a bug here must not leave a server accepting work nobody decodes
+            log.exception("the batch engine's worker failed; the engine stops")
         finally:
-            for row in [*batch.rows, *fresh]:
+            self._running.clear()  # submit now raises EngineStopped (HTTP 503)
+            for row in [*batch.rows, *(row for row, _ in batch.joiners), *fresh]:
                 _emit(row.job, Event(finish_reason="cancelled"))
+            self._drain("cancelled")
             self._active = 0
 
     def _admit(self, free: int, wait: bool) -> list[_Row]:
