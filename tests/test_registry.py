@@ -472,10 +472,10 @@ def test_an_unexpected_failure_is_a_500_with_an_error_id_and_no_stack_trace(with
     model = mlflow.pyfunc.load_model("models:/gpt/1")
     served = model.unwrap_python_model()
 
-    def broken(ids, params):
+    def broken(*args, **kwargs):
         raise RuntimeError("the decoder fell over at /secret/path")
 
-    served.generator.stream_generate = broken
+    served.generator.forward = broken  # the ONNX engine's decoder call
     body = {"dataframe_records": [{"prompt": "hi"}]}
     with caplog.at_level("ERROR"), pytest.raises(MlflowException, match="generation failed") as err:
         invocations(json.dumps(body), "application/json", model, model.metadata.get_input_schema())

@@ -438,10 +438,11 @@ def test_registry_and_run_uris_resolve_to_the_attached_export(export, tmp_path, 
     from llm.serve import ServeError, default_model_name, resolve_export
 
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not MLflow's global URIs, which other tests set
     experiment = client.create_experiment("serve", artifact_location=(tmp_path / "mlruns").as_uri())
     run_id = client.create_run(experiment).info.run_id
     client.log_artifacts(run_id, str(export), "onnx")
