@@ -359,6 +359,25 @@ def test_rows_and_concurrent_requests_of_the_onnx_pyfunc_decode_together(with_ex
     assert max(sizes) >= 4  # at least one request's rows decoded in one batch
 
 
+def test_min_new_tokens_reaches_the_pyfunc_through_its_signature(with_export):
+    """A column the signature lacks is dropped by MLflow before predict sees it."""
+    from llm.data.chat_template import generation_stop_ids
+    from llm.inference.decoding import SamplingParams
+    from llm.inference.onnx_runtime import OnnxGenerator
+
+    configure_mlflow()
+    model = mlflow.pyfunc.load_model("models:/gpt/1")
+    generator = OnnxGenerator(with_export["onnx"], int8=True)
+    tok = generator.tokenizer
+    stop = generation_stop_ids(tok)
+    params = SamplingParams(max_new_tokens=30, min_new_tokens=30, temperature=0.0, stop_ids=stop)
+    ids = generator.generate([tok.bos_id, *tok.encode("hi")], params)
+    request = pd.DataFrame({"prompt": ["hi"], "max_new_tokens": [30], "min_new_tokens": [30], "temperature": [0.0]})
+    assert len(ids) == 30 and model.predict(request) == [tok.decode(ids, skip_special=True)]
+    assert "min_new_tokens" in model.metadata.get_input_schema().input_names()
+    assert "min_new_tokens" in [p.name for p in model.metadata.get_params_schema().params]
+
+
 def test_the_pyfunc_looks_for_the_export_where_the_registry_attaches_it():
     from llm.inference import onnx_runtime
     from llm.mlops import registry, serving

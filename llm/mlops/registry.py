@@ -122,12 +122,13 @@ def _signature():
     # sampling fields are typed Any: a column that some rows leave out holds NaN, which a "long" rejects;
     # the model validates them itself (llm.inference.generate.SamplingParams) and answers 400 with the reason
     optional = [ColSpec(AnyType(), name, required=False)
-                for name in ("messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed")]
+                for name in ("messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed")]
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt", required=False), *optional]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([
             ParamSpec("max_new_tokens", "long", None),
+            ParamSpec("min_new_tokens", "long", None),
             ParamSpec("temperature", "double", None),
             ParamSpec("top_k", "long", None),
             ParamSpec("top_p", "double", None),
