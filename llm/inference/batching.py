@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, sample_next_token
+from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, sample_next_token, suppress_ids
 from llm.inference.onnx_runtime import OnnxGenerator
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def _sample(rows: list[_Row], logits: np.ndarray) -> list[int]:
     if held:
         logits = np.array(logits, copy=True)
         for i in held:
-            logits[i, list(rows[i].job.params.stop_ids)] = -np.inf
+            logits[i] = suppress_ids(logits[i], rows[i].job.params.stop_ids)
     groups: dict[tuple, list[int]] = collections.defaultdict(list)
     for i, row in enumerate(rows):
         p = row.job.params
