@@ -4,8 +4,11 @@ For each model shape and context length, one random prompt of that many tokens i
 
     torch (no cache)   llm.inference.generate.stream_generate(use_cache=False): the whole window recomputed per token
     torch (cache)      llm.inference.generate.stream_generate: prefill once, then one token per step with the KV cache
-    onnxruntime        llm.inference.onnx_runtime.OnnxGenerator on the exported model.onnx (fp32)
-    onnxruntime int8   the same on model.int8.onnx (dynamic int8 quantization), with --quantize
+    onnxruntime        llm.inference.onnx_runtime.OnnxGenerator (fp32) on the export's static-cache graph
+                       (model.static.onnx: cache buffers allocated once, written in place by onnxruntime)
+    ort portable       the same on the portable graph model.onnx (its present cache is past + new: a new
+                       array every step), what other runtimes run
+    onnxruntime int8   the static-cache graph quantized (model.static.int8.onnx), with --quantize
     hf generate        transformers GPT2LMHeadModel of the same shape, generate(use_cache=True, greedy,
                        min_new_tokens=max_new_tokens so every run has the same length)
 
@@ -125,10 +128,12 @@ def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_to
     greedy_nocache = SamplingParams(max_new_tokens=nocache_tokens, temperature=0.0)
     ort_params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     fp32 = OnnxGenerator(onnx_dir, intra_op_num_threads=threads)
+    portable = OnnxGenerator(onnx_dir, intra_op_num_threads=threads, static_cache=False)
     table: dict[str, Callable] = {
         "torch (no cache)": lambda p: time_stream(stream_generate(model, p, greedy_nocache, use_cache=False)),
         "torch (cache)": lambda p: time_stream(stream_generate(model, p, greedy)),
         "onnxruntime": lambda p: time_stream(fp32.stream_generate(p, ort_params)),
+        "ort portable": lambda p: time_stream(portable.stream_generate(p, ort_params)),
     }
     if quantize:
         int8 = OnnxGenerator(onnx_dir, int8=True, intra_op_num_threads=threads)

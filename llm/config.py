@@ -145,6 +145,8 @@ class ExportParams(StrictModel):
 
     opset: int | None = Field(None, ge=17, description="ONNX opset; None: the exporter's default")
     quantize: bool = Field(True, description="also write model.int8.onnx (dynamic int8 quantization)")
+    static_cache: bool = Field(True, description="also write model.static.onnx, the serving graph whose cache "
+                               "onnxruntime updates in place (llm serve batches with it)")
     verify: bool = Field(True, description="check ONNX Runtime against PyTorch and fail the export on a mismatch")
     atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed by the parity check")
 

@@ -449,7 +449,7 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
 
     with _run("export", params.model_dump(), tracking_enabled(track)) as run:
         summary = export_onnx(checkpoint_dir, out_dir, opset=params.opset, quantize=params.quantize,
-                              verify=params.verify, atol=params.atol)
+                              verify=params.verify, atol=params.atol, static_cache=params.static_cache)
         parity = summary.get("parity", {})
         run.log_metrics({f"export/{k}": float(v) for k, v in parity.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -28,6 +28,13 @@ def generator(tmp_path_factory) -> OnnxGenerator:
     return OnnxGenerator(root / "onnx", intra_op_num_threads=1)
 
 
+@pytest.fixture(params=[True, False], ids=["static-cache", "portable"])
+def static(request, generator) -> bool:
+    """Both decoders the engine can batch with: the export's static-cache graph (format 3), and the portable
+    graph whose rows are padded into one growing cache (format 2, and every export without the static graph)."""
+    return request.param
+
+
 class Collector:
     """The events of several requests, by request name; ``wait`` until all have their final event."""
 
@@ -68,11 +75,12 @@ def ragged_requests(vocab: int, n: int) -> list[tuple[list[int], SamplingParams]
     return requests
 
 
-def test_concurrent_requests_decode_together_and_each_gets_what_it_would_get_alone(generator):
+def test_concurrent_requests_decode_together_and_each_gets_what_it_would_get_alone(generator, static):
     requests = ragged_requests(generator.vocab_size, 12)
     alone = [generator.generate(prompt, params) for prompt, params in requests]
     events = Collector()
-    with BatchEngine(generator, max_batch=5, max_queue=16) as engine:
+    with BatchEngine(generator, max_batch=5, max_queue=16, static_cache=static) as engine:
+        assert (engine.static is not None) == static
         for i, (prompt, params) in enumerate(requests):
             engine.submit(prompt, params, on_event=events.callback(str(i)))
         events.wait()
@@ -82,12 +90,12 @@ def test_concurrent_requests_decode_together_and_each_gets_what_it_would_get_alo
     assert sum(n for size, n in engine.batch_sizes.items() if size > 1) > sum(engine.batch_sizes.values()) // 2
 
 
-def test_a_stop_id_ends_only_its_own_row(generator):
+def test_a_stop_id_ends_only_its_own_row(generator, static):
     prompt = [5, 6, 7]
     greedy = generator.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0.0))
     stop = greedy[3]
     events = Collector()
-    with BatchEngine(generator, max_batch=4) as engine:
+    with BatchEngine(generator, max_batch=4, static_cache=static) as engine:
         engine.submit(prompt, SamplingParams(max_new_tokens=20, temperature=0.0, stop_ids=(stop,)),
                       on_event=events.callback("stops"))
         engine.submit(prompt, SamplingParams(max_new_tokens=20, temperature=0.0), on_event=events.callback("runs"))
@@ -148,19 +156,21 @@ def test_the_queue_is_bounded_and_a_stopped_engine_refuses_work(generator):
     assert {e.finish_reason for e in events.finish.values()} == {"cancelled"}
 
 
-def test_a_failing_decoder_call_fails_its_requests_and_the_engine_goes_on(generator, monkeypatch):
-    real_forward = generator.forward
+def test_a_failing_decoder_call_fails_its_requests_and_the_engine_goes_on(generator, static, monkeypatch):
+    engine = BatchEngine(generator, max_batch=2, static_cache=static)
+    decoder, method = (engine.static, "step") if static else (generator, "forward")
+    real = getattr(decoder, method)
     failures = iter([True])
 
-    def flaky(*args, **kwargs):
-        if kwargs.get("past_mask") is not None and next(failures, False):
+    def flaky(*args, **kwargs):  # the first decode step (not a prefill) fails
+        if (static or kwargs.get("past_mask") is not None) and next(failures, False):
             raise RuntimeError("the decoder broke")
-        return real_forward(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(generator, "forward", flaky)
+    monkeypatch.setattr(decoder, method, flaky)
     events = Collector()
     params = SamplingParams(max_new_tokens=5, temperature=0.0)
-    with BatchEngine(generator, max_batch=2) as engine:
+    with engine:
         engine.submit([1, 2, 3], params, on_event=events.callback("first"))
         events.wait()
         engine.submit([1, 2, 3], params, on_event=events.callback("second"))
@@ -187,6 +197,34 @@ def test_the_batch_cache_shrinks_back_when_rows_leave(generator):
     assert batch.mask.shape == (1, 4) and batch.mask.all() and batch.cache[0].shape == (1, 2, 4, 16)
 
 
+def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_the_last(generator):
+    """Memory stays flat with the static-cache graph: its buffers are made once, [slots, H, L, D], and a step
+    writes into them in place; a row that leaves gets the last row's cache copied into its slot."""
+    from llm.inference.batching import _Row, _StaticBatch
+
+    engine = BatchEngine(generator, max_batch=3)
+    decoder = engine.static
+    buffers = [b.__array_interface__["data"][0] for b in decoder.buffers]
+    assert decoder.buffers[0].shape == (3, generator.n_head, CONTEXT, generator.head_dim)
+    batch = _StaticBatch(decoder)
+    windows = [list(range(1, n + 2)) for n in (5, 12, 3)]
+    for window in windows:
+        logits, slot = batch.prefill(window[:-1])
+        batch.joiners.append((_Row(None, None, window), slot))
+    batch.join()
+    alone = [generator.forward(np.array([w]))[0][0, -1] for w in windows]
+    np.testing.assert_allclose(batch.step(), np.stack(alone), atol=1e-4)
+    last_row = decoder.buffers[0][2, :, :3].copy()
+    batch.keep([False, True, True])  # slot 0 leaves; the row in slot 2 moves there
+    assert [len(r.window) for r in batch.rows] == [4, 13]
+    np.testing.assert_array_equal(decoder.buffers[0][0, :, :3], last_row)
+    for row, token in zip(batch.rows, (7, 8), strict=True):
+        row.window.append(token)
+    moved = [generator.forward(np.array([r.window]))[0][0, -1] for r in batch.rows]
+    np.testing.assert_allclose(batch.step(), np.stack(moved), atol=1e-4)
+    assert [b.__array_interface__["data"][0] for b in decoder.buffers] == buffers  # never re-allocated
+
+
 def test_the_engine_and_its_callers_need_no_torch():
     import subprocess
     import sys
@@ -203,6 +241,7 @@ def test_a_crashed_worker_stops_the_engine_instead_of_queueing_work_nobody_decod
         raise RuntimeError("a bug in the batch")
 
     monkeypatch.setattr(batching._Batch, "join", broken)
+    monkeypatch.setattr(batching._StaticBatch, "join", broken)
     events = Collector()
     engine = BatchEngine(generator).start()
     engine.submit([1, 2], SamplingParams(max_new_tokens=5), on_event=events.callback("first"))

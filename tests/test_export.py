@@ -117,6 +117,21 @@ def test_rows_of_different_lengths_padded_into_one_batch_match_each_row_alone(ex
     assert ragged["max_abs_logits"] == max(c["max_abs_logits"] for c in ragged["cases"]) <= 1e-4
 
 
+def test_the_static_cache_graph_matches_pytorch_row_by_row(exported):
+    """The serving graph (format 3): rows prefilled into their own slots of fixed-length buffers, then one
+    decode step for rows of lengths such as 3, 0 and 9, or the context limit, each against PyTorch alone."""
+    _, onnx_dir, summary = exported
+    config = json.loads((onnx_dir / "generation_config.json").read_text())
+    assert config["format_version"] == 3 and config["static_cache"]["model_file"] == "model.static.onnx"
+    axes = graph_axes(onnx_dir / "model.static.onnx")
+    batch = axes["input_ids"][0]
+    assert axes["cache_last"] == [batch]
+    assert axes["past_key_values.0.key"] == axes["present.0.key"] == [batch, 2, CONTEXT, 16]  # a fixed length
+    static = summary["parity"]["static_cache"]
+    assert {tuple(c["cache_lengths"]) for c in static["steps"]} == {(3, 0, 9), (CONTEXT - 1, 1, CONTEXT // 2, 2)}
+    assert static["max_abs_logits"] <= 1e-4 and static["prefill_max_abs_logits"] <= 1e-4
+
+
 def test_logits_match_pytorch_at_past_lengths_0_1_17_and_the_limit(exported):
     _, onnx_dir, summary = exported
     rows = summary["parity"]["logits"]
@@ -148,7 +163,8 @@ def test_any_batch_and_an_empty_cache_run_in_onnx_runtime(exported):
 def test_greedy_generation_matches_torch(exported):
     checkpoint, onnx_dir, summary = exported
     greedy = summary["parity"]["greedy"]
-    assert greedy == {"prompts": 20, "new_tokens": 64, "identical": 20, "mismatches": []}
+    assert greedy == {"prompts": 20, "new_tokens": 64, "graphs": ["portable", "static_cache"], "identical": 20,
+                      "mismatches": []}
     from llm.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0]
@@ -156,6 +172,7 @@ def test_greedy_generation_matches_torch(exported):
     prompt = [1, *range(10, 10 + CONTEXT + 5)]  # longer than the context: truncated, then the window slides
     ours = OnnxGenerator(onnx_dir).generate(prompt, params)
     assert ours == generate(model, prompt, params)
+    assert OnnxGenerator(onnx_dir, static_cache=False).generate(prompt, params) == ours  # the portable graph
     assert len(set(ours)) >= 4  # a real sequence, not one token repeated
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, sample_next_token, suppress_ids
-from llm.inference.onnx_runtime import OnnxGenerator
+from llm.inference.onnx_runtime import OnnxGenerator, StaticCacheDecoder
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,14 @@ class BatchEngine:
     context manager, or call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, generator: OnnxGenerator, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, generator: OnnxGenerator, *, max_batch: int = 8, max_queue: int = 64,
+                 static_cache: bool = True):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator = generator
         self.max_batch, self.max_queue = max_batch, max_queue
+        # the export's static-cache graph when it has one (format 3): no cache copied from step to step
+        self.static = generator.static_cache_decoder(max_batch) if static_cache else None
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._ids = itertools.count(1)
         self._running = threading.Event()
@@ -96,7 +99,7 @@ class BatchEngine:
         self._active = 0
         self._keep = max(1, generator.context_length // 2)  # what a sliding window keeps (see decoding.decode)
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps by batch size
-        if max_batch > 1 and not generator.batched:
+        if max_batch > 1 and not generator.batched and self.static is None:
             log.warning("%s is a format 1 export: requests are decoded one at a time (export it again to batch)",
                         generator.model_path)
             self.max_batch = 1
@@ -197,14 +200,15 @@ class BatchEngine:
 
     def _work(self) -> None:
         """Admit queued requests into free rows, prefill them, then advance the whole batch one token; repeat."""
-        batch, fresh = _Batch(self.generator), []  # fresh: rows whose window must be prefilled (new or slid)
+        batch = _StaticBatch(self.static) if self.static is not None else _Batch(self.generator)
+        fresh: list[_Row] = []  # rows whose window must be prefilled (new, or their window slid)
         try:
             while self._running.is_set():
                 idle = not batch.rows and not fresh
                 fresh += self._admit(self.max_batch - len(batch.rows) - len(fresh), wait=idle)
                 while fresh:
                     row = fresh.pop(0)
-                    cache = self._prefill(row)
+                    cache = self._prefill(row, batch)
                     if cache is _SLID:
                         fresh.append(row)
                     elif cache is not None:
@@ -249,21 +253,21 @@ class BatchEngine:
             return "timeout"
         return None
 
-    def _prefill(self, row: _Row) -> list[np.ndarray] | object | None:
+    def _prefill(self, row: _Row, batch: _Batch | _StaticBatch) -> object | None:
         """Feed the row's whole window and take its next token. Returns the row's cache when it goes on,
         ``_SLID`` when its window slid (prefill it again), None when it ended."""
         try:
-            logits, cache = self.generator.forward(np.array([row.window], dtype=np.int64))
+            logits, cache = batch.prefill(row.window)
         except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
             return self._fail([row], err)
-        if not self._advance(row, _sample([row], logits[:, -1])[0]):
+        if not self._advance(row, _sample([row], logits)[0]):
             return None
         if len(row.window) > self.generator.context_length:
             row.window = row.window[-self._keep :]
             return _SLID
         return cache
 
-    def _decode_step(self, batch: _Batch, fresh: list[_Row]) -> None:
+    def _decode_step(self, batch: _Batch | _StaticBatch, fresh: list[_Row]) -> None:
         """One decoder call for every row of the batch; rows that ended leave it, rows whose window slid
         leave it for ``fresh``."""
         try:
@@ -359,6 +363,11 @@ class _Batch:
         self.cache: list[np.ndarray] = []
         self.mask = np.zeros((0, 0), dtype=bool)
 
+    def prefill(self, window: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The last token's logits [1, V] for ``window`` and its cache, to join the batch."""
+        logits, cache = self.generator.forward(np.array([window], dtype=np.int64))
+        return logits[:, -1], cache
+
     def join(self) -> None:
         """Add the prefilled rows, padding the shorter caches (theirs or the batch's) on the left."""
         for row, cache in self.joiners:
@@ -398,6 +407,44 @@ class _Batch:
         if first:
             self.cache = [np.ascontiguousarray(a[:, :, first:]) for a in self.cache]
             self.mask = np.ascontiguousarray(self.mask[:, first:])
+
+
+class _StaticBatch:
+    """The rows decoding together over a static cache (``StaticCacheDecoder``): row i lives in slot i.
+
+    A new row is prefilled straight into the next free slot; a step writes each row's new token into its own
+    slot, in place; a row that leaves is replaced by the last row (one row's cache copied), so the rows in use
+    stay slots 0..B-1. Nothing is padded, and no step copies the cache.
+    """
+
+    def __init__(self, decoder: StaticCacheDecoder):
+        self.decoder = decoder
+        self.rows: list[_Row] = []
+        self.joiners: list[tuple[_Row, int]] = []  # prefilled rows and their slots
+
+    def prefill(self, window: list[int]) -> tuple[np.ndarray, int]:
+        """Encode ``window`` into the next free slot; returns the last token's logits [1, V] and the slot."""
+        slot = len(self.rows) + len(self.joiners)
+        return self.decoder.prefill(slot, window)[None], slot
+
+    def join(self) -> None:
+        self.rows += [row for row, _ in self.joiners]  # prefilled in order, into slots len(rows), len(rows)+1, ...
+        self.joiners = []
+
+    def step(self) -> np.ndarray:
+        """Feed each row's last token at its position (the number of tokens it has cached); returns [B, V]."""
+        return self.decoder.step([row.window[-1] for row in self.rows], [len(row.window) - 1 for row in self.rows])
+
+    def keep(self, keep: list[bool]) -> None:
+        """Keep the rows marked True: the last rows kept move into the slots of the rows that left."""
+        n = sum(keep)
+        holes = [i for i in range(n) if not keep[i]]
+        movers = [i for i in range(n, len(keep)) if keep[i]]
+        rows = self.rows[:n]
+        for hole, source in zip(holes, movers, strict=True):
+            self.decoder.move(source, hole, len(self.rows[source].window) - 1)  # its cached tokens
+            rows[hole] = self.rows[source]
+        self.rows = rows
 
 
 def _pad_left(cache: np.ndarray, n: int) -> np.ndarray:

@@ -157,6 +157,13 @@ def sample_next_token(
     scaled = logits.astype(np.float64) / temperature
     vocab = scaled.shape[-1]
     if top_k is not None and top_k < vocab:
+        part = np.argpartition(scaled, vocab - top_k, axis=-1)[:, vocab - top_k :]  # the k largest, any order
+        candidates = np.sort(part, axis=-1)  # in vocabulary order, as the full-vocabulary draw below walks
+        values = np.take_along_axis(scaled, candidates, axis=-1)
+        if (np.count_nonzero(scaled >= values.min(axis=-1, keepdims=True), axis=-1) == top_k).all():
+            # no ties with the k-th: the same draw over the k candidates alone (the others have probability 0)
+            picks = sample_next_token(values, 1.0, None, top_p, rng, uniforms)
+            return np.take_along_axis(candidates, picks[:, None], axis=-1)[:, 0].astype(np.int64)
         kth = np.partition(scaled, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]  # [B, 1]
         scaled = np.where(scaled < kth, -np.inf, scaled)
     if top_p is not None and top_p < 1.0:

@@ -4,6 +4,7 @@ The export folder is self-contained, so ``llm.inference.onnx_runtime`` can gener
 
     model.onnx               the decoder (weights in model.onnx.data when large)
     model.int8.onnx          with ``quantize=True``: int8 dynamic quantization of the MatMul weights
+    model.static.onnx        the same decoder with a static cache, for onnxruntime (and .int8 with quantize)
     generation_config.json   shapes, input/output names, special ids, default sampling
     tokenizer/               copied from the checkpoint
     parity.json              ONNX Runtime against PyTorch: logits and greedy ids
@@ -17,6 +18,14 @@ length 0. For one sequence, ``position_ids`` is ``past .. past + seq - 1`` and `
 caches on the left: ``past_mask`` is False on the padding, which no token attends to, and ``position_ids``
 gives each row's own positions (``llm.inference.batching``). Format 1 exports (no ``position_ids`` or
 ``past_mask``: positions implicit from the cache length) still load, one sequence at a time.
+
+The static-cache graph (format 3) serves batches on onnxruntime (``llm.inference.batching``): its cache
+inputs are buffers [batch, n_head, context_length, head_dim] that hold row b's tokens in positions
+0..n_b-1, ``cache_last`` [batch] int32 is n_b + seq - 1 and ``position_ids`` the new tokens' positions; each
+layer's attention is one ``com.microsoft.GroupQueryAttention`` node, which writes the new keys and values
+into the buffers in place when the caller binds each present output to its past input. No cache is copied
+or padded from step to step, which the portable graph, whose present is past + seq, must do. The portable
+``model.onnx`` stays the reference for other runtimes; both are checked against PyTorch.
 
 The graph comes from ``torch.onnx.export(dynamo=True)`` (torch.export, then ONNX Script) with symbolic
 batch, seq and past dimensions, traced at sizes of at least 2 so that no axis is specialised to 0 or 1.
@@ -38,7 +47,15 @@ from torch import nn
 
 from llm.config import EvalParams
 from llm.data.chat_template import generation_stop_ids
-from llm.inference.onnx_runtime import CONFIG_FILE, INT8_FILE, MODEL_FILE, OnnxGenerator
+from llm.inference.onnx_runtime import (
+    CONFIG_FILE,
+    INT8_FILE,
+    MODEL_FILE,
+    STATIC_FILE,
+    STATIC_INT8_FILE,
+    OnnxGenerator,
+    StaticCacheDecoder,
+)
 from llm.io import atomic_folder, atomic_write_json
 from llm.model.checkpoint import TOKENIZER_DIR, load_checkpoint
 from llm.model.gpt import GPT
@@ -47,7 +64,7 @@ log = logging.getLogger(__name__)
 
 DATA_FILE = MODEL_FILE + ".data"
 PARITY_FILE = "parity.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2 added position_ids and past_mask; 3 adds the static-cache serving graph
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf caps a file at 2 GiB)
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 4  # >= 2 and distinct, so none is specialised or unified
 
@@ -75,9 +92,32 @@ class DecoderForExport(nn.Module):
         return (out.logits, *(t for kv in out.present_key_values for t in kv))
 
 
+class StaticDecoderForExport(nn.Module):
+    """``GPT.forward`` with a static cache (``static_last``), flattened for the serving graph.
+
+    forward(input_ids [B, T], position_ids [B, T], cache_last [B] int32, k0, v0, k1, v1, ...)
+    -> (logits [B, T, V], k0', v0', ...), every cache tensor [B, H, L, D] with L the context length.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_last: torch.Tensor,
+                *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
+        out = self.model(input_ids, past_key_values=past, use_cache=True, position_ids=position_ids,
+                         static_last=cache_last)
+        return (out.logits, *(t for kv in out.present_key_values for t in kv))
+
+
 def input_names(n_layer: int) -> list[str]:
     cache = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     return ["input_ids", "position_ids", "past_mask", *cache]
+
+
+def static_input_names(n_layer: int) -> list[str]:
+    return ["input_ids", "position_ids", "cache_last", *input_names(n_layer)[3:]]
 
 
 def output_names(n_layer: int) -> list[str]:
@@ -116,6 +156,42 @@ def _export_graph(model: GPT, path: Path, opset: int | None, external_data: bool
         except Exception as err:  # the exporter raises many types; name the stage and keep the cause
             raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
         program.save(str(path), external_data=external_data)
+    return _opset_of(path)
+
+
+def _export_static_graph(model: GPT, path: Path, opset: int | None, external_data: bool) -> int:
+    """Write the static-cache decoder of ``model`` (``StaticDecoderForExport``) to ``path``; return its opset."""
+    c = model.config
+    L, B, T = c.context_length, _TRACE_BATCH, _TRACE_SEQ
+    Dim = torch.export.Dim
+    batch, seq = Dim("batch", min=1), Dim("seq", min=1, max=L)
+    ids = torch.arange(B * T).reshape(B, T) % c.vocab_size
+    positions = torch.arange(_TRACE_PAST, _TRACE_PAST + T).expand(B, -1)
+    last = torch.full((B,), _TRACE_PAST + T - 1, dtype=torch.int32)
+    cache = [torch.zeros(B, c.n_head, L, c.head_dim) for _ in range(2 * c.n_layer)]
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, tuple({0: batch} for _ in cache))
+    with _quiet("torch.onnx", "onnxscript", "onnx_ir"):
+        try:
+            program = torch.onnx.export(
+                StaticDecoderForExport(model).eval(),
+                (ids, positions, last, *cache),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=static_input_names(c.n_layer),
+                output_names=output_names(c.n_layer),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as err:
+            message = f"torch.onnx.export of the static-cache graph failed: {type(err).__name__}: {err}"
+            raise ExportError(message) from err
+        program.save(str(path), external_data=external_data)
+    axes = graph_axes(path)
+    batch = axes["input_ids"][0]
+    for name in static_input_names(c.n_layer)[3:] + output_names(c.n_layer)[1:]:
+        if axes[name] != [batch, c.n_head, L, c.head_dim] or not isinstance(batch, str):
+            raise ExportError(f"{path}: {name} should be [batch, {c.n_head}, {L}, {c.head_dim}]: {axes[name]}")
     return _opset_of(path)
 
 
@@ -195,7 +271,7 @@ def check_dynamic_axes(path: str | Path, n_layer: int, n_head: int, head_dim: in
 
 
 def _generation_config(
-    model: GPT, tokenizer, checkpoint_config: dict, opset: int, external: bool, quantized: bool
+    model: GPT, tokenizer, checkpoint_config: dict, opset: int, external: bool, quantized: bool, static: bool
 ) -> dict:
     c = model.config
     defaults = EvalParams()
@@ -218,6 +294,14 @@ def _generation_config(
         "window_policy": {"slide_keep": max(1, c.context_length // 2), "reencode_from": 0},
         "inputs": input_names(c.n_layer),
         "outputs": output_names(c.n_layer),
+        "static_cache": {
+            "model_file": STATIC_FILE,
+            "int8_model_file": STATIC_INT8_FILE if quantized else None,
+            "inputs": static_input_names(c.n_layer),
+            "outputs": output_names(c.n_layer),
+            "cache_length": c.context_length,
+            "runtime": "onnxruntime (com.microsoft.GroupQueryAttention)",
+        } if static else None,
         "dtype": "float32",
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
@@ -300,7 +384,7 @@ def check_parity(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        report = _compare(model.eval(), OnnxGenerator(onnx_dir, intra_op_num_threads=num_threads),
+        report = _compare(model.eval(), OnnxGenerator(onnx_dir, intra_op_num_threads=num_threads, static_cache=False),
                           atol, n_prompts, new_tokens, batch_size, seed)
     finally:
         torch.set_num_threads(previous_threads)
@@ -334,22 +418,31 @@ def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, 
     ragged_rows = [_ragged_case(model, generator, rng, lengths, new)
                    for lengths, new in _ragged_cases(c.context_length)]
 
+    # greedy generation through each graph the export has: the portable one, and the static-cache one
+    generators = {"portable": generator}
+    static = None
+    if (generator.config.get("static_cache") or {}).get("model_file"):
+        static = _static_parity(model, StaticCacheDecoder(generator.onnx_dir, 4, intra_op_num_threads=1), rng)
+        generators["static_cache"] = OnnxGenerator(generator.onnx_dir, intra_op_num_threads=1)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     mismatches = []
     for i in range(n_prompts):
         length = int(rng.integers(1, c.context_length + 8))
         prompt = rng.integers(0, c.vocab_size, length).tolist()
         torch_ids = generate(model, prompt, params)
-        ort_ids = generator.generate(prompt, params)
-        if torch_ids != ort_ids:
-            differ = (j for j, (a, b) in enumerate(zip(torch_ids, ort_ids, strict=False)) if a != b)
-            first = next(differ, min(len(torch_ids), len(ort_ids)))  # or where the shorter one stopped
-            mismatches.append({"prompt": i, "prompt_length": length, "first_difference_at": first})
-
+        for graph, onnx_generator in generators.items():
+            ort_ids = onnx_generator.generate(prompt, params)
+            if torch_ids != ort_ids:
+                differ = (j for j, (a, b) in enumerate(zip(torch_ids, ort_ids, strict=False)) if a != b)
+                first = next(differ, min(len(torch_ids), len(ort_ids)))  # or where the shorter one stopped
+                mismatches.append({"prompt": i, "prompt_length": length, "first_difference_at": first,
+                                   "graph": graph})
     worst = max(max(r["max_abs_logits"], r["max_abs_cache"]) for r in logit_rows)
     worst_ragged = max((r["max_abs_logits"] for r in ragged_rows), default=0.0)
+    worst_static = static["max_abs_logits"] if static else 0.0
     return {
-        "passed": max(worst, worst_ragged) <= atol and not mismatches,
+        "passed": max(worst, worst_ragged, worst_static) <= atol and not mismatches,
+        "static_cache": static,
         "atol": atol,
         "max_abs_diff": worst,
         "logits": logit_rows,
@@ -357,10 +450,41 @@ def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, 
         "greedy": {
             "prompts": n_prompts,
             "new_tokens": new_tokens,
-            "identical": n_prompts - len(mismatches),
+            "graphs": list(generators),
+            "identical": n_prompts - len({m["prompt"] for m in mismatches}),
             "mismatches": mismatches,
         },
     }
+
+
+def _static_cases(context: int) -> list[list[int]]:
+    """Cache lengths of the rows of one static-cache decode step: mixed lengths, an empty row, a full one."""
+    cases = [[3, 0, 9], [context - 1, 1, context // 2, 2]]
+    return [[min(n, context - 1) for n in lengths] for lengths in cases]
+
+
+def _static_parity(model: GPT, decoder: StaticCacheDecoder, rng: np.random.Generator) -> dict[str, Any]:
+    """The static-cache graph against PyTorch: each row prefilled into its own slot (logits of the last
+    prompt token), then one decode step for all rows at once (rows of different lengths), each row's logits
+    against PyTorch on that row's whole sequence. Returns the largest differences."""
+    c = model.config
+    prefill_diff = step_diff = 0.0
+    cases = []
+    for lengths in _static_cases(c.context_length):
+        rows = [rng.integers(0, c.vocab_size, n + 1).tolist() for n in lengths]
+        for slot, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            if n:
+                ref = model(torch.tensor([row[:n]])).logits[0, -1].numpy()
+                prefill_diff = max(prefill_diff, float(np.abs(decoder.prefill(slot, row[:n]) - ref).max()))
+            else:  # an empty row: nothing cached, its one token is decoded at position 0
+                for buffer in decoder.buffers:
+                    buffer[slot] = 0.0
+        logits = decoder.step([row[n] for row, n in zip(rows, lengths, strict=True)], lengths)
+        diff = max(float(np.abs(logits[r] - model(torch.tensor([row])).logits[0, -1].numpy()).max())
+                   for r, row in enumerate(rows))
+        step_diff = max(step_diff, diff)
+        cases.append({"cache_lengths": lengths, "max_abs_logits": diff})
+    return {"max_abs_logits": max(prefill_diff, step_diff), "prefill_max_abs_logits": prefill_diff, "steps": cases}
 
 
 def _parity_message(report: dict) -> str:
@@ -373,31 +497,37 @@ def _parity_message(report: dict) -> str:
     )
     ids = f"greedy ids identical for {greedy['identical']}/{greedy['prompts']} prompts of {greedy['new_tokens']} tokens"
     parts = [logits, ids]
+    for name, key in (("ragged batches", "ragged"), ("static-cache graph", "static_cache")):
+        if report.get(key):
+            parts.append(f"{name}: max |ONNX - PyTorch| = {report[key]['max_abs_logits']:.3g}")
     if greedy["mismatches"]:
         m = greedy["mismatches"][0]
-        parts.append(f"first mismatch: prompt {m['prompt']} at new token {m['first_difference_at']}")
+        parts.append(f"first mismatch: prompt {m['prompt']} at new token {m['first_difference_at']} "
+                     f"({m.get('graph', 'portable')} graph)")
     return "; ".join(parts)
 
 
 def quantize_int8(onnx_dir: str | Path, external_data: bool = False) -> Path:
-    """Write ``model.int8.onnx`` beside ``model.onnx``: int8 weights, activations quantized on the fly.
+    """Write ``model.int8.onnx`` beside ``model.onnx`` (and ``model.static.int8.onnx`` beside the static-cache
+    graph): int8 weights, activations quantized on the fly.
 
     onnxruntime's dynamic quantization of MatMul/Gemm weights (per-channel symmetric int8). Returns its path.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_dir = Path(onnx_dir)
-    target = onnx_dir / INT8_FILE
-    with _quiet(""):  # onnxruntime logs a generic advice to pre-process on the root logger
-        quantize_dynamic(
-            onnx_dir / MODEL_FILE,
-            target,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            use_external_data_format=external_data,
-        )
-    return target
+    pairs = [(MODEL_FILE, INT8_FILE)] + ([(STATIC_FILE, STATIC_INT8_FILE)] if (onnx_dir / STATIC_FILE).exists() else [])
+    for source, target in pairs:
+        with _quiet(""):  # onnxruntime logs a generic advice to pre-process on the root logger
+            quantize_dynamic(
+                onnx_dir / source,
+                onnx_dir / target,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                use_external_data_format=external_data,
+            )
+    return onnx_dir / INT8_FILE
 
 
 def export_onnx(
@@ -409,14 +539,16 @@ def export_onnx(
     verify: bool = True,
     atol: float = 1e-4,
     external_data: bool | None = None,
+    static_cache: bool = True,
 ) -> dict[str, Any]:
     """Export the checkpoint at ``checkpoint_dir`` to a self-contained ONNX folder ``out_dir``.
 
     Writes ``model.onnx`` (opset ``opset``, None: the exporter's default), ``generation_config.json``,
     ``tokenizer/`` and, with ``verify``, ``parity.json`` (see ``check_parity``, tolerance ``atol``).
-    ``quantize`` adds ``model.int8.onnx``. ``external_data`` None stores weights in ``model.onnx.data`` only
-    above 1 GiB. The folder is built under a temporary name and renamed at the end, replacing an older
-    export, so a failure leaves no complete-looking folder.
+    ``static_cache`` adds ``model.static.onnx``, the serving graph (see the module docstring), checked too.
+    ``quantize`` adds ``model.int8.onnx`` (and its static twin). ``external_data`` None stores weights in
+    ``model.onnx.data`` only above 1 GiB. The folder is built under a temporary name and renamed at the end,
+    replacing an older export, so a failure leaves no complete-looking folder.
 
     Returns a summary: paths, opset, graph axes, sizes, timings and the parity report.
     Raises ExportError when the exporter fails, an axis is not dynamic, or parity fails (with the numbers);
@@ -431,8 +563,11 @@ def export_onnx(
     with atomic_folder(out_dir) as tmp:
         opset = _export_graph(model, tmp / MODEL_FILE, opset, external_data)
         axes = check_dynamic_axes(tmp / MODEL_FILE, c.n_layer, c.n_head, c.head_dim, c.vocab_size)
+        if static_cache:
+            _export_static_graph(model, tmp / STATIC_FILE, opset, external_data)
         export_s = time.perf_counter() - start
-        config = _generation_config(model, tokenizer, checkpoint_config, opset, external_data, quantize)
+        config = _generation_config(model, tokenizer, checkpoint_config, opset, external_data, quantize,
+                                    static_cache)
         atomic_write_json(tmp / CONFIG_FILE, config)
         source_tokenizer = checkpoint_dir / TOKENIZER_DIR
         shutil.copytree(source_tokenizer, tmp / TOKENIZER_DIR)

@@ -32,6 +32,8 @@ from llm.inference.decoding import SamplingParams, complete, decode
 CONFIG_FILE = "generation_config.json"
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # written by export_onnx(quantize=True)
+STATIC_FILE = "model.static.onnx"  # the serving graph: a static cache updated in place (format 3 exports)
+STATIC_INT8_FILE = "model.static.int8.onnx"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -90,6 +92,7 @@ class OnnxGenerator:
         providers: list[str] | None = None,
         optimized_model_path: str | Path | None = None,
         spinning: bool = True,
+        static_cache: bool = True,
     ):
         import onnxruntime as ort
 
@@ -102,10 +105,13 @@ class OnnxGenerator:
             hint = "; export with quantize=True for an int8 model" if int8 else ""
             raise FileNotFoundError(f"{model_path}: missing from the ONNX export{hint}")
         self.model_path = model_path
+        self.int8 = model_path.name == (self.config.get("int8_model_file") or INT8_FILE)
+        self._options = {"intra_op_num_threads": intra_op_num_threads, "spinning": spinning}
+        self.providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(
             str(model_path),
             sess_options=session_options(intra_op_num_threads, optimized_model_path, spinning),
-            providers=providers or ["CPUExecutionProvider"],
+            providers=self.providers,
         )
         self.n_layer = int(self.config["n_layer"])
         self.n_head = int(self.config["n_head"])
@@ -117,6 +123,25 @@ class OnnxGenerator:
         # format 2 graphs take per-row positions and a cache mask, so rows of different lengths can share a batch
         self.batched = {"position_ids", "past_mask"} <= {i.name for i in self.session.get_inputs()}
         self._tokenizer: Tokenizer | None = None
+        self.static_cache = static_cache and self._has_static_graph()
+        self._static_session: Any = None
+
+    def _has_static_graph(self) -> bool:
+        static = self.config.get("static_cache") or {}
+        name = static.get("int8_model_file" if self.int8 else "model_file")
+        # the graph was checked on the CPU provider's GroupQueryAttention; other providers use the portable one
+        return bool(name) and (self.onnx_dir / name).exists() and self.providers == ["CPUExecutionProvider"]
+
+    def static_cache_decoder(self, slots: int) -> StaticCacheDecoder | None:
+        """The export's static-cache graph with ``slots`` rows of buffers of its own (int8 when this generator
+        runs int8), sharing one onnxruntime session on this generator's threads; None when the generator does
+        not use it (``static_cache=False``, an export without one, or a provider other than the CPU's)."""
+        if not self.static_cache:
+            return None
+        decoder = StaticCacheDecoder(self.onnx_dir, slots, int8=self.int8, session=self._static_session,
+                                     **self._options)
+        self._static_session = decoder.session
+        return decoder
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -183,10 +208,18 @@ class OnnxGenerator:
         id), out-of-vocabulary ids or invalid sampling fields.
         """
         params = self._params(params)
+        static = self.static_cache_decoder(1)
+        if static is not None:  # one slot of buffers for this sequence; the cache is written in place
 
-        def step(ids: list[int], past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
-            logits, present = self.forward(np.array([ids], dtype=np.int64), past)
-            return logits[:, -1, :], present  # [1, V]
+            def step(ids: list[int], cached: int | None) -> tuple[np.ndarray, int]:
+                if cached is None:
+                    return static.prefill(0, ids)[None], len(ids)
+                return static.step(ids, [cached]), cached + 1  # [1, V]
+        else:
+
+            def step(ids: list[int], past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+                logits, present = self.forward(np.array([ids], dtype=np.int64), past)
+                return logits[:, -1, :], present  # [1, V]
 
         return decode(step, prompt_ids, params, context_length=self.context_length, vocab_size=self.vocab_size)
 
@@ -202,3 +235,95 @@ class OnnxGenerator:
     def text(self, prompt: str, params: SamplingParams | dict | None = None) -> str:
         """The whole continuation of ``prompt`` as one string."""
         return "".join(self.stream_text(prompt, params))
+
+
+class StaticCacheDecoder:
+    """The export's static-cache graph (``model.static.onnx``): cache buffers allocated once and written in place.
+
+    It holds, per layer, key and value buffers [slots, H, L, D] (L: the context length). Row r of a call is
+    slot r, and its cached tokens sit in slots' positions 0..n_r-1. ``prefill`` encodes a sequence into one
+    slot; ``step`` feeds one new token to each of slots 0..B-1, which onnxruntime's GroupQueryAttention
+    writes in place at position n_r (each present output is bound to its past input), so a step copies no
+    cache: its cost does not grow with the cached tokens beyond reading them. ``move`` copies one slot to
+    another, so that the rows in use stay a prefix 0..B-1. Needs onnxruntime's CPU provider, whose contrib
+    operators include GroupQueryAttention. Raises FileNotFoundError when the export has no static graph.
+    """
+
+    def __init__(self, onnx_dir: str | Path, slots: int, *, int8: bool = False, intra_op_num_threads: int | None = None,
+                 spinning: bool = True, session: Any = None):
+        import onnxruntime as ort
+
+        self.onnx_dir = Path(onnx_dir)
+        config = read_generation_config(self.onnx_dir)
+        static = config.get("static_cache") or {}
+        name = static.get("int8_model_file" if int8 else "model_file")
+        if not name or not (self.onnx_dir / name).exists():
+            missing = STATIC_INT8_FILE if int8 else STATIC_FILE
+            raise FileNotFoundError(f"{self.onnx_dir}: the export has no {missing} (the static-cache graph); "
+                                    "export it again with `llm export onnx`")
+        self.model_path = self.onnx_dir / name
+        # ``session``: one already open on this graph (sessions are thread-safe; each decoder has its buffers)
+        self.session = session or ort.InferenceSession(
+            str(self.model_path), sess_options=session_options(intra_op_num_threads, None, spinning),
+            providers=["CPUExecutionProvider"])
+        self._ort = ort
+        self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
+        self.head_dim, self.vocab_size = int(config["head_dim"]), int(config["vocab_size"])
+        self.context_length = int(config["context_length"])
+        self.slots = slots
+        shape = (slots, self.n_head, self.context_length, self.head_dim)
+        self.buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self._bindings: dict[tuple[int, int], Any] = {}  # (first slot, count) -> an IOBinding over those slots
+
+    def _binding(self, first: int, count: int) -> Any:
+        """The IOBinding for slots first..first+count-1: each present output bound to its past input, so
+        onnxruntime writes the new keys and values into the buffers. Made once per (first, count)."""
+        key = (first, count)
+        if key not in self._bindings:
+            binding = self.session.io_binding()
+            binding.bind_output("logits")  # first: get_outputs() lists the outputs in the order they were bound
+            for past, present, buffer in zip(self.past_names, self.present_names, self.buffers, strict=True):
+                value = self._ort.OrtValue.ortvalue_from_numpy(buffer[first:first + count])  # a view: no copy
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self._bindings[key] = binding
+        return self._bindings[key]
+
+    def _run(self, first: int, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> np.ndarray:
+        binding = self._binding(first, len(ids))
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        binding.bind_cpu_input("cache_last", np.ascontiguousarray(last, dtype=np.int32))
+        binding.bind_output("logits")  # unallocated again: the last run's logits had that run's shape
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Encode ``ids`` (at positions 0..T-1) into ``slot``, replacing what it held; returns the last
+        token's logits [V]. Raises ValueError when the ids do not fit the context."""
+        T = len(ids)
+        if not 1 <= T <= self.context_length:
+            raise ValueError(f"a prefill of {T} tokens does not fit context_length={self.context_length}")
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is outside 0..{self.slots - 1}")
+        logits = self._run(slot, np.array([ids]), np.arange(T)[None], np.array([T - 1]))
+        return logits[0, -1]
+
+    def step(self, ids: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+        """Feed ``ids[r]`` to slot r, whose cache holds ``lengths[r]`` tokens (so the token sits at that
+        position), for r in 0..B-1; returns the next-token logits [B, V]. Raises ValueError when a row is full."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(ids) > self.slots or len(ids) != len(lengths):
+            raise ValueError(f"{len(ids)} ids for {len(lengths)} lengths and {self.slots} slots")
+        if lengths.size and int(lengths.max()) >= self.context_length:
+            raise ValueError(f"a row holds {int(lengths.max())} tokens: no room left in "
+                             f"context_length={self.context_length}")
+        logits = self._run(0, np.asarray(ids)[:, None], lengths[:, None], lengths)
+        return logits[:, -1]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy the first ``length`` cached tokens of slot ``source`` into slot ``target``."""
+        for buffer in self.buffers:
+            buffer[target, :, :length] = buffer[source, :, :length]

@@ -67,6 +67,57 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), -inf where ``mask`` is False) v for q [B, H, T, D], k and v [B, H, S, D] and
+    ``mask`` [B, 1, T, S]; every query must see at least one key.
+
+    The same function as ``F.scaled_dot_product_attention`` with ``attn_mask``, written out for the decoding
+    path with a cache: an ONNX export keeps it as one scaled MatMul with a transposed operand, where the
+    exporter's SDPA decomposition transposes and scales the whole cache every step (bench/generate.py).
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # [B, H, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+    return torch.matmul(weights, v)
+
+
+def static_cache_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor], last: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention with a static cache: q, k, v [B, H, T, D] for T new tokens of each row, ``past`` (k, v) each
+    [B, H, L, D] with row b's earlier tokens in slots 0..n_b-1, and ``last`` [B] int32 = n_b + T - 1, the slot of
+    each row's last new token. The new keys and values go to slots n_b..n_b+T-1 and each query sees its row's
+    slots up to its own. Returns (y [B, T, H*D], (k, v) the updated buffers, same shapes as ``past``).
+
+    No slot is copied to make room: the buffers stay [B, H, L, D], so a decoder step costs nothing per cached
+    token beyond reading it. In an ONNX export this is one ``com.microsoft.GroupQueryAttention`` node, which
+    onnxruntime runs in place when the caller binds each present output to its past input
+    (``llm.inference.onnx_runtime.StaticCacheDecoder``); here, for PyTorch, it is written out.
+    """
+    B, H, T, D = q.shape
+    if torch.onnx.is_in_onnx_export():
+        total = (last.max() + 1).to(torch.int32)  # the longest row: the extent of the buffers GQA reads
+        y, k_buf, v_buf = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            [t.transpose(1, 2).reshape(B, T, H * D) for t in (q, k, v)] + [past[0], past[1], last, total],
+            {"num_heads": H, "kv_num_heads": H},
+            dtypes=[q.dtype, q.dtype, q.dtype],
+            shapes=[[B, T, H * D], past[0].shape, past[1].shape],
+            version=1,
+        )
+        return y, (k_buf, v_buf)
+    L = past[0].size(2)
+    slots = last.long()[:, None] - (T - 1) + torch.arange(T, device=q.device)  # [B, T]
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_buf, v_buf = past[0].clone(), past[1].clone()
+    k_buf[rows, :, slots] = k.transpose(1, 2)  # [B, T, H, D] into [B, H, L, D] at (row, slot)
+    v_buf[rows, :, slots] = v.transpose(1, 2)
+    mask = torch.arange(L, device=q.device)[None, None, None, :] <= slots[:, None, :, None]  # [B, 1, T, L]
+    y = masked_attention(q, k_buf, v_buf, mask)
+    return y.transpose(1, 2).reshape(B, T, H * D), (k_buf, v_buf)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention (Vaswani et al., 2017) over the cache plus the new tokens, never the future."""
 
@@ -86,10 +137,12 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        static_last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, T, C] -> (y [B, T, C], (k, v) each [B, H, P+T, D] to cache).
 
         ``mask`` [B, 1, T, P+T] (True: may attend) replaces the causal rule; ``GPT.forward`` builds it.
+        ``static_last`` [B] makes ``past`` a static cache (see ``static_cache_attention``), returned updated.
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
@@ -97,11 +150,14 @@ class CausalSelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (Dehghani et al., 2023) before the rotation
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if static_last is not None:
+            y, present = static_cache_attention(q, k, v, past, static_last)
+            return self.resid_dropout(self.proj(y)), present
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P+T, D]
         dropout_p = self.dropout if self.training else 0.0
         if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = masked_attention(q, k, v, mask, dropout_p)
         elif past is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # is_causal would align the triangle top-left; query i sits at P+i and sees keys 0..P+i
@@ -146,9 +202,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, past=None, mask=None):
+    def forward(self, x, rope=None, past=None, mask=None, static_last=None):
         """x [B, T, C] -> (x [B, T, C], this layer's (k, v) for the cache)."""
-        a, present = self.attn(self.norm1(x), rope, past, mask)
+        a, present = self.attn(self.norm1(x), rope, past, mask, static_last)
         x = x + a
         return x + self.mlp(self.norm2(x)), present
 
@@ -230,6 +286,7 @@ class GPT(nn.Module):
         loss_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_mask: torch.Tensor | None = None,
+        static_last: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Logits for ``idx`` [B, T] placed after the ``past_key_values`` (positions P..P+T-1).
 
@@ -242,10 +299,17 @@ class GPT(nn.Module):
         attended to), and ``position_ids`` [B, T] gives each new token's position, which then need not be
         P..P+T-1. The new tokens themselves are never padding: each attends to its row's unmasked cache and
         causally to the new tokens before it.
+
+        A static cache (the ONNX serving graph, ``llm.inference.export``): ``past_key_values`` holds buffers
+        [B, H, L, D] of fixed length L, row b's cached tokens in slots 0..n_b-1, ``static_last`` [B] int32 is
+        n_b + T - 1, and ``position_ids`` (required) the new tokens' positions; the present key/values are the
+        buffers with the new tokens written in (``static_cache_attention``).
         Raises ValueError when P + T exceeds ``config.context_length``.
         """
         T = idx.size(1)
-        P = past_key_values[0][0].size(2) if past_key_values else 0
+        if static_last is not None and (past_key_values is None or position_ids is None):
+            raise ValueError("a static cache needs its buffers (past_key_values) and position_ids")
+        P = past_key_values[0][0].size(2) if past_key_values and static_last is None else 0
         if P + T > self.config.context_length:
             raise ValueError(
                 f"sequence of {P + T} tokens ({P} cached + {T} new) exceeds context_length="
@@ -263,7 +327,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, rope, past_key_values[i] if past_key_values else None, mask)
+            x, present = block(x, rope, past_key_values[i] if past_key_values else None, mask, static_last)
             presents.append(present)
         logits = self.lm_head(self.norm_f(x))  # [B, T, V]
         loss = None if targets is None else language_model_loss(logits, targets, loss_mask)
