@@ -82,33 +82,50 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(weights, v)
 
 
+class StaticCache(NamedTuple):
+    """What a decoder step over a static cache needs besides the buffers (``GPT.forward(static_last=...)``)."""
+
+    last: torch.Tensor  # [B] int32: the slot of each row's last new token (its cached tokens + T - 1)
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [L, D/2] for every position, with RoPE
+
+
 def static_cache_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor], last: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor],
+    static: StaticCache,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Attention with a static cache: q, k, v [B, H, T, D] for T new tokens of each row, ``past`` (k, v) each
-    [B, H, L, D] with row b's earlier tokens in slots 0..n_b-1, and ``last`` [B] int32 = n_b + T - 1, the slot of
-    each row's last new token. The new keys and values go to slots n_b..n_b+T-1 and each query sees its row's
-    slots up to its own. Returns (y [B, T, H*D], (k, v) the updated buffers, same shapes as ``past``).
+    """Attention with a static cache: q, k, v [B, T, H*D] for T new tokens of each row (before RoPE),
+    ``past`` (k, v) each [B, H, L, D] with row b's earlier tokens in slots 0..n_b-1, ``static.last`` [B] int32 =
+    n_b + T - 1, and ``rope`` the new tokens' angles. The new keys and values go to slots n_b..n_b+T-1 and each
+    query sees its row's slots up to its own. Returns (y [B, T, H*D], (k, v) the updated buffers).
 
     No slot is copied to make room: the buffers stay [B, H, L, D], so a decoder step costs nothing per cached
     token beyond reading it. In an ONNX export this is one ``com.microsoft.GroupQueryAttention`` node, which
-    onnxruntime runs in place when the caller binds each present output to its past input
-    (``llm.inference.onnx_runtime.StaticCacheDecoder``); here, for PyTorch, it is written out.
+    rotates q and k itself (from the position tables) and which onnxruntime runs in place when the caller
+    binds each present output to its past input (``llm.inference.onnx_runtime.StaticCacheDecoder``); here,
+    for PyTorch, it is written out.
     """
-    B, H, T, D = q.shape
+    B, T, _ = q.shape
+    H, L, D = past[0].shape[1:]
     if torch.onnx.is_in_onnx_export():
-        total = (last.max() + 1).to(torch.int32)  # the longest row: the extent of the buffers GQA reads
+        total = (static.last.max() + 1).to(torch.int32)  # the longest row: the extent of the buffers GQA reads
+        tables = list(static.rope_tables) if static.rope_tables is not None else []
         y, k_buf, v_buf = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [t.transpose(1, 2).reshape(B, T, H * D) for t in (q, k, v)] + [past[0], past[1], last, total],
-            {"num_heads": H, "kv_num_heads": H},
+            [q, k, v, past[0], past[1], static.last, total, *tables],
+            {"num_heads": H, "kv_num_heads": H, "do_rotary": int(bool(tables)), "rotary_interleaved": 0},
             dtypes=[q.dtype, q.dtype, q.dtype],
             shapes=[[B, T, H * D], past[0].shape, past[1].shape],
             version=1,
         )
         return y, (k_buf, v_buf)
-    L = past[0].size(2)
-    slots = last.long()[:, None] - (T - 1) + torch.arange(T, device=q.device)  # [B, T]
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    slots = static.last.long()[:, None] - (T - 1) + torch.arange(T, device=q.device)  # [B, T]
     rows = torch.arange(B, device=q.device)[:, None]
     k_buf, v_buf = past[0].clone(), past[1].clone()
     k_buf[rows, :, slots] = k.transpose(1, 2)  # [B, T, H, D] into [B, H, L, D] at (row, slot)
@@ -137,22 +154,24 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
-        static_last: torch.Tensor | None = None,
+        static: StaticCache | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, T, C] -> (y [B, T, C], (k, v) each [B, H, P+T, D] to cache).
 
         ``mask`` [B, 1, T, P+T] (True: may attend) replaces the causal rule; ``GPT.forward`` builds it.
-        ``static_last`` [B] makes ``past`` a static cache (see ``static_cache_attention``), returned updated.
+        ``static`` makes ``past`` a static cache (see ``static_cache_attention``), returned updated.
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
+        if static is not None:  # QK-norm over each head's channels, then the static-cache attention rotates
+            q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
+            k = self.k_norm(k.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
+            y, present = static_cache_attention(q, k, v, past, static, rope)
+            return self.resid_dropout(self.proj(y)), present
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (Dehghani et al., 2023) before the rotation
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if static_last is not None:
-            y, present = static_cache_attention(q, k, v, past, static_last)
-            return self.resid_dropout(self.proj(y)), present
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P+T, D]
         dropout_p = self.dropout if self.training else 0.0
@@ -202,9 +221,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, past=None, mask=None, static_last=None):
+    def forward(self, x, rope=None, past=None, mask=None, static=None):
         """x [B, T, C] -> (x [B, T, C], this layer's (k, v) for the cache)."""
-        a, present = self.attn(self.norm1(x), rope, past, mask, static_last)
+        a, present = self.attn(self.norm1(x), rope, past, mask, static)
         x = x + a
         return x + self.mlp(self.norm2(x)), present
 
@@ -324,10 +343,13 @@ class GPT(nn.Module):
             x = x + self.pos_table[pos].to(x.dtype)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.position == "rope" else None
         mask = None if past_mask is None else attention_mask(past_mask, T)
+        static = None
+        if static_last is not None:
+            static = StaticCache(static_last, (self.rope_cos, self.rope_sin) if rope is not None else None)
         x = self.drop(x)
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, rope, past_key_values[i] if past_key_values else None, mask, static_last)
+            x, present = block(x, rope, past_key_values[i] if past_key_values else None, mask, static)
             presents.append(present)
         logits = self.lm_head(self.norm_f(x))  # [B, T, V]
         loss = None if targets is None else language_model_loss(logits, targets, loss_mask)
