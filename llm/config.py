@@ -38,8 +38,10 @@ class ModelConfig(StrictModel):
                              description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
-    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = Field(
+        "gelu", description="gelu: exact (erf); gelu_tanh: GPT-2's tanh approximation")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of every norm (GPT-2: 1e-5; Llama, Qwen3: 1e-6)")
     qk_norm: bool = False
     tie_weights: bool = True
     bias: bool = False
