@@ -461,16 +461,44 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
     return summary
 
 
-def _attach_export(checkpoint_dir: Path, onnx_dir: Path) -> str | None:
-    """Attach the export in ``onnx_dir`` to the registered version of ``checkpoint_dir`` (named in its
-    ``registration.json``). Returns the version, or None (with a warning) when there is none."""
+def _attach_export(checkpoint_dir: Path, export_dir: Path, kind: str = "onnx") -> str | None:
+    """Attach the export in ``export_dir`` (``kind``: ``onnx`` or ``hf``) to the registered version of
+    ``checkpoint_dir`` (named in its ``registration.json``). Returns the version, or None (with a warning)
+    when there is none."""
     registration = read_registration(checkpoint_dir)
     version, run_id = registration.get("model_version"), registration.get("run_id")
     if not version or not run_id:
-        log.warning("%s names no registered version: the ONNX export is not attached to one",
-                    checkpoint_dir / REGISTRATION_FILE)
+        log.warning("%s names no registered version: the %s export is not attached to one",
+                    checkpoint_dir / REGISTRATION_FILE, "ONNX" if kind == "onnx" else "Transformers")
         return None
-    from llm.mlops.registry import attach_onnx_export
+    from llm.mlops.registry import attach_hf_export, attach_onnx_export
 
-    attach_onnx_export(str(version), run_id, onnx_dir)
+    (attach_onnx_export if kind == "onnx" else attach_hf_export)(str(version), run_id, export_dir)
     return str(version)
+
+
+def import_hf_stage(folder: Path, out_dir: Path, *, context_length: int | None = None) -> dict:
+    """Convert a local Transformers ``save_pretrained`` folder into the checkpoint folder ``out_dir``
+    (``llm.interop.hf.import_hf``); returns its summary. Not tracked: nothing is trained."""
+    from llm.interop.hf import import_hf
+
+    return import_hf(folder, out_dir, context_length=context_length)
+
+
+def export_hf_stage(checkpoint_dir: Path, out_dir: Path, *, verify: bool = True, atol: float = 1e-4,
+                    track: bool | None = None) -> dict:
+    """Write ``checkpoint_dir`` as a Transformers folder ``out_dir`` checked by loading it back
+    (``llm.interop.hf.export_hf``), log the run, and attach the folder to the checkpoint's registered version
+    as the ONNX export is. Raises InteropError for a shape Transformers has no architecture for."""
+    from llm.interop.hf import PARITY_FILE, export_hf
+
+    with _run("export_hf", {"verify": verify, "atol": atol}, tracking_enabled(track)) as run:
+        summary = export_hf(checkpoint_dir, out_dir, verify=verify, atol=atol)
+        parity = summary.get("parity", {})
+        run.log_metrics({f"export_hf/{k}": float(v) for k, v in parity.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if (out_dir / PARITY_FILE).exists():
+            run.log_artifact(out_dir / PARITY_FILE)
+        summary["model_version"] = (_attach_export(checkpoint_dir, out_dir, kind="hf")
+                                    if tracking_enabled(track) else None)
+    return summary

@@ -69,6 +69,8 @@ def shift_hf_tokenizer(spec: dict[str, Any], source: str) -> dict[str, Any]:
     kept = [dict(t, id=t["id"] + N_SPECIAL) for t in spec.get("added_tokens") or []
             if t["content"] not in SPECIAL_TOKENS]
     spec["added_tokens"] = control_added_tokens() + kept
+    # tokenizers gives an added token that is not a piece of the model a new id of its own: make each a piece
+    spec["model"]["vocab"].update({t["content"]: t["id"] for t in spec["added_tokens"]})
     spec["truncation"] = spec["padding"] = None
     return spec
 
@@ -89,20 +91,24 @@ class ByteLevelBPETokenizer(Tokenizer):
             raise TokenizerError(f"{source}: a {KIND} tokenizer needs the `tokenizers` package "
                                  "(pip install 'llm[hf]')") from None
         self.spec, self._source = spec, source
-        encoder_spec = {**spec, "added_tokens": [], "post_processor": None}  # nothing but BPE pieces
+        # nothing but BPE pieces: no added tokens, no control pieces (no merge makes them), no post-processor
+        added = {t["content"] for t in spec.get("added_tokens") or []}
+        vocab = {piece: i for piece, i in spec["model"]["vocab"].items() if piece not in SPECIAL_TOKENS}
+        encoder_spec = {**spec, "added_tokens": [], "post_processor": None, "model": {**spec["model"], "vocab": vocab}}
         try:
             self._hf = HFTokenizer.from_str(json.dumps(encoder_spec))
         except Exception as err:  # tokenizers raises a bare Exception for a malformed file
             raise TokenizerError(f"{source}: not a valid tokenizers file: {err}") from None
         pieces: dict[int, bytes] = {i: token.encode() for i, token in enumerate(SPECIAL_TOKENS)}
-        for piece, i in spec["model"]["vocab"].items():
+        for piece, i in vocab.items():
+            if piece in added:  # an added token: its text, not byte-level pieces
+                pieces[i] = piece.encode()
+                continue
             try:
                 pieces[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
             except KeyError:
                 raise TokenizerError(f"{source}: piece {piece!r} is not in the byte-level alphabet") from None
-        for token in spec.get("added_tokens") or []:
-            pieces.setdefault(token["id"], token["content"].encode())
-        low = min(i for i in spec["model"]["vocab"].values())
+        low = min(vocab.values())
         if low < N_SPECIAL:
             raise TokenizerError(f"{source}: piece id {low} collides with the control tokens 0..{N_SPECIAL - 1}")
         size = max(max(pieces) + 1, vocab_size or 0)

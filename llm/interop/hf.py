@@ -26,16 +26,18 @@ check); ``import_hf`` needs ``safetensors`` and ``tokenizers``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from llm.config import ModelConfig
+from llm.config import ModelConfig, format_validation_error
 from llm.data.chat_template import generation_stop_ids
 from llm.data.tokenizer import N_SPECIAL, SPECIAL_IDS, SPECIAL_TOKENS, Tokenizer
 from llm.io import atomic_folder, atomic_write_json, atomic_write_text
@@ -182,8 +184,17 @@ def _rope_theta(cfg: dict[str, Any], source: str) -> float:
 
 def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Transformers ``config.json`` (parsed) of GPT-2, Llama or Qwen3, with the same
-    vocabulary (no control tokens added). Raises InteropError naming ``source`` and the key that has no
-    counterpart here."""
+    vocabulary (no control tokens added). Raises InteropError naming ``source`` and the key that is missing
+    or has no counterpart here."""
+    try:
+        return _model_config_from_hf(cfg, source)
+    except KeyError as err:
+        raise InteropError(f"{source}: key {err} is missing") from None
+    except ValidationError as err:
+        raise InteropError(format_validation_error(err, source)) from None
+
+
+def _model_config_from_hf(cfg: dict[str, Any], source: str) -> ModelConfig:
     model_type = cfg.get("model_type")
     if model_type == "gpt2":
         act = cfg.get("activation_function", "gelu_new")
@@ -301,24 +312,34 @@ def _with_control_rows(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight.mean(dim=0, keepdim=True).expand(N_SPECIAL, -1), weight], dim=0)
 
 
-def import_hf(folder: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def import_hf(folder: str | Path, out_dir: str | Path, *, context_length: int | None = None) -> dict[str, Any]:
     """Convert the Transformers ``save_pretrained`` folder ``folder`` (GPT-2, Llama or Qwen3 with a byte-level
     BPE tokenizer) into a checkpoint folder ``out_dir`` with its tokenizer, control tokens added at ids
-    ``0..N_SPECIAL-1`` (every original id shifted up by N_SPECIAL). Returns a summary (architecture, shape,
-    parameters). Raises InteropError for an unsupported folder, TokenizerError for its tokenizer."""
+    ``0..N_SPECIAL-1`` (every original id shifted up by N_SPECIAL). ``context_length`` shortens the context
+    (GPT-2 keeps its first position rows; nothing else changes for shorter inputs). Returns a summary
+    (architecture, shape, parameters). Raises InteropError for an unsupported folder or a context longer than
+    learned positions allow, TokenizerError for its tokenizer."""
     from llm.data.hf_tokenizer import ByteLevelBPETokenizer
     from llm.io import sha256_file
 
     folder = Path(folder)
     cfg = read_hf_config(folder)
+    tensors = read_hf_weights(folder)
     config = model_config_from_hf(cfg, str(folder / "config.json"))
-    state = from_hf_state_dict(read_hf_weights(folder), config, str(folder))
+    state = from_hf_state_dict(tensors, config, str(folder))
     hf_vocab = config.vocab_size
     config = config.model_copy(update={"vocab_size": hf_vocab + N_SPECIAL})
     tokenizer = ByteLevelBPETokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
     if tokenizer.vocab_size != config.vocab_size:
         raise InteropError(f"{folder}: the tokenizer has {tokenizer.vocab_size - N_SPECIAL} ids but the model's "
                            f"embedding only {hf_vocab} rows")
+    if context_length is not None and context_length != config.context_length:
+        if config.position == "learned" and context_length > config.context_length:
+            raise InteropError(f"{folder}: context_length {context_length} exceeds the {config.context_length} "
+                               "learned positions")
+        if config.position == "learned":
+            state["wpe.weight"] = state["wpe.weight"][:context_length].clone()
+        config = config.model_copy(update={"context_length": context_length})
     state["wte.weight"] = _with_control_rows(state["wte.weight"])
     state["lm_head.weight"] = state["wte.weight"] if config.tie_weights else _with_control_rows(state["lm_head.weight"])
     model = GPT(config)
@@ -345,7 +366,8 @@ def _byte_tokenizer_spec() -> dict[str, Any]:
             "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": {c: N_SPECIAL + b for b, c in byte_to_unicode().items()}, "merges": []}}
+                      "vocab": {**{t: i for i, t in enumerate(SPECIAL_TOKENS)},
+                                **{c: N_SPECIAL + b for b, c in byte_to_unicode().items()}}, "merges": []}}
 
 
 def hf_tokenizer_json(tokenizer: Tokenizer) -> str | None:
@@ -426,6 +448,14 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
     return summary
 
 
+def hf_cached_forward(hf_model, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, Any]:
+    """``(logits, cache)`` of a Transformers causal LM for ``ids`` after ``cache`` (None: the first call): the
+    cache argument is ``cache`` from Transformers 5.x on, ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    out = hf_model(ids, use_cache=True, **{name: cache})
+    return out.logits, out[name]
+
+
 def _check_parity(model: GPT, folder: Path, atol: float) -> dict[str, Any]:
     """Load ``folder`` with Transformers and compare its logits (full forward, then one token on its KV cache)
     with ``model``'s. Raises InteropError above ``atol``."""
@@ -438,8 +468,8 @@ def _check_parity(model: GPT, folder: Path, atol: float) -> dict[str, Any]:
         theirs = hf_model(ids).logits
         prefix = model(ids[:, :-1], use_cache=True)
         ours_step = model(ids[:, -1:], past_key_values=prefix.present_key_values).logits
-        hf_prefix = hf_model(ids[:, :-1], use_cache=True)
-        theirs_step = hf_model(ids[:, -1:], past_key_values=hf_prefix.past_key_values).logits
+        _, hf_cache = hf_cached_forward(hf_model, ids[:, :-1])
+        theirs_step, _ = hf_cached_forward(hf_model, ids[:, -1:], hf_cache)
     full = (ours - theirs).abs().max().item()
     cached = (ours_step - theirs_step).abs().max().item()
     parity = {"max_abs_logit_diff": full, "max_abs_logit_diff_kv_cache": cached, "atol": atol,
