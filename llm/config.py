@@ -142,6 +142,20 @@ class EvalParams(StrictModel):
     sample_conversations: int = Field(3, ge=0, description="val conversations answered in samples.md for chat models")
 
 
+class BaseParams(StrictModel):
+    """Where the model starts (``params/base.yaml``): from scratch, or from a published model.
+
+    With ``hf_folder`` the tokenizer stage takes that model's tokenizer instead of training one, and
+    pretraining continues that model on the corpus instead of starting from random weights (its shape
+    replaces ``params/model.yaml``'s, except ``dropout``): "finetune GPT-2 on my text" is one ``dvc repro``.
+    """
+
+    hf_folder: str | None = Field(None, description="a local Transformers save_pretrained folder (safetensors) of "
+                                  "GPT-2, Llama or Qwen3; None: train from scratch")
+    context_length: int | None = Field(None, gt=0, description="shorten the imported model's context "
+                                       "(faster on a CPU); None keeps it")
+
+
 class ExportParams(StrictModel):
     """ONNX export of the chat model (``params/export.yaml``)."""
 
@@ -149,6 +163,8 @@ class ExportParams(StrictModel):
     quantize: bool = Field(True, description="also write model.int8.onnx (dynamic int8 quantization)")
     verify: bool = Field(True, description="check ONNX Runtime against PyTorch and fail the export on a mismatch")
     atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed by the parity check")
+    hf: bool = Field(False, description="also write artifacts/hf, a Transformers folder (GPT-2, Llama or Qwen3 "
+                     "shapes only), checked with the same atol")
 
 
 P = TypeVar("P", bound=BaseModel)

@@ -266,5 +266,5 @@ def test_llm_import_and_export_hf_commands(gpt2_folder, tmp_path):
     # <|user|> is ours; <|endoftext|>, id 0 in the trained tokenizer, moved up by N_SPECIAL
     assert hf_tokenizer.convert_tokens_to_ids(["<|user|>", "<|endoftext|>"]) == [5, N_SPECIAL]
     refused = llm("import", "hf", str(tmp_path / "nowhere"))
-    assert refused.returncode == 1 and "config.json: not found" in refused.stderr
+    assert refused.returncode == 1 and "nowhere: no such folder" in refused.stderr
     assert "Traceback" not in refused.stderr

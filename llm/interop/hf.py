@@ -312,43 +312,76 @@ def _with_control_rows(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight.mean(dim=0, keepdim=True).expand(N_SPECIAL, -1), weight], dim=0)
 
 
-def import_hf(folder: str | Path, out_dir: str | Path, *, context_length: int | None = None) -> dict[str, Any]:
-    """Convert the Transformers ``save_pretrained`` folder ``folder`` (GPT-2, Llama or Qwen3 with a byte-level
-    BPE tokenizer) into a checkpoint folder ``out_dir`` with its tokenizer, control tokens added at ids
-    ``0..N_SPECIAL-1`` (every original id shifted up by N_SPECIAL). ``context_length`` shortens the context
-    (GPT-2 keeps its first position rows; nothing else changes for shorter inputs). Returns a summary
-    (architecture, shape, parameters). Raises InteropError for an unsupported folder or a context longer than
-    learned positions allow, TokenizerError for its tokenizer."""
-    from llm.data.hf_tokenizer import ByteLevelBPETokenizer
-    from llm.io import sha256_file
-
+def base_model_config(folder: str | Path, context_length: int | None = None) -> ModelConfig:
+    """The ModelConfig that ``load_hf_model`` gives the model of ``folder`` (control tokens counted), read from
+    its ``config.json`` alone. Raises InteropError as ``import_hf`` does."""
     folder = Path(folder)
-    cfg = read_hf_config(folder)
-    tensors = read_hf_weights(folder)
-    config = model_config_from_hf(cfg, str(folder / "config.json"))
-    state = from_hf_state_dict(tensors, config, str(folder))
-    hf_vocab = config.vocab_size
-    config = config.model_copy(update={"vocab_size": hf_vocab + N_SPECIAL})
+    config = model_config_from_hf(read_hf_config(folder), str(folder / "config.json"))
+    config = config.model_copy(update={"vocab_size": config.vocab_size + N_SPECIAL})
+    if context_length is None or context_length == config.context_length:
+        return config
+    if config.position == "learned" and context_length > config.context_length:
+        raise InteropError(f"{folder}: context_length {context_length} exceeds the {config.context_length} "
+                           "learned positions")
+    return config.model_copy(update={"context_length": context_length})
+
+
+def load_hf_tokenizer(folder: str | Path, context_length: int | None = None):
+    """The byte-level BPE tokenizer of ``folder`` in our id space, sized for its model (``import_hf``)."""
+    from llm.data.hf_tokenizer import ByteLevelBPETokenizer
+
+    config = base_model_config(folder, context_length)
     tokenizer = ByteLevelBPETokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
     if tokenizer.vocab_size != config.vocab_size:
         raise InteropError(f"{folder}: the tokenizer has {tokenizer.vocab_size - N_SPECIAL} ids but the model's "
-                           f"embedding only {hf_vocab} rows")
-    if context_length is not None and context_length != config.context_length:
-        if config.position == "learned" and context_length > config.context_length:
-            raise InteropError(f"{folder}: context_length {context_length} exceeds the {config.context_length} "
-                               "learned positions")
-        if config.position == "learned":
-            state["wpe.weight"] = state["wpe.weight"][:context_length].clone()
-        config = config.model_copy(update={"context_length": context_length})
+                           f"embedding only {config.vocab_size - N_SPECIAL} rows")
+    return tokenizer
+
+
+def hf_source(folder: str | Path) -> dict[str, Any]:
+    """What identifies the model of ``folder``: its path, model type and the sha256 of its weight files."""
+    from llm.io import sha256_file
+
+    folder = Path(folder)
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    return {"path": str(folder.resolve()), "model_type": read_hf_config(folder).get("model_type"),
+            "safetensors_sha256": {name: sha256_file(folder / name) for name in weights}}
+
+
+def load_hf_model(folder: str | Path, context_length: int | None = None) -> GPT:
+    """Our GPT (eval mode, float32) computing the function of the Transformers model in ``folder``, every id
+    shifted up by N_SPECIAL (the control tokens' rows in front). ``context_length`` shortens the context
+    (GPT-2 keeps its first position rows; nothing else changes for shorter inputs). Raises InteropError for an
+    unsupported folder or a context longer than learned positions allow."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InteropError(f"{folder}: no such folder (expected a Transformers save_pretrained folder)")
+    tensors = read_hf_weights(folder)
+    config = base_model_config(folder, context_length)
+    hf_config_ = config.model_copy(update={"vocab_size": config.vocab_size - N_SPECIAL})
+    state = from_hf_state_dict(tensors, hf_config_, str(folder))
+    if config.position == "learned":
+        state["wpe.weight"] = state["wpe.weight"][: config.context_length].clone()
     state["wte.weight"] = _with_control_rows(state["wte.weight"])
     state["lm_head.weight"] = state["wte.weight"] if config.tie_weights else _with_control_rows(state["lm_head.weight"])
     model = GPT(config)
     model.load_state_dict(state)
-    weights = sorted(p.name for p in folder.glob("*.safetensors"))
-    source = {"path": str(folder.resolve()), "model_type": cfg.get("model_type"),
-              "safetensors_sha256": {name: sha256_file(folder / name) for name in weights}}
-    save_checkpoint(out_dir, model, config, tokenizer, metadata={"stage": "import", "step": 0, "source": source})
-    log.info("imported %s from %s into %s: %s", cfg.get("model_type"), folder, out_dir, model.summary())
+    return model.eval()
+
+
+def import_hf(folder: str | Path, out_dir: str | Path, *, context_length: int | None = None) -> dict[str, Any]:
+    """Convert the Transformers ``save_pretrained`` folder ``folder`` (GPT-2, Llama or Qwen3 with a byte-level
+    BPE tokenizer) into a checkpoint folder ``out_dir`` with its tokenizer, control tokens added at ids
+    ``0..N_SPECIAL-1`` (every original id shifted up by N_SPECIAL); ``context_length`` as in
+    ``load_hf_model``. Returns a summary (architecture, shape, parameters). Raises InteropError for an
+    unsupported folder, TokenizerError for its tokenizer."""
+    folder = Path(folder)
+    model = load_hf_model(folder, context_length)
+    tokenizer = load_hf_tokenizer(folder, context_length)
+    config = model.config
+    save_checkpoint(out_dir, model, config, tokenizer,
+                    metadata={"stage": "import", "step": 0, "source": hf_source(folder)})
+    log.info("imported %s into %s: %s", folder, out_dir, model.summary())
     return {"path": str(out_dir), "architecture": ARCHITECTURES[hf_architecture(config)],
             "parameters": model.num_parameters(), "vocab_size": config.vocab_size,
             "context_length": config.context_length, "tokenizer": tokenizer.kind}
