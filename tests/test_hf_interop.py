@@ -268,3 +268,31 @@ def test_llm_import_and_export_hf_commands(gpt2_folder, tmp_path):
     refused = llm("import", "hf", str(tmp_path / "nowhere"))
     assert refused.returncode == 1 and "nowhere: no such folder" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(gpt2_folder, tmp_path):
+    """params/base.yaml's hf_folder: the tokenizer stage takes the model's tokenizer, tokenize encodes the corpus
+    with it, and pretraining continues its weights (the stages that `dvc repro` runs, untracked)."""
+    from llm.config import BaseParams, DataParams, PretrainParams, TokenizerParams
+    from llm.interop.hf import load_hf_model
+    from llm.stages import clean_stage, pretrain_stage, tokenize_stage, tokenizer_stage
+
+    from helpers import write_corpus
+
+    base = BaseParams(hf_folder=str(gpt2_folder), context_length=32)
+    clean_stage(DataParams(min_doc_chars=100, val_fraction=0.3), write_corpus(tmp_path / "corpus", 4),
+                tmp_path / "clean", track=False)
+    assert tokenizer_stage(TokenizerParams(), tmp_path / "clean", tmp_path / "tok", base=base,
+                           track=False)["kind"] == "bytelevel_bpe"
+    tokenize_stage(tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", track=False)
+    # a learning rate too small to move a weight: the checkpoint is GPT-2 itself, trained one step
+    params = PretrainParams(max_steps=1, batch_size=2, learning_rate=1e-12, warmup_steps=0, eval_interval=1,
+                            eval_batches=1, checkpoint_interval=1, device="cpu", progress=False, num_threads=1)
+    pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "pretrain", track=False,
+                   base=base)
+    model, tokenizer, config = load_checkpoint(tmp_path / "pretrain")
+    assert model.config == load_hf_model(gpt2_folder, 32).config and tokenizer.kind == "bytelevel_bpe"
+    ids = torch.tensor([tokenizer.encode(TEXT)[:32]])
+    with torch.no_grad():
+        diff = (model(ids).logits - load_hf_model(gpt2_folder, 32)(ids).logits).abs().max().item()
+    assert diff < 1e-4

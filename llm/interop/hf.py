@@ -338,6 +338,15 @@ def load_hf_tokenizer(folder: str | Path, context_length: int | None = None):
     return tokenizer
 
 
+def import_hf_tokenizer(folder: str | Path, out_dir: str | Path, context_length: int | None = None):
+    """Write the tokenizer of the model in ``folder`` (``load_hf_tokenizer``) as the tokenizer folder ``out_dir``
+    (the tokenizer stage's output), atomically; returns it."""
+    tokenizer = load_hf_tokenizer(folder, context_length)
+    with atomic_folder(out_dir) as tmp:
+        tokenizer.save(tmp)
+    return tokenizer
+
+
 def hf_source(folder: str | Path) -> dict[str, Any]:
     """What identifies the model of ``folder``: its path, model type and the sha256 of its weight files."""
     from llm.io import sha256_file
