@@ -296,3 +296,66 @@ def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(
     with torch.no_grad():
         diff = (model(ids).logits - load_hf_model(gpt2_folder, 32)(ids).logits).abs().max().item()
     assert diff < 1e-4
+
+
+# ------------------------------------------------------------------------------------------- lm-evaluation-harness
+
+HARNESS_TASK = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+HARNESS_DOCS = [{"question": "The moon is", "choices": ["bright", "loud"], "answer": 0},
+                {"question": "Two and two make", "choices": ["four", "five", "six"], "answer": 0},
+                {"question": "Fire is", "choices": ["cold", "hot"], "answer": 1},
+                {"question": "ROMEO. Wherefore art", "choices": ["thou", "we"], "answer": 0}]
+
+
+def test_lm_evaluation_harness_scores_an_exported_model_offline(tmp_path):
+    """The README's lm_eval command on a tiny exported model and a local task file, with the Hub switched off:
+    each choice's log-likelihood is the one our GPT gives, and so is the accuracy."""
+    tokenizer = ByteTokenizer()
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size, "context_length": 64}, **SHAPES["gpt2"])
+    torch.manual_seed(0)
+    model = widen_weights(GPT(config), 0.3).eval()
+    save_checkpoint(tmp_path / "ckpt", model, config, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in HARNESS_DOCS))
+    (tmp_path / "tasks" / "tiny_choice.yaml").write_text(HARNESS_TASK.format(data=tmp_path / "docs.jsonl"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={tmp_path / 'hf'},dtype=float32", "--tasks", "tiny_choice", "--include_path",
+                           str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "4", "--output_path",
+                           str(tmp_path / "out"), "--log_samples"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_tiny_choice_*.jsonl")
+               for line in f.read_text().splitlines()]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["tiny_choice"]
+    correct = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        doc = HARNESS_DOCS[sample["doc_id"]]
+        theirs = [float(resp[0][0]) for resp in sample["resps"]]
+        ours = []
+        for choice in doc["choices"]:
+            context, continuation = tokenizer.encode(doc["question"]), tokenizer.encode(" " + choice)
+            ids = torch.tensor([context + continuation])
+            with torch.no_grad():
+                logprobs = model(ids[:, :-1]).logits.log_softmax(-1)[0, len(context) - 1 :]
+            ours.append(logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item())
+        assert ours == pytest.approx(theirs, abs=1e-4)
+        correct.append(max(range(len(ours)), key=ours.__getitem__) == doc["answer"])
+    assert len(correct) == len(HARNESS_DOCS)
+    assert results["acc,none"] == pytest.approx(sum(correct) / len(correct))
