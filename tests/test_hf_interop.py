@@ -36,7 +36,6 @@ from llm.training.finetune import finetune
 
 from helpers import widen_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"vocab_size": 97, "context_length": 32, "n_layer": 2, "n_head": 4, "d_model": 32}
 # the three architectures: GPT-2 (learned positions, tanh GELU, LayerNorm with biases, tied), Llama (RoPE,
 # SwiGLU, RMSNorm with Llama's eps, no biases, untied, a non-default theta) and Qwen3 (Llama plus QK-norm)
@@ -246,28 +245,34 @@ def test_shapes_without_a_transformers_architecture_name_the_option(change, opti
     assert not (tmp_path / "hf").exists()
 
 
-def test_llm_import_and_export_hf_commands(gpt2_folder, tmp_path):
-    env = {**os.environ, "LLM_TRACKING": "0", "PYTHONPATH": str(ROOT)}
+def llm_command(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``llm ARGS`` in this process, through the entry point that turns errors into one line: (code, out, err)."""
+    from llm.cli import run
 
-    def llm(*args):
-        proc = subprocess.run([sys.executable, "-m", "llm", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300)
-        return proc
+    monkeypatch.setattr(sys, "argv", ["llm", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
 
-    done = llm("import", "hf", str(gpt2_folder), "--out", "base")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["architecture"] == "GPT2LMHeadModel"
-    done = llm("export", "hf", "--model", "base", "--out", "hf", "--atol", "1e-5")
-    assert done.returncode == 0, done.stderr
+
+def test_llm_import_and_export_hf_commands(gpt2_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_TRACKING", "0")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = llm_command(monkeypatch, capsys, "import", "hf", str(gpt2_folder), "--out", "base")
+    assert code == 0, err
+    assert json.loads(out)["architecture"] == "GPT2LMHeadModel"
+    code, out, err = llm_command(monkeypatch, capsys, "export", "hf", "--model", "base", "--out", "hf",
+                                 "--atol", "1e-5")
+    assert code == 0, err
     assert json.loads((tmp_path / "hf" / "hf_parity.json").read_text())["ok"] is True
     _, tokenizer, _ = load_checkpoint(tmp_path / "base")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT)  # GPT-2's pieces, our ids
     # <|user|> is ours; <|endoftext|>, id 0 in the trained tokenizer, moved up by N_SPECIAL
     assert hf_tokenizer.convert_tokens_to_ids(["<|user|>", "<|endoftext|>"]) == [5, N_SPECIAL]
-    refused = llm("import", "hf", str(tmp_path / "nowhere"))
-    assert refused.returncode == 1 and "nowhere: no such folder" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    code, _, err = llm_command(monkeypatch, capsys, "import", "hf", str(tmp_path / "nowhere"))
+    assert code == 1 and "nowhere: no such folder" in err and "Traceback" not in err
 
 
 def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(gpt2_folder, tmp_path):
