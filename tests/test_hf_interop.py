@@ -364,3 +364,35 @@ def test_lm_evaluation_harness_scores_an_exported_model_offline(tmp_path):
         correct.append(max(range(len(ours)), key=ours.__getitem__) == doc["answer"])
     assert len(correct) == len(HARNESS_DOCS)
     assert results["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_the_transformers_export_is_attached_to_the_registered_version(empty_mlflow_db, tmp_path, monkeypatch):
+    """As the ONNX export is: artifacts hf/ of the run that registered the version, named by its tag."""
+    import shutil
+
+    import mlflow
+
+    from llm.mlops.registry import HF_TAG, MODEL_NAME, registry_client
+    from llm.mlops.tracking import stage_run
+    from llm.stages import REGISTRATION_FILE, export_hf_stage
+
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    tokenizer = ByteTokenizer()
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **SHAPES["llama"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", widen_weights(GPT(config), 0.3), config, tokenizer)
+    with stage_run("finetune", {}) as run:  # a bare version: attaching needs only the version and its run
+        client = registry_client(must_exist=False)
+        client.create_registered_model(MODEL_NAME)
+        version = str(client.create_model_version(MODEL_NAME, f"runs:/{run.run_id}/model", run_id=run.run_id).version)
+    (tmp_path / "ckpt" / REGISTRATION_FILE).write_text(json.dumps({"run_id": run.run_id, "model_version": version}))
+    summary = export_hf_stage(tmp_path / "ckpt", tmp_path / "hf", atol=1e-5, track=True)
+    assert summary["model_version"] == version
+    uri = registry_client().get_model_version(MODEL_NAME, version).tags[HF_TAG]
+    assert uri == f"runs:/{run.run_id}/hf"
+    folder = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "downloaded"))
+    assert isinstance(transformers.AutoModelForCausalLM.from_pretrained(folder), transformers.LlamaForCausalLM)
