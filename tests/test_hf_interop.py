@@ -396,3 +396,15 @@ def test_the_transformers_export_is_attached_to_the_registered_version(empty_mlf
     assert uri == f"runs:/{run.run_id}/hf"
     folder = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "downloaded"))
     assert isinstance(transformers.AutoModelForCausalLM.from_pretrained(folder), transformers.LlamaForCausalLM)
+
+
+def test_the_export_stage_with_hf_on_refuses_a_shape_before_the_onnx_export(tmp_path):
+    from llm.config import ExportParams
+    from llm.stages import export_stage
+
+    tokenizer = ByteTokenizer()
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size})  # the default: rope, layernorm, gelu
+    save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
+    with pytest.raises(InteropError, match="norm: layernorm.*mlp: gelu.*params/model.yaml"):
+        export_stage(ExportParams(hf=True), tmp_path / "ckpt", tmp_path / "onnx", hf_dir=tmp_path / "hf", track=False)
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "hf").exists()
