@@ -408,3 +408,32 @@ def test_the_export_stage_with_hf_on_refuses_a_shape_before_the_onnx_export(tmp_
     with pytest.raises(InteropError, match="norm: layernorm.*mlp: gelu.*params/model.yaml"):
         export_stage(ExportParams(hf=True), tmp_path / "ckpt", tmp_path / "onnx", hf_dir=tmp_path / "hf", track=False)
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sentencepiece_tokenizers_export_with_the_same_ids(kind, tmp_path):
+    from llm.config import TokenizerParams
+    from llm.data.tokenizer import train_tokenizer
+
+    from helpers import make_play
+
+    tokenizer = train_tokenizer(TokenizerParams(kind=kind, vocab_size=400), [make_play(i) for i in range(4)])
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **SHAPES["llama"])
+    save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf", verify=False)["tokenizer"] is True
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in (make_play(9)[:2000], TEXT, "  two  spaces\tand\n\nlines, 2024, caf\u00e9 \U0001F642 "):
+        ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == tokenizer.encode(text) and hf_tokenizer.decode(ids) == text
+    assert hf_tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(N_SPECIAL))
+
+
+def test_a_char_tokenizer_exports_the_model_without_tokenizer_files(tmp_path):
+    from llm.data.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(list("abc "))
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **SHAPES["gpt2"])
+    save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
+    summary = export_hf(tmp_path / "ckpt", tmp_path / "hf", verify=False)
+    assert summary["tokenizer"] is False and "tokenizer.json" not in summary["files"]
+    assert "model.safetensors" in summary["files"]

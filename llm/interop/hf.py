@@ -20,6 +20,10 @@ others) and the tokenizer with it (``llm.data.hf_tokenizer``); an export keeps o
 ``tokenizer.json`` says so. Weights are read and written as safetensors only; pickle checkpoints
 (``pytorch_model.bin``) are refused.
 
+Tokenizers export as ``tokenizer.json`` with the same ids: byte-level BPE as imported, ``byte`` as a
+byte-level BPE without merges, the sentencepiece ``bpe``/``unigram`` models rebuilt piece for piece
+(``_sentencepiece_tokenizer_json``, checked on a probe text); ``char`` has no Transformers form here.
+
 ``transformers`` is imported by ``export_hf`` only (to write the folder and load it back for the parity
 check); ``import_hf`` needs ``safetensors`` and ``tokenizers``.
 """
@@ -412,13 +416,55 @@ def _byte_tokenizer_spec() -> dict[str, Any]:
                                 **{c: N_SPECIAL + b for b, c in byte_to_unicode().items()}}, "merges": []}}
 
 
+def _sentencepiece_tokenizer_json(tokenizer) -> str:
+    """Our sentencepiece ``bpe``/``unigram`` model as a ``tokenizers`` file: the same pieces and ids, spaces as
+    "▁" (identity normalization otherwise, no dummy prefix), a word starting at each run of "▁",
+    byte fallback, "\n" as its own piece, and the BPE merges ranked by the id (score order) of the piece they
+    make. Text holding a literal "▁" is the one known difference (ours encodes it as bytes)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    sp = tokenizer._sp
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    plain = {p: i for i, p in enumerate(pieces)
+             if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or p == "\n")}
+    if tokenizer.kind == "bpe":
+        merges = sorted(((p[:k], p[k:], i, k) for p, i in plain.items() for k in range(1, len(p))
+                         if p[:k] in plain and p[k:] in plain), key=lambda m: (m[2], m[3]))
+        model = models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[(a, b) for a, b, _, _ in merges],
+                           byte_fallback=True, unk_token="<|unk|>", fuse_unk=True)
+    else:
+        model = models.Unigram([(p, sp.get_score(i)) for i, p in enumerate(pieces)], unk_id=SPECIAL_IDS["<|unk|>"],
+                               byte_fallback=True)
+    hf = HFTokenizer(model)
+    hf.normalizer = normalizers.Replace(" ", "▁")
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    hf.add_tokens([AddedToken("\n", normalized=False)])
+    return hf.to_str()
+
+
+_TOKENIZER_PROBE = ("ROMEO.\nWherefore art thou,  Romeo?\n\n\tTwo  spaces, 1234 digits, café 日本 🙂 "
+                    "--- end  ")
+
+
 def hf_tokenizer_json(tokenizer: Tokenizer) -> str | None:
-    """A Transformers ``tokenizer.json`` that encodes text to the same ids as ``tokenizer``, or None for the
-    kinds that have none here (``char``, and the sentencepiece ``bpe`` and ``unigram``)."""
+    """A Transformers ``tokenizer.json`` that encodes text to the same ids as ``tokenizer`` (control tokens at
+    ids 0..N_SPECIAL-1, as special tokens), or None for the ``char`` kind, which has none here, or when the
+    converted sentencepiece model does not encode a probe text to the same ids (logged)."""
     if tokenizer.kind == "bytelevel_bpe":
         return tokenizer.hf_json()
     if tokenizer.kind == "byte":
         return json.dumps(_byte_tokenizer_spec(), ensure_ascii=False)
+    if tokenizer.kind in ("bpe", "unigram"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        text = _sentencepiece_tokenizer_json(tokenizer)
+        theirs = HFTokenizer.from_str(text).encode(_TOKENIZER_PROBE, add_special_tokens=False).ids
+        if theirs == tokenizer.encode(_TOKENIZER_PROBE):
+            return text
+        log.warning("the %s tokenizer converted for Transformers encodes differently: not exported", tokenizer.kind)
     return None
 
 
@@ -448,7 +494,7 @@ def _parity_ids(vocab_size: int, context_length: int) -> torch.Tensor:
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool = True, atol: float = 1e-4) -> dict:
     """Write the checkpoint ``checkpoint_dir`` as a Transformers folder ``out_dir``: ``config.json``,
     ``model.safetensors``, ``generation_config.json``, and ``tokenizer.json`` + ``tokenizer_config.json`` (with
-    the chat template) when the tokenizer kind has a Transformers form (``bytelevel_bpe``, ``byte``).
+    the chat template) when the tokenizer has a Transformers form (every kind but ``char``).
 
     With ``verify`` the folder is loaded back with ``AutoModelForCausalLM`` and its logits compared with ours
     (``hf_parity.json``); a difference above ``atol`` fails the export and leaves no folder. Returns a summary.
