@@ -371,8 +371,8 @@ def load_hf_model(folder: str | Path, context_length: int | None = None) -> GPT:
         raise InteropError(f"{folder}: no such folder (expected a Transformers save_pretrained folder)")
     tensors = read_hf_weights(folder)
     config = base_model_config(folder, context_length)
-    hf_config_ = config.model_copy(update={"vocab_size": config.vocab_size - N_SPECIAL})
-    state = from_hf_state_dict(tensors, hf_config_, str(folder))
+    hf_shape = config.model_copy(update={"vocab_size": config.vocab_size - N_SPECIAL})
+    state = from_hf_state_dict(tensors, hf_shape, str(folder))
     if config.position == "learned":
         state["wpe.weight"] = state["wpe.weight"][: config.context_length].clone()
     state["wte.weight"] = _with_control_rows(state["wte.weight"])

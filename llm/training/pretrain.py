@@ -76,7 +76,8 @@ def _from_base(model_config: ModelConfig, base: BaseParams | None) -> tuple[Mode
 
     config = base_model_config(base.hf_folder, base.context_length)
     log.info("starting from %s: its shape replaces params/model.yaml's (dropout kept)", base.hf_folder)
-    return config.model_copy(update={"dropout": model_config.dropout}), {"base_model": hf_source(base.hf_folder)}
+    source = {k: v for k, v in hf_source(base.hf_folder).items() if k != "path"}  # the weights, wherever they lie
+    return config.model_copy(update={"dropout": model_config.dropout}), {"base_model": source}
 
 
 def pretrain_identity(
