@@ -498,9 +498,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
 
     With ``verify`` the folder is loaded back with ``AutoModelForCausalLM`` and its logits compared with ours
     (``hf_parity.json``); a difference above ``atol`` fails the export and leaves no folder. Returns a summary.
-    Raises InteropError for a shape without a Transformers architecture (naming the option) or a mismatch.
+    Raises InteropError for a shape without a Transformers architecture (naming the option) or a mismatch, and
+    when transformers is not installed.
     """
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise InteropError("llm export hf needs transformers: pip install 'llm[hf]'") from None
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     model, tokenizer, _ = load_checkpoint(checkpoint_dir)
