@@ -32,11 +32,13 @@ def clean(overrides: Overrides = None) -> dict:
 
 
 @flow(name="tokenizer")
-def tokenizer(overrides: Overrides = None) -> dict:
-    """Train the tokenizer on the cleaned train split into ``artifacts/tokenizer`` (``params/tokenizer.yaml``)."""
+def tokenizer(overrides: Overrides = None, base_overrides: Overrides = None) -> dict:
+    """Train the tokenizer on the cleaned train split into ``artifacts/tokenizer`` (``params/tokenizer.yaml``),
+    or take the tokenizer of the model that ``params/base.yaml`` starts from."""
     layout = Layout()
     params = read_params("tokenizer", overrides)
-    return tokenizer_task(params, layout.artifact("clean"), layout.artifact("tokenizer"))
+    base = read_params("base", base_overrides)
+    return tokenizer_task(params, layout.artifact("clean"), layout.artifact("tokenizer"), base=base)
 
 
 @flow(name="tokenize")
@@ -47,11 +49,13 @@ def tokenize() -> dict:
 
 
 @flow(name="prepare")
-def prepare(data_overrides: Overrides = None, tokenizer_overrides: Overrides = None) -> dict:
+def prepare(data_overrides: Overrides = None, tokenizer_overrides: Overrides = None,
+            base_overrides: Overrides = None) -> dict:
     """``clean``, ``tokenizer`` and ``tokenize`` in order; returns each one's result by name."""
     read_params("tokenizer", tokenizer_overrides)  # a bad key fails now, not after cleaning
+    read_params("base", base_overrides)
     return {
         "clean": clean(data_overrides),
-        "tokenizer": tokenizer(tokenizer_overrides),
+        "tokenizer": tokenizer(tokenizer_overrides, base_overrides),
         "tokenize": tokenize(),
     }

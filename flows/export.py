@@ -1,5 +1,6 @@
 """The ``export`` flow: ONNX export of the chat model ``artifacts/finetune`` into ``artifacts/onnx``, with the
-parity report; the flow fails when ONNX Runtime does not match PyTorch."""
+parity report, and with ``hf: true`` a Transformers folder ``artifacts/hf``; the flow fails when ONNX Runtime
+or Transformers does not match PyTorch."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ export_task = task(stages.export_stage, **TRAINING_TASK)
 
 @flow(name="export")
 def export(overrides: Overrides = None, checkpoint: str = "finetune") -> dict:
-    """Export ``artifacts/<checkpoint>`` with ``params/export.yaml`` (plus ``overrides``) to ``artifacts/onnx``.
-    Returns the export summary (files, opset, dynamic axes, parity)."""
+    """Export ``artifacts/<checkpoint>`` with ``params/export.yaml`` (plus ``overrides``) to ``artifacts/onnx``
+    (and ``artifacts/hf``). Returns the export summary (files, opset, dynamic axes, parity)."""
     layout = Layout()
     params = read_params("export", overrides)
-    return export_task(params, layout.artifact(checkpoint), layout.artifact("onnx"))
+    return export_task(params, layout.artifact(checkpoint), layout.artifact("onnx"), hf_dir=layout.artifact("hf"))

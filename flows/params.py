@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llm.config import (
+    BaseParams,
     DataParams,
     EvalParams,
     ExportParams,
@@ -34,6 +35,7 @@ PARAMS_MODELS: dict[str, type[BaseModel]] = {
     "finetune": FinetuneParams,
     "evaluate": EvalParams,
     "export": ExportParams,
+    "base": BaseParams,
 }
 
 Overrides = dict[str, Any] | None

@@ -22,6 +22,7 @@ def pipeline(
     evaluate_overrides: Overrides = None,
     export_overrides: Overrides = None,
     resume: bool = False,
+    base_overrides: Overrides = None,
 ) -> dict:
     """prepare, pretrain, finetune, evaluate, export; one overrides dict per params file. Returns each stage's result.
 
@@ -32,10 +33,10 @@ def pipeline(
     for name, overrides in (("data", data_overrides), ("tokenizer", tokenizer_overrides),
                             ("model", model_overrides), ("pretrain", pretrain_overrides),
                             ("finetune", finetune_overrides), ("evaluate", evaluate_overrides),
-                            ("export", export_overrides)):
+                            ("export", export_overrides), ("base", base_overrides)):
         read_params(name, overrides)
-    results = {"prepare": prepare(data_overrides, tokenizer_overrides)}
-    results["pretrain"] = pretrain(pretrain_overrides, model_overrides, resume=resume)
+    results = {"prepare": prepare(data_overrides, tokenizer_overrides, base_overrides)}
+    results["pretrain"] = pretrain(pretrain_overrides, model_overrides, resume=resume, base_overrides=base_overrides)
     results["finetune"] = finetune(finetune_overrides, resume=resume)
     results["evaluate"] = evaluate(evaluate_overrides, candidate="finetune")
     results["export"] = export(export_overrides)

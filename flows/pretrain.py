@@ -18,8 +18,10 @@ def pretrain(
     model_overrides: Overrides = None,
     resume: bool = True,
     until_step: int | None = None,
+    base_overrides: Overrides = None,
 ) -> dict:
-    """Pretrain with ``params/pretrain.yaml`` and ``params/model.yaml`` (each with its overrides).
+    """Pretrain with ``params/pretrain.yaml`` and ``params/model.yaml`` (each with its overrides), from random
+    weights or from the model that ``params/base.yaml`` names.
 
     With ``resume`` a checkpoint already in ``artifacts/pretrain`` is continued exactly when it is of the same
     run (same data, tokenizer, code and params; another run starts over); ``until_step`` stops early, to be
@@ -28,5 +30,6 @@ def pretrain(
     layout = Layout()
     params = read_params("pretrain", overrides)
     model_config = read_params("model", model_overrides)
+    base = read_params("base", base_overrides)
     return pretrain_task(params, model_config, layout.artifact("tokens"), layout.artifact("tokenizer"),
-                         layout.artifact("pretrain"), resume=resume, until_step=until_step)
+                         layout.artifact("pretrain"), resume=resume, until_step=until_step, base=base)

@@ -35,9 +35,11 @@ from llm.stages import (
     Layout,
     clean_stage,
     evaluate_stage,
+    export_hf_stage,
     export_stage,
     fetch_stage,
     finetune_stage,
+    import_hf_stage,
     pretrain_stage,
     register_stage,
     tokenize_stage,
@@ -50,6 +52,8 @@ data_app = typer.Typer(help="Raw data: fetch the default corpus.", no_args_is_he
 app.add_typer(data_app, name="data")
 export_app = typer.Typer(help="Deployable exports of a checkpoint.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+import_app = typer.Typer(help="Models from other ecosystems as checkpoints of ours.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 LAYOUT = Layout()  # the default paths: params/, data/ and artifacts/<stage> under the working directory
 _DEFAULT_LIMITS = FetchLimits()
@@ -233,6 +237,31 @@ def export_onnx_cmd(
     typer.echo(json.dumps({k: summary[k] for k in ("path", "opset", "files") if k in summary}, indent=2))
 
 
+@export_app.command("hf")
+def export_hf_cmd(
+    model: str = typer.Option(str(LAYOUT.artifact("finetune")), help="checkpoint folder or models:/ / runs:/ URI"),
+    out: Path = typer.Option(LAYOUT.artifact("hf")),
+    verify: bool = typer.Option(True, help="load the folder back with Transformers and compare logits"),
+    atol: float = typer.Option(1e-4, min=0.0, help="max abs logit difference the check allows"),
+) -> None:
+    """Hugging Face Transformers folder (config.json, model.safetensors, tokenizer, generation config) for a
+    GPT-2, Llama or Qwen3 shaped model, checked by loading it back; attached to the registered version."""
+    summary = export_hf_stage(_resolve(model), out, verify=verify, atol=atol)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@import_app.command("hf")
+def import_hf_cmd(
+    folder: Path = typer.Argument(..., help="a Transformers save_pretrained folder (safetensors) of GPT-2, Llama or "
+                                            "Qwen3 with a byte-level BPE tokenizer"),
+    out: Path = typer.Option(LAYOUT.artifact("base"), help="checkpoint folder to write"),
+    context_length: int | None = typer.Option(None, min=1, help="keep only this many positions (faster training)"),
+) -> None:
+    """Convert a local Transformers checkpoint into a checkpoint folder of ours, with its tokenizer and the chat
+    control tokens added; then `llm finetune --base OUT` or `llm pretrain`-style training can start from it."""
+    typer.echo(json.dumps(import_hf_stage(folder, out, context_length=context_length), indent=2))
+
+
 def _resolve(model: str) -> Path:
     """A checkpoint folder for a folder path or a models:/ or runs:/ URI (through the MLflow registry)."""
     if model.startswith(("models:/", "runs:/")):
@@ -332,7 +361,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError)
-    for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError")):
+    for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError"),
+                         ("llm.interop.hf", "InteropError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box
             expected += (getattr(__import__(module, fromlist=[name]), name),)
         except ImportError:

@@ -38,8 +38,10 @@ class ModelConfig(StrictModel):
                              description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
-    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = Field(
+        "gelu", description="gelu: exact (erf); gelu_tanh: GPT-2's tanh approximation")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of every norm (GPT-2: 1e-5; Llama, Qwen3: 1e-6)")
     qk_norm: bool = False
     tie_weights: bool = True
     bias: bool = False
@@ -140,6 +142,20 @@ class EvalParams(StrictModel):
     sample_conversations: int = Field(3, ge=0, description="val conversations answered in samples.md for chat models")
 
 
+class BaseParams(StrictModel):
+    """Where the model starts (``params/base.yaml``): from scratch, or from a published model.
+
+    With ``hf_folder`` the tokenizer stage takes that model's tokenizer instead of training one, and
+    pretraining continues that model on the corpus instead of starting from random weights (its shape
+    replaces ``params/model.yaml``'s, except ``dropout``): "finetune GPT-2 on my text" is one ``dvc repro``.
+    """
+
+    hf_folder: str | None = Field(None, description="a local Transformers save_pretrained folder (safetensors) of "
+                                  "GPT-2, Llama or Qwen3; None: train from scratch")
+    context_length: int | None = Field(None, gt=0, description="shorten the imported model's context "
+                                       "(faster on a CPU); None keeps it")
+
+
 class ExportParams(StrictModel):
     """ONNX export of the chat model (``params/export.yaml``)."""
 
@@ -149,6 +165,8 @@ class ExportParams(StrictModel):
                                "onnxruntime updates in place (llm serve batches with it)")
     verify: bool = Field(True, description="check ONNX Runtime against PyTorch and fail the export on a mismatch")
     atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed by the parity check")
+    hf: bool = Field(False, description="also write artifacts/hf, a Transformers folder (GPT-2, Llama or Qwen3 "
+                     "shapes only), checked with the same atol")
 
 
 P = TypeVar("P", bound=BaseModel)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import (
+    BaseParams,
     DataParams,
     EvalParams,
     ExportParams,
@@ -134,12 +135,20 @@ def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: b
     return stats
 
 
-def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
-    """Train the tokenizer on the cleaned train split; returns its kind and size."""
+def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, base: BaseParams | None = None,
+                    track: bool | None = None) -> dict:
+    """Train the tokenizer on the cleaned train split, or take the tokenizer of the model that ``base`` starts
+    from (``base.hf_folder``); returns its kind and size."""
     from llm.data.tokenizer import train_tokenizer_on_split
 
-    with _run("tokenizer", params.model_dump(), tracking_enabled(track)) as run:
-        tok = train_tokenizer_on_split(params, clean_dir / "train.txt", out_dir)
+    logged = params.model_dump() | ({"base.hf_folder": base.hf_folder} if base and base.hf_folder else {})
+    with _run("tokenizer", logged, tracking_enabled(track)) as run:
+        if base is not None and base.hf_folder:
+            from llm.interop.hf import import_hf_tokenizer
+
+            tok = import_hf_tokenizer(Path(base.hf_folder), out_dir, base.context_length)
+        else:
+            tok = train_tokenizer_on_split(params, clean_dir / "train.txt", out_dir)
         run.log_metrics({"tokenizer/vocab_size": float(tok.vocab_size)})
     return {"kind": tok.kind, "vocab_size": tok.vocab_size}
 
@@ -167,8 +176,10 @@ def pretrain_stage(
     until_step: int | None = None,
     track: bool | None = None,
     register: bool = True,
+    base: BaseParams | None = None,
 ) -> dict:
-    """Pretrain, log the run to MLflow and register the checkpoint as a new version of ``gpt``.
+    """Pretrain (from random weights, or from the model ``base.hf_folder`` names), log the run to MLflow and
+    register the checkpoint as a new version of ``gpt``.
 
     Returns the final metrics plus ``run_id`` and ``model_version`` (None when untracked or stopped
     early with ``until_step``). The registration is also written to ``out_dir/registration.json``.
@@ -178,11 +189,15 @@ def pretrain_stage(
     check_until_step(until_step)
     enabled = tracking_enabled(track)
     logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}
-    previous = _resumed_run_id(out_dir, lambda: pretrain_identity(params, model_config, tokens_dir, tokenizer_dir),
-                               enabled and resume)
+    if base is not None and base.hf_folder:
+        logged["base"] = base.model_dump()
+    previous = _resumed_run_id(
+        out_dir, lambda: pretrain_identity(params, model_config, tokens_dir, tokenizer_dir, base=base),
+        enabled and resume)
     with _run("pretrain", logged, enabled, resume_run_id=previous) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
-                          until_step=until_step, callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id})
+                          until_step=until_step, callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id},
+                          base=base)
         version = _finish_training_run(run, "pretrain", logged, result, out_dir,
                                        register=enabled and register and result.step >= params.max_steps)
     registration = _write_registration(out_dir, {"run_id": run.run_id, "model_version": version, "stage": "pretrain"})
@@ -440,11 +455,33 @@ def evaluate_stage(
     return {**result, "promotion": decision, "samples": samples}
 
 
-def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
-    """Export ``checkpoint_dir`` to ONNX in ``out_dir`` (with its parity report) and log the run.
+def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, hf_dir: Path | None = None,
+                 track: bool | None = None) -> dict:
+    """Export ``checkpoint_dir`` to ONNX in ``out_dir`` (with its parity report) and log the run; with
+    ``hf_dir``, also the Transformers folder there when ``params.hf`` is on (``export_hf_stage``), else a
+    README in it saying how to turn it on (the pipeline declares the folder, so it always exists).
 
-    Raises ExportError, leaving no complete-looking folder, when ONNX Runtime does not match PyTorch.
+    Raises ExportError, leaving no complete-looking folder, when ONNX Runtime does not match PyTorch, and
+    InteropError when the model has no Transformers architecture or Transformers does not match it.
     """
+    if hf_dir is not None and params.hf:  # a shape Transformers cannot take fails before the ONNX export
+        from llm.interop.hf import hf_architecture
+        from llm.model.checkpoint import load_model_config
+
+        hf_architecture(load_model_config(checkpoint_dir))
+    summary = _export_onnx_stage(params, checkpoint_dir, out_dir, track=track)
+    if hf_dir is not None and params.hf:
+        summary["hf"] = export_hf_stage(checkpoint_dir, hf_dir, atol=params.atol, track=track)
+    elif hf_dir is not None:
+        from llm.io import atomic_folder
+
+        with atomic_folder(hf_dir) as tmp:
+            atomic_write_text(tmp / "README.md", "No Transformers export: set `hf: true` in params/export.yaml "
+                              "(GPT-2, Llama or Qwen3 shaped models), or run `llm export hf`.\n")
+    return summary
+
+
+def _export_onnx_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, track: bool | None) -> dict:
     from llm.inference.export import export_onnx
 
     with _run("export", params.model_dump(), tracking_enabled(track)) as run:
@@ -461,16 +498,44 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, t
     return summary
 
 
-def _attach_export(checkpoint_dir: Path, onnx_dir: Path) -> str | None:
-    """Attach the export in ``onnx_dir`` to the registered version of ``checkpoint_dir`` (named in its
-    ``registration.json``). Returns the version, or None (with a warning) when there is none."""
+def _attach_export(checkpoint_dir: Path, export_dir: Path, kind: str = "onnx") -> str | None:
+    """Attach the export in ``export_dir`` (``kind``: ``onnx`` or ``hf``) to the registered version of
+    ``checkpoint_dir`` (named in its ``registration.json``). Returns the version, or None (with a warning)
+    when there is none."""
     registration = read_registration(checkpoint_dir)
     version, run_id = registration.get("model_version"), registration.get("run_id")
     if not version or not run_id:
-        log.warning("%s names no registered version: the ONNX export is not attached to one",
-                    checkpoint_dir / REGISTRATION_FILE)
+        log.warning("%s names no registered version: the %s export is not attached to one",
+                    checkpoint_dir / REGISTRATION_FILE, "ONNX" if kind == "onnx" else "Transformers")
         return None
-    from llm.mlops.registry import attach_onnx_export
+    from llm.mlops.registry import attach_hf_export, attach_onnx_export
 
-    attach_onnx_export(str(version), run_id, onnx_dir)
+    (attach_onnx_export if kind == "onnx" else attach_hf_export)(str(version), run_id, export_dir)
     return str(version)
+
+
+def import_hf_stage(folder: Path, out_dir: Path, *, context_length: int | None = None) -> dict:
+    """Convert a local Transformers ``save_pretrained`` folder into the checkpoint folder ``out_dir``
+    (``llm.interop.hf.import_hf``); returns its summary. Not tracked: nothing is trained."""
+    from llm.interop.hf import import_hf
+
+    return import_hf(folder, out_dir, context_length=context_length)
+
+
+def export_hf_stage(checkpoint_dir: Path, out_dir: Path, *, verify: bool = True, atol: float = 1e-4,
+                    track: bool | None = None) -> dict:
+    """Write ``checkpoint_dir`` as a Transformers folder ``out_dir`` checked by loading it back
+    (``llm.interop.hf.export_hf``), log the run, and attach the folder to the checkpoint's registered version
+    as the ONNX export is. Raises InteropError for a shape Transformers has no architecture for."""
+    from llm.interop.hf import PARITY_FILE, export_hf
+
+    with _run("export_hf", {"verify": verify, "atol": atol}, tracking_enabled(track)) as run:
+        summary = export_hf(checkpoint_dir, out_dir, verify=verify, atol=atol)
+        parity = summary.get("parity", {})
+        run.log_metrics({f"export_hf/{k}": float(v) for k, v in parity.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if (out_dir / PARITY_FILE).exists():
+            run.log_artifact(out_dir / PARITY_FILE)
+        summary["model_version"] = (_attach_export(checkpoint_dir, out_dir, kind="hf")
+                                    if tracking_enabled(track) else None)
+    return summary

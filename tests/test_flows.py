@@ -34,6 +34,7 @@ TINY_PARAMS = {
     "evaluate": {"batch_size": 4, "max_batches": 2, "max_new_tokens": 8, "prompts": ["ROMEO."], "device": "cpu",
                  "max_conversations": 8, "sample_conversations": 1},
     "export": {"quantize": False},
+    "base": {"hf_folder": None},
 }
 
 

@@ -294,6 +294,22 @@ def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
     client.set_model_version_tag(MODEL_NAME, str(version), ONNX_TAG, f"runs:/{run_id}/{ONNX_ARTIFACT}")
 
 
+HF_ARTIFACT = "hf"  # the Transformers export's folder among the artifacts of the run that registered the version
+HF_TAG = "hf.artifact_uri"  # the version tag that names it
+
+
+def attach_hf_export(version: str, run_id: str, hf_dir: str | Path) -> None:
+    """Store the Transformers export in ``hf_dir`` with version ``version`` of ``gpt``, as the ONNX export is:
+    artifacts ``hf/`` of ``run_id``, named by the version's tag ``hf.artifact_uri`` (``mlflow artifacts
+    download -u <that uri>`` fetches a folder ``from_pretrained`` reads). Raises RegistryError for a missing
+    database or version."""
+    configure_mlflow()
+    client = registry_client()
+    find_version(client, MODEL_NAME, str(version), alias=False)
+    client.log_artifacts(run_id, str(hf_dir), HF_ARTIFACT)
+    client.set_model_version_tag(MODEL_NAME, str(version), HF_TAG, f"runs:/{run_id}/{HF_ARTIFACT}")
+
+
 # ---------------------------------------------------------------------------------------------- resolve
 
 

@@ -36,8 +36,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(dim)
-    return nn.LayerNorm(dim, bias=config.bias)
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -189,7 +189,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2), SwiGLU (Shazeer, 2020) or squared ReLU (So et al., 2021)."""
+    """Position-wise feed-forward: GELU (exact, or GPT-2's tanh form), SwiGLU (Shazeer, 2020) or squared ReLU
+    (So et al., 2021)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -206,6 +207,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         elif self.kind == "relu2":
             h = F.relu(h).square()
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.gelu(h)
         return self.dropout(self.proj(h))

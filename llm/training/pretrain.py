@@ -8,18 +8,21 @@ tokenizer as the run's inputs (``pretrain_inputs``), so a checkpoint resumes onl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm.config import ModelConfig, PretrainParams
+from llm.config import BaseParams, ModelConfig, PretrainParams
 from llm.data.tokenizer import load_tokenizer
 from llm.data.tokens import TokenFile, read_meta
 from llm.io import sha256_tree
 from llm.model.gpt import GPT
 from llm.training.loop import Batch, Callback, TrainResult, code_digests, identity_digest, run_identity, train
+
+log = logging.getLogger(__name__)
 
 
 class PretrainData:
@@ -64,13 +67,29 @@ def _model_config_for(model_config: ModelConfig, tokenizer, tokens_dir: str | Pa
     return model_config
 
 
+def _from_base(model_config: ModelConfig, base: BaseParams | None) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and the extra run inputs when training starts from ``base.hf_folder``: that model's
+    shape with ``model_config``'s dropout, and the hash of its weights. Unchanged without a base."""
+    if base is None or not base.hf_folder:
+        return model_config, {}
+    from llm.interop.hf import base_model_config, hf_source
+
+    config = base_model_config(base.hf_folder, base.context_length)
+    log.info("starting from %s: its shape replaces params/model.yaml's (dropout kept)", base.hf_folder)
+    source = {k: v for k, v in hf_source(base.hf_folder).items() if k != "path"}  # the weights, wherever they lie
+    return config.model_copy(update={"dropout": model_config.dropout}), {"base_model": source}
+
+
 def pretrain_identity(
-    params: PretrainParams, model_config: ModelConfig, tokens_dir: str | Path, tokenizer_dir: str | Path
+    params: PretrainParams, model_config: ModelConfig, tokens_dir: str | Path, tokenizer_dir: str | Path,
+    *, base: BaseParams | None = None,
 ) -> str:
     """The ``run_identity`` digest that ``pretrain`` with these arguments records in its checkpoint, computed
     before training (so a caller can tell whether a checkpoint on disk will be resumed). Raises like ``pretrain``."""
+    model_config, base_inputs = _from_base(model_config, base)
     model_config = _model_config_for(model_config, load_tokenizer(tokenizer_dir), tokens_dir, tokenizer_dir)
-    return identity_digest(run_identity(params, model_config, pretrain_inputs(tokens_dir, tokenizer_dir)))
+    inputs = pretrain_inputs(tokens_dir, tokenizer_dir) | base_inputs
+    return identity_digest(run_identity(params, model_config, inputs))
 
 
 def pretrain(
@@ -84,8 +103,11 @@ def pretrain(
     until_step: int | None = None,
     callbacks: list[Callback] | None = None,
     metadata: dict[str, Any] | None = None,
+    base: BaseParams | None = None,
 ) -> TrainResult:
-    """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``.
+    """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``; with
+    ``base.hf_folder``, continue that Transformers model instead (its shape, its weights: ``llm.interop.hf``),
+    whose tokenizer ``tokenizer_dir`` must hold (the tokenizer stage with the same ``base``).
 
     ``model_config.vocab_size`` is taken from the tokenizer when unset. A checkpoint in ``out_dir`` is
     resumed only when it is of the same run: the same token files, tokenizer, code, model config and params
@@ -94,10 +116,19 @@ def pretrain(
     files, ValueError when the tokenizer and the token files disagree, and what ``train`` raises.
     """
     tokenizer = load_tokenizer(tokenizer_dir)
+    model_config, base_inputs = _from_base(model_config, base)
     model_config = _model_config_for(model_config, tokenizer, tokens_dir, tokenizer_dir)
     torch.manual_seed(params.seed)
     model = GPT(model_config)
+    if base_inputs:
+        from llm.interop.hf import load_hf_model
+
+        if tokenizer.kind != "bytelevel_bpe" or tokenizer.vocab_size != model_config.vocab_size:
+            raise ValueError(f"{tokenizer_dir} holds a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, not "
+                             f"the one of {base.hf_folder}; re-run the tokenizer and tokenize stages with the same "
+                             "params/base.yaml")
+        model.load_state_dict(load_hf_model(base.hf_folder, base.context_length).state_dict())
     data = PretrainData(tokens_dir, params.batch_size, model_config.context_length, params.eval_batches)
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
                  callbacks=callbacks, metadata={**(metadata or {}), "stage": "pretrain"},
-                 inputs=pretrain_inputs(tokens_dir, tokenizer_dir))
+                 inputs=pretrain_inputs(tokens_dir, tokenizer_dir) | base_inputs)

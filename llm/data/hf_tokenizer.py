@@ -1,0 +1,168 @@
+"""Byte-level BPE (GPT-2's, also Llama 3's and Qwen's) run by Hugging Face ``tokenizers``, behind ``Tokenizer``.
+
+The Transformers tokenizer (``tokenizer.json``) is stored in this project's id space: every id of the
+original shifted up by ``N_SPECIAL``, so the control tokens keep ids ``0..N_SPECIAL-1`` as in every other
+kind, written there as special added tokens (what a Transformers user of an exported folder sees).
+Encoding goes through a copy without any added tokens and without a post-processor, so no text, whatever
+it spells ("<|assistant|>", "<|endoftext|>"), encodes to a control id: it becomes ordinary byte-level
+pieces. Decoding uses the bytes of each piece (the byte-level alphabet mapped back), like the other kinds.
+
+``tokenizers`` is imported when such a tokenizer is built or loaded, never by the rest of the library.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from llm.data.tokenizer import N_SPECIAL, SPECIAL_TOKENS, Tokenizer, TokenizerError
+from llm.io import atomic_write_text
+
+HF_FILE = "hf_tokenizer.json"  # beside our tokenizer.json: the Transformers tokenizer in our id space
+KIND = "bytelevel_bpe"
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes for
+    the code points 256, 257, ... in byte order, so every piece is printable text."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in byte_to_unicode().items()}
+
+
+def _has_byte_level(component: dict | None) -> bool:
+    if not component:
+        return False
+    if component.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(part) for part in component.get("pretokenizers", component.get("decoders", [])))
+
+
+def control_added_tokens() -> list[dict[str, Any]]:
+    return [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)]
+
+
+def shift_hf_tokenizer(spec: dict[str, Any], source: str) -> dict[str, Any]:
+    """A Transformers ``tokenizer.json`` (parsed) moved into this project's id space: ids + ``N_SPECIAL``, the
+    control tokens added at ``0..N_SPECIAL-1``. Raises TokenizerError naming ``source`` when it is not a
+    byte-level BPE."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not (_has_byte_level(spec.get("pre_tokenizer")) or
+                                          _has_byte_level(spec.get("decoder"))):
+        raise TokenizerError(f"{source}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) can be imported; "
+                             f"this one is {model.get('type')!r} with pre-tokenizer "
+                             f"{(spec.get('pre_tokenizer') or {}).get('type')!r}")
+    spec = copy.deepcopy(spec)
+    spec["model"]["vocab"] = {piece: i + N_SPECIAL for piece, i in model["vocab"].items()}
+    kept = [dict(t, id=t["id"] + N_SPECIAL) for t in spec.get("added_tokens") or []
+            if t["content"] not in SPECIAL_TOKENS]
+    spec["added_tokens"] = control_added_tokens() + kept
+    # tokenizers gives an added token that is not a piece of the model a new id of its own: make each a piece
+    spec["model"]["vocab"].update({t["content"]: t["id"] for t in spec["added_tokens"]})
+    spec["truncation"] = spec["padding"] = None
+    return spec
+
+
+class ByteLevelBPETokenizer(Tokenizer):
+    """A byte-level BPE ``tokenizer.json`` in this project's id space (see the module docstring).
+
+    ``vocab_size`` may exceed the pieces (a model's embedding padded past its vocabulary): those ids decode
+    to nothing and are never produced.
+    """
+
+    kind = KIND
+
+    def __init__(self, spec: dict[str, Any], vocab_size: int | None = None, source: str = "tokenizer.json"):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise TokenizerError(f"{source}: a {KIND} tokenizer needs the `tokenizers` package "
+                                 "(pip install 'llm[hf]')") from None
+        self.spec, self._source = spec, source
+        # nothing but BPE pieces: no added tokens, no control pieces (no merge makes them), no post-processor
+        added = {t["content"] for t in spec.get("added_tokens") or []}
+        vocab = {piece: i for piece, i in spec["model"]["vocab"].items() if piece not in SPECIAL_TOKENS}
+        encoder_spec = {**spec, "added_tokens": [], "post_processor": None, "model": {**spec["model"], "vocab": vocab}}
+        try:
+            self._hf = HFTokenizer.from_str(json.dumps(encoder_spec))
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            raise TokenizerError(f"{source}: not a valid tokenizers file: {err}") from None
+        pieces: dict[int, bytes] = {i: token.encode() for i, token in enumerate(SPECIAL_TOKENS)}
+        for piece, i in vocab.items():
+            if piece in added:  # an added token: its text, not byte-level pieces
+                pieces[i] = piece.encode()
+                continue
+            try:
+                pieces[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            except KeyError:
+                raise TokenizerError(f"{source}: piece {piece!r} is not in the byte-level alphabet") from None
+        low = min(vocab.values())
+        if low < N_SPECIAL:
+            raise TokenizerError(f"{source}: piece id {low} collides with the control tokens 0..{N_SPECIAL - 1}")
+        size = max(max(pieces) + 1, vocab_size or 0)
+        super().__init__([pieces.get(i, b"") for i in range(size)])
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | Path, vocab_size: int | None = None) -> ByteLevelBPETokenizer:
+        """The tokenizer of a Transformers ``save_pretrained`` folder (``tokenizer.json``, or GPT-2's
+        ``vocab.json`` + ``merges.txt``), shifted into this project's id space. ``vocab_size``: the size
+        the model's embedding needs (original rows + N_SPECIAL). Raises TokenizerError naming the file."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            try:
+                spec = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise TokenizerError(f"{path}: cannot read: {err}") from None
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            from tokenizers import ByteLevelBPETokenizer as HFByteLevel
+
+            spec = json.loads(HFByteLevel(str(folder / "vocab.json"), str(folder / "merges.txt")).to_str())
+            path = folder / "vocab.json"
+        else:
+            raise TokenizerError(f"{folder}: no tokenizer.json (nor vocab.json and merges.txt) to import")
+        return cls(shift_hf_tokenizer(spec, str(path)), vocab_size, str(path))
+
+    def encode(self, text: str) -> list[int]:
+        text.encode("utf-8")  # lone surrogates: UnicodeEncodeError, as every kind raises
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        texts = list(texts)
+        for text in texts:
+            text.encode("utf-8")
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def hf_json(self) -> str:
+        """The Transformers ``tokenizer.json`` in this project's ids, control tokens as special added tokens."""
+        return json.dumps(self.spec, ensure_ascii=False)
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        atomic_write_text(directory / HF_FILE, self.hf_json())
+        return {"model_file": HF_FILE}
+
+
+def load_bytelevel_bpe(directory: Path, config: dict[str, Any]) -> ByteLevelBPETokenizer:
+    """The tokenizer ``Tokenizer.save`` wrote in ``directory`` (``config``: its parsed tokenizer.json)."""
+    path = directory / str(config.get("model_file", HF_FILE))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: byte-level BPE file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path}: cannot read: {err}") from None
+    if not isinstance(spec, dict) or "model" not in spec:
+        raise TokenizerError(f"{path}: not a tokenizers file (no 'model')")
+    return ByteLevelBPETokenizer(spec, config.get("vocab_size"), str(path))

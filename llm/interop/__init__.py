@@ -1,0 +1,1 @@
+"""Interop with other ecosystems: Hugging Face Transformers folders in and out (``llm.interop.hf``)."""
