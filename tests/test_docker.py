@@ -153,6 +153,27 @@ def documented_llm_commands(dockerfile: Path = REPO / "Dockerfile") -> list[list
     return commands
 
 
+def parse_llm_command(args: list[str]) -> None:
+    """Parse ``llm args...`` as the CLI would, without running it: an unknown command or option, a missing value
+    or a bad one raises (click's UsageError); a group without its sub-command fails the test."""
+    import typer
+
+    from llm.cli import app
+
+    def rest_of(ctx) -> list[str]:  # what a group leaves for its sub-command (click >= 8.2 names)
+        return list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])) + list(ctx.args)
+
+    group = typer.main.get_command(app)
+    with group.make_context("llm", list(args)) as ctx:
+        command, rest = group, rest_of(ctx)
+        while hasattr(command, "resolve_command") and rest:  # a group: descend to the sub-command
+            name, command, rest = command.resolve_command(ctx, rest)
+            ctx = command.make_context(name, rest, parent=ctx)
+            rest = rest_of(ctx) if hasattr(command, "resolve_command") else list(ctx.args)
+        assert not hasattr(command, "resolve_command"), f"llm {' '.join(args)}: names a group, not a command"
+        assert not rest, f"llm {' '.join(args)}: unexpected arguments {rest}"
+
+
 def test_the_dockerfile_documents_the_pipeline_chat_and_fetch_commands():
     commands = documented_llm_commands()
     assert ["--help"] in commands
@@ -164,25 +185,13 @@ def test_the_dockerfile_documents_the_pipeline_chat_and_fetch_commands():
 def test_each_documented_image_command_parses_and_shows_its_help(args):
     """Every documented command and option exists in the ``llm`` of this checkout (its parser reads the arguments
     without running the command: an unknown command or option, or a bad value, raises), and its ``--help`` works."""
-    import typer
     from typer.testing import CliRunner
 
     from llm.cli import app
 
-    def rest_of(ctx) -> list[str]:  # what a group leaves for its sub-command (click >= 8.2 names)
-        return list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])) + list(ctx.args)
-
     words = [a for a in args[:2] if not a.startswith("-")]
     if args != ["--help"]:  # --help exits while parsing; CliRunner runs it below
-        group = typer.main.get_command(app)
-        with group.make_context("llm", list(args)) as ctx:
-            command, rest = group, rest_of(ctx)
-            while hasattr(command, "resolve_command") and rest:  # a group: descend to the sub-command
-                name, command, rest = command.resolve_command(ctx, rest)
-                ctx = command.make_context(name, rest, parent=ctx)
-                rest = rest_of(ctx) if hasattr(command, "resolve_command") else list(ctx.args)
-            assert not hasattr(command, "resolve_command"), f"llm {' '.join(args)}: names a group, not a command"
-            assert not rest, f"llm {' '.join(args)}: unexpected arguments {rest}"
+        parse_llm_command(args)
     result = CliRunner().invoke(app, [*words, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
