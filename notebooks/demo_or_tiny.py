@@ -52,6 +52,13 @@ def pretrained() -> Path:
     return _tiny_run()["pretrain"]
 
 
+def tokenizer_dir() -> Path:
+    """The tokenizer folder of ``tokens_dir()``'s token files."""
+    if have_demo():
+        return ARTIFACTS / "tokenizer"
+    return _tiny_run()["tokenizer"]
+
+
 def tokens_dir() -> Path:
     """Token files of the cleaned corpus for the pretrained checkpoint's tokenizer."""
     if have_demo():

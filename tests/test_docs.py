@@ -91,12 +91,14 @@ def test_every_link_and_image_of_the_guide_exists():
         assert (GUIDE.parent / target.split("#")[0]).exists(), target
 
 
-def test_figures_py_draws_every_figure_the_guide_shows(tmp_path):
+def test_figures_py_draws_every_figure_the_guide_shows(tmp_path, tmp_path_factory):
     shown = set(re.findall(r"\]\(figures/([\w.]+\.png)\)", GUIDE.read_text(encoding="utf-8")))
     assert len(shown) >= 5
     for name in shown:  # committed, so the guide never shows a broken image
         assert (REPO / "docs" / "figures" / name).stat().st_size > 1000, name
-    env = {**os.environ, "LLM_NOTEBOOKS_SMALL": "1", "LLM_NOTEBOOKS_CACHE": str(tmp_path / "cache"),
+    # the tiny model's cache is shared with tests/test_notebooks.py: it is trained once per session
+    env = {**os.environ, "LLM_NOTEBOOKS_SMALL": "1",
+           "LLM_NOTEBOOKS_CACHE": str(tmp_path_factory.getbasetemp() / "notebooks-cache"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "MPLBACKEND": "Agg"}
     result = subprocess.run([sys.executable, str(REPO / "docs" / "figures.py"), "--out", str(tmp_path / "figs")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
