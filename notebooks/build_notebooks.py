@@ -253,6 +253,7 @@ from llm.inference.decoding import SamplingParams
 from llm.inference.generate import generate
 from llm.model.checkpoint import load_checkpoint
 
+torch.set_num_threads(1)  # one thread for every timing below (ONNX Runtime gets one too): a fair comparison
 checkpoint = demo_or_tiny.pretrained()
 model, tokenizer, _ = load_checkpoint(checkpoint)
 model.eval()
@@ -304,7 +305,6 @@ for kind, values in (("input", onnx_model.session.get_inputs()), ("output", onnx
     print(f"{kind:6} ... {len(values)} in all")'''),
     ("md", "**Same tokens, other runtime.** ONNX Runtime decodes without PyTorch; the int8 model may differ a little."),
     ("code", '''\
-torch.set_num_threads(1)  # one thread each, for a fair comparison
 onnx_ids, t_onnx = timed(lambda: onnx_model.generate(prompt, greedy))
 int8_model = OnnxGenerator(onnx_dir, int8=True, intra_op_num_threads=1)
 int8_ids, t_int8 = timed(lambda: int8_model.generate(prompt, greedy))
