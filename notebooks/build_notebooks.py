@@ -178,19 +178,18 @@ TRAINING = [
 # 3. Train tiny models live and compare the runs in MLflow
 
 Three small GPTs that differ only in their positions (`rope`, `learned`, `none`), trained by the project's own
-`pretrain` on the same token files, each as an MLflow run in a throwaway SQLite store. Then the runs are
-compared from Python, as the MLflow UI would (needs the `pipeline` extra for MLflow)."""),
+`pretrain` on the same token files, each as an MLflow run in a SQLite store of the notebook's own (under
+`.cache/notebooks/scratch/`). Then the runs are compared from Python, as the MLflow UI would (needs the
+`pipeline` extra for MLflow)."""),
     ("code", SETUP),
     ("code", '''\
-import tempfile
-
 import mlflow
 from mlflow import MlflowClient
 
 from llm.config import ModelConfig, PretrainParams
 from llm.training.pretrain import pretrain
 
-work = Path(tempfile.mkdtemp(prefix="llm-notebook-"))
+work = demo_or_tiny.scratch_dir("mlflow-runs")
 mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
 experiment_id = mlflow.create_experiment("positions", artifact_location=(work / "mlruns").as_uri())
 tokens, tokenizer_dir = demo_or_tiny.tokens_dir(), demo_or_tiny.tokenizer_dir()
@@ -244,7 +243,6 @@ then the ONNX export: its graph's inputs and outputs, parity with PyTorch, and t
 (guide: [sections 3, 11 and 12](../docs/architecture.md#3-causal-multi-head-self-attention))."""),
     ("code", SETUP),
     ("code", '''\
-import tempfile
 import time
 
 import torch
@@ -291,7 +289,7 @@ own, with fewer prompts, to show its report."""),
 from llm.inference.export import check_parity, export_onnx
 from llm.inference.onnx_runtime import OnnxGenerator
 
-onnx_dir = Path(tempfile.mkdtemp(prefix="llm-onnx-")) / "onnx"
+onnx_dir = demo_or_tiny.scratch_dir("onnx")
 summary = export_onnx(checkpoint, onnx_dir, quantize=True, verify=False)
 report = check_parity(checkpoint, onnx_dir, n_prompts=2 if SMALL else 10, new_tokens=8 if SMALL else 32)
 print("parity passed:", report["passed"], "| max |logit difference|:", f"{report['max_abs_diff']:.2e}")

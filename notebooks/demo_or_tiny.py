@@ -66,6 +66,14 @@ def tokens_dir() -> Path:
     return _tiny_run()["tokens"]
 
 
+def scratch_dir(name: str) -> Path:
+    """An empty folder ``name`` under the cache, for what a notebook writes (MLflow runs, an ONNX export)."""
+    folder = CACHE / "scratch" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def _tiny_run() -> dict[str, Path]:
     """Clean, tokenize (char) and pretrain the tiny model once; later calls reuse the cached folders."""
     from llm.config import DataParams, ModelConfig, PretrainParams, TokenizerParams
