@@ -1,19 +1,23 @@
-# The `llm` command in an image: CPU by default, CUDA by build argument.
+# The `llm` command in an image, with the pipeline (Prefect, MLflow, DVC) and ONNX export: CPU by default, CUDA by
+# build argument. tests/test_docker.py runs every `llm` command documented below against the installed `llm`.
 #
 # Build:
 #   docker build -t llm .                                            # CPU wheels of torch
 #   docker build -t llm:cuda \
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .  # CUDA wheels (they bundle the CUDA runtime)
-#   docker build -t llm --build-arg EXTRAS="[dev]" .                 # plus optional dependencies of pyproject.toml
+#   docker build -t llm --build-arg EXTRAS="[pipeline,onnx,dev]" .   # other optional dependencies of pyproject.toml
 #
-# Run (artifacts, data and MLflow runs live under /app; mount them to keep them; --init forwards Ctrl-C/stop):
+# Run (data, artifacts and MLflow runs live under /app; mount them to keep them; --init forwards Ctrl-C/stop):
 #   docker run --rm llm                                              # llm --help
-#   docker run --rm --init -v "$PWD/data:/app/data" -v "$PWD/artifacts:/app/artifacts" \
-#     -v "$PWD/mlruns:/app/mlruns" llm pipeline                      # the whole pipeline
 #   docker run --rm --init -v "$PWD/data:/app/data" llm data fetch --source default
-#   docker run --rm -it --init -v "$PWD/artifacts:/app/artifacts" llm chat --model artifacts/pretrain
+#   docker run --rm --init -v "$PWD/data:/app/data" -v "$PWD/artifacts:/app/artifacts" \
+#     -v "$PWD/mlruns:/app/mlruns" llm pipeline --set pretrain:max_steps=200   # the whole pipeline (Prefect flow)
+#   docker run --rm -it --init -v "$PWD/artifacts:/app/artifacts" llm chat --model artifacts/finetune
+#   docker run --rm -it --init -v "$PWD/mlruns:/app/mlruns" llm chat --model models:/gpt/Production
 #   docker run --rm --init --gpus all -v "$PWD/artifacts:/app/artifacts" llm:cuda pretrain   # NVIDIA toolkit
 # The container runs as uid 1000: on Linux, mounted folders must be writable by it (or add --user "$(id -u)").
+# MLflow runs and the registry go to /app/mlruns (MLFLOW_TRACKING_URI below). The pipeline runs as one Prefect flow
+# (`llm pipeline`), without git or DVC; `dvc repro` is for a checkout (README).
 
 ARG BASE=python:3.11-slim
 
@@ -21,7 +25,8 @@ ARG BASE=python:3.11-slim
 FROM ${BASE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=""
+# the pipeline (Prefect, MLflow, DVC) and the ONNX export, so `llm pipeline` runs every stage
+ARG EXTRAS="[pipeline,onnx]"
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
@@ -41,7 +46,8 @@ LABEL org.opencontainers.image.title="llm" \
       org.opencontainers.image.licenses="MIT"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    MLFLOW_TRACKING_URI=sqlite:////app/mlruns/mlflow.db
 RUN groupadd --gid 1000 app \
     && useradd --create-home --uid 1000 --gid app --shell /usr/sbin/nologin app \
     && install -d -o app -g app /app

@@ -19,28 +19,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# dvc runs each stage as `python -m flows <stage>`: the venv's python must come first on PATH
-RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
-
+# `llm demo` fetches the corpus, runs `dvc repro` (this venv's python first on PATH), shows the metrics, samples,
+# chats and prints the next steps: the same command works without make (README, "Windows (PowerShell)")
 demo: install
-	$(BIN)/llm data fetch
-	$(RUN) dvc repro
-	$(RUN) dvc metrics show
-	$(BIN)/llm generate --model artifacts/pretrain --prompt "ROMEO." --max-new-tokens 200 --seed 1
-	$(BIN)/python -m llm.chat --model models:/gpt/Production --seed 1 --prompt "What news from Verona?"
-	@echo
-	@echo "The pipeline's Prefect server (the Prefect UI) keeps running for the next runs:"
-	@$(BIN)/python -m flows server status || true
-	@echo
-	@echo "Done: the pipeline ran on the default corpus; see artifacts/eval/samples.md."
-	@echo "Activate the environment first:  source $(VENV)/bin/activate"
-	@echo "  Chat with the Production model:  python -m llm.chat --model models:/gpt/Production"
-	@echo "  Generate text:                   llm generate --model models:/gpt/Production --prompt 'ROMEO.'"
-	@echo "  Serve the OpenAI API (ONNX):     llm serve --model models:/gpt/Production   # http://127.0.0.1:8000/v1"
-	@echo "  Compare runs, see the registry:  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
-	@echo "  Prefect server: URL, stop it:    python -m flows server status;  python -m flows server stop"
-	@echo "  Serve the flows as deployments:  export PREFECT_API_URL=\$$(python -m flows server start); python -m flows.serve"
-	@echo "  Run a stage on demand:           prefect deployment run pretrain/pretrain --param overrides='{\"max_steps\": 200}'"
+	$(BIN)/llm demo
 
 # the import-layer contracts (pyproject.toml, [tool.importlinter]) first, then the tests
 test: install

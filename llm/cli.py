@@ -6,15 +6,19 @@ validated like the file (a typo names the key).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from llm import chat as _chat
 from llm.config import (
     DataParams,
     EvalParams,
@@ -348,6 +352,114 @@ def serve(
     except ServeError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
+
+
+# ------------------------------------------------------------------ demo, pipeline, chat (issue 12)
+# `make demo` is `llm demo` after the install, so a machine without make (Windows) runs the same steps; the
+# Dockerfile's documented `llm pipeline` and `llm chat` are these commands. Each step is a subprocess of this
+# interpreter (`python -m dvc`, `python -m flows`, `python -m llm.chat`) and dvc finds this environment's
+# python first on PATH, so no shell and no activated virtualenv are needed.
+app.command("chat", help="Chat with a model (the REPL of `python -m llm.chat`): streams answers, keeps the "
+                         "conversation, /reset /system /history /exit.")(_chat.chat)
+
+DEMO_PROMPT = "ROMEO."
+DEMO_QUESTION = "What news from Verona?"
+
+
+def _require(module: str, extra: str, command: str) -> None:
+    """Exit with one line naming the extra to install when ``module`` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        typer.secho(f"error: {command} needs {module}, from the {extra} extra: pip install -e \".[{extra}]\"",
+                    fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def _require_project(command: str) -> None:
+    """Exit with one line when the working directory is not the project root (flows/ and params/ are there)."""
+    if not (Path("flows") / "__main__.py").is_file() or not Path("params").is_dir():
+        typer.secho(f"error: {command} runs in the project root (the folder holding flows/, params/ and dvc.yaml); "
+                    f"{Path.cwd()} is not one", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def _step_env() -> dict[str, str]:
+    """This environment with the running interpreter's folder first on PATH: dvc's `python` is this one."""
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def _step(title: str, args: list[str], *, check: bool = True) -> int:
+    """Run ``python args...`` (this interpreter) as one step of a command; exit with its code when it fails."""
+    typer.secho(f"==> {title}: python {shlex.join(args)}", bold=True, err=True)
+    code = subprocess.run([sys.executable, *args], env=_step_env(), check=False).returncode
+    if code != 0 and check:
+        typer.secho(f"error: {title} failed (exit code {code}): python {shlex.join(args)}", fg="red", err=True)
+        raise typer.Exit(code)
+    return code
+
+
+def _next_steps(chat_model: str) -> str:
+    windows = sys.platform == "win32"
+    activate = r".venv\Scripts\Activate.ps1" if windows else "source .venv/bin/activate"
+    lines = [
+        "Done: the pipeline ran on the corpus in data/; see artifacts/eval/samples.md.",
+        f"Activate the environment first:  {activate}",
+        f"  Chat with the model:             python -m llm.chat --model {chat_model}   (or: llm chat --model ...)",
+        "  Generate text:                   llm generate --model models:/gpt/Production --prompt 'ROMEO.'",
+        "  Serve the OpenAI API (ONNX):     llm serve --model models:/gpt/Production   # http://127.0.0.1:8000/v1",
+        "  Compare runs, see the registry:  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1",
+        "  The guide and the notebooks:     docs/architecture.md, notebooks/ (pip install -e \".[notebooks]\")",
+    ]
+    if not windows:  # on Windows each stage's Prefect run uses a temporary server (flows/server.py)
+        lines += [
+            "  Prefect server: URL, stop it:    python -m flows server status;  python -m flows server stop",
+            "  Serve the flows as deployments:  export PREFECT_API_URL=$(python -m flows server start); "
+            "python -m flows.serve",
+            "  Run a stage on demand:           prefect deployment run pretrain/pretrain "
+            "--param overrides='{\"max_steps\": 200}'",
+        ]
+    return "\n".join(lines)
+
+
+@app.command()
+def demo(
+    source: str = typer.Option("default", help="the corpus to fetch: 'default' (Gutenberg Shakespeare), a folder "
+                                                "or a URL (as `llm data fetch --source`)"),
+    fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="fetch the corpus first; --no-fetch keeps data/ "
+                                                                  "as it is"),
+    chat_model: str = typer.Option("models:/gpt/Production", help="the model the chat step answers with"),
+) -> None:
+    """What `make demo` does after the install: fetch the corpus, `dvc repro`, `dvc metrics show`, a sample of the
+    pretrained model, one chat answer, then the next steps. Run it in the project root."""
+    _require_project("llm demo")
+    _require("dvc", "pipeline", "llm demo")
+    _require("prefect", "pipeline", "llm demo")
+    if fetch:
+        _step("fetch the corpus", ["-m", "llm", "data", "fetch", "--source", source])
+    _step("run the pipeline", ["-m", "dvc", "repro"])
+    _step("show the metrics", ["-m", "dvc", "metrics", "show"])
+    _step("sample the pretrained model", ["-m", "llm", "generate", "--model", str(LAYOUT.artifact("pretrain")),
+                                          "--prompt", DEMO_PROMPT, "--max-new-tokens", "200", "--seed", "1"])
+    _step("ask the chat model", ["-m", "llm.chat", "--model", chat_model, "--seed", "1", "--prompt", DEMO_QUESTION])
+    if sys.platform != "win32":
+        typer.echo("\nThe pipeline's Prefect server (the Prefect UI) keeps running for the next runs:")
+        _step("Prefect server status", ["-m", "flows", "server", "status"], check=False)
+    typer.echo("\n" + _next_steps(chat_model))
+
+
+@app.command()
+def pipeline(
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="FILE:KEY=VALUE",
+        help="override a params key, e.g. --set pretrain:max_steps=200 (repeatable)")] = None,
+    resume: bool = typer.Option(False, help="continue the pretraining checkpoint of the same run"),
+) -> None:
+    """The whole pipeline as one Prefect flow (`python -m flows pipeline`): clean, tokenizer, tokenize, pretrain,
+    finetune, evaluate, export. Without git or DVC (the Docker image); `dvc repro` reruns only what changed."""
+    _require_project("llm pipeline")
+    _require("prefect", "pipeline", "llm pipeline")
+    args = ["-m", "flows", "pipeline", *[a for item in sets or [] for a in ("--set", item)],
+            "--param", f"resume={str(resume).lower()}"]
+    _step("run the pipeline flow", args)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

@@ -5,7 +5,9 @@ the Dockerfiles are read, and the serving requirements are checked against what 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +129,122 @@ def test_the_server_imports_with_only_the_serving_requirements_and_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ the commands the Dockerfile documents (issue 12)
+
+def documented_llm_commands(dockerfile: Path = REPO / "Dockerfile") -> list[list[str]]:
+    """The ``llm`` arguments of every ``docker run`` in the Dockerfile's header comment (continuation lines
+    joined, trailing comments dropped); an image run without arguments gets the image's CMD."""
+    header = []
+    for line in dockerfile.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line[1:].strip())
+    text = re.sub(r"\\\n", " ", "\n".join(header))
+    cmd = json.loads(dict(final_stage(dockerfile))["CMD"])
+    commands = []
+    for line in text.splitlines():
+        if not line.startswith("docker run"):
+            continue
+        words = shlex.split(line, comments=True)
+        image = next(i for i, word in enumerate(words) if re.fullmatch(r"llm(:[\w.-]+)?", word))
+        commands.append(words[image + 1:] or cmd)
+    return commands
+
+
+def parse_llm_command(args: list[str]) -> None:
+    """Parse ``llm args...`` as the CLI would, without running it: an unknown command or option, a missing value
+    or a bad one raises (click's UsageError); a group without its sub-command fails the test."""
+    import typer
+
+    from llm.cli import app
+
+    def rest_of(ctx) -> list[str]:  # what a group leaves for its sub-command (click >= 8.2 names)
+        return list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])) + list(ctx.args)
+
+    group = typer.main.get_command(app)
+    with group.make_context("llm", list(args)) as ctx:
+        command, rest = group, rest_of(ctx)
+        while hasattr(command, "resolve_command") and rest:  # a group: descend to the sub-command
+            name, command, rest = command.resolve_command(ctx, rest)
+            ctx = command.make_context(name, rest, parent=ctx)
+            rest = rest_of(ctx) if hasattr(command, "resolve_command") else list(ctx.args)
+        assert not hasattr(command, "resolve_command"), f"llm {' '.join(args)}: names a group, not a command"
+        assert not rest, f"llm {' '.join(args)}: unexpected arguments {rest}"
+
+
+def test_the_dockerfile_documents_the_pipeline_chat_and_fetch_commands():
+    commands = documented_llm_commands()
+    assert ["--help"] in commands
+    firsts = {tuple(args[:2]) if args[0] == "data" else args[0] for args in commands}
+    assert {"pipeline", "chat", "pretrain", ("data", "fetch")} <= firsts
+
+
+@pytest.mark.parametrize("args", documented_llm_commands(), ids=lambda args: " ".join(args))
+def test_each_documented_image_command_parses_and_shows_its_help(args):
+    """Every documented command and option exists in the ``llm`` of this checkout (its parser reads the arguments
+    without running the command: an unknown command or option, or a bad value, raises), and its ``--help`` works."""
+    from typer.testing import CliRunner
+
+    from llm.cli import app
+
+    words = [a for a in args[:2] if not a.startswith("-")]
+    if args != ["--help"]:  # --help exits while parsing; CliRunner runs it below
+        parse_llm_command(args)
+    result = CliRunner().invoke(app, [*words, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_the_image_default_command_runs_in_a_fresh_interpreter():
+    """The image's CMD (``--help``) through ``python -m llm``: the listing includes the documented commands."""
+    result = subprocess.run([sys.executable, "-m", "llm", *json.loads(dict(final_stage(REPO / "Dockerfile"))["CMD"])],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for command in ("pipeline", "chat", "pretrain", "data", "demo"):
+        assert re.search(rf"^\W*{command}\b", result.stdout, re.MULTILINE), command
+
+
+def test_the_documented_pipeline_overrides_name_real_params_keys():
+    from flows.__main__ import flow_arguments
+    from flows.params import PARAMS_MODELS
+    from llm.config import load_params
+
+    for args in documented_llm_commands():
+        if args[0] != "pipeline":
+            continue
+        sets = [args[i + 1] for i, word in enumerate(args) if word == "--set"]
+        assert sets
+        flow_arguments("pipeline", sets, ["resume=false"])  # the pipeline flow reads these files
+        for item in sets:
+            file_name, _, assignment = item.partition(":")
+            key, _, value = assignment.partition("=")
+            load_params(PARAMS_MODELS[file_name], REPO / "params" / f"{file_name}.yaml", {key: yaml.safe_load(value)})
+
+
+def test_the_documented_chat_command_answers_with_a_checkpoint(tmp_path):
+    """``llm chat --model artifacts/finetune`` as the image runs it, on a tiny checkpoint in that folder."""
+    from helpers import write_checkpoint
+
+    args = next(a for a in documented_llm_commands() if a[:3] == ["chat", "--model", "artifacts/finetune"])
+    write_checkpoint(tmp_path / "artifacts" / "finetune")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "llm", *args, "--prompt", "hello", "--max-new-tokens", "4",
+                             "--seed", "1", "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip()  # an answer was printed
+
+
+def test_the_image_installs_what_the_documented_commands_need():
+    build = instructions(REPO / "Dockerfile")
+    extras = next(args for name, args in build if name == "ARG" and args.startswith("EXTRAS="))
+    installed = set(extras.partition("=")[2].strip('"[]').split(","))
+    optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {Requirement(r).name for extra in installed for r in optional[extra]}
+    assert {"prefect", "mlflow", "dvc", "onnx", "onnxruntime"} <= names  # `llm pipeline` runs every stage
+    env = dict(final_stage(REPO / "Dockerfile"))["ENV"]
+    assert "MLFLOW_TRACKING_URI=sqlite:////app/mlruns/mlflow.db" in env  # inside the documented mlruns mount
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert not {"flows", "params", "llm"} & set(ignored)  # `llm pipeline` runs `python -m flows` from /app

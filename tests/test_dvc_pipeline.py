@@ -10,6 +10,7 @@ module (``PREFECT_API_URL``), which spares each stage a temporary server of its 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,26 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert all(f"Stage '{s}' didn't change, skipping" in second for s in STAGES)
     run(root, env, "git", "add", "-A")
     run(root, env, "git", "commit", "-q", "-m", "reproduced")
+
+
+def test_llm_demo_runs_in_the_project_without_make_or_an_activated_venv(repo):
+    """The README's path without make ends in `llm demo`: here in the reproduced tiny project, with the corpus it
+    has (--no-fetch: no network), and MLflow off, so the chat step answers with the finetuned folder. The venv is
+    not on PATH: every step runs with this interpreter."""
+    root, env = repo
+    bare = {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)}
+    output = run(root, bare, sys.executable, "-m", "llm", "demo", "--no-fetch", "--chat-model", "artifacts/finetune")
+    steps = ["run the pipeline: python -m dvc repro", "show the metrics: python -m dvc metrics show",
+             "sample the pretrained model: python -m llm generate --model artifacts/pretrain --prompt ROMEO.",
+             "ask the chat model: python -m llm.chat --model artifacts/finetune --seed 1 --prompt"]
+    positions = [output.index(f"==> {step}") for step in steps]
+    assert positions == sorted(positions)
+    assert "fetch the corpus" not in output
+    assert all(f"Stage '{s}' didn't change, skipping" in output for s in STAGES)
+    assert "val/bpb" in output  # dvc metrics show
+    assert "\nROMEO." in output  # the sample starts with its prompt
+    assert "Chat with the model:             python -m llm.chat --model artifacts/finetune" in output
+    assert "Data and pipelines are up to date" in run(root, env, "dvc", "status")
 
 
 def test_metrics_show_lists_val_loss_and_bits_per_byte(repo):

@@ -1,0 +1,77 @@
+"""Specification of the set-up without make (README, "Windows (PowerShell)"): its commands are real (the pins and
+extras exist in pyproject.toml, every ``llm`` line parses with the CLI), ``make demo`` is ``llm demo``, and
+``llm demo`` runs its steps with this interpreter first on PATH. ``tests/test_dvc_pipeline.py`` runs ``llm demo``
+itself in a reproduced tiny project."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from typer.testing import CliRunner
+
+from llm.cli import _step_env, app
+from tests.test_docker import parse_llm_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def windows_commands() -> list[str]:
+    """The command lines of the README's PowerShell block, comments dropped."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### Windows \(PowerShell\)\n.*?```powershell\n(.*?)```", text, re.DOTALL)
+    assert block, "README.md has no '### Windows (PowerShell)' section with a powershell block"
+    lines = [line.split(" #")[0].strip() for line in block.group(1).splitlines()]
+    return [part.strip() for line in lines if line for part in line.split(";")]
+
+
+def test_the_windows_commands_create_a_venv_install_the_cpu_torch_pin_and_run_llm_demo():
+    commands = windows_commands()
+    pin = next(r for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+               if r.startswith("torch"))
+    assert commands[0] == "py -3.11 -m venv .venv"
+    assert r".venv\Scripts\Activate.ps1" in commands
+    assert f"python -m pip install {pin} --index-url https://download.pytorch.org/whl/cpu" in commands
+    assert f"TORCH_VERSION := {pin.split('==')[1]}" in (REPO / "Makefile").read_text()  # one pin for both paths
+    demo = commands.index("llm demo")
+    assert 'python -m pip install -e ".[pipeline,onnx,serve]"' in commands[:demo]  # the install, then llm demo
+
+
+def test_the_windows_install_lines_name_extras_that_exist():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installs = [c for c in windows_commands() if c.startswith("python -m pip install -e")]
+    assert installs
+    for line in installs:
+        named = Requirement("llm" + shlex.split(line)[-1].removeprefix(".")).extras
+        assert named and named <= set(extras), line
+    assert {"pipeline", "onnx", "serve"} <= Requirement("llm" + shlex.split(installs[0])[-1][1:]).extras
+
+
+@pytest.mark.parametrize("line", [c for c in windows_commands() if c.startswith("llm ")])
+def test_each_llm_line_of_the_windows_section_parses(line):
+    parse_llm_command(shlex.split(line)[1:])
+
+
+def test_make_demo_is_llm_demo():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE).group(1)
+    assert recipe.split() == ["$(BIN)/llm", "demo"]
+
+
+def test_llm_demo_puts_this_interpreter_first_on_path_for_dvc(monkeypatch):
+    monkeypatch.setenv("PATH", os.pathsep.join(["/somewhere/else", "/usr/bin"]))
+    assert _step_env()["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_llm_demo_and_pipeline_outside_the_project_root_say_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["demo", "--no-fetch"], ["pipeline"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1
+        assert "runs in the project root" in result.output and str(tmp_path) in result.output
