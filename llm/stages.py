@@ -203,7 +203,10 @@ def pretrain_stage(
 
     check_until_step(until_step)
     enabled = tracking_enabled(track)
-    logged = training_params(params, model_config.model_dump(), _tokenizer_of_tokens(tokens_dir))
+    tokenizer = _tokenizer_of_tokens(tokens_dir)
+    # vocab_size unset means the tokenizer's: logged as the number, as a finetune of this model logs it
+    model = {**model_config.model_dump(), "vocab_size": model_config.vocab_size or tokenizer.get("vocab_size")}
+    logged = training_params(params, model, tokenizer)
     previous = _resumed_run_id(out_dir, lambda: pretrain_identity(params, model_config, tokens_dir, tokenizer_dir),
                                enabled and resume)
     with _run("pretrain", logged, enabled, resume_run_id=previous,
@@ -357,8 +360,9 @@ def version_description(stage: str, logged: Mapping[str, Any], metrics: Mapping[
     """The registry page's description of a version that a training stage registers (markdown): what it was
     trained from, on which data, its key metrics. Evaluation adds its promotion decision below it."""
     model, tok, train = logged.get("model", {}), logged.get("tokenizer", {}), logged.get("train", {})
-    shape = (f"{model.get('n_layer')} layers x {model.get('d_model')} wide, {model.get('n_head')} heads, "
-             f"context {model.get('context_length')}")
+    layers = model.get("n_layer")
+    shape = (f"{layers} layer{'' if layers == 1 else 's'} x {model.get('d_model')} wide, {model.get('n_head')} "
+             f"heads, context {model.get('context_length')}")
     size = f"{metrics['params'] / 1e6:.2f}M parameters" if "params" in metrics else "unknown size"
     if stage == "finetune":
         parent = tags.get("llm.parent_version", "none")
