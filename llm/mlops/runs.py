@@ -227,8 +227,15 @@ def diff_table(a: Run, b: Run, rows: Sequence[DiffRow]) -> Table:
     return table
 
 
+def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in ``mlflow ui``. MLflow 3.17's UI shows the view that its sidebar switch
+    ("GenAI" by default, kept per browser) names rather than the experiment's ``mlflow.experimentKind`` tag;
+    ``workflowType=machine_learning`` opens the runs whatever the browser chose before."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def print_overview(console: Console, *, limit: int = 15, stage: str | None = None) -> None:
-    """The latest runs, then the registered versions."""
+    """The latest runs, then the registered versions, then where the MLflow UI shows them."""
     client = _client()
     console.print(runs_table(recent_runs(limit, stage=stage, client=client)))
     rows = version_rows(limit=limit)
@@ -236,6 +243,8 @@ def print_overview(console: Console, *, limit: int = 15, stage: str | None = Non
         console.print(versions_table(rows))
     else:
         console.print(f"No registered versions of '{MODEL_NAME}' yet.")
+    console.print(f"In the MLflow UI (`mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1`): "
+                  f"{ui_url(_experiment_id(client))}", soft_wrap=True, highlight=False)
 
 
 def print_diff(console: Console, ref_a: str, ref_b: str, *, only_different: bool = False) -> None:
