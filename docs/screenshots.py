@@ -2,8 +2,9 @@
 
 Run from the project root after a pipeline run (``make demo``, or ``dvc repro``):
 
-    python docs/screenshots.py mlflow   # mlflow ui on 127.0.0.1: the experiment page and the compare view of
-                                        # the latest training runs -> artifacts/screenshots/mlflow-*.png
+    python docs/screenshots.py mlflow   # mlflow ui on 127.0.0.1: the experiment's runs, the compare view of the
+                                        # latest training runs, the registered model and its latest version
+                                        # -> artifacts/screenshots/mlflow-*.png
     python docs/screenshots.py plots    # dvc plots show, opened with every network request refused
                                         # -> artifacts/screenshots/dvc-plots.png; fails unless the plots render
 
@@ -116,6 +117,10 @@ def mlflow(out: Path) -> None:
                                         "workflowType": "machine_learning"})
         browse(f"{base}/#/compare-runs?{query}", screenshot=out / "mlflow-compare.png", size="1600,1300")
         browse(f"{base}/#/models/gpt?workflowType=machine_learning", screenshot=out / "mlflow-model.png")
+        latest = max((int(v.version) for v in client.search_model_versions("name='gpt'")), default=None)
+        if latest is not None:
+            browse(f"{base}/#/models/gpt/versions/{latest}?workflowType=machine_learning",
+                   screenshot=out / "mlflow-version.png", size="1600,1100")
     finally:  # the server and its workers: the process group started above
         os.killpg(server.pid, signal.SIGTERM)
         try:
