@@ -194,7 +194,9 @@ class DiffRow:
 
 
 def _metric_text(value: float | None) -> str:
-    return "" if value is None else f"{value:.6g}"
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1e4 else f"{value:.6g}"
 
 
 def diff_rows(a: Run, b: Run, *, only_different: bool = False) -> list[DiffRow]:
