@@ -6,6 +6,7 @@ from prefect import flow, task
 
 from flows.params import Overrides, read_params
 from flows.policies import IO_TASK
+from flows.reports import publish_evaluation
 from llm import stages
 from llm.stages import Layout
 
@@ -20,11 +21,14 @@ def evaluate(overrides: Overrides = None, candidate: str | None = None, promote:
 
     Writes ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``artifacts/eval``; with ``promote``
     the candidate becomes Production when it beats the current Production model (bits per byte for base
-    models, held-out assistant-token loss for chat models). Returns the metrics and the promotion decision.
+    models, held-out assistant-token loss for chat models). The scores and the decision are also a markdown
+    artifact (key ``evaluation``) on the flow run in the Prefect UI. Returns the metrics and the promotion decision.
     """
     layout = Layout()
     params = read_params("evaluate", overrides)
     if candidate is None:
         candidate = "finetune" if (layout.artifact("finetune") / "config.json").exists() else "pretrain"
-    return evaluate_task(params, layout.artifact(candidate), layout.artifact("tokens"), layout.artifact("clean"),
-                         layout.artifact("eval"), chat_dir=layout.artifact("chat"), promote=promote)
+    result = evaluate_task(params, layout.artifact(candidate), layout.artifact("tokens"), layout.artifact("clean"),
+                           layout.artifact("eval"), chat_dir=layout.artifact("chat"), promote=promote)
+    publish_evaluation(result, str(layout.artifact(candidate)))
+    return result

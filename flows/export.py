@@ -8,6 +8,7 @@ from prefect import flow, task
 
 from flows.params import Overrides, read_params
 from flows.policies import TRAINING_TASK
+from flows.reports import publish_parity
 from llm import stages
 from llm.stages import Layout
 
@@ -18,7 +19,10 @@ export_task = task(stages.export_stage, **TRAINING_TASK)
 @flow(name="export")
 def export(overrides: Overrides = None, checkpoint: str = "finetune") -> dict:
     """Export ``artifacts/<checkpoint>`` with ``params/export.yaml`` (plus ``overrides``) to ``artifacts/onnx``
-    (and ``artifacts/hf``). Returns the export summary (files, opset, dynamic axes, parity)."""
+    (and ``artifacts/hf``). Returns the export summary (files, opset, dynamic axes, parity), which is also a
+    markdown artifact (key ``onnx-parity``) on the flow run in the Prefect UI."""
     layout = Layout()
     params = read_params("export", overrides)
-    return export_task(params, layout.artifact(checkpoint), layout.artifact("onnx"), hf_dir=layout.artifact("hf"))
+    summary = export_task(params, layout.artifact(checkpoint), layout.artifact("onnx"), hf_dir=layout.artifact("hf"))
+    publish_parity(summary)
+    return summary

@@ -350,6 +350,8 @@ def run_recorded(
     atomic_write_json(state_dir / "server.json", asdict(record))
     os.close(lock_fd)
     os.chdir(state_dir)  # not the project: a `dvc exp run --temp` workspace that started it is deleted later
+    # the UI's pages call the API at this address; left unset, Prefect points them at port 4200, not --port
+    os.environ.setdefault("PREFECT_SERVER_UI_API_URL", f"http://{HOST}:{port}/api")
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)])
 

@@ -266,6 +266,28 @@ def import_hf_cmd(
     typer.echo(json.dumps(import_hf_stage(folder, out, context_length=context_length), indent=2))
 
 
+@app.command()
+def runs(
+    diff: Annotated[tuple[str, str] | None, typer.Option(
+        "--diff", metavar="RUN_A RUN_B",
+        help="compare two runs (ids, their first characters, or names): differences highlighted")] = None,
+    only_different: bool = typer.Option(False, "--only-different", help="with --diff: hide the values that agree"),
+    limit: int = typer.Option(15, min=1, help="runs and versions to list"),
+    stage: str | None = typer.Option(None, help="list only this stage's runs (pretrain, finetune, evaluate, ...)"),
+) -> None:
+    """The latest MLflow runs (names, val/bpb, val/loss, chat loss, tokens/s, parameters, wall time) and the
+    registered versions of gpt with their promotion decisions; or two runs side by side (--diff)."""
+    from rich.console import Console
+
+    from llm.mlops.runs import print_diff, print_overview
+
+    console = Console()
+    if diff:
+        print_diff(console, *diff, only_different=only_different)
+    else:
+        print_overview(console, limit=limit, stage=stage)
+
+
 def _resolve(model: str) -> Path:
     """A checkpoint folder for a folder path or a models:/ or runs:/ URI (through the MLflow registry)."""
     if model.startswith(("models:/", "runs:/")):

@@ -63,6 +63,7 @@ class _Untracked:
     where MLflow is not installed: the same public methods, each doing nothing."""
 
     run_id = None
+    run_name = None
     enabled = False
 
     def flush(self) -> None:
@@ -93,14 +94,39 @@ class _Untracked:
         pass
 
 
-def _run(stage: str, params: dict[str, Any], enabled: bool, *, resume_run_id: str | None = None):
+def _run(stage: str, params: dict[str, Any], enabled: bool, *, resume_run_id: str | None = None,
+         run_name: str | None = None):
     """An MLflow run for a stage (``llm.mlops.tracking.stage_run``), or a no-op stand-in when tracking is off.
-    ``resume_run_id`` reopens that run when the store has it (a resumed training run), else a new one starts."""
+    ``resume_run_id`` reopens that run when the store has it (a resumed training run, which keeps its name),
+    else a new one starts, named ``run_name`` (default: the stage)."""
     if not enabled:
         return contextlib.nullcontext(_Untracked())
     from llm.mlops.tracking import stage_run
 
-    return stage_run(stage, params, resume_run_id=resume_run_id)
+    return stage_run(stage, params, resume_run_id=resume_run_id, run_name=run_name)
+
+
+def training_params(stage_params: Any, model: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict[str, Any]:
+    """What a training run logs, under the same names for pretraining and finetuning so that the MLflow
+    compare view and ``mlflow.search_runs`` line runs up: ``model.*`` (the shape; a finetune's is its base's),
+    ``train.*`` (the optimiser and loop settings: ``train.learning_rate``, ``train.batch_size``, ...) and
+    ``tokenizer.kind`` / ``tokenizer.vocab_size``."""
+    return {"model": dict(model), "train": stage_params.model_dump(),
+            "tokenizer": {"kind": tokenizer.get("kind"), "vocab_size": tokenizer.get("vocab_size")}}
+
+
+def training_run_name(stage: str, logged: Mapping[str, Any], *, base_version: str | None = None) -> str:
+    """``pretrain 4x256 bpe2048 500 steps (3f2a1c)``: the stage, then layers x width, tokenizer, steps (and the
+    base version of a finetune), then the first 6 hex digits of the run's ``params.hash`` tag, so runs with
+    different params never share a name."""
+    from llm.mlops.tracking import params_hash
+
+    model, train, tok = logged["model"], logged["train"], logged["tokenizer"]
+    parts = [stage, f"{model.get('n_layer')}x{model.get('d_model')}", f"{tok.get('kind')}{tok.get('vocab_size') or ''}",
+             f"{train['max_steps']} steps"]
+    if base_version:
+        parts.append(f"from v{base_version}")
+    return " ".join(parts) + f" ({params_hash(logged)[:6]})"
 
 
 def is_main_process() -> bool:
@@ -188,13 +214,17 @@ def pretrain_stage(
 
     check_until_step(until_step)
     enabled = tracking_enabled(track)
-    logged = {"pretrain": params.model_dump(), "model": model_config.model_dump()}
+    tokenizer = _tokenizer_of_tokens(tokens_dir)
+    # vocab_size unset means the tokenizer's: logged as the number, as a finetune of this model logs it
+    model = {**model_config.model_dump(), "vocab_size": model_config.vocab_size or tokenizer.get("vocab_size")}
+    logged = training_params(params, model, tokenizer)
     if base is not None and base.hf_folder:
         logged["base"] = base.model_dump()
     previous = _resumed_run_id(
         out_dir, lambda: pretrain_identity(params, model_config, tokens_dir, tokenizer_dir, base=base),
         enabled and resume)
-    with _run("pretrain", logged, enabled, resume_run_id=previous) as run:
+    with _run("pretrain", logged, enabled, resume_run_id=previous,
+              run_name=training_run_name("pretrain", logged)) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
                           until_step=until_step, callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id},
                           base=base)
@@ -232,9 +262,11 @@ def finetune_stage(
     parent_tags = {"llm.parent_run_id": parent.get("run_id") or "none",
                    "llm.parent_version": parent.get("model_version") or "none"}
     chat_stats = prepare_chat_data(chat_source, clean_dir, chat_dir, params.chat_data)
-    logged = {"finetune": params.model_dump()}
+    base = _checkpoint_config(base_dir)
+    logged = training_params(params, base.get("model", {}), base.get("tokenizer", {}))
     previous = _resumed_run_id(out_dir, lambda: finetune_identity(params, base_dir, chat_dir), enabled and resume)
-    with _run("finetune", logged, enabled, resume_run_id=previous) as run:
+    name = training_run_name("finetune", logged, base_version=parent.get("model_version"))
+    with _run("finetune", logged, enabled, resume_run_id=previous, run_name=name) as run:
         run.set_tags(parent_tags)
         run.log_artifact(chat_dir / "stats.json")
         result = finetune(params, base_dir, chat_dir, out_dir, resume=resume, until_step=until_step,
@@ -247,6 +279,25 @@ def finetune_stage(
         "parent_run_id": parent.get("run_id"), "parent_version": parent.get("model_version"),
     })
     return {**result.metrics, **registration, "chat_data": {k: chat_stats.get(k) for k in ("train", "val")}}
+
+
+def _tokenizer_of_tokens(tokens_dir: Path) -> dict[str, Any]:
+    """Kind and vocabulary size of the tokenizer that made the token files (their ``meta.json``)."""
+    try:
+        meta = json.loads((Path(tokens_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}  # pretraining itself says what is wrong with the token folder
+    return {"kind": meta.get("tokenizer_kind"), "vocab_size": meta.get("vocab_size")}
+
+
+def _checkpoint_config(checkpoint_dir: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` (model shape, tokenizer, step); empty when unreadable (training says why)."""
+    from llm.model.checkpoint import CONFIG_FILE
+
+    try:
+        return json.loads((Path(checkpoint_dir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _resumed_run_id(out_dir: Path, identity: Callable[[], str], enabled: bool) -> str | None:
@@ -289,8 +340,9 @@ def _finish_training_run(run, stage: str, logged: dict, result, out_dir: Path, *
     warning. Registration tries again with backoff, then raises RegistrationError; the checkpoint is complete
     and ``registration.json`` names the run and tags, so ``llm register --model <out_dir>`` finishes it later.
     """
-    # the step-wise metrics went through the callback; the summary adds only the best val loss
-    run.log_metrics({k: v for k, v in result.metrics.items() if k == "val/best_loss"}, step=result.step)
+    # the step-wise metrics went through the callback (their last values are the final ones: the last step
+    # validates and measures throughput); the summary adds what has no step of its own
+    run.log_metrics(summary_metrics(result.metrics), step=result.step)
     _log_training_files(run, result, out_dir)
     if not register:
         return None
@@ -298,12 +350,56 @@ def _finish_training_run(run, stage: str, logged: dict, result, out_dir: Path, *
     from llm.mlops.tracking import lineage_tags
 
     version_tags = {**lineage_tags(stage, logged), "llm.stage": stage, **(tags or {})}
+    description = version_description(stage, logged, result.metrics, version_tags, run_name=run.run_name)
     try:
-        return register_checkpoint(out_dir, run_id=run.run_id, tags=version_tags)
+        return register_checkpoint(out_dir, run_id=run.run_id, tags=version_tags, description=description)
     except RegistrationError:
         _write_registration(out_dir, {"run_id": run.run_id, "model_version": None, "stage": stage,
                                       "tags": version_tags})
         raise
+
+
+SUMMARY_KEYS = {"val/best_loss": "val/best_loss", "params": "model/parameters", "wall_time_s": "perf/wall_time_s",
+                "step": "train/steps"}
+
+
+def summary_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The training summary's values that no step logged, under the keys a run shows: ``val/best_loss``,
+    ``model/parameters``, ``perf/wall_time_s`` (training time, evaluation and checkpoints left out) and
+    ``train/steps``."""
+    return {key: float(metrics[name]) for name, key in SUMMARY_KEYS.items() if name in metrics}
+
+
+def version_description(stage: str, logged: Mapping[str, Any], metrics: Mapping[str, float],
+                        tags: Mapping[str, str], *, run_name: str | None = None) -> str:
+    """The registry page's description of a version that a training stage registers (markdown): what it was
+    trained from, on which data, its key metrics. Evaluation adds its promotion decision below it."""
+    model, tok, train = logged.get("model", {}), logged.get("tokenizer", {}), logged.get("train", {})
+    layers = model.get("n_layer")
+    shape = (f"{layers} layer{'' if layers == 1 else 's'} x {model.get('d_model')} wide, {model.get('n_head')} "
+             f"heads, context {model.get('context_length')}")
+    size = f"{metrics['params'] / 1e6:.2f}M parameters" if "params" in metrics else "unknown size"
+    if stage == "finetune":
+        parent = tags.get("llm.parent_version", "none")
+        origin = (f"Chat model finetuned from **gpt version {parent}**" if parent != "none"
+                  else "Chat model finetuned from an unregistered base checkpoint")
+        origin += f" (run `{tags.get('llm.parent_run_id', 'none')}`) on chat conversations"
+    else:
+        origin = "Base model pretrained from scratch on the corpus"
+    data = tags.get("dvc.data_hash", "none")
+    lines = [
+        f"{origin}: {shape}; {tok.get('kind')} tokenizer of {tok.get('vocab_size')} tokens; {size}.",
+        "",
+        f"- Trained: {int(metrics.get('step', train.get('max_steps', 0)))} steps, batch {train.get('batch_size')}, "
+        f"learning rate {train.get('learning_rate')}, in {metrics.get('wall_time_s', float('nan')):.0f} s"
+        + (f" (run `{run_name}`)" if run_name else ""),
+        f"- Data: version `{data[:12]}` ({tags.get('dvc.data_source', 'unknown')}), "
+        f"code at git `{tags.get('git.commit', 'unknown')[:12]}`"
+        + (" (with uncommitted changes)" if tags.get("git.dirty") == "true" else ""),
+        "- Validation: " + ", ".join(f"{key} {metrics[key]:.4f}" for key in ("val/bpb", "val/loss", "val/ppl")
+                                     if key in metrics),
+    ]
+    return "\n".join(lines)
 
 
 def _log_training_files(run, result, out_dir: Path) -> None:
@@ -406,7 +502,9 @@ def evaluate_stage(
     if is_chat and (chat_val is None or not chat_val.exists()):
         raise FileNotFoundError(f"{candidate_dir} is a finetuned model: its evaluation needs the chat val "
                                 f"conversations ({chat_val}); run the finetune stage first")
-    with _run("evaluate", params.model_dump(), enabled) as run:
+    what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
+    name = f"evaluate {config.get('stage', 'model')} {what}"
+    with _run("evaluate", params.model_dump(), enabled, run_name=name) as run:
         result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir)
         samples = result.pop("samples")
         metric, candidate_score = "val/bpb", result["val/bpb"]
@@ -426,6 +524,11 @@ def evaluate_stage(
             atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
                               sort_keys=True)
         run.log_metrics({k: float(v) for k, v in result.items()})
+        if enabled and is_chat and registration.get("run_id"):  # the chat score beside the training run's own
+            from llm.mlops.tracking import log_final_metrics
+
+            log_final_metrics(registration["run_id"], {"chat/assistant_loss": result["chat/assistant_loss"]},
+                              step=int(config.get("step", 0)))
         run.log_artifact(out_dir / "samples.md")
         decision: dict[str, Any] = {"promoted": False, "metric": metric, "candidate_score": candidate_score,
                                     "reason": "tracking disabled: no registry to promote in"}
@@ -484,7 +587,9 @@ def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, h
 def _export_onnx_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, track: bool | None) -> dict:
     from llm.inference.export import export_onnx
 
-    with _run("export", params.model_dump(), tracking_enabled(track)) as run:
+    version = read_registration(checkpoint_dir).get("model_version")
+    name = f"export v{version}" if version else f"export {checkpoint_dir}"
+    with _run("export", params.model_dump(), tracking_enabled(track), run_name=name) as run:
         summary = export_onnx(checkpoint_dir, out_dir, opset=params.opset, quantize=params.quantize,
                               verify=params.verify, atol=params.atol, static_cache=params.static_cache)
         parity = summary.get("parity", {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def init_repo(root: Path, env: dict) -> None:
     run(root, env, "git", "init", "-q")
     run(root, env, "dvc", "init", "-q")
     shutil.copy2(Path(__file__).resolve().parents[1] / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copytree(Path(__file__).resolve().parents[1] / ".dvc" / "plots", root / ".dvc" / "plots")  # its template
     with (root / ".gitignore").open("a") as gitignore:
         gitignore.write("/.dvcstore/\n")  # the default remote lives in the checkout, outside git
     run(root, env, "dvc", "add", "-q", "data")
@@ -128,6 +130,8 @@ def test_plots_show_renders_the_train_and_val_loss_curves(repo):
     run(root, env, "dvc", "plots", "show", "-o", "plots")
     html = (root / "plots" / "index.html").read_text()
     assert "train_loss" in html and "val_loss" in html
+    assert "vegaEmbed" in html and "cdn.jsdelivr.net" not in html  # the project's template: Vega inlined, no CDN
+    assert not re.findall(r"<script\b[^>]*\bsrc\s*=", html)
     steps = (root / "artifacts" / "pretrain" / "curve" / "train.csv").read_text().splitlines()
     assert len(steps) == 1 + yaml.safe_load((root / "params" / "pretrain.yaml").read_text())["max_steps"]
     shutil.rmtree(root / "plots")

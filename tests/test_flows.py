@@ -105,6 +105,15 @@ def test_evaluate_flow_scores_the_checkpoint_without_tracking(prefect_api, proje
     assert result["promotion"]["promoted"] is False  # LLM_TRACKING=0: there is no registry to promote in
     assert (project / "artifacts" / "eval" / "samples.md").read_text().strip()
 
+    from prefect.artifacts import Artifact
+
+    from flows.reports import EVALUATION_KEY
+
+    shown = Artifact.get(EVALUATION_KEY)  # on the flow run in the Prefect UI: the scores and the decision
+    assert shown.type == "markdown" and shown.flow_run_id is not None
+    assert f"| val/bpb | {result['val/bpb']:.4f} |" in shown.data
+    assert "## Promotion: not promoted" in shown.data and "tracking disabled" in shown.data
+
 
 def test_a_misspelt_override_fails_the_flow_run_naming_file_and_key(prefect_api, project):
     from flows.pretrain import pretrain

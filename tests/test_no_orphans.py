@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,6 +166,9 @@ def test_stages_starting_at_once_start_one_server(project):
         assert starter.wait(timeout=180) == 0, (project.root / "start0.log").read_text()
     urls = {(project.root / f"start{i}.log").read_text().split()[-1] for i in range(3)}
     assert len(urls) == 1 and urls.pop().startswith("http://127.0.0.1:")
+    api_url = (project.root / "start0.log").read_text().split()[-1]
+    with urllib.request.urlopen(api_url.removesuffix("/api") + "/ui-settings", timeout=30) as answer:
+        assert json.load(answer)["api_url"] == api_url  # the UI's pages call this server, not port 4200
     assert [p.pid for p in started_by(project.tag)] == [project.server_pid()]
     project.stop_server_and_assert_nothing_remains()
 

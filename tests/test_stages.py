@@ -69,7 +69,7 @@ def test_two_pretrainings_compare_in_mlflow_and_the_better_one_is_production(tra
 
     client = MlflowClient()
     runs = [client.get_run(r["run_id"]) for r in (short, long, worse)]
-    keys = [set(r.data.metrics) for r in runs]
+    keys = [{k for k in r.data.metrics if not k.startswith("system/")} for r in runs]  # sampled every 10 s
     assert keys[0] == keys[1] == keys[2]  # the same metric keys: comparable side by side in the UI
     assert {"train/loss", "val/loss", "val/bpb", "val/ppl", "perf/tokens_per_s", "perf/mfu"} <= keys[0]
     assert len(client.get_metric_history(runs[1].info.run_id, "train/loss")) == 30  # step-wise
@@ -79,6 +79,30 @@ def test_two_pretrainings_compare_in_mlflow_and_the_better_one_is_production(tra
     production = client.get_model_version_by_alias("gpt", "production")
     assert str(production.version) == "2" and production.current_stage == "Production"
     assert float(production.tags["promotion.score.val/bpb"]) == pytest.approx(decision["candidate_score"])
+
+    # at a glance: names say what differs, the summary is on every run, versions say what they are and how good
+    names = [r.info.run_name for r in runs]
+    vocab = runs[0].data.params["tokenizer.vocab_size"]
+    assert [n.rsplit(" (", 1)[0] for n in names] == [f"pretrain 1x32 char{vocab} {steps} steps" for steps in (2, 30, 1)]
+    assert len(set(names)) == 3
+    assert runs[1].data.metrics["model/parameters"] == long["params"]
+    assert runs[1].data.metrics["perf/wall_time_s"] == pytest.approx(long["wall_time_s"])
+    assert runs[1].data.metrics["val/bpb"] == pytest.approx(long["val/bpb"])  # the final value is the latest
+    assert client.get_registered_model("gpt").description.startswith("A GPT language model trained from scratch")
+    described = client.get_model_version("gpt", "2").description
+    assert described.startswith("Base model pretrained from scratch on the corpus: 1 layer x 32 wide")
+    assert f"val/bpb {long['val/bpb']:.4f}" in described and f"run `{names[1]}`" in described
+    assert "**Promotion decision**: promoted to Production." in described
+    assert (f"this version {decision['candidate_score']:.4f}; Production version 1: "
+            f"{decision['production_score']:.4f}") in described
+    assert "not promoted (Production unchanged)" in client.get_model_version("gpt", "3").description
+
+    from llm.mlops.runs import version_rows
+
+    rows = {row.version: row for row in version_rows()}
+    assert rows["2"].where == "Production (@production)" and rows["2"].decision == "promoted"
+    assert rows["2"].score == f"{decision['candidate_score']:.4f}" and rows["2"].run_name == names[1]
+    assert rows["3"].decision == "not promoted" and rows["3"].baseline.endswith("(v2)")
 
     proc = cli("llm", "generate", "--model", "models:/gpt/Production", "--prompt", "ROMEO.", "--max-new-tokens",
                "12", "--seed", "1", cwd=tracked)
@@ -95,11 +119,22 @@ def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(
     version = MlflowClient().get_model_version("gpt", tuned["model_version"])
     assert version.tags["llm.finetuned"] == "true"
     assert version.tags["llm.parent_run_id"] == base["run_id"]
+    assert version.description.startswith(f"Chat model finetuned from **gpt version {base['model_version']}**")
+    base_run, tuned_run = (MlflowClient().get_run(r["run_id"]) for r in (base, tuned))
+    assert tuned_run.info.run_name.startswith(f"finetune 1x32 char{base_run.data.params['tokenizer.vocab_size']} "
+                                              f"10 steps from v{base['model_version']} (")
+    shared = {k for k in base_run.data.params if k.startswith(("model.", "train.", "tokenizer."))}
+    assert "train.learning_rate" in shared and shared <= set(tuned_run.data.params)  # the same names, compared
+    for key in ("model.d_model", "model.vocab_size", "tokenizer.vocab_size"):
+        assert tuned_run.data.params[key] == base_run.data.params[key] != "None"
 
     result = evaluate_stage(EVAL, tracked / "finetune", p["tokens"], p["clean"], tracked / "eval",
                             chat_dir=tracked / "chat")
     assert result["promotion"]["metric"] == "chat/assistant_loss" and result["promotion"]["promoted"]
     assert result["chat/assistant_loss"] < result["chat/base_assistant_loss"]
+    # the chat score is also on the finetuning run, beside its val/loss
+    assert MlflowClient().get_run(tuned["run_id"]).data.metrics["chat/assistant_loss"] == pytest.approx(
+        result["chat/assistant_loss"])
     assert "# Conversations (held-out validation)" in (tracked / "eval" / "samples.md").read_text()
 
     proc = cli("llm.chat", "--model", "models:/gpt@production", "--prompt", "Good morrow", "--max-new-tokens", "8",
@@ -206,6 +241,7 @@ def test_a_resumed_training_continues_its_mlflow_run_and_a_new_run_starts_a_new_
     finished = pretrain_stage(pretrain_params(6), MODEL, p["tokens"], p["tokenizer"], out)
     assert finished["run_id"] == paused["run_id"] and finished["model_version"] == "1"
     client = MlflowClient()
+    assert client.get_run(finished["run_id"]).info.run_name.startswith("pretrain 1x32 char")  # kept its name
     steps = [m.step for m in client.get_metric_history(finished["run_id"], "train/loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # one continuous curve, each step once
     assert client.get_run(finished["run_id"]).info.status == "FINISHED"

@@ -87,6 +87,20 @@ SERVING_REQUIREMENTS = (
 )
 WEIGHTS_SHA_TAG = "checkpoint.weights_sha256"  # what makes two registrations the same checkpoint
 DECISION_TAG = "promotion.decision"  # the JSON of compare_and_promote's decision on this candidate
+DECISION_HEADING = "**Promotion decision**"  # starts the paragraph that evaluation writes into a version's description
+MODEL_DESCRIPTION = """\
+A GPT language model trained from scratch by this project's pipeline: clean, tokenizer, tokenize, pretrain,
+finetune, evaluate, export (`dvc repro`, or one Prefect flow per stage).
+
+Every finished pretraining and finetuning registers a version, described in a few lines (what it was trained
+from, on which data version, its validation scores) and tagged with its lineage (git commit, DVC data hash,
+params hash, the training run). The evaluate stage then scores the candidate and the current Production version
+on the same validation data (bits per byte of the validation text for base models, loss on the assistant tokens
+of held-out conversations for chat models) and promotes the candidate (stage `Production`, alias `production`)
+only when it scores strictly better. The decision and both scores are added to the candidate's description.
+
+Load the promoted model with `models:/gpt/Production` or `models:/gpt@production`
+(`python -m llm.chat --model models:/gpt/Production`, `llm serve --model models:/gpt/Production`)."""
 REGISTER_ATTEMPTS = 5  # tries while the store does not answer, waiting 2, 4, 8, 16 s between them
 REGISTER_FIRST_DELAY_S = 2.0
 
@@ -172,6 +186,7 @@ def register_checkpoint(
     *,
     run_id: str,
     tags: dict[str, str],
+    description: str | None = None,
     artifact_path: str = "model",
     attempts: int | None = None,
     first_delay_s: float | None = None,
@@ -182,7 +197,9 @@ def register_checkpoint(
 
     The version is tagged with the run's lineage tags (``git.commit``, ``dvc.data_hash``,
     ``params.hash``, ``stage``), ``run_id``, ``checkpoint.step``, ``tokenizer.kind``, the weights sha256,
-    then ``tags`` (which win). ``train_state/`` is left out. While the store does not answer it tries
+    then ``tags`` (which win), and described by ``description`` (markdown, shown on the registry page); the
+    registered model gets ``MODEL_DESCRIPTION`` while it has none. ``train_state/`` is left out. While the
+    store does not answer it tries
     again, ``attempts`` times (``REGISTER_ATTEMPTS``) with doubling waits from ``first_delay_s``.
 
     Raises CheckpointError for an incomplete checkpoint, RegistryError for a missing database or run, and
@@ -225,6 +242,10 @@ def register_checkpoint(
         version = mlflow.register_model(
             logged[0].model_uri, MODEL_NAME, tags={k: _tag_value(v) for k, v in version_tags.items()}
         )
+        if description:
+            client.update_model_version(MODEL_NAME, str(version.version), description=description)
+        if not client.get_registered_model(MODEL_NAME).description:  # a description the user wrote stays
+            client.update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
         client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{version.version}")
         log.info("registered %s as %s version %s (%s)", checkpoint_dir, MODEL_NAME, version.version,
                  logged[0].model_uri)
@@ -543,6 +564,32 @@ def _decision_scores(decision: dict) -> dict[str, float]:
     return scores
 
 
+def decision_markdown(decision: dict, *, lower_is_better: bool = True) -> str:
+    """The promotion decision as the paragraph a version's description ends with: the verdict, the metric
+    with the candidate's and the Production version's scores, and the reason."""
+
+    def score(value: float | None) -> str:
+        return "none" if value is None else f"{value:.4f}"
+
+    verdict = "promoted to Production" if decision["promoted"] else "not promoted (Production unchanged)"
+    production = decision.get("production")
+    baseline = (f"Production version {production}: {score(decision.get('production_score'))}" if production
+                else "no Production version before it")
+    return (f"{DECISION_HEADING}: {verdict}.\n\n"
+            f"- {decision['metric']} ({'lower' if lower_is_better else 'higher'} is better): this version "
+            f"{score(decision.get('candidate_score'))}; {baseline}\n"
+            f"- Reason: {decision['reason']}")
+
+
+def _describe_decision(client: MlflowClient, decision: dict, lower_is_better: bool) -> None:
+    """Put the decision paragraph at the end of the candidate's description (replacing an earlier one)."""
+    version = str(decision["candidate"])
+    before = client.get_model_version(MODEL_NAME, version).description or ""
+    kept = before.split(DECISION_HEADING, 1)[0].rstrip()
+    paragraph = decision_markdown(decision, lower_is_better=lower_is_better)
+    client.update_model_version(MODEL_NAME, version, description=f"{kept}\n\n{paragraph}" if kept else paragraph)
+
+
 def compare_and_promote(
     candidate_version: str,
     candidate_score: float,
@@ -586,6 +633,7 @@ def compare_and_promote(
         log.info("kept Production %s: %s", production, reason)
         return decision
     client.set_model_version_tag(MODEL_NAME, candidate_version, DECISION_TAG, _tag_value(decision))
+    _describe_decision(client, decision, lower_is_better)
     if promoted:
         promote(candidate_version, reason=reason, scores=_decision_scores(decision))
     else:

@@ -8,10 +8,12 @@ Where runs go:
   repository, so experiments land in the same database as ``dvc repro``), else the current working
   directory (where the ``llm`` CLI runs); the registry URI is ``MLFLOW_REGISTRY_URI`` when set, else the
   tracking URI;
-- the experiment is ``MLFLOW_EXPERIMENT_ID`` or ``MLFLOW_EXPERIMENT_NAME`` when set, else ``llm``. When
-  this module creates it in a SQLite database, its artifacts go in ``mlruns/<experiment name>/`` beside
-  the database file: run artifacts in ``<run id>/artifacts/``, logged models (MLflow 3 keeps them apart
-  from runs) in ``models/<model id>/artifacts/``. With a tracking server, the server decides.
+- the experiment is ``MLFLOW_EXPERIMENT_ID`` or ``MLFLOW_EXPERIMENT_NAME`` when set, else ``llm``, tagged
+  ``mlflow.experimentKind=custom_model_development`` (model training) so that MLflow 3's UI opens it on its
+  runs rather than on the GenAI overview (unless the tag is already there). When this module creates it in
+  a SQLite database, its artifacts go in ``mlruns/<experiment name>/`` beside the database file: run
+  artifacts in ``<run id>/artifacts/``, logged models (MLflow 3 keeps them apart from runs) in
+  ``models/<model id>/artifacts/``. With a tracking server, the server decides.
 
 ``stage_run`` is the one entry point the stages use. Metric keys are logged exactly as given
 (``train/loss``, ``val/bpb``, ...) so runs line up in the MLflow UI. This module imports MLflow at the
@@ -71,6 +73,8 @@ KILLED_REASON_TAG = "llm.killed_reason"
 DROPPED_TAG = "llm.metrics_dropped"
 LOGGED_THROUGH_TAG = "llm.logged_through_step"  # highest step delivered; a resumed run skips replayed steps
 ATTEMPT_TAG = "llm.attempt"  # 1 for a new run, +1 each time it is resumed
+# MLflow 3's UI opens an experiment on the view this tag names; without it, on the GenAI overview (traces)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 30 * 60.0  # a run from another host without a heartbeat for this long is stale
@@ -126,13 +130,16 @@ def _ensure_experiment(client: MlflowClient) -> str:
         folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
         location = (db.resolve().parent / "mlruns" / folder).as_uri() if db is not None else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another process created it first
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version, or by hand: a kind the user set stays
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -537,8 +544,10 @@ class StageRun:
         flush_seconds: float = 15.0,
         max_pending: int | None = None,
         logged_through: int = 0,
+        run_name: str | None = None,
     ):
         self.run_id = run_id
+        self.run_name = run_name
         self._client = client
         self._logged_through = logged_through
         self._sender = None
@@ -649,6 +658,21 @@ class StageRun:
             if reachable:
                 sender.send_now({DROPPED_TAG: str(dropped)})
         return reachable
+
+
+def log_final_metrics(run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
+    """Log ``metrics`` at ``step`` on the finished run ``run_id`` (evaluation adds its chat score to the
+    training run of the model it scored, so that runs compare on it); warns instead of failing when that run is
+    not in the store."""
+    client, _ = _configure()
+    now = int(time.time() * 1000)
+    try:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(err).lower():
+            raise
+        log.warning("run %s is not in the tracking store at %s: %s not logged on it", run_id, client.tracking_uri,
+                    ", ".join(metrics))
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -859,10 +883,11 @@ def stage_run(
     reads, and system metrics (CPU, memory, disk; GPU when pynvml is present) sampled by MLflow when psutil
     is installed. It is nested under ``parent_run_id``, or under the active run if there is one.
 
-    With ``resume_run_id`` naming a run that exists in the store (same experiment, not deleted), that run is
-    reopened instead: same run id, its params kept (missing ones added), tag ``llm.attempt`` counted up,
-    and the callback skips the steps the earlier attempt already delivered, so a resumed training run is
-    one continuous curve at its real step numbers. Otherwise a new run starts.
+    A new run is named ``run_name`` (default: the stage). With ``resume_run_id`` naming a run that exists in
+    the store (same experiment, not deleted), that run is reopened instead: same run id and name, its params
+    kept (missing ones added), tag ``llm.attempt`` counted up, and the callback skips the steps the earlier
+    attempt already delivered, so a resumed training run is one continuous curve at its real step numbers.
+    Otherwise a new run starts.
 
     Before that, runs of ``stage`` left RUNNING by a process that is gone are marked KILLED (module
     docstring). The run ends FINISHED, or FAILED (KILLED on Ctrl-C/SIGTERM, i.e. a KeyboardInterrupt) if
@@ -910,7 +935,8 @@ def stage_run(
         if handed_over is not None:
             os.environ["MLFLOW_RUN_ID"] = handed_over
     logged_through = resumed.data.tags.get(LOGGED_THROUGH_TAG, "0") if resumed is not None else "0"
-    run = StageRun(active.info.run_id, client, logged_through=int(logged_through) if logged_through.isdigit() else 0)
+    run = StageRun(active.info.run_id, client, logged_through=int(logged_through) if logged_through.isdigit() else 0,
+                   run_name=active.info.run_name)
     monitor = _start_system_metrics(run.run_id, resumed is not None, client.tracking_uri)
     try:
         _log_params(client, run, params, resumed)
