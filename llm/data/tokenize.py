@@ -34,7 +34,7 @@ META_FILE = "meta.json"
 # documents longer than this are cut at line boundaries into pieces encoded separately
 PIECE_CHARS = 1 << 20
 # a shard of a split file holds at most this many bytes (several shards per worker balance the load)
-SHARD_BYTES_MAX = 32 << 20
+SHARD_BYTES_MAX = 16 << 20
 # between two documents of a split file (see llm.data.clean): the first one's final newline, then U+001E
 _BETWEEN_DOCS = ("\n" + DOC_SEPARATOR + "\n").encode()
 
@@ -96,17 +96,18 @@ def _shard_documents(job: TokenizeJob) -> list[str]:
 def tokenize_shard(job: TokenizeJob) -> dict:
     """Encode one shard into its part file; returns its ``tokens``, ``bytes`` and ``documents``."""
     tokenizer = _load_tokenizer(job.tokenizer_dir)
-    ids: list[int] = []
-    n_bytes = 0
+    n_tokens = n_bytes = 0
     docs = _shard_documents(job)
-    for doc in docs:
-        for starts_doc, piece in _pieces(doc):
-            if starts_doc:
-                ids.append(tokenizer.bos_id)
-            ids.extend(tokenizer.encode(piece))
-        n_bytes += len(doc.encode("utf-8"))
-    np.asarray(ids, dtype=job.dtype).tofile(job.part)
-    return {"tokens": len(ids), "bytes": n_bytes, "documents": len(docs)}
+    with open(job.part, "wb") as f:
+        for doc in docs:
+            for starts_doc, piece in _pieces(doc):
+                ids = tokenizer.encode(piece)
+                if starts_doc:
+                    ids.insert(0, tokenizer.bos_id)
+                f.write(np.asarray(ids, dtype=job.dtype).tobytes())
+                n_tokens += len(ids)
+            n_bytes += len(doc.encode("utf-8"))
+    return {"tokens": n_tokens, "bytes": n_bytes, "documents": len(docs)}
 
 
 def _document_boundaries(path: Path, shards: int) -> list[int]:
