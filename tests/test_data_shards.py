@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_clean import make_play, old_spelling, write_files
 
+import llm.data.clean as clean_module
 from llm.config import DataParams, TokenizerParams
 from llm.data.clean import clean_corpus, find_near_duplicates, iter_documents, word_shingles, write_documents
 from llm.data.corpus import CorpusError
@@ -24,7 +25,9 @@ def outputs(folder: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in names}
 
 
-def test_a_large_corpus_checks_lsh_candidates_on_spooled_texts_and_any_sharding_gives_the_same_result(tmp_path):
+def test_a_large_corpus_checks_lsh_candidates_on_spooled_texts_and_any_sharding_gives_the_same_result(
+    tmp_path, monkeypatch
+):
     # over EXACT_ALL_PAIRS_MAX_DOCS documents, so MinHash signatures travel instead of shingle sets
     files = {f"d{i:03d}.txt": make_play(1000 + i, n_lines=12) for i in range(104)}
     for i in (3, 50, 90):  # another edition of three of them
@@ -32,6 +35,7 @@ def test_a_large_corpus_checks_lsh_candidates_on_spooled_texts_and_any_sharding_
     corpus = write_files(tmp_path / "corpus", files)
     params = DataParams(min_doc_chars=100)
 
+    monkeypatch.setattr(clean_module, "SHARD_BYTES_MIN", 1)  # several shards of a small corpus
     stats = clean_corpus(params, corpus, tmp_path / "pool", workers=2)
     assert stats["near_duplicate_search"]["method"] == "minhash_lsh"
     assert [(d["kept"], d["dropped"]) for d in stats["near_duplicates"]] == [
@@ -43,13 +47,15 @@ def test_a_large_corpus_checks_lsh_candidates_on_spooled_texts_and_any_sharding_
     assert [(names[d.kept], names[d.dropped]) for d in drops] == [
         (d["kept"], d["dropped"]) for d in stats["near_duplicates"]]
 
+    monkeypatch.setattr(clean_module, "SHARD_BYTES_MIN", 16 << 20)
     clean_corpus(params, corpus, tmp_path / "inline", mapper=inline)
     split_files = ("train.txt", "val.txt", "stats.json")
     assert outputs(tmp_path / "inline", split_files) == outputs(tmp_path / "pool", split_files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "inline", "pool"]  # no spool folder left
 
 
-def test_a_failed_shard_leaves_no_spooled_text(tmp_path):
+def test_a_failed_shard_leaves_no_spooled_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(clean_module, "SHARD_BYTES_MIN", 1)
     corpus = write_files(tmp_path / "corpus", {f"p{i}.txt": make_play(i, n_lines=20) for i in range(6)})
     (corpus / "p3.txt").write_bytes("Caf\u00e9".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"p3\.txt: not valid UTF-8"):

@@ -300,13 +300,16 @@ def _outputs(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in DATA_OUTPUTS}
 
 
-def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and_the_cli_write(prefect_api, project):
+def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and_the_cli_write(
+    prefect_api, project, monkeypatch
+):
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
     from flows.data import clean, tokenize, tokenizer
 
-    # more files than the shards of one worker, so that each flow maps several shard tasks
+    # several shard tasks for each flow, even on a tiny corpus
+    monkeypatch.setattr("llm.data.clean.SHARD_BYTES_MIN", 1)
     write_corpus(project / "data" / "corpus", n_docs=12)
     clean()
     tokenizer()

@@ -545,8 +545,10 @@ def _write_json(path: Path, data: dict) -> None:
 # texts into the split files. ``clean_corpus`` runs both with a local process pool; flows/data.py maps the
 # shards as Prefect tasks instead.
 
-# a shard of files holds at most this many bytes (several shards per worker balance the load)
+# a shard of files holds at most this many bytes (several shards per worker balance the load), and at least
+# this many unless the corpus is smaller: below it, starting worker processes costs more than it saves
 SHARD_BYTES_MAX = 64 << 20
+SHARD_BYTES_MIN = 16 << 20
 # shingle sets of this many documents are kept while near-duplicate candidates are checked
 SHINGLE_CACHE_DOCS = 32
 
@@ -622,12 +624,13 @@ def clean_shard(job: CleanJob) -> list[CleanedDocument]:
 
 def plan_clean(params: DataParams, corpus_dir: Path, out_dir: Path, shards: int) -> list[CleanJob]:
     """The shards of the clean stage: the corpus's files in sorted-path order, cut into about ``shards``
-    runs of similar byte size (each at most SHARD_BYTES_MAX). Creates the spool folder beside ``out_dir``
-    (``finish_clean`` removes it). Raises CorpusError when the folder holds no .txt file."""
+    runs of similar byte size (each between SHARD_BYTES_MIN and SHARD_BYTES_MAX; a file is never cut).
+    Creates the spool folder beside ``out_dir`` (``finish_clean`` removes it). Raises CorpusError when the
+    folder holds no .txt file."""
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     files = iter_corpus_files(corpus_dir)
     sizes = [p.stat().st_size for p in files]
-    target = max(1, min(SHARD_BYTES_MAX, math.ceil(sum(sizes) / max(1, shards))))
+    target = max(SHARD_BYTES_MIN, min(SHARD_BYTES_MAX, math.ceil(sum(sizes) / max(1, shards))))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)  # spool folders of crashed runs
     spool_dir = out_dir.parent / f".{out_dir.name}.spool-{secrets.token_hex(6)}.tmp"
