@@ -113,8 +113,12 @@ def make_corpus(folder: Path, vocab: list[str], n_files: int, file_kb: int, seed
 
 
 def tree_rss(proc: psutil.Process) -> int:
+    try:
+        processes = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # it has just exited
+        return 0
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in processes:
         try:
             total += p.memory_info().rss
         except psutil.Error:

@@ -226,27 +226,38 @@ def _intersection_size(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.count_nonzero(b[idx] == a))
 
 
-def _pairwise_intersections(shingle_sets: Sequence[np.ndarray]) -> np.ndarray:
+def _pairwise_intersections(shingle_sets: Sequence[np.ndarray], buckets: int = 16) -> np.ndarray:
     """[n, n] int64: entry (i, j), i < j, is the size of the intersection of sorted unique sets i and j.
 
-    All sets are sorted together once; each run of equal values, the sets holding that value in index order,
-    adds one to every pair of its sets.
+    The sets' values are sorted together, one range of values (``buckets`` of them) at a time to bound the
+    temporaries; each run of equal values, the sets holding that value in index order, adds one to every
+    pair of its sets.
     """
     n = len(shingle_sets)
     counts = np.zeros((n, n), dtype=np.int64)
     if n < 2:
         return counts
-    values = np.concatenate([np.asarray(s, dtype=np.uint64) for s in shingle_sets])
-    owners = np.repeat(np.arange(n), [len(s) for s in shingle_sets])
-    order = np.argsort(values, kind="stable")  # stable: a run lists its sets in index order
-    values, owners = values[order], owners[order]
-    starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
-    lengths = np.diff(np.append(starts, len(values)))
-    for length in np.unique(lengths[lengths > 1]).tolist():
-        runs = owners[starts[lengths == length][:, None] + np.arange(length)]  # [runs, length] set indices
-        for p in range(length - 1):
-            for q in range(p + 1, length):
-                np.add.at(counts, (runs[:, p], runs[:, q]), 1)
+    owner_type = np.min_scalar_type(n)
+    edges = [np.uint64(b * (2**64 // buckets)) for b in range(1, buckets)]
+    bounds = [np.searchsorted(s, edges) if len(s) else np.zeros(len(edges), dtype=np.int64) for s in shingle_sets]
+    for b in range(buckets):
+        parts = [s[(bounds[i][b - 1] if b else 0) : (bounds[i][b] if b < len(edges) else len(s))]
+                 for i, s in enumerate(shingle_sets)]
+        values = np.concatenate(parts)
+        if len(values) < 2:
+            continue
+        owners = np.repeat(np.arange(n, dtype=owner_type), [len(p) for p in parts])
+        order = np.argsort(values, kind="stable")  # stable: a run lists its sets in index order
+        values, owners = values[order], owners[order]
+        del order
+        starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        del values
+        lengths = np.diff(np.append(starts, len(owners)))
+        for length in np.unique(lengths[lengths > 1]).tolist():
+            runs = owners[starts[lengths == length][:, None] + np.arange(length)]  # [runs, length] set indices
+            for p in range(length - 1):
+                for q in range(p + 1, length):
+                    np.add.at(counts, (runs[:, p], runs[:, q]), 1)
     return counts
 
 
