@@ -87,7 +87,7 @@ def test_token_files_do_not_depend_on_the_shards_and_match_one_pass_over_the_doc
     write_documents(clean / "train.txt", docs)
     write_documents(clean / "val.txt", docs[:2])
     tok_dir = tmp_path / "tokenizer"
-    train_tokenizer(TokenizerParams(kind="byte"), docs[:3]).save(tok_dir)
+    train_tokenizer(TokenizerParams(kind="bpe", vocab_size=400), docs[:3]).save(tok_dir)
 
     one = tokenize_corpus(clean, tok_dir, tmp_path / "one", workers=1)
     many = tokenize_corpus(clean, tok_dir, tmp_path / "many", workers=5, mapper=inline)  # 20 shards a split
