@@ -94,8 +94,11 @@ def normalize_text(text: str) -> str:
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
     text = text.expandtabs(4)
-    text = _TRAILING_SPACE.sub("", text)
-    text = _EXCESS_BLANK_LINES.sub("\n\n\n", text)
+    # the regexes only where they can match (in ASCII, only " " and "\n" are whitespace by now)
+    if not text.isascii() or " \n" in text or text.endswith(" "):
+        text = _TRAILING_SPACE.sub("", text)
+    if "\n\n\n\n" in text:
+        text = _EXCESS_BLANK_LINES.sub("\n\n\n", text)
     return text.strip("\n")
 
 
@@ -131,16 +134,25 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     removes ``<<THIS ELECTRONIC VERSION ...>>`` notices, every paragraph that names Project Gutenberg,
     and "Produced by ..." credits among the first paragraphs. Text without boilerplate is returned as is.
     """
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end() :]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    text = _WORLD_LIBRARY_NOTICE.sub("", text)
-    pieces = _PARAGRAPH_BREAK.split(text)  # paragraphs at even indices, the breaks between them at odd ones
+    # each search only where a substring it needs occurs (in ASCII text, where lower() is what IGNORECASE does)
+    low = text.lower() if text.isascii() else None
+    if low is None or "***" in low or "*end*" in low:
+        start = _GUTENBERG_START.search(text)
+        if start:
+            text = text[start.end() :]
+    if low is None or "*" in low or "project gutenberg" in low:
+        end = _GUTENBERG_END.search(text)
+        if end:
+            text = text[: end.start()]
+    if low is None or "<<" in low:
+        text = _WORLD_LIBRARY_NOTICE.sub("", text)
     # one search of the whole text: no match spans a paragraph break (the patterns hold no newline)
-    hits = [m.start() for m in _BOILERPLATE_PARAGRAPH.finditer(text)]
+    hits = []
+    if low is None or "gutenberg" in low or "world library, inc" in low:
+        hits = [m.start() for m in _BOILERPLATE_PARAGRAPH.finditer(text)]
+    # paragraphs at even indices, the breaks between them at odd ones; without hits only the first five
+    # paragraphs (the credits) can be dropped, and the rest stays one piece
+    pieces = _PARAGRAPH_BREAK.split(text, maxsplit=0 if hits else 5)
     kept: list[str] = []
     start = 0
     for i in range(0, len(pieces), 2):
