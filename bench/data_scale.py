@@ -21,6 +21,7 @@ the code before and after a change is measured on the same corpora in one run.
 Usage:
     python bench/data_scale.py                                   # 1x and 10x of 100 files of 450 KB
     python bench/data_scale.py --scales 1 10 100                 # 100x is 4.5 GB: check `df -h /tmp`
+    python bench/data_scale.py --scales 100 --stages clean       # memory of clean at 100x, without tokenizing
     python bench/data_scale.py --base-files 10 --scales 1 --code /tmp/old --code .   # before and after
 """
 
@@ -172,7 +173,7 @@ def near_dup_scores(stats: dict, planted: dict, threshold: float) -> dict:
     }
 
 
-def bench_code(code: Path, corpus: Path, work: Path, planted: dict) -> dict:
+def bench_code(code: Path, corpus: Path, work: Path, planted: dict, stages: list[str]) -> dict:
     params = ROOT / "params"
     clean, tok, tokens = work / "clean", work / "tokenizer", work / "tokens"
     raw = folder_bytes(sorted(corpus.glob("*.txt")))
@@ -183,6 +184,10 @@ def bench_code(code: Path, corpus: Path, work: Path, planted: dict) -> dict:
     stats = json.loads((clean / "stats.json").read_text())
     row.update(near_dup_scores(stats, planted, stats["near_duplicate_search"]["threshold"]))
     row["near_method"] = stats["near_duplicate_search"]["method"]
+    if stages == ["clean"]:
+        empty = {"s": float("nan"), "rss_mb": float("nan"), "mb_s": float("nan")}
+        return {**row, "tokenizer": empty, "tokenize": empty, "outputs_sha": {
+            str(p.relative_to(work)): _digest(p) for p in (clean / "train.txt", clean / "val.txt")}}
     train = folder_bytes([clean / "train.txt"])
     wall, rss = run_stage(["tokenizer", "--clean", str(clean), "--out", str(tok),
                            "--params", str(params / "tokenizer.yaml")], code)
@@ -217,6 +222,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora go (default: a temp folder, "
                         "deleted at the end)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--stages", choices=["all", "clean"], default="all", help="clean alone (e.g. for 100x)")
     args = parser.parse_args()
     codes = [c.resolve() for c in (args.code or [ROOT])]
     vocab = read_vocabulary(args.vocab_from)
@@ -230,7 +236,8 @@ def main() -> None:
             planted = make_corpus(corpus, vocab, args.base_files * scale, args.file_kb, args.seed)
             for i, code in enumerate(codes):
                 work = root / f"out_x{scale}_{i}"
-                row = {"scale": scale, **bench_code(code, corpus, work, planted),
+                stages = ["clean"] if args.stages == "clean" else ["clean", "tokenizer", "tokenize"]
+                row = {"scale": scale, **bench_code(code, corpus, work, planted, stages),
                        "planted": [(p["target"], p["jaccard"]) for p in planted["pairs"][: len(PLANTED_JACCARD)]]}
                 rows.append(row)
                 cell = "{s:.1f} s, {rss_mb:.0f} MB, {mb_s:.1f} MB/s"
