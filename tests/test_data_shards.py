@@ -10,6 +10,7 @@ import pytest
 from test_clean import make_play, old_spelling, write_files
 
 import llm.data.clean as clean_module
+import llm.data.tokenize as tokenize_module
 from llm.config import DataParams, TokenizerParams
 from llm.data.clean import clean_corpus, find_near_duplicates, iter_documents, word_shingles, write_documents
 from llm.data.corpus import CorpusError
@@ -79,7 +80,7 @@ def reference_ids(tokenizer, split_file: Path) -> np.ndarray:
     return np.asarray(ids)
 
 
-def test_token_files_do_not_depend_on_the_shards_and_match_one_pass_over_the_documents(tmp_path):
+def test_token_files_do_not_depend_on_the_shards_and_match_one_pass_over_the_documents(tmp_path, monkeypatch):
     long_doc = "\n".join(f"line {i} of a long document" for i in range(PIECE_CHARS // 20))  # over one piece
     docs = [make_play(i, n_lines=30) for i in range(9)] + ["", "ends with a newline\n", long_doc]
     clean = tmp_path / "clean"
@@ -89,6 +90,7 @@ def test_token_files_do_not_depend_on_the_shards_and_match_one_pass_over_the_doc
     tok_dir = tmp_path / "tokenizer"
     train_tokenizer(TokenizerParams(kind="bpe", vocab_size=400), docs[:3]).save(tok_dir)
 
+    monkeypatch.setattr(tokenize_module, "SHARD_BYTES_MIN", 1)  # several shards of small splits
     one = tokenize_corpus(clean, tok_dir, tmp_path / "one", workers=1)
     many = tokenize_corpus(clean, tok_dir, tmp_path / "many", workers=5, mapper=inline)  # 20 shards a split
     pool = tokenize_corpus(clean, tok_dir, tmp_path / "pool", workers=2)

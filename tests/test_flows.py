@@ -310,6 +310,7 @@ def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and
 
     # several shard tasks for each flow, even on a tiny corpus
     monkeypatch.setattr("llm.data.clean.SHARD_BYTES_MIN", 1)
+    monkeypatch.setattr("llm.data.tokenize.SHARD_BYTES_MIN", 1)
     write_corpus(project / "data" / "corpus", n_docs=12)
     clean()
     tokenizer()

@@ -39,6 +39,8 @@ PIECE_CHARS = 1 << 20
 LINES_CHARS = 1 << 14
 # a shard of a split file holds at most this many bytes (several shards per worker balance the load)
 SHARD_BYTES_MAX = 16 << 20
+# and at least this many, unless the split is smaller: fewer, larger shards cost less to schedule
+SHARD_BYTES_MIN = 2 << 20
 # between two documents of a split file (see llm.data.clean): the first one's final newline, then U+001E
 _BETWEEN_DOCS = ("\n" + DOC_SEPARATOR + "\n").encode()
 
@@ -146,9 +148,10 @@ def _document_boundaries(path: Path, shards: int) -> list[int]:
 
 
 def plan_tokenize(clean_dir: Path, tokenizer_dir: Path, out_dir: Path, shards: int) -> tuple[list[TokenizeJob], dict]:
-    """The shards of both splits, train's first, each split in about ``shards`` pieces of at most
-    SHARD_BYTES_MAX, and the meta dict without the splits. Creates the folder for the parts beside
-    ``out_dir`` (``finish_tokenize`` removes it). Raises TokenDataError when a split file is missing."""
+    """The shards of both splits, train's first, each split in about ``shards`` pieces of whole documents
+    (each between SHARD_BYTES_MIN and SHARD_BYTES_MAX), and the meta dict without the splits. Creates the
+    folder for the parts beside ``out_dir`` (``finish_tokenize`` removes it). Raises TokenDataError when a
+    split file is missing."""
     clean_dir, tokenizer_dir, out_dir = Path(clean_dir), Path(tokenizer_dir), Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -164,7 +167,9 @@ def plan_tokenize(clean_dir: Path, tokenizer_dir: Path, out_dir: Path, shards: i
     parts.mkdir()
     jobs = []
     for split, src in sources.items():
-        n = max(shards, -(-src.stat().st_size // SHARD_BYTES_MAX))
+        size = src.stat().st_size
+        target = max(SHARD_BYTES_MIN, min(SHARD_BYTES_MAX, -(-size // max(1, shards))))
+        n = max(1, -(-size // target))
         cuts = _document_boundaries(src, n)
         for i, (start, end) in enumerate(zip(cuts, cuts[1:])):
             jobs.append(TokenizeJob(split, src, start, end, tokenizer_dir, parts / f"{split}.{i:06d}.bin", dtype.name))
