@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm.config import (
     BaseParams,
@@ -29,6 +29,9 @@ from llm.config import (
     check_until_step,
 )
 from llm.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from llm.data.clean import ShardMapper
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +153,15 @@ def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None) -> l
     return fetch_corpus(source, dest, limits=limits)
 
 
-def clean_stage(params: DataParams, corpus_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
-    """Clean, deduplicate and split the corpus; returns the statistics written to ``stats.json``."""
+def clean_stage(
+    params: DataParams, corpus_dir: Path, out_dir: Path, *, track: bool | None = None, mapper: ShardMapper | None = None
+) -> dict:
+    """Clean, deduplicate and split the corpus; returns the statistics written to ``stats.json``. ``mapper``
+    runs the per-shard work (default: a local process pool; see ``llm.data.clean.clean_corpus``)."""
     from llm.data.clean import clean_corpus
 
     with _run("clean", params.model_dump(), tracking_enabled(track)) as run:
-        stats = clean_corpus(params, corpus_dir, out_dir)
+        stats = clean_corpus(params, corpus_dir, out_dir, mapper=mapper)
         run.log_metrics({f"data/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
         run.log_artifact(out_dir / "stats.json")
     return stats
@@ -179,12 +185,15 @@ def tokenizer_stage(params: TokenizerParams, clean_dir: Path, out_dir: Path, *, 
     return {"kind": tok.kind, "vocab_size": tok.vocab_size}
 
 
-def tokenize_stage(clean_dir: Path, tokenizer_dir: Path, out_dir: Path, *, track: bool | None = None) -> dict:
-    """Encode the cleaned splits into token files; returns ``meta.json``."""
-    from llm.data.tokens import tokenize_corpus
+def tokenize_stage(
+    clean_dir: Path, tokenizer_dir: Path, out_dir: Path, *, track: bool | None = None, mapper: ShardMapper | None = None
+) -> dict:
+    """Encode the cleaned splits into token files; returns ``meta.json``. ``mapper`` runs the per-shard work
+    (default: a local process pool; see ``llm.data.tokenize.tokenize_corpus``)."""
+    from llm.data.tokenize import tokenize_corpus
 
     with _run("tokenize", {}, tracking_enabled(track)) as run:
-        meta = tokenize_corpus(clean_dir, tokenizer_dir, out_dir)
+        meta = tokenize_corpus(clean_dir, tokenizer_dir, out_dir, mapper=mapper)
         for split, info in meta["splits"].items():
             run.log_metrics({f"tokens/{split}_tokens": float(info["tokens"]),
                              f"tokens/{split}_tokens_per_byte": float(info["tokens_per_byte"])})

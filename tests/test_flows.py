@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,11 +157,11 @@ def test_until_step_below_one_fails_a_training_flow_before_any_work(prefect_api,
 def test_no_task_caches_and_only_io_tasks_retry():
     from prefect.cache_policies import NO_CACHE
 
-    from flows.data import clean_task, fetch_task, tokenize_task, tokenizer_task
+    from flows.data import clean_shard_task, fetch_task, tokenize_shard_task, tokenizer_task
     from flows.evaluate import evaluate_task
     from flows.pretrain import pretrain_task
 
-    for io_task in (fetch_task, clean_task, tokenizer_task, tokenize_task, evaluate_task):
+    for io_task in (fetch_task, clean_shard_task, tokenizer_task, tokenize_shard_task, evaluate_task):
         assert io_task.cache_policy is NO_CACHE, io_task.name
         assert io_task.retries == 2, io_task.name
     assert pretrain_task.cache_policy is NO_CACHE
@@ -298,3 +300,48 @@ def test_pool_deployments_import_each_flow_by_module_path_in_the_workers_checkou
     assert pretrain.storage is None
     assert pretrain.job_variables["working_dir"] == str(tmp_path)
     assert pretrain.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS) == "30"
+
+
+DATA_OUTPUTS = ("clean/train.txt", "clean/val.txt", "clean/stats.json", "tokens/train.bin", "tokens/val.bin",
+                "tokens/meta.json")
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in DATA_OUTPUTS}
+
+
+def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and_the_cli_write(
+    prefect_api, project, monkeypatch
+):
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from flows.data import clean, tokenize, tokenizer
+
+    # several shard tasks for each flow, even on a tiny corpus
+    monkeypatch.setattr("llm.data.clean.SHARD_BYTES_MIN", 1)
+    monkeypatch.setattr("llm.data.tokenize.SHARD_BYTES_MIN", 1)
+    write_corpus(project / "data" / "corpus", n_docs=12)
+    clean()
+    tokenizer()
+    tokenize()
+    local = _outputs(project / "artifacts")
+    shutil.move(project / "artifacts", project / "local")
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        runner = DaskTaskRunner(address=cluster.scheduler_address)
+        stats = clean.with_options(task_runner=runner)()
+        shutil.copytree(project / "local" / "tokenizer", project / "artifacts" / "tokenizer")
+        tokenize.with_options(task_runner=runner)()
+        ran_on_dask = sorted(cluster.scheduler.task_prefixes)
+    assert stats["files_read"] == 12
+    assert _outputs(project / "artifacts") == local
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = project / "cli"
+    for args in (["clean", "--corpus", "data/corpus", "--out", f"{cli}/clean", "--params", "params/data.yaml"],
+                 ["tokenize", "--clean", f"{cli}/clean", "--tokenizer", "local/tokenizer", "--out", f"{cli}/tokens"]):
+        subprocess.run([sys.executable, "-m", "llm.cli", *args], check=True, env=env, capture_output=True)
+    assert _outputs(cli) == local
+    assert ran_on_dask == ["run_shard"]  # the shard tasks ran on the cluster (Dask names them by their function)

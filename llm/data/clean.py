@@ -32,15 +32,22 @@ so MinHash only decides which pairs get checked, never the outcome.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
+import multiprocessing as mp
+import os
 import re
+import secrets
+import shutil
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,10 +91,14 @@ def normalize_text(text: str) -> str:
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
     text = _CONTROL_CHARS.sub("", text)
-    text = unicodedata.normalize("NFC", text)
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
     text = text.expandtabs(4)
-    text = _TRAILING_SPACE.sub("", text)
-    text = _EXCESS_BLANK_LINES.sub("\n\n\n", text)
+    # the regexes only where they can match (in ASCII, only " " and "\n" are whitespace by now)
+    if not text.isascii() or " \n" in text or text.endswith(" "):
+        text = _TRAILING_SPACE.sub("", text)
+    if "\n\n\n\n" in text:
+        text = _EXCESS_BLANK_LINES.sub("\n\n\n", text)
     return text.strip("\n")
 
 
@@ -123,18 +134,34 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     removes ``<<THIS ELECTRONIC VERSION ...>>`` notices, every paragraph that names Project Gutenberg,
     and "Produced by ..." credits among the first paragraphs. Text without boilerplate is returned as is.
     """
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end() :]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    text = _WORLD_LIBRARY_NOTICE.sub("", text)
-    pieces = _PARAGRAPH_BREAK.split(text)  # paragraphs at even indices, the breaks between them at odd ones
+    # each search only where a substring it needs occurs (in ASCII text, where lower() is what IGNORECASE does)
+    low = text.lower() if text.isascii() else None
+    if low is None or "***" in low or "*end*" in low:
+        start = _GUTENBERG_START.search(text)
+        if start:
+            text = text[start.end() :]
+    if low is None or "*" in low or "project gutenberg" in low:
+        end = _GUTENBERG_END.search(text)
+        if end:
+            text = text[: end.start()]
+    if low is None or "<<" in low:
+        text = _WORLD_LIBRARY_NOTICE.sub("", text)
+    # one search of the whole text: no match spans a paragraph break (the patterns hold no newline)
+    hits = []
+    if low is None or "gutenberg" in low or "world library, inc" in low:
+        hits = [m.start() for m in _BOILERPLATE_PARAGRAPH.finditer(text)]
+    # paragraphs at even indices, the breaks between them at odd ones; without hits only the first five
+    # paragraphs (the credits) can be dropped, and the rest stays one piece
+    pieces = _PARAGRAPH_BREAK.split(text, maxsplit=0 if hits else 5)
     kept: list[str] = []
+    start = 0
     for i in range(0, len(pieces), 2):
         paragraph = pieces[i]
-        drop = bool(_BOILERPLATE_PARAGRAPH.search(paragraph)) or (i < 10 and bool(_CREDIT_PARAGRAPH.match(paragraph)))
+        end = start + len(paragraph)
+        first_hit = bisect.bisect_left(hits, start)
+        drop = (first_hit < len(hits) and hits[first_hit] < end) or (
+            i < 10 and bool(_CREDIT_PARAGRAPH.match(paragraph)))
+        start = end + (len(pieces[i + 1]) if i + 1 < len(pieces) else 0)
         if not drop:
             if kept:
                 kept.append(pieces[i - 1])
@@ -146,7 +173,9 @@ def clean_text(text: str, strip_gutenberg: bool = True) -> str:
     """The whole cleaning of one document: normalise, then (optionally) strip Gutenberg boilerplate."""
     text = normalize_text(text)
     if strip_gutenberg:
-        text = normalize_text(strip_gutenberg_boilerplate(text))
+        stripped = strip_gutenberg_boilerplate(text)
+        if stripped != text:  # normalize_text is idempotent: text without boilerplate is already normal
+            text = normalize_text(stripped)
     return text
 
 
@@ -158,12 +187,12 @@ _U64 = np.uint64
 _word_hash_cache: dict[str, int] = {}
 
 
-def _word_hash(word: str) -> int:
-    h = _word_hash_cache.get(word)
-    if h is None:
-        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
-        _word_hash_cache[word] = h
-    return h
+def _word_hashes(words: list[str]) -> np.ndarray:
+    """blake2b-64 of each word (cached per process: a corpus has far fewer distinct words than words)."""
+    cache = _word_hash_cache
+    for word in set(words).difference(cache):
+        cache[word] = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -185,12 +214,18 @@ def word_shingles(text: str, k: int = 5) -> np.ndarray:
     if not words:
         return np.zeros(0, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        wh = np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
+        wh = _word_hashes(words)
         n = max(1, len(words) - k + 1)
         h = np.zeros(n, dtype=np.uint64)
         for j in range(min(k, len(words))):
             h = h * _U64(0x100000001B3) + wh[j : j + n]
-        return np.unique(_mix64(h))
+        return _sorted_unique(_mix64(h))
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-D array (sort, then drop repeats): far faster than numpy 2's hash-based unique."""
+    x = np.sort(x)
+    return x[np.concatenate(([True], x[1:] != x[:-1]))] if len(x) else x
 
 
 def _intersection_size(a: np.ndarray, b: np.ndarray) -> int:
@@ -201,6 +236,41 @@ def _intersection_size(a: np.ndarray, b: np.ndarray) -> int:
         return 0
     idx = np.minimum(np.searchsorted(b, a), len(b) - 1)
     return int(np.count_nonzero(b[idx] == a))
+
+
+def _pairwise_intersections(shingle_sets: Sequence[np.ndarray], buckets: int = 16) -> np.ndarray:
+    """[n, n] int64: entry (i, j), i < j, is the size of the intersection of sorted unique sets i and j.
+
+    The sets' values are sorted together, one range of values (``buckets`` of them) at a time to bound the
+    temporaries; each run of equal values, the sets holding that value in index order, adds one to every
+    pair of its sets.
+    """
+    n = len(shingle_sets)
+    counts = np.zeros((n, n), dtype=np.int64)
+    if n < 2:
+        return counts
+    owner_type = np.min_scalar_type(n)
+    edges = [np.uint64(b * (2**64 // buckets)) for b in range(1, buckets)]
+    bounds = [np.searchsorted(s, edges) if len(s) else np.zeros(len(edges), dtype=np.int64) for s in shingle_sets]
+    for b in range(buckets):
+        parts = [s[(bounds[i][b - 1] if b else 0) : (bounds[i][b] if b < len(edges) else len(s))]
+                 for i, s in enumerate(shingle_sets)]
+        values = np.concatenate(parts)
+        if len(values) < 2:
+            continue
+        owners = np.repeat(np.arange(n, dtype=owner_type), [len(p) for p in parts])
+        order = np.argsort(values, kind="stable")  # stable: a run lists its sets in index order
+        values, owners = values[order], owners[order]
+        del order
+        starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        del values
+        lengths = np.diff(np.append(starts, len(owners)))
+        for length in np.unique(lengths[lengths > 1]).tolist():
+            runs = owners[starts[lengths == length][:, None] + np.arange(length)]  # [runs, length] set indices
+            for p in range(length - 1):
+                for q in range(p + 1, length):
+                    np.add.at(counts, (runs[:, p], runs[:, q]), 1)
+    return counts
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -226,13 +296,17 @@ def minhash_signatures(shingle_sets: Sequence[np.ndarray], num_perm: int, seed: 
     a = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * _U64(2) + _U64(1)
     b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
     sig = np.full((len(shingle_sets), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-    chunk = max(1, (1 << 21) // num_perm)  # bounds the [chunk, num_perm] temporary to 16 MiB
+    chunk = max(1, (1 << 18) // num_perm)  # one [chunk, num_perm] buffer of 2 MiB, reused (stays in cache)
+    buf = np.empty((chunk, num_perm), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i, shingles in enumerate(shingle_sets):
             mixed = _mix64(np.asarray(shingles, dtype=np.uint64))  # a*x+b is only as random as x
             for s in range(0, len(mixed), chunk):
                 x = mixed[s : s + chunk, None]
-                sig[i] = np.minimum(sig[i], (x * a + b).min(axis=0))
+                out = buf[: len(x)]
+                np.multiply(x, a, out=out)
+                out += b
+                np.minimum(sig[i], out.min(axis=0), out=sig[i])
     return sig
 
 
@@ -287,15 +361,28 @@ def find_near_duplicates(
 
     Returns the drops (each with the kept document it matched best) and a dict describing the search.
     """
-    n = len(shingle_sets)
+    signatures = None if len(shingle_sets) <= exact_max_docs else minhash_signatures(shingle_sets, num_perm, seed)
+    return _near_duplicates([len(s) for s in shingle_sets], shingle_sets.__getitem__, threshold, num_perm,
+                            signatures)
+
+
+def _near_duplicates(
+    sizes: Sequence[int],
+    shingles_of: Callable[[int], np.ndarray],
+    threshold: float,
+    num_perm: int,
+    signatures: np.ndarray | None,
+) -> tuple[list[NearDuplicate], dict]:
+    """``find_near_duplicates`` given each document's shingle count, a way to get its shingle set, and
+    either MinHash signatures (candidates from LSH) or None (every pair is a candidate)."""
+    n = len(sizes)
     info: dict = {"documents": n}
-    if n <= exact_max_docs:
+    if signatures is None:
         candidates: Iterable[tuple[int, int]] = ((i, j) for i in range(n) for j in range(i + 1, n))
         info.update(method="exact_all_pairs", candidate_pairs=n * (n - 1) // 2)
     else:
         rows = lsh_rows_per_band(threshold, num_perm)
         bands = num_perm // rows
-        signatures = minhash_signatures(shingle_sets, num_perm, seed)
         candidates = sorted(lsh_candidate_pairs(signatures, rows))
         recall = 1.0 - (1.0 - threshold**rows) ** bands
         info.update(
@@ -306,12 +393,18 @@ def find_near_duplicates(
             recall_at_threshold=round(recall, 6),
             candidate_pairs=len(candidates),
         )
+    # every pair: the intersections of all sets at once (one sort) instead of one search per pair
+    shared = _pairwise_intersections([shingles_of(i) for i in range(n)]) if signatures is None else None
     similar: dict[int, list[tuple[int, float]]] = {}
     for i, j in candidates:
-        small, large = sorted((len(shingle_sets[i]), len(shingle_sets[j])))
+        small, large = sorted((sizes[i], sizes[j]))
         if large == 0 or small < threshold * large:  # Jaccard <= |small| / |large|
             continue
-        sim = jaccard(shingle_sets[i], shingle_sets[j])
+        if shared is None:
+            sim = jaccard(shingles_of(i), shingles_of(j))
+        else:
+            inter = int(shared[i, j])
+            sim = inter / (sizes[i] + sizes[j] - inter)
         if sim >= threshold:
             similar.setdefault(j, []).append((i, sim))
     keep = [True] * n
@@ -371,22 +464,31 @@ def split_into_sections(
 
     Raises ValueError when the text is too short to give both sides a character.
     """
-    sizes = [len(t.encode("utf-8")) for t in texts]
+    return _sections([len(t) for t in texts], [len(t.encode("utf-8")) for t in texts], names, texts.__getitem__,
+                     val_fraction)
+
+
+def _sections(
+    chars: Sequence[int], sizes: Sequence[int], names: Sequence[str], text_of: Callable[[int], str],
+    val_fraction: float,
+) -> tuple[list[Section], list[Section]]:
+    """``split_into_sections`` given each document's length in characters and bytes, and a way to read the
+    one document that holds the cut."""
     total = sum(sizes)
     val_bytes = min(max(1, math.floor(val_fraction * total + 0.5)), total - 1)
     cut = total - val_bytes  # byte offset of the cut in the whole text
     i, doc_start = 0, 0
-    while i < len(texts) - 1 and doc_start + sizes[i] <= cut:
+    while i < len(sizes) - 1 and doc_start + sizes[i] <= cut:
         doc_start += sizes[i]
         i += 1
-    text = texts[i]
+    text = text_of(i)
     target = len(text.encode("utf-8")[: max(0, cut - doc_start)].decode("utf-8", errors="ignore"))
-    start = _nearest_cut(text, target, may_start=i > 0, may_end=i < len(texts) - 1)
+    start = _nearest_cut(text, target, may_start=i > 0, may_end=i < len(sizes) - 1)
     if start is None:
-        raise ValueError(f"{sum(map(len, texts))} character(s) cannot be cut into a train and a val section")
+        raise ValueError(f"{sum(chars)} character(s) cannot be cut into a train and a val section")
     head_end = len(text[:start].rstrip())
-    train = [Section(n, 0, len(t)) for n, t in zip(names[:i], texts[:i])]
-    val = [Section(n, 0, len(t)) for n, t in zip(names[i + 1 :], texts[i + 1 :])]
+    train = [Section(n, 0, c) for n, c in zip(names[:i], chars[:i])]
+    val = [Section(n, 0, c) for n, c in zip(names[i + 1 :], chars[i + 1 :])]
     if head_end > 0:
         train.append(Section(names[i], 0, head_end))
     if start < len(text):
@@ -458,6 +560,48 @@ def _write_json(path: Path, data: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # The stage
+#
+# In two passes, so that memory holds per-document fingerprints, never the corpus. ``clean_shard`` cleans a
+# shard of files (any process, any machine that sees the files), writes each cleaned text to a spool folder
+# beside ``out_dir`` and returns its sizes, sha256 and shingle fingerprint; ``finish_clean`` then drops
+# duplicates (reading back the two texts of each near-duplicate candidate), splits, and streams the spooled
+# texts into the split files. ``clean_corpus`` runs both with a local process pool; flows/data.py maps the
+# shards as Prefect tasks instead.
+
+# a shard of files holds at most this many bytes (several shards per worker balance the load), and at least
+# this many unless the corpus is smaller: below it, starting worker processes costs more than it saves
+SHARD_BYTES_MAX = 64 << 20
+SHARD_BYTES_MIN = 16 << 20
+# shingle sets of this many documents are kept while near-duplicate candidates are checked
+SHINGLE_CACHE_DOCS = 32
+
+ShardMapper = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
+"""``mapper(fn, items)``: ``fn(item)`` for every item, results in the order of ``items``."""
+
+
+@dataclass(frozen=True)
+class CleanJob:
+    """One shard of the clean stage: the files (relative paths) to clean, and where their texts go."""
+
+    params: DataParams
+    corpus_dir: Path
+    spool_dir: Path
+    names: tuple[str, ...]
+    keep_shingles: bool  # a corpus small enough to check every pair keeps shingle sets, else MinHash signatures
+
+
+@dataclass(frozen=True)
+class CleanedDocument:
+    """One file after cleaning: sizes and fingerprints; its text waits in the spool folder (``spool_path``)."""
+
+    name: str
+    chars: int
+    bytes: int
+    words: int
+    digest: bytes
+    n_shingles: int = 0
+    shingles: np.ndarray | None = None
+    signature: np.ndarray | None = None
 
 
 def _read_document(path: Path) -> str:
@@ -471,84 +615,137 @@ def _read_document(path: Path) -> str:
         ) from None
 
 
-def _split_stats(docs: list[str]) -> dict:
-    return {
-        "docs": len(docs),
-        "chars": sum(len(d) for d in docs),
-        "bytes": sum(len(d.encode("utf-8")) for d in docs),
-        "words": sum(len(d.split()) for d in docs),
-    }
+def spool_path(spool_dir: Path, name: str) -> Path:
+    """Where the cleaned text of document ``name`` is spooled."""
+    return Path(spool_dir) / (hashlib.sha256(name.encode("utf-8")).hexdigest()[:32] + ".txt")
 
 
-def _read_documents(files: list[Path], corpus_dir: Path, params: DataParams) -> tuple[list[str], list[str], list[dict]]:
-    """Read and clean every file: (names, texts) of the documents kept, and the too-short ones dropped."""
-    names: list[str] = []
-    texts: list[str] = []
-    too_short: list[dict] = []
-    for path in files:
-        name = path.relative_to(corpus_dir).as_posix()
-        text = clean_text(_read_document(path), params.strip_gutenberg)
+def clean_shard(job: CleanJob) -> list[CleanedDocument]:
+    """Clean the files of one shard: spool each text long enough to keep and return what ``finish_clean``
+    needs of it. Raises CorpusError for a file that is not valid UTF-8."""
+    params = job.params
+    docs = []
+    for name in job.names:
+        text = clean_text(_read_document(job.corpus_dir / name), params.strip_gutenberg)
         if not text or len(text) < params.min_doc_chars:
-            too_short.append({"path": name, "chars": len(text)})
+            docs.append(CleanedDocument(name, len(text), 0, 0, b""))
             continue
-        names.append(name)
-        texts.append(text)
-    return names, texts, too_short
+        data = text.encode("utf-8")
+        spool_path(job.spool_dir, name).write_bytes(data)
+        shingles = signature = None
+        n_shingles = 0
+        if params.dedup_near:
+            shingles = word_shingles(text, params.shingle_size)
+            n_shingles = len(shingles)
+            if not job.keep_shingles:
+                signature = minhash_signatures([shingles], params.num_perm)[0]
+                shingles = None
+        docs.append(CleanedDocument(name, len(text), len(data), len(text.split()), hashlib.sha256(data).digest(),
+                                    n_shingles, shingles, signature))
+    return docs
 
 
-def _drop_exact_duplicates(names: list[str], texts: list[str]) -> tuple[list[str], list[str], list[dict]]:
-    """Keep the first document of each identical text: (names, texts) kept and the dropped pairs."""
+def plan_clean(params: DataParams, corpus_dir: Path, out_dir: Path, shards: int) -> list[CleanJob]:
+    """The shards of the clean stage: the corpus's files in sorted-path order, cut into about ``shards``
+    runs of similar byte size (each between SHARD_BYTES_MIN and SHARD_BYTES_MAX; a file is never cut).
+    Creates the spool folder beside ``out_dir`` (``finish_clean`` removes it). Raises CorpusError when the
+    folder holds no .txt file."""
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    files = iter_corpus_files(corpus_dir)
+    sizes = [p.stat().st_size for p in files]
+    target = max(SHARD_BYTES_MIN, min(SHARD_BYTES_MAX, math.ceil(sum(sizes) / max(1, shards))))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)  # spool folders of crashed runs
+    spool_dir = out_dir.parent / f".{out_dir.name}.spool-{secrets.token_hex(6)}.tmp"
+    spool_dir.mkdir()
+    keep_shingles = len(files) <= EXACT_ALL_PAIRS_MAX_DOCS
+    jobs, names, size = [], [], 0
+    for path, n in zip(files, sizes):
+        if names and size + n > target:
+            jobs.append(CleanJob(params, corpus_dir, spool_dir, tuple(names), keep_shingles))
+            names, size = [], 0
+        names.append(path.relative_to(corpus_dir).as_posix())
+        size += n
+    jobs.append(CleanJob(params, corpus_dir, spool_dir, tuple(names), keep_shingles))
+    return jobs
+
+
+def map_in_processes(workers: int | None = None) -> ShardMapper:
+    """A ShardMapper on a pool of ``workers`` processes (default: every core); inline for one item or worker."""
+
+    def mapper(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterable[Any]:
+        n = min(len(items), workers or os.cpu_count() or 1)
+        if n <= 1:
+            return [fn(item) for item in items]
+        # spawn: fork would copy the parent's threads (torch's, a server's) into the workers
+        with mp.get_context("spawn").Pool(n) as pool:
+            return pool.map(fn, items, chunksize=1)
+
+    return mapper
+
+
+def _read_spooled(spool_dir: Path, name: str) -> str:
+    return spool_path(spool_dir, name).read_bytes().decode("utf-8")
+
+
+def _drop_exact_duplicates(docs: list[CleanedDocument]) -> tuple[list[CleanedDocument], list[dict]]:
+    """Keep the first document of each identical text: the documents kept and the dropped pairs."""
     first_with: dict[bytes, str] = {}
-    unique_names, unique_texts, dups = [], [], []
-    for name, text in zip(names, texts):
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if digest in first_with:
-            dups.append({"kept": first_with[digest], "dropped": name})
+    unique, dups = [], []
+    for doc in docs:
+        if doc.digest in first_with:
+            dups.append({"kept": first_with[doc.digest], "dropped": doc.name})
             continue
-        first_with[digest] = name
-        unique_names.append(name)
-        unique_texts.append(text)
-    return unique_names, unique_texts, dups
+        first_with[doc.digest] = doc.name
+        unique.append(doc)
+    return unique, dups
 
 
 def _drop_near_duplicates(
-    names: list[str], texts: list[str], params: DataParams
-) -> tuple[list[str], list[str], list[dict], dict]:
-    """Drop near duplicates (see the module docstring): (names, texts) kept, the dropped pairs with their
-    Jaccard similarity, and how the candidates were found."""
-    shingles = [word_shingles(t, params.shingle_size) for t in texts]
-    drops, info = find_near_duplicates(shingles, params.near_dup_threshold, params.num_perm)
-    dups = [{"kept": names[d.kept], "dropped": names[d.dropped], "jaccard": round(d.jaccard, 6)} for d in drops]
+    docs: list[CleanedDocument], params: DataParams, spool_dir: Path
+) -> tuple[list[CleanedDocument], list[dict], dict]:
+    """Drop near duplicates (see the module docstring): the documents kept, the dropped pairs with their
+    Jaccard similarity, and how the candidates were found. Shingle sets not kept in memory are computed
+    again from the spooled texts, for the candidates only."""
+    signatures = None
+    if len(docs) > EXACT_ALL_PAIRS_MAX_DOCS:
+        signatures = np.stack([d.signature for d in docs])
+    cache: OrderedDict[int, np.ndarray] = OrderedDict()
+    cache_size = max(SHINGLE_CACHE_DOCS, len(docs) if signatures is None else 0)
+
+    def shingles_of(i: int) -> np.ndarray:
+        if docs[i].shingles is not None:
+            return docs[i].shingles
+        if i not in cache:
+            cache[i] = word_shingles(_read_spooled(spool_dir, docs[i].name), params.shingle_size)
+            if len(cache) > cache_size:
+                cache.popitem(last=False)
+        cache.move_to_end(i)
+        return cache[i]
+
+    drops, info = _near_duplicates([d.n_shingles for d in docs], shingles_of, params.near_dup_threshold,
+                                   params.num_perm, signatures)
+    dups = [{"kept": docs[d.kept].name, "dropped": docs[d.dropped].name, "jaccard": round(d.jaccard, 6)}
+            for d in drops]
     dropped = {d.dropped for d in drops}
-    names = [x for i, x in enumerate(names) if i not in dropped]
-    texts = [x for i, x in enumerate(texts) if i not in dropped]
-    return names, texts, dups, info
-
-
-def _write_splits(out_dir: Path, split_docs: dict[str, list[str]]) -> None:
-    """Write each split file into ``out_dir``, first removing temporary files a crashed run left there."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in [*SPLIT_FILES.values(), STATS_FILE]:
-        remove_stale_temp_files(out_dir / name)
-    for split, docs in split_docs.items():
-        write_documents(out_dir / SPLIT_FILES[split], docs)
+    return [d for i, d in enumerate(docs) if i not in dropped], dups, info
 
 
 def _split(
-    names: list[str], texts: list[str], params: DataParams, corpus_dir: Path
+    docs: list[CleanedDocument], params: DataParams, corpus_dir: Path, spool_dir: Path
 ) -> tuple[dict[str, list[Section]], dict]:
     """The sections of each split (whole documents when split by document) and the ``split`` record of
     ``stats.json``: by document when the corpus has enough documents for it, else by sections (see the
     module docstring). Raises CorpusError, saying what to do, when a split would be empty."""
-    by_name = dict(zip(names, texts))
-    sizes = {x: len(t.encode("utf-8")) for x, t in by_name.items()}
-    total = sum(sizes.values())
+    by_name = {d.name: d for d in docs}
+    names = [d.name for d in docs]
+    total = sum(d.bytes for d in docs)
     reason = None
     if len(names) < 2:
         reason = "a single document: a split by document would leave val empty"
     else:
         train_names, val_names = split_documents(names, params.val_fraction, params.split_seed)
-        share = sum(sizes[x] for x in val_names) / total
+        share = sum(by_name[x].bytes for x in val_names) / total
         if share > VAL_SHARE_MAX:
             reason = (f"the {len(val_names)} document(s) drawn for val hold {share:.1%} of the bytes, more than "
                       f"{VAL_SHARE_MAX:.0%}")
@@ -556,17 +753,18 @@ def _split(
             reason = (f"the {len(val_names)} document(s) drawn for val hold {share:.2%} of the bytes, less than "
                       f"{VAL_SHARE_MIN_RATIO:g} x val_fraction={params.val_fraction:g}")
         if reason is None:
-            by_document = {"train": [Section(x, 0, len(by_name[x])) for x in train_names],
-                           "val": [Section(x, 0, len(by_name[x])) for x in val_names]}
+            by_document = {"train": [Section(x, 0, by_name[x].chars) for x in train_names],
+                           "val": [Section(x, 0, by_name[x].chars) for x in val_names]}
             return by_document, {"method": "documents", "val_bytes_share": round(share, 6)}
     try:
-        train, val = split_into_sections(names, texts, params.val_fraction)
+        train, val = _sections([d.chars for d in docs], [d.bytes for d in docs], names,
+                               lambda i: _read_spooled(spool_dir, names[i]), params.val_fraction)
     except ValueError as err:
         raise CorpusError(
             f"cannot split {corpus_dir} into train and val: {err}; add text to the corpus (at least a few "
             f"thousand characters, in one or more .txt files)"
         ) from None
-    val_bytes = sum(len(s.of(by_name[s.document]).encode("utf-8")) for s in val)
+    val_bytes = sum(_section_stats(s, by_name[s.document], spool_dir)["bytes"] for s in val)
     log.warning("%s: %s; split into contiguous sections instead: the last %.1f%% of the text is val",
                 corpus_dir, reason, 100 * val_bytes / total)
     record = {
@@ -579,50 +777,87 @@ def _split(
     return {"train": train, "val": val}, record
 
 
-def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
-    """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
+def _section_stats(section: Section, doc: CleanedDocument, spool_dir: Path, text: str | None = None) -> dict:
+    """chars, bytes and words of a section: the document's own counts when it is the whole document."""
+    if section.start == 0 and section.end == doc.chars:
+        return {"chars": doc.chars, "bytes": doc.bytes, "words": doc.words}
+    piece = section.of(text if text is not None else _read_spooled(spool_dir, doc.name))
+    return {"chars": len(piece), "bytes": len(piece.encode("utf-8")), "words": len(piece.split())}
 
-    Writes ``train.txt`` and ``val.txt`` (split file format, see the module docstring) and ``stats.json``,
-    each atomically. Documents are taken in sorted relative-path order, which decides which copy of a
-    duplicate is kept. The split is by document, or by contiguous sections for a corpus with too few
-    documents (see the module docstring). Returns the stats dict: top-level counts (files read, documents
-    kept and dropped per reason, docs/chars/bytes/words per split, a section counting as a document), the
-    dropped documents and near-duplicate pairs, the documents of each split, and how it was split.
 
-    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, no document is left
-    after cleaning, or the text left is too short to give both splits some of it.
-    """
-    t0 = time.perf_counter()
+def _write_split(path: Path, sections: list[Section], by_name: dict[str, CleanedDocument], spool_dir: Path) -> dict:
+    """Stream the sections' spooled texts into ``path`` (split file format), atomically; returns the
+    split's docs/chars/bytes/words."""
+    stats = {"docs": len(sections), "chars": 0, "bytes": 0, "words": 0}
+    with atomic_file(path, binary=True) as f:
+        for i, section in enumerate(sections):
+            doc = by_name[section.document]
+            data = spool_path(spool_dir, doc.name).read_bytes()
+            if section.start == 0 and section.end == doc.chars:
+                counts = _section_stats(section, doc, spool_dir)
+            else:
+                text = data.decode("utf-8")
+                counts = _section_stats(section, doc, spool_dir, text)
+                data = section.of(text).encode("utf-8")
+            for key, value in counts.items():
+                stats[key] += value
+            if i:
+                f.write(_SEPARATOR_LINE.encode())
+            f.write(data)
+            f.write(b"\n")
+    return stats
+
+
+def finish_clean(
+    params: DataParams, corpus_dir: Path, out_dir: Path, jobs: Sequence[CleanJob],
+    shards: Iterable[list[CleanedDocument]], started: float | None = None,
+) -> dict:
+    """Deduplicate, split and write what ``clean_shard`` made of each job (``shards``, in job order); see
+    ``clean_corpus``. Removes the spool folder, also on error."""
+    t0 = time.perf_counter() if started is None else started
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    files = iter_corpus_files(corpus_dir)
-    names, texts, too_short = _read_documents(files, corpus_dir, params)
+    spool_dir = jobs[0].spool_dir
+    try:
+        return _finish(params, corpus_dir, out_dir, spool_dir, [d for shard in shards for d in shard], t0)
+    finally:
+        shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def _finish(
+    params: DataParams, corpus_dir: Path, out_dir: Path, spool_dir: Path, all_docs: list[CleanedDocument], t0: float
+) -> dict:
+    too_short = [{"path": d.name, "chars": d.chars} for d in all_docs if not d.bytes]
+    docs = [d for d in all_docs if d.bytes]
     exact_dups: list[dict] = []
     if params.dedup_exact:
-        names, texts, exact_dups = _drop_exact_duplicates(names, texts)
+        docs, exact_dups = _drop_exact_duplicates(docs)
     near_dups: list[dict] = []
     near_info: dict = {"method": "disabled"}
-    if params.dedup_near and len(texts) > 1:
-        names, texts, near_dups, near_info = _drop_near_duplicates(names, texts, params)
-    if not texts:
+    if params.dedup_near and len(docs) > 1:
+        docs, near_dups, near_info = _drop_near_duplicates(docs, params, spool_dir)
+    if not docs:
         raise CorpusError(
-            f"no document of {corpus_dir} is left after cleaning: {len(files)} files read, {len(too_short)} shorter "
-            f"than min_doc_chars={params.min_doc_chars}, {len(exact_dups)} exact duplicates"
+            f"no document of {corpus_dir} is left after cleaning: {len(all_docs)} files read, {len(too_short)} "
+            f"shorter than min_doc_chars={params.min_doc_chars}, {len(exact_dups)} exact duplicates"
         )
-    sections, split_record = _split(names, texts, params, corpus_dir)
-    by_name = dict(zip(names, texts))
-    split_docs = {split: [s.of(by_name[s.document]) for s in secs] for split, secs in sections.items()}
+    sections, split_record = _split(docs, params, corpus_dir, spool_dir)
+    by_name = {d.name: d for d in docs}
     train_names, val_names = ([s.document for s in sections[split]] for split in ("train", "val"))
-    _write_splits(out_dir, split_docs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*SPLIT_FILES.values(), STATS_FILE]:
+        remove_stale_temp_files(out_dir / name)
+    split_stats = {split: _write_split(out_dir / SPLIT_FILES[split], secs, by_name, spool_dir)
+                   for split, secs in sections.items()}
 
     stats: dict = {
-        "files_read": len(files),
-        "docs_kept": len(names),
+        "files_read": len(all_docs),
+        "docs_kept": len(docs),
         "dropped_too_short": len(too_short),
         "dropped_exact_duplicate": len(exact_dups),
         "dropped_near_duplicate": len(near_dups),
     }
-    for split, docs in split_docs.items():
-        stats.update({f"{split}_{key}": value for key, value in _split_stats(docs).items()})
+    for split, counts in split_stats.items():
+        stats.update({f"{split}_{key}": value for key, value in counts.items()})
     stats.update(
         near_duplicate_search={
             **near_info,
@@ -639,9 +874,9 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
     _write_json(out_dir / STATS_FILE, stats)
     log.info(
         "cleaned %d files in %.1fs: kept %d (train %d, val %d), dropped %d short, %d exact and %d near duplicates",
-        len(files),
+        len(all_docs),
         time.perf_counter() - t0,
-        len(names),
+        len(docs),
         len(train_names),
         len(val_names),
         len(too_short),
@@ -649,3 +884,32 @@ def clean_corpus(params: DataParams, corpus_dir: Path, out_dir: Path) -> dict:
         len(near_dups),
     )
     return stats
+
+
+def clean_corpus(
+    params: DataParams, corpus_dir: Path, out_dir: Path, workers: int | None = None, mapper: ShardMapper | None = None
+) -> dict:
+    """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
+
+    Writes ``train.txt`` and ``val.txt`` (split file format, see the module docstring) and ``stats.json``,
+    each atomically. Documents are taken in sorted relative-path order, which decides which copy of a
+    duplicate is kept. The split is by document, or by contiguous sections for a corpus with too few
+    documents (see the module docstring). Returns the stats dict: top-level counts (files read, documents
+    kept and dropped per reason, docs/chars/bytes/words per split, a section counting as a document), the
+    dropped documents and near-duplicate pairs, the documents of each split, and how it was split.
+
+    Files are cleaned in shards by ``mapper`` (default: a pool of ``workers`` processes, every core), and
+    memory holds per-document fingerprints, not the corpus: see ``clean_shard`` and ``finish_clean``.
+
+    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, no document is left
+    after cleaning, or the text left is too short to give both splits some of it.
+    """
+    t0 = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    jobs = plan_clean(params, corpus_dir, out_dir, shards=4 * workers)
+    try:
+        shards = list((mapper or map_in_processes(workers))(clean_shard, jobs))
+    except BaseException:
+        shutil.rmtree(jobs[0].spool_dir, ignore_errors=True)
+        raise
+    return finish_clean(params, corpus_dir, out_dir, jobs, shards, t0)

@@ -83,6 +83,7 @@ class ByteLevelBPETokenizer(Tokenizer):
     """
 
     kind = KIND
+    newline_splits = False  # GPT-2's pre-tokenizer keeps runs of whitespace such as "\n\n" together
 
     def __init__(self, spec: dict[str, Any], vocab_size: int | None = None, source: str = "tokenizer.json"):
         try:

@@ -80,6 +80,9 @@ class Tokenizer(ABC):
     """
 
     kind: str
+    # "\n" is always a token of its own, so text encodes the same cut after any newline (llm.data.tokenize
+    # encodes long texts in runs of lines); byte-level BPE merges "\n\n" and sets this False
+    newline_splits: bool = True
 
     def __init__(self, id_to_bytes: list[bytes]):
         self._id_to_bytes = id_to_bytes

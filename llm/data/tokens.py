@@ -1,4 +1,5 @@
-"""Tokenization of the cleaned splits into flat memmap files, and batches drawn from them.
+"""The token files of the tokenize stage (``llm.data.tokenize`` writes them) read back as memmaps, and
+batches drawn from them.
 
 ``{split}.bin`` holds every document's ids back to back, each document preceded by ``<|bos|>``, as
 uint16 when the vocabulary fits, else uint32. ``meta.json`` records the dtype, token counts and the
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,103 +17,11 @@ import numpy as np
 import torch
 
 from llm.data.clean import iter_documents
-from llm.data.tokenizer import Tokenizer, load_tokenizer
-from llm.io import atomic_file, atomic_write_json, remove_stale_temp_files
+from llm.data.tokenize import META_FILE, SPLITS, TokenDataError, token_dtype, tokenize_corpus
+from llm.data.tokenizer import Tokenizer
 
-SPLITS = ("train", "val")
-META_FILE = "meta.json"
-# documents longer than this are cut at line boundaries into pieces encoded in parallel
-PIECE_CHARS = 1 << 20
-
-
-class TokenDataError(ValueError):
-    """A token file or its meta is missing or inconsistent; the message names the file."""
-
-
-def _pieces(path: Path) -> Iterator[tuple[bool, str]]:
-    """Yield ``(starts_document, text)`` pieces of at most about PIECE_CHARS, cut after a newline."""
-    for doc in iter_documents(path):
-        start = 0
-        first = True
-        while start < len(doc) or first:
-            end = min(len(doc), start + PIECE_CHARS)
-            if end < len(doc):
-                cut = doc.rfind("\n", start, end)
-                end = cut + 1 if cut > start else end
-            yield first, doc[start:end]
-            first = False
-            start = end
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_dir: str) -> None:
-    global _worker_tokenizer
-    torch.set_num_threads(1)
-    _worker_tokenizer = load_tokenizer(tokenizer_dir)
-
-
-def _encode_piece(item: tuple[bool, str]) -> tuple[np.ndarray, int]:
-    starts_doc, text = item
-    tok = _worker_tokenizer
-    ids = tok.encode(text)
-    if starts_doc:
-        ids = [tok.bos_id, *ids]
-    return np.asarray(ids, dtype=np.uint32), len(text.encode("utf-8"))
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-def tokenize_corpus(
-    clean_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, workers: int | None = None
-) -> dict:
-    """Encode ``clean_dir/{train,val}.txt`` into ``out_dir/{train,val}.bin`` and write ``meta.json``.
-
-    Documents are read one at a time and encoded by a pool of ``workers`` processes (default: all
-    cores), so memory stays bounded whatever the corpus size. Files are written under temporary names
-    and renamed at the end. Returns the meta dict. Raises TokenDataError if a split is empty.
-    """
-    clean_dir, tokenizer_dir, out_dir = Path(clean_dir), Path(tokenizer_dir), Path(out_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in [*(f"{split}.bin" for split in SPLITS), META_FILE]:
-        remove_stale_temp_files(out_dir / name)  # left by a run that died mid-write
-    workers = workers or os.cpu_count() or 1
-    meta: dict = {
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer_kind": tokenizer.kind,
-        "bos_id": tokenizer.bos_id,
-        "splits": {},
-    }
-    ctx = mp.get_context("spawn")  # fork would copy torch's thread pools into the workers
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-        for split in SPLITS:
-            src = clean_dir / f"{split}.txt"
-            if not src.exists():
-                raise TokenDataError(f"{src}: missing; run the clean stage first")
-            n_tokens = n_bytes = n_docs = 0
-            with atomic_file(out_dir / f"{split}.bin", binary=True) as f:
-                for ids, nbytes in pool.imap(_encode_piece, _pieces(src), chunksize=4):
-                    f.write(ids.astype(dtype).tobytes())
-                    n_tokens += len(ids)
-                    n_bytes += nbytes
-                    n_docs += int(len(ids) > 0 and ids[0] == tokenizer.bos_id)
-                if n_tokens == 0:
-                    raise TokenDataError(f"{src}: no documents to tokenize")
-            meta["splits"][split] = {
-                "tokens": n_tokens,
-                "bytes": n_bytes,
-                "documents": n_docs,
-                "tokens_per_byte": n_tokens / max(1, n_bytes),
-            }
-    atomic_write_json(out_dir / META_FILE, meta)
-    return meta
+__all__ = ["META_FILE", "SPLITS", "TokenDataError", "TokenFile", "bits_per_byte", "encode_documents", "read_meta",
+           "token_dtype", "tokenize_corpus"]
 
 
 def read_meta(tokens_dir: str | Path) -> dict:
