@@ -229,3 +229,18 @@ def test_corrupt_graph_fails_parity_and_keeps_the_previous_export(tmp_path, monk
         export_onnx(checkpoint, out)
     assert sorted(p.name for p in out.iterdir()) == ["marker"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "onnx"]
+
+
+def test_a_head_size_groupqueryattention_cannot_take_gets_the_portable_graph_alone(tmp_path):
+    """onnxruntime's CPU GroupQueryAttention takes head sizes that are multiples of 16: a model with head_dim 8
+    is exported without the static-cache graph, and generation (alone or batched) uses the portable one."""
+    from llm.inference.batching import BatchEngine
+
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", d_model=32, n_head=4, position="rope")
+    summary = export_onnx(checkpoint, tmp_path / "onnx", verify=False)
+    assert summary["static_cache"].startswith("skipped: head_dim 8 is not a multiple of 16")
+    config = json.loads((tmp_path / "onnx" / "generation_config.json").read_text())
+    assert config["static_cache"] is None and not (tmp_path / "onnx" / "model.static.onnx").exists()
+    generator = OnnxGenerator(tmp_path / "onnx")
+    assert generator.static_cache is False and BatchEngine(generator).static is None
+    assert len(generator.generate([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0.0))) == 4

@@ -159,6 +159,17 @@ def _export_graph(model: GPT, path: Path, opset: int | None, external_data: bool
     return _opset_of(path)
 
 
+def static_cache_unsupported(head_dim: int) -> str | None:
+    """Why onnxruntime's CPU GroupQueryAttention cannot run this model's static-cache graph, or None.
+
+    Its kernel takes head sizes that are multiples of 16 only (onnxruntime 1.32 refuses others at run time:
+    "head_size shall be a multiple of 16"); such a model gets the portable graph alone.
+    """
+    if head_dim % 16:
+        return f"head_dim {head_dim} is not a multiple of 16 (onnxruntime's GroupQueryAttention needs one)"
+    return None
+
+
 def _export_static_graph(model: GPT, path: Path, opset: int | None, external_data: bool) -> int:
     """Write the static-cache decoder of ``model`` (``StaticDecoderForExport``) to ``path``; return its opset."""
     c = model.config
@@ -545,7 +556,8 @@ def export_onnx(
 
     Writes ``model.onnx`` (opset ``opset``, None: the exporter's default), ``generation_config.json``,
     ``tokenizer/`` and, with ``verify``, ``parity.json`` (see ``check_parity``, tolerance ``atol``).
-    ``static_cache`` adds ``model.static.onnx``, the serving graph (see the module docstring), checked too.
+    ``static_cache`` adds ``model.static.onnx``, the serving graph (see the module docstring), checked too,
+    for head sizes onnxruntime's GroupQueryAttention takes (``static_cache_unsupported``; others: skipped).
     ``quantize`` adds ``model.int8.onnx`` (and its static twin). ``external_data`` None stores weights in
     ``model.onnx.data`` only above 1 GiB. The folder is built under a temporary name and renamed at the end,
     replacing an older export, so a failure leaves no complete-looking folder.
@@ -563,6 +575,10 @@ def export_onnx(
     with atomic_folder(out_dir) as tmp:
         opset = _export_graph(model, tmp / MODEL_FILE, opset, external_data)
         axes = check_dynamic_axes(tmp / MODEL_FILE, c.n_layer, c.n_head, c.head_dim, c.vocab_size)
+        skipped = static_cache_unsupported(c.head_dim) if static_cache else None
+        if skipped:
+            log.warning("no static-cache graph for %s: %s", checkpoint_dir, skipped)
+            static_cache = False
         if static_cache:
             _export_static_graph(model, tmp / STATIC_FILE, opset, external_data)
         export_s = time.perf_counter() - start
@@ -571,7 +587,8 @@ def export_onnx(
         atomic_write_json(tmp / CONFIG_FILE, config)
         source_tokenizer = checkpoint_dir / TOKENIZER_DIR
         shutil.copytree(source_tokenizer, tmp / TOKENIZER_DIR)
-        summary: dict[str, Any] = {"path": str(out_dir), "opset": opset, "axes": axes, "export_s": export_s}
+        summary: dict[str, Any] = {"path": str(out_dir), "opset": opset, "axes": axes, "export_s": export_s,
+                                   "static_cache": "skipped: " + skipped if skipped else static_cache}
         if verify:
             report = check_parity(checkpoint_dir, tmp, atol=atol, model=model)
             if not report["passed"]:
