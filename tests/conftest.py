@@ -5,12 +5,20 @@ Plain builder functions (corpora, tiny models, tiny checkpoints) are in ``helper
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import write_corpus
+
+# Tests send SIGINT (Ctrl-C) to the processes they start and expect the default disposition. A test run launched
+# in the background of a non-interactive shell (`make test &`) inherits SIGINT ignored, and so would every process
+# it starts (an ignored signal stays ignored across exec): give this process Python's own handler, which exec
+# resets to the default in each child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
