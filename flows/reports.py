@@ -20,7 +20,9 @@ def _number(value: Any) -> str:
         return "none"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
+    if isinstance(value, float):  # small differences (parity) keep their digits: 6.7e-06, not 0.0000
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    return f"{value:,}"
 
 
 def evaluation_markdown(result: dict, candidate: str) -> str:
@@ -51,8 +53,14 @@ def parity_markdown(summary: dict) -> str:
              f"{_number(parity.get('atol'))}) |"]
     if parity.get("ragged"):
         lines.append(f"| ragged batch, max abs logit difference | {_number(parity['ragged'].get('max_abs_logits'))} |")
+    if parity.get("static_cache"):
+        lines.append(f"| static-cache graph, max abs logit difference | "
+                     f"{_number(parity['static_cache'].get('max_abs_logits'))} |")
+    elif isinstance(summary.get("static_cache"), str):  # "skipped: <why>"
+        lines.append(f"| static-cache graph | {summary['static_cache']} |")
     if greedy:
-        lines.append(f"| greedy continuations identical to PyTorch | {greedy.get('identical')} of "
+        graphs = " and ".join(greedy.get("graphs") or ["portable"])
+        lines.append(f"| greedy continuations identical to PyTorch ({graphs}) | {greedy.get('identical')} of "
                      f"{greedy.get('prompts')} ({greedy.get('new_tokens')} tokens each) |")
     lines += [f"| opset | {summary.get('opset', '?')} |", f"| registered version | "
               f"{summary.get('model_version') or 'none'} |", "", "| file | bytes |", "| --- | ---: |"]

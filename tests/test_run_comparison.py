@@ -157,10 +157,16 @@ def test_evaluation_and_parity_reports_show_both_scores_and_the_decision():
     assert "| candidate | 3 | 3.9939 |" in text and "| Production before | 2 | 3.9500 |" in text
     summary = {"opset": 18, "model_version": "3", "files": {"model.onnx": 14_000_000},
                "parity": {"passed": True, "atol": 1e-4, "max_abs_diff": 6.7e-06, "ragged": {"max_abs_logits": 6.2e-06},
-                          "greedy": {"prompts": 20, "new_tokens": 64, "identical": 20, "mismatches": []}}}
+                          "static_cache": {"max_abs_logits": 7.2e-06},
+                          "greedy": {"prompts": 20, "new_tokens": 64, "graphs": ["portable", "static_cache"],
+                                     "identical": 20, "mismatches": []}}}
     parity = parity_markdown(summary)
     assert parity.startswith("# ONNX export: parity passed")
-    assert "| greedy continuations identical to PyTorch | 20 of 20 (64 tokens each) |" in parity
+    assert "| static-cache graph, max abs logit difference | 7.2e-06 |" in parity
+    assert ("| greedy continuations identical to PyTorch (portable and static_cache) | 20 of 20 (64 tokens each) |"
+            in parity)
+    skipped = parity_markdown({**summary, "parity": {}, "static_cache": "skipped: head_dim 8 is not a multiple of 16"})
+    assert "| static-cache graph | skipped: head_dim 8 is not a multiple of 16 |" in skipped
     assert "| model.onnx | 14,000,000 |" in parity and "| registered version | 3 |" in parity
 
 
