@@ -140,23 +140,22 @@ def _export_graph(model: GPT, path: Path, opset: int | None, external_data: bool
     cache = [torch.zeros(_TRACE_BATCH, c.n_head, _TRACE_PAST, c.head_dim) for _ in range(2 * c.n_layer)]
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
                       tuple({0: batch, 2: past} for _ in cache))
+    _trace(DecoderForExport(model), (ids, positions, past_mask, *cache), dynamic_shapes, input_names(c.n_layer),
+           output_names(c.n_layer), path, opset, external_data, "the decoder graph")
+    return _opset_of(path)
+
+
+def _trace(module: nn.Module, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str], path: Path,
+           opset: int | None, external_data: bool, what: str) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` at ``args`` into ``path``; ExportError naming ``what``."""
     with _quiet("torch.onnx", "onnxscript", "onnx_ir"):  # step-by-step notes, not about this model
         try:
-            program = torch.onnx.export(
-                DecoderForExport(model).eval(),
-                (ids, positions, past_mask, *cache),
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                input_names=input_names(c.n_layer),
-                output_names=output_names(c.n_layer),
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
+            program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=inputs, output_names=outputs, opset_version=opset,
+                                        optimize=True, verbose=False)
         except Exception as err:  # the exporter raises many types; name the stage and keep the cause
-            raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+            raise ExportError(f"torch.onnx.export of {what} failed: {type(err).__name__}: {err}") from err
         program.save(str(path), external_data=external_data)
-    return _opset_of(path)
 
 
 def static_cache_unsupported(head_dim: int) -> str | None:
@@ -181,23 +180,8 @@ def _export_static_graph(model: GPT, path: Path, opset: int | None, external_dat
     last = torch.full((B,), _TRACE_PAST + T - 1, dtype=torch.int32)
     cache = [torch.zeros(B, c.n_head, L, c.head_dim) for _ in range(2 * c.n_layer)]
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, tuple({0: batch} for _ in cache))
-    with _quiet("torch.onnx", "onnxscript", "onnx_ir"):
-        try:
-            program = torch.onnx.export(
-                StaticDecoderForExport(model).eval(),
-                (ids, positions, last, *cache),
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                input_names=static_input_names(c.n_layer),
-                output_names=output_names(c.n_layer),
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
-        except Exception as err:
-            message = f"torch.onnx.export of the static-cache graph failed: {type(err).__name__}: {err}"
-            raise ExportError(message) from err
-        program.save(str(path), external_data=external_data)
+    _trace(StaticDecoderForExport(model), (ids, positions, last, *cache), dynamic_shapes,
+           static_input_names(c.n_layer), output_names(c.n_layer), path, opset, external_data, "the static-cache graph")
     axes = graph_axes(path)
     batch = axes["input_ids"][0]
     for name in static_input_names(c.n_layer)[3:] + output_names(c.n_layer)[1:]:
