@@ -80,35 +80,28 @@ class DecoderForExport(nn.Module):
     -> (logits [B, T, V], k0', v0', k1', v1', ...), each past tensor [B, H, P, D] and each present [B, H, P+T, D].
     """
 
+    rows_input = "past_mask"  # the GPT.forward argument the third input feeds
+
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
                 *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
         out = self.model(input_ids, past_key_values=past, use_cache=True, position_ids=position_ids,
-                         past_mask=past_mask)
+                         **{self.rows_input: rows})
         return (out.logits, *(t for kv in out.present_key_values for t in kv))
 
 
-class StaticDecoderForExport(nn.Module):
+class StaticDecoderForExport(DecoderForExport):
     """``GPT.forward`` with a static cache (``static_last``), flattened for the serving graph.
 
     forward(input_ids [B, T], position_ids [B, T], cache_last [B] int32, k0, v0, k1, v1, ...)
     -> (logits [B, T, V], k0', v0', ...), every cache tensor [B, H, L, D] with L the context length.
     """
 
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_last: torch.Tensor,
-                *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
-        out = self.model(input_ids, past_key_values=past, use_cache=True, position_ids=position_ids,
-                         static_last=cache_last)
-        return (out.logits, *(t for kv in out.present_key_values for t in kv))
+    rows_input = "static_last"
 
 
 def input_names(n_layer: int) -> list[str]:
