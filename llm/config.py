@@ -114,6 +114,10 @@ class PretrainParams(StrictModel):
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, gt=0.0, lt=1.0)
     beta2: float = Field(0.99, gt=0.0, lt=1.0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw: AdamW for every weight; muon: Muon for the blocks' matrices, AdamW for the rest")
+    muon_lr: float = Field(0.02, gt=0, description="peak learning rate of the Muon matrices (optimizer: muon)")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon's Nesterov momentum (optimizer: muon)")
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
     eval_interval: int = Field(200, gt=0)
     eval_batches: int = Field(20, gt=0)

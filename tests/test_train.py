@@ -49,13 +49,47 @@ def test_weight_decay_applies_to_matrices_only():
     assert len(no_decay["params"]) > 0
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses(prepared, tmp_path):
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(TINY.model_copy(update={"vocab_size": 50, "bias": True, "qk_norm": True}))
+    opt = build_optimizer(model, PretrainParams(optimizer="muon", learning_rate=2e-3, muon_lr=0.02),
+                          torch.device("cpu"))
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    hidden = {id(m.weight) for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)}
+    assert in_muon == hidden
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert id(model.wte.weight) in in_adamw and not in_muon & in_adamw
+    assert in_muon | in_adamw == {id(p) for p in model.parameters()}  # every weight once
+    # the schedule scales each group from its own peak
+    assert [g["lr_scale"] for g in opt.param_groups] == [pytest.approx(10.0), 1.0, 1.0]
+
+
+def test_the_optimizer_chain_state_round_trips_and_refuses_another_optimizers_state():
+    model = GPT(TINY.model_copy(update={"vocab_size": 50}))
+    params = PretrainParams(optimizer="muon")
+    opt = build_optimizer(model, params, torch.device("cpu"))
+    model(torch.randint(50, (2, 8)), torch.randint(50, (2, 8))).loss.backward()
+    opt.step()
+    state = opt.state_dict()
+    again = build_optimizer(model, params, torch.device("cpu"))
+    again.load_state_dict(state)
+    for a, b in zip(opt.optimizers, again.optimizers):
+        for p in a.state:
+            for key, value in a.state[p].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.state[p][key])), key
+    with pytest.raises(ValueError, match="does not match"):
+        again.load_state_dict(build_optimizer(model, PretrainParams(), torch.device("cpu")).state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_reproduces_the_uninterrupted_losses(prepared, tmp_path, optimizer):
     args = (TINY, prepared["tokens"], prepared["tokenizer"])
-    full = pretrain(tiny_params(), *args, tmp_path / "full")
-    assert full.run_identity == pretrain_identity(tiny_params(), *args)  # known before training starts
-    part = pretrain(tiny_params(), *args, tmp_path / "split", until_step=5)
+    full = pretrain(tiny_params(optimizer=optimizer), *args, tmp_path / "full")
+    assert full.run_identity == pretrain_identity(tiny_params(optimizer=optimizer), *args)  # known before training
+    part = pretrain(tiny_params(optimizer=optimizer), *args, tmp_path / "split", until_step=5)
     assert part.step == 5 and verify_checkpoint(tmp_path / "split")["step"] == 5
-    resumed = pretrain(tiny_params(), *args, tmp_path / "split")
+    resumed = pretrain(tiny_params(optimizer=optimizer), *args, tmp_path / "split")
     assert resumed.step == 12
     full_losses = [h["train/loss"] for h in full.history]
     resumed_losses = [h["train/loss"] for h in resumed.history]

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine schedule, accumulation, clipping, evaluation, checkpoints.
+"""The training loop: AdamW or Muon, warmup + cosine schedule, accumulation, clipping, evaluation, checkpoints.
 
 ``train`` is generic over where batches come from (token windows in ``llm.training.pretrain``, chat
 examples in ``llm.training.finetune``). It settles the device, the processes and the run's state once
@@ -137,22 +137,88 @@ def lr_at(step: int, params: PretrainParams) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, params: PretrainParams, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear and embedding weights) and none on biases and norms."""
-    decay, no_decay = [], []
+def build_optimizer(model: GPT, params: PretrainParams, device: torch.device) -> Optimizer:
+    """The optimizer that ``params.optimizer`` names, over every trainable parameter of ``model``.
+
+    adamw: AdamW with weight decay on matrices (linear and embedding weights) and none on biases and norms.
+    muon: Muon (Jordan et al., 2024; ``torch.optim.Muon``) for the blocks' matrices, whose updates it
+    orthogonalises, at ``muon_lr``; AdamW as above for the embeddings, the head, norms and biases, which Muon is
+    not made for. Each group's learning rate follows the schedule in proportion (``lr_scale``).
+    """
+    hidden = {id(p) for block in model.blocks for p in block.parameters() if p.requires_grad and p.dim() == 2}
+    decay, no_decay, matrices = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            if params.optimizer == "muon" and id(p) in hidden:
+                matrices.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": params.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": params.weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    return torch.optim.AdamW(
-        groups,
-        lr=params.learning_rate,
-        betas=(params.beta1, params.beta2),
-        fused=device.type == "cuda",
-    )
+    adamw = torch.optim.AdamW(groups, lr=params.learning_rate, betas=(params.beta1, params.beta2),
+                              fused=device.type == "cuda")
+    if not matrices:
+        return adamw
+    # "original": Keller Jordan's scaling, sqrt(max(1, rows / cols)), so a tall matrix moves as far as a square one
+    muon = torch.optim.Muon([{"params": matrices, "lr_scale": params.muon_lr / params.learning_rate}],
+                            lr=params.muon_lr, weight_decay=params.weight_decay, momentum=params.muon_momentum,
+                            adjust_lr_fn="original")
+    return OptimizerChain(muon, adamw)
+
+
+class OptimizerChain:
+    """Several optimizers over disjoint parameters, stepped as one: what the loop and the checkpoint see.
+
+    ``param_groups`` lists every optimizer's groups (the same dicts, so setting a group's ``lr`` reaches its
+    optimizer); ``state_dict`` is the standard layout (``state`` by parameter index, ``param_groups`` with
+    indices) over the optimizers' parameters in order, so a checkpoint stores it like any optimizer's.
+    """
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            part = opt.state_dict()
+            state.update({index + offset: value for index, value in part["state"].items()})
+            groups += [{**g, "params": [index + offset for index in g["params"]]} for g in part["param_groups"]]
+            offset += sum(len(g["params"]) for g in part["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Split a ``state_dict`` of this chain back over its optimizers. Raises ValueError when its groups do not
+        match theirs (a checkpoint of another optimizer)."""
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("the optimizer state does not match this optimizer's parameter groups")
+        offset = 0
+        for opt in self.optimizers:
+            own, groups = groups[: len(opt.param_groups)], groups[len(opt.param_groups):]
+            indices = [index for g in own for index in g["params"]]
+            saved = state_dict["state"]
+            opt.load_state_dict({
+                "state": {index - offset: saved[index] for index in indices if index in saved},
+                "param_groups": [{**g, "params": [index - offset for index in g["params"]]} for g in own],
+            })
+            offset += len(indices)
+
+
+Optimizer = torch.optim.Optimizer | OptimizerChain
 
 
 @torch.no_grad()
@@ -235,7 +301,7 @@ class RunState:
     dist: Distributed
     device: torch.device
     dtype: torch.dtype
-    optimizer: torch.optim.AdamW
+    optimizer: Optimizer
     generator: torch.Generator
     step: int = 0
     saved_step: int | None = None  # the step of this run's checkpoint in out_dir, None before the first
@@ -498,7 +564,7 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
     """
     params = run.params
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum = 0.0
     for micro in range(params.grad_accum_steps):
         batch = [t.to(run.device, non_blocking=True) for t in run.data.train_batch(run.generator)]
