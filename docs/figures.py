@@ -83,8 +83,12 @@ def lr_schedule(out: Path) -> Path:
         steps = range(params.max_steps)
         ax.plot(steps, [lr_at(s, params) for s in steps],
                 label=f"params/{name}.yaml: warmup {params.warmup_steps}, peak {params.learning_rate:g}")
+        if params.optimizer == "muon":  # the Muon matrices follow the same shape from their own peak
+            scale = params.muon_lr / params.learning_rate
+            ax.plot(steps, [lr_at(s, params) * scale for s in steps], linestyle="--",
+                    label=f"params/{name}.yaml, Muon matrices: peak muon_lr {params.muon_lr:g}")
     ax.set(title="lr_at(step): linear warmup, then cosine to min_lr_ratio × peak", xlabel="optimizer step",
-           ylabel="learning rate")
+           ylabel="learning rate", yscale="log")
     ax.legend()
     fig.tight_layout()
     return _save(fig, out / "lr_schedule.png")
