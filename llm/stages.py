@@ -146,6 +146,37 @@ def tracking_enabled(track: bool | None) -> bool:
     return os.environ.get("LLM_TRACKING", "1").lower() not in ("0", "false", "no", "off")
 
 
+# The modules each stage function imports when it runs, before its work (torch, sentencepiece, onnx behind them).
+# torch._dynamo is on the list of the stages that build an optimizer or trace a graph: torch.optim and torch.onnx
+# import it on first use (seconds).
+_STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "fetch": ("llm.data.corpus",),
+    "clean": ("llm.data.clean",),
+    "tokenizer": ("llm.data.tokenizer",),
+    "tokenize": ("llm.data.tokenize",),
+    "pretrain": ("llm.training.pretrain", "torch._dynamo"),
+    "finetune": ("llm.data.chat_data", "llm.training.finetune", "torch._dynamo"),
+    "evaluate": ("llm.training.evaluate", "llm.training.finetune"),
+    "export": ("llm.inference.export", "torch._dynamo"),
+}
+_REGISTERING_STAGES = ("pretrain", "finetune", "evaluate", "export")
+
+
+def stage_modules(stage: str, track: bool | None = None) -> tuple[str, ...]:
+    """The modules that ``<stage>_stage`` imports when it runs with ``track``: its library code and, when it tracks
+    (``tracking_enabled``), MLflow's through ``llm.mlops``. Empty for a name that is no stage.
+
+    Importing them is most of a stage's start-up (seconds); a process started for one stage can import them up
+    front, as ``python -m flows`` does (see flows/__main__.py). Raises nothing; the names are not imported here.
+    """
+    if stage not in _STAGE_MODULES:
+        return ()
+    tracking = ("llm.mlops.tracking",) if tracking_enabled(track) else ()
+    if tracking and stage in _REGISTERING_STAGES:
+        tracking += ("llm.mlops.registry",)
+    return _STAGE_MODULES[stage] + tracking
+
+
 def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None) -> list[Path]:
     """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``."""
     from llm.data.corpus import fetch_corpus

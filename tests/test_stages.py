@@ -248,3 +248,19 @@ def test_a_resumed_training_continues_its_mlflow_run_and_a_new_run_starts_a_new_
     # other params are another run: a new MLflow run, and training starts over
     longer = pretrain_stage(pretrain_params(8), MODEL, p["tokens"], p["tokenizer"], out)
     assert longer["run_id"] != finished["run_id"] and longer["step"] == 8
+
+
+def test_stage_modules_name_each_stages_library_and_mlflow_only_when_the_stage_tracks():
+    import importlib.util
+
+    from llm.stages import stage_modules
+
+    stages = ("fetch", "clean", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate", "export")
+    for stage in stages:
+        tracked_modules = stage_modules(stage, track=True)
+        assert all(importlib.util.find_spec(name) is not None for name in tracked_modules), stage
+        assert "llm.mlops.tracking" in tracked_modules
+        assert not any(name.startswith(("llm.mlops", "mlflow")) for name in stage_modules(stage, track=False))
+    assert "llm.mlops.registry" in stage_modules("pretrain", track=True)
+    assert "llm.mlops.registry" not in stage_modules("clean", track=True)  # registers nothing
+    assert stage_modules("pipeline") == stage_modules("prepare") == ()  # flows of several stages: none up front
