@@ -531,12 +531,14 @@ def evaluate_stage(
     which is also reported for its base model, so the gain from finetuning is visible. Writes
     ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns metrics and decision.
     """
-    from llm.model.checkpoint import verify_checkpoint
+    from llm.model.checkpoint import load_checkpoint
+    from llm.training.device import select_device
     from llm.training.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
 
     enabled = tracking_enabled(track)
     registration = read_registration(candidate_dir)
-    config = verify_checkpoint(candidate_dir)
+    candidate = load_checkpoint(candidate_dir, select_device(params.device))
+    config = candidate.config
     is_chat = config.get("stage") == "finetune"
     chat_val = chat_dir / "val.jsonl" if chat_dir is not None else None
     if is_chat and (chat_val is None or not chat_val.exists()):
@@ -545,20 +547,22 @@ def evaluate_stage(
     what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
     name = f"evaluate {config.get('stage', 'model')} {what}"
     with _run("evaluate", params.model_dump(), enabled, run_name=name) as run:
-        result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir)
+        result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
         samples = result.pop("samples")
         metric, candidate_score = "val/bpb", result["val/bpb"]
         if is_chat:
             from llm.training.finetune import assistant_loss
 
-            base_dir = Path(config["parent"]["path"])
-            result["chat/assistant_loss"] = assistant_loss(candidate_dir, None, chat_val, device=params.device,
+            result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
                                                            max_conversations=params.max_conversations)
+            conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
+        del candidate  # scored and sampled: let go before the base or the Production model is loaded
+        if is_chat:
+            base_dir = Path(config["parent"]["path"])
             if base_dir.exists():
                 result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
                                                                     max_conversations=params.max_conversations)
             metric, candidate_score = "chat/assistant_loss", result["chat/assistant_loss"]
-            conversations = sample_conversations(candidate_dir, chat_val, params)
             atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
             run.log_text(json.dumps(conversations, indent=2, ensure_ascii=False), "sample_conversations.json")
             atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
