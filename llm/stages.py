@@ -146,6 +146,37 @@ def tracking_enabled(track: bool | None) -> bool:
     return os.environ.get("LLM_TRACKING", "1").lower() not in ("0", "false", "no", "off")
 
 
+# The modules each stage function imports when it runs, before its work (torch, sentencepiece, onnx behind them).
+# torch._dynamo is on the list of the stages that build an optimizer or trace a graph: torch.optim and torch.onnx
+# import it on first use (seconds).
+_STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "fetch": ("llm.data.corpus",),
+    "clean": ("llm.data.clean",),
+    "tokenizer": ("llm.data.tokenizer",),
+    "tokenize": ("llm.data.tokenize",),
+    "pretrain": ("llm.training.pretrain", "torch._dynamo"),
+    "finetune": ("llm.data.chat_data", "llm.training.finetune", "torch._dynamo"),
+    "evaluate": ("llm.training.evaluate", "llm.training.finetune"),
+    "export": ("llm.inference.export", "torch._dynamo"),
+}
+_REGISTERING_STAGES = ("pretrain", "finetune", "evaluate", "export")
+
+
+def stage_modules(stage: str, track: bool | None = None) -> tuple[str, ...]:
+    """The modules that ``<stage>_stage`` imports when it runs with ``track``: its library code and, when it tracks
+    (``tracking_enabled``), MLflow's through ``llm.mlops``. Empty for a name that is no stage.
+
+    Importing them is most of a stage's start-up (seconds); a process started for one stage can import them up
+    front, as ``python -m flows`` does (see flows/__main__.py). Raises nothing; the names are not imported here.
+    """
+    if stage not in _STAGE_MODULES:
+        return ()
+    tracking = ("llm.mlops.tracking",) if tracking_enabled(track) else ()
+    if tracking and stage in _REGISTERING_STAGES:
+        tracking += ("llm.mlops.registry",)
+    return _STAGE_MODULES[stage] + tracking
+
+
 def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None) -> list[Path]:
     """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``."""
     from llm.data.corpus import fetch_corpus
@@ -500,12 +531,14 @@ def evaluate_stage(
     which is also reported for its base model, so the gain from finetuning is visible. Writes
     ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns metrics and decision.
     """
-    from llm.model.checkpoint import verify_checkpoint
+    from llm.model.checkpoint import load_checkpoint
+    from llm.training.device import select_device
     from llm.training.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
 
     enabled = tracking_enabled(track)
     registration = read_registration(candidate_dir)
-    config = verify_checkpoint(candidate_dir)
+    candidate = load_checkpoint(candidate_dir, select_device(params.device))
+    config = candidate.config
     is_chat = config.get("stage") == "finetune"
     chat_val = chat_dir / "val.jsonl" if chat_dir is not None else None
     if is_chat and (chat_val is None or not chat_val.exists()):
@@ -514,20 +547,22 @@ def evaluate_stage(
     what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
     name = f"evaluate {config.get('stage', 'model')} {what}"
     with _run("evaluate", params.model_dump(), enabled, run_name=name) as run:
-        result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir)
+        result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
         samples = result.pop("samples")
         metric, candidate_score = "val/bpb", result["val/bpb"]
         if is_chat:
             from llm.training.finetune import assistant_loss
 
-            base_dir = Path(config["parent"]["path"])
-            result["chat/assistant_loss"] = assistant_loss(candidate_dir, None, chat_val, device=params.device,
+            result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
                                                            max_conversations=params.max_conversations)
+            conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
+        del candidate  # scored and sampled: let go before the base or the Production model is loaded
+        if is_chat:
+            base_dir = Path(config["parent"]["path"])
             if base_dir.exists():
                 result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
                                                                     max_conversations=params.max_conversations)
             metric, candidate_score = "chat/assistant_loss", result["chat/assistant_loss"]
-            conversations = sample_conversations(candidate_dir, chat_val, params)
             atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
             run.log_text(json.dumps(conversations, indent=2, ensure_ascii=False), "sample_conversations.json")
             atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},

@@ -288,6 +288,29 @@ def test_flows_import_no_model_code_at_module_level():
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_python_m_flows_help_imports_no_prefect_mlflow_or_torch():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "flows", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    imported = {line.rpartition("|")[2].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
+    assert "flows.params" in imported and "Usage: python -m flows" in out.stdout
+    assert not {"prefect", "mlflow", "torch"} & imported
+
+
+@pytest.mark.parametrize("collector_on", [False, True])
+def test_a_stage_process_imports_its_modules_during_start_up_then_freezes_them_and_collects_again(collector_on):
+    """``python -m flows`` starts up with the collector off; finish_start_up (called before the flow runs) imports
+    what the stage will, freezes it and turns the collector on. Called with the collector on (from Python), it
+    does nothing."""
+    code = ("import gc, sys\n"
+            f"{'' if collector_on else 'gc.disable()'}\n"
+            "from flows.__main__ import finish_start_up\n"
+            "finish_start_up('tokenizer')\n"
+            "print(gc.isenabled(), gc.get_freeze_count() > 0, 'llm.data.tokenizer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "LLM_TRACKING": "0"})
+    assert out.stdout.split() == (["True", "False", "False"] if collector_on else ["True", "True", "True"])
+
+
 def test_pool_deployments_import_each_flow_by_module_path_in_the_workers_checkout_with_heartbeats(tmp_path):
     from flows.deploy import HEARTBEAT_SECONDS, pool_deployments
 

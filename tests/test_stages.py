@@ -248,3 +248,49 @@ def test_a_resumed_training_continues_its_mlflow_run_and_a_new_run_starts_a_new_
     # other params are another run: a new MLflow run, and training starts over
     longer = pretrain_stage(pretrain_params(8), MODEL, p["tokens"], p["tokenizer"], out)
     assert longer["run_id"] != finished["run_id"] and longer["step"] == 8
+
+
+def test_evaluating_a_chat_model_loads_it_once_for_all_its_scores_and_samples(prepared, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from llm.model import checkpoint
+    from llm.training.finetune import assistant_loss
+
+    p = prepared
+    pretrain_stage(pretrain_params(2), MODEL, p["tokens"], p["tokenizer"], tmp_path / "pretrain", track=False)
+    ft_params = FinetuneParams(max_steps=2, batch_size=4, warmup_steps=1, eval_interval=2, eval_batches=1,
+                               checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
+    finetune_stage(ft_params, tmp_path / "pretrain", p["clean"], None, tmp_path / "chat", tmp_path / "finetune",
+                   track=False)
+    verified, verify = Counter(), checkpoint.verify_checkpoint  # every load verifies the folder first
+
+    def counted(path):
+        verified[Path(path).name] += 1
+        return verify(path)
+
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", counted)
+    result = evaluate_stage(EVAL, tmp_path / "finetune", p["tokens"], p["clean"], tmp_path / "eval",
+                            chat_dir=tmp_path / "chat", track=False)
+    assert verified == {"finetune": 1, "pretrain": 1}  # the candidate once (was 4 times), its base once
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", verify)
+    # the same scores as the candidate loaded on its own
+    val = tmp_path / "chat" / "val.jsonl"
+    alone = assistant_loss(tmp_path / "finetune", None, val, device="cpu", max_conversations=EVAL.max_conversations)
+    assert result["chat/assistant_loss"] == pytest.approx(alone, abs=1e-6)
+    assert "# Conversations (held-out validation)" in (tmp_path / "eval" / "samples.md").read_text()
+
+
+def test_stage_modules_name_each_stages_library_and_mlflow_only_when_the_stage_tracks():
+    import importlib.util
+
+    from llm.stages import stage_modules
+
+    stages = ("fetch", "clean", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate", "export")
+    for stage in stages:
+        tracked_modules = stage_modules(stage, track=True)
+        assert all(importlib.util.find_spec(name) is not None for name in tracked_modules), stage
+        assert "llm.mlops.tracking" in tracked_modules
+        assert not any(name.startswith(("llm.mlops", "mlflow")) for name in stage_modules(stage, track=False))
+    assert "llm.mlops.registry" in stage_modules("pretrain", track=True)
+    assert "llm.mlops.registry" not in stage_modules("clean", track=True)  # registers nothing
+    assert stage_modules("pipeline") == stage_modules("prepare") == ()  # flows of several stages: none up front

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +36,10 @@ from llm.io import (
     remove_stale_temp_files,
     sha256_file,
 )
+
+if TYPE_CHECKING:
+    from llm.data.tokenizer import Tokenizer
+    from llm.model.gpt import GPT
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -231,7 +235,15 @@ def load_train_state(path: str | Path) -> TrainState:
     return TrainState(step=step, optimizer=optimizer, rng=rng, extra=meta)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+class LoadedCheckpoint(NamedTuple):
+    """A checkpoint folder as ``load_checkpoint`` returns it."""
+
+    model: GPT  # in eval mode
+    tokenizer: Tokenizer
+    config: dict[str, Any]  # config.json
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a checkpoint folder: returns ``(model, tokenizer, config_dict)`` with the model in eval mode.
 
     Raises CheckpointError for a missing, truncated or corrupt folder.
@@ -246,4 +258,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     load_weights(path, model)
     model.to(device).eval()
     tokenizer = load_tokenizer(path / TOKENIZER_DIR)
-    return model, tokenizer, config
+    return LoadedCheckpoint(model, tokenizer, config)

@@ -12,7 +12,7 @@ from llm.data.tokens import TokenFile, bits_per_byte, encode_documents, read_met
 from llm.inference.decoding import SamplingParams, complete, stream_text
 from llm.inference.generate import TorchGenerator
 from llm.io import atomic_write_json, atomic_write_text
-from llm.model.checkpoint import load_checkpoint
+from llm.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from llm.training.device import select_device, select_dtype
 from llm.training.loop import evaluate_loss
 
@@ -30,14 +30,16 @@ def sample_completions(model, tokenizer, params: EvalParams) -> list[dict[str, s
     return samples
 
 
-def sample_conversations(checkpoint: str | Path, chat_file: str | Path, params: EvalParams) -> list[dict]:
-    """Answer the last user turn of the first ``params.sample_conversations`` conversations of ``chat_file``.
+def sample_conversations(checkpoint: str | Path, chat_file: str | Path, params: EvalParams, *,
+                         loaded: LoadedCheckpoint | None = None) -> list[dict]:
+    """Answer the last user turn of the first ``params.sample_conversations`` conversations of ``chat_file``, with
+    ``checkpoint`` (``loaded``: as ``load_checkpoint`` returned it, which is then not loaded again).
 
     Returns ``[{"messages": context, "reference": held-out answer, "answer": model answer}]``.
     """
     from llm.data.chat_data import read_chat_file
 
-    model, tokenizer, _ = load_checkpoint(checkpoint, select_device(params.device))
+    model, tokenizer, _ = loaded or load_checkpoint(checkpoint, select_device(params.device))
     generator, out = TorchGenerator(model, tokenizer), []
     for i, conversation in enumerate(read_chat_file(chat_file)[: params.sample_conversations]):
         context, reference = conversation[:-1], conversation[-1]["content"]
@@ -94,8 +96,10 @@ def evaluate_checkpoint(
     *,
     split: str = "val",
     out_dir: str | Path | None = None,
+    loaded: LoadedCheckpoint | None = None,
 ) -> dict:
-    """Score ``checkpoint`` on ``tokens_dir/{split}.bin`` and generate samples from fixed prompts.
+    """Score ``checkpoint`` on ``tokens_dir/{split}.bin`` and generate samples from fixed prompts; ``loaded`` is the
+    checkpoint as ``load_checkpoint`` returned it (on the device of ``params.device``), which is then not loaded again.
 
     Returns ``{"val/loss", "val/ppl", "val/bpb", "eval/tokens", ...}`` (keys use the split name). With
     ``out_dir``, writes ``metrics.json`` and ``samples.md`` there. Raises CheckpointError for a bad
@@ -103,7 +107,7 @@ def evaluate_checkpoint(
     """
     device = select_device(params.device)
     dtype = select_dtype("auto", device)
-    model, tokenizer, config = load_checkpoint(checkpoint, device)
+    model, tokenizer, config = loaded or load_checkpoint(checkpoint, device)
     meta = read_meta(tokens_dir)
     if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer_kind"] != tokenizer.kind:
         raise ValueError(
