@@ -11,6 +11,14 @@ For each model shape and context length, one random prompt of that many tokens i
     onnxruntime int8   the static-cache graph quantized (model.static.int8.onnx), with --quantize
     hf generate        transformers GPT2LMHeadModel of the same shape, generate(use_cache=True, greedy,
                        min_new_tokens=max_new_tokens so every run has the same length)
+    weights read       no decoder: one thread reading every fp32 weight matrix once (a GEMV x @ W per matrix,
+                       the fastest read of them we found), the bound on any fp32 decoder's tokens/s on this
+                       machine; its "decode" is 1 / (time of that read)
+
+Batch-1 decoding reads every weight, and the cache, once per token, so at the large shape (155 MB of fp32
+weight matrices) it is bound by the memory bandwidth one core gets: the ``weights read`` row measures that
+bandwidth in the same run, the table gives the GB/s of weights each backend's tokens/s amounts to, and the
+summary the most tokens/s that bandwidth allows when a token reads the weights and the cache at that context.
 
 All weights are random (speed does not depend on them). Our models use GPT-2's layout (learned positions,
 GELU, LayerNorm, biases, tied embeddings) so the comparison with Hugging Face is like for like.
@@ -122,6 +130,26 @@ def time_hf(model, prompt: list[int], n: int) -> tuple[float, float, int]:
     return stamps[0] - start, decode, len(stamps)
 
 
+def weight_matrices(model: GPT) -> list[torch.Tensor]:
+    """The fp32 matrices a decoder step multiplies by (a tied token table once, as the LM head), each laid out
+    [in, out] so that x @ W streams it row by row; the learned position table is a lookup, not a product."""
+    named = model.named_parameters()  # a tied matrix once
+    return [p.detach().t().contiguous() for name, p in named if p.dim() == 2 and name != "wpe.weight"]
+
+
+def time_weight_read(matrices: list[torch.Tensor], passes: int = 8) -> tuple[float, float, int]:
+    """(0, reads/s, 0): the best of ``passes`` reads of every matrix by a GEMV, on torch's threads."""
+    xs = [torch.ones(1, w.size(0)) for w in matrices]
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(passes):
+            start = time.perf_counter()
+            for x, w in zip(xs, matrices, strict=True):
+                x @ w
+            best = min(best, time.perf_counter() - start)
+    return 0.0, 1.0 / best, 0
+
+
 def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_tokens: int, nocache_tokens: int):
     """Backend name -> function(prompt) -> (prefill s, decode tokens/s, tokens)."""
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -139,6 +167,8 @@ def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_to
         int8 = OnnxGenerator(onnx_dir, int8=True, intra_op_num_threads=threads)
         table["onnxruntime int8"] = lambda p: time_stream(int8.stream_generate(p, ort_params))
     table["hf generate"] = lambda p: time_hf(hf, p, new_tokens)
+    matrices = weight_matrices(model)
+    table["weights read"] = lambda p: time_weight_read(matrices)
     return table
 
 
@@ -151,9 +181,11 @@ def bench_shape(shape: str, args, workdir: Path) -> tuple[list[dict], dict]:
     export_onnx(checkpoint, workdir / shape / "onnx", opset=args.opset, quantize=args.quantize, verify=False)
     export_s = time.perf_counter() - start
     parity = check_parity(checkpoint, workdir / shape / "onnx", model=model, n_prompts=2, new_tokens=16)
+    weight_bytes = sum(4 * w.numel() for w in weight_matrices(model))
     info = {
         "shape": shape, **SHAPES[shape], "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
-        "params": model.num_parameters(), "export_s": round(export_s, 1),
+        "params": model.num_parameters(), "weight_matrix_bytes": weight_bytes, "new_tokens": args.new_tokens,
+        "export_s": round(export_s, 1),
         "parity_max_abs_diff": parity["max_abs_diff"], "parity_passed": parity["passed"],
     }
     print(f"{shape}: {model.summary()}; exported in {export_s:.1f}s, parity max |diff| "
@@ -178,11 +210,12 @@ def bench_shape(shape: str, args, workdir: Path) -> tuple[list[dict], dict]:
             prefill, decode, n = best[name]
             rows.append({
                 "shape": shape, "params": model.num_parameters(), "context": context, "backend": name,
-                "prefill_ms": prefill * 1e3, "decode_tok_s": decode, "tokens": n,
+                "prefill_ms": None if name == "weights read" else prefill * 1e3, "decode_tok_s": decode, "tokens": n,
                 "decode_vs_hf": decode / hf_decode,
+                "weights_gb_s": None if "int8" in name else decode * weight_bytes / 1e9,
             })
-            print(f"  context {context:4d}  {name:17s} prefill {prefill * 1e3:8.1f} ms   decode {decode:8.1f} tok/s",
-                  flush=True)
+            print(f"  context {context:4d}  {name:17s} prefill {prefill * 1e3:8.1f} ms   decode {decode:8.1f} tok/s"
+                  f"   ({decode * weight_bytes / 1e9:.1f} GB/s of fp32 weights)", flush=True)
     return rows, info
 
 
@@ -230,13 +263,28 @@ def quantization_quality(checkpoint: Path, tokens_dir: Path, workdir: Path, wind
     return result
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], models: list[dict]) -> None:
     print()
-    print("| model | params | context | backend | prefill ms | decode tok/s | decode vs HF |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| model | params | context | backend | prefill ms | decode tok/s | decode vs HF | fp32 weights GB/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['context']} | {r['backend']} | {r['prefill_ms']:.1f} "
-              f"| {r['decode_tok_s']:.1f} | {r['decode_vs_hf']:.2f}x |")
+        prefill = "" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}"
+        gb_s = "" if r["weights_gb_s"] is None else f"{r['weights_gb_s']:.1f}"
+        print(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['context']} | {r['backend']} | {prefill} "
+              f"| {r['decode_tok_s']:.1f} | {r['decode_vs_hf']:.2f}x | {gb_s} |")
+    print()
+    for info in models:  # how far each shape's fp32 ONNX decoding is from 2x HF, and from the bandwidth bound
+        shape_rows = {(r["context"], r["backend"]): r for r in rows if r["shape"] == info["shape"]}
+        for context in sorted({c for c, _ in shape_rows}):
+            ort, hf, read = (shape_rows[(context, b)] for b in ("onnxruntime", "hf generate", "weights read"))
+            weights_mb = info["weight_matrix_bytes"] / 1e6
+            cache_mb = 2 * info["n_layer"] * info["d_model"] * 4 * (context + info["new_tokens"] / 2) / 1e6
+            bound = read["weights_gb_s"] * 1e3 / (weights_mb + cache_mb)  # tok/s
+            need = 2 * hf["decode_tok_s"] * (weights_mb + cache_mb) / 1e3  # GB/s
+            print(f"{info['shape']} context {context}: onnxruntime {ort['decode_tok_s']:.1f} tok/s = "
+                  f"{ort['decode_vs_hf']:.2f}x HF. A token reads {weights_mb:.1f} MB of weights + {cache_mb:.1f} MB "
+                  f"of cache; at the {read['weights_gb_s']:.1f} GB/s one thread reads here that allows at most "
+                  f"{bound:.1f} tok/s = {bound / hf['decode_tok_s']:.2f}x HF; 2x HF would need {need:.1f} GB/s")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows, info = bench_shape(shape, args, Path(tmp))
             results["rows"] += rows
             results["models"].append(info)
-        print_table(results["rows"])
+        print_table(results["rows"], results["models"])
         if args.quantize and (args.quality_checkpoint / "config.json").exists():
             quality = quantization_quality(args.quality_checkpoint, args.quality_tokens, Path(tmp),
                                            args.quality_windows, args.threads)
