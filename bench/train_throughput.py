@@ -16,10 +16,13 @@ measured best float32 1024x1024 matmul rate (see llm.training.device.peak_flops)
 Both models have GPT-2's architecture and math: learned positions, LayerNorm with biases, tied embeddings
 and GELU's tanh form (GPT-2's ``gelu_new``; ours ``mlp: gelu_tanh``). On a shared machine the timings
 move with the other jobs, so the models are timed in rounds, one step of each per round, and each figure
-is the median of its steps: every model sees the same load. The load average is printed.
+is the median of its steps: every model sees the same load. The load average is printed. On a CPU with
+``--threads 1``, ``--clock cpu`` times by this thread's CPU time instead (the peak too), which other jobs
+taking the core do not inflate.
 
 Usage:
     python bench/train_throughput.py --preset nanogpt small --compile   # CPU: both shapes, eager and compiled
+    python bench/train_throughput.py --preset nanogpt small --compile --threads 1 --clock cpu   # a shared CPU
     python bench/train_throughput.py --preset gpt2 --compile            # GPT-2 124M shape, T=1024, on a GPU
 """
 
@@ -75,7 +78,8 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 class Trainer:
     """One model, its optimizer and a fixed batch: ``step()`` runs and times one training step."""
 
-    def __init__(self, build: Callable, cfg: ModelConfig, batch_size: int, device, dtype, compile_model: bool):
+    def __init__(self, build: Callable, cfg: ModelConfig, batch_size: int, device, dtype, compile_model: bool,
+                 clock: Callable[[], float]):
         torch.manual_seed(0)
         self.model = build(cfg).to(device).train()
         self.params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
@@ -83,13 +87,13 @@ class Trainer:
         self.run = torch.compile(self.model) if compile_model else self.model
         self.x = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
         self.y = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.clock = device, dtype, clock
         self.times: list[float] = []
         self.loss = float("nan")
 
     def step(self, record: bool = True) -> None:
         synchronize(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         with autocast(self.device, self.dtype):
             loss = loss_of(self.run, self.x, self.y)
         loss.backward()
@@ -97,8 +101,22 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         synchronize(self.device)
         if record:
-            self.times.append(time.perf_counter() - t0)
+            self.times.append(self.clock() - t0)
         self.loss = loss.item()
+
+
+def cpu_peak_flops(n: int = 1024) -> float:
+    """The best float32 n x n matmul rate by this thread's CPU time: llm.training.device.peak_flops's measure,
+    timed like the steps under --clock cpu."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.thread_time()
+        a @ b
+        best = min(best, time.thread_time() - t0)
+    return 2 * n**3 / best
 
 
 def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
@@ -112,7 +130,9 @@ def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
     if args.only:
         sides = [(label, build) for label, build in sides if label.startswith(args.only)]
     modes = [False, True] if args.compile else [False]
-    trainers = {f"{label}{' compiled' if compiled else ''}": Trainer(build, cfg, batch_size, device, dtype, compiled)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    trainers = {f"{label}{' compiled' if compiled else ''}":
+                Trainer(build, cfg, batch_size, device, dtype, compiled, clock)
                 for compiled in modes for label, build in sides}
     for trainer in trainers.values():  # first steps compile (with --compile) and warm the allocator
         for _ in range(args.warmup):
@@ -120,7 +140,7 @@ def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
     for _ in range(args.steps):
         for trainer in trainers.values():
             trainer.step()
-    peak = peak_flops(device, dtype)
+    peak = cpu_peak_flops() if args.clock == "cpu" else peak_flops(device, dtype)
     flops = lambda params: 6 * params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length  # noqa: E731
     rows = []
     for label, t in trainers.items():
@@ -134,7 +154,7 @@ def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
         row["vs_hf"] = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
     header = (f"preset={name} layers={cfg.n_layer} heads={cfg.n_head} d={cfg.d_model} T={cfg.context_length} "
               f"vocab={cfg.vocab_size} batch={batch_size} device={device} dtype={str(dtype).removeprefix('torch.')} "
-              f"threads={torch.get_num_threads()} peak={peak / 1e12:.3f} TFLOP/s steps={args.steps}")
+              f"threads={torch.get_num_threads()} peak={peak / 1e12:.3f} TFLOP/s steps={args.steps} clock={args.clock}")
     return header, rows
 
 
@@ -148,6 +168,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time by this thread's CPU time (CPU, --threads 1 only)")
     ap.add_argument("--only", choices=["ours", "hf"], help="run one side only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -155,6 +177,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock cpu times one thread on a CPU: use it with --threads 1 on a CPU")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
