@@ -181,8 +181,8 @@ def _export_static_graph(model: GPT, path: Path, opset: int | None, external_dat
     for name in static_input_names(c.n_layer)[3:] + output_names(c.n_layer)[1:]:
         if axes[name] != [batch, c.n_head, L, c.head_dim] or not isinstance(batch, str):
             raise ExportError(f"{path}: {name} should be [batch, {c.n_head}, {L}, {c.head_dim}]: {axes[name]}")
-    # when torch.export(strict=False) fails, the exporter retries strict, where is_in_onnx_export() is False:
-    # it would trace the written-out attention, a valid graph that copies the cache every step
+    # when torch.export(strict=False) fails, the exporter retries strict, which (torch 2.13) traces the
+    # written-out attention instead: a valid graph, but one that copies the cache every step
     attention = graph_op_counts(path).get("GroupQueryAttention", 0)
     if attention != c.n_layer:
         raise ExportError(f"{path}: {attention} GroupQueryAttention nodes for {c.n_layer} layers: the exporter "
