@@ -31,7 +31,7 @@ test: install
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_throughput.py --preset nanogpt small
 
 lint: install
 	$(BIN)/ruff check llm tests bench flows

@@ -1,8 +1,9 @@
 """Training throughput of our GPT and of Hugging Face's GPT2LMHeadModel of the same shape, side by side.
 
 Both models run the same loop (AdamW, random token batches, forward + backward + step, optional bf16
-autocast and torch.compile) so the only difference is the model code. For each we report tokens/s and
-MFU (model FLOPs utilisation):
+autocast) so the only difference is the model code. With ``--compile`` each model also runs under
+``torch.compile`` (inductor; on a CPU it generates C++ and builds it with the system compiler), so eager
+and compiled figures of both sit in one table. For each we report tokens/s and MFU (model FLOPs utilisation):
 
     flops_per_token = 6 * N + 12 * n_layer * n_head * head_dim * T
     MFU             = flops_per_token * tokens_per_second / peak_flops
@@ -12,17 +13,27 @@ and backward passes (2 + 4 FLOPs per parameter per token) and the second the att
 weighted sums (PaLM, appendix B). peak_flops is the GPU's dense bf16 data-sheet figure, or on a CPU the
 measured best float32 1024x1024 matmul rate (see llm.training.device.peak_flops).
 
+Both models have GPT-2's architecture and math: learned positions, LayerNorm with biases, tied embeddings
+and GELU's tanh form (GPT-2's ``gelu_new``; ours ``mlp: gelu_tanh``). On a shared machine the timings
+move with the other jobs, so the models are timed in rounds, one step of each per round, and each figure
+is the median of its steps: every model sees the same load. The load average is printed. On a CPU with
+``--threads 1``, ``--clock cpu`` times by this thread's CPU time instead (the peak too), which other jobs
+taking the core do not inflate.
+
 Usage:
-    python bench/train_throughput.py --preset small            # CPU-sized
-    python bench/train_throughput.py --preset gpt2 --compile   # GPT-2 124M shape, T=1024, on a GPU
+    python bench/train_throughput.py --preset nanogpt small --compile   # CPU: both shapes, eager and compiled
+    python bench/train_throughput.py --preset nanogpt small --compile --threads 1 --clock cpu   # a shared CPU
+    python bench/train_throughput.py --preset gpt2 --compile            # GPT-2 124M shape, T=1024, on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +45,9 @@ from llm.model.gpt import GPT  # noqa: E402
 from llm.training.device import autocast, peak_flops, select_device, select_dtype, synchronize  # noqa: E402
 
 PRESETS = {
+    # nanoGPT's README CPU run (train_shakespeare_char on a laptop): 65 characters, 4 layers, 4 heads,
+    # 128 wide, block 64, batch 12
+    "nanogpt": dict(n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=65, batch_size=12),
     "small": dict(n_layer=4, n_head=4, d_model=256, context_length=256, vocab_size=4096, batch_size=8),
     "baby": dict(n_layer=6, n_head=6, d_model=384, context_length=256, vocab_size=96, batch_size=64),
     "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50304, batch_size=16),
@@ -61,71 +75,124 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def measure(
-    build, cfg: ModelConfig, batch_size: int, steps: int, warmup: int, device, dtype, compile_model: bool
-) -> dict:
-    torch.manual_seed(0)
-    model = build(cfg).to(device).train()
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    run = torch.compile(model) if compile_model else model
-    x = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
-    y = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
-    times = []
-    for i in range(warmup + steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        with autocast(device, dtype):
-            loss = loss_of(run, x, y)
+class Trainer:
+    """One model, its optimizer and a fixed batch: ``step()`` runs and times one training step."""
+
+    def __init__(self, build: Callable, cfg: ModelConfig, batch_size: int, device, dtype, compile_model: bool,
+                 clock: Callable[[], float]):
+        torch.manual_seed(0)
+        self.model = build(cfg).to(device).train()
+        self.params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.run = torch.compile(self.model) if compile_model else self.model
+        self.x = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
+        self.y = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
+        self.device, self.dtype, self.clock = device, dtype, clock
+        self.times: list[float] = []
+        self.loss = float("nan")
+
+    def step(self, record: bool = True) -> None:
+        synchronize(self.device)
+        t0 = self.clock()
+        with autocast(self.device, self.dtype):
+            loss = loss_of(self.run, self.x, self.y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]  # median step: robust to a stray slow step
-    tps = batch_size * cfg.context_length / step_s
-    flops = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length
-    return {"params": n_params, "step_s": step_s, "tokens_per_s": tps, "mfu": flops * tps / peak_flops(device, dtype),
-            "loss": float(loss)}
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        synchronize(self.device)
+        if record:
+            self.times.append(self.clock() - t0)
+        self.loss = loss.item()
+
+
+def cpu_peak_flops(n: int = 1024) -> float:
+    """The best float32 n x n matmul rate by this thread's CPU time: llm.training.device.peak_flops's measure,
+    timed like the steps under --clock cpu."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.thread_time()
+        a @ b
+        best = min(best, time.thread_time() - t0)
+    return 2 * n**3 / best
+
+
+def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
+    """Time every model of one preset in interleaved rounds; return its header line and one row per model."""
+    preset = dict(PRESETS[name])
+    batch_size = args.batch_size or preset.pop("batch_size")
+    preset.pop("batch_size", None)
+    # GPT-2's architecture: learned positions, GELU (tanh form), LayerNorm with biases, tied embeddings
+    cfg = ModelConfig(position="learned", mlp="gelu_tanh", norm="layernorm", bias=True, tie_weights=True, **preset)
+    sides = [("ours", ours), ("hf GPT2LMHeadModel", hugging_face)]
+    if args.only:
+        sides = [(label, build) for label, build in sides if label.startswith(args.only)]
+    modes = [False, True] if args.compile else [False]
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    trainers = {f"{label}{' compiled' if compiled else ''}":
+                Trainer(build, cfg, batch_size, device, dtype, compiled, clock)
+                for compiled in modes for label, build in sides}
+    for trainer in trainers.values():  # first steps compile (with --compile) and warm the allocator
+        for _ in range(args.warmup):
+            trainer.step(record=False)
+    for _ in range(args.steps):
+        for trainer in trainers.values():
+            trainer.step()
+    peak = cpu_peak_flops() if args.clock == "cpu" else peak_flops(device, dtype)
+    flops = lambda params: 6 * params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length  # noqa: E731
+    rows = []
+    for label, t in trainers.items():
+        step_s = sorted(t.times)[len(t.times) // 2]  # median step: robust to a stray slow step
+        tps = batch_size * cfg.context_length / step_s
+        rows.append({"preset": name, "model": label, "params": t.params, "step_s": step_s, "tokens_per_s": tps,
+                     "mfu": flops(t.params) * tps / peak, "loss": t.loss})
+    for row in rows:  # each model against Hugging Face in the same mode
+        hf = next((r for r in rows if r["model"].startswith("hf") and r["model"].endswith("compiled")
+                   == row["model"].endswith("compiled")), None)
+        row["vs_hf"] = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
+    header = (f"preset={name} layers={cfg.n_layer} heads={cfg.n_head} d={cfg.d_model} T={cfg.context_length} "
+              f"vocab={cfg.vocab_size} batch={batch_size} device={device} dtype={str(dtype).removeprefix('torch.')} "
+              f"threads={torch.get_num_threads()} peak={peak / 1e12:.3f} TFLOP/s steps={args.steps} clock={args.clock}")
+    return header, rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["small"])
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per model (interleaved)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time by this thread's CPU time (CPU, --threads 1 only)")
     ap.add_argument("--only", choices=["ours", "hf"], help="run one side only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = dict(PRESETS[args.preset])
-    batch_size = args.batch_size or preset.pop("batch_size")
-    preset.pop("batch_size", None)
-    # GPT-2's architecture: learned positions, GELU, LayerNorm with biases, tied embeddings
-    cfg = ModelConfig(position="learned", mlp="gelu", norm="layernorm", bias=True, tie_weights=True, **preset)
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
-    results = {}
-    for name, build in (("ours", ours), ("hf GPT2LMHeadModel", hugging_face)):
-        if args.only and not name.startswith(args.only):
-            continue
-        results[name] = measure(build, cfg, batch_size, args.steps, args.warmup, device, dtype, args.compile)
-    header = (f"preset={args.preset} layers={cfg.n_layer} heads={cfg.n_head} d={cfg.d_model} T={cfg.context_length} "
-              f"batch={batch_size} device={device} dtype={str(dtype).removeprefix('torch.')} compile={args.compile} "
-              f"threads={torch.get_num_threads()} peak={peak_flops(device, dtype) / 1e12:.3f} TFLOP/s")
-    print(header)
-    print(f"{'model':<22}{'params':>14}{'step (ms)':>12}{'tokens/s':>12}{'MFU':>8}")
-    for name, r in results.items():
-        print(f"{name:<22}{r['params']:>14,}{r['step_s'] * 1e3:>12.1f}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}")
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock cpu times one thread on a CPU: use it with --threads 1 on a CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = []
+    for name in args.preset:
+        header, rows = bench_preset(name, args, device, dtype)
+        print(header)
+        print(f"{'model':<28}{'params':>12}{'step (ms)':>12}{'tokens/s':>12}{'MFU':>8}{'vs HF':>8}")
+        for r in rows:
+            print(f"{r['model']:<28}{r['params']:>12,}{r['step_s'] * 1e3:>12.1f}{r['tokens_per_s']:>12,.0f}"
+                  f"{r['mfu']:>8.1%}{r['vs_hf']:>7.2f}x", flush=True)
+        results.append({"setup": header, "rows": rows})
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"setup": header, "results": results}, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

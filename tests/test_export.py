@@ -6,6 +6,7 @@ import json
 from functools import partial
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -18,6 +19,7 @@ from llm.inference.export import (
     ExportError,
     export_onnx,
     graph_axes,
+    graph_op_counts,
     input_names,
     output_names,
 )
@@ -130,6 +132,22 @@ def test_the_static_cache_graph_matches_pytorch_row_by_row(exported):
     static = summary["parity"]["static_cache"]
     assert {tuple(c["cache_lengths"]) for c in static["steps"]} == {(3, 0, 9), (CONTEXT - 1, 1, CONTEXT // 2, 2)}
     assert static["max_abs_logits"] <= 1e-4 and static["prefill_max_abs_logits"] <= 1e-4
+
+
+def test_each_layer_of_the_static_cache_graph_is_one_groupqueryattention_on_packed_qkv(exported):
+    """Attention is onnxruntime's in-place operator, not the written-out PyTorch path (which the exporter would
+    trace if its first attempt failed), and it takes the projections packed: no Split or Reshape per layer."""
+    checkpoint, onnx_dir, _ = exported
+    proto = onnx.load(str(onnx_dir / "model.static.onnx"), load_external_data=False)
+    attention = [node for node in proto.graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2  # one per layer
+    assert all(node.input[1] == node.input[2] == "" for node in attention)  # key and value: inside the query
+    counts = graph_op_counts(onnx_dir / "model.static.onnx")
+    model = json.loads((checkpoint / "config.json").read_text())["model"]
+    assert "ScatterND" not in counts
+    if not model["qk_norm"]:
+        assert "Reshape" not in counts
+        assert counts.get("Split", 0) == (2 if model["mlp"] == "swiglu" else 0)  # only SwiGLU's gate and up
 
 
 def test_logits_match_pytorch_at_past_lengths_0_1_17_and_the_limit(exported):

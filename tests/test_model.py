@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from llm.config import ModelConfig
-from llm.model.gpt import GPT
+from llm.model.gpt import GPT, apply_rope, rope_tables
 
 import helpers
 
@@ -89,6 +89,32 @@ def test_future_tokens_never_change_earlier_logits(position):
         a, b = model(idx).logits, model(changed).logits
     assert (a[:, :t] - b[:, :t]).abs().max().item() < 1e-6
     assert (a[:, t:] - b[:, t:]).abs().max().item() > 1e-3  # the change did reach the later positions
+
+
+def test_rope_rotates_each_channel_pair_bit_for_bit_as_the_pairwise_formula():
+    """apply_rope's rotate-half form gives exactly (x1 cos - x2 sin, x1 sin + x2 cos), the formulation it
+    replaced, and so do its gradients: for angles shared by every row and for angles per row."""
+
+    def pairwise(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    g = torch.Generator().manual_seed(0)
+    cos, sin = rope_tables(16, 8, 10000.0)
+    per_row = torch.tensor([[3, 4, 5], [0, 9, 15]])
+    for angles in [(cos[:3], sin[:3]), (cos[per_row], sin[per_row])]:
+        x = torch.randn(2, 4, 3, 8, generator=g)
+        upstream = torch.randn(2, 4, 3, 8, generator=g)
+        outputs, grads = [], []
+        for rotate in (apply_rope, pairwise):
+            leaf = x.clone().requires_grad_()
+            y = rotate(leaf, *angles)
+            y.backward(upstream)
+            outputs.append(y.detach())
+            grads.append(leaf.grad)
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])

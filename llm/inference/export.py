@@ -33,6 +33,7 @@ batch, seq and past dimensions, traced at sizes of at least 2 so that no axis is
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import shutil
@@ -180,7 +181,21 @@ def _export_static_graph(model: GPT, path: Path, opset: int | None, external_dat
     for name in static_input_names(c.n_layer)[3:] + output_names(c.n_layer)[1:]:
         if axes[name] != [batch, c.n_head, L, c.head_dim] or not isinstance(batch, str):
             raise ExportError(f"{path}: {name} should be [batch, {c.n_head}, {L}, {c.head_dim}]: {axes[name]}")
+    # when torch.export(strict=False) fails, the exporter retries strict, which (torch 2.13) traces the
+    # written-out attention instead: a valid graph, but one that copies the cache every step
+    attention = graph_op_counts(path).get("GroupQueryAttention", 0)
+    if attention != c.n_layer:
+        raise ExportError(f"{path}: {attention} GroupQueryAttention nodes for {c.n_layer} layers: the exporter "
+                          "traced the PyTorch attention instead (see torch.onnx.export's verbose output)")
     return _opset_of(path)
+
+
+def graph_op_counts(path: str | Path) -> dict[str, int]:
+    """How many nodes of each operator type the graph at ``path`` holds."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(node.op_type for node in proto.graph.node))
 
 
 @contextlib.contextmanager

