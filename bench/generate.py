@@ -34,7 +34,7 @@ With a trained checkpoint (``--quality-checkpoint``, default ``artifacts/pretrai
 fp32 and int8 ONNX models on validation windows.
 
 Usage:
-    python bench/generate.py                         # demo shape and a ~10x larger one, contexts 64/256/512
+    python bench/generate.py                         # the demo shape, 4x256 and a ~10x larger one, contexts 64/256/512
     python bench/generate.py --shapes demo --contexts 64 --repeats 1 --json bench.json
     python bench/generate.py --clock cpu             # on a shared machine
 """
@@ -66,7 +66,8 @@ from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT
 
 SHAPES = {
-    "demo": {"n_layer": 4, "n_head": 4, "d_model": 256},  # params/model.yaml
+    "demo": {"n_layer": 4, "n_head": 4, "d_model": 128},  # params/model.yaml
+    "d256": {"n_layer": 4, "n_head": 4, "d_model": 256},  # the demo's shape before bench/recipe.py's defaults
     "large": {"n_layer": 12, "n_head": 8, "d_model": 512},  # about 10x the parameters
 }
 
