@@ -281,6 +281,19 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
     assert [b.__array_interface__["data"][0] for b in decoder.buffers] == buffers  # never re-allocated
 
 
+def test_the_engine_benchmark_reports_its_cpu_time_per_token(generator):
+    """``bench/serve_engine.py`` (the engine alone, in thread CPU time) runs on an export folder."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_engine.py"
+    out = subprocess.run([sys.executable, str(bench), "--model", str(generator.onnx_dir), "--batches", "1,3",
+                          "--max-tokens", "8", "--tokens", "48", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["1", "3"] and all(float(row[1]) > float(row[4]) > 0 for row in rows)
+
+
 def test_the_engine_and_its_callers_need_no_torch():
     import subprocess
     import sys
