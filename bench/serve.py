@@ -13,13 +13,19 @@ figures count the tokens it did return). Reported per row:
     ttft        time to first token: the first content chunk of a streamed answer (llm serve streams every
                 request, as a chat UI does); mlflow's scoring server cannot stream, so its ttft is the latency
     errors      requests that failed (HTTP status other than 200, a broken stream, a timeout)
+    cpu/tok     the server's CPU time (user + system, with its worker processes) per completion token, in
+                microseconds: what serving a token costs, which other load on the machine barely changes, unlike
+                tokens/s
+    load        the 1-minute load average at the end of the phase (the machine's other work; it is also printed
+                before the first phase): wall-clock figures are the server's own only on an otherwise idle machine
     rss         the server's resident memory (with its worker processes): at the start / peak / end of the phase
 
 ``llm serve`` counts completion tokens in its ``usage`` (exact); for ``mlflow models serve`` they are the
 tokenizer's count of the returned text (the ids sampled can differ from a re-encoding by a token or two).
 Then ``llm serve`` runs ``--long-seconds`` (120) with 8 clients, to show zero errors and flat memory under
 sustained load. The clients are plain ``http.client`` threads in this process, on the same machine as the
-server, so they take some of its CPU: the figures are what one box serving itself gives.
+server, so they take some of its CPU: the figures are what one box serving itself gives. Both servers run this
+checkout's ``llm`` (its folder goes first on their ``PYTHONPATH``), whatever copy the virtualenv installed.
 
 Usage (in a project where ``dvc repro`` has registered and exported a model, e.g. after ``make demo``)::
 
@@ -46,7 +52,8 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 BIN = Path(sys.executable).parent
 QUESTIONS = [
@@ -76,6 +83,8 @@ class Phase:
     results: list[Result] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
+    cpu_s: float = float("nan")  # the server's CPU seconds during the phase
+    load: float = float("nan")  # the 1-minute load average at its end
 
     def row(self) -> dict:
         latencies = sorted(r.latency for r in self.results)
@@ -87,6 +96,8 @@ class Phase:
             "p50_s": _percentile(latencies, 50), "p99_s": _percentile(latencies, 99),
             "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
             "errors": len(self.errors), "first_errors": self.errors[:3],
+            "cpu_us_per_token": self.cpu_s / max(1, sum(r.tokens for r in self.results)) * 1e6,
+            "load_avg": self.load,
             "rss_mb": [round(self.rss_mb[0]), round(max(self.rss_mb)), round(self.rss_mb[-1])] if self.rss_mb else [],
         }
 
@@ -108,7 +119,11 @@ class Server:
 
     def __init__(self, name: str, args: list[str], port: int, health: str, log: Path):
         self.name, self.port, self.health, self.log = name, port, health, log
-        self.process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+        # this checkout's llm, not the copy a virtualenv may have installed from elsewhere (an editable install of
+        # another worktree would otherwise be what both servers run)
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        self.process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONPATH": path})
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -128,6 +143,14 @@ class Server:
         try:
             root = psutil.Process(self.process.pid)
             return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+        except psutil.Error:
+            return float("nan")
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server and its live worker processes have used so far."""
+        try:
+            root = psutil.Process(self.process.pid)
+            return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
         except psutil.Error:
             return float("nan")
 
@@ -228,6 +251,7 @@ def run_phase(server: Server, clients: int, seconds: float, send: Callable[[str,
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     start = time.perf_counter()
     phase.rss_mb.append(server.rss_mb())
+    cpu = server.cpu_s()
     for t in threads:
         t.start()
     while (elapsed := time.perf_counter() - start) < seconds:
@@ -235,6 +259,7 @@ def run_phase(server: Server, clients: int, seconds: float, send: Callable[[str,
         phase.rss_mb.append(server.rss_mb())
     stop.set()
     phase.seconds = time.perf_counter() - start
+    phase.cpu_s, phase.load = server.cpu_s() - cpu, os.getloadavg()[0]
     for t in threads:
         t.join(180)
     return phase
@@ -251,13 +276,14 @@ def tokenizer_counter(model: str) -> Callable[[str], int]:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'server':<20} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'ttft p50':>9} "
-              f"{'ttft p99':>9} {'requests':>8} {'errors':>6}  rss MB start/peak/end")
+              f"{'ttft p99':>9} {'requests':>8} {'errors':>6} {'cpu/tok':>7} {'load':>5}  rss MB start/peak/end")
     print(header)
     print("-" * len(header))
     for r in rows:
         rss = "/".join(str(v) for v in r["rss_mb"])
         print(f"{r['server']:<20} {r['clients']:>7} {r['tokens_per_s']:>9.0f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} "
-              f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['requests']:>8} {r['errors']:>6}  {rss}")
+              f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['requests']:>8} {r['errors']:>6} "
+              f"{r['cpu_us_per_token']:>7.0f} {r['load_avg']:>5.2f}  {rss}")
 
 
 def main() -> None:
@@ -274,6 +300,8 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     rows = []
+    print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} (1, 5, 15 min) "
+          "before the first phase", flush=True)
 
     port = free_port()
     serve = [str(BIN / "llm"), "serve", "--model", args.model, "--port", str(port), "--max-batch", "8"]

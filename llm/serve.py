@@ -3,10 +3,12 @@
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (whole answers or server-sent events),
 ``GET /v1/models``, and ``GET /health`` (open even with an API key). The request bodies and their checks
 are in ``llm.inference.openai_api``; the decoding is a ``BatchEngine``, whose worker thread decodes every
-request in flight together. The events of every request cross from that thread to the event loop through
-one ``EventBridge`` (one loop wake-up for all the events of a decoder step, not one per token) into an
-``asyncio.Queue`` per request; the server detokenizes them (control tokens are never shown), sends what
-arrived together as one piece, and cuts the text at a stop string.
+request in flight together. The worker appends each request's events to that request's inbox and wakes the
+event loop only when the request's handler waits for them (through one ``LoopWaker``: one wake-up for all
+the requests woken by a decoder step); a streamed answer's handler waits for a token only after a pause of
+``stream_interval_s``, by which time the tokens of many steps have arrived, so most steps wake nothing. The
+server detokenizes the events (control tokens are never shown), sends what arrived together as one piece,
+and cuts the text at a stop string.
 
 What a request may cost is bounded by ``ServeLimits``, checked as early as each can be: the body's bytes
 before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens after (400), the queue
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hmac
 import json
 import logging
@@ -74,34 +75,33 @@ class Served:
         self.tokenizer = self.engine.generator.tokenizer
         self.context_length = self.engine.generator.context_length
         self.stop_ids = generation_stop_ids(self.tokenizer)
-        self._bridge: EventBridge | None = None
+        self._waker: LoopWaker | None = None
 
-    def bridge(self) -> EventBridge:
-        """The bridge into the running event loop (made on first use, inside it)."""
+    def waker(self) -> LoopWaker:
+        """The waker of the running event loop (made on first use, inside it)."""
         loop = asyncio.get_running_loop()
-        if self._bridge is None or self._bridge.loop is not loop:
-            self._bridge = EventBridge(loop)
-        return self._bridge
+        if self._waker is None or self._waker.loop is not loop:
+            self._waker = LoopWaker(loop)
+        return self._waker
 
 
-class EventBridge:
-    """Hands events from the engine's thread to the event loop's queues, waking the loop once per burst.
+class LoopWaker:
+    """Runs callbacks from the engine's thread on the event loop, waking the loop once per burst.
 
-    ``call_soon_threadsafe`` for every token of every request wakes the loop (a write to its self-pipe) eight
-    times per decoder step at batch 8; here the first event of a burst schedules one delivery, and the
-    events that arrive before it runs ride along.
+    ``call_soon_threadsafe`` wakes the loop (a write to its self-pipe) and hands it the GIL; here the first
+    callback of a burst schedules one delivery, and the callbacks posted before it runs ride along.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._pending: collections.deque[tuple[Callable[[Event], None], Event]] = collections.deque()
+        self._pending: collections.deque[Callable[[], None]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
 
-    def post(self, receive: Callable[[Event], None], event: Event) -> None:
-        """Called on the engine's thread; ``receive(event)`` runs on the event loop."""
+    def post(self, callback: Callable[[], None]) -> None:
+        """Called on the engine's thread; ``callback()`` runs on the event loop."""
         with self._lock:
-            self._pending.append((receive, event))
+            self._pending.append(callback)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -111,11 +111,13 @@ class EventBridge:
         with self._lock:
             pending, self._pending = self._pending, collections.deque()
             self._scheduled = False
-        for receive, event in pending:
-            receive(event)
+        for callback in pending:
+            callback()
 
 
 # ---------------------------------------------------------------------------------------------- one request
+
+_NOTHING, _ANY, _FINAL = 0, 1, 2  # what a waiting handler waits for: no event, any event, the final event
 
 
 class Generation:
@@ -133,12 +135,17 @@ class Generation:
         self.finish_reason: str | None = None
         self._last_piece = 0.0  # when the last piece went out (time.monotonic)
         self.deadline = time.monotonic() + served.limits.request_timeout_s
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.ended = asyncio.Event()  # the final event has arrived
-        bridge, receive = served.bridge(), self._receive
+        # the engine's thread appends, the loop pops (a deque's append and popleft are atomic)
+        self._inbox: collections.deque[Event] = collections.deque()
+        self._waiting = _NOTHING  # set (on the loop) before the inbox is checked, read (on the engine) after appending
+        self._waiter: asyncio.Future | None = None
+        waker, wake, inbox = served.waker(), self._wake, self._inbox
 
         def on_event(event: Event) -> None:  # on the engine's worker thread
-            bridge.post(receive, event)
+            inbox.append(event)
+            waiting = self._waiting
+            if waiting == _ANY or (waiting == _FINAL and event.finish_reason is not None):
+                waker.post(wake)
 
         try:
             self.job = served.engine.submit(prompt_ids, params, on_event=on_event, deadline=self.deadline)
@@ -151,17 +158,18 @@ class Generation:
     async def pieces(self) -> AsyncIterator[str]:
         """The text as it decodes: the first piece as soon as it decodes, then one piece for the tokens that
         decoded within ``stream_interval_s`` of the last (each chunk is a write to the client's socket: eight
-        streams at a token each per decoder step would spend the CPU on writes that batching saved)."""
-        async for piece in self._pieces():
+        streams at a token each per decoder step would spend the CPU on writes that batching saved).
+        ``finish_reason`` is set before the last piece is yielded."""
+        async for piece in self._pieces(whole=False):
             self._last_piece = time.monotonic()
             yield piece
 
-    async def _pieces(self) -> AsyncIterator[str]:
+    async def _pieces(self, whole: bool) -> AsyncIterator[str]:
         decoder = self.served.tokenizer.stream_decoder(skip_special=True)
         try:
             while True:
                 text, final = "", None
-                for event in await self._next_events():
+                for event in await self._next_events(whole):
                     if event.token_id is None:
                         final = event
                         break
@@ -170,9 +178,9 @@ class Generation:
                     if self.stops.stopped:
                         break
                 if self.stops.stopped:
+                    self.finish_reason = "stop"  # before the last piece: it tells the caller that piece is the last
                     if text:
                         yield text
-                    self.finish_reason = "stop"
                     return
                 if final is None:
                     if text:
@@ -181,44 +189,67 @@ class Generation:
                 if final.finish_reason not in ("stop", "length"):
                     raise _engine_failure(final)
                 text += self.stops.feed(decoder.finish()) + self.stops.finish()
+                self.finish_reason = "stop" if self.stops.stopped else final.finish_reason
                 if text:
                     yield text
-                self.finish_reason = "stop" if self.stops.stopped else final.finish_reason
                 return
         finally:
             self.job.cancel()
 
     async def text(self) -> str:
-        return "".join([piece async for piece in self.pieces()])
+        """The whole answer, once its last token has decoded (one wake-up, not one per piece)."""
+        return "".join([piece async for piece in self._pieces(whole=True)])
 
     def usage(self) -> dict[str, int]:
         return api.usage(len(self.prompt_ids), self.completion_tokens)
 
-    def _receive(self, event: Event) -> None:
-        self.events.put_nowait(event)
-        if event.finish_reason is not None:
-            self.ended.set()
+    def _arrived(self, wanted: int) -> bool:
+        return bool(self._inbox) and (wanted == _ANY or self._inbox[-1].finish_reason is not None)
 
-    async def _next_events(self) -> list[Event]:
-        """Every event that has arrived, waiting for the first (checking the deadline and the client)."""
-        events: list[Event] = []
+    def _wake(self) -> None:  # on the loop, posted by on_event; a late one wakes a later wait early: harmless
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    async def _wait(self, wanted: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``wanted`` (_ANY or _FINAL) to arrive; False if it has not."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        self._waiting = wanted  # from here on, the engine's thread wakes this wait (see on_event)
+        try:
+            if self._arrived(wanted):
+                return True
+            timer = loop.call_later(timeout, _resolve, waiter, False)  # a timer, not a task per wait (wait_for)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+            return self._arrived(wanted)
+        finally:
+            self._waiting, self._waiter = _NOTHING, None
+
+    async def _next_events(self, whole: bool) -> list[Event]:
+        """Every event that has arrived, waiting for the first (for ``whole``, for the final one), checking
+        the deadline and the client."""
+        wanted = _FINAL if whole else _ANY
         pause = self._last_piece + self.served.limits.stream_interval_s - time.monotonic()
-        if pause > 0 and self._last_piece and not self.ended.is_set():
+        if not whole and pause > 0 and self._last_piece:
             # let a few more tokens join this piece; never delays the first piece or the end of the answer
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.ended.wait(), timeout=min(pause, self.deadline - time.monotonic()))
-        while not events and self.events.empty():
+            await self._wait(_FINAL, min(pause, self.deadline - time.monotonic()))
+        while not self._arrived(wanted):
             left = self.deadline + DEADLINE_GRACE_S - time.monotonic()
             if left <= 0:
                 raise _timeout()
-            try:
-                events.append(await asyncio.wait_for(self.events.get(), timeout=min(POLL_S, left)))
-            except TimeoutError:
-                if await self.request.is_disconnected():
-                    raise ClientGone() from None
-        while not self.events.empty():
-            events.append(self.events.get_nowait())
+            if not await self._wait(wanted, min(POLL_S, left)) and await self.request.is_disconnected():
+                raise ClientGone()
+        events = []
+        while self._inbox:
+            events.append(self._inbox.popleft())
         return events
+
+
+def _resolve(waiter: asyncio.Future, value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _unavailable() -> api.APIError:
@@ -318,23 +349,37 @@ def _head(prefix: str, served: Served) -> dict[str, Any]:
             "system_fingerprint": None}
 
 
-async def _chat_chunks(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[dict]:
+async def _chat_chunks(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[tuple[list, bool]]:
+    """The chunks of a streamed chat completion, in groups that are ready together, each sent in one write
+    (True with the last group): the role with the first piece, each piece, the last with the finish reason
+    and the usage."""
     extra = {"usage": None} if include_usage else {}
-    yield {**api.chat_chunk(head, {"role": "assistant", "content": ""}), **extra}
+    group = [{**api.chat_chunk(head, {"role": "assistant", "content": ""}), **extra}]
     async for piece in generation.pieces():
-        yield {**api.chat_chunk(head, {"content": piece}), **extra}
-    yield {**api.chat_chunk(head, {}, generation.finish_reason), **extra}
+        group.append({**api.chat_chunk(head, {"content": piece}), **extra})
+        if generation.finish_reason is None:  # set before the last piece
+            yield group, False
+            group = []
+    group.append({**api.chat_chunk(head, {}, generation.finish_reason), **extra})
     if include_usage:
-        yield api.usage_chunk(head, "chat.completion.chunk", generation.usage())
+        group.append(api.usage_chunk(head, "chat.completion.chunk", generation.usage()))
+    yield group, True
 
 
-async def _completion_chunks(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[dict]:
+async def _completion_chunks(generation: Generation, head: dict,
+                             include_usage: bool) -> AsyncIterator[tuple[list, bool]]:
+    """The chunks of a streamed completion, grouped as ``_chat_chunks`` groups them."""
     extra = {"usage": None} if include_usage else {}
+    group = []
     async for piece in generation.pieces():
-        yield {**api.completion(head, piece, None), **extra}
-    yield {**api.completion(head, "", generation.finish_reason), **extra}
+        group.append({**api.completion(head, piece, None), **extra})
+        if generation.finish_reason is None:
+            yield group, False
+            group = []
+    group.append({**api.completion(head, "", generation.finish_reason), **extra})
     if include_usage:
-        yield api.usage_chunk(head, "text_completion", generation.usage())
+        group.append(api.usage_chunk(head, "text_completion", generation.usage()))
+    yield group, True
 
 
 class _EventStream(StreamingResponse):
@@ -352,15 +397,15 @@ class _EventStream(StreamingResponse):
             self.generation.job.cancel()
 
 
-def _event_stream(chunks: AsyncIterator[dict], generation: Generation) -> StreamingResponse:
-    """Server-sent events: one ``data: {json}`` per chunk, then ``data: [DONE]``. An error after the stream
-    began is sent as a last ``data: {"error": ...}`` event, and the stream closes without ``[DONE]``."""
+def _event_stream(chunks: AsyncIterator[tuple[list, bool]], generation: Generation) -> StreamingResponse:
+    """Server-sent events: one ``data: {json}`` per chunk, then ``data: [DONE]``, each group of chunks in one
+    write (a socket write per event was a third of the loop's time). An error after the stream began is sent
+    as a last ``data: {"error": ...}`` event, and the stream closes without ``[DONE]``."""
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                yield _sse(chunk)
-            yield "data: [DONE]\n\n"
+            async for group, last in chunks:
+                yield "".join([_sse(chunk) for chunk in group]) + ("data: [DONE]\n\n" if last else "")
         except api.APIError as err:
             yield _sse(err.body())
         except ClientGone:
@@ -402,8 +447,9 @@ async def health(request: Request) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- the app
 
 
-def _authorize(request: Request) -> None:
-    """Checks ``Authorization: Bearer <key>`` when the server has a key (in constant time)."""
+async def _authorize(request: Request) -> None:
+    """Checks ``Authorization: Bearer <key>`` when the server has a key (in constant time). Async, so that
+    FastAPI calls it on the loop rather than handing every request to its thread pool and back."""
     key = request.app.state.served.api_key
     if key is None:
         return

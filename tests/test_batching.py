@@ -90,6 +90,34 @@ def test_concurrent_requests_decode_together_and_each_gets_what_it_would_get_alo
     assert sum(n for size, n in engine.batch_sizes.items() if size > 1) > sum(engine.batch_sizes.values()) // 2
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["alike", "mixed settings"])
+def test_a_batch_is_sampled_as_each_row_would_be_sampled_alone(mixed):
+    """The whole batch is sampled at once (stop ids blanked in one assignment for the rows still short of
+    ``min_new_tokens``, one draw from each row's own generator), and each row gets the token ``decode`` would
+    give it alone: its logits with its stop ids blanked while held, sampled by ``numpy_sampler``."""
+    from llm.inference.batching import Job, _Row, _sample
+    from llm.inference.decoding import numpy_sampler, suppress_ids
+
+    settings = [{"temperature": 0.8}] * 6
+    if mixed:
+        settings[1:4] = [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 5}, {"temperature": 0.7, "top_p": 0.9}]
+    stops = [(1, 2), (1, 2), (3,), (), (1, 2), (4, 5, 6)]
+    params = [SamplingParams(max_new_tokens=100, seed=i, stop_ids=stops[i], min_new_tokens=(0, 10, 25)[i % 3], **s)
+              for i, s in enumerate(settings)]
+    rows = [_Row(Job(i, [1], p, None, lambda e: None), np.random.default_rng(p.seed), [1])
+            for i, p in enumerate(params)]
+    alone = [numpy_sampler(p) for p in params]
+    logits_rng = np.random.default_rng(123)
+    for step in range(40):
+        logits = logits_rng.standard_normal((len(rows), 16)).astype(np.float32) * 2
+        logits[:, 1:7] += 3  # the stop ids are likely picks, so holding them off shows
+        expected = [sample(suppress_ids(logits[i], p.stop_ids) if step < p.min_new_tokens else logits[i])
+                    for i, (p, sample) in enumerate(zip(params, alone, strict=True))]
+        assert _sample(rows, logits) == expected
+        for row in rows:
+            row.produced += 1
+
+
 def test_a_stop_id_ends_only_its_own_row(generator, static):
     prompt = [5, 6, 7]
     greedy = generator.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0.0))
@@ -112,6 +140,32 @@ def test_a_stop_id_ends_only_its_own_row(generator, static):
         engine.submit(prompt, at_least, on_event=events.callback("at least"))
         events.wait()
     assert events.tokens["at least"] == alone and stop not in alone[:8]
+
+
+def test_requests_that_arrive_together_are_prefilled_together_and_each_gets_what_it_would_get_alone(generator,
+                                                                                                   monkeypatch):
+    """Queued requests are prefilled in one decoder call (windows of different lengths padded on the right);
+    a row that ends at its first token leaves its slot to the next row, whose cache moves down into it."""
+    engine = BatchEngine(generator, max_batch=6, max_queue=16)
+    calls = []
+    real = engine.static.prefill_rows
+    monkeypatch.setattr(engine.static, "prefill_rows", lambda first, windows: calls.append(
+        [len(w) for w in windows]) or real(first, windows))
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19, 20], [21, 22, 23], [24, 25, 26, 27]]
+    lengths = [12, 1, 9, 20, 1, 15]  # the rows asking for 1 token end at their prefill and free their slots
+    requests = [(p, SamplingParams(max_new_tokens=n, temperature=0.0 if i % 2 else 0.9, seed=i))
+                for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
+    alone = [generator.generate(prompt, params) for prompt, params in requests]
+    gate, get = threading.Event(), engine._queue.get
+    monkeypatch.setattr(engine._queue, "get", lambda *a, **k: gate.wait(10) and get(*a, **k))  # holds the worker
+    events = Collector()
+    with engine:
+        for i, (prompt, params) in enumerate(requests):
+            engine.submit(prompt, params, on_event=events.callback(str(i)))
+        gate.set()  # the worker finds all six queued
+        events.wait()
+    assert [events.tokens[str(i)] for i in range(6)] == alone
+    assert sorted(calls[0]) == [3, 3, 4, 4, 4, 5]  # one call for all six
 
 
 def test_cancelled_and_expired_requests_end_and_the_rest_go_on(generator):
@@ -208,12 +262,13 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
     assert decoder.buffers[0].shape == (3, generator.n_head, CONTEXT, generator.head_dim)
     batch = _StaticBatch(decoder)
     windows = [list(range(1, n + 2)) for n in (5, 12, 3)]
-    for window in windows:
-        logits, slot = batch.prefill(window[:-1])
-        batch.joiners.append((_Row(None, None, window), slot))
+    logits, slots = batch.prefill([window[:-1] for window in windows])  # all three in one call
+    for window, slot in zip(windows, slots, strict=True):
+        batch.add(_Row(None, None, window), slot)
     batch.join()
     alone = [generator.forward(np.array([w]))[0][0, -1] for w in windows]
-    np.testing.assert_allclose(batch.step(), np.stack(alone), atol=1e-4)
+    first = batch.step()
+    np.testing.assert_allclose(first, np.stack(alone), atol=1e-4)
     last_row = decoder.buffers[0][2, :, :3].copy()
     batch.keep([False, True, True])  # slot 0 leaves; the row in slot 2 moves there
     assert [len(r.window) for r in batch.rows] == [4, 13]
@@ -222,7 +277,21 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
         row.window.append(token)
     moved = [generator.forward(np.array([r.window]))[0][0, -1] for r in batch.rows]
     np.testing.assert_allclose(batch.step(), np.stack(moved), atol=1e-4)
+    np.testing.assert_allclose(first, np.stack(alone), atol=1e-4)  # a step's logits stay the caller's
     assert [b.__array_interface__["data"][0] for b in decoder.buffers] == buffers  # never re-allocated
+
+
+def test_the_engine_benchmark_reports_its_cpu_time_per_token(generator):
+    """``bench/serve_engine.py`` (the engine alone, in thread CPU time) runs on an export folder."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_engine.py"
+    out = subprocess.run([sys.executable, str(bench), "--model", str(generator.onnx_dir), "--batches", "1,3",
+                          "--max-tokens", "8", "--tokens", "48", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["1", "3"] and all(float(row[1]) > float(row[4]) > 0 for row in rows)
 
 
 def test_the_engine_and_its_callers_need_no_torch():

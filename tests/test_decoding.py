@@ -155,6 +155,24 @@ def test_min_new_tokens_keeps_the_stop_ids_out_of_the_first_tokens():
     assert suppress_ids(tensor, (3,)).argmax() == 2 and suppress_ids(tensor, ()) is tensor
 
 
+def test_suppress_ids_blanks_the_stop_ids_of_the_rows_asked_for_only():
+    logits = np.arange(12.0).reshape(3, 4)
+    held = suppress_ids(logits, (3, 1), rows=[0, 2])
+    assert np.isneginf(held[[0, 0, 2, 2], [3, 1, 3, 1]]).all() and (held[1] == logits[1]).all()
+    assert (held[:, [0, 2]] == logits[:, [0, 2]]).all() and logits[0, 3] == 3.0  # a copy
+    assert suppress_ids(logits, (3,), rows=[]) is logits and suppress_ids(logits, (), rows=[0]) is logits
+
+
+def test_the_largest_draw_takes_the_last_token_that_has_probability():
+    """At the very end of the cumulative distribution the pick is the last token with probability, never one
+    after it that the logits, top-k or top-p left at zero; the smallest draw takes the first."""
+    logits = np.array([[0.0, 1.0, -np.inf, -np.inf], [2.0, 0.5, 0.0, 1.0]])
+    last = np.nextafter(1.0, 0.0)  # the largest uniform draw
+    assert sample_next_token(logits, 1.0, uniforms=np.array([last, last])).tolist() == [1, 3]
+    assert sample_next_token(logits, 1.0, top_k=2, uniforms=np.array([last, last])).tolist() == [1, 3]
+    assert sample_next_token(logits, 1.0, uniforms=np.array([0.0, 0.0])).tolist() == [0, 0]
+
+
 def test_numpy_sampler_is_reproducible_per_seed_and_respects_top_k():
     logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
     sampler = numpy_sampler(SamplingParams(seed=7, top_k=2))

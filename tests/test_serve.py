@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -408,6 +409,75 @@ def test_a_request_past_its_deadline_is_504_or_an_error_event(export):
         streamed = app.post("/v1/completions", json={"model": "onnx", "prompt": "a", "stream": True}).text
     events = [json.loads(line.removeprefix("data: ")) for line in streamed.splitlines() if line.startswith("data: {")]
     assert events[-1]["error"]["code"] == "request_timeout" and "[DONE]" not in streamed
+
+
+class PacedEngine(ScriptedEngine):
+    """Decodes like the real engine, from a thread of its own: ``tokens``, ``every`` seconds apart, then "length"."""
+
+    def __init__(self, export: Path, tokens: list[int], every: float):
+        super().__init__(export, [])
+        self.tokens, self.every = tokens, every
+
+    def submit(self, prompt_ids, params, *, on_event, deadline=None):
+        def decode():
+            for token in self.tokens:
+                time.sleep(self.every)
+                on_event(Event(token_id=token))
+            on_event(Event(finish_reason="length"))
+
+        threading.Thread(target=decode, daemon=True).start()
+        return super().submit(prompt_ids, params, on_event=on_event, deadline=deadline)
+
+
+def test_a_streamed_answer_wakes_the_event_loop_per_piece_not_per_token(export, monkeypatch):
+    """Tokens wait in the request's inbox while its handler pauses between pieces: the engine's thread wakes the
+    loop only for the first token and for the end, so 60 tokens 2 ms apart go out in a few pieces, each chunk
+    group in one write, and wake the loop about as often."""
+    from llm.serve import LoopWaker
+
+    wakes = []
+    post = LoopWaker.post
+    monkeypatch.setattr(LoopWaker, "post", lambda self, callback: wakes.append(1) or post(self, callback))
+    tokenizer = OnnxGenerator(export).tokenizer
+    tokens = tokenizer.encode("so quick bright things come to confusion, ")[:60]
+    with _app_client(PacedEngine(export, tokens, every=0.002), stream_interval_s=0.05) as app:
+        streamed = app.post("/v1/completions", json={"model": "onnx", "prompt": "a", "stream": True,
+                                                     "max_tokens": 100}).text
+    events = [json.loads(line.removeprefix("data: ")) for line in streamed.splitlines() if line.startswith("data: {")]
+    pieces = [e["choices"][0]["text"] for e in events if e["choices"][0]["text"]]
+    assert "".join(pieces) == tokenizer.decode(tokens) and streamed.endswith("data: [DONE]\n\n")
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(pieces) <= 8 and len(wakes) <= len(pieces) + 1  # 60 tokens: one wake each would be 61
+
+
+def test_a_stream_sends_its_chunks_in_groups_ready_together():
+    """The role with the first piece, then each piece, and the last piece with the finish reason and the
+    usage (and ``[DONE]``): each group is one write to the client's socket."""
+    import asyncio
+
+    from llm.serve import _chat_chunks
+
+    class Finished:
+        finish_reason = None
+
+        async def pieces(self):
+            for i, piece in enumerate(["O ", "Romeo, ", "Romeo"]):
+                if i == 2:
+                    self.finish_reason = "length"  # set before the last piece goes out
+                yield piece
+
+        def usage(self):
+            return {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+
+    async def groups():
+        return [group async for group in _chat_chunks(Finished(), {"id": "x"}, include_usage=True)]
+
+    deltas = [([c["choices"][0]["delta"] if c["choices"] else c["usage"] for c in group], last)
+              for group, last in asyncio.run(groups())]
+    assert deltas == [([{"role": "assistant", "content": ""}, {"content": "O "}], False),
+                      ([{"content": "Romeo, "}], False),
+                      ([{"content": "Romeo"}, {}, {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}],
+                       True)]
 
 
 def test_a_stopped_engine_is_503_and_a_failed_generation_500_without_details(export):

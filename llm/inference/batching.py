@@ -2,14 +2,18 @@
 
 ``BatchEngine`` owns an ``OnnxGenerator`` and one worker thread. ``submit`` puts a request (prompt ids,
 sampling parameters, a deadline) on a bounded queue and returns at once; the worker admits queued requests
-into the running batch as rows free up (continuous batching), and each decoder call advances every row of
-the batch by one token. Events (each new token id, then one final event with the finish reason) go to the
-request's callback, called on the worker thread; a server hands them to its event loop.
+into the running batch as rows free up (continuous batching; the static-cache graph prefills the requests
+admitted together in one decoder call), and each decoder call advances every row of the batch by one token.
+The per-step work around that call is done for the whole batch at once (one sampling call, one assignment
+for the stop ids held off), not row by row. Events (each new token id, then one final event with the finish
+reason) go to the request's callback, called on the worker thread; a server hands them to its event loop.
 
 The rows of the batch are independent sequences: each has its own sampler (seeded by its parameters, so
 a seeded request gives the same tokens alone or in a batch), its own stop ids and its own window that
 slides exactly as ``llm.inference.decoding.decode`` slides it, so a row's greedy output equals what
-``OnnxGenerator.generate`` gives for that request alone.
+``OnnxGenerator.generate`` gives for that request alone. (Exactly so with the fp32 graph. The int8 graph
+quantizes each call's activations with one scale for the whole call, so the rows that share a step or a
+prefill shift each other's logits by a rounding step, and a row can then pick differently.)
 
 No torch here (an import-linter contract checks it).
 """
@@ -31,6 +35,8 @@ from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, samp
 from llm.inference.onnx_runtime import OnnxGenerator, StaticCacheDecoder
 
 log = logging.getLogger(__name__)
+
+PREFILL_LOGITS_BYTES = 32 << 20  # the logits of one prefill call ([rows, tokens, vocab] float32) stay below this
 
 FINISH_REASONS = ("stop", "length", "timeout", "cancelled", "error")
 
@@ -207,12 +213,9 @@ class BatchEngine:
                 idle = not batch.rows and not fresh
                 fresh += self._admit(self.max_batch - len(batch.rows) - len(fresh), wait=idle)
                 while fresh:
-                    row = fresh.pop(0)
-                    cache = self._prefill(row, batch)
-                    if cache is _SLID:
-                        fresh.append(row)
-                    elif cache is not None:
-                        batch.joiners.append((row, cache))
+                    rows, fresh = fresh, []
+                    for group in batch.prefill_groups(rows):
+                        fresh += self._prefill(group, batch)
                 batch.join()
                 self._active = len(batch.rows)
                 if batch.rows:
@@ -246,26 +249,32 @@ class BatchEngine:
             rows.append(_Row(job, np.random.default_rng(job.params.seed), window))
         return rows
 
-    def _ended(self, job: Job) -> str | None:
+    def _ended(self, job: Job, now: float | None = None) -> str | None:
         if job.cancelled.is_set() or not self._running.is_set():
             return "cancelled"
-        if job.expired(time.monotonic()):
+        if job.expired(time.monotonic() if now is None else now):
             return "timeout"
         return None
 
-    def _prefill(self, row: _Row, batch: _Batch | _StaticBatch) -> object | None:
-        """Feed the row's whole window and take its next token. Returns the row's cache when it goes on,
-        ``_SLID`` when its window slid (prefill it again), None when it ended."""
+    def _prefill(self, rows: list[_Row], batch: _Batch | _StaticBatch) -> list[_Row]:
+        """Feed each row's whole window (one decoder call for the group) and take its next token; the rows that
+        go on wait in ``batch.joiners``. Returns the rows whose window slid (prefill them again)."""
         try:
-            logits, cache = batch.prefill(row.window)
-        except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
-            return self._fail([row], err)
-        if not self._advance(row, _sample([row], logits)[0]):
-            return None
-        if len(row.window) > self.generator.context_length:
-            row.window = row.window[-self._keep :]
-            return _SLID
-        return cache
+            logits, places = batch.prefill([row.window for row in rows])
+        except Exception as err:  # noqa: BLE001 - these requests fail, the engine goes on
+            self._fail(rows, err)
+            return []
+        slid = []
+        now = time.monotonic()
+        for row, token, place in zip(rows, _sample(rows, logits), places, strict=True):
+            if not self._advance(row, token, now):
+                continue
+            if len(row.window) > self.generator.context_length:
+                row.window = row.window[-self._keep :]
+                slid.append(row)
+            else:
+                batch.add(row, place)
+        return slid
 
     def _decode_step(self, batch: _Batch | _StaticBatch, fresh: list[_Row]) -> None:
         """One decoder call for every row of the batch; rows that ended leave it, rows whose window slid
@@ -278,8 +287,9 @@ class BatchEngine:
             return
         self.batch_sizes[len(batch.rows)] += 1
         keep = []
+        now = time.monotonic()
         for row, token in zip(batch.rows, _sample(batch.rows, logits), strict=True):
-            goes_on = self._advance(row, token)
+            goes_on = self._advance(row, token, now)
             if goes_on and len(row.window) > self.generator.context_length:
                 row.window = row.window[-self._keep :]
                 fresh.append(row)
@@ -287,11 +297,11 @@ class BatchEngine:
             keep.append(goes_on)
         batch.keep(keep)
 
-    def _advance(self, row: _Row, token: int) -> bool:
+    def _advance(self, row: _Row, token: int, now: float) -> bool:
         """Emit the row's next token; False when the row has ended (its final event sent). The token joins
         the window, to be fed next."""
         job = row.job
-        reason = self._ended(job)
+        reason = self._ended(job, now)
         if reason is not None:
             _emit(job, Event(finish_reason=reason))
             return False
@@ -312,9 +322,6 @@ class BatchEngine:
             _emit(row.job, Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
 
 
-_SLID = object()  # _prefill's answer for a row whose window slid right after its prefill
-
-
 @dataclass(eq=False)
 class _Row:
     """One request being decoded: its sampler and its window (the tokens the model sees; while the row is
@@ -330,18 +337,22 @@ def _sample(rows: list[_Row], logits: np.ndarray) -> list[int]:
     """Each row's next token from ``logits`` [B, V]: rows with the same sampling settings are sampled
     together, each with one draw from its own generator, so a row gets the token it would get alone
     (``numpy_sampler`` draws the same number for it). Stop ids are kept out until ``min_new_tokens``."""
-    held = [i for i, row in enumerate(rows) if row.produced < row.job.params.min_new_tokens and row.job.params.stop_ids]
-    if held:
-        logits = np.array(logits, copy=True)
-        for i in held:
-            logits[i] = suppress_ids(logits[i], rows[i].job.params.stop_ids)
-    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    held: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)  # stop ids -> the rows holding them off
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)  # sampling settings -> the rows using them
     for i, row in enumerate(rows):
         p = row.job.params
+        if row.produced < p.min_new_tokens and p.stop_ids:
+            held[p.stop_ids].append(i)
         groups[(0.0, None, None) if is_greedy(p.temperature) else (p.temperature, p.top_k, p.top_p)].append(i)
+    for stop_ids, index in held.items():  # usually one group: every request of a server shares its stop ids
+        logits = suppress_ids(logits, stop_ids, rows=index)
+    if len(groups) == 1:  # every row samples alike (the usual case): no gathering and scattering of rows
+        (temperature, top_k, top_p), = groups
+        uniforms = None if is_greedy(temperature) else np.array([row.rng.random() for row in rows])
+        return sample_next_token(logits, temperature, top_k, top_p, uniforms=uniforms).tolist()
     tokens = [0] * len(rows)
     for (temperature, top_k, top_p), index in groups.items():
-        uniforms = None if is_greedy(temperature) else np.array([rows[i].rng.random(1)[0] for i in index])
+        uniforms = None if is_greedy(temperature) else np.array([rows[i].rng.random() for i in index])
         picks = sample_next_token(logits[index], temperature, top_k, top_p, uniforms=uniforms)
         for i, token in zip(index, picks.tolist(), strict=True):
             tokens[i] = token
@@ -363,10 +374,18 @@ class _Batch:
         self.cache: list[np.ndarray] = []
         self.mask = np.zeros((0, 0), dtype=bool)
 
-    def prefill(self, window: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The last token's logits [1, V] for ``window`` and its cache, to join the batch."""
-        logits, cache = self.generator.forward(np.array([window], dtype=np.int64))
-        return logits[:, -1], cache
+    def prefill_groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """One row per prefill: each has a cache of its own length until ``join`` pads them."""
+        return [[row] for row in rows]
+
+    def prefill(self, windows: list[list[int]]) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """The last token's logits [n, V] for each window and its cache, to join the batch."""
+        out = [self.generator.forward(np.array([window], dtype=np.int64)) for window in windows]
+        return np.concatenate([logits[:, -1] for logits, _ in out]), [cache for _, cache in out]
+
+    def add(self, row: _Row, cache: list[np.ndarray]) -> None:
+        """A prefilled row, to join the batch at the next ``join``."""
+        self.joiners.append((row, cache))
 
     def join(self) -> None:
         """Add the prefilled rows, padding the shorter caches (theirs or the batch's) on the left."""
@@ -422,13 +441,38 @@ class _StaticBatch:
         self.rows: list[_Row] = []
         self.joiners: list[tuple[_Row, int]] = []  # prefilled rows and their slots
 
-    def prefill(self, window: list[int]) -> tuple[np.ndarray, int]:
-        """Encode ``window`` into the next free slot; returns the last token's logits [1, V] and the slot."""
-        slot = len(self.rows) + len(self.joiners)
-        return self.decoder.prefill(slot, window)[None], slot
+    def prefill_groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """The rows to prefill in one call each: similar lengths (sorted, and no more padding than real tokens)
+        whose logits, all positions of all rows, stay under ``PREFILL_LOGITS_BYTES``."""
+        groups: list[list[_Row]] = []
+        group: list[_Row] = []
+        tokens = 0
+        for row in sorted(rows, key=lambda r: len(r.window)):
+            padded = (len(group) + 1) * len(row.window)  # the longest window so far sets the width
+            if group and (padded > 2 * (tokens + len(row.window))
+                          or padded * self.decoder.vocab_size * 4 > PREFILL_LOGITS_BYTES):
+                groups.append(group)
+                group, tokens = [], 0
+            group.append(row)
+            tokens += len(row.window)
+        return groups + [group] if group else groups
+
+    def prefill(self, windows: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+        """Encode the windows into the next free slots, in one decoder call; returns the last tokens' logits
+        [n, V] and the slots."""
+        first = len(self.rows) + len(self.joiners)
+        return self.decoder.prefill_rows(first, windows), list(range(first, first + len(windows)))
+
+    def add(self, row: _Row, slot: int) -> None:
+        """A prefilled row, to join the batch at the next ``join`` in the next free slot: when a row prefilled
+        before it in the same call has ended (or slid), its cache moves down into that row's slot."""
+        free = len(self.rows) + len(self.joiners)
+        if slot != free:
+            self.decoder.move(slot, free, len(row.window) - 1)  # its cached tokens
+        self.joiners.append((row, free))
 
     def join(self) -> None:
-        self.rows += [row for row, _ in self.joiners]  # prefilled in order, into slots len(rows), len(rows)+1, ...
+        self.rows += [row for row, _ in self.joiners]  # in slots len(rows), len(rows)+1, ... (see ``add``)
         self.joiners = []
 
     def step(self) -> np.ndarray:

@@ -121,13 +121,17 @@ def decode(
             logits, _ = forward(window, None)
 
 
-def suppress_ids(logits: Any, ids: Sequence[int]) -> Any:
+def suppress_ids(logits: Any, ids: Sequence[int], rows: Sequence[int] | None = None) -> Any:
     """A copy of ``logits`` (numpy or torch, [..., V]) where ``ids`` can never be sampled (their logit -inf);
-    ``logits`` itself when ``ids`` is empty. How ``min_new_tokens`` keeps stop ids out of the first tokens."""
-    if not ids:
+    ``logits`` itself when ``ids`` is empty. ``rows``: only in these rows of a numpy [B, V] batch (one copy
+    and one assignment for all of them). How ``min_new_tokens`` keeps stop ids out of the first tokens."""
+    if not ids or (rows is not None and not len(rows)):
         return logits
     logits = logits.clone() if hasattr(logits, "clone") else np.array(logits, copy=True)
-    logits[..., list(ids)] = float("-inf")
+    if rows is None:
+        logits[..., list(ids)] = float("-inf")
+    else:
+        logits[np.ix_(list(rows), list(ids))] = float("-inf")
     return logits
 
 
@@ -153,8 +157,8 @@ def sample_next_token(
                                  None if uniforms is None else np.reshape(uniforms, 1))[0]
     if is_greedy(temperature):
         return logits.argmax(axis=-1).astype(np.int64)
-    rng = rng if rng is not None else np.random.default_rng()
-    scaled = logits.astype(np.float64) / temperature
+    scaled = logits.astype(np.float64)
+    scaled /= temperature  # in place, as below: the [B, V] temporaries are most of a batch's sampling time
     vocab = scaled.shape[-1]
     if top_k is not None and top_k < vocab:
         part = np.argpartition(scaled, vocab - top_k, axis=-1)[:, vocab - top_k :]  # the k largest, any order
@@ -173,17 +177,26 @@ def sample_next_token(
         before = np.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
         sorted_logits = np.where(before >= top_p, -np.inf, sorted_logits)
         np.put_along_axis(scaled, order, sorted_logits, axis=-1)
-    probs = _softmax(scaled)
+    probs = _softmax(scaled, out=scaled)
     cdf = np.cumsum(probs, axis=-1)
-    u = (rng.random(len(cdf)) if uniforms is None else np.asarray(uniforms))[:, None] * cdf[:, -1:]
+    if uniforms is None:  # a fresh generator only when asked to draw (seeding one from the OS costs ~10 us)
+        uniforms = (rng if rng is not None else np.random.default_rng()).random(len(cdf))
+    u = np.asarray(uniforms)[:, None] * cdf[:, -1:]
     picks = (cdf <= u).sum(axis=-1)  # inverse CDF: the first token whose cumulative probability passes u
-    last_kept = vocab - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # rounding can push u to the very end
-    return np.minimum(picks, last_kept).astype(np.int64)
+    # a pick short of the end has probability > 0 (the cdf rose there); rounding can push u to the very end
+    past_end = picks == vocab
+    if past_end.any():
+        last_kept = vocab - 1 - np.argmax(probs[past_end, ::-1] > 0, axis=-1)
+        picks[past_end] = last_kept
+    return picks.astype(np.int64)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def _softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis; ``out`` (which may be ``x``) receives it instead of a new array."""
+    e = np.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 def numpy_sampler(params: SamplingParams) -> Sampler:

@@ -250,6 +250,8 @@ class StopStrings:
 
     def feed(self, piece: str) -> str:
         """The text that is now safe to send; sets ``stopped`` once a stop string has appeared."""
+        if not self.stops:
+            return piece
         if self.stopped:
             return ""
         text = self.pending + piece
