@@ -159,7 +159,7 @@ def run_recipe(label: str, model_config: ModelConfig, params: PretrainParams, ar
     def record(step: int, metrics: dict[str, float]) -> None:
         if "val/loss" in metrics:
             seconds = time.perf_counter() - start - data.eval_seconds
-            curve.append({"step": step, "seconds": round(seconds, 2), "tokens": step * params.batch_size *
+            curve.append({"step": step, "seconds": round(seconds, 3), "tokens": step * params.batch_size *
                           model_config.context_length, "val_loss": metrics["val/loss"], "val_bpb": metrics["val/bpb"]})
             print(f"  {label:<12} step {step:>6}  {seconds:7.1f} s  held-out bpb {metrics['val/bpb']:.4f}", flush=True)
 

@@ -50,7 +50,7 @@ def test_recipes_train_the_same_steps_and_score_the_whole_val_split(prepared, tm
     for r in results:
         assert r["steps"] == 4 and r["tokens"] == 4 * 4 * 16
         assert [p["step"] for p in r["curve"]] == [2, 4]
-        assert all(0 < p["seconds"] for p in r["curve"]) and r["curve"][0]["seconds"] < r["curve"][1]["seconds"]
+        assert 0 < r["curve"][0]["seconds"] <= r["curve"][1]["seconds"]  # training time only grows
         assert math.isfinite(r["val_bpb"]) and 0 < r["val_bpb"] < 10
     assert results[0]["model"]["position"] == "learned" and results[1]["model"]["position"] == "rope"
 
