@@ -42,7 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.config import ModelConfig  # noqa: E402
 from llm.model.gpt import GPT  # noqa: E402
-from llm.training.device import autocast, peak_flops, select_device, select_dtype, synchronize  # noqa: E402
+from llm.training.device import (  # noqa: E402
+    autocast,
+    matmul_flops,
+    peak_flops,
+    select_device,
+    select_dtype,
+    synchronize,
+)
 
 PRESETS = {
     # nanoGPT's README CPU run (train_shakespeare_char on a laptop): 65 characters, 4 layers, 4 heads,
@@ -105,20 +112,6 @@ class Trainer:
         self.loss = loss.item()
 
 
-def cpu_peak_flops(n: int = 1024) -> float:
-    """The best float32 n x n matmul rate by this thread's CPU time: llm.training.device.peak_flops's measure,
-    timed like the steps under --clock cpu."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.thread_time()
-        a @ b
-        best = min(best, time.thread_time() - t0)
-    return 2 * n**3 / best
-
-
 def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
     """Time every model of one preset in interleaved rounds; return its header line and one row per model."""
     preset = dict(PRESETS[name])
@@ -140,7 +133,7 @@ def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
     for _ in range(args.steps):
         for trainer in trainers.values():
             trainer.step()
-    peak = cpu_peak_flops() if args.clock == "cpu" else peak_flops(device, dtype)
+    peak = matmul_flops(time.thread_time) if args.clock == "cpu" else peak_flops(device, dtype)
     flops = lambda params: 6 * params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length  # noqa: E731
     rows = []
     for label, t in trainers.items():
