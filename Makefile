@@ -24,10 +24,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/llm demo
 
-# the import-layer contracts (pyproject.toml, [tool.importlinter]) first, then the tests
+# the import-layer contracts (pyproject.toml, [tool.importlinter]) first, then the tests, TEST_WORKERS at a time
+# (pytest-xdist; most tests wait on subprocesses and servers, so 2 workers on 2 cores take about 10 min, not 17)
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/lint-imports --no-logo
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
