@@ -8,16 +8,23 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install demo test bench lint clean-artifacts
+.PHONY: install install-dev demo test bench lint clean-artifacts
 
+# what the pipeline and the servers need; `make test` adds the dev tools (the test runners, Transformers and
+# lm-evaluation-harness for the interop tests, the notebook runner: 25 s more of install that `make demo` skips)
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_ARG) torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[pipeline,onnx,serve]'
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[pipeline,onnx,serve,dev]'
 	touch $@
 
 install: $(BIN)/.installed
+install-dev: $(BIN)/.installed-dev
 
 # `llm demo` fetches the corpus, runs `dvc repro` (this venv's python first on PATH), shows the metrics, samples,
 # chats and prints the next steps: the same command works without make (README, "Windows (PowerShell)")
@@ -27,7 +34,7 @@ demo: install
 # the import-layer contracts (pyproject.toml, [tool.importlinter]) first, then the tests, TEST_WORKERS at a time
 # (pytest-xdist; most tests wait on subprocesses and servers, so 2 workers on 2 cores take about 10 min, not 17)
 TEST_WORKERS ?= 2
-test: install
+test: install-dev
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
@@ -35,7 +42,7 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/train_throughput.py --preset nanogpt small
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check llm tests bench flows
 
 clean-artifacts:
