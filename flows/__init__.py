@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
 # no usage reports to the outside: the pipeline runs offline and on private data
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Every flow run of the project sends a heartbeat this often (Prefect's default is 180 s), whoever starts it
+# (`dvc repro`, `flows.serve`, a work pool's worker): the automation that `python -m flows.deploy` creates on a
+# server marks a run CRASHED when its heartbeats stop for 90 s, and with 180 s between them a stage that
+# trains for longer than 270 s on that server would be marked crashed while it runs.
+HEARTBEAT_SECONDS = 30  # Prefect sends none more often (flow_engine.MINIMUM_HEARTBEAT_INTERVAL)
+os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
 logging.getLogger("llm").setLevel(logging.INFO)
 
 

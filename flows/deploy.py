@@ -13,8 +13,9 @@ write ``data/``, ``params/`` and ``artifacts/`` there. ``--limit 1`` runs one fl
 
 A machine that dies (or a worker killed with its flow run) leaves the run RUNNING: nothing is left to report its
 end. So flow runs of these deployments send a heartbeat every 30 s (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, whose
-minimum is 30), and this command also creates the automation of Prefect's "detect zombie flows" guide: a run
-whose heartbeats stop for ``--crash-after`` seconds is marked CRASHED. Running its deployment again resumes
+minimum is 30; ``flows`` sets it for every run of the project, the stages of ``dvc repro`` too), and this
+command also creates the automation of Prefect's "detect zombie flows" guide: a run whose heartbeats stop for
+``--crash-after`` seconds is marked CRASHED. Running its deployment again resumes
 training from the stage's last checkpoint in ``artifacts/``.
 
 Without ``PREFECT_API_URL`` the deployments go to the pipeline's local server (``flows/server.py``), for workers
@@ -31,9 +32,8 @@ from uuid import UUID
 
 import typer
 
-from flows import all_flows
+from flows import HEARTBEAT_SECONDS, all_flows
 
-HEARTBEAT_SECONDS = 30  # Prefect sends none more often (flow_engine.MINIMUM_HEARTBEAT_INTERVAL)
 CRASH_AUTOMATION = "llm: crash flow runs whose heartbeats stopped"
 
 

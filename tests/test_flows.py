@@ -325,6 +325,19 @@ def test_pool_deployments_import_each_flow_by_module_path_in_the_workers_checkou
     assert pretrain.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS) == "30"
 
 
+@pytest.mark.parametrize(("setting", "expected"), [(None, "30"), ("120", "120")])
+def test_every_flow_run_of_the_project_sends_heartbeats_often_enough_for_the_crash_automation(setting, expected):
+    # a dvc stage on a server where `flows.deploy` created the automation (crash after 90 s without a heartbeat)
+    # must not be marked crashed while it trains: Prefect's own default is one heartbeat every 180 s
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
+    if setting:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = setting  # the user's own choice wins
+    code = ("import flows\nfrom prefect.settings import get_current_settings\n"
+            "print(get_current_settings().flows.heartbeat_frequency)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[-1] == expected
+
+
 DATA_OUTPUTS = ("clean/train.txt", "clean/val.txt", "clean/stats.json", "tokens/train.bin", "tokens/val.bin",
                 "tokens/meta.json")
 
