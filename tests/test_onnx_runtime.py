@@ -66,6 +66,30 @@ def test_samples_follow_the_softmax_distribution():
     assert np.bincount(hot, minlength=4)[3] / len(hot) > 0.08
 
 
+@pytest.mark.parametrize("vocab", [2048, 1000, 50304])  # the blocked draw; 1000 pads its last block
+def test_a_batch_draws_by_blocks_what_one_cumulative_sum_draws_and_never_a_token_of_weight_zero(vocab):
+    from llm.inference.decoding import DRAW_DIRECT_MAX
+
+    rng = np.random.default_rng(3)
+    rows = DRAW_DIRECT_MAX // vocab + 2  # past DRAW_DIRECT_MAX weights: the blocked inverse CDF
+    logits = (rng.standard_normal((rows, vocab)) * 4).astype(np.float32)
+    logits[:, rng.integers(0, vocab, size=50)] = -np.inf  # weight 0 (stop ids held off, top-k and top-p cuts)
+    logits[:, -1] = -np.inf  # the vocabulary's last token too: where a draw at u -> 1 would end
+    for _ in range(20):
+        u = rng.random(rows)
+        u[0] = np.nextafter(1.0, 0.0)  # the edge: rounding puts the target at the very end of the row
+        picks = sample_next_token_np(logits, 0.8, uniforms=u)
+        assert np.isfinite(logits[np.arange(rows), picks]).all()
+        weights = np.exp((logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)) / 0.8)
+        cdf = np.cumsum(weights, axis=-1)
+        direct = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=-1)  # one cumulative sum over the vocabulary
+        assert (picks[1:] == direct[1:]).all()
+    # and the draws follow the softmax: a row (of 300 tokens, 4 of them possible) repeated, a uniform each
+    row = np.log(np.array([0.5, 0.3, 0.15, 0.05, *[0.0] * 296]))
+    counts = np.bincount(sample_next_token_np(np.tile(row, (20000, 1)), 1.0, uniforms=rng.random(20000)), minlength=300)
+    assert np.abs(counts[:4] / 20000 - [0.5, 0.3, 0.15, 0.05]).max() < 0.015 and counts[4:].sum() == 0
+
+
 def test_same_seed_gives_same_sample(export):
     _, onnx_dir = export
     generator = OnnxGenerator(onnx_dir)

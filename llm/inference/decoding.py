@@ -123,12 +123,13 @@ def decode(
 
 def suppress_ids(logits: Any, ids: Sequence[int], rows: Sequence[int] | None = None) -> Any:
     """A copy of ``logits`` (numpy or torch, [..., V]) where ``ids`` can never be sampled (their logit -inf);
-    ``logits`` itself when ``ids`` is empty. ``rows``: only in these rows of a numpy [B, V] batch (one copy
-    and one assignment for all of them). How ``min_new_tokens`` keeps stop ids out of the first tokens."""
+    ``logits`` itself when ``ids`` is empty. ``rows``: only in these rows (distinct indices) of a numpy [B, V]
+    batch (one copy and one assignment for all of them). How ``min_new_tokens`` keeps stop ids out of the first
+    tokens."""
     if not ids or (rows is not None and not len(rows)):
         return logits
     logits = logits.clone() if hasattr(logits, "clone") else np.array(logits, copy=True)
-    if rows is None:
+    if rows is None or len(rows) == len(logits):  # every row (distinct indices): no index grid to build
         logits[..., list(ids)] = float("-inf")
     else:
         logits[np.ix_(list(rows), list(ids))] = float("-inf")
@@ -157,8 +158,8 @@ def sample_next_token(
                                  None if uniforms is None else np.reshape(uniforms, 1))[0]
     if is_greedy(temperature):
         return logits.argmax(axis=-1).astype(np.int64)
-    scaled = logits.astype(np.float64)
-    scaled /= temperature  # in place, as below: the [B, V] temporaries are most of a batch's sampling time
+    # one float64 array, computed on in place below: the [B, V] temporaries are much of a batch's sampling time
+    scaled = np.divide(logits, temperature, dtype=np.float64)
     vocab = scaled.shape[-1]
     if top_k is not None and top_k < vocab:
         part = np.argpartition(scaled, vocab - top_k, axis=-1)[:, vocab - top_k :]  # the k largest, any order
@@ -177,17 +178,53 @@ def sample_next_token(
         before = np.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
         sorted_logits = np.where(before >= top_p, -np.inf, sorted_logits)
         np.put_along_axis(scaled, order, sorted_logits, axis=-1)
-    probs = _softmax(scaled, out=scaled)
-    cdf = np.cumsum(probs, axis=-1)
+    weights = np.subtract(scaled, scaled.max(axis=-1, keepdims=True), out=scaled)
+    np.exp(weights, out=weights)  # the softmax, unnormalised: the draw below scales u by the total instead
     if uniforms is None:  # a fresh generator only when asked to draw (seeding one from the OS costs ~10 us)
-        uniforms = (rng if rng is not None else np.random.default_rng()).random(len(cdf))
-    u = np.asarray(uniforms)[:, None] * cdf[:, -1:]
-    picks = (cdf <= u).sum(axis=-1)  # inverse CDF: the first token whose cumulative probability passes u
-    # a pick short of the end has probability > 0 (the cdf rose there); rounding can push u to the very end
-    past_end = picks == vocab
-    if past_end.any():
-        last_kept = vocab - 1 - np.argmax(probs[past_end, ::-1] > 0, axis=-1)
-        picks[past_end] = last_kept
+        uniforms = (rng if rng is not None else np.random.default_rng()).random(len(weights))
+    return _inverse_cdf(weights, np.asarray(uniforms, dtype=np.float64))
+
+
+DRAW_BLOCK = 64  # tokens per block of ``_inverse_cdf``
+DRAW_DIRECT_MAX = 4096  # up to this many weights in all, one cumulative sum is quicker than the blocks
+
+
+def _inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """For each row of ``weights`` [B, V] (>= 0, some > 0), the first token whose cumulative weight passes
+    ``uniforms`` [B] times the row's total: token j with probability ``weights[j] / total``.
+
+    A cumulative sum over the whole vocabulary is one long chain of dependent additions (about 3 ns a token,
+    most of a batch's sampling time); past ``DRAW_DIRECT_MAX`` weights this sums blocks of ``DRAW_BLOCK`` tokens,
+    finds the block where u falls, and accumulates only inside it. The running sums differ from one long
+    chain's only in rounding (1e-16), so a draw differs from it only when u lands that close to a boundary. A
+    token of weight 0 is never picked.
+    """
+    rows, vocab = weights.shape
+    index = np.arange(rows)
+    if weights.size <= DRAW_DIRECT_MAX:  # a row or two of a small vocabulary: the numpy calls cost more than the sum
+        running = np.cumsum(weights, axis=-1)
+        picks = np.minimum((running <= (uniforms * running[:, -1])[:, None]).sum(axis=-1), vocab - 1)
+        return _kept(weights, picks, index)
+    width = -(-vocab // DRAW_BLOCK) * DRAW_BLOCK
+    if width != vocab:  # zero weights pad the last block: never picked
+        weights = np.pad(weights, ((0, 0), (0, width - vocab)))
+    blocks = weights.reshape(rows, width // DRAW_BLOCK, DRAW_BLOCK)
+    ends = np.cumsum(blocks.sum(axis=-1), axis=-1)  # [B, blocks]: the cumulative weight at each block's end
+    target = uniforms * ends[:, -1]
+    block = np.minimum((ends <= target[:, None]).sum(axis=-1), ends.shape[1] - 1)
+    start = np.where(block > 0, ends[index, block - 1], 0.0)
+    running = np.cumsum(blocks[index, block], axis=-1) + start[:, None]  # [B, DRAW_BLOCK]
+    picks = block * DRAW_BLOCK + np.minimum((running <= target[:, None]).sum(axis=-1), DRAW_BLOCK - 1)
+    return _kept(weights, picks, index)
+
+
+def _kept(weights: np.ndarray, picks: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``picks`` as int64, each moved off a token of weight 0, where rounding can leave one at a row's or a
+    block's end: to the nearest kept token before it, or after it when there is none."""
+    for row in np.flatnonzero(weights[index, picks] <= 0):
+        kept = np.flatnonzero(weights[row] > 0)
+        before = kept[kept <= picks[row]]
+        picks[row] = before[-1] if len(before) else kept[0]
     return picks.astype(np.int64)
 
 
