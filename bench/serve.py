@@ -122,8 +122,9 @@ class Server:
         # this checkout's llm, not the copy a virtualenv may have installed from elsewhere (an editable install of
         # another worktree would otherwise be what both servers run)
         path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-        self.process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": path})
+        # and this virtualenv's scripts first on PATH: `mlflow models serve` starts the `uvicorn` it finds there
+        env = {**os.environ, "PYTHONPATH": path, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+        self.process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
