@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--long-seconds", type=float, default=120.0, help="the 8-client run of llm serve; 0 skips")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads of llm serve")
+    parser.add_argument("--stream-interval", type=float, default=None,
+                        help="llm serve's --stream-interval (seconds between a stream's chunks; default: its own)")
     parser.add_argument("--skip-mlflow", action="store_true", help="benchmark llm serve only")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -306,7 +308,9 @@ def main() -> None:
 
     port = free_port()
     serve = [str(BIN / "llm"), "serve", "--model", args.model, "--port", str(port), "--max-batch", "8"]
-    server = Server("llm serve", serve + (["--threads", str(args.threads)] if args.threads else []), port,
+    serve += ["--threads", str(args.threads)] if args.threads else []
+    serve += ["--stream-interval", str(args.stream_interval)] if args.stream_interval is not None else []
+    server = Server("llm serve", serve, port,
                     "/health", logs / "llm-serve.log")
     try:
         server.wait_ready()
