@@ -178,8 +178,7 @@ def sample_next_token(
         before = np.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
         sorted_logits = np.where(before >= top_p, -np.inf, sorted_logits)
         np.put_along_axis(scaled, order, sorted_logits, axis=-1)
-    weights = np.subtract(scaled, scaled.max(axis=-1, keepdims=True), out=scaled)
-    np.exp(weights, out=weights)  # the softmax, unnormalised: the draw below scales u by the total instead
+    weights = _exp_shifted(scaled, out=scaled)  # the softmax, unnormalised: the draw scales u by the total instead
     if uniforms is None:  # a fresh generator only when asked to draw (seeding one from the OS costs ~10 us)
         uniforms = (rng if rng is not None else np.random.default_rng()).random(len(weights))
     return _inverse_cdf(weights, np.asarray(uniforms, dtype=np.float64))
@@ -203,19 +202,23 @@ def _inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     index = np.arange(rows)
     if weights.size <= DRAW_DIRECT_MAX:  # a row or two of a small vocabulary: the numpy calls cost more than the sum
         running = np.cumsum(weights, axis=-1)
-        picks = np.minimum((running <= (uniforms * running[:, -1])[:, None]).sum(axis=-1), vocab - 1)
-        return _kept(weights, picks, index)
+        return _kept(weights, _first_past(running, uniforms * running[:, -1]), index)
     width = -(-vocab // DRAW_BLOCK) * DRAW_BLOCK
     if width != vocab:  # zero weights pad the last block: never picked
         weights = np.pad(weights, ((0, 0), (0, width - vocab)))
     blocks = weights.reshape(rows, width // DRAW_BLOCK, DRAW_BLOCK)
     ends = np.cumsum(blocks.sum(axis=-1), axis=-1)  # [B, blocks]: the cumulative weight at each block's end
     target = uniforms * ends[:, -1]
-    block = np.minimum((ends <= target[:, None]).sum(axis=-1), ends.shape[1] - 1)
+    block = _first_past(ends, target)
     start = np.where(block > 0, ends[index, block - 1], 0.0)
     running = np.cumsum(blocks[index, block], axis=-1) + start[:, None]  # [B, DRAW_BLOCK]
-    picks = block * DRAW_BLOCK + np.minimum((running <= target[:, None]).sum(axis=-1), DRAW_BLOCK - 1)
-    return _kept(weights, picks, index)
+    return _kept(weights, block * DRAW_BLOCK + _first_past(running, target), index)
+
+
+def _first_past(running: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per row of ``running`` [B, N] (non-decreasing), the first column whose value passes ``target`` [B]; the
+    last column when rounding leaves none that does."""
+    return np.minimum((running <= target[:, None]).sum(axis=-1), running.shape[1] - 1)
 
 
 def _kept(weights: np.ndarray, picks: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -228,10 +231,16 @@ def _kept(weights: np.ndarray, picks: np.ndarray, index: np.ndarray) -> np.ndarr
     return picks.astype(np.int64)
 
 
-def _softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Softmax over the last axis; ``out`` (which may be ``x``) receives it instead of a new array."""
+def _exp_shifted(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``exp(x - max(x))`` over the last axis: the softmax before its division by the sum. ``out`` (which may
+    be ``x``) receives it instead of a new array."""
     e = np.subtract(x, x.max(axis=-1, keepdims=True), out=out)
-    np.exp(e, out=e)
+    return np.exp(e, out=e)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis."""
+    e = _exp_shifted(x)
     e /= e.sum(axis=-1, keepdims=True)
     return e
 
