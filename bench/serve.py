@@ -310,8 +310,7 @@ def main() -> None:
     serve = [str(BIN / "llm"), "serve", "--model", args.model, "--port", str(port), "--max-batch", "8"]
     serve += ["--threads", str(args.threads)] if args.threads else []
     serve += ["--stream-interval", str(args.stream_interval)] if args.stream_interval is not None else []
-    server = Server("llm serve", serve, port,
-                    "/health", logs / "llm-serve.log")
+    server = Server("llm serve", serve, port, "/health", logs / "llm-serve.log")
     try:
         server.wait_ready()
         model = json.loads(request(port, "GET", "/v1/models", None)[1])["data"][0]["id"]
