@@ -107,8 +107,9 @@ def atomic_file(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     path = Path(path)
     tmp = _temp_path(path)
     durable = not _inside_folder_being_built(path)
-    f = open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8", newline="\n")
-    try:
+    f = None
+    try:  # the open too: a Ctrl-C that lands just after it made the file must remove it
+        f = open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8", newline="\n")
         yield f
         f.flush()
         if durable:
@@ -116,7 +117,8 @@ def atomic_file(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
         f.close()
         _rename(tmp, path, sync_parent=durable)
     except BaseException:
-        f.close()
+        if f is not None:
+            f.close()
         tmp.unlink(missing_ok=True)
         raise
 
@@ -174,8 +176,8 @@ def temporary_folder_beside(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(dest)
-    tmp.mkdir()
-    try:
+    try:  # the mkdir too: a Ctrl-C that lands just after it made the folder must remove it
+        tmp.mkdir()
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

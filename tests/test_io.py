@@ -1,5 +1,6 @@
 """llm.io: atomic writes of files and folders, crash recovery of a folder swap, file hashing."""
 
+import builtins
 import hashlib
 import json
 import os
@@ -141,6 +142,21 @@ def test_atomic_file_removes_its_temp_file_when_the_block_raises(tmp_path):
         f.write(b"half")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_just_after_the_temp_file_is_made_removes_it(tmp_path, monkeypatch):
+    # Python runs a signal's handler right after the call that made the file returns, before any block
+    made = []
+
+    def open_then_interrupted(file, *args, **kwargs):
+        made.append(builtins.open(file, *args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llm.io.open", open_then_interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "tokens.bin", binary=True):
+        pass
+    made[0].close()
+    assert len(made) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_two_writers_of_one_file_use_different_temp_names(tmp_path):
@@ -432,6 +448,21 @@ def test_temporary_folder_beside_is_removed_with_its_contents(tmp_path):
         assert tmp.parent == dest.parent and TEMP_NAME.match(tmp.name)["name"] == "target"
         make_folder(tmp / "sub", {"f.txt": "x"})
     assert list(dest.parent.iterdir()) == []
+
+
+def test_a_ctrl_c_just_after_the_temporary_folder_is_made_removes_it(tmp_path, monkeypatch):
+    # the flaky end of tests/test_interruptions.py: the second SIGINT landed right after this mkdir
+    real_mkdir = os.mkdir
+
+    def mkdir_then_interrupted(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    dest = tmp_path / "run"
+    monkeypatch.setattr(os, "mkdir", mkdir_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_folder(dest):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------- hashing
