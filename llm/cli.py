@@ -341,6 +341,8 @@ def serve(
                                                      "gpt/Production)"),
     threads: int = typer.Option(1, min=1, help="onnxruntime threads per decoder call; more suit a bigger model on "
                                                "more cores (batching, not threads, serves many clients)"),
+    engines: int = typer.Option(1, min=1, help="engine processes decoding side by side, --max-batch shared among "
+                                               "them: each takes about a core and holds a copy of the model"),
     max_request_bytes: str | None = typer.Option(
         None, show_default=_SERVE_LIMITS.max_request_bytes.human_readable(),
         help="refuse larger request bodies with 413 (units: 1MiB, 64KB)"),
@@ -370,7 +372,7 @@ def serve(
 
     try:
         run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
-                   limits=limits)
+                   engines=engines, limits=limits)
     except ServeError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None

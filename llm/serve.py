@@ -2,10 +2,12 @@
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (whole answers or server-sent events),
 ``GET /v1/models``, and ``GET /health`` (open even with an API key). The request bodies and their checks
-are in ``llm.inference.openai_api``; the decoding is a ``BatchEngine``, whose worker thread decodes every
-request in flight together. The worker appends each request's events to that request's inbox and wakes the
-event loop only when the request's handler waits for them (through one ``LoopWaker``: one wake-up for all
-the requests woken by a decoder step); a streamed answer's handler waits for a token only after a pause of
+are in ``llm.inference.openai_api``; the decoding is a ``BatchEngine``, which decodes every request in flight
+together. ``llm serve`` runs it in a process of its own (``llm.inference.engine_process``: the decoder's Python
+and this event loop then never wait for each other's interpreter lock), whose events the loop reads; in-process
+(tests, embedding) its worker thread hands them over. Each request's events go to its inbox, and the loop is
+woken only when the request's handler waits for them (through one ``LoopWaker``: one wake-up for all the
+requests woken together); a streamed answer's handler waits for a token only after a pause of
 ``stream_interval_s``, by which time the tokens of many steps have arrived, so most steps wake nothing. The
 server detokenizes the events (control tokens are never shown), sends what arrived together as one piece,
 and cuts the text at a stop string.
@@ -16,7 +18,8 @@ before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens
 the unexpected ones included, is answered in OpenAI's shape without a traceback or an echo of the input.
 
 ``run_server`` is what ``llm serve`` calls: it resolves the model URI (an export folder, ``models:/...`` or
-``runs:/...`` through ``llm.mlops.lookup``), loads the int8 model when the export has one, and runs uvicorn.
+``runs:/...`` through ``llm.mlops.lookup``), starts the engine process on the int8 model when the export has
+one, and runs uvicorn.
 An import-linter contract checks that none of this imports torch.
 """
 
@@ -45,6 +48,7 @@ from llm.config import ServeLimits
 from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.inference import openai_api as api
 from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
+from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcess, EngineProcessError
 from llm.inference.onnx_runtime import CONFIG_FILE, OnnxGenerator, read_generation_config
 
 log = logging.getLogger(__name__)
@@ -63,17 +67,18 @@ class ClientGone(Exception):
 
 @dataclass
 class Served:
-    """What every request needs: the engine, the model's tokenizer and name, the limits, the API key."""
+    """What every request needs: the engine (in this process or its own), the model's tokenizer and name, the
+    limits, the API key."""
 
-    engine: BatchEngine
+    engine: BatchEngine | EngineProcess | EnginePool
     model_name: str
     limits: ServeLimits
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self.tokenizer = self.engine.generator.tokenizer
-        self.context_length = self.engine.generator.context_length
+        self.tokenizer = self.engine.tokenizer
+        self.context_length = self.engine.context_length
         self.stop_ids = generation_stop_ids(self.tokenizer)
         self._waker: LoopWaker | None = None
 
@@ -89,17 +94,22 @@ class LoopWaker:
     """Runs callbacks from the engine's thread on the event loop, waking the loop once per burst.
 
     ``call_soon_threadsafe`` wakes the loop (a write to its self-pipe) and hands it the GIL; here the first
-    callback of a burst schedules one delivery, and the callbacks posted before it runs ride along.
+    callback of a burst schedules one delivery, and the callbacks posted before it runs ride along. Posted on
+    the loop itself (the events of an engine process are read there), a callback runs at once.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self._thread = threading.get_ident()  # made inside the loop (``Served.waker``): the loop's thread
         self._pending: collections.deque[Callable[[], None]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
 
     def post(self, callback: Callable[[], None]) -> None:
-        """Called on the engine's thread; ``callback()`` runs on the event loop."""
+        """Called on the engine's thread (or the loop's); ``callback()`` runs on the event loop."""
+        if threading.get_ident() == self._thread:
+            callback()
+            return
         with self._lock:
             self._pending.append(callback)
             if self._scheduled:
@@ -547,26 +557,32 @@ def default_model_name(uri: str) -> str:
 
 
 def load_generator(export: Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
-    """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``."""
+    """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``, in this process."""
     int8 = not fp32 and bool(read_generation_config(export).get("int8_model_file"))
     return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,
                api_key: str | None = None, model_name: str | None = None, threads: int | None = None,
-               limits: ServeLimits | None = None) -> None:
-    """Serve ``model`` (see ``resolve_export``) until interrupted. Raises ServeError when it cannot load."""
+               engines: int = 1, limits: ServeLimits | None = None) -> None:
+    """Serve ``model`` (see ``resolve_export``) with ``engines`` engine processes until interrupted. Raises
+    ServeError when it cannot load."""
     import uvicorn
 
     limits = limits or ServeLimits()
+    export = resolve_export(model)
     try:
-        generator = load_generator(resolve_export(model), fp32=fp32, threads=threads)
-    except (FileNotFoundError, ValueError) as err:
+        engine = EnginePool(export, engines=engines, fp32=fp32, threads=threads, max_batch=limits.max_batch,
+                            max_queue=limits.max_queue,  # tokens wait there a quarter of a stream's pause at most
+                            flush_s=min(EVENT_FLUSH_S, limits.stream_interval_s / 4)).start()
+    except (FileNotFoundError, ValueError, EngineProcessError) as err:
         raise ServeError(f"cannot load {model}: {err}") from None
-    engine = BatchEngine(generator, max_batch=limits.max_batch, max_queue=limits.max_queue)
-    served = Served(engine, model_name or default_model_name(model), limits, api_key or None)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
-    print(f"serving {served.model_name} ({generator.model_path.name}) at {url}", flush=True)
-    key = '"<your key>"' if served.api_key else '"none"'
-    print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
-    uvicorn.run(create_app(served), host=host, port=port, log_level="info")
+    try:
+        served = Served(engine, model_name or default_model_name(model), limits, api_key or None)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+        print(f"serving {served.model_name} ({engine.model_file}) at {url}", flush=True)
+        key = '"<your key>"' if served.api_key else '"none"'
+        print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
+        uvicorn.run(create_app(served), host=host, port=port, log_level="info")
+    finally:
+        engine.stop()  # the app's shutdown stopped it already, unless uvicorn never started it

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -78,13 +80,14 @@ def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
 
 @pytest.fixture(scope="module")
 def servers(export):
-    """Three real servers, started together: the default one, one with an API key, and a small one (a queue
-    of 1, a batch of 1, 4 KiB bodies, up to a million new tokens)."""
+    """Four real servers, started together: the default one, one with an API key, a small one (a queue of 1, a
+    batch of 1, 4 KiB bodies, up to a million new tokens), and one with two engine processes."""
     started = {
         "plain": _start(export),
         "keyed": _start(export, "--api-key", KEY, "--model-name", "juliet"),
         "small": _start(export, "--max-queue", "1", "--max-batch", "1", "--max-request-bytes", "4KiB",
                         "--max-tokens", "1000000"),
+        "pair": _start(export, "--engines", "2", "--max-batch", "4", "--max-tokens", "1000000"),
     }
     try:
         for proc, url in started.values():
@@ -308,6 +311,7 @@ def _open_stream(url: str) -> http.client.HTTPConnection:
     response = connection.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")
+    connection.response = response  # the rest of the stream
     return connection
 
 
@@ -334,16 +338,116 @@ def test_a_full_queue_is_429_and_a_client_that_leaves_cancels_its_request(server
     deadline = time.monotonic() + 10
     while _health(url)["engine"]["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _health(url)["engine"] == {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
+    assert _health(url)["engine"] == {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1, "engines": 1}
 
 
-def test_the_server_process_never_loads_torch(servers, client):
+def test_neither_the_server_nor_its_engine_process_loads_torch(servers, client):
     client.completions.create(model="onnx", prompt="x", max_tokens=2)
-    maps = Path(f"/proc/{servers['plain']['proc'].pid}/maps")
-    if not maps.exists():
+    server = psutil.Process(servers["plain"]["proc"].pid)
+    if not Path(f"/proc/{server.pid}/maps").exists():
         pytest.skip("no /proc on this platform")
-    loaded = maps.read_text()
-    assert "onnxruntime" in loaded and "libtorch" not in loaded
+    loaded = {p.pid: Path(f"/proc/{p.pid}/maps").read_text() for p in (server, *server.children())}
+    decoders = [pid for pid, maps in loaded.items() if "onnxruntime" in maps]
+    assert decoders != [server.pid] and len(decoders) == 1  # the decoder runs in a process of its own
+    assert not any("libtorch" in maps for maps in loaded.values())
+
+
+# --- the engine process ---------------------------------------------------------------------------------
+
+
+def _processes(server: subprocess.Popen) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The server and its engine process (the one child that loads onnxruntime), or skip without /proc."""
+    parent = psutil.Process(server.pid)
+    if not Path(f"/proc/{server.pid}/maps").exists():
+        pytest.skip("no /proc on this platform")
+    children = parent.children(recursive=True)
+    return [c for c in children if "onnxruntime" in Path(f"/proc/{c.pid}/maps").read_text()], children
+
+
+def test_two_engine_processes_decode_side_by_side(servers, reference):
+    url = servers["pair"]["url"]
+    engines, _ = _processes(servers["pair"]["proc"])
+    assert len(engines) == 2
+    tokenizer, answer = reference
+    prompt = encode_chat(tokenizer, MESSAGES, add_generation_prompt=True)
+    _, expected = answer(prompt, 12)
+    pair = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    reply = pair.chat.completions.create(model="onnx", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected  # alone in its engine: the export's own answer
+
+    streams = [_open_stream(url), _open_stream(url)]  # the second goes to the idle engine
+    try:
+        assert _health(url)["engine"] == {"active": 2, "queued": 0, "max_batch": 4, "max_queue": 64, "engines": 2}
+        before = [engine.cpu_times() for engine in engines]
+        time.sleep(1.0)
+        busy = [after.user + after.system - b.user - b.system
+                for after, b in zip((engine.cpu_times() for engine in engines), before, strict=True)]
+        assert min(busy) > 0.2, busy  # both engine processes are decoding
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_a_dead_engine_process_ends_the_requests_in_flight_and_the_server_answers_503(export):
+    proc, url = _start(export, "--max-tokens", "1000000")
+    try:
+        _wait_healthy(proc, url)
+        stream = _open_stream(url)
+        (engine,), _ = _processes(proc)
+        engine.kill()
+        body = stream.response.read().decode()  # the stream ends at once: no wait for the request's deadline
+        assert '"code": "engine_unavailable"' in body and "[DONE]" not in body
+        assert proc.poll() is None  # the server itself stays up and says what is wrong
+        with pytest.raises(urllib.error.HTTPError) as health:
+            _health(url)
+        assert health.value.code == 503 and json.loads(health.value.read())["status"] == "unavailable"
+        status, error = _chat(url, max_tokens=2)
+        assert (status, error["code"]) == (503, "engine_unavailable")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_the_engine_process_ends_with_its_server_even_a_killed_one(export):
+    proc, url = _start(export)
+    _wait_healthy(proc, url)
+    engines, children = _processes(proc)
+    assert len(engines) == 1
+    proc.kill()  # no shutdown at all: the engine process sees its pipe close
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert alive == []
+
+
+def test_ctrl_c_stops_the_server_and_its_engine_process_without_a_traceback(export):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "llm", "serve", "--model", str(export), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
+        _, children = _processes(proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        assert proc.wait(timeout=30) == 0
+        assert psutil.wait_procs(children, timeout=20)[1] == []
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_1(export, tmp_path):
+    broken = shutil.copytree(export, tmp_path / "onnx")
+    for graph in ("model.int8.onnx", "model.static.int8.onnx"):
+        (broken / graph).write_bytes(b"not an onnx model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "llm", "serve", "--model", str(broken)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot load {broken}:")
 
 
 # --- in-process, with an engine that does as told ------------------------------------------------------------
@@ -354,6 +458,7 @@ class ScriptedEngine:
 
     def __init__(self, export: Path, script: list[Event]):
         self.generator = OnnxGenerator(export)
+        self.tokenizer, self.context_length = self.generator.tokenizer, self.generator.context_length
         self.script, self.prompts, self.running = script, [], False
 
     def start(self):

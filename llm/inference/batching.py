@@ -28,11 +28,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, sample_next_token, suppress_ids
 from llm.inference.onnx_runtime import OnnxGenerator, StaticCacheDecoder
+
+if TYPE_CHECKING:
+    from llm.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +90,19 @@ class Job:
 class BatchEngine:
     """Decode the requests submitted from any thread together, ``max_batch`` at a time, with one worker thread.
 
-    ``max_queue`` bounds the requests waiting for a row (``submit`` raises EngineFull beyond it). Use as a
-    context manager, or call ``start()`` and ``stop()``.
+    ``max_queue`` bounds the requests waiting for a row (``submit`` raises EngineFull beyond it). ``on_step``, if
+    given, is called on the worker thread after each pass of its loop (admissions, prefills, one decoder step):
+    where a caller that forwards the events elsewhere sends what the pass produced at once. Use as a context
+    manager, or call ``start()`` and ``stop()``.
     """
 
     def __init__(self, generator: OnnxGenerator, *, max_batch: int = 8, max_queue: int = 64,
-                 static_cache: bool = True):
+                 static_cache: bool = True, on_step: Callable[[], None] | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator = generator
         self.max_batch, self.max_queue = max_batch, max_queue
+        self._on_step = on_step
         # the export's static-cache graph when it has one (format 3): no cache copied from step to step
         self.static = generator.static_cache_decoder(max_batch) if static_cache else None
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -136,6 +143,14 @@ class BatchEngine:
     @property
     def running(self) -> bool:
         return self._running.is_set()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.generator.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.generator.context_length
 
     def stats(self) -> dict[str, int]:
         return {"active": self._active, "queued": self._queue.qsize(), "max_batch": self.max_batch,
@@ -221,6 +236,8 @@ class BatchEngine:
                 if batch.rows:
                     self._decode_step(batch, fresh)
                     self._active = len(batch.rows) + len(fresh)
+                if self._on_step is not None:
+                    self._on_step()
         except Exception:  # noqa: BLE001 - a bug here must not leave a server accepting work nobody decodes
             log.exception("the batch engine's worker failed; the engine stops")
         finally:

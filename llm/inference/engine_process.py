@@ -1,0 +1,439 @@
+"""``llm serve``'s batch engine in a process of its own, so that decoding and HTTP do not share one GIL.
+
+In one process, the ``BatchEngine`` worker and the server's event loop take turns at the interpreter lock: each
+decoder step's Python (sampling, events) waits while the loop parses requests and writes chunks, and the other
+way round. ``EngineProcess`` runs the engine in a child process and speaks to it over a pipe; it offers what the
+server uses of a ``BatchEngine`` (``submit``, ``start``, ``stop``, ``running``, ``stats``, ``tokenizer``,
+``context_length``), so ``llm.serve`` takes either. ``EnginePool`` runs several, side by side on more cores.
+
+The protocol, one pickled message at a time:
+
+    server -> engine    ("submit", job id, prompt ids, SamplingParams, seconds left or None)
+                        ("cancel", job id)        ("stop",)
+    engine -> server    ("ready", model file name) or ("failed", message), once, after loading the model
+                        [(job id, token id, finish reason, error), ...]: the events of one or more decoder steps
+
+The engine process sends after a decoder step only when an event is urgent (a request's first token, for the
+time to first token, or its end) or ``flush_s`` (``EVENT_FLUSH_S``) has passed since the last message, so that
+a step of eight rows is not eight wake-ups of the server; the server reads the pipe on its event loop
+(``add_reader``), with no thread of its own. The server bounds the requests in flight (``max_batch`` decoding plus ``max_queue``
+waiting: EngineFull beyond them, checked here so that a refusal is immediate); the engine process's own queue
+is made large enough never to refuse what the server let through.
+
+The engine process ignores SIGINT (Ctrl-C reaches the whole process group; the server stops it in order) and
+exits when the server asks, when the pipe closes (the server died, even by SIGKILL), or when its worker fails.
+When it ends unasked, every request in flight ends "cancelled" (HTTP 503) and ``running`` turns False.
+
+No torch here (an import-linter contract checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llm.data.tokenizer import Tokenizer, load_tokenizer
+from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
+from llm.inference.decoding import SamplingParams, check_prompt
+from llm.inference.onnx_runtime import TOKENIZER_DIR, OnnxGenerator, read_generation_config
+
+log = logging.getLogger(__name__)
+
+EVENT_FLUSH_S = 0.005  # the longest a decoded token waits in the engine process (by default streams pause 0.02 s)
+LOAD_TIMEOUT_S = 300.0  # loading the model in the engine process; past this the server gives up
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process could not load the model, or ended while loading it; the message says why."""
+
+
+class _RemoteJob:
+    """A request in the engine process. ``cancel()`` asks the engine to end it (once; a no-op once it ended)."""
+
+    def __init__(self, engine: EngineProcess, job_id: int, on_event: Callable[[Event], None]):
+        self.engine, self.id, self.on_event = engine, job_id, on_event
+        self.done = self._cancelled = False
+
+    def cancel(self) -> None:
+        if not self.done and not self._cancelled:
+            self._cancelled = True
+            try:
+                self.engine._send(("cancel", self.id))
+            except OSError:
+                pass  # the engine process is gone: the request ends with it ("cancelled")
+
+
+class EngineProcess:
+    """A ``BatchEngine`` over ``export`` (int8 unless ``fp32`` or there is none) in a child process.
+
+    ``start()`` (outside an event loop) starts the process and waits for the model to load, raising
+    EngineProcessError when it cannot; ``start()`` inside the server's event loop then reads the engine's events
+    there, where each request's ``on_event`` is called. ``stop()`` ends the process; what was in flight ends
+    "cancelled".
+    """
+
+    def __init__(self, export: str | Path, *, fp32: bool = False, threads: int | None = None, max_batch: int = 8,
+                 max_queue: int = 64, flush_s: float = EVENT_FLUSH_S):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.export = Path(export)
+        self.flush_s = flush_s
+        config = read_generation_config(self.export)
+        self.int8 = not fp32 and bool(config.get("int8_model_file"))
+        self.threads, self.max_batch, self.max_queue = threads, max_batch, max_queue
+        self.context_length = int(config["context_length"])
+        self.vocab_size = int(config["vocab_size"])
+        self.tokenizer: Tokenizer = load_tokenizer(self.export / TOKENIZER_DIR)
+        self.model_file: str | None = None  # the graph the engine runs, once started
+        self._process: Any = None
+        self._conn: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: dict[int, _RemoteJob] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._running = False
+        self._stopping = False
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> EngineProcess:
+        if self._process is None:
+            self.launch()
+            self.wait_ready()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self
+        if self._loop is None and self._running:
+            loop.add_reader(self._conn.fileno(), self._readable)
+            self._loop = loop
+        return self
+
+    def launch(self) -> None:
+        """Start the process (it loads the model while this returns); ``wait_ready`` waits for the model."""
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of the server's threads
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_engine_main, name="llm-engine", daemon=True,
+            args=(child, str(self.export), self.int8, self.threads, self.max_batch, self.max_queue, self.flush_s))
+        self._process.start()
+        child.close()  # the child's end lives in the child: its exit is this end's EOF
+
+    def wait_ready(self) -> None:
+        """Wait for the launched process to load the model; EngineProcessError (the process ended) if it cannot."""
+        try:
+            if not self._conn.poll(LOAD_TIMEOUT_S):
+                raise EngineProcessError(f"the engine process did not load {self.export} in {LOAD_TIMEOUT_S:g} s")
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            message = ("failed", f"the engine process exited with code {self._process.exitcode} while loading")
+        except EngineProcessError:
+            self._end_process()
+            raise
+        if message[0] != "ready":
+            self._end_process()
+            raise EngineProcessError(message[1])
+        self.model_file = message[1]
+        self._running = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine process (its requests end "cancelled") and wait up to ``timeout`` s for it."""
+        if self._process is None or self._stopping:
+            self._running = False
+            return
+        self._stopping = True
+        self._running = False
+        try:
+            self._send(("stop",))
+        except OSError:
+            pass
+        self._process.join(timeout)
+        self._end_process()
+        self._drain()
+        self._detach()
+        self._cancel_all()
+        self._conn.close()
+
+    def _end_process(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+
+    def __enter__(self) -> EngineProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted that have not ended (as far as the events read so far say)."""
+        return len(self._jobs)
+
+    def stats(self) -> dict[str, int]:
+        """In flight, as the server counts them: the first ``max_batch`` decode, the rest wait."""
+        return {"active": min(self.in_flight, self.max_batch), "queued": max(0, self.in_flight - self.max_batch),
+                "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, on_event: Callable[[Event], None],
+               deadline: float | None = None) -> _RemoteJob:
+        """As ``BatchEngine.submit``, but ``on_event`` is called on the event loop that ``start()`` ran in."""
+        ids = check_prompt(prompt_ids, self.vocab_size)
+        if not self._running:
+            raise EngineStopped("the engine is not running")
+        if self.in_flight >= self.max_batch + self.max_queue:
+            raise EngineFull(f"{self.max_queue} requests are waiting already")
+        job = _RemoteJob(self, next(self._ids), on_event)
+        self._jobs[job.id] = job
+        try:
+            self._send(("submit", job.id, ids, params, None if deadline is None else deadline - time.monotonic()))
+        except OSError:
+            del self._jobs[job.id]
+            raise EngineStopped("the engine process is gone") from None
+        return job
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _readable(self) -> None:
+        """On the event loop: one message of events from the engine process, or its end."""
+        try:
+            events = self._conn.recv()
+        except (EOFError, OSError):
+            self._lost()
+            return
+        self._deliver(events)
+
+    def _deliver(self, events: list[tuple]) -> None:
+        for job_id, token_id, finish_reason, error in events:
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            if finish_reason is not None:
+                job.done = True
+                del self._jobs[job_id]
+            try:
+                job.on_event(Event(token_id, finish_reason, error))
+            except Exception:  # noqa: BLE001 - one broken callback must not lose the other requests' events
+                log.exception("the event callback of request %d failed", job_id)
+
+    def _drain(self) -> None:
+        """Deliver what the engine process sent before it ended."""
+        try:
+            while self._conn.poll():
+                self._deliver(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _lost(self) -> None:
+        """The engine process ended (its pipe closed): every request in flight ends "cancelled" (HTTP 503)."""
+        self._running = False
+        self._detach()
+        if not self._stopping:
+            self._process.join(5)
+            log.error("the engine process exited (code %s): requests are refused until the server restarts",
+                      self._process.exitcode)
+        self._cancel_all()
+
+    def _detach(self) -> None:
+        if self._loop is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._conn.fileno())
+            self._loop = None
+
+    def _cancel_all(self) -> None:
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            job.done = True
+            try:
+                job.on_event(Event(finish_reason="cancelled"))
+            except Exception:  # noqa: BLE001
+                log.exception("the event callback of request %d failed", job.id)
+
+
+class EnginePool:
+    """``engines`` engine processes decoding side by side, each on about a core: a request goes to the one with
+    the fewest requests in flight. ``max_batch`` is shared out (each decodes up to ``ceil(max_batch /
+    engines)`` rows); ``max_batch + max_queue`` bounds the requests in flight in all (EngineFull beyond). One
+    engine decodes a small model on about one core whatever its onnxruntime threads (a step of such a model is
+    many small operators), so more cores serve more requests through more engines, each holding a copy of the
+    model. If any engine process ends unasked, the pool stops taking requests (HTTP 503), like a single engine.
+    """
+
+    def __init__(self, export: str | Path, *, engines: int = 1, fp32: bool = False, threads: int | None = None,
+                 max_batch: int = 8, max_queue: int = 64, flush_s: float = EVENT_FLUSH_S):
+        if engines < 1:
+            raise ValueError(f"engines must be >= 1, got {engines}")
+        per_engine = -(-max_batch // engines)
+        self.engines = [EngineProcess(export, fp32=fp32, threads=threads, max_batch=per_engine, max_queue=max_queue,
+                                      flush_s=flush_s) for _ in range(engines)]
+        first = self.engines[0]
+        self.tokenizer, self.context_length, self.vocab_size = first.tokenizer, first.context_length, first.vocab_size
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.model_file: str | None = None
+
+    def start(self) -> EnginePool:
+        launched = [engine for engine in self.engines if engine.pid is None]
+        try:
+            for engine in launched:  # load the copies of the model at the same time
+                engine.launch()
+            for engine in launched:
+                engine.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        for engine in self.engines:
+            engine.start()  # in the event loop: read its events there
+        self.model_file = self.engines[0].model_file
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for engine in self.engines:
+            engine.stop(timeout)
+
+    def __enter__(self) -> EnginePool:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return all(engine.running for engine in self.engines)
+
+    def stats(self) -> dict[str, int]:
+        each = [engine.stats() for engine in self.engines]
+        return {"active": sum(s["active"] for s in each), "queued": sum(s["queued"] for s in each),
+                "max_batch": self.max_batch, "max_queue": self.max_queue, "engines": len(self.engines)}
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, on_event: Callable[[Event], None],
+               deadline: float | None = None) -> _RemoteJob:
+        """As ``EngineProcess.submit``, on the engine with the fewest requests in flight."""
+        if not self.running:
+            raise EngineStopped("an engine process is not running")
+        if sum(engine.in_flight for engine in self.engines) >= self.max_batch + self.max_queue:
+            raise EngineFull(f"{self.max_queue} requests are waiting already")
+        engine = min(self.engines, key=lambda engine: engine.in_flight)
+        return engine.submit(prompt_ids, params, on_event=on_event, deadline=deadline)
+
+
+# ---------------------------------------------------------------------------------------------- the child
+
+
+class _Outbox:
+    """The engine process's events on their way to the server: appended by the worker's callbacks, sent after a
+    decoder step (``flush``) in one message when one is urgent or ``flush_s`` has passed."""
+
+    def __init__(self, conn: Any, flush_s: float):
+        self.conn, self.flush_s = conn, flush_s
+        self.events: collections.deque[tuple] = collections.deque()
+        self.urgent = False
+        self.sent = 0.0
+        self.broken = False  # the server is gone: drop the events, the main loop sees the pipe's end
+
+    def sink(self, job_id: int) -> Callable[[Event], None]:
+        first = True
+
+        def on_event(event: Event) -> None:
+            nonlocal first
+            self.events.append((job_id, event.token_id, event.finish_reason, event.error))
+            if first or event.finish_reason is not None:
+                first = False
+                self.urgent = True
+
+        return on_event
+
+    def flush(self, force: bool = False) -> None:
+        if not self.events or self.broken:
+            return
+        if not (force or self.urgent or time.monotonic() - self.sent >= self.flush_s):
+            return
+        self.urgent = False
+        batch = [self.events.popleft() for _ in range(len(self.events))]
+        self.sent = time.monotonic()
+        try:
+            self.conn.send(batch)
+        except OSError:
+            self.broken = True
+
+
+def _engine_main(conn: Any, export: str, int8: bool, threads: int | None, max_batch: int, max_queue: int,
+                 flush_s: float) -> None:
+    """The engine process: load the model, then take the server's messages until it says stop or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    outbox = _Outbox(conn, flush_s)
+    try:
+        generator = OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
+        engine = BatchEngine(generator, max_batch=max_batch, max_queue=max_queue + max_batch, on_step=outbox.flush)
+    except Exception as err:  # noqa: BLE001 - the server prints it as one line
+        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        return
+    engine.start()
+    conn.send(("ready", generator.model_path.name))
+    jobs: dict[int, Any] = {}  # in the engine, by the server's id: what a cancel message names
+    ended: set[int] = set()  # ended before ``submit`` returned them (a request of one token can)
+    lock = threading.Lock()
+
+    def sink(job_id: int) -> Callable[[Event], None]:
+        forward = outbox.sink(job_id)
+
+        def on_event(event: Event) -> None:  # on the engine's worker thread
+            if event.finish_reason is not None:
+                with lock:
+                    if jobs.pop(job_id, None) is None:
+                        ended.add(job_id)
+            forward(event)
+
+        return on_event
+
+    try:
+        while engine.running and not outbox.broken:
+            if not conn.poll(0.5):
+                continue
+            message = conn.recv()
+            if message[0] == "submit":
+                _, job_id, ids, params, seconds = message
+                deadline = None if seconds is None else time.monotonic() + seconds
+                on_event = sink(job_id)
+                try:
+                    job = engine.submit(ids, params, on_event=on_event, deadline=deadline)
+                except (EngineFull, EngineStopped, ValueError) as err:  # the server checked these: a bug if seen
+                    outbox.sink(job_id)(Event(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                    continue
+                with lock:
+                    if job_id in ended:
+                        ended.discard(job_id)
+                    else:
+                        jobs[job_id] = job
+            elif message[0] == "cancel":
+                job = jobs.get(message[1])
+                if job is not None:
+                    job.cancel()
+            elif message[0] == "stop":
+                break
+    except (EOFError, OSError):
+        pass  # the server is gone
+    finally:
+        engine.stop()  # what was in flight ends "cancelled"
+        outbox.flush(force=True)
