@@ -1,6 +1,7 @@
 """Serving on this CPU: ``llm serve`` (ONNX Runtime, continuous batching) against ``mlflow models serve``.
 
-Both servers serve the same registered version, one after the other, in this one run. For each server and
+Both servers serve the same registered version, one after the other, in this one run: ``llm serve`` once for
+each of ``--engines`` (1 and 2 engine processes by default), then ``mlflow models serve``. For each server and
 each number of concurrent clients (1, 4, 8 by default), every client sends chat requests back to back for
 ``--seconds``: one user message (a few lines from a small list), ``--max-tokens`` new tokens (64), temperature
 0.8, a different seed per request, and ``min_tokens`` (``min_new_tokens`` for the pyfunc) equal to
@@ -22,14 +23,15 @@ figures count the tokens it did return). Reported per row:
 
 ``llm serve`` counts completion tokens in its ``usage`` (exact); for ``mlflow models serve`` they are the
 tokenizer's count of the returned text (the ids sampled can differ from a re-encoding by a token or two).
-Then ``llm serve`` runs ``--long-seconds`` (120) with 8 clients, to show zero errors and flat memory under
-sustained load. The clients are plain ``http.client`` threads in this process, on the same machine as the
+Then the last ``llm serve`` runs ``--long-seconds`` (120) with 8 clients, to show zero errors and flat memory
+under sustained load. The clients are plain ``http.client`` threads in this process, on the same machine as the
 server, so they take some of its CPU: the figures are what one box serving itself gives. Both servers run this
 checkout's ``llm`` (its folder goes first on their ``PYTHONPATH``), whatever copy the virtualenv installed.
 
 Usage (in a project where ``dvc repro`` has registered and exported a model, e.g. after ``make demo``)::
 
     python bench/serve.py                                   # models:/gpt/Production, 20 s per row, 120 s long run
+    python bench/serve.py --engines 1 --skip-mlflow         # llm serve's default alone
     python bench/serve.py --seconds 10 --long-seconds 0 --json serve.json
 """
 
@@ -294,6 +296,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--long-seconds", type=float, default=120.0, help="the 8-client run of llm serve; 0 skips")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--engines", default="1,2",
+                        help="llm serve's --engines (engine processes), comma separated: one server each, in turn")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads of llm serve")
     parser.add_argument("--stream-interval", type=float, default=None,
                         help="llm serve's --stream-interval (seconds between a stream's chunks; default: its own)")
@@ -306,22 +310,28 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} (1, 5, 15 min) "
           "before the first phase", flush=True)
 
-    port = free_port()
-    serve = [str(BIN / "llm"), "serve", "--model", args.model, "--port", str(port), "--max-batch", "8"]
-    serve += ["--threads", str(args.threads)] if args.threads else []
-    serve += ["--stream-interval", str(args.stream_interval)] if args.stream_interval is not None else []
-    server = Server("llm serve", serve, port, "/health", logs / "llm-serve.log")
-    try:
-        server.wait_ready()
-        model = json.loads(request(port, "GET", "/v1/models", None)[1])["data"][0]["id"]
-        llm_send = lambda question, seed: llm_chat(port, model, question, seed, args.max_tokens)  # noqa: E731
-        run_phase(server, 1, 3, llm_send)  # warm up
-        rows += [run_phase(server, n, args.seconds, llm_send).row() for n in clients]
-        if args.long_seconds:
-            long_row = run_phase(server, 8, args.long_seconds, llm_send).row()
-            rows.append({**long_row, "server": "llm serve (long)"})
-    finally:
-        server.stop()
+    engines = [int(n) for n in args.engines.split(",")]
+    for n_engines in engines:
+        name = "llm serve" + (f" --engines {n_engines}" if n_engines > 1 else "")
+        port = free_port()
+        serve = [str(BIN / "llm"), "serve", "--model", args.model, "--port", str(port), "--max-batch", "8",
+                 "--engines", str(n_engines)]
+        serve += ["--threads", str(args.threads)] if args.threads else []
+        serve += ["--stream-interval", str(args.stream_interval)] if args.stream_interval is not None else []
+        server = Server(name, serve, port, "/health", logs / f"llm-serve-{n_engines}.log")
+        try:
+            server.wait_ready()
+            model = json.loads(request(port, "GET", "/v1/models", None)[1])["data"][0]["id"]
+            def llm_send(question: str, seed: int, port: int = port, model: str = model) -> Result:
+                return llm_chat(port, model, question, seed, args.max_tokens)
+
+            run_phase(server, 1, 3, llm_send)  # warm up
+            rows += [run_phase(server, n, args.seconds, llm_send).row() for n in clients]
+            if args.long_seconds and n_engines == engines[-1]:
+                long_row = run_phase(server, 8, args.long_seconds, llm_send).row()
+                rows.append({**long_row, "server": f"{name} (long)"})
+        finally:
+            server.stop()
 
     if not args.skip_mlflow:
         count = tokenizer_counter(args.model)
@@ -340,11 +350,12 @@ def main() -> None:
     print_table(rows)
     by = {(r["server"], r["clients"]): r["tokens_per_s"] for r in rows}
     top = max(clients)
-    if by.get(("llm serve", 1)) and ("llm serve", top) in by:
-        print(f"\nllm serve, {top} clients / 1 client: {by['llm serve', top] / by['llm serve', 1]:.1f}x")
-    if ("llm serve", top) in by and by.get(("mlflow models serve", top)):
-        print(f"llm serve / mlflow models serve, {top} clients: "
-              f"{by['llm serve', top] / by['mlflow models serve', top]:.1f}x")
+    print()
+    for name in dict.fromkeys(r["server"] for r in rows if r["server"].startswith("llm serve")):
+        if by.get((name, 1)) and (name, top) in by:
+            print(f"{name}, {top} clients / 1 client: {by[name, top] / by[name, 1]:.1f}x")
+        if (name, top) in by and by.get(("mlflow models serve", top)):
+            print(f"{name} / mlflow models serve, {top} clients: {by[name, top] / by['mlflow models serve', top]:.1f}x")
     print(f"server logs: {logs}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
