@@ -319,3 +319,41 @@ def test_a_crashed_worker_stops_the_engine_instead_of_queueing_work_nobody_decod
     with pytest.raises(EngineStopped):
         engine.submit([1, 2], SamplingParams(max_new_tokens=5), on_event=lambda e: None)
     engine.stop()
+
+
+# ---------------------------------------------------------------------------------------------- the engine process
+
+
+class _Pipe:
+    def __init__(self):
+        self.sent: list[list[tuple]] = []
+
+    def send(self, batch: list[tuple]) -> None:
+        self.sent.append(batch)
+
+
+def test_the_engine_process_sends_a_first_token_and_an_end_at_once_and_holds_the_rest_for_flush_s():
+    from llm.inference.engine_process import _Outbox
+
+    pipe = _Pipe()
+    outbox = _Outbox(pipe, flush_s=60.0)
+    first, second = outbox.sink(7), outbox.sink(8)
+    first(Event(token_id=1))
+    outbox.flush()  # a first token: sent after its step, for the time to first token
+    first(Event(token_id=2))
+    second(Event(token_id=5))  # the other request's first token: it takes the one held along
+    outbox.flush()
+    first(Event(token_id=3))
+    outbox.flush()  # neither first nor last, within flush_s: held
+    first(Event(finish_reason="length"))
+    outbox.flush()  # an end: sent at once, with what was held
+    assert pipe.sent == [[(7, 1, None, None)], [(7, 2, None, None), (8, 5, None, None)],
+                         [(7, 3, None, None), (7, None, "length", None)]]
+
+    every_step = _Pipe()
+    outbox = _Outbox(every_step, flush_s=0.0)  # llm serve --stream-interval 0: each token alone
+    on_event = outbox.sink(1)
+    for token in (4, 5, 6):
+        on_event(Event(token_id=token))
+        outbox.flush()
+    assert every_step.sent == [[(1, 4, None, None)], [(1, 5, None, None)], [(1, 6, None, None)]]
