@@ -388,6 +388,35 @@ def test_two_engine_processes_decode_side_by_side(servers, reference):
             stream.close()
 
 
+def test_an_event_loop_that_cannot_watch_a_pipe_gets_the_events_through_a_thread(export):
+    """Windows' proactor loop has no ``add_reader``: a thread reads the engine's pipe and the loop delivers."""
+    import asyncio
+
+    from llm.inference.engine_process import EngineProcess
+
+    class NoReaders(asyncio.SelectorEventLoop):
+        def add_reader(self, *args):
+            raise NotImplementedError
+
+    async def generate() -> tuple[list[Event], bool]:
+        engine = EngineProcess(export, max_batch=2, max_queue=2).start()
+        events, done = [], asyncio.Event()
+        try:
+            engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0),
+                          on_event=lambda event: events.append(event) or (event.finish_reason and done.set()))
+            await asyncio.wait_for(done.wait(), 30)
+            return events, engine._reader_thread is not None
+        finally:
+            engine.stop()
+
+    loop = NoReaders()
+    try:
+        events, threaded = loop.run_until_complete(generate())
+    finally:
+        loop.close()
+    assert threaded and [e.finish_reason for e in events] == [None] * 5 + ["length"]
+
+
 def test_a_dead_engine_process_ends_the_requests_in_flight_and_the_server_answers_503(export):
     proc, url = _start(export, "--max-tokens", "1000000")
     try:

@@ -16,9 +16,10 @@ The protocol, one pickled message at a time:
 The engine process sends after a decoder step only when an event is urgent (a request's first token, for the
 time to first token, or its end) or ``flush_s`` (``EVENT_FLUSH_S``) has passed since the last message, so that
 a step of eight rows is not eight wake-ups of the server; the server reads the pipe on its event loop
-(``add_reader``), with no thread of its own. The server bounds the requests in flight (``max_batch`` decoding plus ``max_queue``
-waiting: EngineFull beyond them, checked here so that a refusal is immediate); the engine process's own queue
-is made large enough never to refuse what the server let through.
+(``add_reader``), with no thread of its own (where the loop cannot watch a pipe, as on Windows, a thread reads
+it and hands each message to the loop). The server bounds the requests in flight (``max_batch`` decoding plus
+``max_queue`` waiting: EngineFull beyond them, checked here so that a refusal is immediate); the engine
+process's own queue is made large enough never to refuse what the server let through.
 
 The engine process ignores SIGINT (Ctrl-C reaches the whole process group; the server stops it in order) and
 exits when the server asks, when the pipe closes (the server died, even by SIGKILL), or when its worker fails.
@@ -97,6 +98,7 @@ class EngineProcess:
         self._process: Any = None
         self._conn: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader_thread: threading.Thread | None = None
         self._jobs: dict[int, _RemoteJob] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
@@ -114,7 +116,13 @@ class EngineProcess:
         except RuntimeError:
             return self
         if self._loop is None and self._running:
-            loop.add_reader(self._conn.fileno(), self._readable)
+            try:
+                loop.add_reader(self._conn.fileno(), self._readable)
+                self._reader_thread = None
+            except NotImplementedError:  # Windows' proactor loop watches no pipe: a thread reads, the loop delivers
+                self._reader_thread = threading.Thread(target=self._read_for, args=(loop,), daemon=True,
+                                                       name="engine-events")
+                self._reader_thread.start()
             self._loop = loop
         return self
 
@@ -159,7 +167,10 @@ class EngineProcess:
             pass
         self._process.join(timeout)
         self._end_process()
-        self._drain()
+        if self._reader_thread is not None:
+            self._reader_thread.join(5)  # it reads to the pipe's end, which the process's exit closed
+        else:
+            self._drain()
         self._detach()
         self._cancel_all()
         self._conn.close()
@@ -225,6 +236,15 @@ class EngineProcess:
             return
         self._deliver(events)
 
+    def _read_for(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On a thread of its own: each message of events, handed to ``loop``; then the end of the process."""
+        try:
+            while True:
+                loop.call_soon_threadsafe(self._deliver, self._conn.recv())
+        except (EOFError, OSError):
+            if not self._stopping and not loop.is_closed():
+                loop.call_soon_threadsafe(self._lost)
+
     def _deliver(self, events: list[tuple]) -> None:
         for job_id, token_id, finish_reason, error in events:
             job = self._jobs.get(job_id)
@@ -258,9 +278,9 @@ class EngineProcess:
 
     def _detach(self) -> None:
         if self._loop is not None:
-            if not self._loop.is_closed():
+            if self._reader_thread is None and not self._loop.is_closed():
                 self._loop.remove_reader(self._conn.fileno())
-            self._loop = None
+            self._loop = None  # a reader thread ends with the pipe
 
     def _cancel_all(self) -> None:
         jobs, self._jobs = list(self._jobs.values()), {}
