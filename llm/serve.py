@@ -49,7 +49,7 @@ from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.inference import openai_api as api
 from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
 from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcess, EngineProcessError
-from llm.inference.onnx_runtime import CONFIG_FILE, OnnxGenerator, read_generation_config
+from llm.inference.onnx_runtime import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -554,12 +554,6 @@ def default_model_name(uri: str) -> str:
     if uri.startswith(("models:/", "runs:/")):
         return uri.partition(":/")[2].strip("/")
     return Path(uri).resolve().name
-
-
-def load_generator(export: Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
-    """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``, in this process."""
-    int8 = not fp32 and bool(read_generation_config(export).get("int8_model_file"))
-    return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,

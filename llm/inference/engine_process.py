@@ -83,17 +83,17 @@ class EngineProcess:
     """
 
     def __init__(self, export: str | Path, *, fp32: bool = False, threads: int | None = None, max_batch: int = 8,
-                 max_queue: int = 64, flush_s: float = EVENT_FLUSH_S):
+                 max_queue: int = 64, flush_s: float = EVENT_FLUSH_S, tokenizer: Tokenizer | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.export = Path(export)
-        self.flush_s = flush_s
+        self.fp32, self.threads, self.flush_s = fp32, threads, flush_s
+        self.max_batch, self.max_queue = max_batch, max_queue
         config = read_generation_config(self.export)
-        self.int8 = not fp32 and bool(config.get("int8_model_file"))
-        self.threads, self.max_batch, self.max_queue = threads, max_batch, max_queue
         self.context_length = int(config["context_length"])
         self.vocab_size = int(config["vocab_size"])
-        self.tokenizer: Tokenizer = load_tokenizer(self.export / TOKENIZER_DIR)
+        # the export's tokenizer (``tokenizer``: one already loaded from it, which a pool's engines share)
+        self.tokenizer: Tokenizer = tokenizer or load_tokenizer(self.export / TOKENIZER_DIR)
         self.model_file: str | None = None  # the graph the engine runs, once started
         self._process: Any = None
         self._conn: Any = None
@@ -132,7 +132,7 @@ class EngineProcess:
         self._conn, child = context.Pipe()
         self._process = context.Process(
             target=_engine_main, name="llm-engine", daemon=True,
-            args=(child, str(self.export), self.int8, self.threads, self.max_batch, self.max_queue, self.flush_s))
+            args=(child, str(self.export), self.fp32, self.threads, self.max_batch, self.max_queue, self.flush_s))
         self._process.start()
         child.close()  # the child's end lives in the child: its exit is this end's EOF
 
@@ -306,9 +306,11 @@ class EnginePool:
         if engines < 1:
             raise ValueError(f"engines must be >= 1, got {engines}")
         per_engine = -(-max_batch // engines)
-        self.engines = [EngineProcess(export, fp32=fp32, threads=threads, max_batch=per_engine, max_queue=max_queue,
-                                      flush_s=flush_s) for _ in range(engines)]
-        first = self.engines[0]
+        first = EngineProcess(export, fp32=fp32, threads=threads, max_batch=per_engine, max_queue=max_queue,
+                              flush_s=flush_s)
+        self.engines = [first] + [EngineProcess(export, fp32=fp32, threads=threads, max_batch=per_engine,
+                                                max_queue=max_queue, flush_s=flush_s, tokenizer=first.tokenizer)
+                                  for _ in range(engines - 1)]
         self.tokenizer, self.context_length, self.vocab_size = first.tokenizer, first.context_length, first.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
         self.model_file: str | None = None
@@ -398,13 +400,19 @@ class _Outbox:
             self.broken = True
 
 
-def _engine_main(conn: Any, export: str, int8: bool, threads: int | None, max_batch: int, max_queue: int,
+def load_generator(export: str | Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
+    """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``, in this process."""
+    int8 = not fp32 and bool(read_generation_config(export).get("int8_model_file"))
+    return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
+
+
+def _engine_main(conn: Any, export: str, fp32: bool, threads: int | None, max_batch: int, max_queue: int,
                  flush_s: float) -> None:
     """The engine process: load the model, then take the server's messages until it says stop or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox = _Outbox(conn, flush_s)
     try:
-        generator = OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
+        generator = load_generator(export, fp32=fp32, threads=threads)
         engine = BatchEngine(generator, max_batch=max_batch, max_queue=max_queue + max_batch, on_step=outbox.flush)
     except Exception as err:  # noqa: BLE001 - the server prints it as one line
         conn.send(("failed", f"{type(err).__name__}: {err}"))
