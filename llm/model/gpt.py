@@ -144,7 +144,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        # rows of qkv.weight: the queries', the keys', the values' (adapters and Transformers interop split by it)
+        self.qkv_split = (config.d_model, config.d_model, config.d_model)
+        self.qkv = nn.Linear(config.d_model, sum(self.qkv_split), bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.qk_norm = config.qk_norm
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
