@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llm.config import ServeLimits
-from llm.data.chat_template import encode_chat, generation_stop_ids
+from llm.data.chat_template import encode_chat, generation_stop_ids, prompt_ids
 from llm.inference import openai_api as api
 from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
 from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcess, EngineProcessError
@@ -345,7 +345,7 @@ async def completions(request: Request) -> Any:
     served: Served = request.app.state.served
     body = await _parse(request, served, api.CompletionRequest)
     params = _sampling(served, body)
-    ids = _check_prompt_length(served, [served.tokenizer.bos_id, *served.tokenizer.encode(body.prompt)], "prompt")
+    ids = _check_prompt_length(served, prompt_ids(served.tokenizer, body.prompt), "prompt")
     generation = Generation(served, request, ids, params, body.stop_strings())
     head = _head("cmpl", served)
     if body.stream:

@@ -15,6 +15,10 @@ The mask is aligned with the ids: ``mask[i]`` says whether ``ids[i]`` is a targe
 ``ids[:i]``); after the usual shift (inputs ``ids[:-1]``, targets ``ids[1:]``) the target mask is
 ``mask[1:]``.
 
+An imported model with a chat template of its own (``tokenizer.source.chat_template``, ``llm.data.conventions``)
+is written in that template instead (``llm.data.source_template``), with the same guarantee: only the template's
+text produces its special tokens. ``prompt_ids`` and ``generation_stop_ids`` likewise follow the model's source.
+
 Fitting a context (``fit_chat``, shared by SFT batching and the chat REPL): a conversation longer than
 ``max_tokens`` loses whole exchanges from its start (everything before a later user message), keeping
 its leading system messages; if the last exchange alone is still too long, the start of its user message
@@ -26,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from llm.data.source_template import render_chat
 from llm.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -46,6 +51,14 @@ def _encode(
     content_ids: dict[int, list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
     """ids and aligned mask; ``content_ids`` replaces the encoded content of the messages at those indices."""
+    if tokenizer.source is not None and tokenizer.source.chat_template is not None:
+        messages = [dict(m, content=tokenizer.decode(content_ids[i])) if content_ids and i in content_ids else m
+                    for i, m in enumerate(messages)]
+        for message in messages:
+            if message.get("role") not in ROLES:
+                raise ValueError(f"unknown chat role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+        ids, mask = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, with_mask=True)
+        return ids, mask
     ids, mask = [tokenizer.bos_id], [0]
     for i, message in enumerate(messages):
         role = message["role"]
@@ -130,9 +143,31 @@ def fit_chat(
 
 
 def generation_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """The ids that end generation, in a chat and in plain continuation alike: every control token.
+    """The ids that end generation, in a chat and in plain continuation alike: every control token, and for an
+    imported model its source's EOS ids (``generation_config.json``'s, as Transformers' ``generate`` stops).
 
     A model ends its answer with ``<|end|>``; any other control id it produces (``<|bos|>``, ``<|eos|>``,
     a role marker) starts something that is not the answer. Text never encodes to a control id.
     """
-    return tuple(sorted(tokenizer.special_ids.values()))
+    source_eos = tokenizer.source.eos_ids if tokenizer.source is not None else ()
+    return tuple(sorted({*tokenizer.special_ids.values(), *source_eos}))
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids a plain-text prompt is continued from: ``<|bos|>`` and the text for a model trained here; for an
+    imported one, what its source's tokenizer gives (``tokenizer(text)``: GPT-2 nothing around it, Llama its BOS).
+    Raises UnicodeEncodeError for a lone surrogate, as ``encode`` does."""
+    if tokenizer.source is None:
+        return [tokenizer.bos_id, *tokenizer.encode(text)]
+    return [*tokenizer.source.prefix_ids, *tokenizer.encode(text), *tokenizer.source.suffix_ids]
+
+
+def document_start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What starts each document in the token files: ``<|bos|>`` here; for an imported model its source's prefix
+    (Llama's BOS), or, where it adds none (GPT-2, Qwen3), its first EOS id, the separator such models were trained
+    with between documents."""
+    if tokenizer.source is None:
+        return [tokenizer.bos_id]
+    if tokenizer.source.prefix_ids:
+        return list(tokenizer.source.prefix_ids)
+    return list(tokenizer.source.eos_ids[:1]) or [tokenizer.bos_id]

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm.data.conventions import SourceConventions
 from llm.data.tokenizer import N_SPECIAL, SPECIAL_TOKENS, Tokenizer, TokenizerError
 from llm.io import atomic_write_text
 
@@ -134,11 +135,19 @@ class ByteLevelBPETokenizer(Tokenizer):
             path = folder / "vocab.json"
         else:
             raise TokenizerError(f"{folder}: no tokenizer.json (nor vocab.json and merges.txt) to import")
-        return cls(shift_hf_tokenizer(spec, str(path)), vocab_size, str(path))
+        tokenizer = cls(shift_hf_tokenizer(spec, str(path)), vocab_size, str(path))
+        tokenizer.set_source(read_source_conventions(folder, spec))
+        return tokenizer
 
     def encode(self, text: str) -> list[int]:
         text.encode("utf-8")  # lone surrogates: UnicodeEncodeError, as every kind raises
         return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode``'s ids and the character span of ``text`` each one covers (for a chat template's SFT mask)."""
+        text.encode("utf-8")
+        encoding = self._hf.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
 
     def encode_batch(self, texts) -> list[list[int]]:
         texts = list(texts)
@@ -153,6 +162,92 @@ class ByteLevelBPETokenizer(Tokenizer):
     def _save_files(self, directory: Path) -> dict[str, Any]:
         atomic_write_text(directory / HF_FILE, self.hf_json())
         return {"model_file": HF_FILE}
+
+
+# ------------------------------------------------------------------------------- the source's conventions
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path}: cannot read: {err}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A token as tokenizer_config.json writes it: a string, or an AddedToken's ``{"content": ...}``."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """The default chat template: ``chat_template.jinja`` (Transformers >= 4.43 writes it), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates)."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _wrapping_ids(spec: dict[str, Any], source: str) -> tuple[list[int], list[int]]:
+    """What the source's post-processor puts before and after a text (``tokenizer(text)`` in Transformers)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        hf = HFTokenizer.from_str(json.dumps(spec))
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        raise TokenizerError(f"{source}: not a valid tokenizers file: {err}") from None
+    bare = hf.encode("a b", add_special_tokens=False).ids
+    full = hf.encode("a b", add_special_tokens=True).ids
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    raise TokenizerError(f"{source}: its post-processor changes the text's own ids; cannot tell what it adds")
+
+
+def _id_list(value: Any) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def read_source_conventions(folder: str | Path, spec: dict[str, Any]) -> SourceConventions:
+    """The text conventions of the Transformers model in ``folder`` (``spec``: its parsed, unshifted
+    ``tokenizer.json``), in this project's ids: what ``tokenizer(text)`` adds around a text (``add_bos_token`` /
+    ``add_eos_token`` of ``tokenizer_config.json`` override the post-processor, as Transformers does), the EOS ids
+    ``generate`` stops at (``generation_config.json``, else ``config.json``, else ``eos_token``), the pad id,
+    the chat template and the added tokens. Raises TokenizerError naming an unreadable file."""
+    folder = Path(folder)
+    config = _read_json(folder / "tokenizer_config.json")
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or [] if t["content"] not in SPECIAL_TOKENS}
+    vocab = {**spec["model"]["vocab"], **added}
+    tokens = {key: text for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+              if (text := _token_text(config.get(key))) is not None}
+    prefix, suffix = _wrapping_ids(spec, str(folder / "tokenizer.json"))
+    bos, eos = vocab.get(tokens.get("bos_token")), vocab.get(tokens.get("eos_token"))
+    if config.get("add_bos_token") is not None and bos is not None:
+        prefix = [bos] if config["add_bos_token"] else [i for i in prefix if i != bos]
+    if config.get("add_eos_token") is not None and eos is not None:
+        suffix = [eos] if config["add_eos_token"] else [i for i in suffix if i != eos]
+    generation = _read_json(folder / "generation_config.json")
+    model = _read_json(folder / "config.json")
+    eos_ids = (_id_list(generation.get("eos_token_id")) or _id_list(model.get("eos_token_id"))
+               or ([eos] if eos is not None else []))
+    pad = next(iter(_id_list(generation.get("pad_token_id")) or _id_list(model.get("pad_token_id"))
+                    or _id_list(vocab.get(tokens.get("pad_token")))), None)
+    shift = lambda ids: tuple(i + N_SPECIAL for i in ids)  # noqa: E731
+    return SourceConventions(
+        prefix_ids=shift(prefix), suffix_ids=shift(suffix), eos_ids=shift(eos_ids),
+        pad_id=None if pad is None else pad + N_SPECIAL, chat_template=_chat_template(folder, config),
+        template_tokens=tokens, special_tokens={text: i + N_SPECIAL for text, i in added.items()},
+        origin=str(folder))
 
 
 def load_bytelevel_bpe(directory: Path, config: dict[str, Any]) -> ByteLevelBPETokenizer:

@@ -1,6 +1,7 @@
 """The tokenize stage: encode the cleaned splits into flat token files, shard by shard.
 
-``{split}.bin`` holds every document's ids back to back, each document preceded by ``<|bos|>``, as
+``{split}.bin`` holds every document's ids back to back, each document preceded by ``<|bos|>`` (an imported model: its
+source's start, ``llm.data.chat_template.document_start_ids``), as
 uint16 when the vocabulary fits, else uint32. ``meta.json`` records the dtype, token counts and the
 UTF-8 byte count of the text, so a loss in nats per token converts to bits per byte. Reading them back
 (``TokenFile``) is ``llm.data.tokens``; this module needs no PyTorch, so its worker processes start fast.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.data.chat_template import document_start_ids
 from llm.data.clean import DOC_SEPARATOR, ShardMapper, map_in_processes
 from llm.data.tokenizer import Tokenizer, load_tokenizer
 from llm.io import atomic_file, atomic_write_json, remove_stale_temp_files
@@ -122,7 +124,7 @@ def tokenize_shard(job: TokenizeJob) -> dict:
     with open(job.part, "wb") as f:
         for doc in docs:
             for starts_doc, piece in _pieces(doc):
-                ids = [tokenizer.bos_id] if starts_doc else []
+                ids = document_start_ids(tokenizer) if starts_doc else []
                 for run in _line_runs(piece) if tokenizer.newline_splits else [piece]:
                     ids.extend(tokenizer.encode(run))
                 f.write(np.asarray(ids, dtype=job.dtype).tobytes())

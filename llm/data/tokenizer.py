@@ -29,6 +29,7 @@ from typing import Any
 import sentencepiece as spm
 
 from llm.config import TokenizerParams
+from llm.data.conventions import SourceConventions
 from llm.io import atomic_folder, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,18 @@ class Tokenizer(ABC):
     # "\n" is always a token of its own, so text encodes the same cut after any newline (llm.data.tokenize
     # encodes long texts in runs of lines); byte-level BPE merges "\n\n" and sets this False
     newline_splits: bool = True
+    # an imported model's text conventions (llm.data.conventions); None: the project's own
+    source: SourceConventions | None = None
 
     def __init__(self, id_to_bytes: list[bytes]):
         self._id_to_bytes = id_to_bytes
+        self._hidden: frozenset[int] = frozenset()  # ids besides the control tokens that skip_special hides
+
+    def set_source(self, source: SourceConventions | None) -> None:
+        """Give the tokenizer an imported model's conventions (None: the project's); its added tokens are then
+        hidden like control tokens when decoding with ``skip_special``."""
+        self.source = source
+        self._hidden = frozenset(source.special_tokens.values()) if source else frozenset()
 
     @property
     def vocab_size(self) -> int:
@@ -127,7 +137,7 @@ class Tokenizer(ABC):
         """The bytes a token stands for (a special token: its literal, or b"" when skipped)."""
         if not 0 <= token_id < len(self._id_to_bytes):
             raise TokenizerError(f"token id {token_id} is outside the vocabulary of size {self.vocab_size}")
-        if skip_special and token_id < N_SPECIAL:
+        if skip_special and (token_id < N_SPECIAL or token_id in self._hidden):
             return b""
         return self._id_to_bytes[token_id]
 
@@ -143,7 +153,7 @@ class Tokenizer(ABC):
             raise TokenizerError(f"token id {bad} is outside the vocabulary of size {self.vocab_size}")
         table = self._id_to_bytes
         if skip_special:
-            data = b"".join(table[i] for i in ids if i >= N_SPECIAL)
+            data = b"".join(table[i] for i in ids if i >= N_SPECIAL and i not in self._hidden)
         else:
             data = b"".join(table[i] for i in ids)
         return data.decode("utf-8", errors="replace")
@@ -163,6 +173,8 @@ class Tokenizer(ABC):
             "special_tokens": list(SPECIAL_TOKENS),
             **self._save_files(directory),
         }
+        if self.source is not None:
+            config["source"] = self.source.to_json()
         atomic_write_json(directory / CONFIG_FILE, config, indent=1, ensure_ascii=False)
         return directory
 
@@ -427,6 +439,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise TokenizerError(
             f"{path}: vocab_size {config.get('vocab_size')} does not match the loaded {tokenizer.vocab_size}"
         )
+    if "source" in config:
+        try:
+            tokenizer.set_source(SourceConventions.from_json(config["source"], str(path), tokenizer.vocab_size))
+        except ValueError as err:
+            raise TokenizerError(str(err)) from None
     return tokenizer
 
 

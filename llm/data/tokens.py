@@ -1,7 +1,8 @@
 """The token files of the tokenize stage (``llm.data.tokenize`` writes them) read back as memmaps, and
 batches drawn from them.
 
-``{split}.bin`` holds every document's ids back to back, each document preceded by ``<|bos|>``, as
+``{split}.bin`` holds every document's ids back to back, each document preceded by ``<|bos|>`` (an imported model: its
+source's start, ``llm.data.chat_template.document_start_ids``), as
 uint16 when the vocabulary fits, else uint32. ``meta.json`` records the dtype, token counts and the
 UTF-8 byte count of the text, so a loss in nats per token converts to bits per byte.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm.data.chat_template import document_start_ids
 from llm.data.clean import iter_documents
 from llm.data.tokenize import META_FILE, SPLITS, TokenDataError, token_dtype, tokenize_corpus
 from llm.data.tokenizer import Tokenizer
@@ -107,14 +109,16 @@ class TokenFile:
 
 
 def encode_documents(tokenizer: Tokenizer, split_file: str | Path) -> TokenFile:
-    """Encode a cleaned split file in memory, as ``tokenize_corpus`` would (``<|bos|>`` before each document).
+    """Encode a cleaned split file in memory, as ``tokenize_corpus`` would (``document_start_ids`` before each
+    document).
 
     For evaluation files of modest size: lets models with different tokenizers be scored on the same text.
     """
     ids: list[int] = []
     n_bytes = 0
+    start = document_start_ids(tokenizer)
     for doc in iter_documents(Path(split_file)):
-        ids.append(tokenizer.bos_id)
+        ids.extend(start)
         ids.extend(tokenizer.encode(doc))
         n_bytes += len(doc.encode("utf-8"))
     if not ids:

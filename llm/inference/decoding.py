@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from llm.data.chat_template import prompt_ids
+
 Forward = Callable[[list[int], Any], tuple[Any, Any]]  # (ids, cache or None) -> (last logits, new cache)
 Sampler = Callable[[Any], int]  # last logits -> the next token id
 
@@ -282,7 +284,8 @@ def stream_text(token_ids: Iterable[int], tokenizer: Any, stop_ids: Iterable[int
 
 
 def complete(generator: TextGenerator, prompt: str, params: SamplingParams) -> Iterator[str]:
-    """Continue ``prompt`` (after ``<|bos|>``) with ``generator`` and yield the text as it is generated."""
+    """Continue ``prompt`` with ``generator`` and yield the text as it is generated. The prompt is encoded as the
+    model expects (``llm.data.chat_template.prompt_ids``: after ``<|bos|>``, or as an imported model's source)."""
     tokenizer = generator.tokenizer
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    ids = prompt_ids(tokenizer, prompt)
     return stream_text(generator.stream_generate(ids, params), tokenizer, params.stop_ids)

@@ -308,14 +308,14 @@ class GPTModel(PythonModel):
         return sampling
 
     def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
-        from llm.data.chat_template import encode_chat
+        from llm.data.chat_template import encode_chat, prompt_ids
 
         tok = self.tokenizer
         messages, prompt = row.get("messages"), row.get("prompt")
         if not _missing(messages) and not (hasattr(messages, "__len__") and len(messages) == 0):
             ids = encode_chat(tok, _messages(messages), add_generation_prompt=True)
         elif isinstance(prompt, str):
-            ids = [tok.bos_id, *tok.encode(prompt)]
+            ids = prompt_ids(tok, prompt)
         else:
             raise _invalid("each request needs a string 'prompt' or a list of 'messages'")
         if len(ids) > self.max_prompt_tokens:
