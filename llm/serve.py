@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException
 
 from llm.config import ServeLimits
 from llm.data.chat_template import encode_chat, generation_stop_ids, prompt_ids
+from llm.data.source_template import ChatTemplateError
 from llm.inference import openai_api as api
 from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
 from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcess, EngineProcessError
@@ -331,8 +332,11 @@ async def chat_completions(request: Request) -> Any:
     body = await _parse(request, served, api.ChatCompletionRequest)
     params = _sampling(served, body)
     messages = [m.template_message() for m in body.messages]
-    ids = _check_prompt_length(served, encode_chat(served.tokenizer, messages, add_generation_prompt=True),
-                               "messages")
+    try:
+        ids = encode_chat(served.tokenizer, messages, add_generation_prompt=True)
+    except ChatTemplateError as err:  # the model's own template refuses the conversation (a role it lacks)
+        raise api.invalid(f"messages: {err}", "messages") from None
+    ids = _check_prompt_length(served, ids, "messages")
     generation = Generation(served, request, ids, params, body.stop_strings())
     head = _head("chatcmpl", served)
     if body.stream:

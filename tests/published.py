@@ -78,8 +78,9 @@ def hf_config(family: str, vocab_size: int, **overrides):
     return transformers.Qwen3Config(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=8, **common)
 
 
-def write_published_model(family: str, folder: Path, std: float = 0.5, **overrides) -> Path:
-    """Save a random-weight model of ``family`` with its tokenizer and generation config into ``folder``."""
+def write_published_model(family: str, folder: Path, std: float | None = 0.5, **overrides) -> Path:
+    """Save a random-weight model of ``family`` (weights drawn with ``std``; None: Transformers' own
+    initialisation) with its tokenizer and generation config into ``folder``."""
     import transformers
 
     spec = FAMILIES[family]
@@ -91,7 +92,7 @@ def write_published_model(family: str, folder: Path, std: float = 0.5, **overrid
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in model.parameters() if std is not None else ():
             p.normal_(0.0, std)
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=[ids[t] for t in spec["generation_eos"]],

@@ -73,7 +73,24 @@ def shift_hf_tokenizer(spec: dict[str, Any], source: str) -> dict[str, Any]:
     # tokenizers gives an added token that is not a piece of the model a new id of its own: make each a piece
     spec["model"]["vocab"].update({t["content"]: t["id"] for t in spec["added_tokens"]})
     spec["truncation"] = spec["padding"] = None
+    spec["post_processor"] = _shift_processor(spec.get("post_processor"))
     return spec
+
+
+def _shift_processor(processor: Any) -> Any:
+    """A post-processor (what ``tokenizer(text)`` adds: Llama's BOS) with its token ids moved by N_SPECIAL."""
+    if not isinstance(processor, dict):
+        return processor
+    processor = dict(processor)
+    if isinstance(processor.get("special_tokens"), dict):  # TemplateProcessing
+        processor["special_tokens"] = {name: {**token, "ids": [i + N_SPECIAL for i in token.get("ids", [])]}
+                                       for name, token in processor["special_tokens"].items()}
+    for key in ("sep", "cls"):  # BertProcessing, RobertaProcessing: [token, id]
+        if isinstance(processor.get(key), list) and len(processor[key]) == 2:
+            processor[key] = [processor[key][0], processor[key][1] + N_SPECIAL]
+    if isinstance(processor.get("processors"), list):  # Sequence
+        processor["processors"] = [_shift_processor(p) for p in processor["processors"]]
+    return processor
 
 
 class ByteLevelBPETokenizer(Tokenizer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from llm.data.chat_template import fit_chat, generation_stop_ids
+from llm.data.source_template import ChatTemplateError
 from llm.inference.decoding import SamplingParams, TextGenerator, stream_text
 
 
@@ -82,7 +83,11 @@ class ChatSession:
     def _fit(self) -> list[int] | None:
         """The conversation's ids with room for the answer, dropping old messages (with a notice)."""
         context = self.model.context_length
-        fitted = fit_chat(self.tokenizer, self.history, context - self.reserve, add_generation_prompt=True)
+        try:
+            fitted = fit_chat(self.tokenizer, self.history, context - self.reserve, add_generation_prompt=True)
+        except ChatTemplateError as err:  # an imported model's own template refuses it (a role it does not know)
+            self.notify(f"[the model's chat template refuses this conversation: {err}]")
+            return None
         if fitted is None:
             self.notify(f"[the system prompt leaves no room in the {context}-token context; shorten it with /system]")
             return None

@@ -473,17 +473,31 @@ CHAT_TEMPLATE = ("{{ '<|bos|>' }}{% for message in messages %}{{ '<|' + message[
 
 
 def _write_tokenizer(tokenizer: Tokenizer, folder: Path, context_length: int) -> bool:
+    """``tokenizer.json`` and ``tokenizer_config.json`` with the chat template the model uses: an imported model's
+    own (and its token names), else the project's. False when the tokenizer has no Transformers form."""
     text = hf_tokenizer_json(tokenizer)
     if text is None:
         return False
     atomic_write_text(folder / "tokenizer.json", text)
+    ours = {"bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+    source = tokenizer.source
+    tokens = source.template_tokens if source is not None and source.chat_template is not None else ours
+    template = source.chat_template if source is not None and source.chat_template is not None else CHAT_TEMPLATE
     atomic_write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-        "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>",
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|bos|>", "<|end|>", "<|pad|>",
-                                                                           "<|unk|>")],
-        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}, indent=1)
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length, **tokens,
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in tokens.values()],
+        "clean_up_tokenization_spaces": False, "chat_template": template}, indent=1)
     return True
+
+
+def _generation_ids(tokenizer: Tokenizer) -> dict[str, Any]:
+    """bos, eos and pad ids for ``generation_config.json``: an imported model's source's, else the project's."""
+    source = tokenizer.source
+    if source is None:
+        return {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(generation_stop_ids(tokenizer)),
+                "pad_token_id": tokenizer.pad_id}
+    bos = source.special_tokens.get(source.template_tokens.get("bos_token", ""))
+    return {"bos_token_id": bos, "eos_token_id": list(generation_stop_ids(tokenizer)), "pad_token_id": source.pad_id}
 
 
 def _parity_ids(vocab_size: int, context_length: int) -> torch.Tensor:
@@ -523,8 +537,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
     if result.missing_keys or result.unexpected_keys:
         raise InteropError(f"{checkpoint_dir}: conversion to {ARCHITECTURES[arch]} left tensors unmatched "
                            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-    hf_model.generation_config = transformers.GenerationConfig(
-        bos_token_id=tokenizer.bos_id, eos_token_id=list(generation_stop_ids(tokenizer)), pad_token_id=tokenizer.pad_id)
+    hf_model.generation_config = transformers.GenerationConfig(**_generation_ids(tokenizer))
     summary: dict[str, Any] = {"path": str(out_dir), "architecture": ARCHITECTURES[arch],
                                "transformers": transformers.__version__}
     with atomic_folder(out_dir) as tmp:
