@@ -261,8 +261,9 @@ def import_hf_cmd(
     out: Path = typer.Option(LAYOUT.artifact("base"), help="checkpoint folder to write"),
     context_length: int | None = typer.Option(None, min=1, help="keep only this many positions (faster training)"),
 ) -> None:
-    """Convert a local Transformers checkpoint into a checkpoint folder of ours, with its tokenizer and the chat
-    control tokens added; then `llm finetune --base OUT` or `llm pretrain`-style training can start from it."""
+    """Convert a local Transformers checkpoint into a checkpoint folder of ours, with its tokenizer, its BOS rule,
+    EOS ids and chat template (every command then encodes prompts as the source does), and the project's control
+    tokens added; then `llm finetune --base OUT` or `llm pretrain`-style training can start from it."""
     typer.echo(json.dumps(import_hf_stage(folder, out, context_length=context_length), indent=2))
 
 

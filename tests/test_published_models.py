@@ -366,3 +366,24 @@ def test_a_conversation_the_sources_template_refuses_is_a_message_not_a_crash(mo
     assert list(session.reply("To be?")) == [] and "System role not supported" in notices[0]
     session.set_system(None)
     assert len("".join(session.reply("To be?"))) > 0
+
+
+def test_sft_on_an_imported_model_trains_on_its_templates_assistant_spans(models, tmp_path):
+    from llm.config import FinetuneParams
+    from llm.data.chat_data import write_chat_file
+    from llm.training.finetune import encode_chat_examples, finetune
+
+    chats = [MULTI + [{"role": "assistant", "content": f"Ay, {w}."}] for w in ("there's the rub", "to sleep")] * 4
+    tokenizer = load_tokenizer(models["qwen3"]["ckpt"] / "tokenizer")
+    examples, counts = encode_chat_examples(tokenizer, chats, 128)
+    hf = hf_tokenizer(models["qwen3"]["hf"])
+    theirs = hf.apply_chat_template(chats[0], tokenize=True, return_assistant_tokens_mask=True, return_dict=True)
+    assert counts["kept"] == len(chats)
+    assert examples[0].ids == [i + N_SPECIAL for i in theirs["input_ids"]] and examples[0].mask == theirs[
+        "assistant_masks"]
+    write_chat_file(tmp_path / "chat" / "train.jsonl", [{"messages": c} for c in chats])
+    write_chat_file(tmp_path / "chat" / "val.jsonl", [{"messages": c} for c in chats[:2]])
+    params = FinetuneParams(max_steps=2, batch_size=2, warmup_steps=0, eval_interval=2, eval_batches=1,
+                            checkpoint_interval=2, log_interval=1, device="cpu", progress=False, num_threads=1)
+    result = finetune(params, models["qwen3"]["ckpt"], tmp_path / "chat", tmp_path / "sft")
+    assert result.step == 2 and load_tokenizer(tmp_path / "sft" / "tokenizer").source == tokenizer.source

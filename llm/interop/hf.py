@@ -395,9 +395,13 @@ def import_hf(folder: str | Path, out_dir: str | Path, *, context_length: int | 
     save_checkpoint(out_dir, model, config, tokenizer,
                     metadata={"stage": "import", "step": 0, "source": hf_source(folder)})
     log.info("imported %s into %s: %s", folder, out_dir, model.summary())
+    source = tokenizer.source
     return {"path": str(out_dir), "architecture": ARCHITECTURES[hf_architecture(config)],
             "parameters": model.num_parameters(), "vocab_size": config.vocab_size,
-            "context_length": config.context_length, "tokenizer": tokenizer.kind}
+            "context_length": config.context_length, "tokenizer": tokenizer.kind,
+            "prompt_prefix": tokenizer.decode(list(source.prefix_ids)),
+            "stop_tokens": [tokenizer.decode([i]) for i in source.eos_ids],
+            "chat_template": "the model's own" if source.chat_template else "the project's (the model has none)"}
 
 
 # ------------------------------------------------------------------------------------------- export
