@@ -307,6 +307,9 @@ def _generation_config(
         } if static else None,
         "dtype": "float32",
         "bos_token_id": tokenizer.bos_id,
+        # what starts a prompt ([bos_token_id] for a model trained here; an imported model's source's rule)
+        "prompt_prefix_ids": list(tokenizer.source.prefix_ids) if tokenizer.source else [tokenizer.bos_id],
+        "chat_template": "source" if tokenizer.source and tokenizer.source.chat_template else "llm",
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
         "special_ids": specials,
