@@ -199,9 +199,10 @@ def test_pickle_weights_are_refused_with_a_clear_message(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_grouped_query_attention_is_refused_naming_the_key(tmp_path):
-    with pytest.raises(InteropError, match="num_key_value_heads=2 < num_attention_heads=4"):
-        model_config_from_hf({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
+def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused_naming_the_key(tmp_path):
+    """Grouped-query attention imports (tests/test_published_shapes.py); a group size that is not whole cannot."""
+    with pytest.raises(InteropError, match="num_key_value_heads=3 does not divide num_attention_heads=4"):
+        model_config_from_hf({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 3,
                               "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
                               "vocab_size": 10})
 
