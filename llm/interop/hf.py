@@ -20,9 +20,10 @@ How the Llama/Qwen3 attention and RoPE keys of ``config.json`` map (both ways):
 | --- | --- |
 | ``num_key_value_heads`` (grouped-query attention) | ``n_kv_head`` (None when equal to ``n_head``) |
 | ``head_dim`` (Qwen3's default: 128) | ``d_head`` (None when it is ``d_model / n_head``) |
-| ``rope_theta`` and ``rope_scaling`` / ``rope_parameters`` of type ``linear``, ``llama3``, ``yarn`` | ``rope_theta``, ``rope_scaling`` (``llm.config.RopeScaling``) |
+| ``rope_theta``, ``rope_scaling`` (4.x) or ``rope_parameters`` (5.x) | ``rope_theta``, ``rope_scaling`` |
 
-The q/k/v rows of ``qkv`` are then [n_head, n_kv_head, n_kv_head] heads of ``head_dim`` (``CausalSelfAttention.qkv_split``).
+``rope_scaling`` is ``llm.config.RopeScaling`` (types ``linear``, ``llama3``, ``yarn``, Transformers' key names).
+The q/k/v rows of ``qkv`` are [n_head, n_kv_head, n_kv_head] heads of ``head_dim`` (``CausalSelfAttention.qkv_split``).
 What the GPT cannot compute is refused on import naming the key: sliding-window attention (``use_sliding_window``
 with ``sliding_window``, ``layer_types`` with sliding layers), mixtures of experts (``num_experts``,
 ``num_local_experts``, ...), ``partial_rotary_factor`` below 1, other ``rope_type``s (``dynamic``, ``longrope``,
