@@ -236,10 +236,13 @@ def test_export_hf_loads_back_in_transformers_with_the_same_logits_and_ids(arch,
     ({"position": "learned", "mlp": "relu2"}, "mlp: relu2"),
     ({"position": "sinusoidal"}, "position: sinusoidal"),
     ({"position": "rope", "mlp": "swiglu", "norm": "layernorm"}, "norm: layernorm"),
+    ({"position": "learned", "n_kv_head": 2}, "n_kv_head: 2"),
+    ({"position": "learned", "d_head": 16}, "d_head: 16"),
+    ({"position": "rope", "mlp": "swiglu", "norm": "rmsnorm", "n_head": 3, "d_head": 12}, "d_head: 12 with d_model 32"),
 ])
 def test_shapes_without_a_transformers_architecture_name_the_option(change, option, tmp_path):
     tokenizer = ByteTokenizer()
-    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **change)
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size, **change})
     save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
     with pytest.raises(InteropError, match=f"{option}.*params/model.yaml"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")

@@ -89,6 +89,10 @@ def hf_architecture(config: ModelConfig) -> str:
             wrong.append(f"mlp: {c.mlp} (GPT-2 needs gelu or gelu_tanh)")
         if c.qk_norm:
             wrong.append("qk_norm: true (GPT-2 has none)")
+        if c.kv_heads != c.n_head:
+            wrong.append(f"n_kv_head: {c.n_kv_head} (GPT-2 has as many key/value heads as query heads)")
+        if c.head_dim * c.n_head != c.d_model:
+            wrong.append(f"d_head: {c.d_head} (GPT-2's heads are d_model / n_head wide)")
         if not wrong:
             return "gpt2"
         raise InteropError("no Transformers architecture matches this model: with position: learned it exports as "
