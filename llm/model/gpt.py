@@ -140,7 +140,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # [B, H, T, S] ([B, Hkv, G, T, S])
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
-    return torch.matmul(weights, v).reshape(B, H, T, D)
+    y = torch.matmul(weights, v)
+    return y.reshape(B, H, T, D) if Hkv != H else y
 
 
 class StaticCache(NamedTuple):
