@@ -26,14 +26,67 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class RopeScaling(StrictModel):
+    """How RoPE's frequencies are rescaled for a context longer than the one pretraining saw (``rope_scaling`` of
+    ``ModelConfig``; Transformers' ``rope_type`` and key names, and the same numbers, ``llm.model.gpt.rope_tables``).
+
+    - ``linear``: every frequency divided by ``factor`` (position interpolation, Chen et al., 2023).
+    - ``llama3`` (Llama 3.1 and 3.2): frequencies whose wavelength exceeds ``original_max_position_embeddings /
+      low_freq_factor`` divided by ``factor``, those below ``original_max_position_embeddings / high_freq_factor``
+      kept, a linear blend in between.
+    - ``yarn`` (Peng et al., 2023; Qwen3's long-context setting): a blend from kept (high frequencies, more than
+      ``beta_fast`` rotations over the original context) to divided by ``factor`` (fewer than ``beta_slow``), and
+      cos and sin multiplied by ``attention_factor`` (None: 0.1 ln(factor) + 1), which scales every attention logit.
+    """
+
+    rope_type: Literal["linear", "llama3", "yarn"]
+    factor: float = Field(gt=0, description="how many times longer the context gets")
+    original_max_position_embeddings: int | None = Field(None, gt=0,
+                                                         description="the pretraining context (llama3, yarn)")
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3: where frequencies start to be divided")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3: where frequencies stay as they are")
+    beta_fast: float | None = Field(None, gt=0, description="yarn: rotations above which a frequency is kept (32)")
+    beta_slow: float | None = Field(None, gt=0, description="yarn: rotations below which it is divided (1)")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: cos/sin scale; None: 0.1 ln(factor) + 1")
+    truncate: bool | None = Field(None, description="yarn: round the blend's bounds to whole channels (True)")
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> RopeScaling:
+        needs = {"linear": (), "llama3": ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+                 "yarn": ("original_max_position_embeddings",)}[self.rope_type]
+        takes = {"linear": (), "llama3": needs,
+                 "yarn": (*needs, "beta_fast", "beta_slow", "attention_factor", "truncate")}[self.rope_type]
+        for name in needs:
+            if getattr(self, name) is None:
+                raise ValueError(f"rope_scaling.{name} is required for rope_type {self.rope_type}")
+        optional = ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
+                    "beta_slow", "attention_factor", "truncate")
+        for name in optional:
+            if name not in takes and getattr(self, name) is not None:
+                raise ValueError(f"rope_scaling.{name} does not apply to rope_type {self.rope_type}")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+        return self
+
+
 class ModelConfig(StrictModel):
-    """Shape of the GPT. ``vocab_size`` is filled in from the tokenizer when left unset."""
+    """Shape of the GPT. ``vocab_size`` is filled in from the tokenizer when left unset.
+
+    ``n_kv_head`` (grouped-query attention: fewer key/value heads than query heads, each shared by
+    ``n_head / n_kv_head`` query heads), ``d_head`` and ``rope_scaling`` default to None, which gives the
+    model of a config written before they existed: as many key/value heads as query heads, ``d_model / n_head``
+    channels per head, plain RoPE.
+    """
 
     vocab_size: int | None = Field(None, gt=0, description="set from the tokenizer when None")
     context_length: int = Field(256, gt=0)
     n_layer: int = Field(6, gt=0)
     n_head: int = Field(6, gt=0)
+    n_kv_head: int | None = Field(None, gt=0, description="key/value heads (grouped-query attention): a divisor "
+                                  "of n_head; None: n_head")
     d_model: int = Field(384, gt=0)
+    d_head: int | None = Field(None, gt=0, description="channels per head; None: d_model / n_head")
     d_ff: int | None = Field(None, gt=0,
                              description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -46,23 +99,36 @@ class ModelConfig(StrictModel):
     tie_weights: bool = True
     bias: bool = False
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = Field(None, description="RoPE frequency scaling (Llama 3.x, Qwen3 yarn); "
+                                             "None: plain RoPE")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
-        if self.d_model % self.n_head != 0:
+        if self.d_head is None and self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                f"pick d_model as a multiple of n_head (e.g. {self.n_head * max(1, self.d_model // self.n_head)})"
+                f"pick d_model as a multiple of n_head (e.g. {self.n_head * max(1, self.d_model // self.n_head)}) "
+                "or set d_head"
             )
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: each key/value "
+                             "head serves the same number of query heads")
         if self.position == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(
-                f"rope needs an even head_dim, but d_model/n_head = {self.d_model}/{self.n_head} = {self.head_dim}"
-            )
+            source = f"d_head = {self.d_head}" if self.d_head else f"d_model/n_head = {self.d_model}/{self.n_head}"
+            raise ValueError(f"rope needs an even head_dim, but {source} = {self.head_dim}")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError(f"rope_scaling applies to position: rope only, not position: {self.position}")
         return self
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        """Channels per head: ``d_head``, or ``d_model / n_head`` when unset."""
+        return self.d_head if self.d_head is not None else self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` (plain multi-head attention) when unset."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
     @property
     def ff_dim(self) -> int:

@@ -416,8 +416,9 @@ def version_description(stage: str, logged: Mapping[str, Any], metrics: Mapping[
     trained from, on which data, its key metrics. Evaluation adds its promotion decision below it."""
     model, tok, train = logged.get("model", {}), logged.get("tokenizer", {}), logged.get("train", {})
     layers = model.get("n_layer")
+    kv = f" ({model['n_kv_head']} key/value)" if model.get("n_kv_head") else ""
     shape = (f"{layers} layer{'' if layers == 1 else 's'} x {model.get('d_model')} wide, {model.get('n_head')} "
-             f"heads, context {model.get('context_length')}")
+             f"heads{kv}, context {model.get('context_length')}")
     size = f"{metrics['params'] / 1e6:.2f}M parameters" if "params" in metrics else "unknown size"
     if stage == "finetune":
         parent = tags.get("llm.parent_version", "none")

@@ -142,6 +142,48 @@ def test_a_stop_id_ends_only_its_own_row(generator, static):
     assert events.tokens["at least"] == alone and stop not in alone[:8]
 
 
+@pytest.fixture(scope="module")
+def gqa_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, export) of a model whose 4 query heads share 2 key/value heads of 16 channels."""
+    root = tmp_path_factory.mktemp("gqa")
+    checkpoint = write_checkpoint(root / "checkpoint", seed=2, context_length=CONTEXT, position="rope", n_head=4,
+                                  n_kv_head=2, d_head=16, d_model=48, mlp="swiglu", norm="rmsnorm")
+    export_onnx(checkpoint, root / "onnx", verify=False)
+    return checkpoint, root / "onnx"
+
+
+def test_grouped_query_attention_batches_on_a_smaller_cache_as_full_recompute_decodes(gqa_export, static):
+    """Greedy requests through the engine (rows of different lengths in one batch, with the static cache or
+    the padded portable one) give, token for token, what PyTorch gives recomputing the whole sequence every
+    step; the cache holds n_kv_head heads."""
+    import torch
+
+    from llm.model.checkpoint import load_checkpoint
+
+    checkpoint, onnx_dir = gqa_export
+    model = load_checkpoint(checkpoint)[0].eval()
+    generator = OnnxGenerator(onnx_dir, intra_op_num_threads=1)
+    rng = random.Random(3)
+    requests = [[rng.randrange(8, generator.vocab_size) for _ in range(rng.randint(1, 12))] for _ in range(6)]
+    expected = []
+    with torch.inference_mode():
+        for prompt in requests:
+            ids = list(prompt)
+            while len(ids) < CONTEXT:  # no window slides: every step sees the whole sequence
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    events = Collector()
+    with BatchEngine(generator, max_batch=4, max_queue=8, static_cache=static) as engine:
+        cache = engine.static.buffers[0] if static else generator.empty_cache(1)[0]
+        assert cache.shape[1] == generator.n_kv_head == 2 < generator.n_head
+        for i, prompt in enumerate(requests):
+            params = SamplingParams(max_new_tokens=CONTEXT - len(prompt), temperature=0.0)
+            engine.submit(prompt, params, on_event=events.callback(str(i)))
+        events.wait()
+    assert [events.tokens[str(i)] for i in range(len(requests))] == expected
+    assert max(engine.batch_sizes) > 1 and len({t for row in expected for t in row}) > 5  # varied, shared calls
+
+
 def test_requests_that_arrive_together_are_prefilled_together_and_each_gets_what_it_would_get_alone(generator,
                                                                                                    monkeypatch):
     """Queued requests are prefilled in one decoder call (windows of different lengths padded on the right);
@@ -259,7 +301,7 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
     engine = BatchEngine(generator, max_batch=3)
     decoder = engine.static
     buffers = [b.__array_interface__["data"][0] for b in decoder.buffers]
-    assert decoder.buffers[0].shape == (3, generator.n_head, CONTEXT, generator.head_dim)
+    assert decoder.buffers[0].shape == (3, generator.n_kv_head, CONTEXT, generator.head_dim)
     batch = _StaticBatch(decoder)
     windows = [list(range(1, n + 2)) for n in (5, 12, 3)]
     logits, slots = batch.prefill([window[:-1] for window in windows])  # all three in one call

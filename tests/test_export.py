@@ -262,3 +262,44 @@ def test_a_head_size_groupqueryattention_cannot_take_gets_the_portable_graph_alo
     generator = OnnxGenerator(tmp_path / "onnx")
     assert generator.static_cache is False and BatchEngine(generator).static is None
     assert len(generator.generate([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0.0))) == 4
+
+
+def test_grouped_query_attention_with_its_own_head_size_exports_a_smaller_cache_that_matches_pytorch(tmp_path):
+    """4 query heads sharing 2 key/value heads of 16 channels (d_model 40 is no multiple of 4 x 16), QK-norm and
+    yarn-scaled RoPE: both graphs pass every parity check, their caches hold 2 heads, and the static graph's
+    GroupQueryAttention is told so (kv_num_heads)."""
+    rope_scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", n_head=4, n_kv_head=2, d_head=16, d_model=40,
+                                  position="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True,
+                                  rope_scaling=rope_scaling)
+    summary = export_onnx(checkpoint, tmp_path / "onnx")  # raises when a parity check fails
+    parity = summary["parity"]
+    assert parity["passed"] and parity["greedy"]["graphs"] == ["portable", "static_cache"]
+    assert parity["max_abs_diff"] <= 1e-4 and parity["static_cache"]["max_abs_logits"] <= 1e-4
+    assert parity["greedy"]["identical"] == parity["greedy"]["prompts"]
+    config = json.loads((tmp_path / "onnx" / "generation_config.json").read_text())
+    assert (config["n_head"], config["n_kv_head"], config["head_dim"], config["d_model"]) == (4, 2, 16, 40)
+    portable, static = graph_axes(tmp_path / "onnx" / "model.onnx"), graph_axes(tmp_path / "onnx" / "model.static.onnx")
+    assert portable["past_key_values.0.key"][1:] == [2, portable["past_key_values.0.key"][2], 16]
+    assert static["past_key_values.1.value"][1:] == [2, CONTEXT, 16]
+    proto = onnx.load(str(tmp_path / "onnx" / "model.static.onnx"), load_external_data=False)
+    attention = [{a.name: a.i for a in node.attribute} for node in proto.graph.node
+                 if node.op_type == "GroupQueryAttention"]
+    assert [(a["num_heads"], a["kv_num_heads"]) for a in attention] == [(4, 2), (4, 2)]
+    generator = OnnxGenerator(tmp_path / "onnx")
+    assert generator.empty_cache(3)[0].shape == (3, 2, 0, 16) and generator.n_kv_head == 2
+
+
+def test_an_export_from_before_grouped_query_attention_reads_its_cache_heads_from_n_head(exports, tmp_path):
+    """generation_config.json without n_kv_head (older exports): the cache has n_head heads, as it always had."""
+    import shutil
+
+    _, onnx_dir, _ = exports("rope")
+    shutil.copytree(onnx_dir, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "generation_config.json").read_text())
+    del config["n_kv_head"]
+    (tmp_path / "old" / "generation_config.json").write_text(json.dumps(config))
+    generator = OnnxGenerator(tmp_path / "old")
+    assert generator.n_kv_head == config["n_head"] == 2
+    assert generator.generate([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0)) == OnnxGenerator(
+        onnx_dir).generate([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0))

@@ -199,9 +199,10 @@ def test_pickle_weights_are_refused_with_a_clear_message(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_grouped_query_attention_is_refused_naming_the_key(tmp_path):
-    with pytest.raises(InteropError, match="num_key_value_heads=2 < num_attention_heads=4"):
-        model_config_from_hf({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
+def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused_naming_the_key(tmp_path):
+    """Grouped-query attention imports (tests/test_published_shapes.py); a group size that is not whole cannot."""
+    with pytest.raises(InteropError, match="num_key_value_heads=3 does not divide num_attention_heads=4"):
+        model_config_from_hf({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 3,
                               "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
                               "vocab_size": 10})
 
@@ -235,10 +236,13 @@ def test_export_hf_loads_back_in_transformers_with_the_same_logits_and_ids(arch,
     ({"position": "learned", "mlp": "relu2"}, "mlp: relu2"),
     ({"position": "sinusoidal"}, "position: sinusoidal"),
     ({"position": "rope", "mlp": "swiglu", "norm": "layernorm"}, "norm: layernorm"),
+    ({"position": "learned", "n_kv_head": 2}, "n_kv_head: 2"),
+    ({"position": "learned", "d_head": 16}, "d_head: 16"),
+    ({"position": "rope", "mlp": "swiglu", "norm": "rmsnorm", "n_head": 3, "d_head": 12}, "d_head: 12 with d_model 32"),
 ])
 def test_shapes_without_a_transformers_architecture_name_the_option(change, option, tmp_path):
     tokenizer = ByteTokenizer()
-    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **change)
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size, **change})
     save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
     with pytest.raises(InteropError, match=f"{option}.*params/model.yaml"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")

@@ -31,8 +31,9 @@ def test_attention_maps_times_values_give_the_attention_output(variant):
         torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, T))
         assert torch.all(weights.triu(diagonal=1) == 0)  # never the future
         x = inputs[layer]
-        _, _, v = block.attn.qkv(x).split(x.size(-1), dim=2)
-        v = v.view(B, T, H, -1).transpose(1, 2)
+        _, _, v = block.attn.qkv(x).split(block.attn.qkv_split, dim=2)
+        v = v.view(B, T, block.attn.n_kv_head, -1).transpose(1, 2)
+        v = v.repeat_interleave(H // block.attn.n_kv_head, dim=1)  # grouped-query attention: shared value heads
         y = (weights @ v).transpose(1, 2).reshape(B, T, -1)
         # the attention's output as the model computed it in that forward pass (through SDPA)
         torch.testing.assert_close(block.attn.proj(y), outputs[layer], atol=1e-5, rtol=1e-4)

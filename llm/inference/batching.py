@@ -387,7 +387,7 @@ class _Batch:
     def __init__(self, generator: OnnxGenerator):
         self.generator = generator
         self.rows: list[_Row] = []
-        self.joiners: list[tuple[_Row, list[np.ndarray]]] = []  # prefilled rows, with their caches [1, H, p, D]
+        self.joiners: list[tuple[_Row, list[np.ndarray]]] = []  # prefilled rows, with their caches [1, Hkv, p, D]
         self.cache: list[np.ndarray] = []
         self.mask = np.zeros((0, 0), dtype=bool)
 
@@ -509,7 +509,7 @@ class _StaticBatch:
 
 
 def _pad_left(cache: np.ndarray, n: int) -> np.ndarray:
-    """``cache`` [B, H, P, D] with ``n`` zero slots before its first one."""
+    """``cache`` [B, Hkv, P, D] with ``n`` zero slots before its first one."""
     return np.pad(cache, ((0, 0), (0, 0), (n, 0), (0, 0))) if n else cache
 
 

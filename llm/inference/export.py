@@ -11,8 +11,9 @@ The export folder is self-contained, so ``llm.inference.onnx_runtime`` can gener
 
 Graph interface (one decoder for prefill and decode, format 2): inputs ``input_ids`` [batch, seq] int64,
 ``position_ids`` [batch, seq] int64, ``past_mask`` [batch, past] bool and ``past_key_values.{i}.key`` /
-``.value`` [batch, n_head, past, head_dim] float32; outputs ``logits`` [batch, seq, vocab] and
-``present.{i}.key`` / ``.value`` [batch, n_head, past + seq, head_dim]. The first step feeds a cache of past
+``.value`` [batch, n_kv_head, past, head_dim] float32; outputs ``logits`` [batch, seq, vocab] and
+``present.{i}.key`` / ``.value`` [batch, n_kv_head, past + seq, head_dim] (``n_kv_head``: the key/value heads,
+fewer than the query heads with grouped-query attention). The first step feeds a cache of past
 length 0. For one sequence, ``position_ids`` is ``past .. past + seq - 1`` and ``past_mask`` all True
 (``OnnxGenerator.forward`` fills both in). Sequences of different lengths share one batch by padding their
 caches on the left: ``past_mask`` is False on the padding, which no token attends to, and ``position_ids``
@@ -20,7 +21,7 @@ gives each row's own positions (``llm.inference.batching``). Format 1 exports (n
 ``past_mask``: positions implicit from the cache length) still load, one sequence at a time.
 
 The static-cache graph (format 3) serves batches on onnxruntime (``llm.inference.batching``): its cache
-inputs are buffers [batch, n_head, context_length, head_dim] that hold row b's tokens in positions
+inputs are buffers [batch, n_kv_head, context_length, head_dim] that hold row b's tokens in positions
 0..n_b-1, ``cache_last`` [batch] int32 is n_b + seq - 1 and ``position_ids`` the new tokens' positions; each
 layer's attention is one ``com.microsoft.GroupQueryAttention`` node, which writes the new keys and values
 into the buffers in place when the caller binds each present output to its past input. No cache is copied
@@ -78,7 +79,8 @@ class DecoderForExport(nn.Module):
     """``GPT.forward`` with the cache flattened to tensors: the signature an ONNX graph can have.
 
     forward(input_ids [B, T], position_ids [B, T], past_mask [B, P], k0, v0, k1, v1, ...)
-    -> (logits [B, T, V], k0', v0', k1', v1', ...), each past tensor [B, H, P, D] and each present [B, H, P+T, D].
+    -> (logits [B, T, V], k0', v0', k1', v1', ...), each past tensor [B, Hkv, P, D] and each present
+    [B, Hkv, P+T, D] (Hkv: the key/value heads).
     """
 
     rows_input = "past_mask"  # the GPT.forward argument the third input feeds
@@ -99,7 +101,7 @@ class StaticDecoderForExport(DecoderForExport):
     """``GPT.forward`` with a static cache (``static_last``), flattened for the serving graph.
 
     forward(input_ids [B, T], position_ids [B, T], cache_last [B] int32, k0, v0, k1, v1, ...)
-    -> (logits [B, T, V], k0', v0', ...), every cache tensor [B, H, L, D] with L the context length.
+    -> (logits [B, T, V], k0', v0', ...), every cache tensor [B, Hkv, L, D] with L the context length.
     """
 
     rows_input = "static_last"
@@ -131,7 +133,7 @@ def _export_graph(model: GPT, path: Path, opset: int | None, external_data: bool
     ids = torch.arange(_TRACE_BATCH * _TRACE_SEQ).reshape(_TRACE_BATCH, _TRACE_SEQ) % c.vocab_size
     positions = torch.arange(_TRACE_PAST, _TRACE_PAST + _TRACE_SEQ).expand(_TRACE_BATCH, -1)
     past_mask = torch.ones(_TRACE_BATCH, _TRACE_PAST, dtype=torch.bool)
-    cache = [torch.zeros(_TRACE_BATCH, c.n_head, _TRACE_PAST, c.head_dim) for _ in range(2 * c.n_layer)]
+    cache = [torch.zeros(_TRACE_BATCH, c.kv_heads, _TRACE_PAST, c.head_dim) for _ in range(2 * c.n_layer)]
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past},
                       tuple({0: batch, 2: past} for _ in cache))
     _trace(DecoderForExport(model), (ids, positions, past_mask, *cache), dynamic_shapes, input_names(c.n_layer),
@@ -172,15 +174,15 @@ def _export_static_graph(model: GPT, path: Path, opset: int | None, external_dat
     ids = torch.arange(B * T).reshape(B, T) % c.vocab_size
     positions = torch.arange(_TRACE_PAST, _TRACE_PAST + T).expand(B, -1)
     last = torch.full((B,), _TRACE_PAST + T - 1, dtype=torch.int32)
-    cache = [torch.zeros(B, c.n_head, L, c.head_dim) for _ in range(2 * c.n_layer)]
+    cache = [torch.zeros(B, c.kv_heads, L, c.head_dim) for _ in range(2 * c.n_layer)]
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, tuple({0: batch} for _ in cache))
     _trace(StaticDecoderForExport(model), (ids, positions, last, *cache), dynamic_shapes,
            static_input_names(c.n_layer), output_names(c.n_layer), path, opset, external_data, "the static-cache graph")
     axes = graph_axes(path)
     batch = axes["input_ids"][0]
     for name in static_input_names(c.n_layer)[3:] + output_names(c.n_layer)[1:]:
-        if axes[name] != [batch, c.n_head, L, c.head_dim] or not isinstance(batch, str):
-            raise ExportError(f"{path}: {name} should be [batch, {c.n_head}, {L}, {c.head_dim}]: {axes[name]}")
+        if axes[name] != [batch, c.kv_heads, L, c.head_dim] or not isinstance(batch, str):
+            raise ExportError(f"{path}: {name} should be [batch, {c.kv_heads}, {L}, {c.head_dim}]: {axes[name]}")
     # when torch.export(strict=False) fails, the exporter retries strict, which (torch 2.13) traces the
     # written-out attention instead: a valid graph, but one that copies the cache every step
     attention = graph_op_counts(path).get("GroupQueryAttention", 0)
@@ -233,8 +235,8 @@ def graph_axes(path: str | Path) -> dict[str, list[str | int]]:
     return axes
 
 
-def check_dynamic_axes(path: str | Path, n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> dict:
-    """Verify the graph's interface: names, symbolic batch/seq/past axes, fixed heads/head_dim/vocab.
+def check_dynamic_axes(path: str | Path, n_layer: int, n_kv_head: int, head_dim: int, vocab_size: int) -> dict:
+    """Verify the graph's interface: names, symbolic batch/seq/past axes, fixed key/value heads, head_dim, vocab.
 
     Returns the axes (see ``graph_axes``). Raises ExportError naming the first tensor that is wrong.
     """
@@ -265,7 +267,7 @@ def check_dynamic_axes(path: str | Path, n_layer: int, n_head: int, head_dim: in
     for name in expected_names[3:]:
         if name == "logits":
             continue
-        require(name, [0, 2], {1: n_head, 3: head_dim})
+        require(name, [0, 2], {1: n_kv_head, 3: head_dim})
         if axes[name][0] != batch:
             raise ExportError(f"{path}: {name} has batch axis {axes[name][0]!r}, input_ids has {batch!r}")
         if name.startswith("present") and axes[name][2] == axes["past_key_values.0.key"][2]:
@@ -288,6 +290,7 @@ def _generation_config(
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "n_layer": c.n_layer,
         "n_head": c.n_head,
+        "n_kv_head": c.kv_heads,  # the cache's heads (older exports: n_head)
         "head_dim": c.head_dim,
         "d_model": c.d_model,
         "vocab_size": c.vocab_size,
@@ -569,7 +572,7 @@ def export_onnx(
         external_data = 4 * model.num_parameters() > EXTERNAL_DATA_BYTES
     with atomic_folder(out_dir) as tmp:
         opset = _export_graph(model, tmp / MODEL_FILE, opset, external_data)
-        axes = check_dynamic_axes(tmp / MODEL_FILE, c.n_layer, c.n_head, c.head_dim, c.vocab_size)
+        axes = check_dynamic_axes(tmp / MODEL_FILE, c.n_layer, c.kv_heads, c.head_dim, c.vocab_size)
         skipped = static_cache_unsupported(c.head_dim) if static_cache else None
         if skipped:
             log.warning("no static-cache graph for %s: %s", checkpoint_dir, skipped)

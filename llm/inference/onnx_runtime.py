@@ -2,8 +2,10 @@
 
 An export folder (written by ``llm.inference.export.export_onnx``) holds ``model.onnx``,
 ``generation_config.json`` and ``tokenizer/``. The decoder takes ``input_ids`` [B, T], ``position_ids``
-[B, T], ``past_mask`` [B, P] and the cache ``past_key_values.{i}.key`` / ``.value`` [B, H, P, D] and returns
-``logits`` [B, T, V] and ``present.{i}.key`` / ``.value`` [B, H, P+T, D]; the first step feeds an empty cache
+[B, T], ``past_mask`` [B, P] and the cache ``past_key_values.{i}.key`` / ``.value`` [B, Hkv, P, D] and returns
+``logits`` [B, T, V] and ``present.{i}.key`` / ``.value`` [B, Hkv, P+T, D], Hkv the model's key/value heads
+(``n_kv_head`` of the generation config; ``n_head`` in exports older than grouped-query attention), D its
+head size; the first step feeds an empty cache
 (P = 0). For one sequence, ``forward`` fills in positions P..P+T-1 and an all-True mask; a batch of
 sequences of different lengths passes both (see ``llm.inference.batching``). Exports of format 1 have no
 ``position_ids``/``past_mask`` inputs (positions implicit from P) and run one sequence at a time.
@@ -70,6 +72,12 @@ def read_generation_config(onnx_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def kv_heads(config: dict[str, Any]) -> int:
+    """The key/value heads of an export's cache from its generation config: ``n_kv_head``, or ``n_head`` for an
+    export written before grouped-query attention (where the two were the same)."""
+    return int(config.get("n_kv_head") or config["n_head"])
+
+
 class OnnxGenerator:
     """Continue token sequences with an exported decoder and onnxruntime: a ``TextGenerator`` without torch.
 
@@ -115,6 +123,7 @@ class OnnxGenerator:
         )
         self.n_layer = int(self.config["n_layer"])
         self.n_head = int(self.config["n_head"])
+        self.n_kv_head = kv_heads(self.config)
         self.head_dim = int(self.config["head_dim"])
         self.vocab_size = int(self.config["vocab_size"])
         self.context_length = int(self.config["context_length"])
@@ -159,7 +168,7 @@ class OnnxGenerator:
 
     def empty_cache(self, batch_size: int = 1) -> list[np.ndarray]:
         """A cache holding nothing (past length 0): the input of the first step."""
-        shape = (batch_size, self.n_head, 0, self.head_dim)
+        shape = (batch_size, self.n_kv_head, 0, self.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
     def forward(
@@ -170,11 +179,11 @@ class OnnxGenerator:
         position_ids: np.ndarray | None = None,
         past_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call: ``input_ids`` [B, T] after ``past`` (flat [k0, v0, k1, v1, ...], each [B, H, P, D]).
+        """One decoder call: ``input_ids`` [B, T] after ``past`` (flat [k0, v0, k1, v1, ...], each [B, Hkv, P, D]).
 
         ``position_ids`` [B, T] (None: P..P+T-1 for every row) and ``past_mask`` [B, P] (None: every cache slot
         holds a token) let rows of different lengths share the batch; they need a format 2 export.
-        Returns ``(logits [B, T, V], present)`` with ``present`` flat like ``past``, each [B, H, P+T, D].
+        Returns ``(logits [B, T, V], present)`` with ``present`` flat like ``past``, each [B, Hkv, P+T, D].
         Raises ValueError when P + T exceeds the context length, or for positions or a mask on a format 1 export.
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
@@ -240,13 +249,13 @@ class OnnxGenerator:
 class StaticCacheDecoder:
     """The export's static-cache graph (``model.static.onnx``): cache buffers allocated once and written in place.
 
-    It holds, per layer, key and value buffers [slots, H, L, D] (L: the context length). Row r of a call is
-    slot r, and its cached tokens sit in slots' positions 0..n_r-1. ``prefill`` encodes a sequence into one
-    slot; ``step`` feeds one new token to each of slots 0..B-1, which onnxruntime's GroupQueryAttention
-    writes in place at position n_r (each present output is bound to its past input), so a step copies no
-    cache: its cost does not grow with the cached tokens beyond reading them. ``move`` copies one slot to
-    another, so that the rows in use stay a prefix 0..B-1. Needs onnxruntime's CPU provider, whose contrib
-    operators include GroupQueryAttention. Raises FileNotFoundError when the export has no static graph.
+    It holds, per layer, key and value buffers [slots, Hkv, L, D] (L: the context length, Hkv: the key/value
+    heads). Row r of a call is slot r, and its cached tokens sit in slots' positions 0..n_r-1. ``prefill``
+    encodes a sequence into one slot; ``step`` feeds one new token to each of slots 0..B-1, which onnxruntime's
+    GroupQueryAttention writes in place at position n_r (each present output is bound to its past input), so a
+    step copies no cache: its cost does not grow with the cached tokens beyond reading them. ``move`` copies one
+    slot to another, so that the rows in use stay a prefix 0..B-1. Needs onnxruntime's CPU provider, whose
+    contrib operators include GroupQueryAttention. Raises FileNotFoundError when the export has no static graph.
     """
 
     def __init__(self, onnx_dir: str | Path, slots: int, *, int8: bool = False, intra_op_num_threads: int | None = None,
@@ -267,11 +276,11 @@ class StaticCacheDecoder:
             str(self.model_path), sess_options=session_options(intra_op_num_threads, None, spinning),
             providers=["CPUExecutionProvider"])
         self._ort = ort
-        self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
+        self.n_layer, self.n_head, self.n_kv_head = int(config["n_layer"]), int(config["n_head"]), kv_heads(config)
         self.head_dim, self.vocab_size = int(config["head_dim"]), int(config["vocab_size"])
         self.context_length = int(config["context_length"])
         self.slots = slots
-        shape = (slots, self.n_head, self.context_length, self.head_dim)
+        shape = (slots, self.n_kv_head, self.context_length, self.head_dim)
         self.buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]

@@ -12,7 +12,23 @@ Both use RoPE on channel pairs (i, i + head_dim/2), Llama's ``rotate_half``, as 
 does, so q and k need no permutation. GPT-2's ``Conv1D`` stores weights as [in, out]: they are transposed.
 Our fused ``qkv`` and SwiGLU ``fc`` are Llama's q/k/v and gate/up projections stacked. GPT-2 always has
 biases: a model with ``bias: false`` exports them as zeros. Other shapes are refused with the option to
-change. Grouped-query attention (fewer key/value heads) has no counterpart here and is refused on import.
+change.
+
+How the Llama/Qwen3 attention and RoPE keys of ``config.json`` map (both ways):
+
+| Transformers | ModelConfig |
+| --- | --- |
+| ``num_key_value_heads`` (grouped-query attention) | ``n_kv_head`` (None when equal to ``n_head``) |
+| ``head_dim`` (Qwen3's default: 128) | ``d_head`` (None when it is ``d_model / n_head``) |
+| ``rope_theta``, ``rope_scaling`` (4.x) or ``rope_parameters`` (5.x) | ``rope_theta``, ``rope_scaling`` |
+
+``rope_scaling`` is ``llm.config.RopeScaling`` (types ``linear``, ``llama3``, ``yarn``, Transformers' key names).
+The q/k/v rows of ``qkv`` are [n_head, n_kv_head, n_kv_head] heads of ``head_dim`` (``CausalSelfAttention.qkv_split``).
+What the GPT cannot compute is refused on import naming the key: sliding-window attention (``use_sliding_window``
+with ``sliding_window``, ``layer_types`` with sliding layers), mixtures of experts (``num_experts``,
+``num_local_experts``, ...), ``partial_rotary_factor`` below 1, other ``rope_type``s (``dynamic``, ``longrope``,
+...) and yarn's ``mscale``/``mscale_all_dim``. A Llama export needs ``d_model`` divisible by ``n_head``
+(Transformers checks it; Qwen3 does not).
 
 Token ids: our control tokens take ids ``0..N_SPECIAL-1`` in every vocabulary, so importing shifts every
 Transformers id up by ``N_SPECIAL`` (embedding rows for the new control tokens start as the mean of the
@@ -73,6 +89,10 @@ def hf_architecture(config: ModelConfig) -> str:
             wrong.append(f"mlp: {c.mlp} (GPT-2 needs gelu or gelu_tanh)")
         if c.qk_norm:
             wrong.append("qk_norm: true (GPT-2 has none)")
+        if c.kv_heads != c.n_head:
+            wrong.append(f"n_kv_head: {c.n_kv_head} (GPT-2 has as many key/value heads as query heads)")
+        if c.head_dim * c.n_head != c.d_model:
+            wrong.append(f"d_head: {c.d_head} (GPT-2's heads are d_model / n_head wide)")
         if not wrong:
             return "gpt2"
         raise InteropError("no Transformers architecture matches this model: with position: learned it exports as "
@@ -83,6 +103,9 @@ def hf_architecture(config: ModelConfig) -> str:
             wrong.append(f"mlp: {c.mlp} (Llama and Qwen3 need swiglu)")
         if c.qk_norm and c.bias:
             wrong.append("bias: true with qk_norm (Qwen3's MLP has no bias)")
+        if not c.qk_norm and c.d_model % c.n_head:
+            wrong.append(f"d_head: {c.d_head} with d_model {c.d_model} not divisible by n_head {c.n_head} "
+                         "(Llama needs it divisible; Qwen3, with qk_norm, does not)")
         if not wrong:
             return "qwen3" if c.qk_norm else "llama"
         raise InteropError("no Transformers architecture matches this model: with position: rope it exports as "
@@ -137,10 +160,19 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
         if how == "t":
             out[theirs[0]] = t.t().contiguous()
         elif how == "cat":
-            out.update(zip(theirs, (part.contiguous() for part in t.chunk(len(theirs), dim=0))))
+            out.update(zip(theirs, (part.contiguous() for part in t.split(_cat_rows(ours, config), dim=0)),
+                           strict=True))
         else:
             out[theirs[0]] = t.contiguous()
     return out
+
+
+def _cat_rows(ours: str, c: ModelConfig) -> list[int]:
+    """The row counts of the Transformers tensors stacked in our ``ours`` (a ``cat`` row of ``_parameter_map``):
+    q, k and v of ``attn.qkv`` (fewer k and v rows with grouped-query attention), gate and up of ``mlp.fc``."""
+    if ".attn.qkv." in ours:
+        return [c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+    return [c.ff_dim, c.ff_dim]
 
 
 def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
@@ -167,6 +199,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, so
     state: dict[str, torch.Tensor] = {}
     for ours, theirs, how in rows:
         parts = [tensors[name].to(torch.float32) for name in theirs]
+        if how == "cat" and [len(part) for part in parts] != _cat_rows(ours, config):
+            raise InteropError(f"{source}: {', '.join(theirs)} have {[len(part) for part in parts]} rows, "
+                               f"config.json's heads and widths give {_cat_rows(ours, config)}")
         state[ours] = parts[0].t().contiguous() if how == "t" else torch.cat(parts, dim=0)
     if config.tie_weights:
         state["lm_head.weight"] = state["wte.weight"]
@@ -176,14 +211,54 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, so
 # ------------------------------------------------------------------------------------------- configs
 
 
-def _rope_theta(cfg: dict[str, Any], source: str) -> float:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise InteropError(f"{source}: rope scaling {kind!r} is not supported (only plain RoPE)")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise InteropError(f"{source}: partial_rotary_factor {cfg['partial_rotary_factor']} is not supported")
-    return float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_settings(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """``rope_theta`` and ``rope_scaling`` (a dict for ``llm.config.RopeScaling``, or None) of a Llama/Qwen3
+    ``config.json``: Transformers 5 writes ``rope_parameters`` (theta inside), 4.x ``rope_theta`` and
+    ``rope_scaling``. Raises InteropError naming the key for a RoPE this GPT does not compute."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise InteropError(f"{source}: rope_type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise InteropError(f"{source}: partial_rotary_factor {partial} is not supported (RoPE on every channel only)")
+    theta = float(cfg.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0)
+    rope.pop("rope_theta", None)
+    for key in ("mscale", "mscale_all_dim"):
+        if rope.pop(key, None):
+            raise InteropError(f"{source}: rope scaling key {key} (DeepSeek's yarn variant) is not supported")
+    if kind == "default":
+        return {"rope_theta": theta, "rope_scaling": None}
+    if kind == "yarn" and rope.get("factor") is None and rope.get("original_max_position_embeddings"):
+        # Transformers' rule when yarn names no factor: the context grows from the original to the maximum
+        rope["factor"] = cfg["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": kind, **rope}}
+
+
+def _refuse_unrepresentable(cfg: dict[str, Any], model_type: str, source: str) -> None:
+    """Raise InteropError naming the key when a Llama/Qwen3 ``config.json`` asks for what this GPT cannot compute:
+    a mixture of experts, sliding-window attention, a non-SiLU MLP."""
+    for key in _MOE_KEYS:
+        if cfg.get(key):
+            raise InteropError(f"{source}: {key}={cfg[key]}: mixture-of-experts layers are not supported "
+                               "(this GPT has one dense MLP per block)")
+    layer_types = cfg.get("layer_types")
+    if layer_types is None and model_type == "qwen3" and cfg.get("use_sliding_window") \
+            and cfg.get("sliding_window") is not None:  # Qwen3's rule: layers from max_window_layers on slide
+        start = cfg.get("max_window_layers", 28)
+        if start < cfg["num_hidden_layers"]:
+            raise InteropError(f"{source}: use_sliding_window=true with sliding_window={cfg['sliding_window']} "
+                               f"(layers {start} on): sliding-window attention is not supported")
+    sliding = sorted({t for t in layer_types or [] if t != "full_attention"})
+    if sliding:
+        raise InteropError(f"{source}: layer_types holds {', '.join(sliding)}: only full_attention layers are "
+                           "supported (no sliding-window attention)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise InteropError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (expected silu)")
 
 
 def model_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -216,18 +291,13 @@ def _model_config_from_hf(cfg: dict[str, Any], source: str) -> ModelConfig:
                            norm_eps=cfg.get("layer_norm_epsilon", 1e-5), qk_norm=False,
                            tie_weights=cfg.get("tie_word_embeddings", True), bias=True)
     if model_type in ("llama", "qwen3"):
+        _refuse_unrepresentable(cfg, model_type, source)
         heads, d = cfg["num_attention_heads"], cfg["hidden_size"]
         kv_heads = cfg.get("num_key_value_heads") or heads
-        if kv_heads != heads:
-            raise InteropError(f"{source}: grouped-query attention (num_key_value_heads={kv_heads} < "
-                               f"num_attention_heads={heads}) is not supported by this GPT")
-        if (cfg.get("head_dim") or d // heads) != d // heads:
-            raise InteropError(f"{source}: head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads "
-                               f"= {d // heads}, which this GPT requires")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise InteropError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (expected silu)")
-        if cfg.get("use_sliding_window"):
-            raise InteropError(f"{source}: sliding-window attention is not supported")
+        if heads % kv_heads:
+            raise InteropError(f"{source}: num_key_value_heads={kv_heads} does not divide num_attention_heads="
+                               f"{heads}: each key/value head must serve the same number of query heads")
+        head_dim = cfg.get("head_dim") or (128 if model_type == "qwen3" else d // heads)  # the classes' defaults
         bias = bool(cfg.get("attention_bias", False))
         if model_type == "llama" and bool(cfg.get("mlp_bias", False)) != bias:
             raise InteropError(f"{source}: attention_bias={bias} but mlp_bias={cfg.get('mlp_bias')}: this GPT "
@@ -235,11 +305,12 @@ def _model_config_from_hf(cfg: dict[str, Any], source: str) -> ModelConfig:
         if model_type == "qwen3" and bias:
             raise InteropError(f"{source}: attention_bias=true is not supported for qwen3 (its MLP has no bias)")
         return ModelConfig(vocab_size=cfg["vocab_size"], context_length=cfg.get("max_position_embeddings", 2048),
-                           n_layer=cfg["num_hidden_layers"], n_head=heads, d_model=d, d_ff=cfg["intermediate_size"],
+                           n_layer=cfg["num_hidden_layers"], n_head=heads,
+                           n_kv_head=kv_heads if kv_heads != heads else None, d_model=d,
+                           d_head=head_dim if head_dim * heads != d else None, d_ff=cfg["intermediate_size"],
                            dropout=0.0, position="rope", mlp="swiglu", norm="rmsnorm",
                            norm_eps=cfg.get("rms_norm_eps", 1e-6), qk_norm=model_type == "qwen3",
-                           tie_weights=cfg.get("tie_word_embeddings", False), bias=bias,
-                           rope_theta=_rope_theta(cfg, source))
+                           tie_weights=cfg.get("tie_word_embeddings", False), bias=bias, **_rope_settings(cfg, source))
     raise InteropError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
 
 
@@ -256,10 +327,12 @@ def hf_config(config: ModelConfig):
             n_positions=c.context_length, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ff_dim,
             activation_function="gelu_new" if c.mlp == "gelu_tanh" else "gelu", layer_norm_epsilon=c.norm_eps,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, **common)
+    scaling = c.rope_scaling.model_dump(exclude_none=True) if c.rope_scaling else None
     llama = {"hidden_size": c.d_model, "intermediate_size": c.ff_dim, "num_hidden_layers": c.n_layer,
-             "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head, "head_dim": c.head_dim,
+             "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
              "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-             "attention_bias": c.bias, "attention_dropout": c.dropout, "hidden_act": "silu", **common}
+             "rope_scaling": scaling, "attention_bias": c.bias, "attention_dropout": c.dropout, "hidden_act": "silu",
+             **common}
     if arch == "qwen3":
         return transformers.Qwen3Config(use_sliding_window=False, **llama)
     return transformers.LlamaConfig(mlp_bias=c.bias, **llama)

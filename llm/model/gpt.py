@@ -1,11 +1,13 @@
 """The GPT: a decoder-only, pre-norm Transformer in one file.
 
 Read top to bottom: norms, positions, attention, MLP, block, then the GPT that stacks them.
-Shapes use B = batch, T = new tokens, P = tokens already in the KV cache, H = heads, D = head_dim,
-C = d_model, V = vocab_size.
+Shapes use B = batch, T = new tokens, P = tokens already in the KV cache, H = query heads, Hkv = key/value
+heads (``n_kv_head``: H for multi-head attention, fewer for grouped-query attention), D = head_dim (``d_head``,
+by default C / H), C = d_model, V = vocab_size.
 
 The same module trains (``targets``), decodes with a KV cache (``past_key_values``/``use_cache``) and exports
-to ONNX: the cache is a plain list of ``(key, value)`` tensors, one pair per layer, each ``[B, H, P, D]``.
+to ONNX: the cache is a plain list of ``(key, value)`` tensors, one pair per layer, each ``[B, Hkv, P, D]``, so
+it holds 2 * n_layer * Hkv * D values per token: grouped-query attention shrinks it by H / Hkv.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.config import ModelConfig
+from llm.config import ModelConfig, RopeScaling
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,11 +52,61 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE angles (Su et al., 2021), each [length, head_dim // 2]."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's angular frequencies theta^(-2i/D) for the channel pairs i < D/2, rescaled by ``scaling``
+    (see ``llm.config.RopeScaling``), and the factor that cos and sin are multiplied by (1 but for yarn).
+    Returns (inv_freq [D/2], attention_factor)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq, 1.0
+    if scaling.rope_type == "linear":  # position interpolation: position m is seen as m / factor
+        return inv_freq / scaling.factor, 1.0
+    if scaling.rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, scaling), 1.0
+    return _yarn_frequencies(inv_freq, head_dim, theta, scaling)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rule: a pair whose wavelength is longer than original / low_freq_factor turns ``factor`` times
+    slower, one shorter than original / high_freq_factor keeps its speed, and the ones between blend the two
+    by how many times their wave fits in the original context."""
+    wavelength = 2 * math.pi / inv_freq
+    fits = s.original_max_position_embeddings / wavelength  # whole turns over the pretraining context
+    blend = ((fits - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / s.factor + blend * inv_freq
+
+
+def _yarn_frequencies(inv_freq: torch.Tensor, head_dim: int, theta: float,
+                      s: RopeScaling) -> tuple[torch.Tensor, float]:
+    """YaRN's "NTK-by-parts" rule: pairs that turn more than ``beta_fast`` times over the original context keep
+    their frequency, pairs that turn fewer than ``beta_slow`` times are divided by ``factor``, with a linear
+    ramp over the pair index between; the attention factor sharpens the softmax for the longer context."""
+    original = s.original_max_position_embeddings
+
+    def pair_index(turns: float) -> float:  # the (fractional) pair that turns ``turns`` times over the context
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(s.beta_fast or 32.0), pair_index(s.beta_slow or 1.0)
+    if s.truncate is not False:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a step instead of a ramp, without dividing by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0.0, 1.0)
+    inv_freq = inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+    attention = s.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0
+    return inv_freq, attention
+
+
+def rope_tables(length: int, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE angles (Su et al., 2021) at positions 0..length-1, each [length, head_dim // 2],
+    with the frequencies of ``rope_frequencies`` and both multiplied by its attention factor."""
+    inv_freq, attention = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention, angles.sin() * attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,17 +124,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D), -inf where ``mask`` is False) v for q [B, H, T, D], k and v [B, H, S, D] and
-    ``mask`` [B, 1, T, S]; every query must see at least one key.
+    """softmax(q k^T / sqrt(D), -inf where ``mask`` is False) v for q [B, H, T, D], k and v [B, Hkv, S, D] and
+    ``mask`` [B, 1, T, S]; every query must see at least one key. With Hkv < H (grouped-query attention) query
+    head h reads key/value head h // (H / Hkv), as in Transformers' ``repeat_kv``.
 
-    The same function as ``F.scaled_dot_product_attention`` with ``attn_mask``, written out for the decoding
-    path with a cache: an ONNX export keeps it as one scaled MatMul with a transposed operand, where the
-    exporter's SDPA decomposition transposes and scales the whole cache every step (bench/generate.py).
+    The same function as ``F.scaled_dot_product_attention`` with ``attn_mask`` (and ``enable_gqa``), written out
+    for the decoding path with a cache: an ONNX export keeps it as one scaled MatMul with a transposed operand,
+    where the exporter's SDPA decomposition transposes and scales the whole cache every step (bench/generate.py).
+    The query heads of a group are stacked along a new axis, so the cache is broadcast, never copied per head.
     """
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # [B, H, T, S]
+    B, H, T, D = q.shape
+    Hkv = k.size(1)
+    if Hkv != H:  # [B, Hkv, G, T, D] against [B, Hkv, 1, S, D]: the G query heads that share a key/value head
+        q, k, v, mask = q.reshape(B, Hkv, H // Hkv, T, D), k.unsqueeze(2), v.unsqueeze(2), mask.unsqueeze(2)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # [B, H, T, S] ([B, Hkv, G, T, S])
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
-    return torch.matmul(weights, v)
+    y = torch.matmul(weights, v)
+    return y.reshape(B, H, T, D) if Hkv != H else y
 
 
 class StaticCache(NamedTuple):
@@ -97,21 +156,23 @@ def static_cache_attention(
     past: tuple[torch.Tensor, torch.Tensor],
     static: StaticCache,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
+    n_head: int,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Attention with a static cache: ``qkv`` [B, T, 3*H*D] the queries, keys and values of T new tokens of each
-    row side by side (before RoPE), ``past`` (k, v) each [B, H, L, D] with row b's earlier tokens in slots
-    0..n_b-1, ``static.last`` [B] int32 = n_b + T - 1, and ``rope`` the new tokens' angles. The new keys and values
-    go to slots n_b..n_b+T-1 and each query sees its row's slots up to its own. Returns (y [B, T, H*D], (k, v) the
-    updated buffers).
+    """Attention with a static cache: ``qkv`` [B, T, (H + 2*Hkv)*D] the queries (``n_head`` = H heads), keys and
+    values (Hkv heads each) of T new tokens of each row side by side (before RoPE), ``past`` (k, v) each
+    [B, Hkv, L, D] with row b's earlier tokens in slots 0..n_b-1, ``static.last`` [B] int32 = n_b + T - 1, and
+    ``rope`` the new tokens' angles. The new keys and values go to slots n_b..n_b+T-1 and each query sees its
+    row's slots up to its own. Returns (y [B, T, H*D], (k, v) the updated buffers).
 
-    No slot is copied to make room: the buffers stay [B, H, L, D], so a decoder step costs nothing per cached
+    No slot is copied to make room: the buffers stay [B, Hkv, L, D], so a decoder step costs nothing per cached
     token beyond reading it. In an ONNX export this is one ``com.microsoft.GroupQueryAttention`` node, which
     rotates q and k itself (from the position tables) and which onnxruntime runs in place when the caller
     binds each present output to its past input (``llm.inference.onnx_runtime.StaticCacheDecoder``); here,
     for PyTorch, it is written out.
     """
     B, T, _ = qkv.shape
-    H, L, D = past[0].shape[1:]
+    Hkv, L, D = past[0].shape[1:]
+    H = n_head
     if torch.onnx.is_in_onnx_export():
         total = (static.last.max() + 1).to(torch.int32)  # the longest row: the extent of the buffers GQA reads
         tables = list(static.rope_tables) if static.rope_tables is not None else []
@@ -119,19 +180,21 @@ def static_cache_attention(
         y, k_buf, v_buf = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [qkv, None, None, past[0], past[1], static.last, total, *tables],
-            {"num_heads": H, "kv_num_heads": H, "do_rotary": int(bool(tables)), "rotary_interleaved": 0},
+            {"num_heads": H, "kv_num_heads": Hkv, "do_rotary": int(bool(tables)), "rotary_interleaved": 0},
             dtypes=[qkv.dtype, qkv.dtype, qkv.dtype],
             shapes=[[B, T, H * D], past[0].shape, past[1].shape],
             version=1,
         )
         return y, (k_buf, v_buf)
-    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))  # [B, H, T, D]
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=2)
+    q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+    k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # [B, Hkv, T, D]
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     slots = static.last.long()[:, None] - (T - 1) + torch.arange(T, device=q.device)  # [B, T]
     rows = torch.arange(B, device=q.device)[:, None]
     k_buf, v_buf = past[0].clone(), past[1].clone()
-    k_buf[rows, :, slots] = k.transpose(1, 2)  # [B, T, H, D] into [B, H, L, D] at (row, slot)
+    k_buf[rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into [B, Hkv, L, D] at (row, slot)
     v_buf[rows, :, slots] = v.transpose(1, 2)
     mask = torch.arange(L, device=q.device)[None, None, None, :] <= slots[:, None, :, None]  # [B, 1, T, L]
     y = masked_attention(q, k_buf, v_buf, mask)
@@ -139,15 +202,21 @@ def static_cache_attention(
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention (Vaswani et al., 2017) over the cache plus the new tokens, never the future."""
+    """Multi-head self-attention (Vaswani et al., 2017) over the cache plus the new tokens, never the future.
+
+    ``n_head`` query heads and ``n_kv_head`` key/value heads of ``head_dim`` channels: with fewer key/value heads
+    (grouped-query attention, Ainslie et al., 2023) each serves ``n_head / n_kv_head`` query heads, and the
+    KV cache shrinks by that factor.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        q_width, kv_width = config.n_head * config.head_dim, config.kv_heads * config.head_dim
         # rows of qkv.weight: the queries', the keys', the values' (adapters and Transformers interop split by it)
-        self.qkv_split = (config.d_model, config.d_model, config.d_model)
+        self.qkv_split = (q_width, kv_width, kv_width)
         self.qkv = nn.Linear(config.d_model, sum(self.qkv_split), bias=config.bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.proj = nn.Linear(q_width, config.d_model, bias=config.bias)
         self.qk_norm = config.qk_norm
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
@@ -162,39 +231,42 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
         static: StaticCache | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B, T, C] -> (y [B, T, C], (k, v) each [B, H, P+T, D] to cache).
+        """x [B, T, C] -> (y [B, T, C], (k, v) each [B, Hkv, P+T, D] to cache).
 
         ``mask`` [B, 1, T, P+T] (True: may attend) replaces the causal rule; ``GPT.forward`` builds it.
         ``static`` makes ``past`` a static cache (see ``static_cache_attention``), returned updated.
         """
-        B, T, C = x.shape
-        qkv = self.qkv(x)  # [B, T, 3C]: queries, keys and values side by side
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x)  # [B, T, (H + 2*Hkv) * D]: queries, keys and values side by side
         if static is not None:  # the static-cache attention takes them packed, and rotates q and k itself
             if self.qk_norm:  # QK-norm over each head's channels first
-                q, k, v = qkv.split(C, dim=2)
-                q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
-                k = self.k_norm(k.view(B, T, self.n_head, self.head_dim)).view(B, T, C)
+                q, k, v = qkv.split(self.qkv_split, dim=2)
+                q = self.q_norm(q.view(B, T, H, D)).view(B, T, H * D)
+                k = self.k_norm(k.view(B, T, Hkv, D)).view(B, T, Hkv * D)
                 qkv = torch.cat([q, k, v], dim=2)
-            y, present = static_cache_attention(qkv, past, static, rope)
+            y, present = static_cache_attention(qkv, past, static, rope, H)
             return self.resid_dropout(self.proj(y)), present
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        q, k, v = qkv.split(self.qkv_split, dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # [B, Hkv, T, D]
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (Dehghani et al., 2023) before the rotation
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P+T, D]
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, P+T, D]
         dropout_p = self.dropout if self.training else 0.0
+        gqa = {"enable_gqa": True} if Hkv != H else {}  # each key/value head serves H / Hkv query heads
         if mask is not None:
             y = masked_attention(q, k, v, mask, dropout_p)
         elif past is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         else:  # is_causal would align the triangle top-left; query i sits at P+i and sees keys 0..P+i
             P = k.size(2) - T
             key_pos = torch.arange(P + T, device=x.device)
             mask = key_pos[None, :] <= key_pos[P:, None]  # [T, P+T]; all True for a single new token
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
         return self.resid_dropout(self.proj(y)), (k, v)
 
 
@@ -270,7 +342,7 @@ def attention_mask(past_mask: torch.Tensor, T: int) -> torch.Tensor:
 class GPTOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]
     loss: torch.Tensor | None  # scalar, when targets were given
-    present_key_values: KVCache | None  # per layer (k, v), each [B, H, P+T, D], when use_cache
+    present_key_values: KVCache | None  # per layer (k, v), each [B, Hkv, P+T, D], when use_cache
 
 
 class GPT(nn.Module):
@@ -287,7 +359,7 @@ class GPT(nn.Module):
         if config.position == "sinusoidal":  # non-persistent: derived, so checkpoints hold only trained weights
             self.register_buffer("pos_table", sinusoidal_table(L, C), persistent=False)
         if config.position == "rope":
-            cos, sin = rope_tables(L, config.head_dim, config.rope_theta)
+            cos, sin = rope_tables(L, config.head_dim, config.rope_theta, config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
@@ -333,7 +405,7 @@ class GPT(nn.Module):
         causally to the new tokens before it.
 
         A static cache (the ONNX serving graph, ``llm.inference.export``): ``past_key_values`` holds buffers
-        [B, H, L, D] of fixed length L, row b's cached tokens in slots 0..n_b-1, ``static_last`` [B] int32 is
+        [B, Hkv, L, D] of fixed length L, row b's cached tokens in slots 0..n_b-1, ``static_last`` [B] int32 is
         n_b + T - 1, and ``position_ids`` (required) the new tokens' positions; the present key/values are the
         buffers with the new tokens written in (``static_cache_attention``).
         Raises ValueError when P + T exceeds ``config.context_length``.
@@ -386,7 +458,8 @@ class GPT(nn.Module):
         lookup-only tables: ``num_parameters()`` minus the learned position table, minus the token table
         when it is untied. A lookup costs no FLOPs; a tied token table is also the LM head, a real matmul.
         (nanoGPT subtracts only the position table too.) The second term is attention's scores and
-        weighted sum over a full context window.
+        weighted sum over a full context window: every query head (``n_head``) scores its own D channels, so
+        grouped-query attention, which shares key/value heads, lowers N (smaller ``qkv``) but not this term.
 
         Model FLOPs utilisation: MFU = flops_per_token * tokens_per_second / peak_flops (of the hardware).
         """
@@ -399,12 +472,15 @@ class GPT(nn.Module):
     def summary(self) -> str:
         """One line for logs: parameter counts and the shape of the model."""
         c = self.config
+        kv = f" ({c.kv_heads} key/value)" if c.kv_heads != c.n_head else ""
+        head = f", head_dim {c.head_dim}" if c.d_head is not None else ""
+        scaling = f" ({c.rope_scaling.rope_type} x{c.rope_scaling.factor:g})" if c.rope_scaling else ""
         return (
             f"GPT with {self.num_parameters() / 1e6:.2f}M parameters "
             f"({self.num_parameters(exclude_embeddings=True) / 1e6:.2f}M non-embedding): "
-            f"{c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, ff {c.ff_dim}, context {c.context_length}, "
-            f"vocab {c.vocab_size}, position {c.position}, mlp {c.mlp}, norm {c.norm}"
-            f"{', qk_norm' if c.qk_norm else ''}{', tied' if c.tie_weights else ''}"
+            f"{c.n_layer} layers, {c.n_head} heads{kv}, d_model {c.d_model}{head}, ff {c.ff_dim}, "
+            f"context {c.context_length}, vocab {c.vocab_size}, position {c.position}{scaling}, mlp {c.mlp}, "
+            f"norm {c.norm}{', qk_norm' if c.qk_norm else ''}{', tied' if c.tie_weights else ''}"
         )
 
     def extra_repr(self) -> str:

@@ -35,10 +35,12 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     maps = []
     for block, x in zip(model.blocks, inputs):
         attn = block.attn
-        B, _, C = x.shape
-        q, k, _ = attn.qkv(x).split(C, dim=2)
-        q, k = (t.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2) for t in (q, k))  # [B, H, T, D]
+        B = x.size(0)
+        q, k, _ = attn.qkv(x).split(attn.qkv_split, dim=2)
+        q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = attn.q_norm(q), attn.k_norm(k)
+        k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)  # query head h reads key head h // group
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)  # [B, H, T, T]
