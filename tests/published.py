@@ -71,11 +71,17 @@ def hf_config(family: str, vocab_size: int, **overrides):
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                                        **overrides)
+    # today's shapes: grouped-query attention (2 key/value heads for 4 query heads), Llama 3.x's RoPE scaling,
+    # Qwen3's head size of its own (16 with a hidden size of 32)
     common = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128, **overrides}
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
     if family == "llama":
-        return transformers.LlamaConfig(rope_theta=500000.0, tie_word_embeddings=False, **common)
-    return transformers.Qwen3Config(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=8, **common)
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 32}
+        return transformers.LlamaConfig(**{"rope_theta": 500000.0, "rope_scaling": scaling,
+                                           "tie_word_embeddings": False, **common, **overrides})
+    return transformers.Qwen3Config(**{"rope_theta": 1000000.0, "tie_word_embeddings": True, "head_dim": 16, **common,
+                                       **overrides})
 
 
 def write_published_model(family: str, folder: Path, std: float | None = 0.5, **overrides) -> Path:
