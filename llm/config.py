@@ -171,7 +171,8 @@ class PretrainParams(StrictModel):
     """Optimisation and bookkeeping for pretraining (``params/pretrain.yaml``)."""
 
     seed: int = 1337
-    max_steps: int = Field(2000, gt=0)
+    max_steps: int = Field(2000, ge=0, description="0: no training, the start model of params/base.yaml evaluated "
+                           "and checkpointed as it is (finetune a published model without continued pretraining)")
     batch_size: int = Field(32, gt=0, description="sequences per micro-batch")
     grad_accum_steps: int = Field(1, gt=0)
     learning_rate: float = Field(1e-3, gt=0)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")  # in the dev extra; skipped only on a bare install
 pytest.importorskip("tokenizers")
@@ -387,3 +388,27 @@ def test_sft_on_an_imported_model_trains_on_its_templates_assistant_spans(models
                             checkpoint_interval=2, log_interval=1, device="cpu", progress=False, num_threads=1)
     result = finetune(params, models["qwen3"]["ckpt"], tmp_path / "chat", tmp_path / "sft")
     assert result.step == 2 and load_tokenizer(tmp_path / "sft" / "tokenizer").source == tokenizer.source
+
+
+def test_max_steps_0_keeps_the_published_model_as_the_pretrain_stages_output(models, tmp_path):
+    """params/pretrain.yaml max_steps: 0 with params/base.yaml hf_folder: no continued pretraining, the published
+    model itself (evaluated) is the pretrain stage's checkpoint, so finetuning starts from it unchanged."""
+    from llm.config import BaseParams, DataParams, ModelConfig, PretrainParams, TokenizerParams
+    from llm.stages import clean_stage, pretrain_stage, tokenize_stage, tokenizer_stage
+
+    from helpers import write_corpus
+
+    base = BaseParams(hf_folder=str(models["llama"]["hf"]))
+    clean_stage(DataParams(min_doc_chars=100, val_fraction=0.3), write_corpus(tmp_path / "corpus", 4),
+                tmp_path / "clean", track=False)
+    tokenizer_stage(TokenizerParams(), tmp_path / "clean", tmp_path / "tok", base=base, track=False)
+    tokenize_stage(tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens", track=False)
+    params = PretrainParams(max_steps=0, batch_size=2, eval_batches=1, device="cpu", progress=False, num_threads=1)
+    result = pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "pretrain",
+                            track=False, base=base)
+    assert result["step"] == 0 and result["val/loss"] > 0
+    kept, _, _ = load_checkpoint(tmp_path / "pretrain")
+    imported, _, _ = load_checkpoint(models["llama"]["ckpt"])
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), imported.state_dict().values()))
+    with pytest.raises(ValueError, match="max_steps: 0 keeps the start model as it is, which needs one"):
+        pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "p2", track=False)

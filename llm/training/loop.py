@@ -357,6 +357,9 @@ def train(
         progress = _progress(params.progress and run.step < last_step and run.dist.is_main)
         task = progress.add_task("train", total=last_step, completed=run.step, loss=float("nan"), tps=0.0)
         meter.restart()
+        if params.max_steps == 0 and not run.history:  # nothing to train: the start model, evaluated, is the result
+            run.history.append({"step": 0, **_validate(run)})
+            _write_checkpoint(run, _summary(run))
         with progress:
             while run.step < last_step:
                 _stop_if_signalled(run, stop)

@@ -115,6 +115,9 @@ def pretrain(
     Returns the ``TrainResult`` of ``llm.training.loop.train``. Raises TokenDataError for missing token
     files, ValueError when the tokenizer and the token files disagree, and what ``train`` raises.
     """
+    if params.max_steps == 0 and not (base is not None and base.hf_folder):
+        raise ValueError("params/pretrain.yaml: max_steps: 0 keeps the start model as it is, which needs one: set "
+                         "hf_folder in params/base.yaml (random weights would stay untrained)")
     tokenizer = load_tokenizer(tokenizer_dir)
     model_config, base_inputs = _from_base(model_config, base)
     model_config = _model_config_for(model_config, tokenizer, tokens_dir, tokenizer_dir)
