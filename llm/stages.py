@@ -424,6 +424,10 @@ def version_description(stage: str, logged: Mapping[str, Any], metrics: Mapping[
         origin = (f"Chat model finetuned from **gpt version {parent}**" if parent != "none"
                   else "Chat model finetuned from an unregistered base checkpoint")
         origin += f" (run `{tags.get('llm.parent_run_id', 'none')}`) on chat conversations"
+        if train.get("method") == "lora":
+            lora = train.get("lora") or {}
+            origin += (f", as LoRA adapters (rank {lora.get('rank')} on {', '.join(lora.get('targets', []))}): the "
+                       "version stores the adapters and its base's identity, and loads merged")
     else:
         origin = "Base model pretrained from scratch on the corpus"
     data = tags.get("dvc.data_hash", "none")
