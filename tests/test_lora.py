@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_finetune import synthetic_chats
 
 from llm.config import FinetuneParams, LoRAParams, ModelConfig
 from llm.data.chat_data import write_chat_file
@@ -23,8 +24,6 @@ from llm.model.checkpoint import (
 from llm.model.gpt import GPT
 from llm.model.lora import LoRAConfigError, LoRALinear, adapter_state, apply_lora, expand_targets, merge_lora
 from llm.training.finetune import finetune
-
-from test_finetune import synthetic_chats
 
 torch.set_num_threads(1)
 

@@ -124,7 +124,8 @@ def adapted_slices(config: ModelConfig, qkv_split: tuple[int, ...], targets: lis
     rows = {
         "q": ("attn.qkv", (0, q)), "k": ("attn.qkv", (q, q + k)), "v": ("attn.qkv", (q + k, q + k + v)),
         "o": ("attn.proj", (0, config.d_model)), "gate": ("mlp.fc", (0, hidden)),
-        "up": ("mlp.fc", (hidden, 2 * hidden)), "fc": ("mlp.fc", (0, hidden)), "down": ("mlp.proj", (0, config.d_model)),
+        "up": ("mlp.fc", (hidden, 2 * hidden)), "fc": ("mlp.fc", (0, hidden)),
+        "down": ("mlp.proj", (0, config.d_model)),
     }
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for name in expand_targets(targets, config):
