@@ -146,6 +146,22 @@ def test_only_adapters_train_and_the_optimizer_sees_only_them():
     assert sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) == 2 * 4 * 2 * (32 + 32)
 
 
+def test_a_base_held_in_bf16_trains_fp32_adapters_under_autocast():
+    from llm.model.lora import freeze_base_in
+
+    model = GPT(ModelConfig(vocab_size=VOCAB, **LLAMA))
+    apply_lora(model, LoRAParams(rank=2, targets=["all"]))
+    freeze_base_in(model, torch.bfloat16)
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 and model.wte.weight.dtype == torch.float32
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, x).loss
+    loss.backward()
+    adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.isfinite().all() for p in adapters)
+    assert torch.isfinite(loss)
+
+
 def test_targets_expand_by_the_models_mlp_and_bad_targets_and_ranks_name_the_key():
     swiglu, gelu = ModelConfig(vocab_size=VOCAB, **LLAMA), ModelConfig(vocab_size=VOCAB, **GPT2)
     assert expand_targets(["mlp"], swiglu) == ["gate", "up", "down"]

@@ -224,8 +224,11 @@ def finetune(
     checkpoint already in ``out_dir`` is continued exactly when it is of the same run (same base weights
     and tokenizer, chat files, model config and params; see ``llm.training.loop.train``); ``until_step``
     pauses early; ``metadata`` joins the checkpoint's config (e.g. the tracking run).
-    Raises CheckpointError for a bad base checkpoint, ChatDataError for missing or invalid chat files,
-    ValueError when no conversation fits the context, and see ``llm.training.loop.train``.
+    With ``params.method == "lora"`` only adapters train (``_add_adapters``) and the checkpoint holds them with the
+    base's identity (``metadata["adapter"]``, see ``llm.model.checkpoint``).
+    Raises CheckpointError for a bad base checkpoint (or an adapter checkpoint as the base of a LoRA run),
+    ChatDataError for missing or invalid chat files, ValueError when no conversation fits the context,
+    LoRAConfigError for a ``lora`` target or rank that does not fit the model, and see ``llm.training.loop.train``.
     """
     base_checkpoint, chat_dir = Path(base_checkpoint), Path(chat_dir)
     for name in CHAT_FILES.values():
