@@ -12,10 +12,13 @@ Two models:
 How each figure is measured:
 - trainable parameters: those the optimizer receives (``llm.training.loop.build_optimizer``).
 - peak memory: each configuration runs in a fresh process (spawned, so no memory is shared or reused); the
-  figure is that process's peak resident set size (``ru_maxrss``) during model build + ``--steps`` training
-  steps, and, after a slash, the peak above its RSS once the model was built (what training adds: gradients,
-  optimizer moments, activations). Both include PyTorch's allocator caching, as a user would see them.
-- seconds per step: the median of ``--steps`` optimizer steps after one warm-up step (forward, backward, AdamW).
+  figure is that process's peak resident set size (``ru_maxrss``) during model build + two training steps,
+  and, after a slash, the peak above its RSS once the model was built (what training adds: gradients,
+  optimizer moments, activations). Both include the interpreter, PyTorch and its allocator's caching, as a
+  user would see them.
+- seconds per step: the median of ``--steps`` optimizer steps (forward, backward, AdamW) after a warm-up step,
+  all configurations built in one process and timed in rounds, one step of each per round, so that they see the
+  same load on a shared CPU.
 - bytes per version: the files a registered version stores (the checkpoint folder without ``train_state/``).
 - held-out assistant loss (demo only): ``llm.training.finetune.assistant_loss`` on the val conversations. Full
   finetuning runs ``--demo-steps`` steps (``params/finetune.yaml`` otherwise); each LoRA setting then runs as
@@ -65,15 +68,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and TRAIN_STATE_DIR not in p.parts)
 
 
-def measure(job: dict) -> dict:
-    """In a fresh process: build the model (``job["checkpoint"]`` or a random one of ``job["config"]``), add
-    adapters for LoRA, train ``job["steps"]`` steps on random tokens; return the figures of one table row."""
+def build(job: dict):
+    """The model of ``job`` (``checkpoint``, or a random one of ``config``) with adapters when ``job["lora"]``, in
+    training mode, its optimizer (over what trains), and its tokenizer."""
     from llm.data.tokenizer import ByteTokenizer
     from llm.model.gpt import GPT
     from llm.model.lora import apply_lora
     from llm.training.loop import build_optimizer
 
-    torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     if job.get("checkpoint"):
         model, tokenizer, _ = load_checkpoint(job["checkpoint"])
@@ -81,33 +83,60 @@ def measure(job: dict) -> dict:
         model, tokenizer = GPT(ModelConfig(**job["config"])), ByteTokenizer()
     if job["lora"] is not None:
         apply_lora(model, job["lora"])
-    model.train()
-    params = FinetuneParams(device="cpu", weight_decay=0.0)
-    optimizer = build_optimizer(model, params, torch.device("cpu"))
+    optimizer = build_optimizer(model.train(), FinetuneParams(device="cpu", weight_decay=0.0), torch.device("cpu"))
+    return model, optimizer, tokenizer
+
+
+def train_step(model, optimizer, batch: int, context: int) -> float:
+    """One step on random tokens (forward, backward, AdamW); returns its seconds."""
+    x = torch.randint(0, model.config.vocab_size, (batch, context))
+    start = time.perf_counter()
+    model(x, x).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def measure_memory(job: dict) -> dict:
+    """In a fresh process: build the model of ``job``, train two steps; return trainable parameters, peak RSS
+    (and the part above the RSS once built) and the bytes of the checkpoint a version stores."""
+    torch.set_num_threads(job["threads"])
+    model, optimizer, tokenizer = build(job)
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     built = rss_bytes()
-    c = model.config
-    times = []
-    for _ in range(job["steps"] + 1):
-        x = torch.randint(0, c.vocab_size, (job["batch"], job["context"]))
-        start = time.perf_counter()
-        model(x, x).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+    for _ in range(2):
+        train_step(model, optimizer, job["batch"], job["context"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     with tempfile.TemporaryDirectory() as tmp:
         metadata = {}
         if job["lora"] is not None:
             metadata["adapter"] = {"lora": job["lora"].model_dump(), "base": {"path": "-", "weights_sha256": "-"}}
-        stored = folder_bytes(save_checkpoint(Path(tmp) / "ckpt", model, c, tokenizer, metadata=metadata))
+        stored = folder_bytes(save_checkpoint(Path(tmp) / "ckpt", model, model.config, tokenizer, metadata=metadata))
     return {"trainable": trainable, "total": model.num_parameters(), "peak": peak, "peak_training": peak - built,
-            "s_per_step": statistics.median(times[1:]), "stored": stored}
+            "stored": stored}
+
+
+def seconds_per_step(jobs: dict[str, dict], steps: int) -> dict[str, float]:
+    """Median seconds per step of each job, timed in rounds (one step of each per round, after a warm-up
+    round) so that every configuration sees the same load on a shared machine."""
+    built = {name: build(job)[:2] for name, job in jobs.items()}
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(steps + 1):
+        for name, (model, optimizer) in built.items():
+            times[name].append(train_step(model, optimizer, jobs[name]["batch"], jobs[name]["context"]))
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def table_rows(jobs: dict[str, dict], steps: int) -> dict[str, dict]:
+    rows = {name: run_isolated(job) for name, job in jobs.items()}
+    for name, s in seconds_per_step(jobs, steps).items():
+        rows[name]["s_per_step"] = s
+    return rows
 
 
 def run_isolated(job: dict) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure, (job,))
+        return pool.apply(measure_memory, (job,))
 
 
 def demo_inputs(work: Path, pretrain_steps: int) -> tuple[Path, Path]:
@@ -194,9 +223,9 @@ def main() -> None:
             base, chat = demo_inputs(work, args.pretrain_steps)
             config = load_checkpoint(base).model.config
             jobs = {"full": None, **{name: lora for name, (lora, _) in LORA_SETTINGS.items()}}
-            rows = {name: run_isolated({"checkpoint": str(base), "lora": lora, "steps": args.steps, "batch": 16,
-                                        "context": config.context_length, "threads": args.threads})
-                    for name, lora in jobs.items()}
+            rows = table_rows({name: {"checkpoint": str(base), "lora": lora, "batch": 16,
+                                      "context": config.context_length, "threads": args.threads}
+                               for name, lora in jobs.items()}, args.steps)
             print_table(f"demo model ({base}), batch 16 x {config.context_length} tokens for the timings",
                         rows, demo_losses(base, chat, work, args.demo_steps,
                                           {name: r["s_per_step"] for name, r in rows.items()}))
@@ -206,9 +235,8 @@ def main() -> None:
             shape = dict(vocab_size=50257 + N_SPECIAL, context_length=args.context, n_layer=12, n_head=12, d_model=768,
                          position="learned", mlp="gelu_tanh", norm="layernorm", tie_weights=True, bias=True)
             jobs = {"full": None, "lora r8 attention": LORA_SETTINGS["lora r8 attention"][0]}
-            rows = {name: run_isolated({"config": shape, "lora": lora, "steps": args.steps, "batch": args.batch,
-                                        "context": args.context, "threads": args.threads})
-                    for name, lora in jobs.items()}
+            rows = table_rows({name: {"config": shape, "lora": lora, "batch": args.batch, "context": args.context,
+                                      "threads": args.threads} for name, lora in jobs.items()}, args.steps)
             print_table(f"GPT-2 124M shape, random weights, batch {args.batch} x {args.context} tokens", rows, None)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 

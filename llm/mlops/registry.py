@@ -262,8 +262,7 @@ def register_checkpoint(
             "checkpoint.step": config.get("step", 0),
             "tokenizer.kind": config.get("tokenizer", {}).get("kind", "unknown"),
             "model.config": config.get("model", {}),
-            WEIGHTS_SHA_TAG: weights_sha256,
-            **_adapter_tags(client, checkpoint_dir),
+            WEIGHTS_SHA_TAG: weights_sha256, **_adapter_tags(client, checkpoint_dir),  # LoRA: its base
         })
         version_tags.update(tags)
         if not logged:
