@@ -337,3 +337,13 @@ def test_cli_finetunes_with_lora_and_generates_from_the_adapter_checkpoint(setup
     merged = CliRunner().invoke(llm.cli.app, ["merge", "--model", str(tmp_path / "sft"), "--out",
                                               str(tmp_path / "merged")])
     assert merged.exit_code == 0, merged.output and (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_onnx_export_of_an_adapter_checkpoint_is_the_merged_model(setup, tmp_path):
+    from llm.inference.export import check_parity, export_onnx
+
+    finetune(lora_params(max_steps=2, lora={"rank": 2, "alpha": 4.0, "targets": ["all"]}), setup["base"],
+             setup["chat"], tmp_path / "sft")
+    summary = export_onnx(tmp_path / "sft", tmp_path / "onnx", verify=True, static_cache=False)
+    assert summary["parity"]["passed"]  # against the checkpoint as load_checkpoint gives it: merged
+    assert not check_parity(setup["base"], tmp_path / "onnx")["passed"]  # and the adapters are in the graph
