@@ -276,10 +276,14 @@ def test_adapter_only_export_loads_in_peft_onto_the_exported_base(setup, tmp_pat
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ours, _, _ = load_checkpoint(tmp_path / "sft")
     with torch.no_grad():
-        # adapters trained two steps: make them large enough to move the logits before comparing
         diff = (ours(ids()).logits - peft_model(ids()).logits).abs().max().item()
         base_diff = (load_checkpoint(setup["base"]).model(ids()).logits - ours(ids()).logits).abs().max().item()
     assert diff <= 1e-5 and base_diff > 0, (diff, base_diff)
+    # llm export hf of the adapter checkpoint itself: the merged model, as Transformers weights
+    assert export_hf(tmp_path / "sft", tmp_path / "hf-merged")["parity"]["ok"]
+    merged_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged_hf(ids()).logits - peft_model(ids()).logits).abs().max().item() <= 1e-5
 
 
 def test_gpt2_adapter_only_export_stacks_q_k_v_into_c_attn(tmp_path):
