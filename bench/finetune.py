@@ -16,15 +16,16 @@ How each figure is measured:
   and, after a slash, the peak above its RSS once the model was built (what training adds: gradients,
   optimizer moments, activations). Both include the interpreter, PyTorch and its allocator's caching, as a
   user would see them.
-- seconds per step: the median of ``--steps`` optimizer steps (forward, backward, AdamW) after a warm-up step,
-  all configurations built in one process and timed in rounds, one step of each per round, so that they see the
-  same load on a shared CPU.
+- seconds per step: the fastest of ``--steps`` optimizer steps (forward, backward, AdamW) after a warm-up step,
+  all configurations built in one process and timed in rounds, one step of each per round. On a CPU shared with
+  other jobs, bursts of their load slow several consecutive steps by 5-20x (seen while writing this), which moves
+  a median by whichever configuration they hit; the fastest step is the cost of the step itself.
 - bytes per version: the files a registered version stores (the checkpoint folder without ``train_state/``).
 - held-out assistant loss (demo only): ``llm.training.finetune.assistant_loss`` on the val conversations. Full
   finetuning runs ``--demo-steps`` steps (``params/finetune.yaml`` otherwise); each LoRA setting then runs as
-  many steps as take the same time by the seconds per step measured above (medians: one run's wall time
-  moves too much on a shared CPU), so the comparison is at equal training time. The wall time each run took
-  is printed beside it.
+  many steps as take the same time by the seconds per step measured above (one run's wall time moves too much
+  on a shared CPU), so the comparison is at equal training time. The wall time each run took is printed beside
+  it.
 
 The CPU may be shared with other jobs: timings move with their load (the load average is printed).
 
@@ -39,7 +40,6 @@ import argparse
 import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -117,14 +117,14 @@ def measure_memory(job: dict) -> dict:
 
 
 def seconds_per_step(jobs: dict[str, dict], steps: int) -> dict[str, float]:
-    """Median seconds per step of each job, timed in rounds (one step of each per round, after a warm-up
-    round) so that every configuration sees the same load on a shared machine."""
+    """The fastest step's seconds of each job, timed in rounds (one step of each per round, after a warm-up
+    round) so that every configuration meets the same load on a shared machine."""
     built = {name: build(job)[:2] for name, job in jobs.items()}
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(steps + 1):
         for name, (model, optimizer) in built.items():
             times[name].append(train_step(model, optimizer, jobs[name]["batch"], jobs[name]["context"]))
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
+    return {name: min(t[1:]) for name, t in times.items()}
 
 
 def table_rows(jobs: dict[str, dict], steps: int) -> dict[str, dict]:
@@ -169,8 +169,8 @@ def demo_inputs(work: Path, pretrain_steps: int) -> tuple[Path, Path]:
 
 def demo_losses(base: Path, chat: Path, work: Path, steps: int, s_per_step: dict[str, float]) -> dict[str, dict]:
     """Held-out assistant loss of full finetuning for ``steps`` steps and of each LoRA setting for as many steps as
-    take the same time by the measured seconds per step (``s_per_step``: medians, steadier than one run's wall
-    time on a shared CPU)."""
+    take the same time by the measured seconds per step (``s_per_step``: steadier than one run's wall time on a
+    shared CPU)."""
     from llm.training.finetune import assistant_loss, finetune
 
     defaults = load_params(FinetuneParams, ROOT / "params/finetune.yaml")
@@ -208,7 +208,7 @@ def print_table(title: str, rows: dict[str, dict], losses: dict[str, dict] | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["demo", "gpt2-124m"], choices=["demo", "gpt2-124m"])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--context", type=int, default=256, help="tokens per row for gpt2-124m")
     parser.add_argument("--batch", type=int, default=2, help="rows per step for gpt2-124m")
     parser.add_argument("--threads", type=int, default=2)
