@@ -56,6 +56,8 @@ from llm.model.checkpoint import TRAIN_STATE_DIR, load_checkpoint, save_checkpoi
 LORA_SETTINGS = {  # name -> (lora params, learning rate): LoRA usually wants a higher rate than full finetuning
     "lora r8 attention": (LoRAParams(rank=8, alpha=16, targets=["attention"]), 3e-3),
     "lora r16 all": (LoRAParams(rank=16, alpha=32, targets=["all"]), 3e-3),
+    "lora r8 all, lr 1e-2": (LoRAParams(rank=8, alpha=16, targets=["all"]), 1e-2),
+    "lora r32 all": (LoRAParams(rank=32, alpha=64, targets=["all"]), 3e-3),
 }
 
 
