@@ -247,11 +247,27 @@ def export_hf_cmd(
     out: Path = typer.Option(LAYOUT.artifact("hf")),
     verify: bool = typer.Option(True, help="load the folder back with Transformers and compare logits"),
     atol: float = typer.Option(1e-4, min=0.0, help="max abs logit difference the check allows"),
+    adapter_only: bool = typer.Option(False, "--adapter-only",
+                                      help="a LoRA checkpoint's adapters alone, in peft's format (adapter_config.json, "
+                                           "adapter_model.safetensors), for the export of its base"),
 ) -> None:
     """Hugging Face Transformers folder (config.json, model.safetensors, tokenizer, generation config) for a
-    GPT-2, Llama or Qwen3 shaped model, checked by loading it back; attached to the registered version."""
-    summary = export_hf_stage(_resolve(model), out, verify=verify, atol=atol)
+    GPT-2, Llama or Qwen3 shaped model, checked by loading it back; attached to the registered version. A LoRA
+    checkpoint exports merged; with --adapter-only, as a peft adapter instead."""
+    summary = export_hf_stage(_resolve(model), out, verify=verify, atol=atol, adapter_only=adapter_only)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def merge(
+    model: str = typer.Option(..., help="a LoRA checkpoint folder (method: lora), or a models:/ / runs:/ URI"),
+    out: Path = typer.Option(..., help="plain checkpoint folder to write"),
+    base: Path | None = typer.Option(None, help="its base checkpoint, where it is not at the path it records"),
+) -> None:
+    """Merge a LoRA checkpoint's adapters into its base: a plain checkpoint that needs no base."""
+    from llm.model.checkpoint import merge_checkpoint
+
+    typer.echo(json.dumps({"path": str(merge_checkpoint(_resolve(model), out, base=base))}, indent=2))
 
 
 @import_app.command("hf")
@@ -494,10 +510,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from llm.data.tokenizer import TokenizerError
     from llm.data.tokens import TokenDataError
     from llm.model.checkpoint import CheckpointError
+    from llm.model.lora import LoRAConfigError
     from llm.training.loop import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
-                                                 CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError)
+                                                 CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError,
+                                                 LoRAConfigError)
     for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError"),
                          ("llm.interop.hf", "InteropError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box

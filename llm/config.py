@@ -447,6 +447,25 @@ class ChatDataParams(StrictModel):
         return self
 
 
+LoRATarget = Literal["q", "k", "v", "o", "gate", "up", "fc", "down", "attention", "mlp", "all"]
+
+
+class LoRAParams(StrictModel):
+    """Low-rank adapters (``lora`` in ``params/finetune.yaml``; ``llm.model.lora``): each adapted weight W becomes
+    W + (alpha / rank) * B A, with only A [rank, d_in] and B [d_out, rank] trained.
+
+    ``targets`` name what gets adapters: ``q``, ``k``, ``v`` (the query, key and value rows of the fused
+    ``attn.qkv``, one pair each), ``o`` (``attn.proj``), ``gate`` and ``up`` (the halves of a SwiGLU ``mlp.fc``),
+    ``fc`` (the whole ``mlp.fc``; with SwiGLU, gate and up), ``down`` (``mlp.proj``); and the groups
+    ``attention`` (q, k, v, o), ``mlp`` (the MLP's matrices) and ``all`` (both).
+    """
+
+    rank: int = Field(8, gt=0, description="r: the inner width of every adapter")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input (training only)")
+    targets: list[LoRATarget] = Field(default_factory=lambda: ["attention"], min_length=1)
+
+
 class FinetuneParams(PretrainParams):
     """Supervised finetuning on chat data (``params/finetune.yaml``): the pretraining loop with its own defaults.
 
@@ -463,3 +482,6 @@ class FinetuneParams(PretrainParams):
     checkpoint_interval: int = Field(100, gt=0)
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the base model's dropout")
     chat_data: ChatDataParams = Field(default_factory=ChatDataParams)
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: train every weight; lora: train low-rank adapters on a frozen base (lora:)")
+    lora: LoRAParams = Field(default_factory=LoRAParams)

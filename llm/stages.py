@@ -425,6 +425,10 @@ def version_description(stage: str, logged: Mapping[str, Any], metrics: Mapping[
         origin = (f"Chat model finetuned from **gpt version {parent}**" if parent != "none"
                   else "Chat model finetuned from an unregistered base checkpoint")
         origin += f" (run `{tags.get('llm.parent_run_id', 'none')}`) on chat conversations"
+        if train.get("method") == "lora":
+            lora = train.get("lora") or {}
+            origin += (f", as LoRA adapters (rank {lora.get('rank')} on {', '.join(lora.get('targets', []))}): the "
+                       "version stores the adapters and its base's identity, and loads merged")
     else:
         origin = "Base model pretrained from scratch on the corpus"
     data = tags.get("dvc.data_hash", "none")
@@ -673,11 +677,16 @@ def import_hf_stage(folder: Path, out_dir: Path, *, context_length: int | None =
 
 
 def export_hf_stage(checkpoint_dir: Path, out_dir: Path, *, verify: bool = True, atol: float = 1e-4,
-                    track: bool | None = None) -> dict:
+                    track: bool | None = None, adapter_only: bool = False) -> dict:
     """Write ``checkpoint_dir`` as a Transformers folder ``out_dir`` checked by loading it back
     (``llm.interop.hf.export_hf``), log the run, and attach the folder to the checkpoint's registered version
-    as the ONNX export is. Raises InteropError for a shape Transformers has no architecture for."""
-    from llm.interop.hf import PARITY_FILE, export_hf
+    as the ONNX export is. With ``adapter_only``, write the adapters of a LoRA checkpoint in peft's format
+    instead (``export_peft_adapter``; not tracked). Raises InteropError for a shape Transformers has no
+    architecture for, and for ``adapter_only`` on a checkpoint without adapters."""
+    from llm.interop.hf import PARITY_FILE, export_hf, export_peft_adapter
+
+    if adapter_only:
+        return export_peft_adapter(checkpoint_dir, out_dir)
 
     with _run("export_hf", {"verify": verify, "atol": atol}, tracking_enabled(track)) as run:
         summary = export_hf(checkpoint_dir, out_dir, verify=verify, atol=atol)

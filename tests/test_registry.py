@@ -615,3 +615,36 @@ def test_mlflow_models_serve_answers_over_http_with_onnx_runtime_and_refuses_bad
     finally:
         os.killpg(server.pid, 15)  # the server runs uvicorn in a child: end its whole session
         server.wait(timeout=30)
+
+
+def test_a_lora_version_records_its_base_and_resolves_to_the_merged_model(registry, tmp_path):
+    from llm.config import LoRAParams
+    from llm.model.checkpoint import base_identity, load_checkpoint
+    from llm.model.lora import apply_lora
+
+    base_copy = tmp_path / "base"  # version 1's weights, at a path that will be gone when the version is resolved
+    shutil.copytree(registry["checkpoints"][0], base_copy)
+    model, tokenizer, _ = load_checkpoint(base_copy)
+    lora = LoRAParams(rank=2, targets=["attention"])
+    apply_lora(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.5)
+    adapter_dir = save_checkpoint(tmp_path / "sft", model, model.config, tokenizer, metadata={
+        "step": 5, "stage": "finetune", "adapter": {"lora": lora.model_dump(), "base": base_identity(base_copy)}})
+    expected = load_checkpoint(adapter_dir).model(torch.arange(8)[None]).logits
+    with stage_run("finetune", {"seed": 9}) as run:
+        version = register_checkpoint(adapter_dir, run_id=run.run_id, tags={"llm.stage": "finetune"})
+    tags = MlflowClient().get_model_version(MODEL_NAME, version).tags
+    assert tags["lora.base_version"] == "1" and tags["finetune.method"] == "lora" and tags["lora.rank"] == "2"
+    assert tags["lora.base_weights_sha256"] == base_identity(base_copy)["weights_sha256"]
+    assert (adapter_dir / "adapter.safetensors").stat().st_size < (base_copy / "model.safetensors").stat().st_size
+
+    shutil.rmtree(base_copy)
+    folder = resolve_model(f"models:/gpt/{version}")  # the base comes from version 1 now
+    assert (folder / "model.safetensors").is_file() and folder.name.endswith("-merged")
+    with torch.no_grad():
+        logits = load_checkpoint(folder).model(torch.arange(8)[None]).logits
+    assert (logits - expected).abs().max().item() <= 1e-5
+    assert resolve_model(f"models:/gpt/{version}") == folder  # made once

@@ -660,3 +660,103 @@ def _check_parity(model: GPT, folder: Path, atol: float) -> dict[str, Any]:
         raise InteropError(f"Transformers does not reproduce the model: max abs logit difference {full:.3g} "
                            f"(with the KV cache {cached:.3g}) > atol {atol:g}")
     return parity
+
+
+# ------------------------------------------------------------------------------------------- LoRA adapters
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+# our single LoRA targets (llm.model.lora) -> the Transformers module each adapts, under a layer's prefix
+_PEFT_MODULES = {
+    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj", "fc": "mlp.c_fc",
+             "down": "mlp.c_proj"},
+}
+_PEFT_LAYER_PREFIX = {"llama": "base_model.model.model.layers.{}.", "gpt2": "base_model.model.transformer.h.{}."}
+
+
+def to_peft_adapter(adapters: dict[str, torch.Tensor], config: ModelConfig, lora: dict[str, Any],
+                    qkv_split: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Our adapter tensors (``llm.model.lora.adapter_state``) as peft's ``adapter_model.safetensors`` tensors for
+    the Transformers architecture of ``config``, and the matching ``adapter_config.json`` contents.
+
+    Llama and Qwen3 have a module per slice (q_proj, ..., gate_proj, up_proj): each gets our pair as it is.
+    GPT-2's ``c_attn`` is fused like ours, and peft gives it one pair: q, k and v adapters of rank r stack into
+    one of rank n*r (A rows stacked, B block-diagonal, zero rows where a slice has no adapter), with alpha n*alpha
+    so the scale alpha/r is unchanged (``rank_pattern``, ``alpha_pattern``): the same function exactly.
+    """
+    from llm.model.lora import adapted_slices
+
+    arch = hf_architecture(config)
+    family = "gpt2" if arch == "gpt2" else "llama"
+    rank, alpha = lora["rank"], lora["alpha"]
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for i in range(config.n_layer):
+        prefix = _PEFT_LAYER_PREFIX[family].format(i)
+        for layer, slices in adapted_slices(config, qkv_split, lora["targets"]).items():
+            by_module: dict[str, list[str]] = {}
+            for name in slices:
+                by_module.setdefault(_PEFT_MODULES[family][name], []).append(name)
+            for module, names in by_module.items():
+                a = torch.cat([adapters[f"blocks.{i}.{layer}.lora_A.{n}"] for n in names], dim=0)
+                if len(names) == 1 and family == "llama":
+                    b = adapters[f"blocks.{i}.{layer}.lora_B.{names[0]}"]
+                else:  # one peft module over the whole fused layer: B block-diagonal over our slices' rows
+                    out_rows = sum(qkv_split) if layer == "attn.qkv" else max(stop for _, stop in slices.values())
+                    b = torch.zeros(out_rows, len(names) * rank)
+                    for j, n in enumerate(names):
+                        start, stop = slices[n]
+                        b[start:stop, j * rank:(j + 1) * rank] = adapters[f"blocks.{i}.{layer}.lora_B.{n}"]
+                if len(names) > 1:
+                    rank_pattern[module], alpha_pattern[module] = len(names) * rank, len(names) * alpha
+                tensors[f"{prefix}{module}.lora_A.weight"] = a.contiguous()
+                tensors[f"{prefix}{module}.lora_B.weight"] = b.contiguous()
+    modules = sorted({m for n, m in _PEFT_MODULES[family].items() if n in _single_targets(config, lora)})
+    if family == "llama":  # unambiguous short names, as Transformers users write them
+        modules = sorted(m.split(".")[-1] for m in modules)
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": rank,
+        "lora_alpha": alpha, "lora_dropout": lora["dropout"], "target_modules": modules, "bias": "none",
+        "fan_in_fan_out": family == "gpt2", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "inference_mode": True,
+    }
+    return tensors, peft_config
+
+
+def _single_targets(config: ModelConfig, lora: dict[str, Any]) -> list[str]:
+    from llm.model.lora import expand_targets
+
+    return expand_targets(lora["targets"], config)
+
+
+def export_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write the adapters of the LoRA checkpoint ``checkpoint_dir`` in peft's format into ``out_dir``
+    (``adapter_config.json``, ``adapter_model.safetensors``), for the Transformers export of its base
+    (``llm export hf --model BASE``): ``peft.PeftModel.from_pretrained(base_model, out_dir)`` then computes what
+    the merged checkpoint computes. Returns a summary. Raises InteropError for a checkpoint without adapters
+    or a shape with no Transformers architecture."""
+    from safetensors.torch import save_file
+
+    from llm.model.checkpoint import ADAPTER_FILE, read_adapter_config, verify_checkpoint
+    from llm.model.gpt import CausalSelfAttention
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    config = ModelConfig.model_validate(verify_checkpoint(checkpoint_dir)["model"])
+    adapter = read_adapter_config(checkpoint_dir)
+    if adapter is None:
+        raise InteropError(f"{checkpoint_dir}: no adapters here (not a LoRA finetune): --adapter-only needs one")
+    with torch.device("meta"):  # only the row split of qkv is wanted, not weights
+        qkv_split = CausalSelfAttention(config).qkv_split
+    tensors, peft_config = to_peft_adapter(load_file(str(checkpoint_dir / ADAPTER_FILE)), config, adapter["lora"],
+                                           qkv_split)
+    peft_config["base_model_name_or_path"] = adapter["base"]["path"]
+    with atomic_folder(out_dir) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic_write_json(tmp / PEFT_CONFIG_FILE, peft_config, indent=2, sort_keys=True)
+    return {"path": str(out_dir), "architecture": ARCHITECTURES[hf_architecture(config)],
+            "target_modules": peft_config["target_modules"], "base": adapter["base"],
+            "files": {name: (out_dir / name).stat().st_size for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)}}

@@ -23,6 +23,12 @@ Finding versions and resolving ONNX exports (``resolve_onnx``, re-exported here)
 (default ``$XDG_CACHE_HOME/llm/models``, i.e. ``~/.cache/llm/models``): ``<name>/<version>-<id>/`` for registry
 versions and ``runs/<run id>/<path>/`` for run models, where ``<id>`` is a short hash of the storage
 location, so two databases that both hold a "gpt version 1" never share a cache entry.
+
+LoRA: a version registered from an adapter checkpoint stores the adapters alone (a few hundred KB) and records
+its base in tags: ``lora.base_version`` (the version holding the base's weights, ``none`` when unregistered),
+``lora.base_weights_sha256``, ``lora.base_path``, and the adapter's rank, alpha and targets. ``resolve_model``
+gives such a version as a merged plain checkpoint (``<cache entry>-merged/``): the base is the recorded path
+when it still holds those weights, else the registered version that holds them.
 """
 
 from __future__ import annotations
@@ -72,7 +78,15 @@ from llm.mlops.tracking import (
     store_unavailable,
     tracking_uri,
 )
-from llm.model.checkpoint import MANIFEST_FILE, TRAIN_STATE_DIR, WEIGHTS_FILE, verify_checkpoint
+from llm.model.checkpoint import (
+    ADAPTER_FILE,
+    MANIFEST_FILE,
+    TRAIN_STATE_DIR,
+    WEIGHTS_FILE,
+    merge_checkpoint,
+    read_adapter_config,
+    verify_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +181,27 @@ def _stage_for_logging(checkpoint_dir: Path, staging: Path) -> tuple[Path, Path]
 
 
 def checkpoint_weights_sha256(checkpoint_dir: str | Path) -> str:
-    """The sha256 of the checkpoint's weights, as its ``manifest.json`` records it: the key that says two
-    registrations are the same checkpoint. Raises RegistryError when the manifest records none."""
+    """The sha256 of the checkpoint's weights (of its adapters, for an adapter checkpoint), as its
+    ``manifest.json`` records it: the key that says two registrations are the same checkpoint. Raises
+    RegistryError when the manifest records none."""
     manifest_path = Path(checkpoint_dir) / MANIFEST_FILE
     try:
-        return json.loads(manifest_path.read_text())[WEIGHTS_FILE]["sha256"]
+        manifest = json.loads(manifest_path.read_text())
+        return manifest[ADAPTER_FILE if ADAPTER_FILE in manifest else WEIGHTS_FILE]["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RegistryError(f"{manifest_path}: no sha256 of {WEIGHTS_FILE} in it ({err})") from None
+
+
+def _adapter_tags(client: MlflowClient, checkpoint_dir: Path) -> dict[str, Any]:
+    """The tags that tie a version of an adapter checkpoint to its base (none for a plain checkpoint)."""
+    adapter = read_adapter_config(checkpoint_dir)
+    if adapter is None:
+        return {}
+    base = _version_holding(client, adapter["base"]["weights_sha256"])
+    lora = adapter["lora"]
+    return {"finetune.method": "lora", "lora.base_version": base.version if base is not None else "none",
+            "lora.base_weights_sha256": adapter["base"]["weights_sha256"], "lora.base_path": adapter["base"]["path"],
+            "lora.rank": lora["rank"], "lora.alpha": lora["alpha"], "lora.targets": ",".join(lora["targets"])}
 
 
 def _version_holding(client: MlflowClient, weights_sha256: str) -> ModelVersion | None:
@@ -234,7 +262,7 @@ def register_checkpoint(
             "checkpoint.step": config.get("step", 0),
             "tokenizer.kind": config.get("tokenizer", {}).get("kind", "unknown"),
             "model.config": config.get("model", {}),
-            WEIGHTS_SHA_TAG: weights_sha256,
+            WEIGHTS_SHA_TAG: weights_sha256, **_adapter_tags(client, checkpoint_dir),  # LoRA: its base
         })
         version_tags.update(tags)
         if not logged:
@@ -419,14 +447,14 @@ def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
         if not run_id or not path:
             raise RegistryError(f"{text}: expected runs:/<run id>/<model path>, e.g. runs:/<run id>/model")
         root = _run_model_root(client, run_id, path)
-        return _place(root, Path("runs") / run_id / path, dst)
+        return _merged(client, _place(root, Path("runs") / run_id / path, dst))
     ref = text.removeprefix("models:/").strip("/")
     if "/" not in ref and "@" not in ref and ref.startswith("m-"):  # a logged model id
         try:
             root = client.get_logged_model(ref).artifact_location
         except MlflowException:
             raise RegistryError(f"no logged model {ref} in the tracking store at {tracking_uri()}") from None
-        return _place(root, Path("logged") / ref, dst)
+        return _merged(client, _place(root, Path("logged") / ref, dst))
     if "@" in ref:
         name, alias_name = ref.split("@", 1)
         version = find_version(client, name, alias_name, alias=True)
@@ -437,7 +465,37 @@ def resolve_model(uri: str | Path, dst: str | Path | None = None) -> Path:
         raise RegistryError(f"{text}: expected models:/<name>/<version|stage|latest> or models:/<name>@<alias>")
     root = client.get_model_version_download_uri(version.name, version.version)
     key = hashlib.sha256(root.encode()).hexdigest()[:12]
-    return _place(root, Path(version.name) / f"{version.version}-{key}", dst)
+    return _merged(client, _place(root, Path(version.name) / f"{version.version}-{key}", dst))
+
+
+def _merged(client: MlflowClient, folder: Path) -> Path:
+    """``folder`` for a plain checkpoint; for an adapter checkpoint, its merge with its base in the sibling
+    ``<folder>-merged`` (made once, then reused). Raises RegistryError when the base is neither at its recorded
+    path nor a registered version."""
+    adapter = read_adapter_config(folder)
+    if adapter is None:
+        return folder
+    merged = folder.with_name(f"{folder.name}-merged")
+    if not (merged / MANIFEST_FILE).is_file():
+        merge_checkpoint(folder, merged, base=_adapter_base(client, folder, adapter))
+    return merged
+
+
+def _adapter_base(client: MlflowClient, folder: Path, adapter: dict[str, Any]) -> Path:
+    """The base checkpoint of the adapters in ``folder``: the recorded path while it holds the recorded weights,
+    else the registered version that holds them (resolved like any version)."""
+    recorded, sha = Path(adapter["base"]["path"]), adapter["base"]["weights_sha256"]
+    try:
+        if json.loads((recorded / MANIFEST_FILE).read_text())[WEIGHTS_FILE]["sha256"] == sha:
+            return recorded
+    except (OSError, ValueError, KeyError):
+        pass  # moved, deleted or replaced: look for it in the registry
+    holder = _version_holding(client, sha)
+    if holder is None:
+        raise RegistryError(f"{folder}: the base of these adapters (weights sha256 {sha[:12]}..., trained at "
+                            f"{recorded}) is neither there nor a registered version of {MODEL_NAME}; put the base "
+                            f"back, or register it (`llm register --model BASE`)")
+    return resolve_model(f"models:/{MODEL_NAME}/{holder.version}")
 
 
 # ---------------------------------------------------------------------------------------------- promote

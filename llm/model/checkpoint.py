@@ -8,6 +8,12 @@ Layout of a checkpoint folder::
     train_state/         optimizer.safetensors + state.json (step, RNG states, data position, history)
     manifest.json        size and sha256 of every file above, written last
 
+A LoRA run's folder (an *adapter checkpoint*) holds ``adapter.safetensors`` (the adapters alone, ``llm.model.lora``)
+and ``adapter_config.json`` (rank, alpha, dropout, targets, and its base: the base checkpoint's path and the
+sha256 of its ``model.safetensors``) instead of ``model.safetensors``. ``load_checkpoint`` loads such a folder as
+the base with the adapters merged in, refusing a base whose weights are not the ones it was trained on, so every
+command that takes a checkpoint takes it unchanged; ``merge_checkpoint`` writes the merged model as a plain one.
+
 A folder is written whole into a temporary sibling, synced, and swapped in by rename (``llm.io``), so a
 crash leaves either the previous checkpoint or the new one, never a mix. ``manifest.json`` catches truncation
 and corruption. Readers (``verify_checkpoint``, ``load_checkpoint``: chat, evaluation, serving) never modify
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_DIR = "train_state"
 MANIFEST_FILE = "manifest.json"
@@ -106,30 +114,30 @@ def save_checkpoint(
 
     ``tokenizer`` is any object with ``kind`` and ``save(folder)``. ``extra_files`` maps file names to text
     written beside the checkpoint (metrics, curves), so they are swapped in together with the weights.
+    ``metadata["adapter"]`` (a LoRA run: its ``lora`` settings and ``base`` identity) makes it an adapter
+    checkpoint: the model's adapters go to ``adapter.safetensors`` and that entry to ``adapter_config.json``.
     An existing folder at ``path`` is replaced only after the new one is complete and on disk.
     Raises CheckpointError, writing nothing, when a weight is NaN or infinite.
     """
     path = Path(path)
-    # tied weights share storage; safetensors refuses shared tensors, so store each name once
-    state = {}
-    seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
-        ptr = tensor.data_ptr()
-        if ptr in seen and tensor.numel() > 0:
-            continue
-        seen[ptr] = name
-        state[name] = tensor.detach().cpu().contiguous()
+    metadata = dict(metadata or {})
+    adapter = metadata.pop("adapter", None)
+    state = _adapter_tensors(model) if adapter is not None else _weight_tensors(model)
     non_finite = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
     if non_finite:
         raise CheckpointError(f"{path}: not written: weights {', '.join(non_finite[:5])} hold NaN or infinite values")
     with atomic_folder(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "llm"})
+        if adapter is not None:
+            save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "llm-lora"})
+            _write_json(tmp / ADAPTER_CONFIG_FILE, adapter)
+        else:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "llm"})
         tokenizer.save(tmp / TOKENIZER_DIR)
         config = {
             "format_version": FORMAT_VERSION,
             "model": model_config.model_dump(),
             "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
-            **(metadata or {}),
+            **metadata,
         }
         _write_json(tmp / CONFIG_FILE, config)
         if train_state is not None:
@@ -146,6 +154,27 @@ def save_checkpoint(
         manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
         _write_json(tmp / MANIFEST_FILE, manifest)
     return path
+
+
+def _weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.state_dict()``, each storage once: safetensors refuses tensors that share it (tied)."""
+    state = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            continue
+        seen[ptr] = name
+        state[name] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from llm.model.lora import adapter_state, has_adapters
+
+    if not has_adapters(model):
+        raise CheckpointError("an adapter checkpoint was asked for a model without adapters (llm.model.lora)")
+    return adapter_state(model)
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -201,7 +230,12 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors`` from a checkpoint folder into ``model`` (strict, tied weights restored)."""
+    """Load ``model.safetensors`` from a checkpoint folder into ``model`` (strict, tied weights restored); from
+    an adapter checkpoint, its ``adapter.safetensors`` into the adapters of ``model`` (which must have the same).
+    Raises CheckpointError naming the file when it is unreadable or its tensors do not match the model."""
+    if (Path(path) / ADAPTER_FILE).is_file():
+        _load_adapter_weights(Path(path) / ADAPTER_FILE, model)
+        return
     file = Path(path) / WEIGHTS_FILE
     try:
         state = load_file(str(file))
@@ -218,6 +252,56 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{file}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     model.load_state_dict(state)
+
+
+def _load_adapter_weights(file: Path, model: torch.nn.Module) -> None:
+    from llm.model.lora import has_adapters, load_adapter_state
+
+    if not has_adapters(model):
+        raise CheckpointError(f"{file}: an adapter checkpoint (LoRA), but the model has no adapters to load it into")
+    try:
+        load_adapter_state(model, load_file(str(file)), str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(str(err) if isinstance(err, ValueError) else f"{file}: cannot read: {err}") from None
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any] | None:
+    """``adapter_config.json`` of a checkpoint folder (``lora`` settings, ``base`` identity), None for a plain
+    checkpoint. Raises CheckpointError when it is unreadable."""
+    file = Path(path) / ADAPTER_CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: unreadable: {err}") from None
+
+
+def base_identity(base: str | Path) -> dict[str, str]:
+    """What an adapter checkpoint records of its base: its absolute path and the sha256 of its weights (from its
+    manifest). Raises CheckpointError for a folder that is not a plain, verified checkpoint."""
+    base = Path(base)
+    verify_checkpoint(base)
+    manifest = json.loads((base / MANIFEST_FILE).read_text())
+    if WEIGHTS_FILE not in manifest:
+        raise CheckpointError(f"{base}: an adapter checkpoint cannot be the base of another; merge it first "
+                              f"(`llm merge --model {base} --out DIR`) and train on DIR")
+    return {"path": str(base.resolve()), "weights_sha256": manifest[WEIGHTS_FILE]["sha256"]}
+
+
+def check_adapter_base(adapter_dir: str | Path, base: str | Path) -> None:
+    """Refuse to put the adapters of ``adapter_dir`` on ``base`` unless its weights are the ones they were trained
+    on. Raises CheckpointError naming both folders and both hashes."""
+    recorded = (read_adapter_config(adapter_dir) or {}).get("base", {})
+    if not Path(base).is_dir():
+        raise CheckpointError(f"{adapter_dir}: its base checkpoint {base} is not there (weights sha256 "
+                              f"{recorded.get('weights_sha256')}); put it back, or merge the adapter where it is")
+    found = base_identity(base)["weights_sha256"]
+    if found != recorded.get("weights_sha256"):
+        raise CheckpointError(
+            f"{adapter_dir}: its adapters were trained on a base whose weights have sha256 "
+            f"{recorded.get('weights_sha256')} (at {recorded.get('path')}), but {base} holds weights with sha256 "
+            f"{found}: refused, as the adapters mean nothing on another base")
 
 
 def load_train_state(path: str | Path) -> TrainState:
@@ -243,10 +327,13 @@ class LoadedCheckpoint(NamedTuple):
     config: dict[str, Any]  # config.json
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,
+                    base: str | Path | None = None) -> LoadedCheckpoint:
     """Load a checkpoint folder: returns ``(model, tokenizer, config_dict)`` with the model in eval mode.
 
-    Raises CheckpointError for a missing, truncated or corrupt folder.
+    An adapter checkpoint loads as its base (``base``, else the path it records) with the adapters merged in: a
+    plain GPT. Raises CheckpointError for a missing, truncated or corrupt folder, and for a base that is missing or
+    is not the one the adapters were trained on.
     """
     from llm.data.tokenizer import load_tokenizer
     from llm.model.gpt import GPT
@@ -255,7 +342,37 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     config = verify_checkpoint(path)
     model_config = ModelConfig.model_validate(config["model"])
     model = GPT(model_config)
-    load_weights(path, model)
+    adapter = read_adapter_config(path)
+    if adapter is not None:
+        _load_merged(path, model, adapter, Path(base) if base is not None else Path(adapter["base"]["path"]))
+    else:
+        load_weights(path, model)
     model.to(device).eval()
     tokenizer = load_tokenizer(path / TOKENIZER_DIR)
     return LoadedCheckpoint(model, tokenizer, config)
+
+
+def _load_merged(path: Path, model: GPT, adapter: dict[str, Any], base: Path) -> None:
+    """Load ``base``'s weights into ``model``, the adapters of ``path`` on top, and merge them (in place)."""
+    from llm.config import LoRAParams
+    from llm.model.lora import apply_lora, merge_lora
+
+    check_adapter_base(path, base)
+    load_weights(base, model)
+    apply_lora(model, LoRAParams.model_validate(adapter["lora"]))
+    load_weights(path, model)
+    merge_lora(model)
+
+
+def merge_checkpoint(adapter_dir: str | Path, out_dir: str | Path, *, base: str | Path | None = None) -> Path:
+    """Write the adapter checkpoint ``adapter_dir`` merged into its base as a plain checkpoint folder ``out_dir``
+    (no train state; ``config.json`` keeps the run's metadata and adds ``merged_from``). Returns ``out_dir``.
+    Raises CheckpointError as ``load_checkpoint`` does, and for a folder that holds no adapters."""
+    adapter = read_adapter_config(adapter_dir)
+    if adapter is None:
+        raise CheckpointError(f"{adapter_dir}: not an adapter checkpoint (no {ADAPTER_CONFIG_FILE}): nothing to merge")
+    model, tokenizer, config = load_checkpoint(adapter_dir, base=base)
+    kept = {k: v for k, v in config.items() if k not in ("format_version", "model", "tokenizer", "run_identity",
+                                                          "identity")}
+    merged_from = {"path": str(Path(adapter_dir).resolve()), **adapter}
+    return save_checkpoint(out_dir, model, model.config, tokenizer, metadata={**kept, "merged_from": merged_from})

@@ -8,6 +8,7 @@ by default C / H), C = d_model, V = vocab_size.
 The same module trains (``targets``), decodes with a KV cache (``past_key_values``/``use_cache``) and exports
 to ONNX: the cache is a plain list of ``(key, value)`` tensors, one pair per layer, each ``[B, Hkv, P, D]``, so
 it holds 2 * n_layer * Hkv * D values per token: grouped-query attention shrinks it by H / Hkv.
+LoRA adapters for these linear layers (finetuning with ``method: lora``) are in ``llm/model/lora.py``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ val conversations, and ``val/bpb`` its bits per byte of assistant text (``<|end|
 
 Exact resume comes from ``train``: the batch sampler draws conversation indices from the generator
 whose state the checkpoint stores.
+
+``method: lora`` (``params.lora``) trains low-rank adapters on the frozen base instead of every weight
+(``llm.model.lora``): the optimizer sees only the adapters, the checkpoint holds only them plus the identity of
+the base (``llm.model.checkpoint``), and with ``dtype: bfloat16`` on a GPU the frozen base matrices are held in bf16.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ from llm.data.chat_template import fit_chat
 from llm.data.tokenizer import Tokenizer
 from llm.io import sha256_file
 from llm.model.checkpoint import (
+    ADAPTER_FILE,
     MANIFEST_FILE,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     CheckpointError,
+    base_identity,
     load_checkpoint,
     load_model_config,
 )
+from llm.model.gpt import GPT
+from llm.model.lora import apply_lora, count_adapter_parameters, freeze_base_in
 from llm.training.device import select_device, select_dtype
 from llm.training.loop import (
     Batch,
@@ -156,7 +164,7 @@ def _parent_metadata(base_checkpoint: Path, config: dict[str, Any]) -> dict[str,
         "path": str(base_checkpoint),
         "stage": config.get("stage"),
         "step": config.get("step"),
-        "weights_sha256": manifest.get(WEIGHTS_FILE, {}).get("sha256"),
+        "weights_sha256": manifest.get(WEIGHTS_FILE, manifest.get(ADAPTER_FILE, {})).get("sha256"),
     }
 
 
@@ -174,12 +182,13 @@ def finetune_inputs(base_checkpoint: str | Path, chat_dir: str | Path) -> dict[s
     return {
         "stage": "finetune",
         "base_model": {
-            "weights_sha256": manifest[WEIGHTS_FILE]["sha256"],
+            "weights_sha256": manifest[WEIGHTS_FILE if WEIGHTS_FILE in manifest else ADAPTER_FILE]["sha256"],
             "tokenizer": {k.removeprefix(tokenizer_prefix): v["sha256"] for k, v in sorted(manifest.items())
                           if k.startswith(tokenizer_prefix)},
         },
         "chat_data": {name: sha256_file(chat_dir / name) for name in sorted(CHAT_FILES.values())},
-        "code": code_digests("llm.model.gpt", "llm.training.loop", __name__, "llm.data.chat_template"),
+        "code": code_digests("llm.model.gpt", "llm.model.lora", "llm.training.loop", __name__,
+                             "llm.data.chat_template"),
     }
 
 
@@ -215,8 +224,11 @@ def finetune(
     checkpoint already in ``out_dir`` is continued exactly when it is of the same run (same base weights
     and tokenizer, chat files, model config and params; see ``llm.training.loop.train``); ``until_step``
     pauses early; ``metadata`` joins the checkpoint's config (e.g. the tracking run).
-    Raises CheckpointError for a bad base checkpoint, ChatDataError for missing or invalid chat files,
-    ValueError when no conversation fits the context, and see ``llm.training.loop.train``.
+    With ``params.method == "lora"`` only adapters train (``_add_adapters``) and the checkpoint holds them with the
+    base's identity (``metadata["adapter"]``, see ``llm.model.checkpoint``).
+    Raises CheckpointError for a bad base checkpoint (or an adapter checkpoint as the base of a LoRA run),
+    ChatDataError for missing or invalid chat files, ValueError when no conversation fits the context,
+    LoRAConfigError for a ``lora`` target or rank that does not fit the model, and see ``llm.training.loop.train``.
     """
     base_checkpoint, chat_dir = Path(base_checkpoint), Path(chat_dir)
     for name in CHAT_FILES.values():
@@ -225,19 +237,32 @@ def finetune(
                                 "(llm.data.chat_data.prepare_chat_data)")
     model, tokenizer, config = load_checkpoint(base_checkpoint)
     if _finetuned_config(params, model.config) != model.config:
-        from llm.model.gpt import GPT
-
         state = model.state_dict()
         model = GPT(_finetuned_config(params, model.config))
         model.load_state_dict(state)
+    metadata = {**(metadata or {}), "stage": "finetune", "method": params.method}
+    if params.method == "lora":
+        metadata["adapter"] = {"lora": params.lora.model_dump(), "base": base_identity(base_checkpoint)}
+        _add_adapters(model, params)
     data = ChatBatches(chat_dir / CHAT_FILES["train"], chat_dir / CHAT_FILES["val"], tokenizer,
                        model.config.context_length, params.batch_size, params.eval_batches)
     log.info("finetuning %s on %d train conversations (%d for validation)", base_checkpoint, len(data.train),
              len(data.val))
-    metadata = {**(metadata or {}), "stage": "finetune", "parent": _parent_metadata(base_checkpoint, config),
-                "chat_data": {"train": data.train_counts, "val": data.val_counts}}
+    metadata.update(parent=_parent_metadata(base_checkpoint, config),
+                    chat_data={"train": data.train_counts, "val": data.val_counts})
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
                  callbacks=callbacks, metadata=metadata, inputs=finetune_inputs(base_checkpoint, chat_dir))
+
+
+def _add_adapters(model: GPT, params: FinetuneParams) -> None:
+    """LoRA adapters on ``model`` as ``params.lora`` says (initialised from ``params.seed``, so a resumed run builds
+    the same ones), base frozen, and held in bf16 where training autocasts to bf16 on a GPU."""
+    apply_lora(model, params.lora, generator=torch.Generator().manual_seed(params.seed))
+    device = select_device(params.device)
+    if device.type == "cuda" and select_dtype(params.dtype, device) == torch.bfloat16:
+        freeze_base_in(model, torch.bfloat16)
+    log.info("LoRA rank %d (alpha %g) on %s: %s trainable parameters of %s", params.lora.rank, params.lora.alpha,
+             ", ".join(params.lora.targets), f"{count_adapter_parameters(model):,}", f"{model.num_parameters():,}")
 
 
 def assistant_loss(
