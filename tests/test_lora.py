@@ -67,11 +67,16 @@ def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-def test_lora_matches_peft_on_a_llama_shape():
+# today's Llama shapes: grouped-query attention with a head size of its own, so q, k and v rows differ in number
+LLAMA_GQA = {**LLAMA, "n_head": 4, "n_kv_head": 2, "d_head": 12}
+
+
+@pytest.mark.parametrize("shape", [LLAMA, LLAMA_GQA], ids=["mha", "gqa"])
+def test_lora_matches_peft_on_a_llama_shape(shape):
     from peft import LoraConfig, get_peft_model
 
     lora = LoRAParams(rank=4, alpha=8.0, targets=["all"])
-    ours = adapted_model(LLAMA, lora)
+    ours = adapted_model(shape, lora)
     peft_model = get_peft_model(hf_base(ours), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
