@@ -173,3 +173,42 @@ def test_exp_run_with_a_pretrain_param_reruns_pretrain_and_evaluate_only(repo):
     longer = experiments["longer"]
     assert longer["params"]["params/pretrain.yaml"]["data"]["max_steps"] == 6
     assert longer["metrics"]["artifacts/pretrain/metrics.json"]["data"]["step"] == 6
+
+
+def test_one_repro_lora_finetunes_a_published_model_on_my_chat_data(repo, tmp_path):
+    """The README's "LoRA-finetune a published model on my chat data": a Transformers folder named in
+    params/base.yaml, no continued pretraining (max_steps: 0), method: lora, conversations in data/chat/*.jsonl.
+    One `dvc repro` imports the tokenizer, keeps the published model, trains adapters on the chat data, evaluates
+    and exports the merged model to ONNX, whose greedy answer is the adapter checkpoint's."""
+    from llm.data.chat_data import write_chat_file
+
+    from published import write_published_model
+
+    _, env = repo
+    root = make_tiny_project(tmp_path / "project", with_code=True)
+    write_published_model("qwen3", root / "models" / "hf" / "qwen3")  # outside data/: DVC does not version it
+    chats = [{"messages": [{"role": "user", "content": f"Who is {n}?"}, {"role": "assistant", "content": f"{n}!"}]}
+             for n in ("Hamlet", "Ophelia", "Horatio", "Laertes")] * 3
+    write_chat_file(root / "data" / "chat" / "train.jsonl", chats)
+    params = {"base": {"hf_folder": "models/hf/qwen3", "context_length": 64},
+              "pretrain": {**yaml.safe_load((root / "params" / "pretrain.yaml").read_text()), "max_steps": 0},
+              "finetune": {**yaml.safe_load((root / "params" / "finetune.yaml").read_text()), "method": "lora",
+                           "learning_rate": 0.01, "lora": {"rank": 4, "alpha": 8, "targets": ["all"]}}}
+    for name, values in params.items():
+        (root / "params" / f"{name}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    with (root / ".gitignore").open("a") as gitignore:
+        gitignore.write("/models/\n")
+    init_repo(root, env)
+    output = run(root, env, "dvc", "repro")
+    assert ran_stages(output) == STAGES
+    finetuned = root / "artifacts" / "finetune"
+    assert (finetuned / "adapter.safetensors").is_file() and not (finetuned / "model.safetensors").exists()
+    adapter = json.loads((finetuned / "adapter_config.json").read_text())
+    assert adapter["base"]["path"] == str((root / "artifacts" / "pretrain").resolve())
+    assert json.loads((root / "artifacts" / "pretrain" / "metrics.json").read_text())["step"] == 0
+    assert json.loads((root / "artifacts" / "onnx" / "parity.json").read_text())["passed"]
+    answer = run(root, env, str(BIN / "python"), "-m", "llm.chat", "--model", "artifacts/onnx", "--backend", "onnx",
+                 "--prompt", "Who is Hamlet?", "--temperature", "0", "--max-new-tokens", "8", stdout_only=True)
+    torch_answer = run(root, env, str(BIN / "python"), "-m", "llm.chat", "--model", "artifacts/finetune",
+                       "--prompt", "Who is Hamlet?", "--temperature", "0", "--max-new-tokens", "8", stdout_only=True)
+    assert answer == torch_answer and answer.strip()
