@@ -68,8 +68,8 @@ def test_training_run_names_say_shape_tokenizer_and_steps_and_differ_when_params
     # the same param names for both stages: the compare view lines them up
     pretrain_keys, finetune_keys = set(flatten_params(logged)), set(flatten_params(tuned))
     assert pretrain_keys <= finetune_keys
-    assert {k for k in finetune_keys - pretrain_keys} == {"train.dropout"} | {
-        k for k in finetune_keys if k.startswith("train.chat_data.")}
+    assert {k for k in finetune_keys - pretrain_keys} == {"train.dropout", "train.method"} | {
+        k for k in finetune_keys if k.startswith(("train.chat_data.", "train.lora."))}
     assert {"model.n_layer", "model.d_model", "model.n_head", "train.learning_rate", "train.batch_size",
             "train.max_steps", "train.weight_decay", "train.beta1", "train.beta2", "tokenizer.kind",
             "tokenizer.vocab_size"} <= pretrain_keys
