@@ -75,3 +75,18 @@ def test_llm_demo_and_pipeline_outside_the_project_root_say_where_to_run(tmp_pat
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 1
         assert "runs in the project root" in result.output and str(tmp_path) in result.output
+
+
+def test_the_readme_python_snippets_import_only_what_make_demo_installs():
+    """Every top-level import of a ```python block (the OpenAI client snippet) is a distribution of the base
+    dependencies or of the extras `make demo` installs, or of the standard library (issue 22, item 2)."""
+    makefile = (REPO / "Makefile").read_text()
+    extras = re.search(r"pip install --quiet -e '\.\[([a-z,]+)\]'", makefile).group(1).split(",")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    installed = {Requirement(r).name for r in project["dependencies"]}
+    installed |= {Requirement(r).name for extra in extras for r in project["optional-dependencies"][extra]}
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    imported = {m for block in blocks for m in re.findall(r"^(?:from|import) (\w+)", block, re.MULTILINE)}
+    assert "openai" in imported  # the Serve section's client
+    assert imported - sys.stdlib_module_names <= installed, sorted(imported - installed)
