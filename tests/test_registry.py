@@ -439,6 +439,36 @@ def test_the_onnx_path_of_the_pyfunc_never_imports_torch(with_export, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_chat_with_the_onnx_backend_resolves_the_production_export_without_torch(with_export, tmp_path):
+    """The README's `python -m llm.chat --model models:/gpt/Production --backend onnx` on a box without
+    PyTorch (issue 22, item 3): torch is hidden from the subprocess; the answer comes from onnxruntime."""
+    import os
+    import subprocess
+    import sys
+
+    promote(with_export["version"], reason="test", scores={})
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError('torch is hidden in this test', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(repo)])}
+    command = [sys.executable, "-m", "llm.chat", "--model", "models:/gpt/Production", "--backend", "onnx",
+               "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0"]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.endswith("\n") and "error" not in result.stderr  # an answer line (a random model's)
+    torch_path = subprocess.run([*command[:3], "--model", "models:/gpt/Production", "--prompt", "hi"], env=env,
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert torch_path.returncode == 1 and "install torch" in torch_path.stderr  # the torch backend names torch
+
+
 def test_requests_beyond_the_row_and_size_limits_get_short_400s(with_export, monkeypatch):
     from mlflow.pyfunc.scoring_server import invocations
 
