@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,36 @@ def test_export_hf_loads_back_in_transformers_with_the_same_logits_and_ids(arch,
     with torch.no_grad():
         diff = (reloaded(torch.tensor([ids[:32]])).logits - model(torch.tensor([ids[:32]])).logits).abs().max()
     assert diff.item() <= 1e-5
+
+
+def test_the_readme_pipeline_one_liner_generates_within_a_short_context(tmp_path):
+    """The README's `pipeline('text-generation', 'artifacts/hf')('ROMEO.')` on a GPT-2 shape whose context (32)
+    is below the pipeline's 256 new tokens (issue 22, item 6): the export's generation config and tokenizer
+    config carry the context as the length limit, so generation stops there instead of indexing past it."""
+    tokenizer = ByteTokenizer()
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **SHAPES["gpt2"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "artifacts" / "hf", verify=False)
+    generation = json.loads((tmp_path / "artifacts" / "hf" / "generation_config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "artifacts" / "hf" / "tokenizer_config.json").read_text())
+    assert generation["max_length"] == tokenizer_config["model_max_length"] == 32
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if "pipeline('text-generation', 'artifacts/hf')" in line)
+    snippet = shlex.split(line)[2]  # python -c "<snippet>"
+    assert snippet.startswith("from transformers import pipeline; ")
+    # no end-of-turn id, so the random model cannot stop early and hide an overrun of its context
+    script = ("import torch; torch.manual_seed(0)\n"
+              "from transformers import pipeline as make_pipeline\n"
+              "def pipeline(*args, **kwargs):\n"
+              "    pipe = make_pipeline(*args, **kwargs)\n"
+              "    pipe.model.generation_config.eos_token_id = None\n"
+              "    return pipe\n"
+              f"{snippet.removeprefix('from transformers import pipeline; ')}\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'generated_text': 'ROMEO." in result.stdout
 
 
 @pytest.mark.parametrize(("change", "option"), [

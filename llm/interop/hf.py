@@ -614,7 +614,9 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
     if result.missing_keys or result.unexpected_keys:
         raise InteropError(f"{checkpoint_dir}: conversion to {ARCHITECTURES[arch]} left tensors unmatched "
                            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-    hf_model.generation_config = transformers.GenerationConfig(**_generation_ids(tokenizer))
+    # a length limit of the model's context: without one, pipeline() asks for 256 new tokens past any context
+    hf_model.generation_config = transformers.GenerationConfig(max_length=c.context_length,
+                                                               **_generation_ids(tokenizer))
     summary: dict[str, Any] = {"path": str(out_dir), "architecture": ARCHITECTURES[arch],
                                "transformers": transformers.__version__}
     with atomic_folder(out_dir) as tmp:
