@@ -90,3 +90,32 @@ def test_the_readme_python_snippets_import_only_what_make_demo_installs():
     imported = {m for block in blocks for m in re.findall(r"^(?:from|import) (\w+)", block, re.MULTILINE)}
     assert "openai" in imported  # the Serve section's client
     assert imported - sys.stdlib_module_names <= installed, sorted(imported - installed)
+
+
+def test_readme_installs_from_the_checkout_are_editable():
+    """`pip install '.[hf]'` would replace `make demo`'s editable install with a copy (issue 22, item 7)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    plain = re.findall(r"pip install (?!-e)[\"']?\.[\[\"' ]", text)
+    assert not plain, plain
+
+
+def test_the_package_metadata_builds_without_setuptools_deprecation_warnings(tmp_path):
+    """The license is an SPDX string (PEP 639), which the pinned setuptools floor reads: no warning on install."""
+    import shutil
+    import subprocess
+
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "llm", tmp_path / "llm", ignore=shutil.ignore_patterns("__pycache__"))
+    floor = Requirement(tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"][0])
+    from importlib.metadata import version
+
+    assert version("setuptools") in floor.specifier  # the setuptools here satisfies the floor
+    assert floor.specifier.contains("77.0.0") and not floor.specifier.contains("76.9")  # SPDX licenses: 77 on
+    script = ("import warnings; warnings.simplefilter('error')\n"
+              "from setuptools import build_meta\n"
+              "print(build_meta.prepare_metadata_for_build_wheel('out'))\n")
+    (tmp_path / "out").mkdir()
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "License-Expression: MIT" in next((tmp_path / "out").glob("*.dist-info")).joinpath("METADATA").read_text()

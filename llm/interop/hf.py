@@ -595,7 +595,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
     try:
         import transformers
     except ImportError:
-        raise InteropError("llm export hf needs transformers: pip install 'llm[hf]'") from None
+        raise InteropError("llm export hf needs transformers: pip install -e '.[hf]' in the project folder") from None
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     model, tokenizer, _ = load_checkpoint(checkpoint_dir)
