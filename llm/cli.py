@@ -271,7 +271,8 @@ def import_hf_cmd(
 def runs(
     diff: Annotated[tuple[str, str] | None, typer.Option(
         "--diff", metavar="RUN_A RUN_B",
-        help="compare two runs (ids, their first characters, or names): differences highlighted")] = None,
+        help="compare two runs (run ids, their first 4 characters or more, or run names; an ambiguous one is an "
+             "error listing the runs it names): differences highlighted")] = None,
     only_different: bool = typer.Option(False, "--only-different", help="with --diff: hide the values that agree"),
     limit: int = typer.Option(15, min=1, help="runs and versions to list"),
     stage: str | None = typer.Option(None, help="list only this stage's runs (pretrain, finetune, evaluate, ...)"),
