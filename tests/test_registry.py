@@ -401,6 +401,20 @@ def test_pyfunc_engine_can_be_forced_and_an_export_folder_named(with_export, reg
     assert mlflow.pyfunc.load_model("models:/gpt/1").unwrap_python_model().engine == "torch"
 
 
+def test_the_pyfunc_says_on_stderr_which_engine_serves(with_export, registry, capfd, monkeypatch):
+    """`mlflow models serve` showed no INFO line, so it never said ONNX Runtime or PyTorch (issue 22, item 12)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    configure_mlflow()
+    monkeypatch.setenv("LLM_SERVE_ONNX_DIR", str(with_export["onnx"]))
+    mlflow.pyfunc.load_model("models:/gpt/1")
+    assert f"llm: serving with ONNX Runtime: {with_export['onnx']}" in capfd.readouterr().err
+    monkeypatch.setenv("LLM_SERVE_ENGINE", "torch")
+    mlflow.pyfunc.load_model("models:/gpt/1")
+    assert "llm: serving with PyTorch: " in capfd.readouterr().err
+
+
 def test_pyfunc_falls_back_to_torch_with_one_line_saying_why(registry, caplog):
     from llm.inference.generate import TorchGenerator
 
