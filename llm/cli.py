@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -52,7 +52,8 @@ from llm.stages import (
 
 app = typer.Typer(help="Train, evaluate and sample a GPT from scratch, stage by stage.", no_args_is_help=True,
                   add_completion=False)
-data_app = typer.Typer(help="Raw data: fetch the default corpus.", no_args_is_help=True)
+data_app = typer.Typer(help="Raw data: fetch a corpus into data/corpus (the default one, a folder or a URL).",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 export_app = typer.Typer(help="Deployable exports of a checkpoint.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -62,8 +63,21 @@ app.add_typer(import_app, name="import")
 LAYOUT = Layout()  # the default paths: params/, data/ and artifacts/<stage> under the working directory
 _DEFAULT_LIMITS = FetchLimits()
 _SERVE_LIMITS = ServeLimits()
-Sets = Annotated[list[str] | None, typer.Option(
-    "--set", help="override a params key: --set key=value, --set chat_data.max_turns=3 (repeatable)")]
+
+
+def _sets(example: str) -> Any:
+    """The ``--set`` option of a stage, its help showing a key of that stage's own params file."""
+    return Annotated[list[str] | None, typer.Option(
+        "--set", help=f"override a params key: --set key=value, e.g. --set {example} (repeatable)")]
+
+
+# one example per stage, each a key of that stage's file (finetune's shows a key inside a section)
+Sets = _sets("val_fraction=0.05")
+TokenizerSets = _sets("kind=bpe")
+PretrainSets = _sets("max_steps=1000")
+FinetuneSets = _sets("chat_data.max_turns=3")
+EvaluateSets = _sets("max_batches=50")
+ExportSets = _sets("quantize=false")
 # 0 or a negative step would silently train to max_steps or nothing: refused here, and again by the stages
 UntilStep = Annotated[int | None, typer.Option(min=1, help="stop after this step (resume later)")]
 
@@ -131,7 +145,7 @@ def tokenizer_cmd(
     clean_dir: Path = typer.Option(LAYOUT.artifact("clean"), "--clean", help="output of the clean stage"),
     out: Path = typer.Option(LAYOUT.artifact("tokenizer")),
     params: Path = typer.Option(LAYOUT.params / "tokenizer.yaml"),
-    sets: Sets = None,
+    sets: TokenizerSets = None,
 ) -> None:
     """Train the tokenizer (char, byte, bpe or unigram) on the cleaned train split."""
     tok = tokenizer_stage(load_params(TokenizerParams, params, _overrides(sets)), clean_dir, out)
@@ -156,7 +170,7 @@ def pretrain(
     out: Path = typer.Option(LAYOUT.artifact("pretrain")),
     params: Path = typer.Option(LAYOUT.params / "pretrain.yaml"),
     model_params: Path = typer.Option(LAYOUT.params / "model.yaml", "--model-params"),
-    sets: Sets = None,
+    sets: PretrainSets = None,
     model_sets: Annotated[list[str] | None, typer.Option("--model-set", help="override a model.yaml key")] = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
     until_step: UntilStep = None,
@@ -180,7 +194,7 @@ def finetune(
                                   help="where the validated/derived train.jsonl and val.jsonl go"),
     out: Path = typer.Option(LAYOUT.artifact("finetune")),
     params: Path = typer.Option(LAYOUT.params / "finetune.yaml"),
-    sets: Sets = None,
+    sets: FinetuneSets = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
     until_step: UntilStep = None,
 ) -> None:
@@ -201,7 +215,7 @@ def evaluate(
     out: Path = typer.Option(LAYOUT.artifact("eval")),
     params: Path = typer.Option(LAYOUT.params / "evaluate.yaml"),
     promote: bool = typer.Option(True, help="promote the candidate to Production if it beats the current one"),
-    sets: Sets = None,
+    sets: EvaluateSets = None,
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint on a token file, plus samples; then the
     promotion decision against the Production model (the evaluate stage)."""
@@ -234,7 +248,7 @@ def export_onnx_cmd(
     model: str = typer.Option(str(LAYOUT.artifact("finetune")), help="checkpoint folder or models:/ / runs:/ URI"),
     out: Path = typer.Option(LAYOUT.artifact("onnx")),
     params: Path = typer.Option(LAYOUT.params / "export.yaml"),
-    sets: Sets = None,
+    sets: ExportSets = None,
 ) -> None:
     """ONNX export with KV-cache inputs, checked against PyTorch (parity.json); fails on a mismatch."""
     summary = export_stage(load_params(ExportParams, params, _overrides(sets)), _resolve(model), out)
