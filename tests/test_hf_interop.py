@@ -310,7 +310,7 @@ def test_llm_import_and_export_hf_commands(gpt2_folder, tmp_path, monkeypatch, c
     assert code == 1 and "nowhere: no such folder" in err and "Traceback" not in err
 
 
-def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(gpt2_folder, tmp_path):
+def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(gpt2_folder, tmp_path, caplog):
     """params/base.yaml's hf_folder: the tokenizer stage takes the model's tokenizer, tokenize encodes the corpus
     with it, and pretraining continues its weights (the stages that `dvc repro` runs, untracked)."""
     from llm.config import BaseParams, DataParams, PretrainParams, TokenizerParams
@@ -328,8 +328,14 @@ def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(
     # a learning rate too small to move a weight: the checkpoint is GPT-2 itself, trained one step
     params = PretrainParams(max_steps=1, batch_size=2, learning_rate=1e-12, warmup_steps=0, eval_interval=1,
                             eval_batches=1, checkpoint_interval=1, device="cpu", progress=False, num_threads=1)
-    pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "pretrain", track=False,
-                   base=base)
+    from llm.training.pretrain import pretrain_identity
+
+    with caplog.at_level("INFO", logger="llm"):
+        # the stage asks for the identity before training (tracked runs): the base is announced once (issue 22)
+        pretrain_identity(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", base=base)
+        pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "pretrain",
+                       track=False, base=base)
+    assert caplog.text.count(f"starting from {gpt2_folder}: its shape replaces") == 1
     model, tokenizer, config = load_checkpoint(tmp_path / "pretrain")
     assert model.config == load_hf_model(gpt2_folder, 32).config and tokenizer.kind == "bytelevel_bpe"
     ids = torch.tensor([tokenizer.encode(TEXT)[:32]])
