@@ -115,14 +115,30 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+MLFLOW_DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default": where `mlflow run` puts its run without --experiment-name
+PROJECT_RUN_TAG = "llm.mlflow_project_run"  # the `mlflow run` run of a stage run that is not its child
+
+
+def _project_run_experiment(client: MlflowClient) -> str | None:
+    """The experiment of the run that ``mlflow run`` created (``MLFLOW_RUN_ID``), unless that is MLflow's
+    Default experiment, which only means that no experiment was named: the stages keep to ``llm`` then."""
+    handed_over = os.environ.get("MLFLOW_RUN_ID")
+    if not handed_over:
+        return None
+    try:
+        experiment_id = client.get_run(handed_over).info.experiment_id
+    except MlflowException:
+        return None
+    if experiment_id == MLFLOW_DEFAULT_EXPERIMENT_ID and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return None
+    return experiment_id
+
+
 def _ensure_experiment(client: MlflowClient) -> str:
     """Id of the experiment named by ``experiment_name()``, created (or restored) if needed."""
-    handed_over = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` creates the run; start_run adopts it
-    if handed_over:
-        try:
-            return client.get_run(handed_over).info.experiment_id
-        except MlflowException:
-            pass
+    handed_over = _project_run_experiment(client)  # `mlflow run --experiment-name X`: the stages go to X too
+    if handed_over is not None:
+        return handed_over
     name = experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -866,6 +882,13 @@ def _log_params(client: MlflowClient, run: StageRun, params: Mapping[str, Any], 
         client.log_batch(run.run_id, params=missing[start:start + MAX_PARAMS_TAGS_PER_BATCH])
 
 
+def _run_experiment(client: MlflowClient, run_id: str) -> str | None:
+    try:
+        return client.get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -916,6 +939,13 @@ def stage_run(
     # under `mlflow run`, MLFLOW_RUN_ID names the project's run: each stage becomes its child rather than
     # taking it over (start_run would otherwise resume it and rename it after the first stage)
     handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent = handed_over
+    if handed_over is not None and _run_experiment(client, handed_over) != experiment_id:
+        # `mlflow run` without --experiment-name: its run is in Default, the stage's in llm, linked by a tag
+        log.info("mlflow run's run %s is in another experiment: this stage's run goes to experiment %s (tag %s "
+                 "links them; `mlflow run --experiment-name %s` nests it)", handed_over, experiment_name(),
+                 PROJECT_RUN_TAG, experiment_name())
+        tags[PROJECT_RUN_TAG], parent = handed_over, None
     try:
         if resumed is not None:
             tags[ATTEMPT_TAG] = str(int(resumed.data.tags.get(ATTEMPT_TAG, "1")) + 1)
@@ -926,8 +956,8 @@ def stage_run(
             active = mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=run_name or stage,
-                nested=mlflow.active_run() is not None or handed_over is not None,
-                parent_run_id=parent_run_id or (handed_over if mlflow.active_run() is None else None),
+                nested=mlflow.active_run() is not None or parent is not None,
+                parent_run_id=parent_run_id or (parent if mlflow.active_run() is None else None),
                 tags=tags,
                 log_system_metrics=False,
             )
