@@ -119,13 +119,17 @@ def data_fetch(
     timeout: float | None = typer.Option(
         None, min=0.001, show_default=f"{_DEFAULT_LIMITS.timeout_s:g}",
         help="give up a URL fetch after this many seconds in all, retries included"),
+    add: bool = typer.Option(False, "--add", help="keep the sources already in the corpus folder and add this one "
+                                                  "beside them (default: the corpus becomes this source alone)"),
 ) -> None:
-    """Build data/corpus from a source, deterministically (same source, byte-identical files)."""
+    """Build data/corpus from a source, deterministically (same source, byte-identical files). The corpus is
+    replaced: the source is written to data/corpus/<name>/ and the other sources there are removed, so
+    `dvc add data` records that source alone; --add keeps them."""
     given = {"max_bytes": max_bytes, "max_member_bytes": max_member_bytes, "max_members": max_members,
              "timeout_s": timeout}
     limits = validate_params(FetchLimits, {k: v for k, v in given.items() if v is not None}, "llm data fetch")
-    files = fetch_stage(source, dest, limits)
-    typer.echo(f"wrote {len(files)} text files under {dest}")
+    files = fetch_stage(source, dest, limits, add=add)
+    typer.echo(f"wrote {len(files)} text files under {dest}" + ("" if add else " (the corpus is this source alone)"))
 
 
 @app.command()

@@ -177,11 +177,12 @@ def stage_modules(stage: str, track: bool | None = None) -> tuple[str, ...]:
     return _STAGE_MODULES[stage] + tracking
 
 
-def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None) -> list[Path]:
-    """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``."""
+def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None, *, add: bool = False) -> list[Path]:
+    """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``:
+    the corpus becomes that source alone, or, with ``add``, that source beside those already there."""
     from llm.data.corpus import fetch_corpus
 
-    return fetch_corpus(source, dest, limits=limits)
+    return fetch_corpus(source, dest, limits=limits, add=add)
 
 
 def clean_stage(
