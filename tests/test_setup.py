@@ -119,3 +119,37 @@ def test_the_package_metadata_builds_without_setuptools_deprecation_warnings(tmp
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "License-Expression: MIT" in next((tmp_path / "out").glob("*.dist-info")).joinpath("METADATA").read_text()
+
+
+def test_the_start_from_gpt2_folder_changes_neither_git_nor_data_dvc(tmp_path):
+    """The README saved GPT-2 in data/hf/gpt2, inside the DVC-tracked data/: the next `dvc add data` counted its
+    files (issue 22, item 8). The README's folder is models/hf/gpt2, git-ignored, outside data/; data/hf/ is
+    dvc-ignored for folders left there."""
+    import subprocess
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    saved = set(re.findall(r"save_pretrained\('([^']+)'\)", text))
+    assert saved == {"models/hf/gpt2"} and "llm import hf models/hf/gpt2" in text
+    assert "hf_folder: null          # e.g. models/hf/gpt2" in (REPO / "params" / "base.yaml").read_text()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+
+    def run(*args: str) -> str:
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    for name in (".gitignore", ".dvcignore"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    (tmp_path / "data" / "corpus" / "a.txt").write_text("the corpus")
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "add", "-q", "data")
+    before = (tmp_path / "data.dvc").read_text()
+    for folder in ("models/hf/gpt2", "data/hf/gpt2"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    run("dvc", "add", "-q", "data")
+    assert (tmp_path / "data.dvc").read_text() == before and "nfiles: 1" in before
+    assert run("git", "check-ignore", "models/hf/gpt2/config.json").strip() == "models/hf/gpt2/config.json"
