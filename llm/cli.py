@@ -241,10 +241,13 @@ def register(
     model: Path = typer.Option(LAYOUT.artifact("pretrain"), help="a finished training checkpoint folder"),
     run_id: str | None = typer.Option(None, help="the run to register it under; default: the run in the "
                                                  "folder's registration.json, else a new run"),
+    force: bool = typer.Option(False, "--force", help="register a checkpoint whose training stopped before "
+                                                      "max_steps (refused otherwise)"),
 ) -> None:
     """Register a finished checkpoint as a version of gpt, when its training stage could not (the tracking
-    store was down) or ran untracked. A version that already holds it is reused, never duplicated."""
-    typer.echo(json.dumps(register_stage(model, run_id=run_id), indent=2))
+    store was down) or ran untracked. A version that already holds it is reused, never duplicated. A checkpoint
+    of an unfinished training (step N of M) is refused unless --force."""
+    typer.echo(json.dumps(register_stage(model, run_id=run_id, force=force), indent=2))
 
 
 @export_app.command("onnx")

@@ -465,20 +465,26 @@ def _log_training_files(run, result, out_dir: Path) -> None:
                     "did not answer (%s); they are in %s", run.run_id, str(err).splitlines()[0][:300], out_dir)
 
 
-def register_stage(checkpoint_dir: Path, *, run_id: str | None = None) -> dict:
+def register_stage(checkpoint_dir: Path, *, run_id: str | None = None, force: bool = False) -> dict:
     """Register a finished training checkpoint as a version of ``gpt`` after the fact: when its training stage
     could not reach the tracking store, or ran untracked. Under ``run_id``, else the run its
     ``registration.json`` names, else a new run ``register``; with the tags the training stage chose, when it
     recorded them. A version that already holds these weights is reused. Writes ``registration.json`` and
     returns it.
 
-    Raises CheckpointError for an incomplete checkpoint, RegistryError/RegistrationError as
+    Raises CheckpointError for an incomplete checkpoint, or one whose training stopped before its
+    ``max_steps`` (step N of M) unless ``force``; RegistryError/RegistrationError as
     ``llm.mlops.registry.register_checkpoint`` does.
     """
     from llm.mlops.registry import register_checkpoint
-    from llm.model.checkpoint import verify_checkpoint
+    from llm.model.checkpoint import CheckpointError, verify_checkpoint
 
     config = verify_checkpoint(checkpoint_dir)
+    step, max_steps = config.get("step"), (config.get("params") or {}).get("max_steps")
+    if not force and isinstance(step, int) and isinstance(max_steps, int) and step < max_steps:
+        raise CheckpointError(f"{checkpoint_dir}: training stopped at step {step} of {max_steps} (interrupted or "
+                              "--until-step): run the stage again to finish it, or register this checkpoint "
+                              "anyway with `llm register --force`")
     previous = read_registration(checkpoint_dir)
     stage = previous.get("stage") or config.get("stage") or "pretrain"
     tags = previous.get("tags") or {"llm.stage": stage, **({"llm.finetuned": "true"} if stage == "finetune" else {})}

@@ -218,6 +218,22 @@ def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_
     assert [str(v.version) for v in client.search_model_versions("name='gpt'")] == ["1"]
 
 
+def test_llm_register_refuses_an_unfinished_checkpoint_unless_forced(tracked, prepared):
+    """`llm register --model artifacts/pretrain` registered a checkpoint stopped at step 25 of 300 without a word
+    (issue 22, item 10): it names step N of M and --force; forced, it registers."""
+    p = prepared
+    stopped = pretrain_stage(pretrain_params(6), MODEL, p["tokens"], p["tokenizer"], tracked / "pretrain",
+                             until_step=2)
+    assert stopped["model_version"] is None  # the stage registers only a finished training
+    refused = cli("llm", "register", "--model", str(tracked / "pretrain"), cwd=tracked)
+    assert refused.returncode == 1
+    assert "training stopped at step 2 of 6" in refused.stderr and "llm register --force" in refused.stderr
+    assert not MlflowClient().search_model_versions("name='gpt'")
+    forced = cli("llm", "register", "--model", str(tracked / "pretrain"), "--force", cwd=tracked)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["model_version"] == "1"
+
+
 def test_rerunning_a_decided_evaluation_keeps_its_decision_and_production(tracked, prepared):
     p = prepared
     pretrain_stage(pretrain_params(2), MODEL, p["tokens"], p["tokenizer"], tracked / "short")
