@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 EVALUATION_KEY = "evaluation"  # Prefect artifact keys: lowercase letters, digits and dashes
 PARITY_KEY = "onnx-parity"
-SCORE_KEYS = ("val/bpb", "val/loss", "val/ppl", "chat/assistant_loss", "chat/base_assistant_loss")
+SCORE_KEYS = ("val/bpb", "val/loss", "val/ppl", "chat/assistant_bpb", "chat/assistant_loss", "chat/base_assistant_loss")
 
 
 def _number(value: Any) -> str:

@@ -250,6 +250,18 @@ def register(
     typer.echo(json.dumps(register_stage(model, run_id=run_id, force=force), indent=2))
 
 
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="the version of gpt to make Production"),
+    why: str = typer.Option("", help="a note kept with the decision on the version"),
+) -> None:
+    """Make VERSION of gpt the Production model by hand (stage Production, alias production), whatever the
+    evaluation decided, e.g. a candidate that could not be compared with Production."""
+    from llm.mlops.registry import promote_by_hand
+
+    typer.echo(json.dumps(promote_by_hand(version, why=why), indent=2))
+
+
 @export_app.command("onnx")
 def export_onnx_cmd(
     model: str = typer.Option(str(LAYOUT.artifact("finetune")), help="checkpoint folder or models:/ / runs:/ URI"),
@@ -298,8 +310,9 @@ def runs(
     limit: int = typer.Option(15, min=1, help="runs and versions to list"),
     stage: str | None = typer.Option(None, help="list only this stage's runs (pretrain, finetune, evaluate, ...)"),
 ) -> None:
-    """The latest MLflow runs (names, val/bpb, val/loss, chat loss, tokens/s, parameters, wall time) and the
-    registered versions of gpt with their promotion decisions; or two runs side by side (--diff)."""
+    """The latest MLflow runs (names, val/bpb, val/loss, chat bpb: bits per byte of held-out assistant answers,
+    tokens/s, parameters, wall time) and the registered versions of gpt with their promotion decisions; or two
+    runs side by side (--diff)."""
     from rich.console import Console
 
     from llm.mlops.runs import print_diff, print_overview

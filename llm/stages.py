@@ -506,18 +506,95 @@ def _none_if_missing(value: str | None) -> str | None:
     return None if value in (None, "none") else value
 
 
-def _production_score(current, metric: str, params: EvalParams, clean_dir: Path, chat_val: Path | None) -> float:
-    from llm.mlops.registry import resolve_model
+def _comparable_score(model, tokenizer, chat: bool, params: EvalParams, clean_dir: Path,
+                      chat_val: Path | None) -> dict[str, Any]:
+    """The score promotion compares, for a loaded model: bits per byte of held-out text that any model is scored
+    on alike, whatever its tokenizer. A chat model: the final assistant answers of the chat val conversations
+    (``chat/assistant_bpb``); a base model: the val split (``val/bpb``). Returns ``{"metric", "score", "text",
+    "text_sha256"}``; two scores compare only when their ``text_sha256`` agree."""
+    if chat:
+        from llm.training.finetune import answer_bits_per_byte, held_out_conversations
 
-    production_dir = resolve_model(f"models:/gpt/{current.version}")
-    if metric == "chat/assistant_loss":
+        scored = answer_bits_per_byte(model, tokenizer, held_out_conversations(chat_val, params.max_conversations))
+        text = f"the final assistant answers of {scored['answers']} conversations of {chat_val}"
+        metric = "chat/assistant_bpb"
+    else:
+        from llm.training.evaluate import text_bits_per_byte
+
+        scored = text_bits_per_byte(model, tokenizer, clean_dir / "val.txt", params)
+        text, metric = f"the val split {clean_dir / 'val.txt'}", "val/bpb"
+    return {"metric": metric, "score": scored["bpb"], "text": f"{text} ({scored['bytes']:,} bytes)",
+            "text_sha256": scored["text_sha256"]}
+
+
+def _model_kind(config: Mapping[str, Any]) -> str:
+    return "chat" if config.get("stage") == "finetune" else "base"
+
+
+def _production_comparison(current, kind: str, candidate: dict[str, Any], params: EvalParams, clean_dir: Path,
+                           chat_val: Path | None) -> tuple[float | None, str | None]:
+    """Production's score on the candidate's text, and None; or None and why the two cannot be compared
+    (another kind of model, a text Production cannot be scored on, or other text)."""
+    from llm.mlops.registry import resolve_model
+    from llm.model.checkpoint import load_checkpoint
+    from llm.training.device import select_device
+
+    version = current.version
+    model, tokenizer, config = load_checkpoint(resolve_model(f"models:/gpt/{version}"), select_device(params.device))
+    if _model_kind(config) != kind:
+        return None, (f"Production version {version} is a {_model_kind(config)} model and this one a {kind} model: "
+                      "they are scored on different texts (assistant answers, the val split)")
+    try:
+        theirs = _comparable_score(model, tokenizer, kind == "chat", params, clean_dir, chat_val)
+    except ValueError as err:
+        return None, f"Production version {version} cannot be scored on {candidate['text']} ({err})"
+    if theirs["text_sha256"] != candidate["text_sha256"]:
+        return None, f"Production version {version} was scored on other text ({theirs['text']})"
+    return theirs["score"], None
+
+
+def _score_candidate(candidate, candidate_dir: Path, tokens_dir: Path, params: EvalParams, out_dir: Path,
+                     chat_val: Path | None) -> tuple[dict, list, list | None]:
+    """Metrics and samples of the loaded candidate: loss, ppl, bpb on the token file; for a chat model also
+    its assistant loss (nats per assistant token, and its base model's), and answers to held-out conversations."""
+    from llm.training.evaluate import evaluate_checkpoint, sample_conversations
+
+    result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
+    samples, conversations = result.pop("samples"), None
+    if _model_kind(candidate.config) == "chat":
         from llm.training.finetune import assistant_loss
 
-        return assistant_loss(production_dir, None, chat_val, device=params.device,
-                              max_conversations=params.max_conversations)
-    from llm.training.evaluate import evaluate_on_text
+        result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
+                                                       max_conversations=params.max_conversations)
+        conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
+        base_dir = Path(candidate.config["parent"]["path"])
+        if base_dir.exists():
+            result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
+                                                                max_conversations=params.max_conversations)
+    return result, samples, conversations
 
-    return evaluate_on_text(production_dir, clean_dir / "val.txt", params)["val/bpb"]
+
+def _promotion(params: EvalParams, registration: dict, kind: str, comparable: dict[str, Any], clean_dir: Path,
+               chat_val: Path | None, run) -> dict[str, Any]:
+    """Compare the registered candidate with Production on ``comparable``'s text and promote it if it is better
+    (``llm.mlops.registry.compare_and_promote``); a decision taken before on this candidate is kept."""
+    from llm.mlops.registry import compare_and_promote, production_version, recorded_decision
+
+    version, metric, score = str(registration["model_version"]), comparable["metric"], comparable["score"]
+    current = production_version()
+    if recorded_decision(version) is not None:  # decided once (a rerun, a retry): kept
+        return compare_and_promote(version, score, None, metric=metric)
+    if current is not None and str(current.version) == version:
+        return {"promoted": False, "metric": metric, "candidate_score": score, "candidate": version,
+                "reason": f"version {version} is already Production"}
+    production_score, incomparable = None, None
+    if current is not None:
+        production_score, incomparable = _production_comparison(current, kind, comparable, params, clean_dir,
+                                                                chat_val)
+        if production_score is not None:
+            run.log_metrics({f"production/{metric}": production_score})
+    return compare_and_promote(version, score, production_score, metric=metric, lower_is_better=True,
+                               incomparable=incomparable, text=comparable["text"])
 
 
 def evaluate_stage(
@@ -531,76 +608,50 @@ def evaluate_stage(
     track: bool | None = None,
     promote: bool = True,
 ) -> dict:
-    """Score the candidate checkpoint, and the current Production model on the same validation data, and
-    promote the candidate to Production only if it is better.
+    """Score the candidate checkpoint, and the current Production model on the same held-out text, and promote
+    the candidate to Production only if it is better.
 
-    Base models are compared on bits per byte of the validation text (independent of the tokenizer).
-    A finetuned (chat) candidate is compared on held-out assistant-token loss over ``chat_dir/val.jsonl``,
-    which is also reported for its base model, so the gain from finetuning is visible. Writes
-    ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns metrics and decision.
+    The comparison is in bits per byte of the same text, whatever the tokenizers (``_comparable_score``): the
+    val split for base models, the final assistant answers of ``chat_dir/val.jsonl`` for chat models. A
+    candidate of another kind than Production, or scored on other text, is not promoted (the reason says how
+    to promote it by hand). The metrics also hold val loss, ppl and bpb on the token file and, for a chat
+    model, its assistant loss and its base model's. Writes ``metrics.json``, ``samples.md`` and
+    ``promotion.json`` into ``out_dir``; returns metrics and decision.
     """
     from llm.model.checkpoint import load_checkpoint
     from llm.training.device import select_device
-    from llm.training.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
+    from llm.training.evaluate import samples_markdown
 
     enabled = tracking_enabled(track)
     registration = read_registration(candidate_dir)
     candidate = load_checkpoint(candidate_dir, select_device(params.device))
-    config = candidate.config
-    is_chat = config.get("stage") == "finetune"
+    kind = _model_kind(candidate.config)
     chat_val = chat_dir / "val.jsonl" if chat_dir is not None else None
-    if is_chat and (chat_val is None or not chat_val.exists()):
+    if kind == "chat" and (chat_val is None or not chat_val.exists()):
         raise FileNotFoundError(f"{candidate_dir} is a finetuned model: its evaluation needs the chat val "
                                 f"conversations ({chat_val}); run the finetune stage first")
     what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
-    name = f"evaluate {config.get('stage', 'model')} {what}"
-    with _run("evaluate", params.model_dump(), enabled, run_name=name) as run:
-        result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
-        samples = result.pop("samples")
-        metric, candidate_score = "val/bpb", result["val/bpb"]
-        if is_chat:
-            from llm.training.finetune import assistant_loss
-
-            result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
-                                                           max_conversations=params.max_conversations)
-            conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
-        del candidate  # scored and sampled: let go before the base or the Production model is loaded
-        if is_chat:
-            base_dir = Path(config["parent"]["path"])
-            if base_dir.exists():
-                result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
-                                                                    max_conversations=params.max_conversations)
-            metric, candidate_score = "chat/assistant_loss", result["chat/assistant_loss"]
-            atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
+    with _run("evaluate", params.model_dump(), enabled, run_name=f"evaluate {candidate.config.get('stage', 'model')} "
+              f"{what}") as run:
+        result, samples, conversations = _score_candidate(candidate, candidate_dir, tokens_dir, params, out_dir,
+                                                          chat_val)
+        comparable = _comparable_score(candidate.model, candidate.tokenizer, kind == "chat", params, clean_dir,
+                                       chat_val)
+        result[comparable["metric"]] = comparable["score"]
+        del candidate  # scored and sampled: let go before the Production model is loaded
+        atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
+        atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
+                          sort_keys=True)
+        if conversations is not None:
             run.log_text(json.dumps(conversations, indent=2, ensure_ascii=False), "sample_conversations.json")
-            atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
-                              sort_keys=True)
         run.log_metrics({k: float(v) for k, v in result.items()})
-        if enabled and is_chat and registration.get("run_id"):  # the chat score beside the training run's own
-            from llm.mlops.tracking import log_final_metrics
-
-            log_final_metrics(registration["run_id"], {"chat/assistant_loss": result["chat/assistant_loss"]},
-                              step=int(config.get("step", 0)))
+        _log_chat_scores_on_training_run(enabled, kind, registration, result)
         run.log_artifact(out_dir / "samples.md")
-        decision: dict[str, Any] = {"promoted": False, "metric": metric, "candidate_score": candidate_score,
+        decision: dict[str, Any] = {"promoted": False, "metric": comparable["metric"],
+                                    "candidate_score": comparable["score"],
                                     "reason": "tracking disabled: no registry to promote in"}
-        candidate_version = registration.get("model_version")
-        if enabled and promote and candidate_version:
-            from llm.mlops.registry import compare_and_promote, production_version, recorded_decision
-
-            current = production_version()
-            if recorded_decision(str(candidate_version)) is not None:  # decided once (a rerun, a retry): kept
-                decision = compare_and_promote(str(candidate_version), candidate_score, None, metric=metric)
-            elif current is not None and str(current.version) == str(candidate_version):
-                decision.update(reason=f"version {candidate_version} is already Production",
-                                candidate=str(candidate_version))
-            else:
-                production_score = None
-                if current is not None:
-                    production_score = _production_score(current, metric, params, clean_dir, chat_val)
-                    run.log_metrics({f"production/{metric}": production_score})
-                decision = compare_and_promote(str(candidate_version), candidate_score, production_score,
-                                               metric=metric, lower_is_better=True)
+        if enabled and promote and registration.get("model_version"):
+            decision = _promotion(params, registration, kind, comparable, clean_dir, chat_val, run)
         elif enabled and promote:
             decision["reason"] = (f"{candidate_dir / REGISTRATION_FILE} names no registered version "
                                   "(run the training stage tracked)")
@@ -608,6 +659,16 @@ def evaluate_stage(
         run.log_text(json.dumps(decision, indent=2), "promotion.json")
     atomic_write_json(out_dir / "promotion.json", decision, sort_keys=True)
     return {**result, "promotion": decision, "samples": samples}
+
+
+def _log_chat_scores_on_training_run(enabled: bool, kind: str, registration: dict, result: dict) -> None:
+    """A chat model's evaluation scores beside its finetuning run's own metrics."""
+    if not (enabled and kind == "chat" and registration.get("run_id")):
+        return
+    from llm.mlops.tracking import log_final_metrics
+
+    scores = {k: result[k] for k in ("chat/assistant_loss", "chat/assistant_bpb") if k in result}
+    log_final_metrics(registration["run_id"], scores, step=int(result.get("eval/step", 0)))
 
 
 def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, hf_dir: Path | None = None,

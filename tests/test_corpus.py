@@ -669,7 +669,8 @@ def test_a_fetch_replaces_the_corpus_and_add_keeps_the_other_sources(tmp_path, c
     added = runner.invoke(app, ["data", "fetch", "--source", str(tmp_path / "more-texts"), "--dest", str(dest),
                                 "--add"])
     assert added.exit_code == 0, added.output
-    assert tree(dest) == {".keep": b"", "my-texts/my-texts.txt": b"my-texts", "more-texts/more-texts.txt": b"more-texts"}
+    assert tree(dest) == {".keep": b"", "my-texts/my-texts.txt": b"my-texts",
+                          "more-texts/more-texts.txt": b"more-texts"}
     failed = runner.invoke(app, ["data", "fetch", "--source", str(tmp_path / "nowhere"), "--dest", str(dest)])
     assert failed.exit_code != 0 and sorted(p.name for p in dest.iterdir()) == [".keep", "more-texts", "my-texts"]
     shown = runner.invoke(app, ["data", "fetch", "--help"], env={"COLUMNS": "200"}).output

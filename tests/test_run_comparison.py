@@ -195,7 +195,7 @@ def test_llm_runs_is_readable_at_80_columns_and_run_prefixes_are_unique_or_an_er
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     name = client.get_run(second).info.run_name
     with stage_run("pretrain", {}, run_name=name) as rerun:  # the same name again
-        rerun.log_metrics({"val/bpb": 2.2, "chat/assistant_loss": 3.7716}, step=1)
+        rerun.log_metrics({"val/bpb": 2.2, "chat/assistant_bpb": 3.7716}, step=1)
     listed = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "80"})
     assert listed.exit_code == 0, listed.output
     lines = [line for line in listed.output.splitlines() if not line.startswith("In the MLflow UI")]  # a URL

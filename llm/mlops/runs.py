@@ -27,7 +27,7 @@ from llm.mlops.tracking import LINEAGE_KEYS, experiment_name, set_uris, sqlite_p
 RUN_METRICS = (
     ("val/bpb", "val/bpb", "{:.4f}"),
     ("val/loss", "val/loss", "{:.4f}"),
-    ("chat loss", "chat/assistant_loss", "{:.4f}"),
+    ("chat bpb", "chat/assistant_bpb", "{:.4f}"),
     ("tokens/s", "perf/tokens_per_s", "{:,.0f}"),
     ("params", "model/parameters", "{:,.0f}"),
     ("wall s", "perf/wall_time_s", "{:,.0f}"),
@@ -112,13 +112,13 @@ def _when(ms: int | None) -> str:
 
 
 WIDE = 120  # terminal columns from which the tables show every column; narrower, the essential ones
-# the metrics of the narrow runs table: bits per byte compare across tokenizers, the chat loss within one
-NARROW_METRICS = ("val/bpb", "chat loss")
+# the metrics of the narrow runs table: bits per byte, which compare across tokenizers
+NARROW_METRICS = ("val/bpb", "chat bpb")
 
 
 def runs_table(runs: Sequence[Run], width: int = WIDE) -> Table:
     """One row per run: name, stage, status, start (UTC), the summary metrics, the version it registered, id.
-    Below ``WIDE`` columns: name (wrapped, with the status when not FINISHED), start, val/bpb, chat loss,
+    Below ``WIDE`` columns: name (wrapped, with the status when not FINISHED), start, val/bpb, chat bpb,
     version and id, so that an 80-column terminal shows every value whole."""
     narrow = width < WIDE
     table = Table(title=f"Latest runs of experiment '{experiment_name()}'", title_justify="left",

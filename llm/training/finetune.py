@@ -17,8 +17,10 @@ whose state the checkpoint stores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,3 +275,49 @@ def assistant_loss(
     batches = (collate_chat_examples(examples[i : i + batch_size], tokenizer.pad_id)
                for i in range(0, len(examples), batch_size))
     return evaluate_loss(model, batches, dev, select_dtype("auto", dev))
+
+
+def _final_answer_only(mask: list[int]) -> list[int]:
+    """``mask`` with only its last run of ones kept: the final assistant answer and its closing ``<|end|>``."""
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
+
+
+def answer_bits_per_byte(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[Conversation], *,
+                         batch_size: int = 16) -> dict[str, Any]:
+    """Bits per UTF-8 byte of the final assistant answer of each conversation (its ``<|end|>`` costs bits, no
+    bytes), each conversation fitted to the model's context as in SFT: every model scores the same answers
+    whatever its tokenizer and context, so the figure compares models where nats per token cannot.
+
+    Returns ``{"bpb", "bytes", "tokens", "answers", "text_sha256"}``; the hash covers the answers scored, in
+    order, so two scores compare only when their hashes agree (a conversation that does not fit a model's
+    context is left out of its score, and changes its hash). Raises ValueError when none fits.
+    """
+    examples, digest, n_bytes = [], hashlib.sha256(), 0
+    for index, messages in enumerate(conversations):
+        fitted = fit_chat(tokenizer, messages, model.config.context_length + 1)
+        if fitted is None or messages[-1]["role"] != "assistant" or sum(fitted.mask[1:]) == 0:
+            continue
+        answer = messages[-1]["content"].encode("utf-8")
+        digest.update(f"{index}:{len(answer)}:".encode() + answer)
+        n_bytes += len(answer)
+        examples.append(ChatExample(fitted.ids, _final_answer_only(fitted.mask), len(answer)))
+    if not examples:
+        raise ValueError(f"no conversation fits a context of {model.config.context_length} tokens")
+    tokens = sum(sum(e.mask[1:]) for e in examples)
+    dev = next(model.parameters()).device
+    batches = (collate_chat_examples(examples[i : i + batch_size], tokenizer.pad_id)
+               for i in range(0, len(examples), batch_size))
+    nats = evaluate_loss(model, batches, dev, select_dtype("auto", dev)) * tokens
+    return {"bpb": nats / math.log(2) / max(1, n_bytes), "bytes": n_bytes, "tokens": tokens,
+            "answers": len(examples), "text_sha256": digest.hexdigest()}
+
+
+def held_out_conversations(chat_file: str | Path, max_conversations: int | None) -> list[Conversation]:
+    """The conversations of ``chat_file`` that evaluation scores: ``max_conversations`` of them evenly spread
+    over the file (all when None), chosen from the file alone, so every model is scored on the same ones."""
+    conversations = read_chat_file(chat_file)
+    return _evenly_spaced(conversations, max_conversations) if max_conversations else conversations
