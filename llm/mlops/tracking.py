@@ -882,11 +882,23 @@ def _log_params(client: MlflowClient, run: StageRun, params: Mapping[str, Any], 
         client.log_batch(run.run_id, params=missing[start:start + MAX_PARAMS_TAGS_PER_BATCH])
 
 
-def _run_experiment(client: MlflowClient, run_id: str) -> str | None:
-    try:
-        return client.get_run(run_id).info.experiment_id
-    except MlflowException:
+def _project_run_parent(client: MlflowClient, handed_over: str | None, experiment_id: str,
+                        tags: dict[str, str]) -> str | None:
+    """The parent of a stage run under ``mlflow run`` (``handed_over``, its run): that run when it is in the
+    stage's experiment; else None, and the tag ``PROJECT_RUN_TAG`` in ``tags`` links the two."""
+    if handed_over is None:
         return None
+    try:
+        if client.get_run(handed_over).info.experiment_id == experiment_id:
+            return handed_over
+    except MlflowException:
+        pass
+    # `mlflow run` without --experiment-name: its run is in Default, the stage's in llm
+    log.info("mlflow run's run %s is in another experiment: this stage's run goes to experiment %s (tag %s links "
+             "them; `mlflow run --experiment-name %s` nests it)", handed_over, experiment_name(), PROJECT_RUN_TAG,
+             experiment_name())
+    tags[PROJECT_RUN_TAG] = handed_over
+    return None
 
 
 @contextmanager
@@ -936,16 +948,9 @@ def stage_run(
     if resumed is not None and resumed.info.status == "RUNNING":  # stale ones were ended just above
         log.warning("run %s is RUNNING in a process that is still alive (%s %s); continuing it here as well",
                     resume_run_id, resumed.data.tags.get(HOST_TAG, "?"), resumed.data.tags.get(PID_TAG, "?"))
-    # under `mlflow run`, MLFLOW_RUN_ID names the project's run: each stage becomes its child rather than
-    # taking it over (start_run would otherwise resume it and rename it after the first stage)
+    # `mlflow run`'s run (MLFLOW_RUN_ID) is a parent or a link, never taken over (start_run would rename it)
     handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
-    parent = handed_over
-    if handed_over is not None and _run_experiment(client, handed_over) != experiment_id:
-        # `mlflow run` without --experiment-name: its run is in Default, the stage's in llm, linked by a tag
-        log.info("mlflow run's run %s is in another experiment: this stage's run goes to experiment %s (tag %s "
-                 "links them; `mlflow run --experiment-name %s` nests it)", handed_over, experiment_name(),
-                 PROJECT_RUN_TAG, experiment_name())
-        tags[PROJECT_RUN_TAG], parent = handed_over, None
+    parent = _project_run_parent(client, handed_over, experiment_id, tags)
     try:
         if resumed is not None:
             tags[ATTEMPT_TAG] = str(int(resumed.data.tags.get(ATTEMPT_TAG, "1")) + 1)

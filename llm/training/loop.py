@@ -355,7 +355,6 @@ def train(
         callbacks = (callbacks or []) if run.dist.is_main else []  # one process reports for the job
         meter = _meter_for(run)
         progress = _progress(params.progress and run.step < last_step and run.dist.is_main)
-        # out of max_steps: a run stopped early by until_step shows 10/300, not 10/10
         task = progress.add_task("train", total=params.max_steps, completed=run.step, loss=float("nan"), tps=0.0)
         meter.restart()
         with progress:
@@ -388,12 +387,17 @@ def train(
                 if "perf/tokens_per_s" in row:
                     meter.restart()  # checkpoint and eval time is not training throughput
             _stop_if_signalled(run, stop)
-    if run.step < params.max_steps and run.dist.is_main:
-        log.info("stopped early at step %d of %d (until_step): the checkpoint in %s resumes from there when run "
-                 "again without it", run.step, params.max_steps, run.out_dir)
+    _log_early_stop(run)
     shutdown(run.dist)
     return TrainResult(out_dir=run.out_dir, step=run.step, metrics=_summary(run), history=run.history,
                        run_identity=run.identity_digest)
+
+
+def _log_early_stop(run: RunState) -> None:
+    """Say so when training ended before ``max_steps`` (``until_step``): the progress bar shows N of max_steps."""
+    if run.step < run.params.max_steps and run.dist.is_main:
+        log.info("stopped early at step %d of %d (until_step): the checkpoint in %s resumes from there when run "
+                 "again without it", run.step, run.params.max_steps, run.out_dir)
 
 
 def _meter_for(run: RunState) -> _Throughput:
