@@ -39,6 +39,7 @@ def evaluation_markdown(result: dict, candidate: str) -> str:
               "| --- | --- | ---: |",
               f"| candidate | {version or 'not registered'} | {_number(decision.get('candidate_score'))} |",
               f"| Production before | {production or 'none'} | {_number(decision.get('production_score'))} |",
+              *(["", f"Both scored on {decision['text']}."] if decision.get("text") else []),
               "", f"Reason: {decision.get('reason', 'none given')}"]
     return "\n".join(lines) + "\n"
 

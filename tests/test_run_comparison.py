@@ -155,6 +155,10 @@ def test_evaluation_and_parity_reports_show_both_scores_and_the_decision():
     assert text.startswith("# Evaluation of `artifacts/finetune` (gpt version 3)")
     assert "| chat/assistant_loss | 3.9939 |" in text and "## Promotion: not promoted" in text
     assert "| candidate | 3 | 3.9939 |" in text and "| Production before | 2 | 3.9500 |" in text
+    scored = {**result["promotion"], "metric": "chat/assistant_bpb", "text": "the final assistant answers of 8 "
+              "conversations of artifacts/chat/val.jsonl (1,234 bytes)"}
+    assert "Both scored on the final assistant answers of 8 conversations" in evaluation_markdown(
+        {**result, "promotion": scored}, "artifacts/finetune")
     summary = {"opset": 18, "model_version": "3", "files": {"model.onnx": 14_000_000},
                "parity": {"passed": True, "atol": 1e-4, "max_abs_diff": 6.7e-06, "ragged": {"max_abs_logits": 6.2e-06},
                           "static_cache": {"max_abs_logits": 7.2e-06},
