@@ -506,25 +506,32 @@ def _none_if_missing(value: str | None) -> str | None:
     return None if value in (None, "none") else value
 
 
-def _comparable_score(model, tokenizer, chat: bool, params: EvalParams, clean_dir: Path,
+def _comparable_score(model, tokenizer, kind: str, params: EvalParams, clean_dir: Path,
                       chat_val: Path | None) -> dict[str, Any]:
     """The score promotion compares, for a loaded model: bits per byte of held-out text that any model is scored
     on alike, whatever its tokenizer. A chat model: the final assistant answers of the chat val conversations
-    (``chat/assistant_bpb``); a base model: the val split (``val/bpb``). Returns ``{"metric", "score", "text",
-    "text_sha256"}``; two scores compare only when their ``text_sha256`` agree."""
-    if chat:
-        from llm.training.finetune import answer_bits_per_byte, held_out_conversations
+    (``chat/assistant_bpb``; ``answers`` holds each answer's bits and bytes); a base model: the val split
+    (``val/bpb``). Returns ``{"metric", "score", "text", "text_sha256"}``: two scores compare only when their
+    ``text_sha256`` agree (and, for answers, over the answers both models' contexts fit)."""
+    from llm.io import sha256_file
 
-        scored = answer_bits_per_byte(model, tokenizer, held_out_conversations(chat_val, params.max_conversations))
-        text = f"the final assistant answers of {scored['answers']} conversations of {chat_val}"
-        metric = "chat/assistant_bpb"
-    else:
-        from llm.training.evaluate import text_bits_per_byte
+    if kind == "chat":
+        from llm.training.finetune import answer_bits, answers_bpb, held_out_conversations
 
-        scored = text_bits_per_byte(model, tokenizer, clean_dir / "val.txt", params)
-        text, metric = f"the val split {clean_dir / 'val.txt'}", "val/bpb"
-    return {"metric": metric, "score": scored["bpb"], "text": f"{text} ({scored['bytes']:,} bytes)",
-            "text_sha256": scored["text_sha256"]}
+        answers = answer_bits(model, tokenizer, held_out_conversations(chat_val, params.max_conversations))
+        own = answers_bpb(answers)
+        return {"metric": "chat/assistant_bpb", "score": own["bpb"], "answers": answers,
+                "text": _answers_text(own, chat_val),
+                "text_sha256": f"{sha256_file(chat_val)}:{params.max_conversations or 'all'}"}
+    from llm.training.evaluate import text_bits_per_byte
+
+    scored = text_bits_per_byte(model, tokenizer, clean_dir / "val.txt", params)
+    return {"metric": "val/bpb", "score": scored["bpb"], "text_sha256": scored["text_sha256"],
+            "text": f"the val split {clean_dir / 'val.txt'} ({scored['bytes']:,} bytes)"}
+
+
+def _answers_text(scored: dict[str, Any], chat_val: Path | None) -> str:
+    return f"the final assistant answers of {scored['answers']} conversations of {chat_val} ({scored['bytes']:,} bytes)"
 
 
 def _model_kind(config: Mapping[str, Any]) -> str:
@@ -532,25 +539,35 @@ def _model_kind(config: Mapping[str, Any]) -> str:
 
 
 def _production_comparison(current, kind: str, candidate: dict[str, Any], params: EvalParams, clean_dir: Path,
-                           chat_val: Path | None) -> tuple[float | None, str | None]:
-    """Production's score on the candidate's text, and None; or None and why the two cannot be compared
-    (another kind of model, a text Production cannot be scored on, or other text)."""
+                           chat_val: Path | None) -> dict[str, Any]:
+    """The candidate's and Production's scores on the same text: ``{"candidate_score", "production_score",
+    "text"}``, or ``{"incomparable": why}`` (another kind of model, other text, no answer both contexts fit)."""
     from llm.mlops.registry import resolve_model
     from llm.model.checkpoint import load_checkpoint
     from llm.training.device import select_device
+    from llm.training.finetune import answers_bpb
 
     version = current.version
     model, tokenizer, config = load_checkpoint(resolve_model(f"models:/gpt/{version}"), select_device(params.device))
     if _model_kind(config) != kind:
-        return None, (f"Production version {version} is a {_model_kind(config)} model and this one a {kind} model: "
-                      "they are scored on different texts (assistant answers, the val split)")
+        return {"incomparable": f"Production version {version} is a {_model_kind(config)} model and this one a "
+                                f"{kind} model: they are scored on different texts (assistant answers, the val split)"}
     try:
-        theirs = _comparable_score(model, tokenizer, kind == "chat", params, clean_dir, chat_val)
+        theirs = _comparable_score(model, tokenizer, kind, params, clean_dir, chat_val)
     except ValueError as err:
-        return None, f"Production version {version} cannot be scored on {candidate['text']} ({err})"
+        return {"incomparable": f"Production version {version} cannot be scored on {candidate['text']} ({err})"}
     if theirs["text_sha256"] != candidate["text_sha256"]:
-        return None, f"Production version {version} was scored on other text ({theirs['text']})"
-    return theirs["score"], None
+        return {"incomparable": f"Production version {version} was scored on other text ({theirs['text']})"}
+    if kind != "chat":
+        return {"candidate_score": candidate["score"], "production_score": theirs["score"], "text": candidate["text"]}
+    common = set(candidate["answers"]) & set(theirs["answers"])
+    if not common:
+        return {"incomparable": f"no held-out answer fits the contexts of both this model and Production version "
+                                f"{version}"}
+    mine = answers_bpb(candidate["answers"], common)
+    fit = "" if len(common) == max(len(candidate["answers"]), len(theirs["answers"])) else ", those both contexts fit"
+    return {"candidate_score": mine["bpb"], "production_score": answers_bpb(theirs["answers"], common)["bpb"],
+            "text": _answers_text(mine, chat_val) + fit}
 
 
 def _score_candidate(candidate, candidate_dir: Path, tokens_dir: Path, params: EvalParams, out_dir: Path,
@@ -587,14 +604,14 @@ def _promotion(params: EvalParams, registration: dict, kind: str, comparable: di
     if current is not None and str(current.version) == version:
         return {"promoted": False, "metric": metric, "candidate_score": score, "candidate": version,
                 "reason": f"version {version} is already Production"}
-    production_score, incomparable = None, None
+    compared: dict[str, Any] = {"candidate_score": score, "text": comparable["text"]}
     if current is not None:
-        production_score, incomparable = _production_comparison(current, kind, comparable, params, clean_dir,
-                                                                chat_val)
-        if production_score is not None:
-            run.log_metrics({f"production/{metric}": production_score})
-    return compare_and_promote(version, score, production_score, metric=metric, lower_is_better=True,
-                               incomparable=incomparable, text=comparable["text"])
+        compared = _production_comparison(current, kind, comparable, params, clean_dir, chat_val)
+        if compared.get("production_score") is not None:
+            run.log_metrics({f"production/{metric}": compared["production_score"]})
+    return compare_and_promote(version, compared.get("candidate_score", score), compared.get("production_score"),
+                               metric=metric, lower_is_better=True, incomparable=compared.get("incomparable"),
+                               text=compared.get("text", comparable["text"]))
 
 
 def evaluate_stage(
@@ -635,8 +652,7 @@ def evaluate_stage(
               f"{what}") as run:
         result, samples, conversations = _score_candidate(candidate, candidate_dir, tokens_dir, params, out_dir,
                                                           chat_val)
-        comparable = _comparable_score(candidate.model, candidate.tokenizer, kind == "chat", params, clean_dir,
-                                       chat_val)
+        comparable = _comparable_score(candidate.model, candidate.tokenizer, kind, params, clean_dir, chat_val)
         result[comparable["metric"]] = comparable["score"]
         del candidate  # scored and sampled: let go before the Production model is loaded
         atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))

@@ -17,11 +17,10 @@ whose state the checkpoint stores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,34 +285,34 @@ def _final_answer_only(mask: list[int]) -> list[int]:
     return [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
 
 
-def answer_bits_per_byte(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[Conversation], *,
-                         batch_size: int = 16) -> dict[str, Any]:
-    """Bits per UTF-8 byte of the final assistant answer of each conversation (its ``<|end|>`` costs bits, no
-    bytes), each conversation fitted to the model's context as in SFT: every model scores the same answers
-    whatever its tokenizer and context, so the figure compares models where nats per token cannot.
-
-    Returns ``{"bpb", "bytes", "tokens", "answers", "text_sha256"}``; the hash covers the answers scored, in
-    order, so two scores compare only when their hashes agree (a conversation that does not fit a model's
-    context is left out of its score, and changes its hash). Raises ValueError when none fits.
-    """
-    examples, digest, n_bytes = [], hashlib.sha256(), 0
+def answer_bits(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[Conversation]
+                ) -> dict[int, tuple[float, int]]:
+    """For each conversation whose final message is an assistant answer and that fits the model's context (as
+    in SFT: ``fit_chat``), the bits the model spends on that answer (its ``<|end|>`` included) and the answer's
+    UTF-8 bytes, by the conversation's index. Every model scores the same answers whatever its tokenizer, so
+    bits per byte over the same indices (``answers_bpb``) compare models where nats per token cannot."""
+    dev = next(model.parameters()).device
+    scored: dict[int, tuple[float, int]] = {}
     for index, messages in enumerate(conversations):
         fitted = fit_chat(tokenizer, messages, model.config.context_length + 1)
         if fitted is None or messages[-1]["role"] != "assistant" or sum(fitted.mask[1:]) == 0:
             continue
-        answer = messages[-1]["content"].encode("utf-8")
-        digest.update(f"{index}:{len(answer)}:".encode() + answer)
-        n_bytes += len(answer)
-        examples.append(ChatExample(fitted.ids, _final_answer_only(fitted.mask), len(answer)))
-    if not examples:
-        raise ValueError(f"no conversation fits a context of {model.config.context_length} tokens")
-    tokens = sum(sum(e.mask[1:]) for e in examples)
-    dev = next(model.parameters()).device
-    batches = (collate_chat_examples(examples[i : i + batch_size], tokenizer.pad_id)
-               for i in range(0, len(examples), batch_size))
-    nats = evaluate_loss(model, batches, dev, select_dtype("auto", dev)) * tokens
-    return {"bpb": nats / math.log(2) / max(1, n_bytes), "bytes": n_bytes, "tokens": tokens,
-            "answers": len(examples), "text_sha256": digest.hexdigest()}
+        example = ChatExample(fitted.ids, _final_answer_only(fitted.mask), 0)
+        tokens = sum(example.mask[1:])
+        batch = collate_chat_examples([example], tokenizer.pad_id)
+        nats = evaluate_loss(model, iter([batch]), dev, select_dtype("auto", dev)) * tokens
+        scored[index] = (nats / math.log(2), len(messages[-1]["content"].encode("utf-8")))
+    return scored
+
+
+def answers_bpb(scored: dict[int, tuple[float, int]], indices: Iterable[int] | None = None) -> dict[str, Any]:
+    """Bits per byte of the answers ``indices`` (default: all) of ``answer_bits``' result: ``{"bpb", "bytes",
+    "answers", "indices"}``. Raises ValueError when there is none."""
+    chosen = sorted(scored if indices is None else indices)
+    if not chosen:
+        raise ValueError("no held-out answer fits the model's context")
+    bits, n_bytes = sum(scored[i][0] for i in chosen), sum(scored[i][1] for i in chosen)
+    return {"bpb": bits / max(1, n_bytes), "bytes": n_bytes, "answers": len(chosen), "indices": chosen}
 
 
 def held_out_conversations(chat_file: str | Path, max_conversations: int | None) -> list[Conversation]:
