@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 EVALUATION_KEY = "evaluation"  # Prefect artifact keys: lowercase letters, digits and dashes
 PARITY_KEY = "onnx-parity"
-SCORE_KEYS = ("val/bpb", "val/loss", "val/ppl", "chat/assistant_loss", "chat/base_assistant_loss")
+SCORE_KEYS = ("val/bpb", "val/loss", "val/ppl", "chat/assistant_bpb", "chat/assistant_loss", "chat/base_assistant_loss")
 
 
 def _number(value: Any) -> str:
@@ -39,6 +39,7 @@ def evaluation_markdown(result: dict, candidate: str) -> str:
               "| --- | --- | ---: |",
               f"| candidate | {version or 'not registered'} | {_number(decision.get('candidate_score'))} |",
               f"| Production before | {production or 'none'} | {_number(decision.get('production_score'))} |",
+              *(["", f"Both scored on {decision['text']}."] if decision.get("text") else []),
               "", f"Reason: {decision.get('reason', 'none given')}"]
     return "\n".join(lines) + "\n"
 

@@ -10,13 +10,16 @@ on other machines, deploy to a work pool instead: ``python -m flows.deploy`` (fl
 
 from __future__ import annotations
 
+import typer
 from prefect import serve
 
 from flows import all_flows
 
 
 def main() -> None:
-    """Serve the deployments until interrupted, one flow run at a time."""
+    """Serve every flow as a deployment <flow>/<flow> (pretrain/pretrain, pipeline/pipeline, ...) on the Prefect
+    server of PREFECT_API_URL, and run them here, in this folder, one flow run at a time, until Ctrl-C.
+    Then: prefect deployment run pretrain/pretrain --param overrides='{"max_steps": 50}'"""
     deployments = [f.to_deployment(name=f.name) for f in all_flows().values()]
     # One run at a time: every stage writes a fixed folder under artifacts/, so two runs would overwrite
     # each other's outputs; later runs wait in the queue.
@@ -24,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)  # --help prints the above and serves nothing

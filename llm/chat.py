@@ -63,15 +63,21 @@ def resolve_model_uri(uri: str, backend: Backend | str = Backend.torch) -> Path:
                 "checkpoint folder or a registry URI such as models:/gpt/Production"
             )
         return path
+    onnx = Backend(backend) is Backend.onnx and uri.startswith("models:/")
     try:
-        from llm.mlops.registry import RegistryError, resolve_model, resolve_onnx
+        # an ONNX export resolves through the torch-free lookup: the onnx backend runs without PyTorch
+        if onnx:
+            from llm.mlops.lookup import RegistryError
+            from llm.mlops.lookup import resolve_onnx as resolve
+        else:
+            from llm.mlops.registry import RegistryError
+            from llm.mlops.registry import resolve_model as resolve
     except ImportError as err:  # the registry needs mlflow, which a bare inference box may lack
+        missing = (err.name or "mlflow").split(".")[0]  # the module that is missing: mlflow, or torch
         raise ChatError(f"cannot resolve {uri}: the model registry is unavailable ({err}); "
-                        "install mlflow or pass --model with a checkpoint folder") from None
+                        f"install {missing} or pass --model with a checkpoint folder") from None
     try:
-        if Backend(backend) is Backend.onnx and uri.startswith("models:/"):
-            return Path(resolve_onnx(uri))
-        return Path(resolve_model(uri))
+        return Path(resolve(uri))
     except RegistryError as err:
         raise ChatError(_one_line(f"cannot resolve {uri}: {err}", hint=True)) from None
     except Exception as err:  # noqa: BLE001  (e.g. MLflow's own errors for an unreachable store): still one line

@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -52,7 +52,8 @@ from llm.stages import (
 
 app = typer.Typer(help="Train, evaluate and sample a GPT from scratch, stage by stage.", no_args_is_help=True,
                   add_completion=False)
-data_app = typer.Typer(help="Raw data: fetch the default corpus.", no_args_is_help=True)
+data_app = typer.Typer(help="Raw data: fetch a corpus into data/corpus (the default one, a folder or a URL).",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 export_app = typer.Typer(help="Deployable exports of a checkpoint.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -62,8 +63,21 @@ app.add_typer(import_app, name="import")
 LAYOUT = Layout()  # the default paths: params/, data/ and artifacts/<stage> under the working directory
 _DEFAULT_LIMITS = FetchLimits()
 _SERVE_LIMITS = ServeLimits()
-Sets = Annotated[list[str] | None, typer.Option(
-    "--set", help="override a params key: --set key=value, --set chat_data.max_turns=3 (repeatable)")]
+
+
+def _sets(example: str) -> Any:
+    """The ``--set`` option of a stage, its help showing a key of that stage's own params file."""
+    return Annotated[list[str] | None, typer.Option(
+        "--set", help=f"override a params key: --set key=value, e.g. --set {example} (repeatable)")]
+
+
+# one example per stage, each a key of that stage's file (finetune's shows a key inside a section)
+Sets = _sets("val_fraction=0.05")
+TokenizerSets = _sets("kind=bpe")
+PretrainSets = _sets("max_steps=1000")
+FinetuneSets = _sets("chat_data.max_turns=3")
+EvaluateSets = _sets("max_batches=50")
+ExportSets = _sets("quantize=false")
 # 0 or a negative step would silently train to max_steps or nothing: refused here, and again by the stages
 UntilStep = Annotated[int | None, typer.Option(min=1, help="stop after this step (resume later)")]
 
@@ -105,13 +119,17 @@ def data_fetch(
     timeout: float | None = typer.Option(
         None, min=0.001, show_default=f"{_DEFAULT_LIMITS.timeout_s:g}",
         help="give up a URL fetch after this many seconds in all, retries included"),
+    add: bool = typer.Option(False, "--add", help="keep the sources already in the corpus folder and add this one "
+                                                  "beside them (default: the corpus becomes this source alone)"),
 ) -> None:
-    """Build data/corpus from a source, deterministically (same source, byte-identical files)."""
+    """Build data/corpus from a source, deterministically (same source, byte-identical files). The corpus is
+    replaced: the source is written to data/corpus/<name>/ and the other sources there are removed, so
+    `dvc add data` records that source alone; --add keeps them."""
     given = {"max_bytes": max_bytes, "max_member_bytes": max_member_bytes, "max_members": max_members,
              "timeout_s": timeout}
     limits = validate_params(FetchLimits, {k: v for k, v in given.items() if v is not None}, "llm data fetch")
-    files = fetch_stage(source, dest, limits)
-    typer.echo(f"wrote {len(files)} text files under {dest}")
+    files = fetch_stage(source, dest, limits, add=add)
+    typer.echo(f"wrote {len(files)} text files under {dest}" + ("" if add else " (the corpus is this source alone)"))
 
 
 @app.command()
@@ -131,7 +149,7 @@ def tokenizer_cmd(
     clean_dir: Path = typer.Option(LAYOUT.artifact("clean"), "--clean", help="output of the clean stage"),
     out: Path = typer.Option(LAYOUT.artifact("tokenizer")),
     params: Path = typer.Option(LAYOUT.params / "tokenizer.yaml"),
-    sets: Sets = None,
+    sets: TokenizerSets = None,
 ) -> None:
     """Train the tokenizer (char, byte, bpe or unigram) on the cleaned train split."""
     tok = tokenizer_stage(load_params(TokenizerParams, params, _overrides(sets)), clean_dir, out)
@@ -156,7 +174,7 @@ def pretrain(
     out: Path = typer.Option(LAYOUT.artifact("pretrain")),
     params: Path = typer.Option(LAYOUT.params / "pretrain.yaml"),
     model_params: Path = typer.Option(LAYOUT.params / "model.yaml", "--model-params"),
-    sets: Sets = None,
+    sets: PretrainSets = None,
     model_sets: Annotated[list[str] | None, typer.Option("--model-set", help="override a model.yaml key")] = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
     until_step: UntilStep = None,
@@ -180,7 +198,7 @@ def finetune(
                                   help="where the validated/derived train.jsonl and val.jsonl go"),
     out: Path = typer.Option(LAYOUT.artifact("finetune")),
     params: Path = typer.Option(LAYOUT.params / "finetune.yaml"),
-    sets: Sets = None,
+    sets: FinetuneSets = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
     until_step: UntilStep = None,
 ) -> None:
@@ -201,7 +219,7 @@ def evaluate(
     out: Path = typer.Option(LAYOUT.artifact("eval")),
     params: Path = typer.Option(LAYOUT.params / "evaluate.yaml"),
     promote: bool = typer.Option(True, help="promote the candidate to Production if it beats the current one"),
-    sets: Sets = None,
+    sets: EvaluateSets = None,
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint on a token file, plus samples; then the
     promotion decision against the Production model (the evaluate stage)."""
@@ -223,10 +241,25 @@ def register(
     model: Path = typer.Option(LAYOUT.artifact("pretrain"), help="a finished training checkpoint folder"),
     run_id: str | None = typer.Option(None, help="the run to register it under; default: the run in the "
                                                  "folder's registration.json, else a new run"),
+    force: bool = typer.Option(False, "--force", help="register a checkpoint whose training stopped before "
+                                                      "max_steps (refused otherwise)"),
 ) -> None:
     """Register a finished checkpoint as a version of gpt, when its training stage could not (the tracking
-    store was down) or ran untracked. A version that already holds it is reused, never duplicated."""
-    typer.echo(json.dumps(register_stage(model, run_id=run_id), indent=2))
+    store was down) or ran untracked. A version that already holds it is reused, never duplicated. A checkpoint
+    of an unfinished training (step N of M) is refused unless --force."""
+    typer.echo(json.dumps(register_stage(model, run_id=run_id, force=force), indent=2))
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="the version of gpt to make Production"),
+    why: str = typer.Option("", help="a note kept with the decision on the version"),
+) -> None:
+    """Make VERSION of gpt the Production model by hand (stage Production, alias production), whatever the
+    evaluation decided, e.g. a candidate that could not be compared with Production."""
+    from llm.mlops.registry import promote_by_hand
+
+    typer.echo(json.dumps(promote_by_hand(version, why=why), indent=2))
 
 
 @export_app.command("onnx")
@@ -234,7 +267,7 @@ def export_onnx_cmd(
     model: str = typer.Option(str(LAYOUT.artifact("finetune")), help="checkpoint folder or models:/ / runs:/ URI"),
     out: Path = typer.Option(LAYOUT.artifact("onnx")),
     params: Path = typer.Option(LAYOUT.params / "export.yaml"),
-    sets: Sets = None,
+    sets: ExportSets = None,
 ) -> None:
     """ONNX export with KV-cache inputs, checked against PyTorch (parity.json); fails on a mismatch."""
     summary = export_stage(load_params(ExportParams, params, _overrides(sets)), _resolve(model), out)
@@ -287,13 +320,15 @@ def import_hf_cmd(
 def runs(
     diff: Annotated[tuple[str, str] | None, typer.Option(
         "--diff", metavar="RUN_A RUN_B",
-        help="compare two runs (ids, their first characters, or names): differences highlighted")] = None,
+        help="compare two runs (run ids, their first 4 characters or more, or run names; an ambiguous one is an "
+             "error listing the runs it names): differences highlighted")] = None,
     only_different: bool = typer.Option(False, "--only-different", help="with --diff: hide the values that agree"),
     limit: int = typer.Option(15, min=1, help="runs and versions to list"),
     stage: str | None = typer.Option(None, help="list only this stage's runs (pretrain, finetune, evaluate, ...)"),
 ) -> None:
-    """The latest MLflow runs (names, val/bpb, val/loss, chat loss, tokens/s, parameters, wall time) and the
-    registered versions of gpt with their promotion decisions; or two runs side by side (--diff)."""
+    """The latest MLflow runs (names, val/bpb, val/loss, chat bpb: bits per byte of held-out assistant answers,
+    tokens/s, parameters, wall time) and the registered versions of gpt with their promotion decisions; or two
+    runs side by side (--diff)."""
     from rich.console import Console
 
     from llm.mlops.runs import print_diff, print_overview

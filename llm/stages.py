@@ -177,11 +177,12 @@ def stage_modules(stage: str, track: bool | None = None) -> tuple[str, ...]:
     return _STAGE_MODULES[stage] + tracking
 
 
-def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None) -> list[Path]:
-    """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``."""
+def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None, *, add: bool = False) -> list[Path]:
+    """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``:
+    the corpus becomes that source alone, or, with ``add``, that source beside those already there."""
     from llm.data.corpus import fetch_corpus
 
-    return fetch_corpus(source, dest, limits=limits)
+    return fetch_corpus(source, dest, limits=limits, add=add)
 
 
 def clean_stage(
@@ -468,20 +469,26 @@ def _log_training_files(run, result, out_dir: Path) -> None:
                     "did not answer (%s); they are in %s", run.run_id, str(err).splitlines()[0][:300], out_dir)
 
 
-def register_stage(checkpoint_dir: Path, *, run_id: str | None = None) -> dict:
+def register_stage(checkpoint_dir: Path, *, run_id: str | None = None, force: bool = False) -> dict:
     """Register a finished training checkpoint as a version of ``gpt`` after the fact: when its training stage
     could not reach the tracking store, or ran untracked. Under ``run_id``, else the run its
     ``registration.json`` names, else a new run ``register``; with the tags the training stage chose, when it
     recorded them. A version that already holds these weights is reused. Writes ``registration.json`` and
     returns it.
 
-    Raises CheckpointError for an incomplete checkpoint, RegistryError/RegistrationError as
+    Raises CheckpointError for an incomplete checkpoint, or one whose training stopped before its
+    ``max_steps`` (step N of M) unless ``force``; RegistryError/RegistrationError as
     ``llm.mlops.registry.register_checkpoint`` does.
     """
     from llm.mlops.registry import register_checkpoint
-    from llm.model.checkpoint import verify_checkpoint
+    from llm.model.checkpoint import CheckpointError, verify_checkpoint
 
     config = verify_checkpoint(checkpoint_dir)
+    step, max_steps = config.get("step"), (config.get("params") or {}).get("max_steps")
+    if not force and isinstance(step, int) and isinstance(max_steps, int) and step < max_steps:
+        raise CheckpointError(f"{checkpoint_dir}: training stopped at step {step} of {max_steps} (interrupted or "
+                              "--until-step): run the stage again to finish it, or register this checkpoint "
+                              "anyway with `llm register --force`")
     previous = read_registration(checkpoint_dir)
     stage = previous.get("stage") or config.get("stage") or "pretrain"
     tags = previous.get("tags") or {"llm.stage": stage, **({"llm.finetuned": "true"} if stage == "finetune" else {})}
@@ -503,18 +510,112 @@ def _none_if_missing(value: str | None) -> str | None:
     return None if value in (None, "none") else value
 
 
-def _production_score(current, metric: str, params: EvalParams, clean_dir: Path, chat_val: Path | None) -> float:
-    from llm.mlops.registry import resolve_model
+def _comparable_score(model, tokenizer, kind: str, params: EvalParams, clean_dir: Path,
+                      chat_val: Path | None) -> dict[str, Any]:
+    """The score promotion compares, for a loaded model: bits per byte of held-out text that any model is scored
+    on alike, whatever its tokenizer. A chat model: the final assistant answers of the chat val conversations
+    (``chat/assistant_bpb``; ``answers`` holds each answer's bits and bytes); a base model: the val split
+    (``val/bpb``). Returns ``{"metric", "score", "text", "text_sha256"}``: two scores compare only when their
+    ``text_sha256`` agree (and, for answers, over the answers both models' contexts fit)."""
+    from llm.io import sha256_file
 
-    production_dir = resolve_model(f"models:/gpt/{current.version}")
-    if metric == "chat/assistant_loss":
+    if kind == "chat":
+        from llm.training.finetune import answer_bits, answers_bpb, held_out_conversations
+
+        answers = answer_bits(model, tokenizer, held_out_conversations(chat_val, params.max_conversations))
+        own = answers_bpb(answers)
+        return {"metric": "chat/assistant_bpb", "score": own["bpb"], "answers": answers,
+                "text": _answers_text(own, chat_val),
+                "text_sha256": f"{sha256_file(chat_val)}:{params.max_conversations or 'all'}"}
+    from llm.training.evaluate import text_bits_per_byte
+
+    scored = text_bits_per_byte(model, tokenizer, clean_dir / "val.txt", params)
+    return {"metric": "val/bpb", "score": scored["bpb"], "text_sha256": scored["text_sha256"],
+            "text": f"the val split {clean_dir / 'val.txt'} ({scored['bytes']:,} bytes)"}
+
+
+def _answers_text(scored: dict[str, Any], chat_val: Path | None) -> str:
+    return f"the final assistant answers of {scored['answers']} conversations of {chat_val} ({scored['bytes']:,} bytes)"
+
+
+def _model_kind(config: Mapping[str, Any]) -> str:
+    return "chat" if config.get("stage") == "finetune" else "base"
+
+
+def _production_comparison(current, kind: str, candidate: dict[str, Any], params: EvalParams, clean_dir: Path,
+                           chat_val: Path | None) -> dict[str, Any]:
+    """The candidate's and Production's scores on the same text: ``{"candidate_score", "production_score",
+    "text"}``, or ``{"incomparable": why}`` (another kind of model, other text, no answer both contexts fit)."""
+    from llm.mlops.registry import resolve_model
+    from llm.model.checkpoint import load_checkpoint
+    from llm.training.device import select_device
+    from llm.training.finetune import answers_bpb
+
+    version = current.version
+    model, tokenizer, config = load_checkpoint(resolve_model(f"models:/gpt/{version}"), select_device(params.device))
+    if _model_kind(config) != kind:
+        return {"incomparable": f"Production version {version} is a {_model_kind(config)} model and this one a "
+                                f"{kind} model: they are scored on different texts (assistant answers, the val split)"}
+    try:
+        theirs = _comparable_score(model, tokenizer, kind, params, clean_dir, chat_val)
+    except ValueError as err:
+        return {"incomparable": f"Production version {version} cannot be scored on {candidate['text']} ({err})"}
+    if theirs["text_sha256"] != candidate["text_sha256"]:
+        return {"incomparable": f"Production version {version} was scored on other text ({theirs['text']})"}
+    if kind != "chat":
+        return {"candidate_score": candidate["score"], "production_score": theirs["score"], "text": candidate["text"]}
+    common = set(candidate["answers"]) & set(theirs["answers"])
+    if not common:
+        return {"incomparable": f"no held-out answer fits the contexts of both this model and Production version "
+                                f"{version}"}
+    mine = answers_bpb(candidate["answers"], common)
+    fit = "" if len(common) == max(len(candidate["answers"]), len(theirs["answers"])) else ", those both contexts fit"
+    return {"candidate_score": mine["bpb"], "production_score": answers_bpb(theirs["answers"], common)["bpb"],
+            "text": _answers_text(mine, chat_val) + fit}
+
+
+def _score_candidate(candidate, candidate_dir: Path, tokens_dir: Path, params: EvalParams, out_dir: Path,
+                     chat_val: Path | None) -> tuple[dict, list, list | None]:
+    """Metrics and samples of the loaded candidate: loss, ppl, bpb on the token file; for a chat model also
+    its assistant loss (nats per assistant token, and its base model's), and answers to held-out conversations."""
+    from llm.training.evaluate import evaluate_checkpoint, sample_conversations
+
+    result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
+    samples, conversations = result.pop("samples"), None
+    if _model_kind(candidate.config) == "chat":
         from llm.training.finetune import assistant_loss
 
-        return assistant_loss(production_dir, None, chat_val, device=params.device,
-                              max_conversations=params.max_conversations)
-    from llm.training.evaluate import evaluate_on_text
+        result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
+                                                       max_conversations=params.max_conversations)
+        conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
+        base_dir = Path(candidate.config["parent"]["path"])
+        if base_dir.exists():
+            result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
+                                                                max_conversations=params.max_conversations)
+    return result, samples, conversations
 
-    return evaluate_on_text(production_dir, clean_dir / "val.txt", params)["val/bpb"]
+
+def _promotion(params: EvalParams, registration: dict, kind: str, comparable: dict[str, Any], clean_dir: Path,
+               chat_val: Path | None, run) -> dict[str, Any]:
+    """Compare the registered candidate with Production on ``comparable``'s text and promote it if it is better
+    (``llm.mlops.registry.compare_and_promote``); a decision taken before on this candidate is kept."""
+    from llm.mlops.registry import compare_and_promote, production_version, recorded_decision
+
+    version, metric, score = str(registration["model_version"]), comparable["metric"], comparable["score"]
+    current = production_version()
+    if recorded_decision(version) is not None:  # decided once (a rerun, a retry): kept
+        return compare_and_promote(version, score, None, metric=metric)
+    if current is not None and str(current.version) == version:
+        return {"promoted": False, "metric": metric, "candidate_score": score, "candidate": version,
+                "reason": f"version {version} is already Production"}
+    compared: dict[str, Any] = {"candidate_score": score, "text": comparable["text"]}
+    if current is not None:
+        compared = _production_comparison(current, kind, comparable, params, clean_dir, chat_val)
+        if compared.get("production_score") is not None:
+            run.log_metrics({f"production/{metric}": compared["production_score"]})
+    return compare_and_promote(version, compared.get("candidate_score", score), compared.get("production_score"),
+                               metric=metric, lower_is_better=True, incomparable=compared.get("incomparable"),
+                               text=compared.get("text", comparable["text"]))
 
 
 def evaluate_stage(
@@ -528,76 +629,49 @@ def evaluate_stage(
     track: bool | None = None,
     promote: bool = True,
 ) -> dict:
-    """Score the candidate checkpoint, and the current Production model on the same validation data, and
-    promote the candidate to Production only if it is better.
+    """Score the candidate checkpoint, and the current Production model on the same held-out text, and promote
+    the candidate to Production only if it is better.
 
-    Base models are compared on bits per byte of the validation text (independent of the tokenizer).
-    A finetuned (chat) candidate is compared on held-out assistant-token loss over ``chat_dir/val.jsonl``,
-    which is also reported for its base model, so the gain from finetuning is visible. Writes
-    ``metrics.json``, ``samples.md`` and ``promotion.json`` into ``out_dir``; returns metrics and decision.
+    The comparison is in bits per byte of the same text, whatever the tokenizers (``_comparable_score``): the
+    val split for base models, the final assistant answers of ``chat_dir/val.jsonl`` for chat models. A
+    candidate of another kind than Production, or scored on other text, is not promoted (the reason says how
+    to promote it by hand). The metrics also hold val loss, ppl and bpb on the token file and, for a chat
+    model, its assistant loss and its base model's. Writes ``metrics.json``, ``samples.md`` and
+    ``promotion.json`` into ``out_dir``; returns metrics and decision.
     """
     from llm.model.checkpoint import load_checkpoint
     from llm.training.device import select_device
-    from llm.training.evaluate import evaluate_checkpoint, sample_conversations, samples_markdown
+    from llm.training.evaluate import samples_markdown
 
     enabled = tracking_enabled(track)
     registration = read_registration(candidate_dir)
     candidate = load_checkpoint(candidate_dir, select_device(params.device))
-    config = candidate.config
-    is_chat = config.get("stage") == "finetune"
+    kind = _model_kind(candidate.config)
     chat_val = chat_dir / "val.jsonl" if chat_dir is not None else None
-    if is_chat and (chat_val is None or not chat_val.exists()):
+    if kind == "chat" and (chat_val is None or not chat_val.exists()):
         raise FileNotFoundError(f"{candidate_dir} is a finetuned model: its evaluation needs the chat val "
                                 f"conversations ({chat_val}); run the finetune stage first")
     what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
-    name = f"evaluate {config.get('stage', 'model')} {what}"
-    with _run("evaluate", params.model_dump(), enabled, run_name=name) as run:
-        result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
-        samples = result.pop("samples")
-        metric, candidate_score = "val/bpb", result["val/bpb"]
-        if is_chat:
-            from llm.training.finetune import assistant_loss
-
-            result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
-                                                           max_conversations=params.max_conversations)
-            conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
-        del candidate  # scored and sampled: let go before the base or the Production model is loaded
-        if is_chat:
-            base_dir = Path(config["parent"]["path"])
-            if base_dir.exists():
-                result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
-                                                                    max_conversations=params.max_conversations)
-            metric, candidate_score = "chat/assistant_loss", result["chat/assistant_loss"]
-            atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
+    with _run("evaluate", params.model_dump(), enabled, run_name=f"evaluate {candidate.config.get('stage', 'model')} "
+              f"{what}") as run:
+        result, samples, conversations = _score_candidate(candidate, candidate_dir, tokens_dir, params, out_dir,
+                                                          chat_val)
+        comparable = _comparable_score(candidate.model, candidate.tokenizer, kind, params, clean_dir, chat_val)
+        result[comparable["metric"]] = comparable["score"]
+        del candidate  # scored and sampled: let go before the Production model is loaded
+        atomic_write_text(out_dir / "samples.md", samples_markdown(samples, conversations))
+        atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
+                          sort_keys=True)
+        if conversations is not None:
             run.log_text(json.dumps(conversations, indent=2, ensure_ascii=False), "sample_conversations.json")
-            atomic_write_json(out_dir / "metrics.json", {**result, "eval/step": result.get("eval/step", 0)},
-                              sort_keys=True)
         run.log_metrics({k: float(v) for k, v in result.items()})
-        if enabled and is_chat and registration.get("run_id"):  # the chat score beside the training run's own
-            from llm.mlops.tracking import log_final_metrics
-
-            log_final_metrics(registration["run_id"], {"chat/assistant_loss": result["chat/assistant_loss"]},
-                              step=int(config.get("step", 0)))
+        _log_chat_scores_on_training_run(enabled, kind, registration, result)
         run.log_artifact(out_dir / "samples.md")
-        decision: dict[str, Any] = {"promoted": False, "metric": metric, "candidate_score": candidate_score,
+        decision: dict[str, Any] = {"promoted": False, "metric": comparable["metric"],
+                                    "candidate_score": comparable["score"],
                                     "reason": "tracking disabled: no registry to promote in"}
-        candidate_version = registration.get("model_version")
-        if enabled and promote and candidate_version:
-            from llm.mlops.registry import compare_and_promote, production_version, recorded_decision
-
-            current = production_version()
-            if recorded_decision(str(candidate_version)) is not None:  # decided once (a rerun, a retry): kept
-                decision = compare_and_promote(str(candidate_version), candidate_score, None, metric=metric)
-            elif current is not None and str(current.version) == str(candidate_version):
-                decision.update(reason=f"version {candidate_version} is already Production",
-                                candidate=str(candidate_version))
-            else:
-                production_score = None
-                if current is not None:
-                    production_score = _production_score(current, metric, params, clean_dir, chat_val)
-                    run.log_metrics({f"production/{metric}": production_score})
-                decision = compare_and_promote(str(candidate_version), candidate_score, production_score,
-                                               metric=metric, lower_is_better=True)
+        if enabled and promote and registration.get("model_version"):
+            decision = _promotion(params, registration, kind, comparable, clean_dir, chat_val, run)
         elif enabled and promote:
             decision["reason"] = (f"{candidate_dir / REGISTRATION_FILE} names no registered version "
                                   "(run the training stage tracked)")
@@ -605,6 +679,16 @@ def evaluate_stage(
         run.log_text(json.dumps(decision, indent=2), "promotion.json")
     atomic_write_json(out_dir / "promotion.json", decision, sort_keys=True)
     return {**result, "promotion": decision, "samples": samples}
+
+
+def _log_chat_scores_on_training_run(enabled: bool, kind: str, registration: dict, result: dict) -> None:
+    """A chat model's evaluation scores beside its finetuning run's own metrics."""
+    if not (enabled and kind == "chat" and registration.get("run_id")):
+        return
+    from llm.mlops.tracking import log_final_metrics
+
+    scores = {k: result[k] for k in ("chat/assistant_loss", "chat/assistant_bpb") if k in result}
+    log_final_metrics(registration["run_id"], scores, step=int(result.get("eval/step", 0)))
 
 
 def export_stage(params: ExportParams, checkpoint_dir: Path, out_dir: Path, *, hf_dir: Path | None = None,

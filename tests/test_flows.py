@@ -381,3 +381,13 @@ def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and
         subprocess.run([sys.executable, "-m", "llm.cli", *args], check=True, env=env, capture_output=True)
     assert _outputs(cli) == local
     assert ran_on_dask == ["run_shard"]  # the shard tasks ran on the cluster (Dask names them by their function)
+
+
+@pytest.mark.parametrize("module", ["flows.serve", "flows.deploy", "flows"])
+def test_python_m_flows_modules_print_help_and_serve_nothing(module, tmp_path):
+    """`python -m flows.serve --help` printed nothing and started serving every deployment (issue 22, item 9)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing there
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Usage: python -m {module}" in result.stdout

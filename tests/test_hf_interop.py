@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,36 @@ def test_export_hf_loads_back_in_transformers_with_the_same_logits_and_ids(arch,
     assert diff.item() <= 1e-5
 
 
+def test_the_readme_pipeline_one_liner_generates_within_a_short_context(tmp_path):
+    """The README's `pipeline('text-generation', 'artifacts/hf')('ROMEO.')` on a GPT-2 shape whose context (32)
+    is below the pipeline's 256 new tokens (issue 22, item 6): the export's generation config and tokenizer
+    config carry the context as the length limit, so generation stops there instead of indexing past it."""
+    tokenizer = ByteTokenizer()
+    config = ModelConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}, **SHAPES["gpt2"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", GPT(config), config, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "artifacts" / "hf", verify=False)
+    generation = json.loads((tmp_path / "artifacts" / "hf" / "generation_config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "artifacts" / "hf" / "tokenizer_config.json").read_text())
+    assert generation["max_length"] == tokenizer_config["model_max_length"] == 32
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if "pipeline('text-generation', 'artifacts/hf')" in line)
+    snippet = shlex.split(line)[2]  # python -c "<snippet>"
+    assert snippet.startswith("from transformers import pipeline; ")
+    # no end-of-turn id, so the random model cannot stop early and hide an overrun of its context
+    script = ("import torch; torch.manual_seed(0)\n"
+              "from transformers import pipeline as make_pipeline\n"
+              "def pipeline(*args, **kwargs):\n"
+              "    pipe = make_pipeline(*args, **kwargs)\n"
+              "    pipe.model.generation_config.eos_token_id = None\n"
+              "    return pipe\n"
+              f"{snippet.removeprefix('from transformers import pipeline; ')}\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'generated_text': 'ROMEO." in result.stdout
+
+
 @pytest.mark.parametrize(("change", "option"), [
     ({"position": "learned", "mlp": "relu2"}, "mlp: relu2"),
     ({"position": "sinusoidal"}, "position: sinusoidal"),
@@ -279,7 +310,7 @@ def test_llm_import_and_export_hf_commands(gpt2_folder, tmp_path, monkeypatch, c
     assert code == 1 and "nowhere: no such folder" in err and "Traceback" not in err
 
 
-def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(gpt2_folder, tmp_path):
+def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(gpt2_folder, tmp_path, caplog):
     """params/base.yaml's hf_folder: the tokenizer stage takes the model's tokenizer, tokenize encodes the corpus
     with it, and pretraining continues its weights (the stages that `dvc repro` runs, untracked)."""
     from llm.config import BaseParams, DataParams, PretrainParams, TokenizerParams
@@ -297,8 +328,14 @@ def test_the_pipeline_continues_a_transformers_model_when_params_base_names_one(
     # a learning rate too small to move a weight: the checkpoint is GPT-2 itself, trained one step
     params = PretrainParams(max_steps=1, batch_size=2, learning_rate=1e-12, warmup_steps=0, eval_interval=1,
                             eval_batches=1, checkpoint_interval=1, device="cpu", progress=False, num_threads=1)
-    pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "pretrain", track=False,
-                   base=base)
+    from llm.training.pretrain import pretrain_identity
+
+    with caplog.at_level("INFO", logger="llm"):
+        # the stage asks for the identity before training (tracked runs): the base is announced once (issue 22)
+        pretrain_identity(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", base=base)
+        pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "pretrain",
+                       track=False, base=base)
+    assert caplog.text.count(f"starting from {gpt2_folder}: its shape replaces") == 1
     model, tokenizer, config = load_checkpoint(tmp_path / "pretrain")
     assert model.config == load_hf_model(gpt2_folder, 32).config and tokenizer.kind == "bytelevel_bpe"
     ids = torch.tensor([tokenizer.encode(TEXT)[:32]])

@@ -222,7 +222,8 @@ def test_compare_and_promote_keeps_the_better_model(registry):
 
     better = compare_and_promote("2", 1.5, 2.0, metric="val/bpb")
     assert better == {"promoted": True, "candidate": "2", "production": "1", "metric": "val/bpb",
-                      "candidate_score": 1.5, "production_score": 2.0, "reason": better["reason"]}
+                      "candidate_score": 1.5, "production_score": 2.0, "reason": better["reason"],
+                      "time": better["time"]}
     assert str(production_version().version) == "2"
     tags = MlflowClient().get_model_version(MODEL_NAME, "2").tags
     assert tags["promotion.promoted"] == "true" and float(tags["promotion.score.baseline.val/bpb"]) == 2.0
@@ -245,6 +246,45 @@ def test_decide_promotes_only_a_strictly_better_candidate():
     assert decide("2", 0.5, "1", 0.9, metric="acc", lower_is_better=False)[0] is False
     assert decide("2", 0.95, "1", 0.9, metric="acc", lower_is_better=False)[0] is True
     assert decide("1", 0.1, "1", 0.5, metric="val/bpb") == (False, "version 1 is already Production")
+
+
+def test_scores_that_cannot_be_compared_never_promote_and_say_how_to_promote_by_hand(registry):
+    """Issue 22, item 1: another kind of model or other text is not compared; the reason names `llm promote`."""
+    why = "Production version 1 is a chat model and this one a base model"
+    assert decide("2", 0.5, "1", None, metric="val/bpb", incomparable=why) == (
+        False, f"val/bpb 0.5000 not compared with Production version 1: {why}; Production unchanged (to promote "
+               "version 2 anyway: `llm promote 2`)")
+    assert decide("2", 0.5, None, None, metric="val/bpb", incomparable=why)[0] is True  # nothing to compare with
+
+    compare_and_promote("1", 2.0, None, metric="chat/assistant_bpb")
+    kept = compare_and_promote("2", 0.5, None, metric="val/bpb", incomparable=why, text="the val split")
+    assert not kept["promoted"] and kept["text"] == "the val split" and str(production_version().version) == "1"
+    tags = MlflowClient().get_model_version(MODEL_NAME, "2").tags
+    assert tags["promotion.promoted"] == "false" and float(tags["promotion.score.val/bpb"]) == 0.5
+    assert "`llm promote 2`" in tags["promotion.reason"]
+    assert "- Scored on: the val split" in MlflowClient().get_model_version(MODEL_NAME, "2").description
+
+    from typer.testing import CliRunner
+
+    from llm.cli import app
+
+    by_hand = CliRunner().invoke(app, ["promote", "2", "--why", "the BPE one"])
+    assert by_hand.exit_code == 0, by_hand.output
+    assert str(production_version().version) == "2"
+    assert recorded_decision("2")["reason"] == "promoted by hand (llm promote): the BPE one"
+    again = compare_and_promote("2", 0.5, None, metric="val/bpb")  # a later evaluation keeps it
+    assert again["promoted"] and again["reason"].startswith("promoted by hand")
+
+
+def test_a_recorded_decision_returned_again_names_the_production_of_now(registry):
+    """Issue 22, item 12: an old decision message named an outdated Production version."""
+    compare_and_promote("1", 2.0, None, metric="val/bpb")
+    rejected = compare_and_promote("2", 2.5, 2.0, metric="val/bpb")
+    assert compare_and_promote("2", 2.5, 2.0, metric="val/bpb") == rejected  # Production unchanged: as recorded
+    promote("2", reason="by hand", scores={})
+    again = compare_and_promote("1", 2.0, None, metric="val/bpb")
+    assert again["reason"].endswith("; Production is now version 2)") and again["production_now"] == "2"
+    assert recorded_decision("1")["reason"] == "no Production version yet; val/bpb 2.0000"  # the record stays
 
 
 def test_a_decided_candidate_keeps_its_decision_when_evaluated_again(registry):
@@ -401,6 +441,20 @@ def test_pyfunc_engine_can_be_forced_and_an_export_folder_named(with_export, reg
     assert mlflow.pyfunc.load_model("models:/gpt/1").unwrap_python_model().engine == "torch"
 
 
+def test_the_pyfunc_says_on_stderr_which_engine_serves(with_export, registry, capfd, monkeypatch):
+    """`mlflow models serve` showed no INFO line, so it never said ONNX Runtime or PyTorch (issue 22, item 12)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    configure_mlflow()
+    monkeypatch.setenv("LLM_SERVE_ONNX_DIR", str(with_export["onnx"]))
+    mlflow.pyfunc.load_model("models:/gpt/1")
+    assert f"llm: serving with ONNX Runtime: {with_export['onnx']}" in capfd.readouterr().err
+    monkeypatch.setenv("LLM_SERVE_ENGINE", "torch")
+    mlflow.pyfunc.load_model("models:/gpt/1")
+    assert "llm: serving with PyTorch: " in capfd.readouterr().err
+
+
 def test_pyfunc_falls_back_to_torch_with_one_line_saying_why(registry, caplog):
     from llm.inference.generate import TorchGenerator
 
@@ -437,6 +491,36 @@ def test_the_onnx_path_of_the_pyfunc_never_imports_torch(with_export, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_chat_with_the_onnx_backend_resolves_the_production_export_without_torch(with_export, tmp_path):
+    """The README's `python -m llm.chat --model models:/gpt/Production --backend onnx` on a box without
+    PyTorch (issue 22, item 3): torch is hidden from the subprocess; the answer comes from onnxruntime."""
+    import os
+    import subprocess
+    import sys
+
+    promote(with_export["version"], reason="test", scores={})
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError('torch is hidden in this test', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(repo)])}
+    command = [sys.executable, "-m", "llm.chat", "--model", "models:/gpt/Production", "--backend", "onnx",
+               "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0"]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.endswith("\n") and "error" not in result.stderr  # an answer line (a random model's)
+    torch_path = subprocess.run([*command[:3], "--model", "models:/gpt/Production", "--prompt", "hi"], env=env,
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert torch_path.returncode == 1 and "install torch" in torch_path.stderr  # the torch backend names torch
 
 
 def test_requests_beyond_the_row_and_size_limits_get_short_400s(with_export, monkeypatch):

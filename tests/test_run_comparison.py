@@ -155,6 +155,10 @@ def test_evaluation_and_parity_reports_show_both_scores_and_the_decision():
     assert text.startswith("# Evaluation of `artifacts/finetune` (gpt version 3)")
     assert "| chat/assistant_loss | 3.9939 |" in text and "## Promotion: not promoted" in text
     assert "| candidate | 3 | 3.9939 |" in text and "| Production before | 2 | 3.9500 |" in text
+    scored = {**result["promotion"], "metric": "chat/assistant_bpb", "text": "the final assistant answers of 8 "
+              "conversations of artifacts/chat/val.jsonl (1,234 bytes)"}
+    assert "Both scored on the final assistant answers of 8 conversations" in evaluation_markdown(
+        {**result, "promotion": scored}, "artifacts/finetune")
     summary = {"opset": 18, "model_version": "3", "files": {"model.onnx": 14_000_000},
                "parity": {"passed": True, "atol": 1e-4, "max_abs_diff": 6.7e-06, "ragged": {"max_abs_logits": 6.2e-06},
                           "static_cache": {"max_abs_logits": 7.2e-06},
@@ -183,3 +187,41 @@ def test_the_dvc_plots_template_loads_nothing_from_the_network():
     for library in ("vega 5.20.2", "vega-lite 5.2.0", "vega-embed 6.18.2"):  # what dvc-render loads from its CDN
         assert f"<!-- {library}, BSD-3-Clause" in html
     assert "Copyright (c)" in (template.parent / "LICENSE-vega.txt").read_text()
+
+
+def test_llm_runs_is_readable_at_80_columns_and_run_prefixes_are_unique_or_an_error(store):
+    """Issue 22, item 11: at 80 columns every cell was `…`; `--diff d80` (3 characters) said "no run" with no
+    word on the minimum; a name shared by a rerun silently picked the latest."""
+    from llm.cli import app
+    from llm.mlops.runs import MIN_PREFIX, RunsError, VersionRow, find_run, versions_table
+
+    first, second = _two_runs()
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    name = client.get_run(second).info.run_name
+    with stage_run("pretrain", {}, run_name=name) as rerun:  # the same name again
+        rerun.log_metrics({"val/bpb": 2.2, "chat/assistant_bpb": 3.7716}, step=1)
+    listed = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "80"})
+    assert listed.exit_code == 0, listed.output
+    lines = [line for line in listed.output.splitlines() if not line.startswith("In the MLflow UI")]  # a URL
+    assert max(len(line) for line in lines) <= 80 and "…" not in listed.output
+    for run_id, bpb in ((first, "2.1500"), (second, "2.3100"), (rerun.run_id, "2.2000")):
+        row = next(line for line in lines if run_id[:8] in line)
+        assert bpb in row, row
+    assert "3.7716" in listed.output
+    console = Console(record=True, width=80)
+    rows = [VersionRow("12", "Production (@production)", "finetune", "finetune 4x128 bpe2048 150 steps from v11 "
+                       "(3f2a1c)", "eval/bpb", "2.0612", "2.0700 (v11)", "promoted")]
+    console.print(versions_table(rows, console.width))
+    text = console.export_text()
+    assert "…" not in text and "2.0612" in text and "2.0700 (v11)" in text and "not" not in text
+    assert "eval/bpb" in text and "promoted" in text
+
+    assert find_run(first[:MIN_PREFIX]).info.run_id == first  # any unique start of 4 characters or more
+    with pytest.raises(RunsError, match=rf"too short: give at least {MIN_PREFIX} characters.*{first[:8]}"):
+        find_run(first[:3])
+    with pytest.raises(RunsError, match=rf"names 2 runs: {rerun.run_id[:8]} .*{second[:8]} "):
+        find_run(name)
+    ambiguous = CliRunner().invoke(app, ["runs", "--diff", name, first])
+    assert ambiguous.exit_code != 0 and "names 2 runs" in str(ambiguous.exception)
+    helped = CliRunner().invoke(app, ["runs", "--help"], env={"COLUMNS": "200"})
+    assert "first 4 characters or more" in helped.output

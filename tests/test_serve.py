@@ -663,3 +663,21 @@ def test_registry_and_run_uris_resolve_to_the_attached_export(export, tmp_path, 
         from llm.mlops.lookup import resolve_onnx
 
         resolve_onnx(f"runs:/{run_id}/elsewhere")
+
+
+def test_the_engine_names_the_graph_it_decodes_with(export):
+    """The banner of `llm serve` (`serving NAME (FILE) at URL`) named model.int8.onnx while the engine decoded
+    model.static.int8.onnx (issue 22, item 12): the engine reports the static graph when it runs one."""
+    import asyncio
+
+    from llm.inference.engine_process import EngineProcess
+
+    static = json.loads((export / "generation_config.json").read_text())["static_cache"]
+
+    async def started(fp32: bool) -> str | None:
+        engine = EngineProcess(export, fp32=fp32, max_batch=1, max_queue=1).start()
+        engine.stop()
+        return engine.model_file
+
+    assert asyncio.run(started(False)) == static["int8_model_file"] == "model.static.int8.onnx"
+    assert asyncio.run(started(True)) == static["model_file"] == "model.static.onnx"

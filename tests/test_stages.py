@@ -130,7 +130,7 @@ def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(
 
     result = evaluate_stage(EVAL, tracked / "finetune", p["tokens"], p["clean"], tracked / "eval",
                             chat_dir=tracked / "chat")
-    assert result["promotion"]["metric"] == "chat/assistant_loss" and result["promotion"]["promoted"]
+    assert result["promotion"]["metric"] == "chat/assistant_bpb" and result["promotion"]["promoted"]
     assert result["chat/assistant_loss"] < result["chat/base_assistant_loss"]
     # the chat score is also on the finetuning run, beside its val/loss
     assert MlflowClient().get_run(tuned["run_id"]).data.metrics["chat/assistant_loss"] == pytest.approx(
@@ -157,6 +157,47 @@ def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(
                        "--max-new-tokens", "8", "--temperature", "0", cwd=tracked)
     assert onnx_answer.returncode == 0, onnx_answer.stderr
     assert onnx_answer.stdout == torch_answer.stdout
+
+
+@pytest.mark.slow  # two tokenizers, two pretrainings, two finetunes: about 40 s
+def test_the_readme_char_tokenizer_sequence_leaves_the_better_bpe_model_in_production(tracked, prepared):
+    """Issue 22, item 1: after a BPE chat model, the README's `llm tokenizer --set kind=char`, `llm tokenize`,
+    `llm pretrain`, `llm finetune`, `llm evaluate --model artifacts/finetune` promoted the char model on a lower
+    loss in nats per token, each model under its own tokenizer. Promotion compares bits per byte of the same
+    held-out assistant answers instead, records both, and keeps the BPE model."""
+    from llm.config import TokenizerParams
+    from llm.stages import tokenize_stage, tokenizer_stage
+
+    p = prepared
+    ft_params = FinetuneParams(max_steps=10, batch_size=4, learning_rate=1e-3, warmup_steps=1, eval_interval=5,
+                               eval_batches=1, checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
+    scores = {}
+    for kind, steps in (("bpe", 30), ("char", 30)):
+        tokenizer_stage(TokenizerParams(kind=kind, vocab_size=512), p["clean"], tracked / kind / "tokenizer")
+        tokenize_stage(p["clean"], tracked / kind / "tokenizer", tracked / kind / "tokens")
+        pretrain_stage(pretrain_params(steps), MODEL, tracked / kind / "tokens", tracked / kind / "tokenizer",
+                       tracked / kind / "pretrain")
+        finetune_stage(ft_params.model_copy(update={"max_steps": max(2, steps // 3)}), tracked / kind / "pretrain",
+                       p["clean"], None, tracked / "chat", tracked / kind / "finetune")
+        scores[kind] = evaluate_stage(EVAL, tracked / kind / "finetune", tracked / kind / "tokens", p["clean"],
+                                      tracked / kind / "eval", chat_dir=tracked / "chat")
+    bpe, char = scores["bpe"], scores["char"]
+    assert bpe["promotion"]["promoted"]
+    decision = char["promotion"]
+    assert not decision["promoted"] and decision["metric"] == "chat/assistant_bpb"
+    assert decision["production"] == bpe["promotion"]["candidate"]
+    assert decision["candidate_score"] == pytest.approx(char["chat/assistant_bpb"])
+    assert decision["production_score"] == pytest.approx(bpe["chat/assistant_bpb"])  # the same text, re-scored
+    assert decision["candidate_score"] > decision["production_score"]
+    assert "final assistant answers of 8 conversations" in decision["text"]
+    production = MlflowClient().get_model_version_by_alias("gpt", "production")
+    assert str(production.version) == bpe["promotion"]["candidate"]
+    rejected = MlflowClient().get_model_version("gpt", decision["candidate"])
+    assert float(rejected.tags["promotion.score.chat/assistant_bpb"]) == pytest.approx(decision["candidate_score"])
+    assert float(rejected.tags["promotion.score.baseline.chat/assistant_bpb"]) == pytest.approx(
+        decision["production_score"])
+    # what the old comparison ranked on: fewer nats per (character) token, though more bits per byte of text
+    assert char["chat/assistant_loss"] < bpe["chat/assistant_loss"]
 
 
 def test_untracked_stand_in_offers_exactly_the_tracked_runs_public_methods():
@@ -218,6 +259,22 @@ def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_
     assert [str(v.version) for v in client.search_model_versions("name='gpt'")] == ["1"]
 
 
+def test_llm_register_refuses_an_unfinished_checkpoint_unless_forced(tracked, prepared):
+    """`llm register --model artifacts/pretrain` registered a checkpoint stopped at step 25 of 300 without a word
+    (issue 22, item 10): it names step N of M and --force; forced, it registers."""
+    p = prepared
+    stopped = pretrain_stage(pretrain_params(6), MODEL, p["tokens"], p["tokenizer"], tracked / "pretrain",
+                             until_step=2)
+    assert stopped["model_version"] is None  # the stage registers only a finished training
+    refused = cli("llm", "register", "--model", str(tracked / "pretrain"), cwd=tracked)
+    assert refused.returncode == 1
+    assert "training stopped at step 2 of 6" in refused.stderr and "llm register --force" in refused.stderr
+    assert not MlflowClient().search_model_versions("name='gpt'")
+    forced = cli("llm", "register", "--model", str(tracked / "pretrain"), "--force", cwd=tracked)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["model_version"] == "1"
+
+
 def test_rerunning_a_decided_evaluation_keeps_its_decision_and_production(tracked, prepared):
     p = prepared
     pretrain_stage(pretrain_params(2), MODEL, p["tokens"], p["tokenizer"], tracked / "short")
@@ -229,8 +286,13 @@ def test_rerunning_a_decided_evaluation_keeps_its_decision_and_production(tracke
 
     # the short model's evaluation runs again (a rerun stage, a Prefect retry): its decision stands, no flip
     again = evaluate_stage(EVAL, tracked / "short", p["tokens"], p["clean"], tracked / "eval_short")
-    assert again["promotion"] == first["promotion"] and again["promotion"]["promoted"]
-    assert (tracked / "eval_short" / "promotion.json").read_text() == first_json
+    kept = {k: v for k, v in again["promotion"].items() if k not in ("reason", "production_now")}
+    assert kept == {k: v for k, v in first["promotion"].items() if k != "reason"} and kept["promoted"]
+    # the recorded reason named the Production of its time: the decision says which version is Production now
+    assert again["promotion"]["reason"] == (f"{first['promotion']['reason']} (decided {first['promotion']['time']}; "
+                                            "Production is now version 2)")
+    assert json.loads((tracked / "eval_short" / "promotion.json").read_text()) == again["promotion"]
+    assert json.loads(first_json) == first["promotion"]
     production = MlflowClient().get_model_version_by_alias("gpt", "production")
     assert str(production.version) == "2"
 

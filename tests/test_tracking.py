@@ -218,3 +218,34 @@ def test_core_modules_do_not_import_mlflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_mlflow_run_without_an_experiment_name_records_the_stages_in_llm(tracking_db, monkeypatch, caplog):
+    """`mlflow run . -e pretrain` puts its own run in MLflow's Default experiment and hands it over in
+    MLFLOW_RUN_ID/MLFLOW_EXPERIMENT_ID: the stage runs went there too, as its children, so `llm runs` never
+    listed them and a resume "belonged to another experiment" (issue 22, item 5)."""
+    from llm.mlops.tracking import PROJECT_RUN_TAG
+
+    client = _client()
+    first = client.create_run("0")  # what `mlflow run` does before it starts the entry point
+    monkeypatch.setenv("MLFLOW_RUN_ID", first.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    with stage_run("pretrain", {"a": 1}) as run:
+        pass
+    stage = client.get_run(run.run_id)
+    llm_experiment = client.get_experiment_by_name("llm").experiment_id
+    assert stage.info.experiment_id == llm_experiment
+    assert stage.data.tags[PROJECT_RUN_TAG] == first.info.run_id and "mlflow.parentRunId" not in stage.data.tags
+    second = client.create_run("0")  # the same command again: the stage resumes its run, in llm
+    monkeypatch.setenv("MLFLOW_RUN_ID", second.info.run_id)
+    with caplog.at_level("INFO", logger="llm"), stage_run("pretrain", {"a": 1}, resume_run_id=run.run_id) as again:
+        pass
+    assert again.run_id == run.run_id and "belongs to another experiment" not in caplog.text
+
+    # `mlflow run --experiment-name llm`: its run is in llm, and the stage's run is its child
+    project = client.create_run(llm_experiment)
+    monkeypatch.setenv("MLFLOW_RUN_ID", project.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", llm_experiment)
+    with stage_run("evaluate", {}) as child:
+        pass
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == project.info.run_id

@@ -396,3 +396,18 @@ def test_the_code_that_computes_a_run_is_part_of_its_identity_but_its_comments_a
     code = pretrain_inputs(prepared["tokens"], prepared["tokenizer"])["code"]
     assert set(code) == {"llm.model.gpt", "llm.training.loop", "llm.training.pretrain", "llm.data.tokens"}
     assert all(len(digest) == 64 for digest in code.values())
+
+
+def test_the_summary_train_loss_is_the_last_steps_and_until_step_says_it_stopped_early(prepared, tmp_path, caplog):
+    """Issue 22, item 12: metrics.json's train/loss (a mean of the last log_interval steps) disagreed with the
+    log line and MLflow's last value (the last step's); `--until-step 4` ended on 4/4 without a word."""
+    args = (TINY, prepared["tokens"], prepared["tokenizer"])
+    with caplog.at_level(logging.INFO, logger="llm"):
+        part = pretrain(tiny_params(), *args, tmp_path / "out", until_step=4)
+    losses = [h["train/loss"] for h in part.history]
+    assert part.metrics["train/loss"] == losses[-1]
+    assert part.metrics["train/loss_avg"] == pytest.approx(sum(losses[-2:]) / 2)  # log_interval 2
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["train/loss"] == losses[-1]
+    assert f"step 4: train {losses[-1]:.4f}" in caplog.text  # the log line shows the same value
+    assert "stopped early at step 4 of 12 (until_step)" in caplog.text

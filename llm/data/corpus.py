@@ -9,7 +9,9 @@
 | ``http(s)://.../<stem>.txt`` | ``<stem>`` | the file, as ``<stem>.txt`` |
 | ``http(s)://.../<stem>.zip`` (or ``.tar.gz``, ``.tgz``, ``.tar``) | ``<stem>`` | its ``.txt`` members, paths kept |
 
-Only ``dest/<name>/`` is replaced, so several sources can sit side by side in ``dest``. Files hold the
+A fetch replaces the corpus: once ``dest/<name>/`` is written, the other (non-hidden) entries of ``dest`` are
+removed, so ``dest`` holds that source alone, as ``data.dvc`` will record it. ``add=True`` (``llm data fetch
+--add``) keeps them, so several sources sit side by side in ``dest``. Files hold the
 source's exact bytes and nothing else (no timestamps, no manifest), so the same source always gives a
 byte-identical folder and a fresh clone's ``llm data fetch`` agrees with a committed ``data.dvc``.
 
@@ -319,8 +321,10 @@ def fetch_corpus(
     cache_dir: Path | None = None,
     checksum: str | None = None,
     limits: FetchLimits | None = None,
+    add: bool = False,
 ) -> list[Path]:
-    """Write the ``.txt`` files of ``source`` into ``dest/<name>/``, replacing that folder atomically.
+    """Write the ``.txt`` files of ``source`` into ``dest/<name>/``, replacing that folder atomically, then
+    remove every other non-hidden entry of ``dest`` (the corpus is that source alone) unless ``add``.
 
     ``source`` is one of (see the module docstring for ``<name>``):
     ``"default"`` or ``"shakespeare"`` (the pinned default corpus; a folder of that name is ``./shakespeare``),
@@ -331,18 +335,39 @@ def fetch_corpus(
 
     ``checksum`` (URL sources only) is the download's sha256 as 64 hex digits, optionally written
     ``sha256:<hex>``. ``cache_dir`` keeps the default corpus's archive, and URL downloads whose checksum is
-    given, so a second fetch needs no network. Files keep the source's exact bytes; other folders in
-    ``dest`` are left alone. ``limits`` caps what the fetch may read and write (default ``FetchLimits()``:
-    see the module docstring). Returns the written files, sorted by path.
+    given, so a second fetch needs no network. Files keep the source's exact bytes. ``limits`` caps what the
+    fetch may read and write (default ``FetchLimits()``: see the module docstring). Returns the written files,
+    sorted by path.
 
     Raises CorpusError, naming the source, for an unknown source, a download that fails (after retries
     for transient errors), a checksum mismatch, an archive that is unreadable or holds an unsafe member
     (absolute path, ``..``, a ``.txt`` symlink or link), or a source without any ``.txt`` file; and its
     subclass CorpusLimitError, naming the cap and how to raise it, past a cap of ``limits``. On error
-    ``dest/<name>/`` is left as it was, and ``dest`` is removed again if this call created it empty.
+    ``dest/<name>/`` (and the rest of ``dest``) is left as it was, and ``dest`` is removed again if this call
+    created it empty.
     """
-    limits = limits or FetchLimits()
-    dest = Path(dest)
+    files = _fetch_source(source, Path(dest), cache_dir, checksum, limits or FetchLimits())
+    if not add:
+        _remove_other_sources(Path(dest), files[0].resolve().relative_to(Path(dest).resolve()).parts[0])
+    return files
+
+
+def _remove_other_sources(dest: Path, kept: str) -> None:
+    """Remove the non-hidden entries of the corpus folder ``dest`` but ``kept``, saying which."""
+    others = sorted(p for p in dest.iterdir() if p.name != kept and not p.name.startswith("."))
+    if others:
+        log.info("replacing the corpus in %s: removed %s (llm data fetch --add keeps them)", dest,
+                 ", ".join(p.name for p in others))
+    for path in others:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _fetch_source(source: str | Path, dest: Path, cache_dir: Path | None, checksum: str | None,
+                  limits: FetchLimits) -> list[Path]:
+    """``fetch_corpus`` without the removal of the other sources."""
     text = str(source).strip()
     scheme = urllib.parse.urlsplit(text).scheme.lower()
     with _removed_if_left_empty(dest):

@@ -108,7 +108,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise TokenizerError(f"{source}: a {KIND} tokenizer needs the `tokenizers` package "
-                                 "(pip install 'llm[hf]')") from None
+                                 "(pip install -e '.[hf]' in the project folder)") from None
         self.spec, self._source = spec, source
         # nothing but BPE pieces: no added tokens, no control pieces (no merge makes them), no post-processor
         added = {t["content"] for t in spec.get("added_tokens") or []}

@@ -418,7 +418,8 @@ def _engine_main(conn: Any, export: str, fp32: bool, threads: int | None, max_ba
         conn.send(("failed", f"{type(err).__name__}: {err}"))
         return
     engine.start()
-    conn.send(("ready", generator.model_path.name))
+    # the graph that decodes: the static-cache one when the engine runs it, not the generator's portable one
+    conn.send(("ready", (engine.static.model_path if engine.static is not None else generator.model_path).name))
     jobs: dict[int, Any] = {}  # in the engine, by the server's id: what a cancel message names
     ended: set[int] = set()  # ended before ``submit`` returned them (a request of one token can)
     lock = threading.Lock()

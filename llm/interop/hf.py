@@ -595,7 +595,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
     try:
         import transformers
     except ImportError:
-        raise InteropError("llm export hf needs transformers: pip install 'llm[hf]'") from None
+        raise InteropError("llm export hf needs transformers: pip install -e '.[hf]' in the project folder") from None
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     model, tokenizer, _ = load_checkpoint(checkpoint_dir)
@@ -614,7 +614,9 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
     if result.missing_keys or result.unexpected_keys:
         raise InteropError(f"{checkpoint_dir}: conversion to {ARCHITECTURES[arch]} left tensors unmatched "
                            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-    hf_model.generation_config = transformers.GenerationConfig(**_generation_ids(tokenizer))
+    # a length limit of the model's context: without one, pipeline() asks for 256 new tokens past any context
+    hf_model.generation_config = transformers.GenerationConfig(max_length=c.context_length,
+                                                               **_generation_ids(tokenizer))
     summary: dict[str, Any] = {"path": str(out_dir), "architecture": ARCHITECTURES[arch],
                                "transformers": transformers.__version__}
     with atomic_folder(out_dir) as tmp:

@@ -560,11 +560,14 @@ def decide(
     *,
     metric: str,
     lower_is_better: bool = True,
+    incomparable: str | None = None,
 ) -> tuple[bool, str]:
     """Whether ``candidate`` should replace ``production`` on ``metric``, and why (pure; touches no store).
 
     Yes if it scores strictly better, or if there is no Production version. A tie, a missing or NaN
-    candidate score, a Production version without a score, or the candidate already being Production: no.
+    candidate score, a Production version without a score, scores that cannot be compared
+    (``incomparable`` says why: another kind of model, other text), or the candidate already being
+    Production: no; the reason of an incomparable one says how to promote it by hand.
     """
     better = "lower" if lower_is_better else "higher"
     if candidate_score is None or math.isnan(candidate_score):
@@ -573,6 +576,10 @@ def decide(
         return True, f"no Production version yet; {metric} {candidate_score:.4f}"
     if production == candidate:
         return False, f"version {candidate} is already Production"
+    if incomparable:
+        return False, (f"{metric} {candidate_score:.4f} not compared with Production version {production}: "
+                       f"{incomparable}; Production unchanged (to promote version {candidate} anyway: "
+                       f"`llm promote {candidate}`)")
     if production_score is None or math.isnan(production_score):
         return False, f"no {metric} score for Production version {production} to compare with; keeping it"
     beats = candidate_score < production_score if lower_is_better else candidate_score > production_score
@@ -616,7 +623,7 @@ def _finish_interrupted_promotion(client: MlflowClient, decision: dict) -> None:
 
 def _decision_scores(decision: dict) -> dict[str, float]:
     metric = decision["metric"]
-    scores = {metric: decision["candidate_score"]}
+    scores = {metric: decision["candidate_score"]} if decision.get("candidate_score") is not None else {}
     if decision.get("production_score") is not None:
         scores[f"baseline.{metric}"] = decision["production_score"]
     return scores
@@ -636,7 +643,8 @@ def decision_markdown(decision: dict, *, lower_is_better: bool = True) -> str:
     return (f"{DECISION_HEADING}: {verdict}.\n\n"
             f"- {decision['metric']} ({'lower' if lower_is_better else 'higher'} is better): this version "
             f"{score(decision.get('candidate_score'))}; {baseline}\n"
-            f"- Reason: {decision['reason']}")
+            + (f"- Scored on: {decision['text']}\n" if decision.get("text") else "")
+            + f"- Reason: {decision['reason']}")
 
 
 def _describe_decision(client: MlflowClient, decision: dict, lower_is_better: bool) -> None:
@@ -655,11 +663,15 @@ def compare_and_promote(
     *,
     metric: str,
     lower_is_better: bool = True,
+    incomparable: str | None = None,
+    text: str | None = None,
 ) -> dict:
     """Promote ``candidate_version`` if it scores strictly better than Production on ``metric``, or if
-    there is no Production version yet (``decide``). Returns the decision: ``{promoted, candidate,
-    production, metric, candidate_score, production_score, reason}``; a rejected candidate gets the tags
-    ``promotion.promoted=false`` and ``promotion.reason``.
+    there is no Production version yet (``decide``; ``incomparable`` says why the two scores cannot be
+    compared, and then it is not promoted). Returns the decision: ``{promoted, candidate, production, metric,
+    candidate_score, production_score, reason}`` and ``text``, what both were scored on; the candidate gets
+    the tags ``promotion.score.<metric>`` (and ``promotion.score.baseline.<metric>``, Production's), and a
+    rejected one ``promotion.promoted=false`` and ``promotion.reason``.
 
     A candidate is decided once: the decision is recorded on it (tag ``promotion.decision``) before it is
     carried out, and a later call for the same candidate (a rerun stage, a retried task) returns the
@@ -673,11 +685,11 @@ def compare_and_promote(
     if decided is not None:
         _finish_interrupted_promotion(client, decided)
         log.info("version %s was already decided (%s): keeping that decision", candidate_version, decided["reason"])
-        return decided
+        return _with_production_now(decided)
     current = production_version()
     production = str(current.version) if current is not None else None
     promoted, reason = decide(candidate_version, candidate_score, production, production_score, metric=metric,
-                              lower_is_better=lower_is_better)
+                              lower_is_better=lower_is_better, incomparable=incomparable)
     decision = {
         "promoted": promoted,
         "candidate": candidate_version,
@@ -686,6 +698,8 @@ def compare_and_promote(
         "candidate_score": None if candidate_score is None else float(candidate_score),
         "production_score": None if production_score is None else float(production_score),
         "reason": reason,
+        **({"text": text} if text else {}),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if production == candidate_version:  # nothing was decided: it holds the tags of its own promotion
         log.info("kept Production %s: %s", production, reason)
@@ -695,7 +709,39 @@ def compare_and_promote(
     if promoted:
         promote(candidate_version, reason=reason, scores=_decision_scores(decision))
     else:
-        for key, value in {"promotion.promoted": "false", "promotion.reason": reason}.items():
-            client.set_model_version_tag(MODEL_NAME, candidate_version, key, value)
+        scores = {f"promotion.score.{name}": repr(float(value)) for name, value in _decision_scores(decision).items()}
+        for key, value in {"promotion.promoted": "false", "promotion.reason": reason, **scores}.items():
+            client.set_model_version_tag(MODEL_NAME, candidate_version, key, _tag_value(value))
         log.info("kept Production %s: %s", production, reason)
     return decision
+
+
+def promote_by_hand(version: str, *, why: str = "") -> dict:
+    """Promote ``version`` of ``gpt`` whatever the scores (``llm promote``): the decision recorded on it says
+    it was promoted by hand, so a later evaluation of it keeps it. Returns that decision. Raises
+    RegistryError for a missing version."""
+    version = str(version)
+    client = registry_client()
+    find_version(client, MODEL_NAME, version, alias=False)
+    current = production_version()
+    reason = "promoted by hand (llm promote)" + (f": {why}" if why else "")
+    decision = {"promoted": True, "candidate": version,
+                "production": str(current.version) if current is not None else None,
+                "metric": "by hand", "candidate_score": None, "production_score": None, "reason": reason,
+                "time": datetime.now(UTC).isoformat(timespec="seconds")}
+    client.set_model_version_tag(MODEL_NAME, version, DECISION_TAG, _tag_value(decision))
+    _describe_decision(client, decision, True)
+    promote(version, reason=reason, scores={})
+    return decision
+
+
+def _with_production_now(decision: dict) -> dict:
+    """A recorded decision as returned again: when Production has changed since, its reason says which
+    version is Production now (the recorded one names the Production of that time)."""
+    current = production_version()
+    now = str(current.version) if current is not None else None
+    if now == decision.get("production") or now == str(decision.get("candidate")):
+        return decision
+    when = decision.get("time") or "earlier"
+    return {**decision, "production_now": now,
+            "reason": f"{decision['reason']} (decided {when}; Production is now version {now or 'none'})"}

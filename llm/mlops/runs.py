@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -26,7 +27,7 @@ from llm.mlops.tracking import LINEAGE_KEYS, experiment_name, set_uris, sqlite_p
 RUN_METRICS = (
     ("val/bpb", "val/bpb", "{:.4f}"),
     ("val/loss", "val/loss", "{:.4f}"),
-    ("chat loss", "chat/assistant_loss", "{:.4f}"),
+    ("chat bpb", "chat/assistant_bpb", "{:.4f}"),
     ("tokens/s", "perf/tokens_per_s", "{:,.0f}"),
     ("params", "model/parameters", "{:,.0f}"),
     ("wall s", "perf/wall_time_s", "{:,.0f}"),
@@ -64,9 +65,18 @@ def recent_runs(limit: int = 15, *, stage: str | None = None, client: MlflowClie
                                    order_by=["attributes.start_time DESC"]))
 
 
+MIN_PREFIX = 4  # the shortest start of a run id that names it
+
+
+def _candidates(runs: Sequence[Run]) -> str:
+    return "; ".join(f"{r.info.run_id[:8]} {r.info.run_name or ''} ({_when(r.info.start_time)})".strip()
+                     for r in runs[:6]) + ("; ..." if len(runs) > 6 else "")
+
+
 def find_run(ref: str, *, client: MlflowClient | None = None) -> Run:
-    """The run that ``ref`` names: a run id, the start of one (4 characters or more), or a run name (the
-    latest run of that name). Raises RunsError when none or several match."""
+    """The run that ``ref`` names: a run id, the start of one (``MIN_PREFIX`` characters or more), or a run
+    name. Raises RunsError when none matches, or when several do (a prefix of several ids, a name that several
+    runs share: a rerun keeps its name), listing the candidates."""
     client = client or _client()
     try:
         return client.get_run(ref)
@@ -74,17 +84,22 @@ def find_run(ref: str, *, client: MlflowClient | None = None) -> Run:
         if not not_found(err) and "INVALID_PARAMETER_VALUE" not in str(err.error_code):
             raise
     runs = client.search_runs([_experiment_id(client)], max_results=5000, order_by=["attributes.start_time DESC"])
-    by_id = [r for r in runs if len(ref) >= 4 and r.info.run_id.startswith(ref)]
-    if len(by_id) == 1:
-        return by_id[0]
-    if len(by_id) > 1:
-        raise RunsError(f"'{ref}' starts {len(by_id)} run ids ({', '.join(r.info.run_id for r in by_id[:4])}); "
-                        "give more characters")
+    by_id = [r for r in runs if len(ref) >= MIN_PREFIX and r.info.run_id.startswith(ref)]
     by_name = [r for r in runs if r.info.run_name == ref]
-    if by_name:
+    if len(by_id) == 1 and not by_name:
+        return by_id[0]
+    if len(by_name) == 1 and not by_id:
         return by_name[0]
-    raise RunsError(f"no run '{ref}' (a run id, its first characters, or a run name) in experiment "
-                    f"'{experiment_name()}' at {tracking_uri()}; `llm runs` lists them")
+    if by_id or by_name:
+        found = by_id + [r for r in by_name if r not in by_id]
+        raise RunsError(f"'{ref}' names {len(found)} runs: {_candidates(found)}; give more characters of the "
+                        "run id")
+    short = [r for r in runs if r.info.run_id.startswith(ref)] if 0 < len(ref) < MIN_PREFIX else []
+    if short:
+        raise RunsError(f"'{ref}' is too short: give at least {MIN_PREFIX} characters of a run id "
+                        f"({_candidates(short)})")
+    raise RunsError(f"no run '{ref}' (a run id, its first {MIN_PREFIX} characters or more, or a run name) in "
+                    f"experiment '{experiment_name()}' at {tracking_uri()}; `llm runs` lists them")
 
 
 def _metric(run: Run, key: str, fmt: str) -> str:
@@ -96,22 +111,36 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%m-%d %H:%M") if ms else ""
 
 
-def runs_table(runs: Sequence[Run]) -> Table:
-    """One row per run: name, stage, status, start (UTC), the summary metrics, the version it registered, id."""
-    table = Table(title=f"Latest runs of experiment '{experiment_name()}'", title_justify="left")
-    for title in ("run", "stage", "status", "started"):
-        table.add_column(title, no_wrap=title != "run")
-    for title, _, _ in RUN_METRICS:
-        table.add_column(title, justify="right")
-    table.add_column("version")
+WIDE = 120  # terminal columns from which the tables show every column; narrower, the essential ones
+# the metrics of the narrow runs table: bits per byte, which compare across tokenizers
+NARROW_METRICS = ("val/bpb", "chat bpb")
+
+
+def runs_table(runs: Sequence[Run], width: int = WIDE) -> Table:
+    """One row per run: name, stage, status, start (UTC), the summary metrics, the version it registered, id.
+    Below ``WIDE`` columns: name (wrapped, with the status when not FINISHED), start, val/bpb, chat bpb,
+    version and id, so that an 80-column terminal shows every value whole."""
+    narrow = width < WIDE
+    table = Table(title=f"Latest runs of experiment '{experiment_name()}'", title_justify="left",
+                  box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD, pad_edge=not narrow)
+    metrics = [m for m in RUN_METRICS if not narrow or m[0] in NARROW_METRICS]
+    table.add_column("run", ratio=1 if narrow else None, overflow="fold")
+    for title in ("stage", "status", "started") if not narrow else ("started",):
+        table.add_column(title, no_wrap=True)
+    for title, _, _ in metrics:
+        table.add_column(title, justify="right", no_wrap=True)
+    table.add_column("v" if narrow else "version", no_wrap=True)
     table.add_column("run id", style="dim", no_wrap=True)
     for run in runs:
         status = run.info.status
-        styled = {"FINISHED": "green", "RUNNING": "cyan"}.get(status, "red")
+        styled = f"[{ {'FINISHED': 'green', 'RUNNING': 'cyan'}.get(status, 'red') }]{status}[/]"
         version = run.data.tags.get("registered_model.version", "").removeprefix(f"{MODEL_NAME}/")
-        table.add_row(run.info.run_name or "", run.data.tags.get("stage", ""), f"[{styled}]{status}[/]",
-                      _when(run.info.start_time), *(_metric(run, key, fmt) for _, key, fmt in RUN_METRICS),
-                      version, run.info.run_id[:8])
+        name = run.info.run_name or ""
+        if narrow:
+            cells = [name if status == "FINISHED" else f"{name} {styled}", _when(run.info.start_time)]
+        else:
+            cells = [name, run.data.tags.get("stage", ""), styled, _when(run.info.start_time)]
+        table.add_row(*cells, *(_metric(run, key, fmt) for _, key, fmt in metrics), version, run.info.run_id[:8])
     return table
 
 
@@ -168,16 +197,30 @@ def version_rows(client: MlflowClient | None = None, limit: int = 15) -> list[Ve
     return rows
 
 
-def versions_table(rows: Sequence[VersionRow]) -> Table:
-    """One row per registered version: where it is (stage, aliases), what trained it, the decision and scores."""
-    table = Table(title=f"Registered versions of '{MODEL_NAME}'", title_justify="left")
-    for title in ("version", "stage / alias", "trained by", "run", "metric", "score", "Production then",
-                  "decision"):
-        table.add_column(title, justify="right" if title in ("score", "Production then") else "left")
+def versions_table(rows: Sequence[VersionRow], width: int = WIDE) -> Table:
+    """One row per registered version: where it is (stage, aliases), what trained it, the decision and scores.
+    Below ``WIDE`` columns the training stage and the metric's name (both in the title) are left out."""
+    narrow = width < WIDE
+    metrics = sorted({row.metric for row in rows if row.metric})
+    title = f"Registered versions of '{MODEL_NAME}'"
+    if narrow and metrics:
+        title += f" (scores: {', '.join(metrics)}; lower is better)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
+                  pad_edge=not narrow)
+    titles = ("version", "stage / alias", "trained by", "run", "metric", "score", "Production then", "decision")
+    if narrow:
+        titles = ("v", "stage / alias", "run", "score", "Production then", "decision")
+    for name in titles:
+        right = name in ("score", "Production then")
+        table.add_column(name, justify="right" if right else "left", overflow="fold",
+                         ratio=1 if narrow and name in ("stage / alias", "run") else None,
+                         no_wrap=narrow and name not in ("stage / alias", "run", "Production then"))
     for row in rows:
         style = "bold green" if "Production" in row.where else None
-        table.add_row(row.version, row.where, row.stage, row.run_name, row.metric, row.score, row.baseline,
-                      row.decision, style=style)
+        cells = (row.version, row.where, row.stage, row.run_name, row.metric, row.score, row.baseline, row.decision)
+        if narrow:
+            cells = (row.version, row.where, row.run_name, row.score, row.baseline, row.decision)
+        table.add_row(*cells, style=style)
     return table
 
 
@@ -239,10 +282,10 @@ def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
 def print_overview(console: Console, *, limit: int = 15, stage: str | None = None) -> None:
     """The latest runs, then the registered versions, then where the MLflow UI shows them."""
     client = _client()
-    console.print(runs_table(recent_runs(limit, stage=stage, client=client)))
+    console.print(runs_table(recent_runs(limit, stage=stage, client=client), console.width))
     rows = version_rows(limit=limit)
     if rows:
-        console.print(versions_table(rows))
+        console.print(versions_table(rows, console.width))
     else:
         console.print(f"No registered versions of '{MODEL_NAME}' yet.")
     console.print(f"In the MLflow UI (`mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1`): "

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -61,6 +62,15 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger(__name__)
+
+
+def _say_engine(message: str) -> None:
+    """Which engine serves, as a log line; on stderr where logging shows no INFO (`mlflow models serve`'s
+    default), so the scoring server's output always says it."""
+    if log.isEnabledFor(logging.INFO) and logging.getLogger().handlers:
+        log.info(message)
+    else:
+        print(f"llm: {message}", file=sys.stderr, flush=True)
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 512
@@ -271,7 +281,8 @@ class GPTModel(PythonModel):
         self.generator = OnnxGenerator(export, int8=int8)
         self.tokenizer, self.engine, self.export_dir = self.generator.tokenizer, "onnx", export
         self.batch_engine = BatchEngine(self.generator, max_batch=self.max_batch, max_queue=self.max_queue).start()
-        log.info("serving with ONNX Runtime: %s", self.generator.model_path)
+        static = self.batch_engine.static  # the graph that decodes: the static-cache one when there is one
+        _say_engine(f"serving with ONNX Runtime: {(static or self.generator).model_path}")
 
     def _load_torch(self, checkpoint: Path) -> None:
         from llm.inference.generate import TorchGenerator
@@ -279,6 +290,7 @@ class GPTModel(PythonModel):
 
         model, self.tokenizer, _ = load_checkpoint(checkpoint)
         self.generator, self.engine, self.export_dir = TorchGenerator(model, self.tokenizer), "torch", None
+        _say_engine(f"serving with PyTorch: {checkpoint}")
 
     def _sampling(self, row: dict[str, Any], params: dict[str, Any]):
         from pydantic import ValidationError

@@ -115,14 +115,30 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+MLFLOW_DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default": where `mlflow run` puts its run without --experiment-name
+PROJECT_RUN_TAG = "llm.mlflow_project_run"  # the `mlflow run` run of a stage run that is not its child
+
+
+def _project_run_experiment(client: MlflowClient) -> str | None:
+    """The experiment of the run that ``mlflow run`` created (``MLFLOW_RUN_ID``), unless that is MLflow's
+    Default experiment, which only means that no experiment was named: the stages keep to ``llm`` then."""
+    handed_over = os.environ.get("MLFLOW_RUN_ID")
+    if not handed_over:
+        return None
+    try:
+        experiment_id = client.get_run(handed_over).info.experiment_id
+    except MlflowException:
+        return None
+    if experiment_id == MLFLOW_DEFAULT_EXPERIMENT_ID and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return None
+    return experiment_id
+
+
 def _ensure_experiment(client: MlflowClient) -> str:
     """Id of the experiment named by ``experiment_name()``, created (or restored) if needed."""
-    handed_over = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` creates the run; start_run adopts it
-    if handed_over:
-        try:
-            return client.get_run(handed_over).info.experiment_id
-        except MlflowException:
-            pass
+    handed_over = _project_run_experiment(client)  # `mlflow run --experiment-name X`: the stages go to X too
+    if handed_over is not None:
+        return handed_over
     name = experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -866,6 +882,25 @@ def _log_params(client: MlflowClient, run: StageRun, params: Mapping[str, Any], 
         client.log_batch(run.run_id, params=missing[start:start + MAX_PARAMS_TAGS_PER_BATCH])
 
 
+def _project_run_parent(client: MlflowClient, handed_over: str | None, experiment_id: str,
+                        tags: dict[str, str]) -> str | None:
+    """The parent of a stage run under ``mlflow run`` (``handed_over``, its run): that run when it is in the
+    stage's experiment; else None, and the tag ``PROJECT_RUN_TAG`` in ``tags`` links the two."""
+    if handed_over is None:
+        return None
+    try:
+        if client.get_run(handed_over).info.experiment_id == experiment_id:
+            return handed_over
+    except MlflowException:
+        pass
+    # `mlflow run` without --experiment-name: its run is in Default, the stage's in llm
+    log.info("mlflow run's run %s is in another experiment: this stage's run goes to experiment %s (tag %s links "
+             "them; `mlflow run --experiment-name %s` nests it)", handed_over, experiment_name(), PROJECT_RUN_TAG,
+             experiment_name())
+    tags[PROJECT_RUN_TAG] = handed_over
+    return None
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -913,9 +948,9 @@ def stage_run(
     if resumed is not None and resumed.info.status == "RUNNING":  # stale ones were ended just above
         log.warning("run %s is RUNNING in a process that is still alive (%s %s); continuing it here as well",
                     resume_run_id, resumed.data.tags.get(HOST_TAG, "?"), resumed.data.tags.get(PID_TAG, "?"))
-    # under `mlflow run`, MLFLOW_RUN_ID names the project's run: each stage becomes its child rather than
-    # taking it over (start_run would otherwise resume it and rename it after the first stage)
+    # `mlflow run`'s run (MLFLOW_RUN_ID) is a parent or a link, never taken over (start_run would rename it)
     handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent = _project_run_parent(client, handed_over, experiment_id, tags)
     try:
         if resumed is not None:
             tags[ATTEMPT_TAG] = str(int(resumed.data.tags.get(ATTEMPT_TAG, "1")) + 1)
@@ -926,8 +961,8 @@ def stage_run(
             active = mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=run_name or stage,
-                nested=mlflow.active_run() is not None or handed_over is not None,
-                parent_run_id=parent_run_id or (handed_over if mlflow.active_run() is None else None),
+                nested=mlflow.active_run() is not None or parent is not None,
+                parent_run_id=parent_run_id or (parent if mlflow.active_run() is None else None),
                 tags=tags,
                 log_system_metrics=False,
             )

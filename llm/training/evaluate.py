@@ -11,7 +11,7 @@ from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.data.tokens import TokenFile, bits_per_byte, encode_documents, read_meta
 from llm.inference.decoding import SamplingParams, complete, stream_text
 from llm.inference.generate import TorchGenerator
-from llm.io import atomic_write_json, atomic_write_text
+from llm.io import atomic_write_json, atomic_write_text, sha256_file
 from llm.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from llm.training.device import select_device, select_dtype
 from llm.training.loop import evaluate_loss
@@ -87,6 +87,17 @@ def evaluate_on_text(checkpoint: str | Path, split_file: str | Path, params: Eva
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     data = encode_documents(tokenizer, split_file)
     return _score(model, data, params, device, select_dtype("auto", device), split)
+
+
+def text_bits_per_byte(model, tokenizer, split_file: str | Path, params: EvalParams) -> dict:
+    """Bits per byte of a cleaned split file for a loaded model, encoded with its own tokenizer: the whole
+    text, or with ``params.max_batches`` that many batches of windows spread evenly over it. Returns
+    ``{"bpb", "bytes", "text_sha256"}``, the hash naming the file's content and how much of it was scored."""
+    device = next(model.parameters()).device
+    data = encode_documents(tokenizer, split_file)
+    scored = _score(model, data, params, device, select_dtype("auto", device), "val")
+    sample = f"{params.max_batches} batches of {params.batch_size}" if params.max_batches else "whole"
+    return {"bpb": scored["val/bpb"], "bytes": data.n_bytes, "text_sha256": f"{sha256_file(split_file)}:{sample}"}
 
 
 def evaluate_checkpoint(

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,49 @@ def assistant_loss(
     batches = (collate_chat_examples(examples[i : i + batch_size], tokenizer.pad_id)
                for i in range(0, len(examples), batch_size))
     return evaluate_loss(model, batches, dev, select_dtype("auto", dev))
+
+
+def _final_answer_only(mask: list[int]) -> list[int]:
+    """``mask`` with only its last run of ones kept: the final assistant answer and its closing ``<|end|>``."""
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
+
+
+def answer_bits(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[Conversation]
+                ) -> dict[int, tuple[float, int]]:
+    """For each conversation whose final message is an assistant answer and that fits the model's context (as
+    in SFT: ``fit_chat``), the bits the model spends on that answer (its ``<|end|>`` included) and the answer's
+    UTF-8 bytes, by the conversation's index. Every model scores the same answers whatever its tokenizer, so
+    bits per byte over the same indices (``answers_bpb``) compare models where nats per token cannot."""
+    dev = next(model.parameters()).device
+    scored: dict[int, tuple[float, int]] = {}
+    for index, messages in enumerate(conversations):
+        fitted = fit_chat(tokenizer, messages, model.config.context_length + 1)
+        if fitted is None or messages[-1]["role"] != "assistant" or sum(fitted.mask[1:]) == 0:
+            continue
+        example = ChatExample(fitted.ids, _final_answer_only(fitted.mask), 0)
+        tokens = sum(example.mask[1:])
+        batch = collate_chat_examples([example], tokenizer.pad_id)
+        nats = evaluate_loss(model, iter([batch]), dev, select_dtype("auto", dev)) * tokens
+        scored[index] = (nats / math.log(2), len(messages[-1]["content"].encode("utf-8")))
+    return scored
+
+
+def answers_bpb(scored: dict[int, tuple[float, int]], indices: Iterable[int] | None = None) -> dict[str, Any]:
+    """Bits per byte of the answers ``indices`` (default: all) of ``answer_bits``' result: ``{"bpb", "bytes",
+    "answers", "indices"}``. Raises ValueError when there is none."""
+    chosen = sorted(scored if indices is None else indices)
+    if not chosen:
+        raise ValueError("no held-out answer fits the model's context")
+    bits, n_bytes = sum(scored[i][0] for i in chosen), sum(scored[i][1] for i in chosen)
+    return {"bpb": bits / max(1, n_bytes), "bytes": n_bytes, "answers": len(chosen), "indices": chosen}
+
+
+def held_out_conversations(chat_file: str | Path, max_conversations: int | None) -> list[Conversation]:
+    """The conversations of ``chat_file`` that evaluation scores: ``max_conversations`` of them evenly spread
+    over the file (all when None), chosen from the file alone, so every model is scored on the same ones."""
+    conversations = read_chat_file(chat_file)
+    return _evenly_spaced(conversations, max_conversations) if max_conversations else conversations

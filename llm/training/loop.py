@@ -355,7 +355,7 @@ def train(
         callbacks = (callbacks or []) if run.dist.is_main else []  # one process reports for the job
         meter = _meter_for(run)
         progress = _progress(params.progress and run.step < last_step and run.dist.is_main)
-        task = progress.add_task("train", total=last_step, completed=run.step, loss=float("nan"), tps=0.0)
+        task = progress.add_task("train", total=params.max_steps, completed=run.step, loss=float("nan"), tps=0.0)
         meter.restart()
         if params.max_steps == 0 and not run.history:  # nothing to train: the start model, evaluated, is the result
             run.history.append({"step": 0, **_validate(run)})
@@ -390,9 +390,17 @@ def train(
                 if "perf/tokens_per_s" in row:
                     meter.restart()  # checkpoint and eval time is not training throughput
             _stop_if_signalled(run, stop)
+    _log_early_stop(run)
     shutdown(run.dist)
     return TrainResult(out_dir=run.out_dir, step=run.step, metrics=_summary(run), history=run.history,
                        run_identity=run.identity_digest)
+
+
+def _log_early_stop(run: RunState) -> None:
+    """Say so when training ended before ``max_steps`` (``until_step``): the progress bar shows N of max_steps."""
+    if run.step < run.params.max_steps and run.dist.is_main:
+        log.info("stopped early at step %d of %d (until_step): the checkpoint in %s resumes from there when run "
+                 "again without it", run.step, run.params.max_steps, run.out_dir)
 
 
 def _meter_for(run: RunState) -> _Throughput:
@@ -639,14 +647,17 @@ def _write_checkpoint(run: RunState, metrics: dict[str, float]) -> None:
 
 
 def _summary(run: RunState) -> dict[str, float]:
-    """The run's metrics so far: recent train loss, last and best validation, last throughput."""
+    """The run's metrics so far: the last step's train loss (what the log line and MLflow's latest
+    ``train/loss`` show) and its mean over the last ``log_interval`` steps (``train/loss_avg``), last and best
+    validation, last throughput."""
     vals = [h for h in run.history if "val/loss" in h]
     trains = [h["train/loss"] for h in run.history if "train/loss" in h][-run.params.log_interval:]
     perf = [h for h in run.history if "perf/tokens_per_s" in h]
     out: dict[str, float] = {"step": run.step, "params": run.model.num_parameters(),
                              "wall_time_s": round(run.elapsed, 2)}
     if trains:
-        out["train/loss"] = sum(trains) / len(trains)
+        out["train/loss"] = trains[-1]
+        out["train/loss_avg"] = sum(trains) / len(trains)
     if vals:
         out.update({k: v for k, v in vals[-1].items() if k.startswith("val/")})
         out["val/best_loss"] = min(h["val/loss"] for h in vals)

@@ -75,7 +75,6 @@ def _from_base(model_config: ModelConfig, base: BaseParams | None) -> tuple[Mode
     from llm.interop.hf import base_model_config, hf_source
 
     config = base_model_config(base.hf_folder, base.context_length)
-    log.info("starting from %s: its shape replaces params/model.yaml's (dropout kept)", base.hf_folder)
     source = {k: v for k, v in hf_source(base.hf_folder).items() if k != "path"}  # the weights, wherever they lie
     return config.model_copy(update={"dropout": model_config.dropout}), {"base_model": source}
 
@@ -126,6 +125,8 @@ def pretrain(
     if base_inputs:
         from llm.interop.hf import load_hf_model
 
+        # said here, once: pretrain_identity reads the base's shape too (the stage asks it before training)
+        log.info("starting from %s: its shape replaces params/model.yaml's (dropout kept)", base.hf_folder)
         if tokenizer.kind != "bytelevel_bpe" or tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"{tokenizer_dir} holds a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, not "
                              f"the one of {base.hf_folder}; re-run the tokenizer and tokenize stages with the same "
