@@ -58,6 +58,26 @@ AS_WRITTEN = {
 # Started in the background; the README's Python block (the OpenAI client) then runs against it.
 SERVER = "llm serve --model models:/gpt/Production"
 
+# "Start from a published model": walked on a project of its own, with a Qwen3-shaped folder built here standing in
+# for the Hub download (tests/published.py). README command -> the command run (None: as written).
+PUBLISHED_DOWNLOAD = ("python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T\n"
+                      "M.from_pretrained('Qwen/Qwen3-0.6B').save_pretrained('models/hf/qwen3'); "
+                      "T.from_pretrained('Qwen/Qwen3-0.6B').save_pretrained('models/hf/qwen3')\"")
+PUBLISHED_SERVER = "llm serve --model artifacts/onnx"
+PUBLISHED = {
+    "llm import hf models/hf/qwen3 --out artifacts/qwen3 --context-length 1024": None,
+    'llm generate --model artifacts/qwen3 --prompt "To be, or" --temperature 0':
+        'llm generate --model artifacts/qwen3 --prompt "To be, or" --temperature 0 --max-new-tokens 8',
+    "python -m llm.chat --model artifacts/qwen3": "python -m llm.chat --model artifacts/qwen3 --max-new-tokens 8",
+    "llm finetune --base artifacts/qwen3 --set method=lora":
+        "llm finetune --base artifacts/qwen3 --set method=lora --set max_steps=3 --set batch_size=2 "
+        "--set eval_batches=1",
+    "python -m llm.chat --model artifacts/finetune": "python -m llm.chat --model artifacts/finetune --max-new-tokens 8",
+    "llm export onnx --model artifacts/finetune --out artifacts/onnx": None,
+    "llm merge --model artifacts/finetune --out artifacts/merged": None,
+    "llm export hf --model artifacts/finetune --out artifacts/adapter --adapter-only": None,
+}
+
 # Commands the walk does not run, and why. Each reason says where the behaviour is tested instead, if it is.
 SKIPPED = {
     # the whole install and suite: minutes, and what the walk checks command by command
@@ -89,13 +109,7 @@ SKIPPED = {
         "a scoring server, until Ctrl-C; slow to start (tests/test_registry.py loads the same pyfunc)",
     "curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d "
     "'{\"dataframe_records\": [{\"prompt\": \"ROMEO.\", \"max_new_tokens\": 50}]}'": "needs mlflow models serve",
-    # Hugging Face: the Hub, and shapes the default model does not have
-    "python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T\n"
-    "M.from_pretrained('gpt2').save_pretrained('models/hf/gpt2'); "
-    "T.from_pretrained('gpt2').save_pretrained('models/hf/gpt2')\"": "downloads GPT-2 from the Hub",
-    "llm import hf models/hf/gpt2 --out artifacts/gpt2 --context-length 256": "needs GPT-2 from the Hub "
-                                                                              "(tests/test_hf_interop.py: a local one)",
-    "llm finetune --base artifacts/gpt2": "needs GPT-2 from the Hub (tests/test_hf_interop.py: a local one)",
+    # Hugging Face: shapes the default model does not have
     "llm export hf --model artifacts/finetune --out artifacts/hf": "the default shape has no Transformers "
                                                                    "architecture, as the README says "
                                                                    "(tests/test_hf_interop.py: GPT-2 shapes)",
@@ -172,7 +186,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 def test_every_readme_command_is_walked_or_skipped_with_a_reason():
     commands = readme_commands(README)
-    walked = set(SHORTENED) | AS_WRITTEN | {SERVER}
+    walked = set(SHORTENED) | AS_WRITTEN | {SERVER} | set(PUBLISHED) | {PUBLISHED_DOWNLOAD, PUBLISHED_SERVER}
     unknown = [c for c in commands if c not in walked and c not in SKIPPED]
     assert not unknown, f"README commands neither walked nor skipped (add them to tests/test_readme.py): {unknown}"
     stale = sorted((walked | set(SKIPPED)) - set(commands))
@@ -244,7 +258,7 @@ def test_the_readme_commands_run_on_a_tiny_project(project):
     _shell(SETUP, root, env)  # the corpus: "Bring your own text", offline
     ran = []
     for command in readme_commands(README):
-        if command in SKIPPED:
+        if command in SKIPPED or command in PUBLISHED or command in (PUBLISHED_DOWNLOAD, PUBLISHED_SERVER):
             continue
         if command == SERVER:
             _with_the_readme_client(root, env)
@@ -259,3 +273,61 @@ def test_the_readme_commands_run_on_a_tiny_project(project):
     assert "nfiles: 10" in (root / "data.dvc").read_text()
     assert "data.dvc" in _shell("git diff --cached --name-only", root, env).stdout
     assert (root / "artifacts" / "onnx" / "generation_config.json").is_file()
+
+
+def _serve_and_ask(command: str, root: Path, env: dict[str, str]) -> str:
+    """``command`` (an ``llm serve``) in the background on a free port, one chat completion, then stop it."""
+    import json
+
+    port = _free_port()
+    server = subprocess.Popen(["bash", "-c", f"exec {command} --port {port}"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, f"`{command}` exited {server.returncode}:\n{server.stdout.read()[-4000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"`{command}` did not answer /health in 90 s"
+                time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as response:
+            model = json.loads(response.read())["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "Who is Hamlet?"}], "max_tokens": 8,
+                "temperature": 0}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_published_model_commands_run_on_a_local_model(project):
+    """The README's "Start from a published model", in order: the download replaced by a Qwen3-shaped folder built
+    here, chat data in data/chat as the README asks, each command shortened only in how much it generates or trains."""
+    pytest.importorskip("transformers")
+    from llm.data.chat_data import write_chat_file
+
+    from published import write_published_model
+
+    root, env = project
+    start = README.index("### Start from a published model")
+    section = README[start:README.index("Export to Transformers (", start)]  # the export paragraphs follow
+    commands = readme_commands(section)
+    assert commands[0] == PUBLISHED_DOWNLOAD and set(commands[1:]) == set(PUBLISHED) | {PUBLISHED_SERVER}
+    write_published_model("qwen3", root / "models" / "hf" / "qwen3")
+    chats = [{"messages": [{"role": "user", "content": f"Who is {n}?"}, {"role": "assistant", "content": f"{n}."}]}
+             for n in ("Hamlet", "Ophelia", "Horatio")] * 4
+    write_chat_file(root / "data" / "chat" / "train.jsonl", chats)
+    for command in commands[1:]:
+        if command == PUBLISHED_SERVER:
+            assert isinstance(_serve_and_ask(command, root, env), str)
+        else:
+            _shell(PUBLISHED[command] or command, root, env, stdin="Who is Hamlet?\n")
+    assert (root / "artifacts" / "finetune" / "adapter.safetensors").is_file()
+    assert (root / "artifacts" / "merged" / "model.safetensors").is_file()
+    assert (root / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "models/hf" not in _shell("git status --porcelain --ignored=no", root, env).stdout
