@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install install-dev demo test bench lint clean-artifacts
+.PHONY: install install-dev demo test test-fast bench lint clean-artifacts
 
 # what the pipeline and the servers need; `make test` adds the dev tools (the test runners, Transformers and
 # lm-evaluation-harness for the interop tests, the notebook runner: 25 s more of install that `make demo` skips)
@@ -37,6 +37,12 @@ TEST_WORKERS ?= 2
 test: install-dev
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# the inner loop: the contracts and every test not marked slow (no DVC/Prefect pipelines, no multi-process training,
+# no README walk); CI runs `make test`
+test-fast: install-dev
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
