@@ -126,3 +126,55 @@ def hf_chat_ids(folder: Path, messages: list[dict], **kwargs) -> list[int]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+ZEPHYR_TEMPLATE = (  # TinyLlama-chat's layout: its role markers are plain text, "</s>" (its EOS) ends each turn
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def train_sentencepiece_bpe_tokenizer():
+    """A Llama 2 / TinyLlama style tokenizer trained on HAMLET: BPE with byte fallback (every byte a ``<0xNN>``
+    piece), a prepended U+2581 for spaces, ``<s>`` added in front of every text, and the Zephyr chat template."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([HAMLET * 4] * 10, trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                              unk_token="<unk>")
+    hf.chat_template = ZEPHYR_TEMPLATE
+    return hf
+
+
+def write_tinyllama_model(folder: Path) -> Path:
+    """A TinyLlama-shaped folder (Llama, 4 query heads for 1 key/value head, untied) with its Llama 2 tokenizer."""
+    import transformers
+
+    tokenizer = train_sentencepiece_bpe_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                      max_position_embeddings=128, tie_word_embeddings=False,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

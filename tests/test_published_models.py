@@ -412,3 +412,27 @@ def test_max_steps_0_keeps_the_published_model_as_the_pretrain_stages_output(mod
     assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), imported.state_dict().values()))
     with pytest.raises(ValueError, match="max_steps: 0 keeps the start model as it is, which needs one"):
         pretrain_stage(params, ModelConfig(), tmp_path / "tokens", tmp_path / "tok", tmp_path / "p2", track=False)
+
+
+def test_a_llama_2_style_tokenizer_with_byte_fallback_imports_and_generates_like_transformers(tmp_path):
+    """TinyLlama's tokenizer is Llama 2's (BPE with <0xNN> byte pieces, U+2581 for spaces, <s> in front): imported,
+    its prompts, greedy continuation and Zephyr-template conversations are Transformers' ids."""
+    from llm.inference.decoding import SamplingParams
+    from llm.inference.generate import TorchGenerator
+
+    from published import write_tinyllama_model
+
+    folder = write_tinyllama_model(tmp_path / "tinyllama")
+    import_hf(folder, tmp_path / "ours")
+    model, tokenizer, _ = load_checkpoint(tmp_path / "ours")
+    hf, shifted = hf_tokenizer(folder), lambda ids: [i + N_SPECIAL for i in ids]  # noqa: E731
+    assert tokenizer.kind == "sentencepiece_bpe"
+    text = "To be, or not to be: café\n"
+    assert prompt_ids(tokenizer, text) == shifted(hf(text)["input_ids"])  # <s> in front, é as <0xC3><0xA9>
+    assert tokenizer.decode(tokenizer.encode(text)) == " " + text  # the prepended space, which HF's decoder strips
+    ids = list(TorchGenerator(model, tokenizer).stream_generate(prompt_ids(tokenizer, PROMPT), SamplingParams(
+        max_new_tokens=NEW, temperature=0.0, stop_ids=generation_stop_ids(tokenizer))))
+    assert ids == shifted(hf_greedy(folder, hf(PROMPT)["input_ids"], NEW)) and len(ids) >= 5
+    for messages in (MULTI[1:2], MULTI):
+        assert encode_chat(tokenizer, messages, add_generation_prompt=True) == shifted(
+            hf_chat_ids(folder, messages, add_generation_prompt=True))

@@ -1,11 +1,16 @@
-"""Byte-level BPE (GPT-2's, also Llama 3's and Qwen's) run by Hugging Face ``tokenizers``, behind ``Tokenizer``.
+"""Transformers BPE tokenizers run by Hugging Face ``tokenizers``, behind ``Tokenizer``: byte-level BPE (GPT-2's,
+also Llama 3's, SmolLM2's and Qwen's, kind ``bytelevel_bpe``) and sentencepiece-style BPE with byte fallback
+(Llama 2's, TinyLlama's, Mistral's: pieces spell a space as U+2581 and unseen bytes as ``<0xNN>``, kind
+``sentencepiece_bpe``).
 
 The Transformers tokenizer (``tokenizer.json``) is stored in this project's id space: every id of the
 original shifted up by ``N_SPECIAL``, so the control tokens keep ids ``0..N_SPECIAL-1`` as in every other
 kind, written there as special added tokens (what a Transformers user of an exported folder sees).
 Encoding goes through a copy without any added tokens and without a post-processor, so no text, whatever
-it spells ("<|assistant|>", "<|endoftext|>"), encodes to a control id: it becomes ordinary byte-level
-pieces. Decoding uses the bytes of each piece (the byte-level alphabet mapped back), like the other kinds.
+it spells ("<|assistant|>", "<|endoftext|>"), encodes to a control id: it becomes ordinary pieces. Decoding
+uses the bytes of each piece (the byte-level alphabet mapped back; U+2581 as a space and ``<0xNN>`` as its byte),
+like the other kinds. A sentencepiece-style tokenizer puts a space before a text it encodes (its normalizer's
+prepended U+2581), so its decoded text starts with that space, which Transformers' decoder strips.
 
 ``tokenizers`` is imported when such a tokenizer is built or loaded, never by the rest of the library.
 """
@@ -23,6 +28,8 @@ from llm.io import atomic_write_text
 
 HF_FILE = "hf_tokenizer.json"  # beside our tokenizer.json: the Transformers tokenizer in our id space
 KIND = "bytelevel_bpe"
+SP_KIND = "sentencepiece_bpe"
+_SP_SPACE = "\u2581"
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -60,11 +67,10 @@ def shift_hf_tokenizer(spec: dict[str, Any], source: str) -> dict[str, Any]:
     control tokens added at ``0..N_SPECIAL-1``. Raises TokenizerError naming ``source`` when it is not a
     byte-level BPE."""
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not (_has_byte_level(spec.get("pre_tokenizer")) or
-                                          _has_byte_level(spec.get("decoder"))):
-        raise TokenizerError(f"{source}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) can be imported; "
-                             f"this one is {model.get('type')!r} with pre-tokenizer "
-                             f"{(spec.get('pre_tokenizer') or {}).get('type')!r}")
+    if hf_kind(spec) is None:
+        raise TokenizerError(f"{source}: only BPE tokenizers, byte-level (GPT-2, Llama 3, Qwen) or with byte "
+                             f"fallback (Llama 2, Mistral), can be imported; this one is {model.get('type')!r} with "
+                             f"pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')!r}")
     spec = copy.deepcopy(spec)
     spec["model"]["vocab"] = {piece: i + N_SPECIAL for piece, i in model["vocab"].items()}
     kept = [dict(t, id=t["id"] + N_SPECIAL) for t in spec.get("added_tokens") or []
@@ -75,6 +81,16 @@ def shift_hf_tokenizer(spec: dict[str, Any], source: str) -> dict[str, Any]:
     spec["truncation"] = spec["padding"] = None
     spec["post_processor"] = _shift_processor(spec.get("post_processor"))
     return spec
+
+
+def hf_kind(spec: dict[str, Any]) -> str | None:
+    """``bytelevel_bpe`` or ``sentencepiece_bpe`` for a ``tokenizer.json`` (parsed) this module can run, else None."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    if _has_byte_level(spec.get("pre_tokenizer")) or _has_byte_level(spec.get("decoder")):
+        return KIND
+    return SP_KIND if model.get("byte_fallback") else None
 
 
 def _shift_processor(processor: Any) -> Any:
@@ -123,15 +139,18 @@ class ByteLevelBPETokenizer(Tokenizer):
             if piece in added:  # an added token: its text, not byte-level pieces
                 pieces[i] = piece.encode()
                 continue
-            try:
-                pieces[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
-            except KeyError:
-                raise TokenizerError(f"{source}: piece {piece!r} is not in the byte-level alphabet") from None
+            pieces[i] = self._piece_bytes(piece, source)
         low = min(vocab.values())
         if low < N_SPECIAL:
             raise TokenizerError(f"{source}: piece id {low} collides with the control tokens 0..{N_SPECIAL - 1}")
         size = max(max(pieces) + 1, vocab_size or 0)
         super().__init__([pieces.get(i, b"") for i in range(size)])
+
+    def _piece_bytes(self, piece: str, source: str) -> bytes:
+        try:
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        except KeyError:
+            raise TokenizerError(f"{source}: piece {piece!r} is not in the byte-level alphabet") from None
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path, vocab_size: int | None = None) -> ByteLevelBPETokenizer:
@@ -152,7 +171,8 @@ class ByteLevelBPETokenizer(Tokenizer):
             path = folder / "vocab.json"
         else:
             raise TokenizerError(f"{folder}: no tokenizer.json (nor vocab.json and merges.txt) to import")
-        tokenizer = cls(shift_hf_tokenizer(spec, str(path)), vocab_size, str(path))
+        kind = SentencePieceBPETokenizer if hf_kind(spec) == SP_KIND else cls
+        tokenizer = kind(shift_hf_tokenizer(spec, str(path)), vocab_size, str(path))
         tokenizer.set_source(read_source_conventions(folder, spec))
         return tokenizer
 
@@ -179,6 +199,21 @@ class ByteLevelBPETokenizer(Tokenizer):
     def _save_files(self, directory: Path) -> dict[str, Any]:
         atomic_write_text(directory / HF_FILE, self.hf_json())
         return {"model_file": HF_FILE}
+
+
+class SentencePieceBPETokenizer(ByteLevelBPETokenizer):
+    """A sentencepiece-style BPE ``tokenizer.json`` with byte fallback (Llama 2, TinyLlama, Mistral) in this
+    project's id space: the same encoder, pieces read as text with U+2581 for a space and ``<0xNN>`` for a byte."""
+
+    kind = SP_KIND
+
+    def _piece_bytes(self, piece: str, source: str) -> bytes:
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace(_SP_SPACE, " ").encode("utf-8")
 
 
 # ------------------------------------------------------------------------------- the source's conventions
@@ -278,4 +313,5 @@ def load_bytelevel_bpe(directory: Path, config: dict[str, Any]) -> ByteLevelBPET
         raise TokenizerError(f"{path}: cannot read: {err}") from None
     if not isinstance(spec, dict) or "model" not in spec:
         raise TokenizerError(f"{path}: not a tokenizers file (no 'model')")
-    return ByteLevelBPETokenizer(spec, config.get("vocab_size"), str(path))
+    kind = SentencePieceBPETokenizer if config.get("kind") == SP_KIND else ByteLevelBPETokenizer
+    return kind(spec, config.get("vocab_size"), str(path))

@@ -3,7 +3,8 @@
 - ``byte``: the 256 UTF-8 byte values.
 - ``char``: every character seen in training, with the 256 bytes as fallback for unseen ones.
 - ``bpe`` / ``unigram``: sentencepiece subword models with byte fallback.
-- ``bytelevel_bpe``: a Transformers byte-level BPE (GPT-2's) run by ``tokenizers``, imported with a model
+- ``bytelevel_bpe`` / ``sentencepiece_bpe``: a Transformers BPE (GPT-2's byte-level one, or Llama 2's with byte
+  fallback) run by ``tokenizers``, imported with a model
   (``llm.data.hf_tokenizer``, ``llm import hf``), never trained here.
 
 Every vocabulary starts with the same reserved control tokens at ids ``0..len(SPECIAL_TOKENS)-1``
@@ -428,13 +429,13 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             tokenizer = SentencePieceTokenizer(kind, proto, source=str(model_path))
         except (RuntimeError, OSError) as err:  # sentencepiece's error for a corrupt model
             raise TokenizerError(f"{model_path}: not a valid sentencepiece model: {err}") from None
-    elif kind == "bytelevel_bpe":
+    elif kind in ("bytelevel_bpe", "sentencepiece_bpe"):
         from llm.data.hf_tokenizer import load_bytelevel_bpe
 
         tokenizer = load_bytelevel_bpe(Path(directory), config)
     else:
-        raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}; expected char, byte, bpe, unigram or "
-                             "bytelevel_bpe")
+        raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}; expected char, byte, bpe, unigram, "
+                             "bytelevel_bpe or sentencepiece_bpe")
     if config.get("vocab_size") != tokenizer.vocab_size:
         raise TokenizerError(
             f"{path}: vocab_size {config.get('vocab_size')} does not match the loaded {tokenizer.vocab_size}"

@@ -530,7 +530,7 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str | None:
     """A Transformers ``tokenizer.json`` that encodes text to the same ids as ``tokenizer`` (control tokens at
     ids 0..N_SPECIAL-1, as special tokens), or None for the ``char`` kind, which has none here, or when the
     converted sentencepiece model does not encode a probe text to the same ids (logged)."""
-    if tokenizer.kind == "bytelevel_bpe":
+    if tokenizer.kind in ("bytelevel_bpe", "sentencepiece_bpe"):
         return tokenizer.hf_json()
     if tokenizer.kind == "byte":
         return json.dumps(_byte_tokenizer_spec(), ensure_ascii=False)

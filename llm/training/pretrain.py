@@ -127,7 +127,8 @@ def pretrain(
 
         # said here, once: pretrain_identity reads the base's shape too (the stage asks it before training)
         log.info("starting from %s: its shape replaces params/model.yaml's (dropout kept)", base.hf_folder)
-        if tokenizer.kind != "bytelevel_bpe" or tokenizer.vocab_size != model_config.vocab_size:
+        imported = tokenizer.kind in ("bytelevel_bpe", "sentencepiece_bpe")
+        if not imported or tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(f"{tokenizer_dir} holds a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, not "
                              f"the one of {base.hf_folder}; re-run the tokenizer and tokenize stages with the same "
                              "params/base.yaml")
