@@ -306,7 +306,7 @@ def merge(
 @import_app.command("hf")
 def import_hf_cmd(
     folder: Path = typer.Argument(..., help="a Transformers save_pretrained folder (safetensors) of GPT-2, Llama or "
-                                            "Qwen3 with a byte-level BPE tokenizer"),
+                                            "Qwen3 with a BPE tokenizer (byte-level, or Llama 2's with byte fallback)"),
     out: Path = typer.Option(LAYOUT.artifact("base"), help="checkpoint folder to write"),
     context_length: int | None = typer.Option(None, min=1, help="keep only this many positions (faster training)"),
 ) -> None:

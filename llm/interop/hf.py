@@ -404,7 +404,8 @@ def base_model_config(folder: str | Path, context_length: int | None = None) -> 
 
 
 def load_hf_tokenizer(folder: str | Path, context_length: int | None = None):
-    """The byte-level BPE tokenizer of ``folder`` in our id space, sized for its model (``import_hf``)."""
+    """The BPE tokenizer of ``folder`` (byte-level, or sentencepiece-style with byte fallback) in our id space,
+    sized for its model (``import_hf``)."""
     from llm.data.hf_tokenizer import ByteLevelBPETokenizer
 
     config = base_model_config(folder, context_length)
