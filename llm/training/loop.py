@@ -358,8 +358,7 @@ def train(
         task = progress.add_task("train", total=params.max_steps, completed=run.step, loss=float("nan"), tps=0.0)
         meter.restart()
         if params.max_steps == 0 and not run.history:  # nothing to train: the start model, evaluated, is the result
-            run.history.append({"step": 0, **_validate(run)})
-            _write_checkpoint(run, _summary(run))
+            _checkpoint_the_start_model(run)
         with progress:
             while run.step < last_step:
                 _stop_if_signalled(run, stop)
@@ -401,6 +400,12 @@ def _log_early_stop(run: RunState) -> None:
     if run.step < run.params.max_steps and run.dist.is_main:
         log.info("stopped early at step %d of %d (until_step): the checkpoint in %s resumes from there when run "
                  "again without it", run.step, run.params.max_steps, run.out_dir)
+
+
+def _checkpoint_the_start_model(run: RunState) -> None:
+    """A run of ``max_steps: 0`` (a published model kept as it is): its validation loss and its checkpoint at step 0."""
+    run.history.append({"step": 0, **_validate(run)})
+    _write_checkpoint(run, _summary(run))
 
 
 def _meter_for(run: RunState) -> _Throughput:
