@@ -13,6 +13,7 @@ talks to it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,30 +229,37 @@ def _shell(command: str, cwd: Path, env: dict[str, str], stdin: str = "") -> sub
     return proc
 
 
-def _with_the_readme_client(root: Path, env: dict[str, str]) -> None:
-    """`llm serve` in the background, and the README's OpenAI client snippet against it (on the port it chose)."""
+@contextlib.contextmanager
+def _serving(command: str, root: Path, env: dict[str, str]) -> Iterator[int]:
+    """``command`` (an ``llm serve``) in the background on a free port, once it answers /health; its port."""
     port = _free_port()
-    server = subprocess.Popen(["bash", "-c", f"exec {SERVER} --port {port}"], cwd=root, env=env,
+    server = subprocess.Popen(["bash", "-c", f"exec {command} --port {port}"], cwd=root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert server.poll() is None, f"`{SERVER}` exited {server.returncode}:\n{server.stdout.read()[-4000:]}"
+            assert server.poll() is None, f"`{command}` exited {server.returncode}:\n{server.stdout.read()[-4000:]}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                     break
             except OSError:
-                assert time.monotonic() < deadline, f"`{SERVER}` did not answer /health in 90 s"
+                assert time.monotonic() < deadline, f"`{command}` did not answer /health in 90 s"
                 time.sleep(0.3)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _with_the_readme_client(root: Path, env: dict[str, str]) -> None:
+    """`llm serve` in the background, and the README's OpenAI client snippet against it (on the port it chose)."""
+    with _serving(SERVER, root, env) as port:
         [snippet] = [b for b in readme_python_blocks(README) if "from openai import OpenAI" in b]
         snippet = snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("max_tokens=100", "max_tokens=8")
         proc = subprocess.run([sys.executable, "-c", snippet], cwd=root, env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "completion_tokens=" in proc.stdout  # the usage printed after the answer
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_the_readme_commands_run_on_a_tiny_project(project):
@@ -276,22 +285,10 @@ def test_the_readme_commands_run_on_a_tiny_project(project):
 
 
 def _serve_and_ask(command: str, root: Path, env: dict[str, str]) -> str:
-    """``command`` (an ``llm serve``) in the background on a free port, one chat completion, then stop it."""
+    """``command`` (an ``llm serve``) in the background, one chat completion's answer, then the server stopped."""
     import json
 
-    port = _free_port()
-    server = subprocess.Popen(["bash", "-c", f"exec {command} --port {port}"], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, f"`{command}` exited {server.returncode}:\n{server.stdout.read()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"`{command}` did not answer /health in 90 s"
-                time.sleep(0.3)
+    with _serving(command, root, env) as port:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as response:
             model = json.loads(response.read())["data"][0]["id"]
         body = {"model": model, "messages": [{"role": "user", "content": "Who is Hamlet?"}], "max_tokens": 8,
@@ -300,9 +297,6 @@ def _serve_and_ask(command: str, root: Path, env: dict[str, str]) -> str:
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())["choices"][0]["message"]["content"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_the_published_model_commands_run_on_a_local_model(project):

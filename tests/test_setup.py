@@ -129,8 +129,8 @@ def test_the_start_from_gpt2_folder_changes_neither_git_nor_data_dvc(tmp_path):
 
     text = (REPO / "README.md").read_text(encoding="utf-8")
     saved = set(re.findall(r"save_pretrained\('([^']+)'\)", text))
-    assert saved == {"models/hf/gpt2"} and "llm import hf models/hf/gpt2" in text
-    assert "hf_folder: null          # e.g. models/hf/gpt2" in (REPO / "params" / "base.yaml").read_text()
+    assert saved == {"models/hf/qwen3"} and "llm import hf models/hf/qwen3" in text and "`models/hf/gpt2`" in text
+    assert "hf_folder: null          # e.g. models/hf/qwen3" in (REPO / "params" / "base.yaml").read_text()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
 
@@ -147,7 +147,7 @@ def test_the_start_from_gpt2_folder_changes_neither_git_nor_data_dvc(tmp_path):
     run("dvc", "init", "-q")
     run("dvc", "add", "-q", "data")
     before = (tmp_path / "data.dvc").read_text()
-    for folder in ("models/hf/gpt2", "data/hf/gpt2"):
+    for folder in ("models/hf/qwen3", "data/hf/gpt2"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "config.json").write_text("{}")
     run("dvc", "add", "-q", "data")
