@@ -388,7 +388,12 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535),
     fp32: bool = typer.Option(False, "--fp32", help="run model.onnx even when the export has an int8 model"),
     api_key: str | None = typer.Option(None, envvar="LLM_API_KEY", show_default=False,
-                                       help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY)"),
+                                       help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY); "
+                                            "required when --host reaches beyond this machine"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve beyond this machine without an API key"),
+    allowed_hosts: list[str] | None = typer.Option(
+        None, "--allowed-hosts", show_default="localhost, 127.0.0.1, ::1 and --host (any when --host is 0.0.0.0)",
+        help="Host header names answered (others: 421); repeat for several, '*' for any"),
     model_name: str | None = typer.Option(None, help="the model id clients send (default: from --model, e.g. "
                                                      "gpt/Production)"),
     threads: int = typer.Option(1, min=1, help="onnxruntime threads per decoder call; more suit a bigger model on "
@@ -424,7 +429,7 @@ def serve(
 
     try:
         run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
-                   engines=engines, limits=limits)
+                   engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth)
     except ServeError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None

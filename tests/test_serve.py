@@ -281,7 +281,7 @@ def test_bodies_over_the_limit_are_413_before_parsing(servers):
     connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
     chunks = (b" " * 1000 for _ in range(10))  # no Content-Length: counted while reading
     connection.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True,
-                       headers={"Transfer-Encoding": "chunked"})
+                       headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"})
     assert connection.getresponse().status == 413
     connection.close()
 
@@ -622,6 +622,98 @@ def test_a_stopped_engine_is_503_and_a_failed_generation_500_without_details(exp
     assert app.get("/health").status_code == 503
     stopped = app.post("/v1/completions", json={"model": "onnx", "prompt": "a"})
     assert stopped.status_code == 503 and stopped.json()["error"]["code"] == "engine_unavailable"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "onnx", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
+    (b'{"model": "onnx", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages.0.content.0.text"),
+    (b'{"model": "onnx", "messages": [{"role": "user", "content": "x"}], "stop": ["\\ud83d"]}', "stop.0"),
+    (b'{"model": "onnx", "messages": [{"role": "user", "content": "x"}], "\\ud800": 1}', "<a field name>"),
+    (b'{"model": "onnx", "messages": [{"role": "user", "content": "x"}], "user": "\xed\xa0\x80"}', "user"),
+])
+def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(export, body, param):
+    engine = ScriptedEngine(export, [Event(finish_reason="length")])
+    with _app_client(engine) as app:
+        reply = app.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        prompt = app.post("/v1/completions", content=b'{"model": "onnx", "prompt": "a\\udc80b"}',
+                          headers={"Content-Type": "application/json"})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and (error["param"], error["code"]) == (param, "invalid_unicode"), reply.text
+    assert error["message"].startswith(param)
+    assert prompt.status_code == 400 and prompt.json()["error"]["param"] == "prompt"
+    assert engine.prompts == []  # nothing reached the tokenizer's encode, let alone the engine
+
+
+def test_a_body_that_is_not_declared_json_is_415_before_it_is_read(export):
+    body = json.dumps({"model": "onnx", "prompt": "a"}).encode()
+    with _app_client(ScriptedEngine(export, [Event(finish_reason="length")])) as app:
+        for content_type in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            headers = {"Content-Type": content_type} if content_type else {}
+            reply = app.post("/v1/completions", content=body, headers=headers)
+            assert (reply.status_code, reply.json()["error"]["code"]) == (415, "unsupported_media_type")
+        ok = app.post("/v1/completions", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        assert ok.status_code == 200
+
+
+def test_a_host_header_outside_the_allowed_hosts_is_421(export):
+    from fastapi.testclient import TestClient
+
+    from llm.config import ServeLimits
+    from llm.serve import Served, allowed_hosts, create_app
+
+    assert allowed_hosts("127.0.0.1") == ("localhost", "127.0.0.1", "::1", "127.0.0.1")
+    assert allowed_hosts("0.0.0.0") == ("*",) and allowed_hosts("::1", ["Box.LAN"]) == ("box.lan",)
+    served = Served(ScriptedEngine(export, [Event(finish_reason="length")]), "onnx", ServeLimits(),
+                    allowed_hosts=allowed_hosts("127.0.0.1"))
+    with TestClient(create_app(served)) as app:
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"):
+            assert app.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil"):
+            reply = app.post("/v1/completions", json={"model": "onnx", "prompt": "a"}, headers={"Host": host})
+            assert (reply.status_code, reply.json()["error"]["code"]) == (421, "misdirected_request"), host
+            assert app.get("/health", headers={"Host": host}).status_code == 421
+
+
+def test_large_bodies_are_parsed_and_tokenized_off_the_event_loop(export, monkeypatch):
+    import asyncio
+
+    import llm.serve as serve
+
+    on_loop = []
+    prepare = serve._prepare_completion
+
+    def recording(served, raw):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread runs no event loop
+            on_loop.append(False)
+        return prepare(served, raw)
+
+    monkeypatch.setattr(serve, "_prepare_completion", recording)
+    engine = ScriptedEngine(export, [Event(finish_reason="length")])
+    with _app_client(engine, max_request_bytes=1 << 20) as app:
+        small = app.post("/v1/completions", json={"model": "onnx", "prompt": "a b"})
+        large = app.post("/v1/completions", json={"model": "onnx", "prompt": "a b " * 50_000})
+    assert small.status_code == 200 and on_loop == [True, False]
+    # tokenized on the worker thread too: its length is known, and past the model's context
+    assert (large.status_code, large.json()["error"]["code"]) == (400, "context_length_exceeded")
+
+
+@pytest.mark.parametrize("env_key, host", [("", "0.0.0.0"), (None, "192.168.1.1")])
+def test_binding_beyond_loopback_without_an_api_key_is_refused_at_start(tmp_path, env_key, host):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LLM_API_KEY", None)
+    if env_key is not None:
+        env["LLM_API_KEY"] = env_key
+    command = [sys.executable, "-m", "llm", "serve", "--model", str(tmp_path / "nothing"), "--host", host]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--no-auth" in proc.stderr, proc.stderr
+    if env_key == "":
+        assert "empty" in proc.stderr
+        allowed = subprocess.run([*command, "--no-auth"], env=env, capture_output=True, text=True, timeout=60)
+        assert allowed.returncode == 1 and "not an ONNX export folder" in allowed.stderr  # past the check
 
 
 def test_serve_without_an_export_is_one_line_and_exit_1(tmp_path):
