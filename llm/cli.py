@@ -549,13 +549,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from llm.data.corpus import CorpusError
     from llm.data.tokenizer import TokenizerError
     from llm.data.tokens import TokenDataError
+    from llm.io import FolderLocked
     from llm.model.checkpoint import CheckpointError
     from llm.model.lora import LoRAConfigError
     from llm.training.loop import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError,
-                                                 LoRAConfigError)
+                                                 LoRAConfigError, FolderLocked)
     for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError"),
                          ("llm.interop.hf", "InteropError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box

@@ -15,7 +15,26 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+# Upper bounds on sizes, checked when a params file is read, before anything is allocated: each is far above
+# any model this project trains or imports (Qwen3: 40,960 positions, 151,936 tokens, 94 layers, d_ff 25,600).
+MAX_CONTEXT = 1 << 20
+MAX_VOCAB = 1 << 22
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 1 << 16
+MAX_BATCH = 1 << 16
+MAX_YAML_VALUES = 100_000  # values a params file may expand to through its aliases (``*base``)
 
 
 class StrictModel(BaseModel):
@@ -24,6 +43,29 @@ class StrictModel(BaseModel):
 
     # allow_inf_nan=False: a learning_rate of .inf or a val_fraction of .nan passes gt/lt bounds otherwise
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse what pydantic's lax mode would coerce: ``true`` for a number (``n_layer: true`` would be 1),
+        a string or a number for a flag (``compile: 'yes'`` would be True), a string for a number."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if value is None or not kinds:
+            return value
+        if bool in kinds:
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+        elif isinstance(value, bool) or isinstance(value, str):
+            raise ValueError(f"must be a{'n integer' if kinds == {int} else ' number'}, not {value!r:.40}")
+        return value
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """``{int}``, ``{float}``, ``{bool}`` (or two of them) for a field typed so, with or without None;
+    empty for any other field (strings, sizes with units, lists, nested configs), left to pydantic."""
+    kinds = {int, float, bool}
+    parts = set(getattr(annotation, "__args__", ())) - {type(None)} or {annotation}
+    return parts if parts <= kinds else set()
 
 
 class RopeScaling(StrictModel):
@@ -79,15 +121,15 @@ class ModelConfig(StrictModel):
     channels per head, plain RoPE.
     """
 
-    vocab_size: int | None = Field(None, gt=0, description="set from the tokenizer when None")
-    context_length: int = Field(256, gt=0)
-    n_layer: int = Field(6, gt=0)
-    n_head: int = Field(6, gt=0)
-    n_kv_head: int | None = Field(None, gt=0, description="key/value heads (grouped-query attention): a divisor "
-                                  "of n_head; None: n_head")
-    d_model: int = Field(384, gt=0)
-    d_head: int | None = Field(None, gt=0, description="channels per head; None: d_model / n_head")
-    d_ff: int | None = Field(None, gt=0,
+    vocab_size: int | None = Field(None, gt=0, le=MAX_VOCAB, description="set from the tokenizer when None")
+    context_length: int = Field(256, gt=0, le=MAX_CONTEXT)
+    n_layer: int = Field(6, gt=0, le=MAX_LAYERS)
+    n_head: int = Field(6, gt=0, le=MAX_HEADS)
+    n_kv_head: int | None = Field(None, gt=0, le=MAX_HEADS, description="key/value heads (grouped-query "
+                                  "attention): a divisor of n_head; None: n_head")
+    d_model: int = Field(384, gt=0, le=MAX_WIDTH)
+    d_head: int | None = Field(None, gt=0, le=MAX_WIDTH, description="channels per head; None: d_model / n_head")
+    d_ff: int | None = Field(None, gt=0, le=4 * MAX_WIDTH,
                              description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
@@ -161,7 +203,8 @@ class TokenizerParams(StrictModel):
     """Which tokenizer to train and how (``params/tokenizer.yaml``)."""
 
     kind: Literal["char", "byte", "bpe", "unigram"] = "char"
-    vocab_size: int = Field(4096, gt=0, description="target size for bpe/unigram; ignored by char and byte")
+    vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB,
+                            description="target size for bpe/unigram; ignored by char and byte")
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
     max_train_chars: int = Field(50_000_000, gt=0, description="cap on text fed to the trainer")
     seed: int = 1337
@@ -173,7 +216,7 @@ class PretrainParams(StrictModel):
     seed: int = 1337
     max_steps: int = Field(2000, ge=0, description="0: no training, the start model of params/base.yaml evaluated "
                            "and checkpointed as it is (finetune a published model without continued pretraining)")
-    batch_size: int = Field(32, gt=0, description="sequences per micro-batch")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="sequences per micro-batch")
     grad_accum_steps: int = Field(1, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of learning_rate")
@@ -200,7 +243,7 @@ class PretrainParams(StrictModel):
 class EvalParams(StrictModel):
     """Evaluation of a checkpoint (``params/evaluate.yaml``)."""
 
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH)
     max_batches: int = Field(0, ge=0, description="0 evaluates the whole token file")
     prompts: list[str] = Field(default_factory=lambda: ["ROMEO.\n", "To be, or not", "KING HENRY.\nMy lords,"])
     max_new_tokens: int = Field(200, gt=0)
@@ -223,7 +266,7 @@ class BaseParams(StrictModel):
 
     hf_folder: str | None = Field(None, description="a local Transformers save_pretrained folder (safetensors) of "
                                   "GPT-2, Llama or Qwen3; None: train from scratch")
-    context_length: int | None = Field(None, gt=0, description="shorten the imported model's context "
+    context_length: int | None = Field(None, gt=0, le=MAX_CONTEXT, description="shorten the imported model's context "
                                        "(faster on a CPU); None keeps it")
 
 
@@ -269,13 +312,21 @@ def validate_params(model: type[P], data: Mapping | None, source: str) -> P:
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, path: str = "") -> None:
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, path: str = "",
+                       seen: list[int] | None = None) -> None:
     """Raise ParamsError naming ``source``, the key and both lines when a mapping holds a key twice
-    (PyYAML would keep the last value silently)."""
+    (PyYAML would keep the last value silently), or when the document expands, through aliases of aliases,
+    to more than ``MAX_YAML_VALUES`` values (nine nested ``*a`` make billions: refused before any is built)."""
+    seen = [0] if seen is None else seen
+    seen[0] += 1
+    if seen[0] > MAX_YAML_VALUES:
+        raise ParamsError(f"{source}: line {node.start_mark.line + 1}: the document expands to more than "
+                          f"{MAX_YAML_VALUES} values through its aliases (*name); write the values out")
     if isinstance(node, yaml.MappingNode):
         first_line: dict[Any, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:  # ``<<: *base`` may be overridden by explicit keys, as YAML intends
+                _check_unique_keys(loader, value_node, source, path, seen)
                 continue
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -288,10 +339,10 @@ def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, pa
                 raise ParamsError(f"{source}: line {line}: duplicate key {name!r} (first on line {first}); "
                                   "keep one of them")
             first_line[key] = line
-            _check_unique_keys(loader, value_node, source, f"{name}.")
+            _check_unique_keys(loader, value_node, source, f"{name}.", seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_unique_keys(loader, item, source, f"{path}{i}.")
+            _check_unique_keys(loader, item, source, f"{path}{i}.", seen)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -473,7 +524,7 @@ class FinetuneParams(PretrainParams):
     """
 
     max_steps: int = Field(300, gt=0)
-    batch_size: int = Field(16, gt=0, description="conversations per micro-batch")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="conversations per micro-batch")
     learning_rate: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)

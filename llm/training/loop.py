@@ -48,6 +48,7 @@ import torch
 from llm.config import ModelConfig, PretrainParams
 from llm.data.tokenizer import Tokenizer
 from llm.data.tokens import bits_per_byte
+from llm.io import folder_lock
 from llm.model.checkpoint import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -345,7 +346,8 @@ def train(
     of processes.
     """
     run = _start_run(model, tokenizer, data, params, Path(out_dir), metadata or {}, inputs or {})
-    with _StopSignals() as stop:
+    # the main process writes the folder: a second run on it fails here, before it touches anything
+    with _StopSignals() as stop, folder_lock(run.out_dir) if run.dist.is_main else contextlib.nullcontext():
         _settle_checkpoint_folder(run, resume)
         last_step = min(params.max_steps, until_step or params.max_steps)
         train_model = _wrap_model(run)
