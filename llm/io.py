@@ -41,6 +41,7 @@ except ImportError:  # Windows: no flock; writers are not excluded there (see ``
 
 HASH_CHUNK_BYTES = 1 << 20
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_TEMP_OF = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")  # the name of what a temporary was to become
 
 
 def _temp_path(dest: str | Path) -> Path:
@@ -265,6 +266,24 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
+
+
+def remove_killed_writes(parent: str | Path) -> list[str]:
+    """Delete the temporary files and folders that killed writers left in ``parent`` (``.<name>.<hex>.tmp``),
+    each only while holding ``folder_lock`` of its ``<name>``: a write still in progress keeps its own.
+    Returns the names of the folders and files whose leftovers were removed, sorted."""
+    parent = Path(parent)
+    names = sorted({m.group(1) for p in parent.glob(".*.tmp") if (m := _TEMP_OF.match(p.name))}) \
+        if parent.is_dir() else []
+    removed = []
+    for name in names:
+        try:
+            with folder_lock(parent / name):
+                remove_stale_temp_files(parent / name)
+        except FolderLocked:
+            continue
+        removed.append(name)
+    return removed
 
 
 @contextmanager
