@@ -418,12 +418,22 @@ def serve(
     stream_interval: float | None = typer.Option(
         None, min=0, show_default=f"{_SERVE_LIMITS.stream_interval_s:g}",
         help="seconds: streamed tokens decoded within this of the last chunk share the next one (0: each alone)"),
+    max_connections: int | None = typer.Option(
+        None, min=1, show_default=str(_SERVE_LIMITS.max_connections),
+        help="open connections; past it the one idle longest is closed (kept below ulimit -n)"),
+    header_timeout: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.header_timeout_s:g}",
+                                                help="seconds a request's headers may take to arrive; beyond: 408"),
+    body_timeout: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.body_timeout_s:g}",
+                                              help="seconds a request's body may take after its headers; beyond: 408"),
+    keep_alive: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.keep_alive_s:g}",
+                                            help="seconds an idle kept-alive connection stays open"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
     ONNX Runtime, without PyTorch."""
     given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
-             "request_timeout_s": timeout, "stream_interval_s": stream_interval}
+             "request_timeout_s": timeout, "stream_interval_s": stream_interval, "max_connections": max_connections,
+             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "keep_alive_s": keep_alive}
     limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
     from llm.serve import ServeError, run_server
 

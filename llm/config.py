@@ -455,7 +455,9 @@ class ServeLimits(StrictModel):
     """What ``llm serve`` accepts and how much work it queues (options of ``llm serve``, like FetchLimits).
 
     A request past a limit is refused with the HTTP status that says why (413 for its size, 400 for its
-    tokens, 429 when the queue is full, 504 past the timeout) before any work is spent on it.
+    tokens, 429 when the queue is full, 504 past the timeout) before any work is spent on it; a client too
+    slow to send its request is cut (408 and a closed socket), and the connections are capped
+    (``llm.connection_limits``).
     """
 
     max_request_bytes: ByteSize = Field(ByteSize(1 << 20), gt=0, description="bytes of a request body")
@@ -467,6 +469,12 @@ class ServeLimits(StrictModel):
     request_timeout_s: float = Field(60.0, gt=0, description="deadline of a request, queueing included")
     stream_interval_s: float = Field(0.02, ge=0, description="a streamed answer's tokens that decode within "
                                      "this long of its last chunk go out as one chunk (0: each at once)")
+    max_connections: int = Field(1000, gt=0, description="open connections; past it the one idle longest is "
+                                 "closed (kept below the process's file limit, ulimit -n)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must all arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must all arrive within this of its "
+                                  "headers")
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
 
     @model_validator(mode="after")
     def _check_default(self) -> ServeLimits:

@@ -44,8 +44,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from llm.config import ServeLimits
+from llm.connection_limits import connection_cap, guarded_protocol, quiet_accept_errors
 from llm.data.chat_template import encode_chat, generation_stop_ids, prompt_ids
 from llm.data.source_template import ChatTemplateError
 from llm.inference import openai_api as api
@@ -300,10 +302,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if length is not None and (not length.isdigit() or int(length) > max_bytes):
         raise too_large if length.isdigit() else api.invalid("invalid Content-Length header")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect:  # gone, or cut for sending its body too slowly (``llm.connection_limits``)
+        raise ClientGone() from None
     return bytes(body)
 
 
@@ -606,6 +611,7 @@ def create_app(served: Served) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop())
         served.engine.start()
         try:
             yield
@@ -656,6 +662,15 @@ def default_model_name(uri: str) -> str:
     return Path(uri).resolve().name
 
 
+def _protocol(limits: ServeLimits) -> type:
+    """uvicorn's HTTP protocol (httptools where installed, else h11) with the header and body deadlines and
+    the connection cap of ``limits`` (``llm.connection_limits``)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return guarded_protocol(AutoHTTPProtocol, max_connections=connection_cap(limits.max_connections),
+                            header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
+
+
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,
                api_key: str | None = None, model_name: str | None = None, threads: int | None = None,
                engines: int = 1, limits: ServeLimits | None = None, hosts: list[str] | None = None,
@@ -681,6 +696,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: b
         print(f"serving {served.model_name} ({engine.model_file}) at {url}", flush=True)
         key = '"<your key>"' if served.api_key else '"none"'
         print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
-        uvicorn.run(create_app(served), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(served), host=host, port=port, log_level="info", http=_protocol(limits),
+                    timeout_keep_alive=limits.keep_alive_s)
     finally:
         engine.stop()  # the app's shutdown stopped it already, unless uvicorn never started it

@@ -3,6 +3,7 @@ Runtime, spoken to by the official ``openai`` client and by raw HTTP, on real se
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -714,6 +715,74 @@ def test_binding_beyond_loopback_without_an_api_key_is_refused_at_start(tmp_path
         assert "empty" in proc.stderr
         allowed = subprocess.run([*command, "--no-auth"], env=env, capture_output=True, text=True, timeout=60)
         assert allowed.returncode == 1 and "not an ONNX export folder" in allowed.stderr  # past the check
+
+
+def _limit_open_files(n: int):
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return limit
+
+
+def test_hundreds_of_idle_half_header_and_trickling_sockets_leave_health_and_clients_served(export):
+    """Under `ulimit -n 256`, 300 hostile sockets (idle, headers never finished, a body at a byte per 0.5 s):
+    /health answers within a second throughout, an ordinary request is served, the slow ones are cut after
+    the header and body deadlines (2 s here), and the log stays small."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LLM_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "llm", "serve", "--model", str(export), "--port", str(port),
+                             "--threads", "1", "--header-timeout", "2", "--body-timeout", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_limit_open_files(256))
+    output = bytearray()
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout.read()), daemon=True)
+    url = f"http://127.0.0.1:{port}"
+    sockets: dict[str, list[socket.socket]] = {"idle": [], "half": [], "trickle": []}
+    try:
+        _wait_healthy(proc, url)
+        reader.start()  # a log nobody reads would block the server once the pipe is full
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        for i in range(300):
+            kind = ("idle", "half", "trickle")[i % 3]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if kind != "idle":
+                sock.sendall(head.encode() + (b"Content-Length: 1000\r\n\r\n{" if kind == "trickle" else b""))
+            sockets[kind].append(sock)
+        start, slowest = time.monotonic(), 0.0
+        while time.monotonic() - start < 4:
+            for sock in sockets["trickle"]:
+                with contextlib.suppress(OSError):
+                    sock.send(b" ")
+            began = time.monotonic()
+            assert _health(url)["status"] == "ok"
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.5)
+        status, body = _post(f"{url}/v1/completions", {"model": "onnx", "prompt": "a", "max_tokens": 3})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+        assert slowest < 1.0, slowest
+        for kind in ("half", "trickle", "idle"):
+            cut = sum(_closed_by_server(sock) for sock in sockets[kind])
+            assert cut == len(sockets[kind]), (kind, cut)  # by their deadline, or to make room (the idle)
+    finally:
+        for sock in (s for group in sockets.values() for s in group):
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    assert len(output) < 20_000 and b"out of system resource" not in output, output[-2000:]
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (after a 408 or nothing)."""
+    sock.settimeout(0.5)
+    try:
+        data = sock.recv(4096)
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 408")
 
 
 def test_serve_without_an_export_is_one_line_and_exit_1(tmp_path):
