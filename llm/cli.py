@@ -427,13 +427,24 @@ def serve(
                                               help="seconds a request's body may take after its headers; beyond: 408"),
     keep_alive: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.keep_alive_s:g}",
                                             help="seconds an idle kept-alive connection stays open"),
+    engine_heartbeat_timeout: float | None = typer.Option(
+        None, min=0.001, show_default=f"{_SERVE_LIMITS.engine_heartbeat_timeout_s:g}",
+        help="seconds without a heartbeat after which an engine is killed and replaced (its requests: 503)"),
+    engine_max_restarts: int | None = typer.Option(
+        None, min=0, show_default=str(_SERVE_LIMITS.engine_max_restarts),
+        help="more engine replacements than this within --engine-restart-window: exit 1"),
+    engine_restart_window: float | None = typer.Option(
+        None, min=0.001, show_default=f"{_SERVE_LIMITS.engine_restart_window_s:g}",
+        help="seconds over which --engine-max-restarts counts"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
     ONNX Runtime, without PyTorch."""
     given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
              "request_timeout_s": timeout, "stream_interval_s": stream_interval, "max_connections": max_connections,
-             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "keep_alive_s": keep_alive}
+             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "keep_alive_s": keep_alive,
+             "engine_heartbeat_timeout_s": engine_heartbeat_timeout, "engine_max_restarts": engine_max_restarts,
+             "engine_restart_window_s": engine_restart_window}
     limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
     from llm.serve import ServeError, run_server
 

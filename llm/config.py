@@ -475,6 +475,11 @@ class ServeLimits(StrictModel):
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must all arrive within this of its "
                                   "headers")
     keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    engine_heartbeat_timeout_s: float = Field(2.0, gt=0, description="an engine silent this long is killed and "
+                                              "replaced (its requests: 503)")
+    engine_max_restarts: int = Field(5, ge=0, description="more engine replacements than this within "
+                                     "engine_restart_window_s: the server exits non-zero")
+    engine_restart_window_s: float = Field(60.0, gt=0, description="the window of engine_max_restarts")
 
     @model_validator(mode="after")
     def _check_default(self) -> ServeLimits:

@@ -487,9 +487,13 @@ def _model_card(served: Served) -> dict[str, Any]:
 
 
 async def health(request: Request) -> JSONResponse:
+    """200 while every engine runs and beats; else 503 with ``problems`` naming each engine being replaced."""
     served: Served = request.app.state.served
-    running = served.engine.running
+    problems = served.engine.problems() if hasattr(served.engine, "problems") else []
+    running = served.engine.running and not problems
     body = {"status": "ok" if running else "unavailable", "model": served.model_name, "engine": served.engine.stats()}
+    if problems:
+        body["problems"] = problems
     return JSONResponse(body, status_code=200 if running else 503)
 
 
@@ -683,10 +687,14 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: b
     check_exposure(host, api_key, no_auth)
     limits = limits or ServeLimits()
     export = resolve_export(model)
+    servers: list[uvicorn.Server] = []  # the one uvicorn server, which the engines' supervisor stops on giving up
     try:
         engine = EnginePool(export, engines=engines, fp32=fp32, threads=threads, max_batch=limits.max_batch,
                             max_queue=limits.max_queue,  # tokens wait there a quarter of a stream's pause at most
-                            flush_s=min(EVENT_FLUSH_S, limits.stream_interval_s / 4)).start()
+                            flush_s=min(EVENT_FLUSH_S, limits.stream_interval_s / 4),
+                            heartbeat_timeout_s=limits.engine_heartbeat_timeout_s,
+                            max_restarts=limits.engine_max_restarts, restart_window_s=limits.engine_restart_window_s,
+                            on_give_up=lambda why: [setattr(s, "should_exit", True) for s in servers]).start()
     except (FileNotFoundError, ValueError, EngineProcessError) as err:
         raise ServeError(f"cannot load {model}: {err}") from None
     try:
@@ -696,7 +704,10 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: b
         print(f"serving {served.model_name} ({engine.model_file}) at {url}", flush=True)
         key = '"<your key>"' if served.api_key else '"none"'
         print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
-        uvicorn.run(create_app(served), host=host, port=port, log_level="info", http=_protocol(limits),
-                    timeout_keep_alive=limits.keep_alive_s)
+        servers.append(uvicorn.Server(uvicorn.Config(create_app(served), host=host, port=port, log_level="info",
+                                                     http=_protocol(limits), timeout_keep_alive=limits.keep_alive_s)))
+        servers[0].run()
+        if engine.gave_up:  # exit non-zero: Docker's or systemd's restart policy takes over
+            raise ServeError(engine.gave_up)
     finally:
         engine.stop()  # the app's shutdown stopped it already, unless uvicorn never started it

@@ -3,6 +3,7 @@ Runtime, spoken to by the official ``openai`` client and by raw HTTP, on real se
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import json
@@ -418,24 +419,119 @@ def test_an_event_loop_that_cannot_watch_a_pipe_gets_the_events_through_a_thread
     assert threaded and [e.finish_reason for e in events] == [None] * 5 + ["length"]
 
 
-def test_a_dead_engine_process_ends_the_requests_in_flight_and_the_server_answers_503(export):
+def _engine_pid(proc: subprocess.Popen, other_than: int | None = None, timeout: float = 30) -> int:
+    """The pid of the server's (single) engine process, once it has loaded onnxruntime."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error, OSError):
+            pids = [e.pid for e in _processes(proc)[0] if e.pid != other_than and e.status() != "zombie"]
+            if len(pids) == 1:
+                return pids[0]
+        time.sleep(0.05)
+    raise AssertionError("no engine process")
+
+
+def test_a_dead_engine_process_ends_its_requests_with_503_and_is_replaced(export):
     proc, url = _start(export, "--max-tokens", "1000000")
     try:
         _wait_healthy(proc, url)
         stream = _open_stream(url)
-        (engine,), _ = _processes(proc)
-        engine.kill()
+        first = _engine_pid(proc)
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
         body = stream.response.read().decode()  # the stream ends at once: no wait for the request's deadline
         assert '"code": "engine_unavailable"' in body and "[DONE]" not in body
-        assert proc.poll() is None  # the server itself stays up and says what is wrong
-        with pytest.raises(urllib.error.HTTPError) as health:
+        with pytest.raises(urllib.error.HTTPError) as health:  # until the new engine has loaded
             _health(url)
-        assert health.value.code == 503 and json.loads(health.value.read())["status"] == "unavailable"
-        status, error = _chat(url, max_tokens=2)
-        assert (status, error["code"]) == (503, "engine_unavailable")
+        unhealthy = json.loads(health.value.read())
+        assert health.value.code == 503 and unhealthy["status"] == "unavailable"
+        assert "engine 0" in unhealthy["problems"][0] and "exited" in unhealthy["problems"][0]
+        chat = {"model": "onnx", "messages": MESSAGES, "max_tokens": 2}
+        while _post(f"{url}/v1/chat/completions", chat)[0] != 200:
+            assert time.monotonic() - killed < 5 and proc.poll() is None
+            time.sleep(0.1)
+        assert _health(url)["status"] == "ok" and _engine_pid(proc) != first
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def _chaos_client(url: str, stop: threading.Event, outcomes: list) -> None:
+    """Streams completions until ``stop``: each outcome is ("ok", end time) or ("error", code, end time)."""
+    host, port = url.removeprefix("http://").split(":")
+    while not stop.is_set():
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            connection.request("POST", "/v1/completions", body=json.dumps(
+                {"model": "onnx", "prompt": "a", "max_tokens": 30, "temperature": 0, "stream": True}),
+                headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            body = response.read().decode()
+            if response.status == 200 and body.endswith("data: [DONE]\n\n"):
+                outcomes.append(("ok", time.monotonic()))
+            else:
+                code = json.loads(body.rsplit("data: ", 1)[-1] if response.status == 200 else body)["error"]["code"]
+                outcomes.append(("error", code, time.monotonic()))
+                stop.wait(0.1)  # a client that retries at once would only load the machine meanwhile
+        except Exception as err:  # noqa: BLE001 - recorded, and the test fails on it
+            outcomes.append(("broken", repr(err), time.monotonic()))
+        finally:
+            connection.close()
+
+
+@pytest.mark.slow
+def test_chaos_the_server_outlives_killed_and_stopped_engines_under_eight_streaming_clients(export):
+    proc, url = _start(export, "--engine-heartbeat-timeout", "1.5")
+    stop, outcomes, seen, log = threading.Event(), [], set(), []
+    clients = [threading.Thread(target=_chaos_client, args=(url, stop, outcomes)) for _ in range(8)]
+    try:
+        _wait_healthy(proc, url)
+        threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()  # a full pipe would block it
+        server = psutil.Process(proc.pid)
+        for client in clients:
+            client.start()
+        time.sleep(2)
+        rss_before, recovery = server.memory_info().rss, []
+        for fault in (signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL):
+            engine = _engine_pid(proc)
+            seen.add(engine)
+            os.kill(engine, fault)
+            struck = time.monotonic()
+            while not any(o[0] == "ok" and o[-1] > struck + 0.2 for o in outcomes):
+                assert time.monotonic() - struck < 5, f"no success within 5 s of {fault!r}"
+                time.sleep(0.05)
+            recovery.append(min(o[-1] for o in outcomes if o[0] == "ok" and o[-1] > struck + 0.2) - struck)
+            seen.add(_engine_pid(proc, other_than=engine))
+            time.sleep(1)
+        stop.set()
+        for client in clients:
+            client.join(timeout=60)
+        assert proc.poll() is None and _health(url)["status"] == "ok"
+        assert sum("being replaced" in line or "it is replaced" in line for line in log) == 4, log[-20:]
+        kinds = collections.Counter(o[0] if o[0] == "ok" else f"{o[0]}:{o[1]}" for o in outcomes)
+        assert set(kinds) <= {"ok", "error:engine_unavailable"}, kinds  # completed, or a clear 503
+        assert kinds["ok"] > 20 and max(recovery) < 5, (kinds, recovery)
+        assert server.memory_info().rss - rss_before < 50 << 20  # flat: no leak per fault
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(timeout=30)
+    alive = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert alive == []  # no engine left behind, the killed, the stopped or the last
+
+
+def test_engines_failing_again_and_again_make_the_server_exit_non_zero(export):
+    proc, url = _start(export, "--engine-max-restarts", "1", "--engine-restart-window", "60")
+    try:
+        _wait_healthy(proc, url)
+        first = _engine_pid(proc)
+        os.kill(first, signal.SIGKILL)
+        os.kill(_engine_pid(proc, other_than=first), signal.SIGKILL)  # the replacement dies too
+        assert proc.wait(timeout=30) == 1
+        assert "engine failures within 60 s" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_the_engine_process_ends_with_its_server_even_a_killed_one(export):
