@@ -448,6 +448,9 @@ def serve(
     limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
     from llm.serve import ServeError, run_server
 
+    if api_key is None and os.environ.get("LLM_API_KEY") == "":
+        api_key = ""  # click reads an empty variable as unset; an empty key is a mistake to say so about
+
     try:
         run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
                    engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth)

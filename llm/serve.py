@@ -706,7 +706,10 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: b
         print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
         servers.append(uvicorn.Server(uvicorn.Config(create_app(served), host=host, port=port, log_level="info",
                                                      http=_protocol(limits), timeout_keep_alive=limits.keep_alive_s)))
-        servers[0].run()
+        try:
+            servers[0].run()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down in order and raises it again; as uvicorn.run does
+            pass
         if engine.gave_up:  # exit non-zero: Docker's or systemd's restart policy takes over
             raise ServeError(engine.gave_up)
     finally:
