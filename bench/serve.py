@@ -302,15 +302,17 @@ def engine_pids(server: Server) -> list[int]:
 
 
 def chaos_client(port: int, model: str, stop: threading.Event, outcomes: list, max_tokens: int) -> None:
-    """Streamed chats until ``stop``; each outcome ("ok" or the error's first words, time.monotonic())."""
+    """Streamed chats until ``stop``; each outcome ("ok" or the error's first words, when it was sent, when it
+    ended, by time.monotonic())."""
     seed = 0
     while not stop.is_set():
         seed += 1
+        sent = time.monotonic()
         try:
             llm_chat(port, model, QUESTIONS[seed % len(QUESTIONS)], seed, max_tokens)
-            outcomes.append(("ok", time.monotonic()))
+            outcomes.append(("ok", sent, time.monotonic()))
         except Exception as err:  # noqa: BLE001 - counted by kind
-            outcomes.append((" ".join(str(err).split()[:4]), time.monotonic()))
+            outcomes.append((" ".join(str(err).split()[:4]), sent, time.monotonic()))
             stop.wait(0.1)
 
 
@@ -336,11 +338,11 @@ def run_chaos(args: argparse.Namespace, logs: Path) -> bool:
             seen.add(engine)
             os.kill(engine, fault)
             struck = time.monotonic()
-            while time.monotonic() - struck < 30 and not any(o == "ok" and t > struck for o, t in outcomes):
+            while time.monotonic() - struck < 30 and not any(o == "ok" and t > struck for o, t, _ in outcomes):
                 time.sleep(0.05)
-            after = [t - struck for o, t in outcomes if o == "ok" and t > struck]
+            after = [end - struck for o, sent, end in outcomes if o == "ok" and sent > struck]
             recovery.append(min(after) if after else float("inf"))
-            print(f"{fault.name}: first success after {recovery[-1]:.2f} s", flush=True)
+            print(f"{fault.name}: first success (a request sent after it) {recovery[-1]:.2f} s after it", flush=True)
             time.sleep(2)
             seen.update(engine_pids(server))
         rss.append(server.rss_mb())
@@ -352,7 +354,7 @@ def run_chaos(args: argparse.Namespace, logs: Path) -> bool:
         stop.set()
         server.stop()
     left = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    kinds = collections.Counter(o for o, _ in outcomes)
+    kinds = collections.Counter(o for o, _, _ in outcomes)
     print(f"server up throughout: {up}; outcomes: {dict(kinds)}; rss {rss[0]:.0f} -> {rss[-1]:.0f} MB (with its "
           f"engine); engine processes left behind: {left}")
     return up and max(recovery) < 5 and not left
