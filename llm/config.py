@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 # Upper bounds on sizes, checked when a params file is read, before anything is allocated: each is far above
 # any model this project trains or imports (Qwen3: 40,960 positions, 151,936 tokens, 94 layers, d_ff 25,600).
@@ -54,9 +55,11 @@ class StrictModel(BaseModel):
             return value
         if bool in kinds:
             if not isinstance(value, bool):
-                raise ValueError("must be true or false")
+                raise PydanticCustomError("not_converted", "Input should be a valid boolean: true or false "
+                                          "(nothing else is converted)")
         elif isinstance(value, bool) or isinstance(value, str):
-            raise ValueError(f"must be a{'n integer' if kinds == {int} else ' number'}, not {value!r:.40}")
+            raise PydanticCustomError("not_converted", "Input should be a valid {what} (a boolean or a string is "
+                                      "not converted)", {"what": "integer" if kinds == {int} else "number"})
         return value
 
 
