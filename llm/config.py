@@ -49,15 +49,16 @@ class StrictModel(BaseModel):
     @classmethod
     def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
         """Refuse what pydantic's lax mode would coerce: ``true`` for a number (``n_layer: true`` would be 1),
-        a string or a number for a flag (``compile: 'yes'`` would be True), a string for a number."""
+        a string or a number for a flag (``compile: 'yes'`` would be True), a string for an integer."""
         kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
         if value is None or not kinds:
             return value
         if bool in kinds:
             if not isinstance(value, bool):
                 raise PydanticCustomError("not_converted", "Input should be a valid boolean: true or false "
-                                          "(nothing else is converted)")
-        elif isinstance(value, bool) or isinstance(value, str):
+                                          "(anything else is not converted)")
+        elif isinstance(value, bool) or (isinstance(value, str) and kinds != {float}):
+            # a float may be a string: YAML 1.1 reads ``3e-4`` (no dot) as one, and pydantic parses it strictly
             raise PydanticCustomError("not_converted", "Input should be a valid {what} (a boolean or a string is "
                                       "not converted)", {"what": "integer" if kinds == {int} else "number"})
         return value

@@ -196,14 +196,20 @@ def test_nested_aliases_are_refused_before_they_expand(tmp_path):
     (ModelConfig, "qk_norm: 'yes'", "qk_norm"),
     (ModelConfig, "tie_weights: 1", "tie_weights"),
     (ModelConfig, "d_model: '384'", "d_model"),
-    (PretrainParams, "learning_rate: '0.1'", "learning_rate"),
+    (PretrainParams, "learning_rate: true", "learning_rate"),
     (PretrainParams, "batch_size: false", "batch_size"),
 ])
 def test_params_types_are_not_coerced(tmp_path, model, text, key):
     path = tmp_path / "params.yaml"
     path.write_text(text + "\n")
-    with pytest.raises(ParamsError, match=rf"^{path}: {key}: "):
+    with pytest.raises(ParamsError, match=rf"^{path}: {key}: Input should be a valid .* is not converted"):
         load_params(model, path)
+
+
+def test_a_float_written_without_a_dot_still_loads(tmp_path):
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("learning_rate: 3e-4\n")  # YAML 1.1 reads it as a string
+    assert load_params(PretrainParams, path).learning_rate == 3e-4
 
 
 @pytest.mark.parametrize(("model", "key", "value"), [
