@@ -17,6 +17,11 @@ before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens
 (429), a deadline for the whole request (504). A client that goes away cancels its request. Every error,
 the unexpected ones included, is answered in OpenAI's shape without a traceback or an echo of the input.
 
+Before any route: ``HostGuard`` answers 421 to a ``Host`` outside ``--allowed-hosts``; a body must be
+``application/json`` (415); a string that is not valid Unicode is a 400 naming its field; a body over
+``OFFLOAD_BYTES`` is parsed and tokenized on a worker thread. The connections themselves are bounded by
+``llm.connection_limits``; ``/health`` answers 503 naming an engine being replaced (``EnginePool``).
+
 ``run_server`` is what ``llm serve`` calls: it resolves the model URI (an export folder, ``models:/...`` or
 ``runs:/...`` through ``llm.mlops.lookup``), starts the engine process on the int8 model when the export has
 one, and runs uvicorn.

@@ -12,6 +12,7 @@ The protocol, one pickled message at a time:
                         ("cancel", job id)        ("stop",)
     engine -> server    ("ready", model file name) or ("failed", message), once, after loading the model
                         [(job id, token id, finish reason, error), ...]: the events of one or more decoder steps
+                        ("heartbeat",): alive, nothing else to say
 
 The engine process sends after a decoder step only when an event is urgent (a request's first token, for the
 time to first token, or its end) or ``flush_s`` (``EVENT_FLUSH_S``) has passed since the last message, so that
@@ -24,6 +25,9 @@ process's own queue is made large enough never to refuse what the server let thr
 The engine process ignores SIGINT (Ctrl-C reaches the whole process group; the server stops it in order) and
 exits when the server asks, when the pipe closes (the server died, even by SIGKILL), or when its worker fails.
 When it ends unasked, every request in flight ends "cancelled" (HTTP 503) and ``running`` turns False.
+It also sends ``("heartbeat",)`` when it has sent nothing for ``HEARTBEAT_S``; ``EnginePool`` replaces an
+engine that exited or fell silent (see its docstring). The server's messages go through a queue and a thread
+of their own (``_send``), so its event loop never blocks on a pipe that a stalled engine stopped reading.
 
 No torch here (an import-linter contract checks it).
 """
