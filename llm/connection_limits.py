@@ -139,7 +139,7 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval_s: float = 10.
             return
         last[message] = (now, 0)
         if skipped:
-            context = {**context, "message": f"{message} (and {skipped} more in the last {now - since:.0f} s)"}
+            context = {**context, "message": f"{message} (and {skipped} more in the last {now - since:.1f} s)"}
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
