@@ -7,8 +7,9 @@
 # lets through only the package, the requirements and artifacts/onnx: add a `!` line for another folder.
 #
 # Run:
-#   docker run --rm --init -p 8000:8000 llm-serve                              # the export baked in at /model
-#   docker run --rm --init -p 8000:8000 -v "$PWD/artifacts/onnx:/model:ro" llm-serve   # or mount one over it
+#   docker run --rm --init -p 8000:8000 -e LLM_API_KEY=... llm-serve          # the export baked in at /model
+#   docker run --rm --init -p 8000:8000 -e LLM_API_KEY=... -v "$PWD/artifacts/onnx:/model:ro" llm-serve
+# It binds 0.0.0.0 inside the container, so it refuses to start without a key (`--no-auth` to mean it).
 # A registry model is resolved outside the image, which has no MLflow: the version's tag onnx.artifact_uri
 # names its export; `mlflow artifacts download --artifact-uri <that URI> --dst-path exports/prod` fetches it
 # into exports/prod/onnx, to build with (MODEL=exports/prod/onnx) or to mount.

@@ -33,14 +33,17 @@ Usage (in a project where ``dvc repro`` has registered and exported a model, e.g
     python bench/serve.py                                   # models:/gpt/Production, 20 s per row, 120 s long run
     python bench/serve.py --engines 1 --skip-mlflow         # llm serve's default alone
     python bench/serve.py --seconds 10 --long-seconds 0 --json serve.json
+    python bench/serve.py --chaos --model artifacts/onnx  # engine killed 3 times, stopped once, under 8 clients
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -289,6 +292,74 @@ def print_table(rows: list[dict]) -> None:
               f"{r['cpu_us_per_token']:>7.0f} {r['load_avg']:>5.2f}  {rss}")
 
 
+def engine_pids(server: Server) -> list[int]:
+    """The engine processes of ``llm serve`` (its children started by multiprocessing's spawn)."""
+    try:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        return [c.pid for c in children if "spawn_main" in " ".join(c.cmdline()) and c.status() != "zombie"]
+    except psutil.Error:
+        return []
+
+
+def chaos_client(port: int, model: str, stop: threading.Event, outcomes: list, max_tokens: int) -> None:
+    """Streamed chats until ``stop``; each outcome ("ok" or the error's first words, when it was sent, when it
+    ended, by time.monotonic())."""
+    seed = 0
+    while not stop.is_set():
+        seed += 1
+        sent = time.monotonic()
+        try:
+            llm_chat(port, model, QUESTIONS[seed % len(QUESTIONS)], seed, max_tokens)
+            outcomes.append(("ok", sent, time.monotonic()))
+        except Exception as err:  # noqa: BLE001 - counted by kind
+            outcomes.append((" ".join(str(err).split()[:4]), sent, time.monotonic()))
+            stop.wait(0.1)
+
+
+def run_chaos(args: argparse.Namespace, logs: Path) -> bool:
+    """8 streaming clients while the engine is killed (SIGKILL) three times and stopped (SIGSTOP) once: prints
+    the first success after each fault, the outcomes by kind, the server's memory and what is left behind;
+    True when the server stayed up, every fault was followed by a success within 5 s and nothing was left."""
+    port = free_port()
+    server = Server("llm serve", [str(BIN / "llm"), "serve", "--model", args.model, "--port", str(port)], port,
+                    "/health", logs / "llm-serve-chaos.log")
+    stop, outcomes, seen, recovery = threading.Event(), [], set(), []
+    try:
+        server.wait_ready()
+        model = json.loads(request(port, "GET", "/v1/models", None)[1])["data"][0]["id"]
+        clients = [threading.Thread(target=chaos_client, args=(port, model, stop, outcomes, args.max_tokens))
+                   for _ in range(8)]
+        for client in clients:
+            client.start()
+        time.sleep(3)
+        rss = [server.rss_mb()]
+        for fault in (signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL):
+            (engine,) = engine_pids(server)
+            seen.add(engine)
+            os.kill(engine, fault)
+            struck = time.monotonic()
+            while time.monotonic() - struck < 30 and not any(o == "ok" and t > struck for o, t, _ in outcomes):
+                time.sleep(0.05)
+            after = [end - struck for o, sent, end in outcomes if o == "ok" and sent > struck]
+            recovery.append(min(after) if after else float("inf"))
+            print(f"{fault.name}: first success (a request sent after it) {recovery[-1]:.2f} s after it", flush=True)
+            time.sleep(2)
+            seen.update(engine_pids(server))
+        rss.append(server.rss_mb())
+        stop.set()
+        for client in clients:
+            client.join(60)
+        up = server.process.poll() is None
+    finally:
+        stop.set()
+        server.stop()
+    left = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    kinds = collections.Counter(o for o, _, _ in outcomes)
+    print(f"server up throughout: {up}; outcomes: {dict(kinds)}; rss {rss[0]:.0f} -> {rss[-1]:.0f} MB (with its "
+          f"engine); engine processes left behind: {left}")
+    return up and max(recovery) < 5 and not left
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     parser.add_argument("--model", default="models:/gpt/Production", help="what both servers serve")
@@ -303,9 +374,13 @@ def main() -> None:
                         help="llm serve's --stream-interval (seconds between a stream's chunks; default: its own)")
     parser.add_argument("--skip-mlflow", action="store_true", help="benchmark llm serve only")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--chaos", action="store_true", help="instead: kill and stop llm serve's engine under "
+                        "8 streaming clients, and report how the server fared (exit 1 when it did not)")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    if args.chaos:
+        sys.exit(0 if run_chaos(args, logs) else 1)
     rows = []
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} (1, 5, 15 min) "
           "before the first phase", flush=True)

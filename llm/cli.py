@@ -388,7 +388,12 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535),
     fp32: bool = typer.Option(False, "--fp32", help="run model.onnx even when the export has an int8 model"),
     api_key: str | None = typer.Option(None, envvar="LLM_API_KEY", show_default=False,
-                                       help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY)"),
+                                       help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY); "
+                                            "required when --host reaches beyond this machine"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve beyond this machine without an API key"),
+    allowed_hosts: list[str] | None = typer.Option(
+        None, "--allowed-hosts", show_default="localhost, 127.0.0.1, ::1 and --host (any when --host is 0.0.0.0)",
+        help="Host header names answered (others: 421); repeat for several, '*' for any"),
     model_name: str | None = typer.Option(None, help="the model id clients send (default: from --model, e.g. "
                                                      "gpt/Production)"),
     threads: int = typer.Option(1, min=1, help="onnxruntime threads per decoder call; more suit a bigger model on "
@@ -413,18 +418,42 @@ def serve(
     stream_interval: float | None = typer.Option(
         None, min=0, show_default=f"{_SERVE_LIMITS.stream_interval_s:g}",
         help="seconds: streamed tokens decoded within this of the last chunk share the next one (0: each alone)"),
+    max_connections: int | None = typer.Option(
+        None, min=1, show_default=str(_SERVE_LIMITS.max_connections),
+        help="open connections; past it the one idle longest is closed (kept below ulimit -n)"),
+    header_timeout: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.header_timeout_s:g}",
+                                                help="seconds a request's headers may take to arrive; beyond: 408"),
+    body_timeout: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.body_timeout_s:g}",
+                                              help="seconds a request's body may take after its headers; beyond: 408"),
+    keep_alive: float | None = typer.Option(None, min=0.001, show_default=f"{_SERVE_LIMITS.keep_alive_s:g}",
+                                            help="seconds an idle kept-alive connection stays open"),
+    engine_heartbeat_timeout: float | None = typer.Option(
+        None, min=0.001, show_default=f"{_SERVE_LIMITS.engine_heartbeat_timeout_s:g}",
+        help="seconds without a heartbeat after which an engine is killed and replaced (its requests: 503)"),
+    engine_max_restarts: int | None = typer.Option(
+        None, min=0, show_default=str(_SERVE_LIMITS.engine_max_restarts),
+        help="more engine replacements than this within --engine-restart-window: exit 1"),
+    engine_restart_window: float | None = typer.Option(
+        None, min=0.001, show_default=f"{_SERVE_LIMITS.engine_restart_window_s:g}",
+        help="seconds over which --engine-max-restarts counts"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
     ONNX Runtime, without PyTorch."""
     given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
-             "request_timeout_s": timeout, "stream_interval_s": stream_interval}
+             "request_timeout_s": timeout, "stream_interval_s": stream_interval, "max_connections": max_connections,
+             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "keep_alive_s": keep_alive,
+             "engine_heartbeat_timeout_s": engine_heartbeat_timeout, "engine_max_restarts": engine_max_restarts,
+             "engine_restart_window_s": engine_restart_window}
     limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
     from llm.serve import ServeError, run_server
 
+    if api_key is None and os.environ.get("LLM_API_KEY") == "":
+        api_key = ""  # click reads an empty variable as unset; an empty key is a mistake to say so about
+
     try:
         run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
-                   engines=engines, limits=limits)
+                   engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth)
     except ServeError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -544,13 +573,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from llm.data.corpus import CorpusError
     from llm.data.tokenizer import TokenizerError
     from llm.data.tokens import TokenDataError
+    from llm.io import FolderLocked
     from llm.model.checkpoint import CheckpointError
     from llm.model.lora import LoRAConfigError
     from llm.training.loop import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError,
-                                                 LoRAConfigError)
+                                                 LoRAConfigError, FolderLocked)
     for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError"),
                          ("llm.interop.hf", "InteropError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box

@@ -15,7 +15,27 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+# Upper bounds on sizes, checked when a params file is read, before anything is allocated: each is far above
+# any model this project trains or imports (Qwen3: 40,960 positions, 151,936 tokens, 94 layers, d_ff 25,600).
+MAX_CONTEXT = 1 << 20
+MAX_VOCAB = 1 << 22
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 1 << 16
+MAX_BATCH = 1 << 16
+MAX_YAML_VALUES = 100_000  # values a params file may expand to through its aliases (``*base``)
 
 
 class StrictModel(BaseModel):
@@ -24,6 +44,32 @@ class StrictModel(BaseModel):
 
     # allow_inf_nan=False: a learning_rate of .inf or a val_fraction of .nan passes gt/lt bounds otherwise
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse what pydantic's lax mode would coerce: ``true`` for a number (``n_layer: true`` would be 1),
+        a string or a number for a flag (``compile: 'yes'`` would be True), a string for an integer."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if value is None or not kinds:
+            return value
+        if bool in kinds:
+            if not isinstance(value, bool):
+                raise PydanticCustomError("not_converted", "Input should be a valid boolean: true or false "
+                                          "(anything else is not converted)")
+        elif isinstance(value, bool) or (isinstance(value, str) and kinds != {float}):
+            # a float may be a string: YAML 1.1 reads ``3e-4`` (no dot) as one, and pydantic parses it strictly
+            raise PydanticCustomError("not_converted", "Input should be a valid {what} (a boolean or a string is "
+                                      "not converted)", {"what": "integer" if kinds == {int} else "number"})
+        return value
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """``{int}``, ``{float}``, ``{bool}`` (or two of them) for a field typed so, with or without None;
+    empty for any other field (strings, sizes with units, lists, nested configs), left to pydantic."""
+    kinds = {int, float, bool}
+    parts = set(getattr(annotation, "__args__", ())) - {type(None)} or {annotation}
+    return parts if parts <= kinds else set()
 
 
 class RopeScaling(StrictModel):
@@ -79,15 +125,15 @@ class ModelConfig(StrictModel):
     channels per head, plain RoPE.
     """
 
-    vocab_size: int | None = Field(None, gt=0, description="set from the tokenizer when None")
-    context_length: int = Field(256, gt=0)
-    n_layer: int = Field(6, gt=0)
-    n_head: int = Field(6, gt=0)
-    n_kv_head: int | None = Field(None, gt=0, description="key/value heads (grouped-query attention): a divisor "
-                                  "of n_head; None: n_head")
-    d_model: int = Field(384, gt=0)
-    d_head: int | None = Field(None, gt=0, description="channels per head; None: d_model / n_head")
-    d_ff: int | None = Field(None, gt=0,
+    vocab_size: int | None = Field(None, gt=0, le=MAX_VOCAB, description="set from the tokenizer when None")
+    context_length: int = Field(256, gt=0, le=MAX_CONTEXT)
+    n_layer: int = Field(6, gt=0, le=MAX_LAYERS)
+    n_head: int = Field(6, gt=0, le=MAX_HEADS)
+    n_kv_head: int | None = Field(None, gt=0, le=MAX_HEADS, description="key/value heads (grouped-query "
+                                  "attention): a divisor of n_head; None: n_head")
+    d_model: int = Field(384, gt=0, le=MAX_WIDTH)
+    d_head: int | None = Field(None, gt=0, le=MAX_WIDTH, description="channels per head; None: d_model / n_head")
+    d_ff: int | None = Field(None, gt=0, le=4 * MAX_WIDTH,
                              description="hidden width of the MLP; None picks 4*d_model (8/3*d_model for swiglu)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
@@ -161,7 +207,8 @@ class TokenizerParams(StrictModel):
     """Which tokenizer to train and how (``params/tokenizer.yaml``)."""
 
     kind: Literal["char", "byte", "bpe", "unigram"] = "char"
-    vocab_size: int = Field(4096, gt=0, description="target size for bpe/unigram; ignored by char and byte")
+    vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB,
+                            description="target size for bpe/unigram; ignored by char and byte")
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
     max_train_chars: int = Field(50_000_000, gt=0, description="cap on text fed to the trainer")
     seed: int = 1337
@@ -173,7 +220,7 @@ class PretrainParams(StrictModel):
     seed: int = 1337
     max_steps: int = Field(2000, ge=0, description="0: no training, the start model of params/base.yaml evaluated "
                            "and checkpointed as it is (finetune a published model without continued pretraining)")
-    batch_size: int = Field(32, gt=0, description="sequences per micro-batch")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="sequences per micro-batch")
     grad_accum_steps: int = Field(1, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of learning_rate")
@@ -200,7 +247,7 @@ class PretrainParams(StrictModel):
 class EvalParams(StrictModel):
     """Evaluation of a checkpoint (``params/evaluate.yaml``)."""
 
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH)
     max_batches: int = Field(0, ge=0, description="0 evaluates the whole token file")
     prompts: list[str] = Field(default_factory=lambda: ["ROMEO.\n", "To be, or not", "KING HENRY.\nMy lords,"])
     max_new_tokens: int = Field(200, gt=0)
@@ -223,7 +270,7 @@ class BaseParams(StrictModel):
 
     hf_folder: str | None = Field(None, description="a local Transformers save_pretrained folder (safetensors) of "
                                   "GPT-2, Llama or Qwen3; None: train from scratch")
-    context_length: int | None = Field(None, gt=0, description="shorten the imported model's context "
+    context_length: int | None = Field(None, gt=0, le=MAX_CONTEXT, description="shorten the imported model's context "
                                        "(faster on a CPU); None keeps it")
 
 
@@ -269,13 +316,21 @@ def validate_params(model: type[P], data: Mapping | None, source: str) -> P:
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, path: str = "") -> None:
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, path: str = "",
+                       seen: list[int] | None = None) -> None:
     """Raise ParamsError naming ``source``, the key and both lines when a mapping holds a key twice
-    (PyYAML would keep the last value silently)."""
+    (PyYAML would keep the last value silently), or when the document expands, through aliases of aliases,
+    to more than ``MAX_YAML_VALUES`` values (nine nested ``*a`` make billions: refused before any is built)."""
+    seen = [0] if seen is None else seen
+    seen[0] += 1
+    if seen[0] > MAX_YAML_VALUES:
+        raise ParamsError(f"{source}: line {node.start_mark.line + 1}: the document expands to more than "
+                          f"{MAX_YAML_VALUES} values through its aliases (*name); write the values out")
     if isinstance(node, yaml.MappingNode):
         first_line: dict[Any, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:  # ``<<: *base`` may be overridden by explicit keys, as YAML intends
+                _check_unique_keys(loader, value_node, source, path, seen)
                 continue
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -288,10 +343,10 @@ def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str, pa
                 raise ParamsError(f"{source}: line {line}: duplicate key {name!r} (first on line {first}); "
                                   "keep one of them")
             first_line[key] = line
-            _check_unique_keys(loader, value_node, source, f"{name}.")
+            _check_unique_keys(loader, value_node, source, f"{name}.", seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_unique_keys(loader, item, source, f"{path}{i}.")
+            _check_unique_keys(loader, item, source, f"{path}{i}.", seen)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -404,7 +459,9 @@ class ServeLimits(StrictModel):
     """What ``llm serve`` accepts and how much work it queues (options of ``llm serve``, like FetchLimits).
 
     A request past a limit is refused with the HTTP status that says why (413 for its size, 400 for its
-    tokens, 429 when the queue is full, 504 past the timeout) before any work is spent on it.
+    tokens, 429 when the queue is full, 504 past the timeout) before any work is spent on it; a client too
+    slow to send its request is cut (408 and a closed socket), and the connections are capped
+    (``llm.connection_limits``).
     """
 
     max_request_bytes: ByteSize = Field(ByteSize(1 << 20), gt=0, description="bytes of a request body")
@@ -416,6 +473,17 @@ class ServeLimits(StrictModel):
     request_timeout_s: float = Field(60.0, gt=0, description="deadline of a request, queueing included")
     stream_interval_s: float = Field(0.02, ge=0, description="a streamed answer's tokens that decode within "
                                      "this long of its last chunk go out as one chunk (0: each at once)")
+    max_connections: int = Field(1000, gt=0, description="open connections; past it the one idle longest is "
+                                 "closed (kept below the process's file limit, ulimit -n)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must all arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must all arrive within this of its "
+                                  "headers")
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    engine_heartbeat_timeout_s: float = Field(2.0, gt=0, description="an engine silent this long is killed and "
+                                              "replaced (its requests: 503)")
+    engine_max_restarts: int = Field(5, ge=0, description="more engine replacements than this within "
+                                     "engine_restart_window_s: the server exits non-zero")
+    engine_restart_window_s: float = Field(60.0, gt=0, description="the window of engine_max_restarts")
 
     @model_validator(mode="after")
     def _check_default(self) -> ServeLimits:
@@ -473,7 +541,7 @@ class FinetuneParams(PretrainParams):
     """
 
     max_steps: int = Field(300, gt=0)
-    batch_size: int = Field(16, gt=0, description="conversations per micro-batch")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="conversations per micro-batch")
     learning_rate: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -28,13 +28,20 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; writers are not excluded there (see ``folder_lock``)
+    fcntl = None  # type: ignore[assignment]
+
 HASH_CHUNK_BYTES = 1 << 20
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_TEMP_OF = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")  # the name of what a temporary was to become
 
 
 def _temp_path(dest: str | Path) -> Path:
@@ -155,6 +162,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | Path) -> None:
+    """Give the file ``path`` the mode of any file the user creates (0666 less the umask: 0644 usually).
+    For files written by libraries that make them 0600 (safetensors' ``save_file``)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def remove_stale_temp_files(path: str | Path) -> None:
     """Delete the temporary files, and folders being built, that a process killed mid-write left beside
     ``path``. For writers only: it would also delete the temporary of a write still in progress."""
@@ -167,6 +193,97 @@ def remove_stale_temp_files(path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- folders
+
+
+class FolderLocked(RuntimeError):
+    """Another process is writing the folder; the message names it (its pid) and the lock file."""
+
+
+_held: dict[str, list[int]] = {}  # lock files this process holds: [file descriptor, holders in this process]
+_held_guard = threading.Lock()
+
+
+def lock_path(dest: str | Path) -> Path:
+    """The lock file of the folder ``dest``: ``.<name>.lock`` beside it while a writer holds it (hidden, and
+    ignored by DVC)."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.lock")
+
+
+@contextmanager
+def folder_lock(dest: str | Path) -> Iterator[None]:
+    """Hold the exclusive right to write the folder ``dest`` for the block: ``flock`` on ``lock_path(dest)``,
+    which the system releases when the process dies however it dies (so a killed writer never leaves it
+    held). Re-entrant within a process (a training run holds it, and each checkpoint write takes it again).
+    Raises FolderLocked at once, naming the holder's pid, when another process holds it. Where there is
+    no ``fcntl`` (Windows) it excludes nothing."""
+    lock = lock_path(dest)
+    key = str(lock.absolute())
+    if fcntl is None:
+        yield
+        return
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = [_acquire(lock, Path(dest)), 1]
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held[key][1] -= 1
+            if _held[key][1] == 0:
+                fd = _held.pop(key)[0]
+                lock.unlink(missing_ok=True)  # while still locked: a writer that opened it retries (``_acquire``)
+                os.close(fd)
+
+
+def _acquire(lock: Path, dest: Path) -> int:
+    """Open and flock ``lock``, write this pid into it; returns its descriptor. Raises FolderLocked."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderLocked(f"{dest}: another process (pid {holder}) is writing it (lock {lock}); wait for it "
+                               "to finish, or stop it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # its holder removed the file as we opened it: lock the one there now
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def remove_killed_writes(parent: str | Path) -> list[str]:
+    """Delete the temporary files and folders that killed writers left in ``parent`` (``.<name>.<hex>.tmp``),
+    each only while holding ``folder_lock`` of its ``<name>``: a write still in progress keeps its own.
+    Returns the names of the folders and files whose leftovers were removed, sorted."""
+    parent = Path(parent)
+    names = sorted({m.group(1) for p in parent.glob(".*.tmp") if (m := _TEMP_OF.match(p.name))}) \
+        if parent.is_dir() else []
+    removed = []
+    for name in names:
+        try:
+            with folder_lock(parent / name):
+                remove_stale_temp_files(parent / name)
+        except FolderLocked:
+            continue
+        removed.append(name)
+    return removed
 
 
 @contextmanager
@@ -216,13 +333,15 @@ def atomic_folder(dest: str | Path, *, hidden_aside: bool = False) -> Iterator[P
     """Yield a new empty hidden folder beside ``dest`` to fill; when the block ends without an error it
     replaces ``dest`` (``replace_folder``: synced, then swapped in). A previous folder that a crash left
     aside is put back first. If the block raises, the folder is removed, ``dest`` is left as it was and
-    the error propagates. ``dest``'s parent is created if missing.
+    the error propagates. ``dest``'s parent is created if missing. The block holds ``folder_lock(dest)``:
+    raises FolderLocked at once when another process is writing ``dest``.
     """
     dest = Path(dest)
-    recover_interrupted_swap(dest, hidden_aside=hidden_aside)  # a failing writer must leave the previous folder
-    with temporary_folder_beside(dest) as tmp:
-        yield tmp
-        replace_folder(tmp, dest, hidden_aside=hidden_aside)
+    with folder_lock(dest):
+        recover_interrupted_swap(dest, hidden_aside=hidden_aside)  # a failing writer must leave the previous folder
+        with temporary_folder_beside(dest) as tmp:
+            yield tmp
+            replace_folder(tmp, dest, hidden_aside=hidden_aside)
 
 
 def interrupted_swap(dest: str | Path, *, hidden_aside: bool = False) -> Path | None:

@@ -17,6 +17,11 @@ before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens
 (429), a deadline for the whole request (504). A client that goes away cancels its request. Every error,
 the unexpected ones included, is answered in OpenAI's shape without a traceback or an echo of the input.
 
+Before any route: ``HostGuard`` answers 421 to a ``Host`` outside ``--allowed-hosts``; a body must be
+``application/json`` (415); a string that is not valid Unicode is a 400 naming its field; a body over
+``OFFLOAD_BYTES`` is parsed and tokenized on a worker thread. The connections themselves are bounded by
+``llm.connection_limits``; ``/health`` answers 503 naming an engine being replaced (``EnginePool``).
+
 ``run_server`` is what ``llm serve`` calls: it resolves the model URI (an export folder, ``models:/...`` or
 ``runs:/...`` through ``llm.mlops.lookup``), starts the engine process on the int8 model when the export has
 one, and runs uvicorn.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -43,8 +49,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from llm.config import ServeLimits
+from llm.connection_limits import connection_cap, guarded_protocol, quiet_accept_errors
 from llm.data.chat_template import encode_chat, generation_stop_ids, prompt_ids
 from llm.data.source_template import ChatTemplateError
 from llm.inference import openai_api as api
@@ -56,6 +64,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a request waiting for its next token checks that its client is still there
 DEADLINE_GRACE_S = 1.0  # the engine ends a late request itself; past this the server gives up on it too
+OFFLOAD_BYTES = 64 << 10  # larger bodies are parsed and tokenized on a worker thread (about 5 ms of loop time)
 
 
 class ServeError(Exception):
@@ -69,12 +78,13 @@ class ClientGone(Exception):
 @dataclass
 class Served:
     """What every request needs: the engine (in this process or its own), the model's tokenizer and name, the
-    limits, the API key."""
+    limits, the API key, the host names a request may be addressed to."""
 
     engine: BatchEngine | EngineProcess | EnginePool
     model_name: str
     limits: ServeLimits
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values served ("*": any); see ``allowed_hosts``
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -284,18 +294,31 @@ def _engine_failure(event: Event) -> api.APIError:
 # ---------------------------------------------------------------------------------------------- routes
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request body as JSON, refused with 413 past ``max_bytes`` (by its Content-Length, and by counting
-    while reading, before anything is parsed) and with 400 when it is not JSON."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body's bytes, refused with 415 unless it says ``Content-Type: application/json`` (a web page
+    can post ``text/plain`` to a local server without asking the browser first), and with 413 past
+    ``max_bytes`` (by its Content-Length, and by counting while reading), before anything is read or parsed."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise api.APIError(415, "the request body must be JSON sent with Content-Type: application/json",
+                           code="unsupported_media_type")
     too_large = api.APIError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_bytes):
         raise too_large if length.isdigit() else api.invalid("invalid Content-Length header")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect:  # gone, or cut for sending its body too slowly (``llm.connection_limits``)
+        raise ClientGone() from None
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` decoded as JSON; raises APIError 400 when it is not JSON."""
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -306,12 +329,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; JSON has neither
 
 
-async def _parse(request: Request, served: Served, kind: type[api.Request]) -> api.Request:
-    body = api.parse_request(kind, await read_json(request, int(served.limits.max_request_bytes)))
-    if body.model != served.model_name:
+async def _prepared(request: Request, served: Served, prepare: Callable[[bytes], Any]) -> Any:
+    """``prepare(body)`` (parse, check, tokenize) of the request's body: on a worker thread for a body over
+    ``OFFLOAD_BYTES``, so that a 1 MiB body's 80 ms of parsing and tokenizing never holds up the other clients."""
+    body = await read_body(request, int(served.limits.max_request_bytes))
+    if len(body) > OFFLOAD_BYTES:
+        return await asyncio.to_thread(prepare, body)
+    return prepare(body)
+
+
+def _parse(body: bytes, served: Served, kind: type[api.Request]) -> api.Request:
+    request = api.parse_request(kind, parse_json(body))
+    if request.model != served.model_name:
         raise api.APIError(404, f"model: unknown model; this server serves '{served.model_name}'", param="model",
                            code="model_not_found")
-    return body
+    return request
 
 
 def _sampling(served: Served, body: api.Request):
@@ -327,16 +359,20 @@ def _check_prompt_length(served: Served, ids: list[int], param: str) -> list[int
     return ids
 
 
-async def chat_completions(request: Request) -> Any:
-    served: Served = request.app.state.served
-    body = await _parse(request, served, api.ChatCompletionRequest)
+def _prepare_chat(served: Served, raw: bytes) -> tuple[api.ChatCompletionRequest, Any, list[int]]:
+    body = _parse(raw, served, api.ChatCompletionRequest)
     params = _sampling(served, body)
     messages = [m.template_message() for m in body.messages]
     try:
         ids = encode_chat(served.tokenizer, messages, add_generation_prompt=True)
     except ChatTemplateError as err:  # the model's own template refuses the conversation (a role it lacks)
         raise api.invalid(f"messages: {err}", "messages") from None
-    ids = _check_prompt_length(served, ids, "messages")
+    return body, params, _check_prompt_length(served, ids, "messages")
+
+
+async def chat_completions(request: Request) -> Any:
+    served: Served = request.app.state.served
+    body, params, ids = await _prepared(request, served, lambda raw: _prepare_chat(served, raw))
     generation = Generation(served, request, ids, params, body.stop_strings())
     head = _head("chatcmpl", served)
     if body.stream:
@@ -345,11 +381,15 @@ async def chat_completions(request: Request) -> Any:
     return api.chat_completion(head, text, generation.finish_reason, generation.usage())
 
 
+def _prepare_completion(served: Served, raw: bytes) -> tuple[api.CompletionRequest, Any, list[int]]:
+    body = _parse(raw, served, api.CompletionRequest)
+    params = _sampling(served, body)
+    return body, params, _check_prompt_length(served, prompt_ids(served.tokenizer, body.prompt), "prompt")
+
+
 async def completions(request: Request) -> Any:
     served: Served = request.app.state.served
-    body = await _parse(request, served, api.CompletionRequest)
-    params = _sampling(served, body)
-    ids = _check_prompt_length(served, prompt_ids(served.tokenizer, body.prompt), "prompt")
+    body, params, ids = await _prepared(request, served, lambda raw: _prepare_completion(served, raw))
     generation = Generation(served, request, ids, params, body.stop_strings())
     head = _head("cmpl", served)
     if body.stream:
@@ -452,9 +492,13 @@ def _model_card(served: Served) -> dict[str, Any]:
 
 
 async def health(request: Request) -> JSONResponse:
+    """200 while every engine runs and beats; else 503 with ``problems`` naming each engine being replaced."""
     served: Served = request.app.state.served
-    running = served.engine.running
+    problems = served.engine.problems() if hasattr(served.engine, "problems") else []
+    running = served.engine.running and not problems
     body = {"status": "ok" if running else "unavailable", "model": served.model_name, "engine": served.engine.stats()}
+    if problems:
+        body["problems"] = problems
     return JSONResponse(body, status_code=200 if running else 503)
 
 
@@ -506,11 +550,77 @@ def _error_handlers() -> dict[Any, Callable]:
             ClientGone: on_client_gone, Exception: on_anything}
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str, given: list[str] | None = None) -> tuple[str, ...]:
+    """The ``Host`` header names served when bound to ``host``: ``given`` (``--allowed-hosts``), else the
+    loopback names and ``host`` itself; any name (``*``) when bound to every interface, where an API key is
+    required (``check_exposure``) and so a page that rebinds a name to this machine gets nowhere anyway."""
+    if given:
+        return tuple(name.strip().lower().strip("[]") for name in given)
+    if host in WILDCARD_ADDRESSES:
+        return ("*",)
+    return (*LOOPBACK_NAMES, host.lower().strip("[]"))
+
+
+def check_exposure(host: str, api_key: str | None, no_auth: bool) -> None:
+    """Raises ServeError when ``host`` reaches beyond this machine and there is no API key (an empty one
+    included), unless ``no_auth`` says that is meant."""
+    if is_loopback(host) or no_auth:
+        return
+    if api_key == "":
+        raise ServeError(f"--host {host}: the API key is empty (LLM_API_KEY=\"\"?); set one, or pass --no-auth "
+                         "to serve every interface without authentication")
+    if api_key is None:
+        raise ServeError(f"--host {host} reaches beyond this machine without an API key: set --api-key or "
+                         "LLM_API_KEY, or pass --no-auth to serve without authentication")
+
+
+class HostGuard:
+    """ASGI middleware: a request whose ``Host`` header names none of ``allowed`` gets 421 (a web page that
+    rebinds its own domain name to 127.0.0.1 reaches this server with its own name in ``Host``)."""
+
+    def __init__(self, app: Callable, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, frozenset(allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or "*" in self.allowed or _host_name(scope) in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        error = api.APIError(421, "this server does not answer for the host named in the Host header (see "
+                             "--allowed-hosts)", code="misdirected_request")
+        await JSONResponse(error.body(), status_code=421)(scope, receive, send)
+
+
+def _host_name(scope) -> str | None:
+    """The name in the request's ``Host`` header, without its port or IPv6 brackets (None when missing)."""
+    value = next((v for k, v in scope["headers"] if k == b"host"), None)
+    if value is None:
+        return None
+    name = value.decode("latin-1").strip().lower()
+    if name.startswith("["):
+        return name[1:name.find("]")] if "]" in name else name
+    return name.rpartition(":")[0] if name.count(":") == 1 else name
+
+
 def create_app(served: Served) -> FastAPI:
     """The FastAPI app serving ``served``; it starts the engine on startup and stops it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop())
         served.engine.start()
         try:
             yield
@@ -526,6 +636,7 @@ def create_app(served: Served) -> FastAPI:
     app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=guarded)
     app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"], dependencies=guarded)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_middleware(HostGuard, allowed=served.allowed_hosts)
     return app
 
 
@@ -560,27 +671,51 @@ def default_model_name(uri: str) -> str:
     return Path(uri).resolve().name
 
 
+def _protocol(limits: ServeLimits) -> type:
+    """uvicorn's HTTP protocol (httptools where installed, else h11) with the header and body deadlines and
+    the connection cap of ``limits`` (``llm.connection_limits``)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return guarded_protocol(AutoHTTPProtocol, max_connections=connection_cap(limits.max_connections),
+                            header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
+
+
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,
                api_key: str | None = None, model_name: str | None = None, threads: int | None = None,
-               engines: int = 1, limits: ServeLimits | None = None) -> None:
-    """Serve ``model`` (see ``resolve_export``) with ``engines`` engine processes until interrupted. Raises
-    ServeError when it cannot load."""
+               engines: int = 1, limits: ServeLimits | None = None, hosts: list[str] | None = None,
+               no_auth: bool = False) -> None:
+    """Serve ``model`` (see ``resolve_export``) with ``engines`` engine processes until interrupted, answering
+    requests addressed to ``hosts`` (see ``allowed_hosts``). Raises ServeError when it cannot load, or when
+    ``host`` reaches beyond this machine without an API key and without ``no_auth``."""
     import uvicorn
 
+    check_exposure(host, api_key, no_auth)
     limits = limits or ServeLimits()
     export = resolve_export(model)
+    servers: list[uvicorn.Server] = []  # the one uvicorn server, which the engines' supervisor stops on giving up
     try:
         engine = EnginePool(export, engines=engines, fp32=fp32, threads=threads, max_batch=limits.max_batch,
                             max_queue=limits.max_queue,  # tokens wait there a quarter of a stream's pause at most
-                            flush_s=min(EVENT_FLUSH_S, limits.stream_interval_s / 4)).start()
+                            flush_s=min(EVENT_FLUSH_S, limits.stream_interval_s / 4),
+                            heartbeat_timeout_s=limits.engine_heartbeat_timeout_s,
+                            max_restarts=limits.engine_max_restarts, restart_window_s=limits.engine_restart_window_s,
+                            on_give_up=lambda why: [setattr(s, "should_exit", True) for s in servers]).start()
     except (FileNotFoundError, ValueError, EngineProcessError) as err:
         raise ServeError(f"cannot load {model}: {err}") from None
     try:
-        served = Served(engine, model_name or default_model_name(model), limits, api_key or None)
+        served = Served(engine, model_name or default_model_name(model), limits, api_key or None,
+                        allowed_hosts(host, hosts))
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
         print(f"serving {served.model_name} ({engine.model_file}) at {url}", flush=True)
         key = '"<your key>"' if served.api_key else '"none"'
         print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
-        uvicorn.run(create_app(served), host=host, port=port, log_level="info")
+        servers.append(uvicorn.Server(uvicorn.Config(create_app(served), host=host, port=port, log_level="info",
+                                                     http=_protocol(limits), timeout_keep_alive=limits.keep_alive_s)))
+        try:
+            servers[0].run()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down in order and raises it again; as uvicorn.run does
+            pass
+        if engine.gave_up:  # exit non-zero: Docker's or systemd's restart policy takes over
+            raise ServeError(engine.gave_up)
     finally:
         engine.stop()  # the app's shutdown stopped it already, unless uvicorn never started it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import typing
 
 import pytest
@@ -173,3 +174,52 @@ def test_fetch_limits_take_sizes_with_units_and_refuse_nonsense():
         validate_params(FetchLimits, {"max_bytes": "lots"}, "llm data fetch")
     with pytest.raises(ParamsError, match=r"timeout_s: Input should be a finite number"):
         validate_params(FetchLimits, {"timeout_s": math.inf}, "src")
+
+
+def test_nested_aliases_are_refused_before_they_expand(tmp_path):
+    lines = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1},"
+              f" *a{i - 1}]" for i in range(1, 10)]  # 9**10 values once expanded
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ParamsError, match=rf"^{path}: line \d+: the document expands to more than 100000 values"):
+        load_params(PretrainParams, path)
+    assert time.perf_counter() - start < 2.0
+    # a merge key, and an alias used a few times, still read as before
+    text = "base: &b {a: 1, b: 2}\nx: *b\ny: *b\nother:\n  <<: *b\n  a: 3\n"
+    assert parse_yaml(text, "x.yaml")["y"] == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize(("model", "text", "key"), [
+    (ModelConfig, "n_layer: true", "n_layer"),
+    (ModelConfig, "qk_norm: 'yes'", "qk_norm"),
+    (ModelConfig, "tie_weights: 1", "tie_weights"),
+    (ModelConfig, "d_model: '384'", "d_model"),
+    (PretrainParams, "learning_rate: true", "learning_rate"),
+    (PretrainParams, "batch_size: false", "batch_size"),
+])
+def test_params_types_are_not_coerced(tmp_path, model, text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ParamsError, match=rf"^{path}: {key}: Input should be a valid .* is not converted"):
+        load_params(model, path)
+
+
+def test_a_float_written_without_a_dot_still_loads(tmp_path):
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("learning_rate: 3e-4\n")  # YAML 1.1 reads it as a string
+    assert load_params(PretrainParams, path).learning_rate == 3e-4
+
+
+@pytest.mark.parametrize(("model", "key", "value"), [
+    (ModelConfig, "context_length", 1_000_000_000), (ModelConfig, "n_layer", 100_000),
+    (ModelConfig, "d_model", 10_000_000), (ModelConfig, "vocab_size", 10**9),
+    (ModelConfig, "d_ff", 10**9), (PretrainParams, "batch_size", 10**8),
+])
+def test_sizes_past_their_upper_bound_are_refused_naming_file_and_key(tmp_path, model, key, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{key}: {value}\n")
+    with pytest.raises(ParamsError, match=rf"^{path}: {key}: .*less than or equal"):
+        load_params(model, path)
+    assert load_params(model, None, {key: 96}).model_dump()[key] == 96  # a sensible size still loads

@@ -675,3 +675,45 @@ def test_a_fetch_replaces_the_corpus_and_add_keeps_the_other_sources(tmp_path, c
     assert failed.exit_code != 0 and sorted(p.name for p in dest.iterdir()) == [".keep", "more-texts", "my-texts"]
     shown = runner.invoke(app, ["data", "fetch", "--help"], env={"COLUMNS": "200"}).output
     assert "--add" in shown and "replaced" in shown
+
+
+def test_a_tar_is_read_under_the_fetch_s_deadline_in_a_worker_process(tmp_path):
+    archive = make_sdist(tmp_path / "s.tar.gz", GOOD_MEMBERS)
+    in_process = extract_texts_from_archive(archive, tmp_path / "here")
+    in_worker = extract_texts_from_archive(archive, tmp_path / "worker", deadline=time.monotonic() + 60)
+    assert [p.relative_to(tmp_path / "worker") for p in in_worker] == [p.relative_to(tmp_path / "here")
+                                                                        for p in in_process]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(in_process, in_worker, strict=True))
+    start = time.monotonic()
+    with pytest.raises(CorpusLimitError, match=r"did not finish in time \(reading the archive\).*timeout_s"):
+        extract_texts_from_archive(archive, tmp_path / "late", source="http://x/s.tar.gz", deadline=start + 0.05)
+    assert time.monotonic() - start < 5 and sorted(p.name for p in tmp_path.iterdir()) == ["here", "s.tar.gz",
+                                                                                           "worker"]
+    evil = make_sdist(tmp_path / "evil.tar.gz", {"../evil.txt": b"x"})  # the worker's errors come back as they are
+    with pytest.raises(CorpusError, match="evil.txt"):
+        extract_texts_from_archive(evil, tmp_path / "evil", deadline=time.monotonic() + 60)
+
+
+@pytest.mark.parametrize(("version", "vulnerable"), [((3, 11, 7), True), ((3, 11, 10), False), ((3, 12, 5), True),
+                                                     ((3, 12, 6), False), ((3, 13, 0), False), ((3, 10, 14), True)])
+def test_a_python_with_the_quadratic_tar_header_parsing_is_recognised(version, vulnerable):
+    assert corpus.tarfile_is_vulnerable(version) is vulnerable
+
+
+def test_what_a_killed_fetch_left_is_ignored_by_dvc_and_removed_by_the_next_fetch(tmp_path):
+    pathspec = pytest.importorskip("pathspec")
+    source = tmp_path / "plays"
+    source.mkdir()
+    (source / "a.txt").write_text("to be\n")
+    data = tmp_path / "data"
+    stale = data / ".plays.0123456789ab.tmp"
+    stale.mkdir(parents=True)
+    (stale / "half.txt").write_text("half")
+    (data / ".other.a1b2c3d4e5f6.tmp").write_text("half a file")
+    lines = (Path(__file__).resolve().parents[1] / ".dvcignore").read_text().splitlines()
+    ignored = pathspec.GitIgnoreSpec.from_lines(lines)
+    for name in (".plays.0123456789ab.tmp/half.txt", ".other.a1b2c3d4e5f6.tmp", ".plays.lock", "plays/.x.tmp"):
+        assert ignored.match_file(f"data/{name}"), name
+    assert not ignored.match_file("data/plays/a.txt") and not ignored.match_file("data/plays/notes.tmp.txt")
+    fetch_corpus(source, data)
+    assert sorted(p.name for p in data.iterdir()) == ["plays"]

@@ -14,11 +14,15 @@ from pathlib import Path
 import pytest
 
 from llm.io import (
+    FolderLocked,
     atomic_file,
     atomic_folder,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    current_umask,
+    folder_lock,
+    give_default_mode,
     interrupted_swap,
     recover_interrupted_swap,
     recover_interrupted_swaps,
@@ -351,6 +355,10 @@ def test_a_crash_between_the_renames_leaves_the_old_folder_aside_for_the_next_wr
     assert recover_interrupted_swap(dest) is True
 
     assert tree(dest) == {"a.txt": b"previous"} and interrupted_swap(dest) is None
+    # the killed writer's lock file stays (released by its death); the next writer removes it
+    assert sorted(p.name for p in tmp_path.iterdir() if not TEMP_NAME.match(p.name)) == [".run.lock", "run"]
+    with atomic_folder(dest) as tmp:
+        (tmp / "a.txt").write_text("next")
     assert sorted(p.name for p in tmp_path.iterdir() if not TEMP_NAME.match(p.name)) == ["run"]
 
 
@@ -426,8 +434,8 @@ def test_recover_interrupted_swaps_puts_back_every_hidden_folder_of_a_parent(tmp
 
     assert recover_interrupted_swaps(corpus, hidden_aside=True) == [corpus / "plays", corpus / "poems"]
 
-    assert {p.name for p in corpus.iterdir() if not TEMP_NAME.match(p.name)} == {"letters", "letters.old", "plays",
-                                                                                  "poems"}
+    left = {p.name for p in corpus.iterdir() if not TEMP_NAME.match(p.name) and not p.name.endswith(".lock")}
+    assert left == {"letters", "letters.old", "plays", "poems"}  # (and the killed writers' lock files)
     assert tree(corpus / "plays") == {"a.txt": b"plays"} and tree(corpus / "poems") == {"a.txt": b"poems"}
     assert recover_interrupted_swaps(tmp_path / "missing", hidden_aside=True) == []
 
@@ -499,3 +507,42 @@ def test_io_is_a_base_module_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['llm', 'llm.io']"
+
+
+def test_a_second_writer_of_a_folder_fails_at_once_naming_the_holder(tmp_path):
+    dest = tmp_path / "checkpoint"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from llm.io import folder_lock\n"
+        f"with folder_lock({str(dest)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderLocked, match=rf"^{re.escape(str(dest))}: another process \(pid {holder.pid}\)"):
+            with atomic_folder(dest) as tmp:
+                (tmp / "x").write_text("never")
+        assert not dest.exists() and [p.name for p in tmp_path.iterdir()] == [".checkpoint.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with atomic_folder(dest) as tmp:  # a killed holder's lock is gone with it
+        (tmp / "x").write_text("written")
+    with folder_lock(dest), folder_lock(dest), atomic_folder(dest) as tmp:  # re-entrant in one process
+        (tmp / "x").write_text("again")
+    assert (dest / "x").read_text() == "again" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+def test_give_default_mode_is_the_mode_of_any_new_file(tmp_path):
+    plain, weights = tmp_path / "plain.txt", tmp_path / "w.safetensors"
+    plain.write_text("x")
+    weights.write_text("y")
+    weights.chmod(0o600)
+    give_default_mode(weights)
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~current_umask()
+
+
+def test_a_checkpoint_s_weights_get_the_mode_of_its_other_files(tmp_path):
+    from helpers import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "checkpoint")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~current_umask()}, modes

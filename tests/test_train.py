@@ -411,3 +411,29 @@ def test_the_summary_train_loss_is_the_last_steps_and_until_step_says_it_stopped
     assert written["train/loss"] == losses[-1]
     assert f"step 4: train {losses[-1]:.4f}" in caplog.text  # the log line shows the same value
     assert "stopped early at step 4 of 12 (until_step)" in caplog.text
+
+
+def test_a_second_training_run_on_a_folder_being_written_fails_at_once_naming_the_first(prepared, tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from llm.io import FolderLocked
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import time; from llm.io import folder_lock\n"
+        f"with folder_lock({str(out)!r}):\n    print('training', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert first.stdout.readline().strip() == "training"
+        killed_write = tmp_path / ".run.0123456789ab.tmp"  # the first run's checkpoint being written
+        killed_write.mkdir()
+        start = time.monotonic()
+        with pytest.raises(FolderLocked, match=rf"pid {first.pid}"):
+            pretrain(tiny_params(max_steps=2), TINY, prepared["tokens"], prepared["tokenizer"], out)
+        assert time.monotonic() - start < 5 and killed_write.is_dir() and not out.exists()  # nothing touched
+    finally:
+        first.kill()
+        first.wait()

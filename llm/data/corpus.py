@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -52,7 +54,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from llm.config import FetchLimits
-from llm.io import atomic_file, atomic_folder, recover_interrupted_swaps, sha256_file
+from llm.io import atomic_file, atomic_folder, recover_interrupted_swaps, remove_killed_writes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +348,8 @@ def fetch_corpus(
     ``dest/<name>/`` (and the rest of ``dest``) is left as it was, and ``dest`` is removed again if this call
     created it empty.
     """
+    for name in remove_killed_writes(dest):
+        log.info("%s: removed what a killed fetch of %s left behind", dest, name)
     files = _fetch_source(source, Path(dest), cache_dir, checksum, limits or FetchLimits())
     if not add:
         _remove_other_sources(Path(dest), files[0].resolve().relative_to(Path(dest).resolve()).parts[0])
@@ -399,7 +403,8 @@ _ARCHIVE_ERRORS = (
 
 
 def extract_texts_from_archive(
-    archive: Path, dest: Path, limits: FetchLimits | None = None, source: object = None
+    archive: Path, dest: Path, limits: FetchLimits | None = None, source: object = None,
+    deadline: float | None = None,
 ) -> list[Path]:
     """Write every ``.txt`` member of a zip or tar archive (any compression) into ``dest``, byte for byte.
 
@@ -411,7 +416,9 @@ def extract_texts_from_archive(
     Raises CorpusError when the archive is unreadable, when any member's name is absolute or holds ``..``,
     when a ``.txt`` member is a symlink, hard link or device, when two members have the same path, or
     when there is no ``.txt`` member at all; CorpusLimitError past a cap of ``limits`` (default
-    ``FetchLimits()``), naming ``source`` (default: the archive).
+    ``FetchLimits()``), naming ``source`` (default: the archive), and past ``deadline`` (``time.monotonic``):
+    with one, a tar is read in a worker process that is killed at the deadline (tarfile's header parsing
+    can take hours on a small hostile archive: CVE-2024-6232, see ``tarfile_is_vulnerable``).
     """
     archive, dest = Path(archive), Path(dest)
     budget = _Budget(limits or FetchLimits(), source or archive)
@@ -419,6 +426,8 @@ def extract_texts_from_archive(
         with _atomic_dir(dest) as tmp:
             if archive.name.lower().endswith(".zip"):
                 written = _extract_zip_texts(archive, tmp, budget)
+            elif deadline is not None:
+                written = _extract_tar_before(deadline, archive, tmp, budget)
             else:
                 written = _extract_tar_texts(archive, tmp, budget)
             if not written:
@@ -451,6 +460,54 @@ def _extract_tar_texts(archive: Path, out: Path, budget: _Budget) -> list[str]:
                 _add_unique(written, rel, member, archive)
                 _extract_member(tar, member, out, rel, budget)
     return sorted(written)
+
+
+def tarfile_is_vulnerable(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """Whether this Python's tarfile parses pax headers in quadratic time (CVE-2024-6232: a 1.3 KB archive
+    took 68 s to open), fixed in 3.11.10, 3.12.6 and 3.13."""
+    fixed = {(3, 11): (3, 11, 10), (3, 12): (3, 12, 6)}.get(tuple(version[:2]))
+    return tuple(version[:2]) < (3, 11) or (fixed is not None and tuple(version[:3]) < fixed)
+
+
+def _extract_tar_before(deadline: float, archive: Path, out: Path, budget: _Budget) -> list[str]:
+    """``_extract_tar_texts`` in a worker process, killed at ``deadline``: a thread reading a hostile header
+    could not be stopped. Raises CorpusLimitError past the deadline, and what the worker raised."""
+    if tarfile_is_vulnerable():
+        log.warning("this Python (%s) reads tar headers in quadratic time (CVE-2024-6232; fixed in 3.11.10 and "
+                    "3.12.6): upgrade it; meanwhile the archive is read under the fetch's deadline",
+                    sys.version.split()[0])
+    job = json.dumps({"archive": str(archive), "out": str(out), "limits": budget.limits.model_dump(mode="json"),
+                      "source": str(budget.source)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", "from llm.data.corpus import _extract_tar_worker; _extract_tar_worker()"]
+    try:
+        done = subprocess.run(command, input=job, capture_output=True, text=True, env=env,
+                              timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        raise _cap_exceeded(budget.source, "the fetch did not finish in time (reading the archive)", "timeout_s",
+                            budget.limits) from None
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise CorpusError(f"{archive}: the process reading the archive failed: {done.stderr.strip()[-500:]}") from None
+    if "error" in answer:
+        raise (CorpusLimitError if answer["limit"] else CorpusError)(answer["error"])
+    return answer["written"]
+
+
+def _extract_tar_worker() -> None:
+    """The worker of ``_extract_tar_before``: the job as JSON on stdin, its answer as JSON on stdout."""
+    job = json.loads(sys.stdin.read())
+    archive = Path(job["archive"])
+    try:
+        answer = {"written": _extract_tar_texts(archive, Path(job["out"]),
+                                                _Budget(FetchLimits(**job["limits"]), job["source"]))}
+    except CorpusError as err:
+        answer = {"error": str(err), "limit": isinstance(err, CorpusLimitError)}
+    except _ARCHIVE_ERRORS as err:
+        answer = {"error": f"{archive}: cannot read the archive: {err}", "limit": False}
+    print(json.dumps(answer), flush=True)
 
 
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, rel: str, budget: _Budget) -> None:
@@ -574,17 +631,18 @@ def _parse_checksum(checksum: str) -> str:
 def _fetch_url(url: str, dest: Path, cache_dir: Path | None, checksum: str | None, limits: FetchLimits) -> list[Path]:
     expected = _parse_checksum(checksum) if checksum is not None else None
     stem, suffix = _url_file_name(url)
+    deadline = time.monotonic() + limits.timeout_s  # the download, its retries and the extraction together
     with tempfile.TemporaryDirectory(prefix="llm-corpus-") as tmp:
-        download = _download_verified(url, Path(tmp) / f"{stem}{suffix}", cache_dir, expected, limits)
+        download = _download_verified(url, Path(tmp) / f"{stem}{suffix}", cache_dir, expected, limits, deadline)
         if suffix != ".txt":
-            return extract_texts_from_archive(download, dest / stem, limits, source=url)
+            return extract_texts_from_archive(download, dest / stem, limits, source=url, deadline=deadline)
         with _atomic_dir(dest / stem) as out:
             shutil.copyfile(download, out / f"{stem}.txt")
         return [dest / stem / f"{stem}.txt"]
 
 
 def _download_verified(url: str, path: Path, cache_dir: Path | None, expected: str | None,
-                       limits: FetchLimits) -> Path:
+                       limits: FetchLimits, deadline: float) -> Path:
     """Download ``url`` to ``path`` and check its sha256; with a cache and a checksum, reuse a cached copy."""
     cached = None
     if cache_dir is not None and expected is not None:
@@ -597,7 +655,7 @@ def _download_verified(url: str, path: Path, cache_dir: Path | None, expected: s
                 log.info("using cached %s for %s", cached, url)
                 return cached
             log.warning("%s: cached download has the wrong sha256; downloading again", cached)
-    digest = _download(url, path, limits)
+    digest = _download(url, path, limits, deadline)
     if expected is not None and digest != expected:
         raise CorpusError(f"{url}: the download's sha256 {digest} does not match the expected {expected}")
     if cached is not None:
@@ -616,10 +674,9 @@ class _TransientDownloadError(Exception):
     """A download failure that another attempt may not repeat (reset, timeout, 5xx, truncated body)."""
 
 
-def _download(url: str, path: Path, limits: FetchLimits) -> str:
-    """Download ``url`` to ``path`` with retries and exponential backoff, all within ``limits.timeout_s``
-    and ``limits.max_bytes``; return the sha256 of its bytes."""
-    deadline = time.monotonic() + limits.timeout_s
+def _download(url: str, path: Path, limits: FetchLimits, deadline: float) -> str:
+    """Download ``url`` to ``path`` with retries and exponential backoff, all before ``deadline`` (of
+    ``time.monotonic``) and within ``limits.max_bytes``; return the sha256 of its bytes."""
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
             return _download_once(url, path, limits, deadline)

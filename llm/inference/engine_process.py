@@ -12,6 +12,7 @@ The protocol, one pickled message at a time:
                         ("cancel", job id)        ("stop",)
     engine -> server    ("ready", model file name) or ("failed", message), once, after loading the model
                         [(job id, token id, finish reason, error), ...]: the events of one or more decoder steps
+                        ("heartbeat",): alive, nothing else to say
 
 The engine process sends after a decoder step only when an event is urgent (a request's first token, for the
 time to first token, or its end) or ``flush_s`` (``EVENT_FLUSH_S``) has passed since the last message, so that
@@ -24,6 +25,9 @@ process's own queue is made large enough never to refuse what the server let thr
 The engine process ignores SIGINT (Ctrl-C reaches the whole process group; the server stops it in order) and
 exits when the server asks, when the pipe closes (the server died, even by SIGKILL), or when its worker fails.
 When it ends unasked, every request in flight ends "cancelled" (HTTP 503) and ``running`` turns False.
+It also sends ``("heartbeat",)`` when it has sent nothing for ``HEARTBEAT_S``; ``EnginePool`` replaces an
+engine that exited or fell silent (see its docstring). The server's messages go through a queue and a thread
+of their own (``_send``), so its event loop never blocks on a pipe that a stalled engine stopped reading.
 
 No torch here (an import-linter contract checks it).
 """
@@ -35,6 +39,7 @@ import collections
 import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -51,6 +56,9 @@ log = logging.getLogger(__name__)
 
 EVENT_FLUSH_S = 0.005  # the longest a decoded token waits in the engine process (by default streams pause 0.02 s)
 LOAD_TIMEOUT_S = 300.0  # loading the model in the engine process; past this the server gives up
+HEARTBEAT_S = 0.25  # how often an engine process says it is alive
+SUPERVISE_S = 0.2  # how often the server checks its engines
+MAX_BACKOFF_S = 10.0  # the longest wait before starting a replacement engine
 
 
 class EngineProcessError(RuntimeError):
@@ -68,7 +76,7 @@ class _RemoteJob:
         if not self.done and not self._cancelled:
             self._cancelled = True
             try:
-                self.engine._send(("cancel", self.id))
+                self.engine._send(("cancel", self.id), bounded=False)
             except OSError:
                 pass  # the engine process is gone: the request ends with it ("cancelled")
 
@@ -101,7 +109,9 @@ class EngineProcess:
         self._reader_thread: threading.Thread | None = None
         self._jobs: dict[int, _RemoteJob] = {}
         self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()
+        self._outbox: queue.Queue = queue.Queue()  # messages to the engine, sent by ``_sender`` off the event loop
+        self._sender: threading.Thread | None = None
+        self._last_beat = 0.0  # time.monotonic() of the engine's last heartbeat
         self._running = False
         self._stopping = False
 
@@ -135,6 +145,10 @@ class EngineProcess:
             args=(child, str(self.export), self.fp32, self.threads, self.max_batch, self.max_queue, self.flush_s))
         self._process.start()
         child.close()  # the child's end lives in the child: its exit is this end's EOF
+        self._outbox = queue.Queue()
+        self._sender = threading.Thread(target=self._send_all, args=(self._conn, self._outbox), daemon=True,
+                                        name="engine-sender")
+        self._sender.start()
 
     def wait_ready(self) -> None:
         """Wait for the launched process to load the model; EngineProcessError (the process ended) if it cannot."""
@@ -152,6 +166,7 @@ class EngineProcess:
             self._end_process()
             raise EngineProcessError(message[1])
         self.model_file = message[1]
+        self._last_beat = time.monotonic()
         self._running = True
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -161,10 +176,7 @@ class EngineProcess:
             return
         self._stopping = True
         self._running = False
-        try:
-            self._send(("stop",))
-        except OSError:
-            pass
+        self._send(("stop",), bounded=False)
         self._process.join(timeout)
         self._end_process()
         if self._reader_thread is not None:
@@ -173,7 +185,14 @@ class EngineProcess:
             self._drain()
         self._detach()
         self._cancel_all()
+        self._end_sender()
         self._conn.close()
+
+    def _end_sender(self) -> None:
+        if self._sender is not None:
+            self._outbox.put(None)
+            self._sender.join(5)  # a send blocked on a stopped engine ends when its pipe closes
+            self._sender = None
 
     def _end_process(self) -> None:
         if self._process is not None and self._process.is_alive():
@@ -223,27 +242,45 @@ class EngineProcess:
             raise EngineStopped("the engine process is gone") from None
         return job
 
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+    def _send(self, message: tuple, bounded: bool = True) -> None:
+        """Queue ``message`` for the sender thread: the event loop never waits on the pipe (a stalled engine
+        stops reading it). Raises OSError when ``bounded`` and the queue already holds as many messages as
+        requests may be in flight (the engine is not reading: HTTP 503)."""
+        if bounded and self._outbox.qsize() >= self.max_batch + self.max_queue:
+            raise OSError("the engine process is not reading its messages")
+        self._outbox.put(message)
+
+    @staticmethod
+    def _send_all(conn: Any, outbox: queue.Queue) -> None:
+        """The sender thread: each queued message to the engine, until None or the pipe breaks."""
+        while (message := outbox.get()) is not None:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):  # the engine is gone (or its pipe closed): its requests end with it
+                return
 
     def _readable(self) -> None:
-        """On the event loop: one message of events from the engine process, or its end."""
+        """On the event loop: one message from the engine process (events or a heartbeat), or its end."""
         try:
-            events = self._conn.recv()
+            message = self._conn.recv()
         except (EOFError, OSError):
             self._lost()
             return
-        self._deliver(events)
+        self._received(message)
 
     def _read_for(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On a thread of its own: each message of events, handed to ``loop``; then the end of the process."""
+        """On a thread of its own: each message from the engine, handed to ``loop``; then the process's end."""
         try:
             while True:
-                loop.call_soon_threadsafe(self._deliver, self._conn.recv())
+                loop.call_soon_threadsafe(self._received, self._conn.recv())
         except (EOFError, OSError):
             if not self._stopping and not loop.is_closed():
                 loop.call_soon_threadsafe(self._lost)
+
+    def _received(self, message: list | tuple) -> None:
+        self._last_beat = time.monotonic()  # any message says the engine is alive
+        if isinstance(message, list):
+            self._deliver(message)
 
     def _deliver(self, events: list[tuple]) -> None:
         for job_id, token_id, finish_reason, error in events:
@@ -262,7 +299,7 @@ class EngineProcess:
         """Deliver what the engine process sent before it ended."""
         try:
             while self._conn.poll():
-                self._deliver(self._conn.recv())
+                self._received(self._conn.recv())
         except (EOFError, OSError):
             pass
 
@@ -272,9 +309,40 @@ class EngineProcess:
         self._detach()
         if not self._stopping:
             self._process.join(5)
-            log.error("the engine process exited (code %s): requests are refused until the server restarts",
-                      self._process.exitcode)
+            log.error("the engine process exited (code %s): its requests end with 503", self._process.exitcode)
         self._cancel_all()
+
+    # ------------------------------------------------------------------------------------------ supervision
+
+    def problem(self, heartbeat_timeout_s: float) -> str | None:
+        """Why this engine needs replacing (it exited, or sent nothing for ``heartbeat_timeout_s``), or None."""
+        if self._stopping or self._process is None:
+            return None
+        if not self._running:
+            return f"its process exited (code {self._process.exitcode})"
+        silent = time.monotonic() - self._last_beat
+        if silent > heartbeat_timeout_s:
+            return f"no heartbeat for {silent:.1f} s"
+        return None
+
+    def fail(self) -> None:
+        """On the event loop: take this engine out of service at once (its requests end "cancelled", HTTP 503)
+        and kill its process; ``relaunch`` then starts another."""
+        self._running = False
+        self._detach()
+        self._cancel_all()
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()  # SIGKILL: a stopped (SIGSTOP) process ends too
+
+    def relaunch(self) -> None:
+        """Off the event loop: reap the failed process, start a new one and wait for its model (raises
+        EngineProcessError when it cannot load); ``start()`` on the loop then reads its events."""
+        self._process.join(5)
+        self._end_sender()
+        self._conn.close()
+        self._process = None
+        self.launch()
+        self.wait_ready()
 
     def _detach(self) -> None:
         if self._loop is not None:
@@ -293,16 +361,24 @@ class EngineProcess:
 
 
 class EnginePool:
-    """``engines`` engine processes decoding side by side, each on about a core: a request goes to the one with
-    the fewest requests in flight. ``max_batch`` is shared out (each decodes up to ``ceil(max_batch /
+    """``engines`` engine processes decoding side by side, each on about a core: a request goes to the running
+    one with the fewest requests in flight. ``max_batch`` is shared out (each decodes up to ``ceil(max_batch /
     engines)`` rows); ``max_batch + max_queue`` bounds the requests in flight in all (EngineFull beyond). One
     engine decodes a small model on about one core whatever its onnxruntime threads (a step of such a model is
     many small operators), so more cores serve more requests through more engines, each holding a copy of the
-    model. If any engine process ends unasked, the pool stops taking requests (HTTP 503), like a single engine.
+    model.
+
+    Supervised (once ``start()`` ran in the event loop): an engine whose process exits, or that sends no
+    heartbeat for ``heartbeat_timeout_s`` (stopped, hung), is taken out at once (its requests end with 503,
+    ``problems()`` names it for ``/health``), killed and replaced, the first time at once and then after a
+    doubling pause; more than ``max_restarts`` replacements within ``restart_window_s`` call ``on_give_up``
+    (the server then exits non-zero, for Docker's or systemd's restart policy).
     """
 
     def __init__(self, export: str | Path, *, engines: int = 1, fp32: bool = False, threads: int | None = None,
-                 max_batch: int = 8, max_queue: int = 64, flush_s: float = EVENT_FLUSH_S):
+                 max_batch: int = 8, max_queue: int = 64, flush_s: float = EVENT_FLUSH_S,
+                 heartbeat_timeout_s: float = 2.0, max_restarts: int = 5, restart_window_s: float = 60.0,
+                 on_give_up: Callable[[str], None] | None = None):
         if engines < 1:
             raise ValueError(f"engines must be >= 1, got {engines}")
         per_engine = -(-max_batch // engines)
@@ -313,7 +389,14 @@ class EnginePool:
                                   for _ in range(engines - 1)]
         self.tokenizer, self.context_length, self.vocab_size = first.tokenizer, first.context_length, first.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.heartbeat_timeout_s, self.max_restarts, self.restart_window_s = (heartbeat_timeout_s, max_restarts,
+                                                                               restart_window_s)
+        self.on_give_up = on_give_up
         self.model_file: str | None = None
+        self.restarts: collections.deque[float] = collections.deque()  # when each replacement began
+        self.gave_up: str | None = None
+        self._replacing: dict[int, str] = {}  # engine index -> why it is being replaced
+        self._supervisor: asyncio.Task | None = None
 
     def start(self) -> EnginePool:
         launched = [engine for engine in self.engines if engine.pid is None]
@@ -328,9 +411,18 @@ class EnginePool:
         for engine in self.engines:
             engine.start()  # in the event loop: read its events there
         self.model_file = self.engines[0].model_file
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self
+        if self._supervisor is None:
+            self._supervisor = loop.create_task(self._supervise(), name="engine-supervisor")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
         for engine in self.engines:
             engine.stop(timeout)
 
@@ -342,7 +434,13 @@ class EnginePool:
 
     @property
     def running(self) -> bool:
-        return all(engine.running for engine in self.engines)
+        return all(engine.running for engine in self.engines) and not self._replacing
+
+    def problems(self) -> list[str]:
+        """What is wrong, one line per engine that failed (for ``/health``); empty when all is well."""
+        found = [(i, self._replacing.get(i) or engine.problem(self.heartbeat_timeout_s))
+                 for i, engine in enumerate(self.engines)]
+        return [f"engine {i} (pid {self.engines[i].pid}): {why}; being replaced" for i, why in found if why]
 
     def stats(self) -> dict[str, int]:
         each = [engine.stats() for engine in self.engines]
@@ -351,13 +449,56 @@ class EnginePool:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, on_event: Callable[[Event], None],
                deadline: float | None = None) -> _RemoteJob:
-        """As ``EngineProcess.submit``, on the engine with the fewest requests in flight."""
-        if not self.running:
-            raise EngineStopped("an engine process is not running")
+        """As ``EngineProcess.submit``, on the running engine with the fewest requests in flight; EngineStopped
+        when none is running."""
+        running = [engine for engine in self.engines if engine.running]
+        if not running:
+            raise EngineStopped("no engine process is running")
         if sum(engine.in_flight for engine in self.engines) >= self.max_batch + self.max_queue:
             raise EngineFull(f"{self.max_queue} requests are waiting already")
-        engine = min(self.engines, key=lambda engine: engine.in_flight)
+        engine = min(running, key=lambda engine: engine.in_flight)
         return engine.submit(prompt_ids, params, on_event=on_event, deadline=deadline)
+
+    async def _supervise(self) -> None:
+        """Every ``SUPERVISE_S``: replace each engine that has a ``problem``."""
+        while True:
+            await asyncio.sleep(SUPERVISE_S)
+            for i, engine in enumerate(self.engines):
+                if i not in self._replacing and (why := engine.problem(self.heartbeat_timeout_s)) is not None:
+                    self._replacing[i] = why
+                    asyncio.get_running_loop().create_task(self._replace(i, engine, why))
+
+    async def _replace(self, i: int, engine: EngineProcess, why: str) -> None:
+        """Take engine ``i`` out, then start another after the backoff (again while it fails to load)."""
+        log.error("engine %d (pid %s): %s; its requests end with 503, and it is replaced", i, engine.pid, why)
+        engine.fail()
+        while True:
+            now = time.monotonic()
+            self.restarts.append(now)
+            while self.restarts and self.restarts[0] < now - self.restart_window_s:
+                self.restarts.popleft()
+            if len(self.restarts) > self.max_restarts:
+                self.gave_up = (f"{len(self.restarts)} engine failures within {self.restart_window_s:g} s "
+                                f"(the last: {why}); giving up")
+                log.critical("%s", self.gave_up)
+                if self.on_give_up is not None:
+                    self.on_give_up(self.gave_up)
+                return
+            await asyncio.sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** (len(self.restarts) - 2)) if len(self.restarts) > 1
+                                else 0.0)
+            try:
+                await asyncio.to_thread(engine.relaunch)
+            except EngineProcessError as err:
+                why = str(err)
+                log.error("engine %d: the replacement failed: %s", i, err)
+                continue
+            if self._supervisor is None:  # the pool stopped meanwhile: so does the replacement
+                engine.stop()
+                return
+            engine.start()
+            del self._replacing[i]
+            log.warning("engine %d replaced (pid %s)", i, engine.pid)
+            return
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -373,6 +514,7 @@ class _Outbox:
         self.urgent = False
         self.sent = 0.0
         self.broken = False  # the server is gone: drop the events, the main loop sees the pipe's end
+        self.lock = threading.Lock()  # the worker's flushes and the main thread's heartbeats share the pipe
 
     def sink(self, job_id: int) -> Callable[[Event], None]:
         first = True
@@ -393,11 +535,20 @@ class _Outbox:
             return
         self.urgent = False
         batch = [self.events.popleft() for _ in range(len(self.events))]
-        self.sent = time.monotonic()
-        try:
-            self.conn.send(batch)
-        except OSError:
-            self.broken = True
+        self._send(batch)
+
+    def beat(self) -> None:
+        """A heartbeat, unless a message went out within ``HEARTBEAT_S`` (any message says the engine lives)."""
+        if time.monotonic() - self.sent >= HEARTBEAT_S and not self.broken:
+            self._send(("heartbeat",))
+
+    def _send(self, message: list | tuple) -> None:
+        with self.lock:
+            self.sent = time.monotonic()
+            try:
+                self.conn.send(message)
+            except OSError:
+                self.broken = True
 
 
 def load_generator(export: str | Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
@@ -419,7 +570,7 @@ def _engine_main(conn: Any, export: str, fp32: bool, threads: int | None, max_ba
         return
     engine.start()
     # the graph that decodes: the static-cache one when the engine runs it, not the generator's portable one
-    conn.send(("ready", (engine.static.model_path if engine.static is not None else generator.model_path).name))
+    outbox._send(("ready", (engine.static.model_path if engine.static is not None else generator.model_path).name))
     jobs: dict[int, Any] = {}  # in the engine, by the server's id: what a cancel message names
     ended: set[int] = set()  # ended before ``submit`` returned them (a request of one token can)
     lock = threading.Lock()
@@ -438,7 +589,8 @@ def _engine_main(conn: Any, export: str, fp32: bool, threads: int | None, max_ba
 
     try:
         while engine.running and not outbox.broken:
-            if not conn.poll(0.5):
+            outbox.beat()
+            if not conn.poll(HEARTBEAT_S / 2):
                 continue
             message = conn.recv()
             if message[0] == "submit":

@@ -200,10 +200,46 @@ class CompletionRequest(_GenerationRequest):
 Request = ChatCompletionRequest | CompletionRequest
 
 
+def lone_surrogate(data: Any) -> str | None:
+    """Where a decoded JSON value holds a lone surrogate (``"\\ud800"``, which JSON can spell but UTF-8 cannot
+    encode): the dotted path of the first such string, ``"<path>.<a field name>"`` for a key, or None."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:  # a stack, not recursion: the body may nest as deep as json.loads allows
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _encodable(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    return _join(path, "<a field name>")
+                todo.append((_join(path, key), item))
+        elif isinstance(value, list):
+            todo.extend((_join(path, str(i)), item) for i, item in enumerate(value))
+    return None
+
+
+def _join(path: str, part: str) -> str:
+    return f"{path}.{part}" if path else part
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_request(kind: type[Request], data: Any) -> Request:
-    """Validate a decoded JSON body. Raises APIError 400 for a bad or unsupported field."""
+    """Validate a decoded JSON body. Raises APIError 400 for a bad or unsupported field, or a string that is
+    not valid Unicode (a lone surrogate), naming the field."""
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
+    where = lone_surrogate(data)
+    if where is not None:
+        param = ".".join(part[:MAX_PARAM_CHARS] for part in where.split("."))
+        raise invalid(f"{param}: not valid Unicode (a lone surrogate)", param, "invalid_unicode")
     try:
         request = kind.model_validate(data)
     except ValidationError as err:

@@ -60,7 +60,7 @@ from safetensors.torch import load_file
 from llm.config import ModelConfig, format_validation_error
 from llm.data.chat_template import generation_stop_ids
 from llm.data.tokenizer import N_SPECIAL, SPECIAL_IDS, SPECIAL_TOKENS, Tokenizer
-from llm.io import atomic_folder, atomic_write_json, atomic_write_text
+from llm.io import atomic_folder, atomic_write_json, atomic_write_text, give_default_mode
 from llm.model.checkpoint import load_checkpoint, save_checkpoint
 from llm.model.gpt import GPT
 
@@ -622,6 +622,8 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool =
                                "transformers": transformers.__version__}
     with atomic_folder(out_dir) as tmp:
         hf_model.save_pretrained(tmp)
+        for weights in tmp.glob("*.safetensors"):
+            give_default_mode(weights)  # safetensors writes 0600; every other file is 0644
         summary["tokenizer"] = _write_tokenizer(tokenizer, tmp, c.context_length)
         if not summary["tokenizer"]:
             log.warning("the %s tokenizer has no Transformers form: %s holds the model without tokenizer files",
@@ -759,6 +761,7 @@ def export_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> dict
     peft_config["base_model_name_or_path"] = adapter["base"]["path"]
     with atomic_folder(out_dir) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        give_default_mode(tmp / PEFT_WEIGHTS_FILE)  # safetensors writes 0600
         atomic_write_json(tmp / PEFT_CONFIG_FILE, peft_config, indent=2, sort_keys=True)
     return {"path": str(out_dir), "architecture": ARCHITECTURES[hf_architecture(config)],
             "target_modules": peft_config["target_modules"], "base": adapter["base"],

@@ -37,6 +37,7 @@ from llm.io import (
     atomic_folder,
     atomic_write_json,
     atomic_write_text,
+    give_default_mode,
     interrupted_swap,
     recover_interrupted_swap,
     remove_stale_temp_files,
@@ -86,6 +87,7 @@ def _optimizer_to_files(state_dict: dict[str, Any], folder: Path) -> None:
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     save_file(tensors, str(folder / "optimizer.safetensors"))
+    give_default_mode(folder / "optimizer.safetensors")
     _write_json(folder / "optimizer.json", {"param_groups": state_dict["param_groups"], "scalars": scalars})
 
 
@@ -129,9 +131,11 @@ def save_checkpoint(
     with atomic_folder(path) as tmp:
         if adapter is not None:
             save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "llm-lora"})
+            give_default_mode(tmp / ADAPTER_FILE)  # safetensors writes 0600; every other file is 0644
             _write_json(tmp / ADAPTER_CONFIG_FILE, adapter)
         else:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "llm"})
+            give_default_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600; every other file is 0644
         tokenizer.save(tmp / TOKENIZER_DIR)
         config = {
             "format_version": FORMAT_VERSION,
@@ -145,6 +149,7 @@ def save_checkpoint(
             ts.mkdir()
             _optimizer_to_files(train_state.optimizer, ts)
             save_file({k: v.cpu() for k, v in train_state.rng.items()}, str(ts / "rng.safetensors"))
+            give_default_mode(ts / "rng.safetensors")
             _write_json(ts / "state.json", {"step": train_state.step, **train_state.extra})
         for name, text in (extra_files or {}).items():
             target = tmp / name

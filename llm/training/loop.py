@@ -48,6 +48,7 @@ import torch
 from llm.config import ModelConfig, PretrainParams
 from llm.data.tokenizer import Tokenizer
 from llm.data.tokens import bits_per_byte
+from llm.io import folder_lock
 from llm.model.checkpoint import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -342,10 +343,10 @@ def train(
     handler at once. Raises TrainingDivergedError on a NaN/inf loss or gradient norm (before the optimizer
     step) or non-finite weights (before a checkpoint), leaving the last good checkpoint as it was, and
     CheckpointError if the checkpoint to resume is unreadable or was written by a job with another number
-    of processes.
+    of processes, and FolderLocked (at once, touching nothing) when another process is writing ``out_dir``.
     """
     run = _start_run(model, tokenizer, data, params, Path(out_dir), metadata or {}, inputs or {})
-    with _StopSignals() as stop:
+    with _StopSignals() as stop, folder_lock(run.out_dir) if run.dist.is_main else contextlib.nullcontext():
         _settle_checkpoint_folder(run, resume)
         last_step = min(params.max_steps, until_step or params.max_steps)
         train_model = _wrap_model(run)
