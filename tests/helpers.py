@@ -6,7 +6,10 @@ Plain functions, imported as ``from helpers import tiny_model``: pytest puts thi
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -71,3 +74,14 @@ def write_checkpoint(folder: Path, seed: int = 0, std: float = 0.3, **overrides)
     torch.manual_seed(seed)
     model = widen_weights(GPT(config), std)
     return save_checkpoint(folder, model, config, tokenizer)
+
+
+def hold_folder_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding ``llm.io.folder_lock(folder)`` for up to a minute: returns once it holds it (kill
+    it to let go)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from llm.io import folder_lock\n"
+        f"with folder_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
