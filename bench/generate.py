@@ -155,14 +155,14 @@ def time_weight_read(matrices: list[torch.Tensor], clock: Callable[[], float],
     return 0.0, 1.0 / best, 0
 
 
-def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_tokens: int, nocache_tokens: int,
+def runners(model: GPT, hf, export_dir: Path, quantize: bool, threads: int, new_tokens: int, nocache_tokens: int,
             clock: Callable[[], float]):
     """Backend name -> function(prompt) -> (prefill s, decode tokens/s, tokens), timed by ``clock``."""
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     greedy_nocache = SamplingParams(max_new_tokens=nocache_tokens, temperature=0.0)
     ort_params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    fp32 = OnnxGenerator(onnx_dir, intra_op_num_threads=threads)
-    portable = OnnxGenerator(onnx_dir, intra_op_num_threads=threads, static_cache=False)
+    fp32 = OnnxGenerator(export_dir, intra_op_num_threads=threads)
+    portable = OnnxGenerator(export_dir, intra_op_num_threads=threads, static_cache=False)
     table: dict[str, Callable] = {
         "torch (no cache)": lambda p: time_stream(stream_generate(model, p, greedy_nocache, use_cache=False), clock),
         "torch (cache)": lambda p: time_stream(stream_generate(model, p, greedy), clock),
@@ -170,7 +170,7 @@ def runners(model: GPT, hf, onnx_dir: Path, quantize: bool, threads: int, new_to
         "ort portable": lambda p: time_stream(portable.stream_generate(p, ort_params), clock),
     }
     if quantize:
-        int8 = OnnxGenerator(onnx_dir, int8=True, intra_op_num_threads=threads)
+        int8 = OnnxGenerator(export_dir, int8=True, intra_op_num_threads=threads)
         table["onnxruntime int8"] = lambda p: time_stream(int8.stream_generate(p, ort_params), clock)
     table["hf generate"] = lambda p: time_hf(hf, p, new_tokens, clock)
     matrices = weight_matrices(model)
@@ -233,8 +233,8 @@ def quantization_quality(checkpoint: Path, tokens_dir: Path, workdir: Path, wind
     from llm.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0]
-    onnx_dir = workdir / "quality" / "onnx"
-    summary = export_onnx(checkpoint, onnx_dir, quantize=True)  # a trained model's parity, at full size
+    export_dir = workdir / "quality" / "onnx"
+    summary = export_onnx(checkpoint, export_dir, quantize=True)  # a trained model's parity, at full size
     val = TokenFile(tokens_dir, "val")
     L = model.config.context_length
     last = val.n_tokens - L - 1
@@ -258,12 +258,12 @@ def quantization_quality(checkpoint: Path, tokens_dir: Path, workdir: Path, wind
     torch_logits = np.concatenate([model(torch.from_numpy(x[b])).logits.numpy() for b in batches])
     result["torch_loss"] = mean_loss(torch_logits)
     for name, file in [("fp32", "model.onnx"), ("int8", INT8_FILE)]:
-        generator = OnnxGenerator(onnx_dir, model_file=file, intra_op_num_threads=threads)
+        generator = OnnxGenerator(export_dir, model_file=file, intra_op_num_threads=threads)
         logits = np.concatenate([generator.forward(x[b])[0] for b in batches])
         loss = mean_loss(logits)
         result[f"{name}_loss"] = loss
         result[f"{name}_bpb"] = bits_per_byte(loss, val.tokens_per_byte)
-        result[f"{name}_bytes"] = (onnx_dir / file).stat().st_size
+        result[f"{name}_bytes"] = (export_dir / file).stat().st_size
         if name == "int8":
             result["int8_top1_agreement"] = float((logits.argmax(-1) == torch_logits.argmax(-1)).mean())
     result["bpb_cost"] = result["int8_bpb"] - result["fp32_bpb"]

@@ -273,8 +273,8 @@ def run_phase(server: Server, clients: int, seconds: float, send: Callable[[str,
 
 def tokenizer_counter(model: str) -> Callable[[str], int]:
     """Counts the tokens of a text with the served model's tokenizer (from its ONNX export)."""
+    from llm.api_server import resolve_export
     from llm.data.tokenizer import load_tokenizer
-    from llm.serve import resolve_export
 
     tokenizer = load_tokenizer(resolve_export(model) / "tokenizer")
     return lambda text: len(tokenizer.encode(text))

@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llm.api_server import resolve_export  # noqa: E402
 from llm.data.chat_template import encode_chat, generation_stop_ids  # noqa: E402
 from llm.inference.batching import BatchEngine  # noqa: E402
 from llm.inference.decoding import SamplingParams  # noqa: E402
 from llm.inference.engine_process import load_generator  # noqa: E402
-from llm.serve import resolve_export  # noqa: E402
 
 QUESTIONS = ["What news from Verona?", "Who comes here?", "Tell me of the king.", "Where is my lord?",
              "What say you to this?", "How fares the queen?", "Why do you weep?", "What is your name, good sir?"]

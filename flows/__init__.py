@@ -6,10 +6,10 @@ logic live in ``llm``; a flow reads its params file with the overrides it was gi
 Paths are those of ``llm.stages.Layout`` relative to the working directory, which is the project root.
 
 Four ways in: ``python -m flows <flow> --set key=value`` runs one flow in this process (``dvc repro`` does
-this), ``python -m flows.serve`` serves every flow as a deployment ``<flow>/<flow>``, ``python -m flows.deploy
+this), ``python -m flows.deployments`` serves every flow as a deployment ``<flow>/<flow>``, ``python -m flows.work_pool
 --pool NAME`` deploys them to a work pool as ``<flow>/<NAME>`` for workers on other machines, and the functions
 can be called from Python like any Prefect flow. Without PREFECT_API_URL the runs go to the pipeline's own local
-Prefect server (``python -m flows server status|stop``, flows/server.py).
+Prefect server (``python -m flows server status|stop``, flows/prefect_server.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
 # no usage reports to the outside: the pipeline runs offline and on private data
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Every flow run of the project sends a heartbeat this often (Prefect's default is 180 s), whoever starts it
-# (`dvc repro`, `flows.serve`, a work pool's worker): the automation that `python -m flows.deploy` creates on a
+# (`dvc repro`, `flows.deployments`, a work pool's worker): the automation that `python -m flows.work_pool` creates on a
 # server marks a run CRASHED when its heartbeats stop for 90 s, and with 180 s between them a stage that
 # trains for longer than 270 s on that server would be marked crashed while it runs.
 HEARTBEAT_SECONDS = 30  # Prefect sends none more often (flow_engine.MINIMUM_HEARTBEAT_INTERVAL)

@@ -10,7 +10,7 @@ nothing, so wrappers such as ``MLproject`` can pass optional settings through.
 
 With ``PREFECT_API_URL`` set the run is recorded by that Prefect server; without it, by the pipeline's own local
 server, started on first use and shared by every later stage (``python -m flows server status|stop``, see
-``flows/server.py``). A training stopped by SIGINT or SIGTERM exits with 130 or 143 and one line saying where
+``flows/prefect_server.py``). A training stopped by SIGINT or SIGTERM exits with 130 or 143 and one line saying where
 its checkpoint is and how to resume.
 
 Under ``dvc repro`` (``DVC_STAGE`` is set) the stage stops itself, as on SIGTERM, when dvc dies, so a killed
@@ -194,7 +194,7 @@ def main(
     if flow not in flows:
         raise typer.BadParameter(f"unknown flow {flow!r}; choose one of {', '.join(flows)}", param_hint="FLOW")
     arguments = flow_arguments(flow, sets or [], params or [])
-    from flows.server import ServerError, pipeline_api
+    from flows.prefect_server import ServerError, pipeline_api
 
     finish_start_up(flow)
     try:
@@ -218,7 +218,7 @@ def main(
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["server"]:  # `python -m flows server start|status|stop`
-        from flows.server import app as server_app
+        from flows.prefect_server import app as server_app
 
         server_app(args=sys.argv[2:], prog_name="python -m flows server")
     else:

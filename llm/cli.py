@@ -446,7 +446,7 @@ def serve(
              "engine_heartbeat_timeout_s": engine_heartbeat_timeout, "engine_max_restarts": engine_max_restarts,
              "engine_restart_window_s": engine_restart_window}
     limits = validate_params(ServeLimits, {k: v for k, v in given.items() if v is not None}, "llm serve")
-    from llm.serve import ServeError, run_server
+    from llm.api_server import ServeError, run_server
 
     if api_key is None and os.environ.get("LLM_API_KEY") == "":
         api_key = ""  # click reads an empty variable as unset; an empty key is a mistake to say so about
@@ -514,11 +514,11 @@ def _next_steps(chat_model: str) -> str:
         "  Compare runs, see the registry:  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1",
         "  The guide and the notebooks:     docs/architecture.md, notebooks/ (pip install -e \".[notebooks]\")",
     ]
-    if not windows:  # on Windows each stage's Prefect run uses a temporary server (flows/server.py)
+    if not windows:  # on Windows each stage's Prefect run uses a temporary server (flows/prefect_server.py)
         lines += [
             "  Prefect server: URL, stop it:    python -m flows server status;  python -m flows server stop",
             "  Serve the flows as deployments:  export PREFECT_API_URL=$(python -m flows server start); "
-            "python -m flows.serve",
+            "python -m flows.deployments",
             "  Run a stage on demand:           prefect deployment run pretrain/pretrain "
             "--param overrides='{\"max_steps\": 200}'",
         ]

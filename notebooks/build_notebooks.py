@@ -289,14 +289,14 @@ own, with fewer prompts, to show its report."""),
 from llm.inference.export import check_parity, export_onnx
 from llm.inference.onnx_runtime import OnnxGenerator
 
-onnx_dir = demo_or_tiny.scratch_dir("onnx")
-summary = export_onnx(checkpoint, onnx_dir, quantize=True, verify=False)
-report = check_parity(checkpoint, onnx_dir, n_prompts=2 if SMALL else 10, new_tokens=8 if SMALL else 32)
+export_dir = demo_or_tiny.scratch_dir("onnx")
+summary = export_onnx(checkpoint, export_dir, quantize=True, verify=False)
+report = check_parity(checkpoint, export_dir, n_prompts=2 if SMALL else 10, new_tokens=8 if SMALL else 32)
 print("parity passed:", report["passed"], "| max |logit difference|:", f"{report['max_abs_diff']:.2e}")
 for name, size in summary["files"].items():
     print(f"{name:28} {size:>10,} bytes")'''),
     ("code", '''\
-onnx_model = OnnxGenerator(onnx_dir, intra_op_num_threads=1)
+onnx_model = OnnxGenerator(export_dir, intra_op_num_threads=1)
 for kind, values in (("input", onnx_model.session.get_inputs()), ("output", onnx_model.session.get_outputs())):
     for v in values[:5]:
         print(f"{kind:6} {v.name:28} {str(v.shape):40} {v.type}")
@@ -304,7 +304,7 @@ for kind, values in (("input", onnx_model.session.get_inputs()), ("output", onnx
     ("md", "**Same tokens, other runtime.** ONNX Runtime decodes without PyTorch; the int8 model may differ a little."),
     ("code", '''\
 onnx_ids, t_onnx = timed(lambda: onnx_model.generate(prompt, greedy))
-int8_model = OnnxGenerator(onnx_dir, int8=True, intra_op_num_threads=1)
+int8_model = OnnxGenerator(export_dir, int8=True, intra_op_num_threads=1)
 int8_ids, t_int8 = timed(lambda: int8_model.generate(prompt, greedy))
 _, t_torch = timed(lambda: generate(model, prompt, greedy))
 print(f"PyTorch with cache: {len(cached) / t_torch:7.0f} tokens/s")

@@ -160,9 +160,9 @@ def test_grouped_query_attention_batches_on_a_smaller_cache_as_full_recompute_de
 
     from llm.model.checkpoint import load_checkpoint
 
-    checkpoint, onnx_dir = gqa_export
+    checkpoint, export_dir = gqa_export
     model = load_checkpoint(checkpoint)[0].eval()
-    generator = OnnxGenerator(onnx_dir, intra_op_num_threads=1)
+    generator = OnnxGenerator(export_dir, intra_op_num_threads=1)
     rng = random.Random(3)
     requests = [[rng.randrange(8, generator.vocab_size) for _ in range(rng.randint(1, 12))] for _ in range(6)]
     expected = []
@@ -329,7 +329,7 @@ def test_the_engine_benchmark_reports_its_cpu_time_per_token(generator):
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "serve_engine.py"
-    out = subprocess.run([sys.executable, str(bench), "--model", str(generator.onnx_dir), "--batches", "1,3",
+    out = subprocess.run([sys.executable, str(bench), "--model", str(generator.export_dir), "--batches", "1,3",
                           "--max-tokens", "8", "--tokens", "48", "--repeats", "1"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.split() for line in out.splitlines()[2:]]

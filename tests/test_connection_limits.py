@@ -1,4 +1,4 @@
-"""Specification of llm/connection_limits.py apart from a server (the server-level test is in test_serve.py)."""
+"""Specification of llm/connection_limits.py apart from a server (the server-level test is in test_api_server.py)."""
 
 from __future__ import annotations
 

@@ -71,15 +71,15 @@ def exported(request, exports):
 
 
 def test_export_writes_a_self_contained_folder(exported):
-    checkpoint, onnx_dir, summary = exported
-    assert (onnx_dir / "model.onnx").exists() and (onnx_dir / "parity.json").exists()
-    config = json.loads((onnx_dir / "generation_config.json").read_text())
+    checkpoint, export_dir, summary = exported
+    assert (export_dir / "model.onnx").exists() and (export_dir / "parity.json").exists()
+    config = json.loads((export_dir / "generation_config.json").read_text())
     model_config = json.loads((checkpoint / "config.json").read_text())["model"]
     for key in ("n_layer", "n_head", "vocab_size", "context_length", "position"):
         assert config[key] == model_config[key]
     assert config["head_dim"] == model_config["d_model"] // model_config["n_head"]
     assert config["opset"] == summary["opset"] >= 18
-    tokenizer = load_tokenizer(onnx_dir / "tokenizer")
+    tokenizer = load_tokenizer(export_dir / "tokenizer")
     assert tokenizer.encode("hello, world") == load_tokenizer(checkpoint / "tokenizer").encode("hello, world")
     special = config["special_ids"]
     assert (special["bos"], special["end"], special["user"], special["assistant"]) == (
@@ -87,12 +87,12 @@ def test_export_writes_a_self_contained_folder(exported):
     )
     assert config["bos_token_id"] == tokenizer.bos_id and config["pad_token_id"] == tokenizer.pad_id
     assert set(config["sampling"]) >= {"temperature", "top_k", "top_p", "max_new_tokens", "stop_ids"}
-    assert [p.name for p in onnx_dir.parent.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+    assert [p.name for p in export_dir.parent.iterdir() if p.name.startswith(".")] == []  # no temp folder left
 
 
 def test_batch_seq_and_past_axes_are_symbolic(exported):
-    _, onnx_dir, _ = exported
-    axes = graph_axes(onnx_dir / "model.onnx")
+    _, export_dir, _ = exported
+    axes = graph_axes(export_dir / "model.onnx")
     n_layer, heads, head_dim, vocab = 2, 2, 16, 294
     assert list(axes) == input_names(n_layer) + output_names(n_layer)
     batch, seq = axes["input_ids"]
@@ -122,10 +122,10 @@ def test_rows_of_different_lengths_padded_into_one_batch_match_each_row_alone(ex
 def test_the_static_cache_graph_matches_pytorch_row_by_row(exported):
     """The serving graph (format 3): rows prefilled into their own slots of fixed-length buffers, then one
     decode step for rows of lengths such as 3, 0 and 9, or the context limit, each against PyTorch alone."""
-    _, onnx_dir, summary = exported
-    config = json.loads((onnx_dir / "generation_config.json").read_text())
+    _, export_dir, summary = exported
+    config = json.loads((export_dir / "generation_config.json").read_text())
     assert config["format_version"] == 3 and config["static_cache"]["model_file"] == "model.static.onnx"
-    axes = graph_axes(onnx_dir / "model.static.onnx")
+    axes = graph_axes(export_dir / "model.static.onnx")
     batch = axes["input_ids"][0]
     assert axes["cache_last"] == [batch]
     assert axes["past_key_values.0.key"] == axes["present.0.key"] == [batch, 2, CONTEXT, 16]  # a fixed length
@@ -137,12 +137,12 @@ def test_the_static_cache_graph_matches_pytorch_row_by_row(exported):
 def test_each_layer_of_the_static_cache_graph_is_one_groupqueryattention_on_packed_qkv(exported):
     """Attention is onnxruntime's in-place operator, not the written-out PyTorch path (which the exporter would
     trace if its first attempt failed), and it takes the projections packed: no Split or Reshape per layer."""
-    checkpoint, onnx_dir, _ = exported
-    proto = onnx.load(str(onnx_dir / "model.static.onnx"), load_external_data=False)
+    checkpoint, export_dir, _ = exported
+    proto = onnx.load(str(export_dir / "model.static.onnx"), load_external_data=False)
     attention = [node for node in proto.graph.node if node.op_type == "GroupQueryAttention"]
     assert len(attention) == 2  # one per layer
     assert all(node.input[1] == node.input[2] == "" for node in attention)  # key and value: inside the query
-    counts = graph_op_counts(onnx_dir / "model.static.onnx")
+    counts = graph_op_counts(export_dir / "model.static.onnx")
     model = json.loads((checkpoint / "config.json").read_text())["model"]
     assert "ScatterND" not in counts
     if not model["qk_norm"]:
@@ -151,20 +151,20 @@ def test_each_layer_of_the_static_cache_graph_is_one_groupqueryattention_on_pack
 
 
 def test_logits_match_pytorch_at_past_lengths_0_1_17_and_the_limit(exported):
-    _, onnx_dir, summary = exported
+    _, export_dir, summary = exported
     rows = summary["parity"]["logits"]
     assert {(r["past"], r["new"]) for r in rows} >= {(0, 5), (1, 1), (17, 3), (CONTEXT - 1, 1)}
     assert all(r["max_abs_logits"] <= 1e-4 and r["max_abs_cache"] <= 1e-4 for r in rows)
-    assert json.loads((onnx_dir / "parity.json").read_text())["passed"] is True
+    assert json.loads((export_dir / "parity.json").read_text())["passed"] is True
 
 
 @torch.inference_mode()
 def test_any_batch_and_an_empty_cache_run_in_onnx_runtime(exported):
-    checkpoint, onnx_dir, _ = exported
+    checkpoint, export_dir, _ = exported
     from llm.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)[0]
-    generator = OnnxGenerator(onnx_dir)
+    generator = OnnxGenerator(export_dir)
     for batch, length in [(1, 1), (3, CONTEXT), (5, 7)]:  # batch and seq sizes never traced
         ids = np.random.default_rng(batch).integers(0, 294, (batch, length))
         logits, present = generator.forward(ids, generator.empty_cache(batch))
@@ -179,7 +179,7 @@ def test_any_batch_and_an_empty_cache_run_in_onnx_runtime(exported):
 
 
 def test_greedy_generation_matches_torch(exported):
-    checkpoint, onnx_dir, summary = exported
+    checkpoint, export_dir, summary = exported
     greedy = summary["parity"]["greedy"]
     assert greedy == {"prompts": 20, "new_tokens": 64, "graphs": ["portable", "static_cache"], "identical": 20,
                       "mismatches": []}
@@ -188,16 +188,16 @@ def test_greedy_generation_matches_torch(exported):
     model = load_checkpoint(checkpoint)[0]
     params = SamplingParams(max_new_tokens=50, temperature=0.0)
     prompt = [1, *range(10, 10 + CONTEXT + 5)]  # longer than the context: truncated, then the window slides
-    ours = OnnxGenerator(onnx_dir).generate(prompt, params)
+    ours = OnnxGenerator(export_dir).generate(prompt, params)
     assert ours == generate(model, prompt, params)
-    assert OnnxGenerator(onnx_dir, static_cache=False).generate(prompt, params) == ours  # the portable graph
+    assert OnnxGenerator(export_dir, static_cache=False).generate(prompt, params) == ours  # the portable graph
     assert len(set(ours)) >= 4  # a real sequence, not one token repeated
 
 
 def test_quantized_model_runs_and_mostly_agrees(exports):
-    _, onnx_dir, summary = exports(QUANTIZED)
+    _, export_dir, summary = exports(QUANTIZED)
     assert summary["files"][INT8_FILE] < summary["files"]["model.onnx"]
-    fp32, int8 = OnnxGenerator(onnx_dir), OnnxGenerator(onnx_dir, int8=True)
+    fp32, int8 = OnnxGenerator(export_dir), OnnxGenerator(export_dir, int8=True)
     assert int8.model_path.name == INT8_FILE
     ids = np.random.default_rng(0).integers(0, 294, (2, 20))
     a, b = fp32.forward(ids)[0], int8.forward(ids)[0]
@@ -213,13 +213,13 @@ def test_small_models_keep_weights_inside_model_onnx(exports):
 
 
 def test_external_data_export_is_loadable(exports):
-    _, onnx_dir, summary = exports(EXTERNAL)
-    config = json.loads((onnx_dir / "generation_config.json").read_text())
+    _, export_dir, summary = exports(EXTERNAL)
+    config = json.loads((export_dir / "generation_config.json").read_text())
     assert config["external_data"] == "model.onnx.data" and summary["files"]["model.onnx.data"] > 0
-    assert ort.InferenceSession(str(onnx_dir / "model.onnx")).get_inputs()[0].name == "input_ids"
+    assert ort.InferenceSession(str(export_dir / "model.onnx")).get_inputs()[0].name == "input_ids"
     assert summary["parity"]["passed"]
     assert summary["files"]["model.int8.onnx.data"] > 0
-    int8 = OnnxGenerator(onnx_dir, model_file=INT8_FILE)
+    int8 = OnnxGenerator(export_dir, model_file=INT8_FILE)
     assert len(int8.generate([1, 9, 10], SamplingParams(max_new_tokens=5, temperature=0.0))) == 5
 
 
@@ -294,12 +294,12 @@ def test_an_export_from_before_grouped_query_attention_reads_its_cache_heads_fro
     """generation_config.json without n_kv_head (older exports): the cache has n_head heads, as it always had."""
     import shutil
 
-    _, onnx_dir, _ = exports("rope")
-    shutil.copytree(onnx_dir, tmp_path / "old")
+    _, export_dir, _ = exports("rope")
+    shutil.copytree(export_dir, tmp_path / "old")
     config = json.loads((tmp_path / "old" / "generation_config.json").read_text())
     del config["n_kv_head"]
     (tmp_path / "old" / "generation_config.json").write_text(json.dumps(config))
     generator = OnnxGenerator(tmp_path / "old")
     assert generator.n_kv_head == config["n_head"] == 2
     assert generator.generate([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0)) == OnnxGenerator(
-        onnx_dir).generate([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0))
+        export_dir).generate([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0.0))

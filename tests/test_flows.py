@@ -312,7 +312,7 @@ def test_a_stage_process_imports_its_modules_during_start_up_then_freezes_them_a
 
 
 def test_pool_deployments_import_each_flow_by_module_path_in_the_workers_checkout_with_heartbeats(tmp_path):
-    from flows.deploy import HEARTBEAT_SECONDS, pool_deployments
+    from flows.work_pool import HEARTBEAT_SECONDS, pool_deployments
 
     deployments = {d.flow_name: d for d in pool_deployments("gpu", tmp_path)}
     assert list(deployments) == ["fetch", "clean", "tokenizer", "tokenize", "prepare", "pretrain", "finetune",
@@ -327,7 +327,7 @@ def test_pool_deployments_import_each_flow_by_module_path_in_the_workers_checkou
 
 @pytest.mark.parametrize(("setting", "expected"), [(None, "30"), ("120", "120")])
 def test_every_flow_run_of_the_project_sends_heartbeats_often_enough_for_the_crash_automation(setting, expected):
-    # a dvc stage on a server where `flows.deploy` created the automation (crash after 90 s without a heartbeat)
+    # a dvc stage on a server where `flows.work_pool` created the automation (crash after 90 s without a heartbeat)
     # must not be marked crashed while it trains: Prefect's own default is one heartbeat every 180 s
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
     if setting:
@@ -383,9 +383,9 @@ def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and
     assert ran_on_dask == ["run_shard"]  # the shard tasks ran on the cluster (Dask names them by their function)
 
 
-@pytest.mark.parametrize("module", ["flows.serve", "flows.deploy", "flows"])
+@pytest.mark.parametrize("module", ["flows.deployments", "flows.work_pool", "flows"])
 def test_python_m_flows_modules_print_help_and_serve_nothing(module, tmp_path):
-    """`python -m flows.serve --help` printed nothing and started serving every deployment (issue 22, item 9)."""
+    """`python -m flows.deployments --help` printed nothing and started serving every deployment (issue 22, item 9)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing there
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)

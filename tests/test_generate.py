@@ -75,7 +75,7 @@ def test_temperature_zero_is_argmax():
 def test_top_k_keeps_only_the_k_most_likely():
     logits = torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3])).repeat(4000, 1)  # 4000 independent rows
     g = torch.Generator().manual_seed(0)
-    drawn = sample_next_token(logits, temperature=1.0, top_k=2, generator=g)
+    drawn = sample_next_token(logits, temperature=1.0, top_k=2, rng=g)
     assert set(drawn.tolist()) == {1, 3}
     assert (drawn == 1).float().mean().item() == pytest.approx(0.4 / 0.7, abs=0.03)
 
@@ -85,21 +85,21 @@ def test_top_p_filters_tail():
     logits = torch.log(probs).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
     # smallest set reaching 0.7 is {0, 1} (0.5 + 0.3); its tail {2, 3} is never drawn
-    drawn = sample_next_token(logits, temperature=1.0, top_p=0.7, generator=g)
+    drawn = sample_next_token(logits, temperature=1.0, top_p=0.7, rng=g)
     assert set(drawn.tolist()) == {0, 1}
     assert (drawn == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
     # 0.5 alone already reaches top_p=0.5, and the most likely token always survives a tiny top_p
-    assert set(sample_next_token(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
-    assert set(sample_next_token(logits, 1.0, top_p=1e-6, generator=g).tolist()) == {0}
+    assert set(sample_next_token(logits, 1.0, top_p=0.5, rng=g).tolist()) == {0}
+    assert set(sample_next_token(logits, 1.0, top_p=1e-6, rng=g).tolist()) == {0}
     # top_p=1.0 keeps everything
-    assert set(sample_next_token(logits, 1.0, top_p=1.0, generator=g).tolist()) == {0, 1, 2, 3}
+    assert set(sample_next_token(logits, 1.0, top_p=1.0, rng=g).tolist()) == {0, 1, 2, 3}
 
 
 def test_top_k_applies_before_top_p():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
     # after top_k=3 the renormalised mass is 4/9, 3/9, 2/9: top_p=0.7 then keeps {0, 1}
-    drawn = sample_next_token(logits, 1.0, top_k=3, top_p=0.7, generator=g)
+    drawn = sample_next_token(logits, 1.0, top_k=3, top_p=0.7, rng=g)
     assert set(drawn.tolist()) == {0, 1}
 
 

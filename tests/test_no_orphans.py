@@ -235,7 +235,7 @@ def prefect_home(tmp_path) -> Iterator[Path]:
 
 @pytest.mark.parametrize("points_at", ["a process that has exited", "another process with the same pid"])
 def test_a_stale_server_record_is_ignored_and_its_pid_never_signalled(prefect_home, points_at):
-    from flows.server import live_record, stop_server
+    from flows.prefect_server import live_record, stop_server
 
     other = subprocess.Popen(["sleep", "60"])
     try:
@@ -263,7 +263,7 @@ def test_a_stale_server_record_is_ignored_and_its_pid_never_signalled(prefect_ho
 def test_an_explicit_prefect_api_url_starts_no_server(prefect_home):
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    from flows.server import pipeline_api
+    from flows.prefect_server import pipeline_api
 
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}), pipeline_api() as api_url:
         assert api_url is None
@@ -272,7 +272,7 @@ def test_an_explicit_prefect_api_url_starts_no_server(prefect_home):
 
 
 def test_a_running_server_of_another_prefect_version_is_refused_with_what_to_do(prefect_home):
-    from flows.server import ServerError, ensure_server
+    from flows.prefect_server import ServerError, ensure_server
 
     this_process = psutil.Process()  # alive, as the server of the record would be
     state = prefect_home / "pipeline-server"

@@ -91,12 +91,12 @@ def test_a_batch_draws_by_blocks_what_one_cumulative_sum_draws_and_never_a_token
 
 
 def test_same_seed_gives_same_sample(export):
-    _, onnx_dir = export
-    generator = OnnxGenerator(onnx_dir)
+    _, export_dir = export
+    generator = OnnxGenerator(export_dir)
     params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.95, seed=123)
     first = generator.generate([1, 10, 11, 12], params)
     assert generator.generate([1, 10, 11, 12], params) == first
-    assert OnnxGenerator(onnx_dir).generate([1, 10, 11, 12], params) == first  # a fresh session too
+    assert OnnxGenerator(export_dir).generate([1, 10, 11, 12], params) == first  # a fresh session too
     others = {tuple(generator.generate([1, 10, 11, 12], SamplingParams(max_new_tokens=40, seed=s))) for s in range(4)}
     assert len(others) > 1
 
@@ -105,16 +105,16 @@ def test_same_seed_gives_same_sample(export):
 
 
 def test_greedy_matches_torch_through_the_sliding_window(export):
-    checkpoint, onnx_dir = export
+    checkpoint, export_dir = export
     model = load_checkpoint(checkpoint)[0]
     params = SamplingParams(max_new_tokens=3 * CONTEXT, temperature=0.0)  # slides several times
     for prompt in ([1], [1, 12, 13, 14, 15], list(range(8, 8 + CONTEXT + 3))):
-        assert OnnxGenerator(onnx_dir).generate(prompt, params) == generate(model, prompt, params)
+        assert OnnxGenerator(export_dir).generate(prompt, params) == generate(model, prompt, params)
 
 
 def test_a_vanishing_temperature_with_the_largest_seed_is_greedy(export):
-    _, onnx_dir = export
-    generator = OnnxGenerator(onnx_dir)
+    _, export_dir = export
+    generator = OnnxGenerator(export_dir)
     tiny = {"max_new_tokens": 10, "temperature": 1e-40, "seed": 2**64 - 1}
     assert generator.generate([1, 20], tiny) == generator.generate([1, 20], {"max_new_tokens": 10, "temperature": 0})
     with pytest.raises(ValueError, match="seed"):
@@ -122,8 +122,8 @@ def test_a_vanishing_temperature_with_the_largest_seed_is_greedy(export):
 
 
 def test_accepts_sampling_params_and_stops_after_a_stop_id(export):
-    _, onnx_dir = export
-    generator = OnnxGenerator(onnx_dir)
+    _, export_dir = export
+    generator = OnnxGenerator(export_dir)
     free = generator.generate([1, 20], SamplingParams(max_new_tokens=30, temperature=0.0))
     assert len(free) == 30
     stop = free[5]
@@ -135,17 +135,17 @@ def test_accepts_sampling_params_and_stops_after_a_stop_id(export):
 
 
 def test_stream_text_matches_torch(export):
-    checkpoint, onnx_dir = export
+    checkpoint, export_dir = export
     model, tokenizer, _ = load_checkpoint(checkpoint)
     params = SamplingParams(max_new_tokens=40, temperature=0.0, stop_ids=(3,))
-    text = "".join(OnnxGenerator(onnx_dir).stream_text("once upon", params))
+    text = "".join(OnnxGenerator(export_dir).stream_text("once upon", params))
     assert text == "".join(complete(TorchGenerator(model, tokenizer), "once upon", params))
     assert isinstance(text, str) and text
 
 
 def test_default_params_come_from_the_generation_config(export):
-    _, onnx_dir = export
-    generator = OnnxGenerator(onnx_dir)
+    _, export_dir = export
+    generator = OnnxGenerator(export_dir)
     defaults = generator.default_params()
     assert defaults.temperature == generator.config["sampling"]["temperature"]
     assert defaults.stop_ids == tuple(generator.config["sampling"]["stop_ids"])
@@ -154,8 +154,8 @@ def test_default_params_come_from_the_generation_config(export):
 
 
 def test_bad_prompts_and_overlong_inputs_are_errors(export):
-    _, onnx_dir = export
-    generator = OnnxGenerator(onnx_dir)
+    _, export_dir = export
+    generator = OnnxGenerator(export_dir)
     with pytest.raises(ValueError, match="empty"):
         generator.generate([], SamplingParams(max_new_tokens=3))
     with pytest.raises(ValueError, match="must lie in"):
@@ -166,22 +166,22 @@ def test_bad_prompts_and_overlong_inputs_are_errors(export):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
     with pytest.raises(FileNotFoundError, match="generation_config.json"):
-        OnnxGenerator(onnx_dir / "tokenizer")
+        OnnxGenerator(export_dir / "tokenizer")
 
 
 def test_session_uses_all_graph_optimisations_and_the_thread_count(export):
-    _, onnx_dir = export
-    options = OnnxGenerator(onnx_dir, intra_op_num_threads=1).session.get_session_options()
+    _, export_dir = export
+    options = OnnxGenerator(export_dir, intra_op_num_threads=1).session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.intra_op_num_threads == 1
 
 
 def test_runtime_never_imports_torch(export):
-    _, onnx_dir = export
+    _, export_dir = export
     code = (
         "import sys\n"
         "from llm.inference.decoding import SamplingParams\nfrom llm.inference.onnx_runtime import OnnxGenerator\n"
-        f"g = OnnxGenerator({str(onnx_dir)!r})\n"
+        f"g = OnnxGenerator({str(export_dir)!r})\n"
         "ids = g.generate([1, 10, 11], SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=0))\n"
         "text = ''.join(g.stream_text('abc', SamplingParams(max_new_tokens=8, seed=0)))\n"
         "assert len(ids) == 8, ids\n"

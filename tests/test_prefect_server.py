@@ -1,4 +1,4 @@
-"""Specification of the served deployments: with ``prefect server start`` and ``python -m flows.serve``
+"""Specification of the served deployments: with ``prefect server start`` and ``python -m flows.deployments``
 running, ``prefect deployment run <flow>/<flow> --param ...`` runs that stage with the given overrides.
 
 Everything is real and local: a Prefect server on a free port of 127.0.0.1 (its database under a temporary
@@ -101,7 +101,7 @@ def wait_for_deployments(api_url: str, names: list[str], serve: subprocess.Popen
             if set(names) <= found:
                 return
             if serve.poll() is not None:
-                raise RuntimeError(f"flows.serve exited with {serve.returncode}:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(f"flows.deployments exited with {serve.returncode}:\n{log.read_text()[-4000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"deployments {names} not served after {timeout}s (found {found})")
             time.sleep(1)
@@ -140,7 +140,7 @@ def test_deployment_runs_prepare_then_pretrain_with_overrides(tmp_path):
     with prefect_server(tmp_path / "prefect-home") as api_url:
         env = prefect_env(tmp_path / "prefect-home", api_url)
         serve_log = tmp_path / "serve.log"
-        with started([sys.executable, "-m", "flows.serve"], project, env, serve_log) as serve:
+        with started([sys.executable, "-m", "flows.deployments"], project, env, serve_log) as serve:
             wait_for_deployments(api_url, ["prepare", "pretrain", "evaluate", "pipeline"], serve, serve_log)
 
             prepared = deployment_run(project, env, "prepare/prepare")

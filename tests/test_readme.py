@@ -93,11 +93,11 @@ SKIPPED = {
     "llm pipeline --set pretrain:max_steps=200": "every stage again as one Prefect flow (tests/test_flows.py)",
     "export PREFECT_API_URL=$(python -m flows server start)": "starts the long-lived Prefect server "
                                                               "(tests/test_no_orphans.py)",
-    "python -m flows.serve": "serves the deployments until Ctrl-C (tests/test_prefect_server.py; its --help: "
+    "python -m flows.deployments": "serves the deployments until Ctrl-C (tests/test_prefect_server.py; its --help: "
                              "tests/test_flows.py)",
-    "prefect deployment run pretrain/pretrain --param overrides='{\"max_steps\": 200}'": "needs python -m flows.serve "
-                                                                                         "(tests/test_prefect_server.py)",
-    "prefect deployment run pipeline/pipeline": "needs python -m flows.serve (tests/test_prefect_server.py)",
+    "prefect deployment run pretrain/pretrain --param overrides='{\"max_steps\": 200}'":
+        "needs python -m flows.deployments (tests/test_prefect_server.py)",
+    "prefect deployment run pipeline/pipeline": "needs python -m flows.deployments (tests/test_prefect_server.py)",
     "python -m flows server status": "exits 1 when the server is not running, by design (tests/test_no_orphans.py)",
     "python -m flows server stop": "stops the shared Prefect server (tests/test_no_orphans.py)",
     "python -m flows server start": "starts the shared Prefect server (tests/test_no_orphans.py)",
@@ -122,7 +122,7 @@ SKIPPED = {
     # other machines
     "export PREFECT_API_URL=http://prefect-host:4200/api": "another machine's Prefect server",
     "prefect work-pool create gpu --type process": "a work pool on a shared server (tests/test_work_pool.py)",
-    "python -m flows.deploy --pool gpu --working-dir /srv/llm": "a work pool on a shared server "
+    "python -m flows.work_pool --pool gpu --working-dir /srv/llm": "a work pool on a shared server "
                                                                 "(tests/test_work_pool.py)",
     "prefect worker start --pool gpu --type process --limit 1": "a worker, until Ctrl-C (tests/test_work_pool.py)",
     "prefect deployment run pretrain/gpu --param overrides='{\"max_steps\": 20000}'": "20,000 steps on a GPU worker",

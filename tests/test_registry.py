@@ -1,4 +1,4 @@
-"""Specification of llm.mlops.registry and llm.mlops.serving: versions of ``gpt``, promotion, URIs, the pyfunc model."""
+"""Specification of llm.mlops.registry and llm.mlops.pyfunc: versions of ``gpt``, promotion, URIs, the pyfunc model."""
 
 from __future__ import annotations
 
@@ -420,11 +420,11 @@ def test_min_new_tokens_reaches_the_pyfunc_through_its_signature(with_export):
 
 def test_the_pyfunc_looks_for_the_export_where_the_registry_attaches_it():
     from llm.inference import onnx_runtime
-    from llm.mlops import registry, serving
+    from llm.mlops import pyfunc, registry
 
-    # serving.py repeats these names: importing the registry would import torch on the ONNX path
-    assert (serving.MODEL_NAME, serving.ONNX_TAG, serving.ONNX_ARTIFACT) == (MODEL_NAME, ONNX_TAG, ONNX_ARTIFACT)
-    assert serving.GENERATION_CONFIG == onnx_runtime.CONFIG_FILE
+    # pyfunc.py repeats these names: importing the registry would import torch on the ONNX path
+    assert (pyfunc.MODEL_NAME, pyfunc.ONNX_TAG, pyfunc.ONNX_ARTIFACT) == (MODEL_NAME, ONNX_TAG, ONNX_ARTIFACT)
+    assert pyfunc.GENERATION_CONFIG == onnx_runtime.CONFIG_FILE
     pinned = {r.split("==")[0] for r in registry._requirements()}
     assert {"pyyaml", "onnxruntime"} <= pinned  # serving reads the MLmodel file; generates with ONNX Runtime
 
@@ -591,7 +591,7 @@ def test_an_unexpected_failure_is_a_500_with_an_error_id_and_no_stack_trace(with
 
 def test_messages_are_rendered_with_the_chat_template():
     from llm.data import chat_template
-    from llm.mlops.serving import GPTModel
+    from llm.mlops.pyfunc import GPTModel
 
     served = GPTModel()
     served.tokenizer, served.max_prompt_tokens = train_tokenizer(TokenizerParams(kind="byte"), []), 4096

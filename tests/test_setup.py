@@ -153,3 +153,16 @@ def test_the_start_from_gpt2_folder_changes_neither_git_nor_data_dvc(tmp_path):
     run("dvc", "add", "-q", "data")
     assert (tmp_path / "data.dvc").read_text() == before and "nfiles: 1" in before
     assert run("git", "check-ignore", "models/hf/gpt2/config.json").strip() == "models/hf/gpt2/config.json"
+
+
+def test_the_distribution_is_not_named_after_the_other_llm_on_pypi():
+    """`llm` on PyPI is another project's CLI: the distribution has a name of its own, and the command is installed
+    under that name too, beside `llm` (issue 24, item 4)."""
+    from importlib.metadata import distribution
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "gpt-mlops"
+    assert project["scripts"] == {"llm": "llm.cli:run", "gpt-mlops": "llm.cli:run"}
+    installed = distribution("gpt-mlops")
+    assert {ep.name for ep in installed.entry_points if ep.group == "console_scripts"} == {"llm", "gpt-mlops"}
+    assert "gpt-mlops" in (REPO / "README.md").read_text(encoding="utf-8")

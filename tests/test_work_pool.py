@@ -1,4 +1,4 @@
-"""Specification of the scale-out path: flows deployed to a process work pool (``python -m flows.deploy``) run on a
+"""Specification of the scale-out path: flows deployed to a process work pool (``python -m flows.work_pool``) run on a
 ``prefect worker``; a worker killed in the middle of pretraining (SIGKILL of the worker and its flow run, as a
 machine crash would) leaves a flow run that Prefect marks CRASHED, and running the deployment again resumes from
 the stage's checkpoint.
@@ -61,8 +61,8 @@ def test_a_worker_killed_in_pretraining_leaves_a_crashed_run_and_the_rerun_resum
         env = {**prefect_env(home, api_url), "PYTHONPATH": str(project)}
         run_ok([sys.executable, "-m", "flows", "prepare"], project, env)
         run_ok([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], project, env)
-        deployed = run_ok([sys.executable, "-m", "flows.deploy", "--pool", POOL, "--crash-after", str(CRASH_AFTER_S)],
-                          project, env)
+        deployed = run_ok([sys.executable, "-m", "flows.work_pool", "--pool", POOL,
+                           "--crash-after", str(CRASH_AFTER_S)], project, env)
         assert f"pretrain/{POOL}" in deployed
         worker_args = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"]
         out = project / "artifacts" / "pretrain"

@@ -82,11 +82,11 @@ class TokenFile:
             )
 
     def random_batch(
-        self, batch_size: int, block_size: int, generator: torch.Generator
+        self, batch_size: int, block_size: int, rng: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch_size`` windows at offsets drawn from ``generator``: inputs and next-token targets."""
+        """``batch_size`` windows at offsets drawn from ``rng``: inputs and next-token targets."""
         self.check_fits(block_size)
-        offsets = torch.randint(self.n_tokens - block_size, (batch_size,), generator=generator).tolist()
+        offsets = torch.randint(self.n_tokens - block_size, (batch_size,), generator=rng).tolist()
         rows = torch.stack([self.window(o, block_size + 1) for o in offsets])
         return rows[:, :-1], rows[:, 1:]
 

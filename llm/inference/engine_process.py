@@ -4,7 +4,7 @@ In one process, the ``BatchEngine`` worker and the server's event loop take turn
 decoder step's Python (sampling, events) waits while the loop parses requests and writes chunks, and the other
 way round. ``EngineProcess`` runs the engine in a child process and speaks to it over a pipe; it offers what the
 server uses of a ``BatchEngine`` (``submit``, ``start``, ``stop``, ``running``, ``stats``, ``tokenizer``,
-``context_length``), so ``llm.serve`` takes either. ``EnginePool`` runs several, side by side on more cores.
+``context_length``), so ``llm.api_server`` takes either. ``EnginePool`` runs several, side by side on more cores.
 
 The protocol, one pickled message at a time:
 
@@ -82,7 +82,7 @@ class _RemoteJob:
 
 
 class EngineProcess:
-    """A ``BatchEngine`` over ``export`` (int8 unless ``fp32`` or there is none) in a child process.
+    """A ``BatchEngine`` over ``export_dir`` (int8 unless ``fp32`` or there is none) in a child process.
 
     ``start()`` (outside an event loop) starts the process and waits for the model to load, raising
     EngineProcessError when it cannot; ``start()`` inside the server's event loop then reads the engine's events
@@ -90,18 +90,18 @@ class EngineProcess:
     "cancelled".
     """
 
-    def __init__(self, export: str | Path, *, fp32: bool = False, threads: int | None = None, max_batch: int = 8,
+    def __init__(self, export_dir: str | Path, *, fp32: bool = False, threads: int | None = None, max_batch: int = 8,
                  max_queue: int = 64, flush_s: float = EVENT_FLUSH_S, tokenizer: Tokenizer | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
-        self.export = Path(export)
+        self.export_dir = Path(export_dir)
         self.fp32, self.threads, self.flush_s = fp32, threads, flush_s
         self.max_batch, self.max_queue = max_batch, max_queue
-        config = read_generation_config(self.export)
+        config = read_generation_config(self.export_dir)
         self.context_length = int(config["context_length"])
         self.vocab_size = int(config["vocab_size"])
         # the export's tokenizer (``tokenizer``: one already loaded from it, which a pool's engines share)
-        self.tokenizer: Tokenizer = tokenizer or load_tokenizer(self.export / TOKENIZER_DIR)
+        self.tokenizer: Tokenizer = tokenizer or load_tokenizer(self.export_dir / TOKENIZER_DIR)
         self.model_file: str | None = None  # the graph the engine runs, once started
         self._process: Any = None
         self._conn: Any = None
@@ -142,7 +142,7 @@ class EngineProcess:
         self._conn, child = context.Pipe()
         self._process = context.Process(
             target=_engine_main, name="llm-engine", daemon=True,
-            args=(child, str(self.export), self.fp32, self.threads, self.max_batch, self.max_queue, self.flush_s))
+            args=(child, str(self.export_dir), self.fp32, self.threads, self.max_batch, self.max_queue, self.flush_s))
         self._process.start()
         child.close()  # the child's end lives in the child: its exit is this end's EOF
         self._outbox = queue.Queue()
@@ -154,7 +154,7 @@ class EngineProcess:
         """Wait for the launched process to load the model; EngineProcessError (the process ended) if it cannot."""
         try:
             if not self._conn.poll(LOAD_TIMEOUT_S):
-                raise EngineProcessError(f"the engine process did not load {self.export} in {LOAD_TIMEOUT_S:g} s")
+                raise EngineProcessError(f"the engine process did not load {self.export_dir} in {LOAD_TIMEOUT_S:g} s")
             message = self._conn.recv()
         except EOFError:
             self._process.join(5)
@@ -375,16 +375,16 @@ class EnginePool:
     (the server then exits non-zero, for Docker's or systemd's restart policy).
     """
 
-    def __init__(self, export: str | Path, *, engines: int = 1, fp32: bool = False, threads: int | None = None,
+    def __init__(self, export_dir: str | Path, *, engines: int = 1, fp32: bool = False, threads: int | None = None,
                  max_batch: int = 8, max_queue: int = 64, flush_s: float = EVENT_FLUSH_S,
                  heartbeat_timeout_s: float = 2.0, max_restarts: int = 5, restart_window_s: float = 60.0,
                  on_give_up: Callable[[str], None] | None = None):
         if engines < 1:
             raise ValueError(f"engines must be >= 1, got {engines}")
         per_engine = -(-max_batch // engines)
-        first = EngineProcess(export, fp32=fp32, threads=threads, max_batch=per_engine, max_queue=max_queue,
+        first = EngineProcess(export_dir, fp32=fp32, threads=threads, max_batch=per_engine, max_queue=max_queue,
                               flush_s=flush_s)
-        self.engines = [first] + [EngineProcess(export, fp32=fp32, threads=threads, max_batch=per_engine,
+        self.engines = [first] + [EngineProcess(export_dir, fp32=fp32, threads=threads, max_batch=per_engine,
                                                 max_queue=max_queue, flush_s=flush_s, tokenizer=first.tokenizer)
                                   for _ in range(engines - 1)]
         self.tokenizer, self.context_length, self.vocab_size = first.tokenizer, first.context_length, first.vocab_size
@@ -551,19 +551,19 @@ class _Outbox:
                 self.broken = True
 
 
-def load_generator(export: str | Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
+def load_generator(export_dir: str | Path, *, fp32: bool = False, threads: int | None = None) -> OnnxGenerator:
     """The export's int8 model when it has one (unless ``fp32``), else ``model.onnx``, in this process."""
-    int8 = not fp32 and bool(read_generation_config(export).get("int8_model_file"))
-    return OnnxGenerator(export, int8=int8, intra_op_num_threads=threads, spinning=False)
+    int8 = not fp32 and bool(read_generation_config(export_dir).get("int8_model_file"))
+    return OnnxGenerator(export_dir, int8=int8, intra_op_num_threads=threads, spinning=False)
 
 
-def _engine_main(conn: Any, export: str, fp32: bool, threads: int | None, max_batch: int, max_queue: int,
+def _engine_main(conn: Any, export_dir: str, fp32: bool, threads: int | None, max_batch: int, max_queue: int,
                  flush_s: float) -> None:
     """The engine process: load the model, then take the server's messages until it says stop or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox = _Outbox(conn, flush_s)
     try:
-        generator = load_generator(export, fp32=fp32, threads=threads)
+        generator = load_generator(export_dir, fp32=fp32, threads=threads)
         engine = BatchEngine(generator, max_batch=max_batch, max_queue=max_queue + max_batch, on_step=outbox.flush)
     except Exception as err:  # noqa: BLE001 - the server prints it as one line
         conn.send(("failed", f"{type(err).__name__}: {err}"))

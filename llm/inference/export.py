@@ -366,7 +366,7 @@ def _ragged_case(model: GPT, generator: OnnxGenerator, rng: np.random.Generator,
 @torch.inference_mode()
 def check_parity(
     checkpoint_dir: str | Path,
-    onnx_dir: str | Path,
+    export_dir: str | Path,
     *,
     atol: float = 1e-4,
     n_prompts: int = 20,
@@ -376,7 +376,7 @@ def check_parity(
     model: GPT | None = None,
     num_threads: int = 1,
 ) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch for the checkpoint and write ``parity.json`` into ``onnx_dir``.
+    """Compare ONNX Runtime with PyTorch for the checkpoint and write ``parity.json`` into ``export_dir``.
 
     Logits: for random ids at past lengths 0, 1, 17 and at the context limit (batch ``batch_size``), the
     max absolute difference of the logits and of the returned cache must be <= ``atol``; so must the logits of
@@ -387,17 +387,17 @@ def check_parity(
     busy machine makes multi-threaded PyTorch many times slower). ``model`` skips loading the checkpoint.
     Returns the report, whose ``passed`` says whether both hold; raises nothing for a mismatch.
     """
-    onnx_dir = Path(onnx_dir)
+    export_dir = Path(export_dir)
     if model is None:
         model = load_checkpoint(checkpoint_dir)[0]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        report = _compare(model.eval(), OnnxGenerator(onnx_dir, intra_op_num_threads=num_threads, static_cache=False),
+        report = _compare(model.eval(), OnnxGenerator(export_dir, intra_op_num_threads=num_threads, static_cache=False),
                           atol, n_prompts, new_tokens, batch_size, seed)
     finally:
         torch.set_num_threads(previous_threads)
-    atomic_write_json(onnx_dir / PARITY_FILE, report)
+    atomic_write_json(export_dir / PARITY_FILE, report)
     return report
 
 
@@ -431,8 +431,8 @@ def _compare(model: GPT, generator: OnnxGenerator, atol: float, n_prompts: int, 
     generators = {"portable": generator}
     static = None
     if (generator.config.get("static_cache") or {}).get("model_file"):
-        static = _static_parity(model, StaticCacheDecoder(generator.onnx_dir, 4, intra_op_num_threads=1), rng)
-        generators["static_cache"] = OnnxGenerator(generator.onnx_dir, intra_op_num_threads=1)
+        static = _static_parity(model, StaticCacheDecoder(generator.export_dir, 4, intra_op_num_threads=1), rng)
+        generators["static_cache"] = OnnxGenerator(generator.export_dir, intra_op_num_threads=1)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     mismatches = []
     for i in range(n_prompts):
@@ -516,7 +516,7 @@ def _parity_message(report: dict) -> str:
     return "; ".join(parts)
 
 
-def quantize_int8(onnx_dir: str | Path, external_data: bool = False) -> Path:
+def quantize_int8(export_dir: str | Path, external_data: bool = False) -> Path:
     """Write ``model.int8.onnx`` beside ``model.onnx`` (and ``model.static.int8.onnx`` beside the static-cache
     graph): int8 weights, activations quantized on the fly.
 
@@ -524,19 +524,20 @@ def quantize_int8(onnx_dir: str | Path, external_data: bool = False) -> Path:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    onnx_dir = Path(onnx_dir)
-    pairs = [(MODEL_FILE, INT8_FILE)] + ([(STATIC_FILE, STATIC_INT8_FILE)] if (onnx_dir / STATIC_FILE).exists() else [])
+    export_dir = Path(export_dir)
+    static = [(STATIC_FILE, STATIC_INT8_FILE)] if (export_dir / STATIC_FILE).exists() else []
+    pairs = [(MODEL_FILE, INT8_FILE)] + static
     for source, target in pairs:
         with _quiet(""):  # onnxruntime logs a generic advice to pre-process on the root logger
             quantize_dynamic(
-                onnx_dir / source,
-                onnx_dir / target,
+                export_dir / source,
+                export_dir / target,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 op_types_to_quantize=["MatMul", "Gemm"],
                 use_external_data_format=external_data,
             )
-    return onnx_dir / INT8_FILE
+    return export_dir / INT8_FILE
 
 
 def export_onnx(

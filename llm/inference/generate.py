@@ -22,7 +22,7 @@ def sample_next_token(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of ``logits`` [B, V]; returns a LongTensor [B].
 
@@ -45,7 +45,7 @@ def sample_next_token(
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
 
 
 def torch_forward(model: GPT, *, use_cache: bool = True) -> Forward:
@@ -60,15 +60,15 @@ def torch_forward(model: GPT, *, use_cache: bool = True) -> Forward:
 
 
 def torch_sampler(params: SamplingParams, device: torch.device) -> Sampler:
-    """A sampler drawing on ``device`` from a generator seeded with ``params.seed`` (None: a fresh seed)."""
-    generator = torch.Generator(device=device)
+    """A sampler drawing on ``device`` from a random generator seeded with ``params.seed`` (None: a fresh seed)."""
+    rng = torch.Generator(device=device)
     if params.seed is None:
-        generator.seed()  # non-deterministic, and leaves the global RNG alone
+        rng.seed()  # non-deterministic, and leaves the global RNG alone
     else:
-        generator.manual_seed(params.seed)
+        rng.manual_seed(params.seed)
 
     def sample(logits: torch.Tensor) -> int:
-        return int(sample_next_token(logits, params.temperature, params.top_k, params.top_p, generator)[0])
+        return int(sample_next_token(logits, params.temperature, params.top_k, params.top_p, rng)[0])
 
     return sample
 

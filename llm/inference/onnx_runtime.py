@@ -64,9 +64,9 @@ def session_options(intra_op_num_threads: int | None = None, optimized_model_pat
     return options
 
 
-def read_generation_config(onnx_dir: str | Path) -> dict[str, Any]:
+def read_generation_config(export_dir: str | Path) -> dict[str, Any]:
     """Parse ``generation_config.json`` of an export folder. Raises FileNotFoundError naming the file."""
-    path = Path(onnx_dir) / CONFIG_FILE
+    path = Path(export_dir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not an ONNX export folder (export one with `llm export`)")
     return json.loads(path.read_text())
@@ -92,7 +92,7 @@ class OnnxGenerator:
 
     def __init__(
         self,
-        onnx_dir: str | Path,
+        export_dir: str | Path,
         *,
         int8: bool = False,
         model_file: str | None = None,
@@ -104,11 +104,11 @@ class OnnxGenerator:
     ):
         import onnxruntime as ort
 
-        self.onnx_dir = Path(onnx_dir)
-        self.config = read_generation_config(self.onnx_dir)
+        self.export_dir = Path(export_dir)
+        self.config = read_generation_config(self.export_dir)
         if int8 and model_file is None:
             model_file = self.config.get("int8_model_file") or INT8_FILE
-        model_path = self.onnx_dir / (model_file or self.config.get("model_file", MODEL_FILE))
+        model_path = self.export_dir / (model_file or self.config.get("model_file", MODEL_FILE))
         if not model_path.exists():
             hint = "; export with quantize=True for an int8 model" if int8 else ""
             raise FileNotFoundError(f"{model_path}: missing from the ONNX export{hint}")
@@ -139,7 +139,7 @@ class OnnxGenerator:
         static = self.config.get("static_cache") or {}
         name = static.get("int8_model_file" if self.int8 else "model_file")
         # the graph was checked on the CPU provider's GroupQueryAttention; other providers use the portable one
-        return bool(name) and (self.onnx_dir / name).exists() and self.providers == ["CPUExecutionProvider"]
+        return bool(name) and (self.export_dir / name).exists() and self.providers == ["CPUExecutionProvider"]
 
     def static_cache_decoder(self, slots: int) -> StaticCacheDecoder | None:
         """The export's static-cache graph with ``slots`` rows of buffers of its own (int8 when this generator
@@ -147,7 +147,7 @@ class OnnxGenerator:
         not use it (``static_cache=False``, an export without one, or a provider other than the CPU's)."""
         if not self.static_cache:
             return None
-        decoder = StaticCacheDecoder(self.onnx_dir, slots, int8=self.int8, session=self._static_session,
+        decoder = StaticCacheDecoder(self.export_dir, slots, int8=self.int8, session=self._static_session,
                                      **self._options)
         self._static_session = decoder.session
         return decoder
@@ -156,7 +156,7 @@ class OnnxGenerator:
     def tokenizer(self) -> Tokenizer:
         """The tokenizer shipped in the export folder, loaded on first use."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.onnx_dir / TOKENIZER_DIR)
+            self._tokenizer = load_tokenizer(self.export_dir / TOKENIZER_DIR)
         return self._tokenizer
 
     def default_params(self, **overrides: Any) -> SamplingParams:
@@ -258,19 +258,19 @@ class StaticCacheDecoder:
     contrib operators include GroupQueryAttention. Raises FileNotFoundError when the export has no static graph.
     """
 
-    def __init__(self, onnx_dir: str | Path, slots: int, *, int8: bool = False, intra_op_num_threads: int | None = None,
-                 spinning: bool = True, session: Any = None):
+    def __init__(self, export_dir: str | Path, slots: int, *, int8: bool = False,
+                 intra_op_num_threads: int | None = None, spinning: bool = True, session: Any = None):
         import onnxruntime as ort
 
-        self.onnx_dir = Path(onnx_dir)
-        config = read_generation_config(self.onnx_dir)
+        self.export_dir = Path(export_dir)
+        config = read_generation_config(self.export_dir)
         static = config.get("static_cache") or {}
         name = static.get("int8_model_file" if int8 else "model_file")
-        if not name or not (self.onnx_dir / name).exists():
+        if not name or not (self.export_dir / name).exists():
             missing = STATIC_INT8_FILE if int8 else STATIC_FILE
-            raise FileNotFoundError(f"{self.onnx_dir}: the export has no {missing} (the static-cache graph); "
+            raise FileNotFoundError(f"{self.export_dir}: the export has no {missing} (the static-cache graph); "
                                     "export it again with `llm export onnx`")
-        self.model_path = self.onnx_dir / name
+        self.model_path = self.export_dir / name
         # ``session``: one already open on this graph (sessions are thread-safe; each decoder has its buffers)
         self.session = session or ort.InferenceSession(
             str(self.model_path), sess_options=session_options(intra_op_num_threads, None, spinning),

@@ -9,7 +9,7 @@ asking for what this server cannot do (tools, logprobs, penalties, several choic
 Every error is an ``APIError``, whose ``body()`` is OpenAI's ``{"error": {message, type, param, code}}``.
 Messages are short, name the field, and never repeat what the client sent.
 
-No torch and no HTTP framework here (an import-linter contract checks the torch part): ``llm.serve`` does
+No torch and no HTTP framework here (an import-linter contract checks the torch part): ``llm.api_server`` does
 the HTTP.
 """
 

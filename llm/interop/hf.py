@@ -579,8 +579,8 @@ def _generation_ids(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def _parity_ids(vocab_size: int, context_length: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab_size, (2, min(context_length, 24)), generator=generator)
+    rng = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (2, min(context_length, 24)), generator=rng)
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, verify: bool = True, atol: float = 1e-4) -> dict:

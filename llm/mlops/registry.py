@@ -1,6 +1,6 @@
 """The model registry: checkpoints as versions of the pyfunc model ``gpt``, promotion, and resolving URIs.
 
-A version is a pyfunc model logged from code (``llm/mlops/serving.py``, no pickled objects) whose artifact
+A version is a pyfunc model logged from code (``llm/mlops/pyfunc.py``, no pickled objects) whose artifact
 ``checkpoint`` is the checkpoint folder without ``train_state/``, with the ``llm`` package as its code.
 MLflow 3 stores a logged model's files under the experiment, not the run:
 ``<experiment artifact location>/models/<model id>/artifacts/`` (with the default SQLite store,
@@ -93,7 +93,7 @@ log = logging.getLogger(__name__)
 PRODUCTION_STAGE = "Production"
 PRODUCTION_ALIAS = "production"
 CHECKPOINT_ARTIFACT = "checkpoint"
-SERVING_FILE = Path(__file__).with_name("serving.py")
+PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
 PACKAGE_DIR = Path(__file__).parents[1]  # the whole llm package, logged as code
 # what the serving code imports; pinned to the versions installed where the model was logged
 SERVING_REQUIREMENTS = (
@@ -308,7 +308,7 @@ def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
             flavor=mlflow.pyfunc,
             flavor_name="pyfunc.ModelFromCode",
             run_id=run_id,
-            python_model=str(SERVING_FILE),
+            python_model=str(PYFUNC_FILE),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
             code_paths=[str(code)],
             pip_requirements=_requirements(),
@@ -332,14 +332,14 @@ def _validated_with_torch() -> Iterator[None]:
         os.environ.pop("LLM_SERVE_ENGINE", None)
 
 
-def attach_onnx_export(version: str, run_id: str, onnx_dir: str | Path) -> None:
-    """Store the ONNX export in ``onnx_dir`` with version ``version`` of ``gpt``: as artifacts ``onnx/`` of
+def attach_onnx_export(version: str, run_id: str, export_dir: str | Path) -> None:
+    """Store the ONNX export in ``export_dir`` with version ``version`` of ``gpt``: as artifacts ``onnx/`` of
     ``run_id`` (the run that registered it), named by the version's tag ``onnx.artifact_uri``, which
     ``resolve_onnx`` reads. Raises RegistryError for a missing database or version."""
     configure_mlflow()
     client = registry_client()
     find_version(client, MODEL_NAME, str(version), alias=False)
-    client.log_artifacts(run_id, str(onnx_dir), ONNX_ARTIFACT)
+    client.log_artifacts(run_id, str(export_dir), ONNX_ARTIFACT)
     client.set_model_version_tag(MODEL_NAME, str(version), ONNX_TAG, f"runs:/{run_id}/{ONNX_ARTIFACT}")
 
 

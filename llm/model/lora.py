@@ -46,7 +46,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], rank: int, alpha: float,
-                 dropout: float = 0.0, generator: torch.Generator | None = None):
+                 dropout: float = 0.0, rng: torch.Generator | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         for name, (start, stop) in self.slices.items():
             a = torch.empty(rank, self.in_features, device=device)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's (and peft's) init
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=rng)  # nn.Linear's (and peft's) init
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(stop - start, rank, device=device))  # starts as the base
 
@@ -134,7 +134,7 @@ def adapted_slices(config: ModelConfig, qkv_split: tuple[int, ...], targets: lis
     return out
 
 
-def apply_lora(model: nn.Module, params: LoRAParams, generator: torch.Generator | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, params: LoRAParams, rng: torch.Generator | None = None) -> nn.Module:
     """Give ``model`` (a GPT) adapters as ``params`` says, freeze every base parameter, and return it.
 
     Raises LoRAConfigError naming ``lora.targets`` or ``lora.rank`` (in ``params/finetune.yaml``) for a target
@@ -150,7 +150,7 @@ def apply_lora(model: nn.Module, params: LoRAParams, generator: torch.Generator 
                         f"{PARAMS_FILE}: lora.rank: {params.rank} exceeds the width of {name} in blocks.{i}.{layer} "
                         f"({base.in_features} in, {stop - start} out); pick a rank of at most "
                         f"{min(base.in_features, stop - start)}")
-            setattr(parent, attr, LoRALinear(base, slices, params.rank, params.alpha, params.dropout, generator))
+            setattr(parent, attr, LoRALinear(base, slices, params.rank, params.alpha, params.dropout, rng))
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_name(name))
     return model

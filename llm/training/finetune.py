@@ -11,7 +11,7 @@ assistant content token or the ``<|end|>`` closing an assistant message, 0 for s
 and padding (padded targets are also -100). So ``val/loss`` is the mean loss per assistant token on the
 val conversations, and ``val/bpb`` its bits per byte of assistant text (``<|end|>`` costs bits, no bytes).
 
-Exact resume comes from ``train``: the batch sampler draws conversation indices from the generator
+Exact resume comes from ``train``: the batch sampler draws conversation indices from the random generator
 whose state the checkpoint stores.
 
 ``method: lora`` (``params.lora``) trains low-rank adapters on the frozen base instead of every weight
@@ -150,8 +150,8 @@ class ChatBatches:
         n_bytes = sum(e.assistant_bytes for e in self.val)
         self.tokens_per_byte: float | None = targets / n_bytes if n_bytes else None
 
-    def train_batch(self, generator: torch.Generator) -> Batch:
-        idx = torch.randint(len(self.train), (self.batch_size,), generator=generator).tolist()
+    def train_batch(self, rng: torch.Generator) -> Batch:
+        idx = torch.randint(len(self.train), (self.batch_size,), generator=rng).tolist()
         return collate_chat_examples([self.train[i] for i in idx], self.pad_id)
 
     def val_batches(self) -> Iterator[Batch]:
@@ -258,7 +258,7 @@ def finetune(
 def _add_adapters(model: GPT, params: FinetuneParams) -> None:
     """LoRA adapters on ``model`` as ``params.lora`` says (initialised from ``params.seed``, so a resumed run builds
     the same ones), base frozen, and held in bf16 where training autocasts to bf16 on a GPU."""
-    apply_lora(model, params.lora, generator=torch.Generator().manual_seed(params.seed))
+    apply_lora(model, params.lora, rng=torch.Generator().manual_seed(params.seed))
     device = select_device(params.device)
     if device.type == "cuda" and select_dtype(params.dtype, device) == torch.bfloat16:
         freeze_base_in(model, torch.bfloat16)

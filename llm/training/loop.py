@@ -8,7 +8,7 @@ function each: ``_train_step`` (micro-batches, clipping, optimizer step), ``_val
 experiments pass ``callbacks`` that receive ``(step, metrics)``.
 
 Exact resume: the checkpoint stores weights, optimizer moments, the step, every RNG that the loop draws
-from (torch CPU/CUDA for dropout, the batch sampler's generator) and the metric history, so a run
+from (torch CPU/CUDA for dropout, the batch sampler's random generator) and the metric history, so a run
 stopped at step k and resumed replays the same batches and produces the same losses.
 
 Run identity: a checkpoint records what its run trains on and from (hashes of the data, tokenizer and base
@@ -111,7 +111,7 @@ class BatchSource(Protocol):
 
     tokens_per_byte: float | None
 
-    def train_batch(self, generator: torch.Generator) -> Batch: ...
+    def train_batch(self, rng: torch.Generator) -> Batch: ...
 
     def val_batches(self) -> Iterator[Batch]: ...
 
@@ -303,7 +303,7 @@ class RunState:
     device: torch.device
     dtype: torch.dtype
     optimizer: Optimizer
-    generator: torch.Generator
+    rng: torch.Generator
     step: int = 0
     saved_step: int | None = None  # the step of this run's checkpoint in out_dir, None before the first
     history: list[dict[str, float]] = field(default_factory=list)
@@ -431,7 +431,7 @@ def _start_run(
         model=model, tokenizer=tokenizer, data=data, params=params, out_dir=out_dir, metadata=metadata,
         identity=run_identity(params, model.config, inputs),
         dist=dist, device=device, dtype=dtype, optimizer=build_optimizer(model, params, device),
-        generator=torch.Generator().manual_seed(params.seed + dist.rank),  # each process draws its own batches
+        rng=torch.Generator().manual_seed(params.seed + dist.rank),  # each process draws its own batches
     )
 
 
@@ -498,7 +498,7 @@ def _resume(run: RunState) -> None:
     state = load_train_state(out_dir)
     run.optimizer.load_state_dict(state.optimizer)
     try:
-        _set_rng_state(own_rng_states(state.rng, run.dist), run.generator)
+        _set_rng_state(own_rng_states(state.rng, run.dist), run.rng)
     except ValueError as err:
         raise CheckpointError(f"{out_dir}: {err}") from None
     run.step, run.history = state.step, state.extra.get("history", [])
@@ -584,7 +584,7 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
         group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum = 0.0
     for micro in range(params.grad_accum_steps):
-        batch = [t.to(run.device, non_blocking=True) for t in run.data.train_batch(run.generator)]
+        batch = [t.to(run.device, non_blocking=True) for t in run.data.train_batch(run.rng)]
         mask = batch[2] if len(batch) > 2 else None
         # under DDP, gradients are averaged across processes once, on the last micro-batch
         sync = not run.dist.enabled or micro == params.grad_accum_steps - 1
@@ -634,7 +634,7 @@ def _write_checkpoint(run: RunState, metrics: dict[str, float]) -> None:
             f"weights became NaN or infinite at step {run.step} ({', '.join(non_finite[:3])}); not saved: the last "
             f"good checkpoint in {run.out_dir} is untouched. Lower learning_rate or check the data."
         )
-    rng = gather_rng_states(_rng_state(run.generator), run.dist)  # collective: every process takes part
+    rng = gather_rng_states(_rng_state(run.rng), run.dist)  # collective: every process takes part
     if run.dist.is_main:
         extra_files = {
             "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n",
@@ -714,17 +714,17 @@ def _progress(enabled: bool):
     )
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"torch_cpu": torch.get_rng_state(), "batch_sampler": generator.get_state()}
+def _rng_state(rng: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state(), "batch_sampler": rng.get_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             state[f"torch_cuda_{i}"] = s
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], rng: torch.Generator) -> None:
     torch.set_rng_state(state["torch_cpu"])
-    generator.set_state(state["batch_sampler"])
+    rng.set_state(state["batch_sampler"])
     cuda = [state[k] for k in sorted(state) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])

@@ -36,8 +36,8 @@ class PretrainData:
         self.val.check_fits(context_length)
         self.tokens_per_byte = self.val.tokens_per_byte
 
-    def train_batch(self, generator: torch.Generator) -> Batch:
-        return self.train.random_batch(self.batch_size, self.block, generator)
+    def train_batch(self, rng: torch.Generator) -> Batch:
+        return self.train.random_batch(self.batch_size, self.block, rng)
 
     def val_batches(self) -> Iterator[Batch]:
         return self.val.eval_batches(self.batch_size, self.block, self.eval_batches)

@@ -4,8 +4,8 @@ it and reused by every later one.
 Every flow run is recorded by a Prefect API. Without ``PREFECT_API_URL``, Prefect 3 starts a temporary server
 subprocess for each process that runs a flow (5-10 s per ``dvc repro`` stage) and stops it from an ``atexit``
 handler, which a SIGKILL of the stage never runs: each killed stage left a ~200 MB server behind. Prefect 3 has
-no in-process API to use instead. So ``python -m flows <stage>`` (and ``flows.serve``, ``flows.deploy``) use one
-long-lived local server, as Prefect recommends for more than a single run:
+no in-process API to use instead. So ``python -m flows <stage>`` (and ``flows.deployments``,
+``flows.work_pool``) use one long-lived local server, as Prefect recommends for more than a single run:
 
 - it is started in its own session, detached from the stage: Ctrl-C or a kill of ``dvc repro`` or ``make demo``
   leaves it alone, and it records its own pid before it does anything else, so it is known from its first
@@ -194,7 +194,7 @@ def _spawn(folder: Path, lock_fd: int, deadline: float) -> ServerRecord:
             # The child inherits the lock and holds it until it has recorded itself: whatever happens to this
             # process from now on, no second server can start before this one is known.
             process = subprocess.Popen(
-                [sys.executable, "-m", "flows.server", "_run", "--port", str(port), "--lock-fd", str(lock_fd),
+                [sys.executable, "-m", "flows.prefect_server", "_run", "--port", str(port), "--lock-fd", str(lock_fd),
                  "--state-dir", str(folder)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock_fd,),
                 start_new_session=True)
@@ -299,7 +299,7 @@ def pipeline_api() -> Iterator[str | None]:
 
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True,
-                  help="The pipeline's shared local Prefect server (see flows/server.py).")
+                  help="The pipeline's shared local Prefect server (see flows/prefect_server.py).")
 
 
 @app.command()

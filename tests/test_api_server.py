@@ -1,4 +1,4 @@
-"""Specification of ``llm serve`` (llm/serve.py, llm/inference/openai_api.py): the OpenAI HTTP API over ONNX
+"""Specification of ``llm serve`` (llm/api_server.py, llm/inference/openai_api.py): the OpenAI HTTP API over ONNX
 Runtime, spoken to by the official ``openai`` client and by raw HTTP, on real server processes."""
 
 from __future__ import annotations
@@ -608,8 +608,8 @@ class ScriptedEngine:
 def _app_client(engine: ScriptedEngine, **limits):
     from fastapi.testclient import TestClient
 
+    from llm.api_server import Served, create_app
     from llm.config import ServeLimits
-    from llm.serve import Served, create_app
 
     return TestClient(create_app(Served(engine, "onnx", ServeLimits(**limits))))
 
@@ -664,7 +664,7 @@ def test_a_streamed_answer_wakes_the_event_loop_per_piece_not_per_token(export, 
     """Tokens wait in the request's inbox while its handler pauses between pieces: the engine's thread wakes the
     loop only for the first token and for the end, so 60 tokens 2 ms apart go out in a few pieces, each chunk
     group in one write, and wake the loop about as often."""
-    from llm.serve import LoopWaker
+    from llm.api_server import LoopWaker
 
     wakes = []
     post = LoopWaker.post
@@ -686,7 +686,7 @@ def test_a_stream_sends_its_chunks_in_groups_ready_together():
     usage (and ``[DONE]``): each group is one write to the client's socket."""
     import asyncio
 
-    from llm.serve import _chat_chunks
+    from llm.api_server import _chat_chunks
 
     class Finished:
         finish_reason = None
@@ -756,8 +756,8 @@ def test_a_body_that_is_not_declared_json_is_415_before_it_is_read(export):
 def test_a_host_header_outside_the_allowed_hosts_is_421(export):
     from fastapi.testclient import TestClient
 
+    from llm.api_server import Served, allowed_hosts, create_app
     from llm.config import ServeLimits
-    from llm.serve import Served, allowed_hosts, create_app
 
     assert allowed_hosts("127.0.0.1") == ("localhost", "127.0.0.1", "::1", "127.0.0.1")
     assert allowed_hosts("0.0.0.0") == ("*",) and allowed_hosts("::1", ["Box.LAN"]) == ("box.lan",)
@@ -775,7 +775,7 @@ def test_a_host_header_outside_the_allowed_hosts_is_421(export):
 def test_large_bodies_are_parsed_and_tokenized_off_the_event_loop(export, monkeypatch):
     import asyncio
 
-    import llm.serve as serve
+    import llm.api_server as serve
 
     on_loop = []
     prepare = serve._prepare_completion
@@ -895,8 +895,8 @@ def test_registry_and_run_uris_resolve_to_the_attached_export(export, tmp_path, 
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
+    from llm.api_server import ServeError, default_model_name, resolve_export
     from llm.mlops.lookup import ONNX_TAG, RegistryError
-    from llm.serve import ServeError, default_model_name, resolve_export
 
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

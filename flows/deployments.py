@@ -1,11 +1,11 @@
 """Serve every flow as a Prefect deployment named after it: ``pretrain/pretrain``, ``pipeline/pipeline``, ...
 
     export PREFECT_API_URL=$(python -m flows server start)   # the pipeline's server, or any Prefect server
-    python -m flows.serve                                     # in the project root: waits for runs
+    python -m flows.deployments                                     # in the project root: waits for runs
     prefect deployment run pretrain/pretrain --param overrides='{"max_steps": 50}'
 
 Runs execute on this machine, in the directory this process was started from (the project root). For workers
-on other machines, deploy to a work pool instead: ``python -m flows.deploy`` (flows/deploy.py).
+on other machines, deploy to a work pool instead: ``python -m flows.work_pool`` (flows/work_pool.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Deploy every flow to a Prefect work pool, as ``<flow>/<pool>``, for workers on the machines that hold the data.
 
     prefect work-pool create gpu --type process                 # once
-    python -m flows.deploy --pool gpu --working-dir /srv/llm    # deployments pretrain/gpu, pipeline/gpu, ...
+    python -m flows.work_pool --pool gpu --working-dir /srv/llm    # deployments pretrain/gpu, pipeline/gpu, ...
     prefect worker start --pool gpu --type process --limit 1    # on the machine with /srv/llm (and its data)
     prefect deployment run pretrain/gpu --param overrides='{"max_steps": 2000}'
 
@@ -9,7 +9,7 @@ A worker runs each flow run in a subprocess of its own, with the worker's Python
 the folder this command runs in), the project checkout on the worker's machine: the flows are imported from it by
 module path (``flows.pretrain.pretrain``), so no image and no code upload is needed, and the stages read and
 write ``data/``, ``params/`` and ``artifacts/`` there. ``--limit 1`` runs one flow run at a time, as
-``flows.serve`` does: every stage writes a fixed folder under ``artifacts/``.
+``flows.deployments`` does: every stage writes a fixed folder under ``artifacts/``.
 
 A machine that dies (or a worker killed with its flow run) leaves the run RUNNING: nothing is left to report its
 end. So flow runs of these deployments send a heartbeat every 30 s (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, whose
@@ -18,7 +18,7 @@ command also creates the automation of Prefect's "detect zombie flows" guide: a 
 ``--crash-after`` seconds is marked CRASHED. Running its deployment again resumes
 training from the stage's last checkpoint in ``artifacts/``.
 
-Without ``PREFECT_API_URL`` the deployments go to the pipeline's local server (``flows/server.py``), for workers
+Without ``PREFECT_API_URL`` the deployments go to the pipeline's local server (``flows/prefect_server.py``), for workers
 on this machine; for other machines, run ``prefect server start --host 0.0.0.0`` where they can reach it and set
 ``PREFECT_API_URL`` here and on every worker.
 """
@@ -106,7 +106,7 @@ def main(
         min=2 * HEARTBEAT_SECONDS, help="seconds without a heartbeat after which a flow run is marked crashed")] = 90,
 ) -> None:
     """Deploy every flow to POOL as <flow>/<pool> and create the automation that marks dead runs crashed."""
-    from flows.server import ServerError, pipeline_api
+    from flows.prefect_server import ServerError, pipeline_api
 
     try:
         with pipeline_api() as local_api:
