@@ -391,6 +391,7 @@ def serve(
                                        help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY); "
                                             "required when --host reaches beyond this machine"),
     no_auth: bool = typer.Option(False, "--no-auth", help="serve beyond this machine without an API key"),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="the chat page at / (--no-ui: the API alone, / is 404)"),
     allowed_hosts: list[str] | None = typer.Option(
         None, "--allowed-hosts", show_default="localhost, 127.0.0.1, ::1 and --host (any when --host is 0.0.0.0)",
         help="Host header names answered (others: 421); repeat for several, '*' for any"),
@@ -438,7 +439,7 @@ def serve(
         help="seconds over which --engine-max-restarts counts"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
-    ONNX Runtime, without PyTorch."""
+    ONNX Runtime, without PyTorch, and a chat page at / (unless --no-ui)."""
     given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
              "request_timeout_s": timeout, "stream_interval_s": stream_interval, "max_connections": max_connections,
@@ -453,7 +454,7 @@ def serve(
 
     try:
         run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
-                   engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth)
+                   engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth, ui=ui)
     except ServeError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
