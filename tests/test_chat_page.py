@@ -4,7 +4,9 @@ Debian's ``chromium-driver``): streaming from a real server, the stop and new-ch
 HTML shown as characters, the server's refusals shown as messages, and the README's screenshot.
 
 The browser tests skip, saying why, where Chromium, chromedriver or selenium is missing (``.ci/run`` installs
-them). ``LLM_SCREENSHOTS=docs/images`` writes the README's picture (``chat-page.png``) there as well."""
+them). ``LLM_SCREENSHOTS=docs/images`` writes the README's picture (``chat-page.png``) there as well, and
+``LLM_CHAT_PAGE_MODEL=<export folder>`` serves that model instead of the untrained one (the README's picture: a
+2-layer model of these characters trained for 700 steps on play-shaped conversations of ``helpers.WORDS``)."""
 
 from __future__ import annotations
 
@@ -248,11 +250,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def live_url(checkpoint, tmp_path_factory):
-    """A real ``llm serve`` over the tiny model's export, allowing long answers."""
+    """A real ``llm serve`` over the tiny model's export (or ``LLM_CHAT_PAGE_MODEL``'s), allowing long answers."""
     from llm.inference.export import export_onnx
 
-    export = tmp_path_factory.mktemp("page-onnx") / "onnx"
-    export_onnx(checkpoint, export, verify=False)
+    export = os.environ.get("LLM_CHAT_PAGE_MODEL")
+    if not export:
+        export = tmp_path_factory.mktemp("page-onnx") / "onnx"
+        export_onnx(checkpoint, export, verify=False)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("LLM_API_KEY", None)
