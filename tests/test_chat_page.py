@@ -300,7 +300,7 @@ def scripted(checkpoint):
     engine = ScriptedEngine(checkpoint, reply=XSS_REPLY)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(_served(engine, KEY, max_request_bytes=4096)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+                                           port=port, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -456,3 +456,22 @@ def test_the_servers_refusals_show_as_messages_and_the_page_stays_usable(browser
     assert _texts(browser, ".message.assistant .text") == [XSS_REPLY]
     # the refused requests are in the console as failed loads, nothing else is
     assert _console_errors(browser, allowed=("status of 401", "status of 429", "status of 503")) == []
+
+
+def test_a_conversation_longer_than_the_context_leaves_out_its_oldest_turns(browser, scripted):
+    url, engine = scripted
+    engine.mode = "reply"
+    _open(browser, url)
+    _set(browser, "api-key", KEY)
+    asked = [f"question {n}: " + " ".join(["wherefore"] * 5) for n in range(4)]
+    for n, text in enumerate(asked):
+        _send(browser, text)
+        _wait(browser, lambda n=n: _idle(browser) and len(_texts(browser, ".message.assistant .text")) == n + 1,
+              f"answer {n}")
+    # each exchange is about 140 tokens of the 256 the server takes: the page left out the oldest turns
+    tokenizer = engine.tokenizer
+    last = tokenizer.decode(engine.prompts[-1])
+    assert len(engine.prompts[-1]) <= 256 and asked[-1] in last and asked[0] not in last
+    assert any(n.startswith("The oldest 2 messages were left out") for n in _texts(browser, ".notice"))
+    assert len(_texts(browser, ".message.user .text")) == 4  # the page still shows the whole conversation
+    assert _console_errors(browser, allowed=("status of 400",)) == []
