@@ -17,6 +17,11 @@ before it is parsed (413), ``max_tokens`` before tokenizing, the prompt's tokens
 (429), a deadline for the whole request (504). A client that goes away cancels its request. Every error,
 the unexpected ones included, is answered in OpenAI's shape without a traceback or an echo of the input.
 
+The chat page: ``GET /`` serves ``llm/web/chat.html``, its script, style and icon under ``/ui/``, and
+``/ui/config.json`` (the model id, whether ``/v1`` needs a key, the limits), all open without a key (the page
+asks for the key and sends it on its ``/v1`` calls) and under a Content-Security-Policy that runs only the
+page's own script; ``--no-ui`` leaves them out (404).
+
 Before any route: ``HostGuard`` answers 421 to a ``Host`` outside ``--allowed-hosts``; a body must be
 ``application/json`` (415); a string that is not valid Unicode is a 400 naming its field; a body over
 ``OFFLOAD_BYTES`` is parsed and tokenized on a worker thread. The connections themselves are bounded by
@@ -47,7 +52,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -502,6 +507,51 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if running else 503)
 
 
+# ---------------------------------------------------------------------------------------------- the chat page
+
+WEB_DIR = Path(__file__).resolve().parent / "web"  # package data (pyproject: [tool.setuptools.package-data])
+PAGE_FILES = {"/": ("chat.html", "text/html; charset=utf-8"), "/ui/chat.js": ("chat.js", "text/javascript"),
+              "/ui/chat.css": ("chat.css", "text/css"), "/ui/icon.svg": ("icon.svg", "image/svg+xml")}
+# the page runs only its own script and style, talks only to this server, and cannot be framed
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def page_config(served: Served) -> dict[str, Any]:
+    """What the chat page needs to follow the server's limits: the model id, whether ``/v1`` needs a key (never
+    the key), and the limits on a request (``ui/config.json``)."""
+    limits = served.limits
+    return {"model": served.model_name, "api_key_required": served.api_key is not None,
+            "max_tokens": limits.max_tokens, "default_max_tokens": limits.default_max_tokens,
+            "max_request_bytes": int(limits.max_request_bytes), "context_length": served.context_length,
+            "max_prompt_tokens": min(limits.max_prompt_tokens, served.context_length)}
+
+
+def _static(content: bytes, media_type: str) -> Callable[[], Any]:
+    """A route answering ``content`` (a closure: a parameter with a default would be a query parameter)."""
+
+    async def page_file() -> Response:
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
+    return page_file
+
+
+def _add_chat_page(app: FastAPI, served: Served) -> None:
+    """Serve the chat page's files (read once, here: a missing file fails at start, not on a visit)."""
+    for route, (name, media_type) in PAGE_FILES.items():
+        app.add_api_route(route, _static((WEB_DIR / name).read_bytes(), media_type), methods=["GET"],
+                          include_in_schema=False)
+
+    async def config() -> JSONResponse:
+        return JSONResponse(page_config(served), headers=PAGE_HEADERS)
+
+    app.add_api_route("/ui/config.json", config, methods=["GET"], include_in_schema=False)
+
+
 # ---------------------------------------------------------------------------------------------- the app
 
 
@@ -615,8 +665,9 @@ def _host_name(scope) -> str | None:
     return name.rpartition(":")[0] if name.count(":") == 1 else name
 
 
-def create_app(served: Served) -> FastAPI:
-    """The FastAPI app serving ``served``; it starts the engine on startup and stops it on shutdown."""
+def create_app(served: Served, ui: bool = True) -> FastAPI:
+    """The FastAPI app serving ``served`` (with the chat page at ``/`` when ``ui``); it starts the engine on
+    startup and stops it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -636,6 +687,8 @@ def create_app(served: Served) -> FastAPI:
     app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=guarded)
     app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"], dependencies=guarded)
     app.add_api_route("/health", health, methods=["GET"])
+    if ui:
+        _add_chat_page(app, served)
     app.add_middleware(HostGuard, allowed=served.allowed_hosts)
     return app
 
@@ -683,10 +736,11 @@ def _protocol(limits: ServeLimits) -> type:
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: bool = False,
                api_key: str | None = None, model_name: str | None = None, threads: int | None = None,
                engines: int = 1, limits: ServeLimits | None = None, hosts: list[str] | None = None,
-               no_auth: bool = False) -> None:
+               no_auth: bool = False, ui: bool = True) -> None:
     """Serve ``model`` (see ``resolve_export``) with ``engines`` engine processes until interrupted, answering
-    requests addressed to ``hosts`` (see ``allowed_hosts``). Raises ServeError when it cannot load, or when
-    ``host`` reaches beyond this machine without an API key and without ``no_auth``."""
+    requests addressed to ``hosts`` (see ``allowed_hosts``), with the chat page at ``/`` when ``ui``. Raises
+    ServeError when it cannot load, or when ``host`` reaches beyond this machine without an API key and without
+    ``no_auth``."""
     import uvicorn
 
     check_exposure(host, api_key, no_auth)
@@ -709,7 +763,9 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, fp32: b
         print(f"serving {served.model_name} ({engine.model_file}) at {url}", flush=True)
         key = '"<your key>"' if served.api_key else '"none"'
         print(f'  from openai import OpenAI; OpenAI(base_url="{url}", api_key={key})', flush=True)
-        servers.append(uvicorn.Server(uvicorn.Config(create_app(served), host=host, port=port, log_level="info",
+        if ui:
+            print(f"  chat in the browser: {url.removesuffix('v1')}", flush=True)
+        servers.append(uvicorn.Server(uvicorn.Config(create_app(served, ui), host=host, port=port, log_level="info",
                                                      http=_protocol(limits), timeout_keep_alive=limits.keep_alive_s)))
         try:
             servers[0].run()

@@ -7,9 +7,9 @@ URI: ``models:/gpt/Production``, ``models:/gpt@production``, ``models:/gpt/3``, 
 
 Interactive (a terminal): answers stream as they are generated; the conversation is kept and, when it no
 longer fits the model's context with room for an answer, its oldest messages are dropped (with a notice).
-Commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets the system prompt (``/system`` alone
-removes it), ``/history`` shows the conversation, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops the answer
-being generated and keeps the session.
+Commands: ``/help`` lists them, ``/reset`` forgets the conversation, ``/system TEXT`` sets the system prompt
+(``/system`` alone removes it), ``/history`` shows the conversation, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops
+the answer being generated and keeps the session.
 
 Scripts: ``--prompt TEXT`` answers one message and exits; with stdin not a terminal each input line is a
 user turn (commands work too), each answer is printed on stdout followed by a newline, and the program
@@ -34,7 +34,14 @@ from llm.inference.chat_session import ChatSession
 from llm.inference.decoding import TextGenerator
 
 DEFAULT_MODEL = "artifacts/finetune"
-COMMANDS = "/reset, /system TEXT, /history, /exit"
+COMMANDS = "/help, /reset, /system TEXT, /history, /exit"
+HELP = """commands:
+  /help          this list
+  /reset         forget the conversation (the system prompt stays)
+  /system TEXT   set the system prompt (/system alone removes it)
+  /history       show the conversation
+  /exit          leave (Ctrl-D too); Ctrl-C stops the answer being written
+"""
 
 
 class ChatError(Exception):
@@ -173,6 +180,8 @@ def run_repl(
             elif command == "/history":
                 out.writelines(f"{m['role']}: {m['content']}\n" for m in session.history)
                 out.flush()
+            elif command == "/help":
+                err.write(HELP)
             else:
                 err.write(f"[unknown command {command}; commands: {COMMANDS}]\n")
             err.flush()
@@ -241,7 +250,7 @@ def chat(
     int8: bool = typer.Option(False, "--int8", help="onnx backend: the int8-quantized model (faster decoding; "
                                                     "bits-per-byte cost measured by bench/generate.py)"),
 ) -> None:
-    """Chat with a model: streams answers, keeps the conversation, /reset /system /history /exit."""
+    """Chat with a model: streams answers, keeps the conversation, /help /reset /system /history /exit."""
     err = sys.stderr
 
     def notify(message: str) -> None:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -391,6 +392,7 @@ def serve(
                                        help="require 'Authorization: Bearer KEY' on /v1 (env LLM_API_KEY); "
                                             "required when --host reaches beyond this machine"),
     no_auth: bool = typer.Option(False, "--no-auth", help="serve beyond this machine without an API key"),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="the chat page at / (--no-ui: the API alone, / is 404)"),
     allowed_hosts: list[str] | None = typer.Option(
         None, "--allowed-hosts", show_default="localhost, 127.0.0.1, ::1 and --host (any when --host is 0.0.0.0)",
         help="Host header names answered (others: 421); repeat for several, '*' for any"),
@@ -438,7 +440,7 @@ def serve(
         help="seconds over which --engine-max-restarts counts"),
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
-    ONNX Runtime, without PyTorch."""
+    ONNX Runtime, without PyTorch, and a chat page at / (unless --no-ui)."""
     given = {"max_request_bytes": max_request_bytes, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "default_max_tokens": default_max_tokens, "max_batch": max_batch, "max_queue": max_queue,
              "request_timeout_s": timeout, "stream_interval_s": stream_interval, "max_connections": max_connections,
@@ -453,7 +455,7 @@ def serve(
 
     try:
         run_server(model, host=host, port=port, fp32=fp32, api_key=api_key, model_name=model_name, threads=threads,
-                   engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth)
+                   engines=engines, limits=limits, hosts=allowed_hosts, no_auth=no_auth, ui=ui)
     except ServeError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -465,7 +467,7 @@ def serve(
 # interpreter (`python -m dvc`, `python -m flows`, `python -m llm.chat`) and dvc finds this environment's
 # python first on PATH, so no shell and no activated virtualenv are needed.
 app.command("chat", help="Chat with a model (the REPL of `python -m llm.chat`): streams answers, keeps the "
-                         "conversation, /reset /system /history /exit.")(_chat.chat)
+                         "conversation, /help /reset /system /history /exit.")(_chat.chat)
 
 DEMO_PROMPT = "ROMEO."
 DEMO_QUESTION = "What news from Verona?"
@@ -502,20 +504,54 @@ def _step(title: str, args: list[str], *, check: bool = True) -> int:
     return code
 
 
-def _next_steps(chat_model: str) -> str:
+MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s address
+TENSORBOARD_DIR = "logs/tensorboard"  # where the training stages write TensorBoard's event files
+CHAT_PAGE = "http://127.0.0.1:8000/"  # `llm serve`'s chat page
+TENSORBOARD_UI = "http://127.0.0.1:6006/#timeseries"  # its scalars, one chart per metric key
+
+
+def _mlflow_link() -> str:
+    """The MLflow UI's page of the pipeline's training runs (not its GenAI overview); the experiments list on that
+    view when MLflow cannot say which experiment."""
+    try:
+        from llm.mlops.runs import training_runs_url
+    except ImportError:  # mlflow is not installed
+        return f"{MLFLOW_UI}/#/experiments?workflowType=machine_learning"
+    return training_runs_url(MLFLOW_UI)
+
+
+def _prefect_link() -> str | None:
+    """Show the pipeline's Prefect server (``python -m flows server status``) and return its flow-runs page, or
+    None when it is not running."""
+    typer.secho("==> Prefect server status: python -m flows server status", bold=True, err=True)
+    shown = subprocess.run([sys.executable, "-m", "flows", "server", "status"], env=_step_env(), check=False,
+                           stdout=subprocess.PIPE, text=True)
+    typer.echo(shown.stdout.rstrip())
+    found = re.search(r"^running: (\S+?),", shown.stdout, re.MULTILINE)
+    return f"{found.group(1).rstrip('/')}/runs" if found else None
+
+
+def _next_steps(chat_model: str, mlflow_link: str, prefect_link: str | None = None) -> str:
+    """The closing lines of ``llm demo``: what to run next, each UI with the link that opens its useful view."""
     windows = sys.platform == "win32"
     activate = r".venv\Scripts\Activate.ps1" if windows else "source .venv/bin/activate"
+    tensorboard = "" if Path(TENSORBOARD_DIR).is_dir() else "   (after a run with tensorboard in `tracking`)"
     lines = [
         "Done: the pipeline ran on the corpus in data/; see artifacts/eval/samples.md.",
         f"Activate the environment first:  {activate}",
         f"  Chat with the model:             python -m llm.chat --model {chat_model}   (or: llm chat --model ...)",
         "  Generate text:                   llm generate --model models:/gpt/Production --prompt 'ROMEO.'",
         "  Serve the OpenAI API (ONNX):     llm serve --model models:/gpt/Production   # http://127.0.0.1:8000/v1",
+        f"  Chat in the browser:             with llm serve running, open {CHAT_PAGE}",
         "  Compare runs, see the registry:  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1",
+        f"                                   then open {mlflow_link}",
+        f"  Training curves in TensorBoard:  tensorboard --logdir {TENSORBOARD_DIR}",
+        f"                                   then open {TENSORBOARD_UI}{tensorboard}",
         "  The guide and the notebooks:     docs/architecture.md, notebooks/ (pip install -e \".[notebooks]\")",
     ]
     if not windows:  # on Windows each stage's Prefect run uses a temporary server (flows/prefect_server.py)
         lines += [
+            f"  The flow runs in the Prefect UI: open {prefect_link or '(python -m flows server start)/runs'}",
             "  Prefect server: URL, stop it:    python -m flows server status;  python -m flows server stop",
             "  Serve the flows as deployments:  export PREFECT_API_URL=$(python -m flows server start); "
             "python -m flows.deployments",
@@ -545,10 +581,11 @@ def demo(
     _step("sample the pretrained model", ["-m", "llm", "generate", "--model", str(LAYOUT.artifact("pretrain")),
                                           "--prompt", DEMO_PROMPT, "--max-new-tokens", "200", "--seed", "1"])
     _step("ask the chat model", ["-m", "llm.chat", "--model", chat_model, "--seed", "1", "--prompt", DEMO_QUESTION])
+    prefect_link = None
     if sys.platform != "win32":
         typer.echo("\nThe pipeline's Prefect server (the Prefect UI) keeps running for the next runs:")
-        _step("Prefect server status", ["-m", "flows", "server", "status"], check=False)
-    typer.echo("\n" + _next_steps(chat_model))
+        prefect_link = _prefect_link()
+    typer.echo("\n" + _next_steps(chat_model, _mlflow_link(), prefect_link))
 
 
 @app.command()

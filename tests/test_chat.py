@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm.chat import run_repl
+from llm.chat import COMMANDS, HELP, run_repl
 from llm.config import ModelConfig
 from llm.data.tokenizer import ByteTokenizer
 from llm.inference.chat_session import ChatSession
@@ -59,7 +59,7 @@ def chat(*args: str, input: str = "", cwd: Path = ROOT, timeout: float = 60) -> 
 
 def test_piped_session_answers_each_line_and_obeys_commands(checkpoint):
     lines = ["hello", "/history", "/system You are BOB.", "how are you", "/history", "/reset", "/history", "/bogus",
-             "/exit", "never read"]
+             "/help", "/exit", "never read"]
     result = chat("--model", str(checkpoint), "--max-new-tokens", "4", input="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -72,8 +72,24 @@ def test_piped_session_answers_each_line_and_obeys_commands(checkpoint):
     assert result.stderr.splitlines() == [
         "[system prompt set: You are BOB.]",
         "[conversation cleared]",
-        "[unknown command /bogus; commands: /reset, /system TEXT, /history, /exit]",
+        "[unknown command /bogus; commands: /help, /reset, /system TEXT, /history, /exit]",
+        *HELP.splitlines(),
     ]
+
+
+def test_help_lists_every_command_and_each_listed_command_is_known():
+    err, out = io.StringIO(), io.StringIO()
+    lines = iter(["/help", "/exit"])
+    run_repl(None, lambda: next(lines, None), out, err, interactive=True)  # /help never touches the session
+    assert out.getvalue() == "" and err.getvalue() == HELP
+    listed = [line.split()[0] for line in HELP.splitlines()[1:]]
+    assert listed == [c.split()[0] for c in COMMANDS.split(", ")] == ["/help", "/reset", "/system", "/history", "/exit"]
+    for command in listed[1:-1]:  # each one listed does something other than "unknown command"
+        err, out = io.StringIO(), io.StringIO()
+        script = iter([command, "/exit"])
+        session = SimpleNamespace(reset=lambda: None, set_system=lambda text: None, system=None, history=[])
+        run_repl(session, lambda script=script: next(script, None), out, err, interactive=False)
+        assert "unknown command" not in err.getvalue(), command
 
 
 def test_oldest_turns_are_dropped_when_the_context_is_full(tmp_path):

@@ -225,3 +225,36 @@ def test_llm_runs_is_readable_at_80_columns_and_run_prefixes_are_unique_or_an_er
     assert ambiguous.exit_code != 0 and "names 2 runs" in str(ambiguous.exception)
     helped = CliRunner().invoke(app, ["runs", "--help"], env={"COLUMNS": "200"})
     assert "first 4 characters or more" in helped.output
+
+
+def test_make_demo_links_the_mlflow_ui_to_the_training_runs_of_the_pipelines_experiment(store, monkeypatch):
+    """`llm demo`'s closing lines open MLflow on the experiment's runs (not the GenAI overview): the id is the one
+    MLflow gives the experiment, and without a database the link is the experiments list on the same view (and no
+    database is made to find out)."""
+    from llm.cli import _mlflow_link, _next_steps
+    from llm.mlops.runs import training_runs_url
+
+    elsewhere = store / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert _mlflow_link() == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    assert list(elsewhere.iterdir()) == []
+
+    monkeypatch.chdir(store)
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    client.create_experiment("other")  # the pipeline's experiment is not the first one made
+    with stage_run("clean", {}):
+        pass
+    experiment_id = client.get_experiment_by_name("llm").experiment_id
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
+    assert experiment_id not in ("0", client.get_experiment_by_name("other").experiment_id)
+    assert _mlflow_link() == training_runs_url() == link
+    lines = [line.strip() for line in _next_steps("models:/gpt/Production", link, "http://127.0.0.1:4321/runs")
+             .splitlines()]
+    assert f"then open {link}" in lines
+    assert "Chat in the browser:             with llm serve running, open http://127.0.0.1:8000/" in lines
+    assert "Training curves in TensorBoard:  tensorboard --logdir logs/tensorboard" in lines
+    assert "The flow runs in the Prefect UI: open http://127.0.0.1:4321/runs" in lines
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")  # a tracking server: its own UI
+    assert _mlflow_link() == "http://mlflow.example:5000/#/experiments?workflowType=machine_learning"

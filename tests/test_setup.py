@@ -166,3 +166,21 @@ def test_the_distribution_is_not_named_after_the_other_llm_on_pypi():
     installed = distribution("gpt-mlops")
     assert {ep.name for ep in installed.entry_points if ep.group == "console_scripts"} == {"llm", "gpt-mlops"}
     assert "gpt-mlops" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_llm_demo_links_the_prefect_ui_to_the_flow_runs_of_the_running_server(monkeypatch):
+    """The closing lines name the Prefect UI's flow-runs page, read from what `python -m flows server status`
+    prints (its real output, for a server record made up here); none when the server is not running."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import flows.prefect_server as prefect_server
+    from llm import cli
+
+    record = prefect_server.ServerRecord(pid=4321, create_time=0.0, port=4277, prefect_version="3", python="3.11")
+    monkeypatch.setattr(prefect_server, "live_record", lambda: record)
+    monkeypatch.setattr(prefect_server, "is_healthy", lambda record: True)
+    printed = CliRunner().invoke(prefect_server.app, ["status"]).output
+    for output, link in ((printed, "http://127.0.0.1:4277/runs"), ("not running\n", None)):
+        monkeypatch.setattr(subprocess, "run", lambda *a, output=output, **k: SimpleNamespace(stdout=output))
+        assert cli._prefect_link() == link

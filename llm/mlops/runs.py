@@ -279,6 +279,23 @@ def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
     return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def training_runs_url(base: str = "http://127.0.0.1:5000") -> str:
+    """Where ``mlflow ui`` at ``base`` shows the pipeline's training runs: ``ui_url`` of the experiment's id, read
+    from the SQLite tracking database; the experiments list on the same view when there is no database or no
+    experiment yet (nothing is created to find out), or when the store is a tracking server (its own UI)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments?workflowType=machine_learning"
+    listing = f"{base}/#/experiments?workflowType=machine_learning"
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        return listing
+    try:
+        return ui_url(_experiment_id(_client()), base)
+    except Exception:  # noqa: BLE001 - an unreadable store (another schema, locked) costs the link its id, nothing more
+        return listing
+
+
 def print_overview(console: Console, *, limit: int = 15, stage: str | None = None) -> None:
     """The latest runs, then the registered versions, then where the MLflow UI shows them."""
     client = _client()
