@@ -61,3 +61,29 @@ def test_a_tracked_pretraining_hashes_each_input_folder_once_per_start(tracked, 
     resumed = pretrain_stage(tiny(4), MODEL, prepared["tokens"], prepared["tokenizer"], out, register=False)
     assert hashed == {prepared["tokens"].name: 1, prepared["tokenizer"].name: 1}  # and the resume is decided once
     assert resumed["run_id"] == paused["run_id"] and resumed["step"] == 4
+
+
+def test_a_tracked_finetuning_hashes_its_chat_files_once_per_start(tracked, prepared, monkeypatch):
+    from llm.config import FinetuneParams
+    from llm.stages import finetune_stage, pretrain_stage
+    from llm.training import finetune
+
+    pretrain_stage(tiny(2), MODEL.model_copy(update={"context_length": 128}), prepared["tokens"],
+                   prepared["tokenizer"], tracked / "pretrain", track=False)
+    counts: Counter = Counter()
+    original = finetune.sha256_file
+
+    def counted(path):
+        counts[Path(path).name] += 1
+        return original(path)
+
+    monkeypatch.setattr(finetune, "sha256_file", counted)
+    params = FinetuneParams(max_steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1,
+                            checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
+    args = (tracked / "pretrain", prepared["clean"], None, tracked / "chat", tracked / "finetune")
+    paused = finetune_stage(params, *args, until_step=2, register=False)
+    assert counts == {"train.jsonl": 1, "val.jsonl": 1}
+    counts.clear()
+    resumed = finetune_stage(params, *args, register=False)
+    assert counts == {"train.jsonl": 1, "val.jsonl": 1}
+    assert resumed["run_id"] == paused["run_id"] and resumed["step"] == 4
