@@ -414,8 +414,9 @@ def test_the_transformers_export_is_attached_to_the_registered_version(empty_mlf
     import mlflow
 
     from llm.mlops.registry import HF_TAG, MODEL_NAME, registry_client
+    from llm.mlops.stage_tracking import REGISTRATION_FILE
     from llm.mlops.tracking import stage_run
-    from llm.stages import REGISTRATION_FILE, export_hf_stage
+    from llm.stages import export_hf_stage
 
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

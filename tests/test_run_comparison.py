@@ -17,8 +17,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from llm.config import FinetuneParams, ModelConfig, PretrainParams
+from llm.mlops.registry import version_description
+from llm.mlops.stage_tracking import summary_metrics, training_params, training_run_name
 from llm.mlops.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, flatten_params, stage_run
-from llm.stages import summary_metrics, training_params, training_run_name, version_description
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(n_layer=4, n_head=4, d_model=256).model_dump()

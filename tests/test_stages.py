@@ -201,19 +201,25 @@ def test_the_readme_char_tokenizer_sequence_leaves_the_better_bpe_model_in_produ
 
 
 def test_untracked_stand_in_offers_exactly_the_tracked_runs_public_methods():
+    from llm.mlops.stage_tracking import MlflowTracker, Untracked, UntrackedRun
     from llm.mlops.tracking import StageRun
-    from llm.stages import _Untracked
 
     def public(obj) -> dict:
         return {name: getattr(obj, name) for name in dir(obj) if not name.startswith("_")}
 
-    stand_in, real = public(_Untracked()), public(StageRun(None))
+    # and the untracked tracker offers what the MLflow one does, with the same parameters
+    trackers = public(Untracked()), public(MlflowTracker())
+    assert trackers[0].keys() == trackers[1].keys()
+    for name, member in trackers[1].items():
+        if callable(member):
+            assert list(inspect.signature(trackers[0][name]).parameters) == list(inspect.signature(member).parameters)
+    stand_in, real = public(UntrackedRun()), public(StageRun(None))
     assert stand_in.keys() == real.keys()
     for name, member in real.items():  # same parameters: a call that works tracked works untracked
         if callable(member):
             assert list(inspect.signature(stand_in[name]).parameters) == list(inspect.signature(member).parameters)
     with pytest.raises(AttributeError):
-        _Untracked().log_metric({"val/loss": 1.0})  # misspelt: log_metrics
+        UntrackedRun().log_metric({"val/loss": 1.0})  # misspelt: log_metrics
 
 
 def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_register_finishes(
@@ -223,8 +229,8 @@ def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_
 
     from llm.mlops import registry
     from llm.mlops.registry import RegistrationError
+    from llm.mlops.stage_tracking import read_registration
     from llm.model.checkpoint import verify_checkpoint
-    from llm.stages import read_registration
 
     p, register_model = prepared, mlflow.register_model
 
@@ -356,3 +362,21 @@ def test_stage_modules_name_each_stages_library_and_mlflow_only_when_the_stage_t
     assert "llm.mlops.registry" in stage_modules("pretrain", track=True)
     assert "llm.mlops.registry" not in stage_modules("clean", track=True)  # registers nothing
     assert stage_modules("pipeline") == stage_modules("prepare") == ()  # flows of several stages: none up front
+
+
+def test_an_untracked_stage_imports_no_mlflow(tmp_path):
+    """The untracked stand-in (``llm.mlops.stage_tracking.Untracked``) lets a stage run where MLflow is absent."""
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from llm.config import DataParams\n"
+            "from llm.stages import clean_stage\n"
+            f"corpus = Path({str(tmp_path)!r}) / 'corpus'\n"
+            "corpus.mkdir()\n"
+            "(corpus / 'a.txt').write_text('ROMEO. Hello there.\\n\\n' * 50)\n"
+            "(corpus / 'b.txt').write_text('JULIET. Good night.\\n\\n' * 50)\n"
+            "clean_stage(DataParams(), corpus, corpus.parent / 'clean', track=False)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

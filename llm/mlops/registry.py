@@ -7,6 +7,11 @@ MLflow 3 stores a logged model's files under the experiment, not the run:
 ``mlruns/llm/models/m-.../artifacts/``), the checkpoint in ``artifacts/checkpoint/`` inside that (the
 MLmodel file records the path). ``runs:/<run id>/model`` is resolved through the run's logged models.
 
+A version's description (``version_description``) says what it was trained from, on which data, and its
+validation scores. The evaluate stage's promotion decision is taken here (``promote_if_better``): a decision
+recorded before is kept, else the candidate's score is compared with Production's on the same text, the
+scores coming from ``llm.training.evaluate`` through the callable the stage passes.
+
 Promotion moves a version to the ``Production`` stage (archiving the previous one) *and* points the
 alias ``production`` at it, so both ``models:/gpt/Production`` and ``models:/gpt@production`` resolve.
 Stages are deprecated in MLflow 3 but still work; their FutureWarning is silenced here.
@@ -40,7 +45,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
@@ -55,7 +60,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 
-from llm.io import atomic_write_json, replace_folder, temporary_folder_beside
+from llm.io import replace_folder, temporary_folder_beside
 from llm.mlops.lookup import (
     MODEL_NAME,
     ONNX_ARTIFACT,
@@ -79,12 +84,14 @@ from llm.mlops.tracking import (
     tracking_uri,
 )
 from llm.model.checkpoint import (
-    ADAPTER_FILE,
     MANIFEST_FILE,
-    TRAIN_STATE_DIR,
     WEIGHTS_FILE,
+    CheckpointConfig,
+    CheckpointError,
+    copy_without_train_state,
     merge_checkpoint,
     read_adapter_config,
+    read_manifest,
     verify_checkpoint,
 )
 
@@ -167,11 +174,7 @@ def _signature():
 
 def _stage_for_logging(checkpoint_dir: Path, staging: Path) -> tuple[Path, Path]:
     """Copies of the checkpoint (without train_state/, manifest rewritten to match) and of the package."""
-    checkpoint = staging / CHECKPOINT_ARTIFACT
-    shutil.copytree(checkpoint_dir, checkpoint, ignore=shutil.ignore_patterns(TRAIN_STATE_DIR, ".*"))
-    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
-    manifest = {k: v for k, v in manifest.items() if not k.startswith(f"{TRAIN_STATE_DIR}/")}
-    atomic_write_json(checkpoint / MANIFEST_FILE, manifest, sort_keys=True)
+    checkpoint = copy_without_train_state(checkpoint_dir, staging / CHECKPOINT_ARTIFACT)
     code = staging / "code" / PACKAGE_DIR.name
     shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     return checkpoint, code
@@ -186,10 +189,12 @@ def checkpoint_weights_sha256(checkpoint_dir: str | Path) -> str:
     RegistryError when the manifest records none."""
     manifest_path = Path(checkpoint_dir) / MANIFEST_FILE
     try:
-        manifest = json.loads(manifest_path.read_text())
-        return manifest[ADAPTER_FILE if ADAPTER_FILE in manifest else WEIGHTS_FILE]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        weights_sha256 = read_manifest(checkpoint_dir).weights_sha256
+    except CheckpointError as err:
         raise RegistryError(f"{manifest_path}: no sha256 of {WEIGHTS_FILE} in it ({err})") from None
+    if not weights_sha256:
+        raise RegistryError(f"{manifest_path}: no sha256 of {WEIGHTS_FILE} in it")
+    return weights_sha256
 
 
 def _adapter_tags(client: MlflowClient, checkpoint_dir: Path) -> dict[str, Any]:
@@ -249,22 +254,7 @@ def register_checkpoint(
                      found.version)
             client.set_tag(run_id, "registered_model.version", f"{MODEL_NAME}/{found.version}")
             return str(found.version)
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as err:
-            if not not_found(err):
-                raise
-            raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()} to register "
-                                f"{checkpoint_dir} under (`llm register --run-id` names another)") from None
-        version_tags = {k: v for k, v in run.data.tags.items() if k in LINEAGE_KEYS}
-        version_tags.update({
-            "run_id": run_id,
-            "checkpoint.step": config.get("step", 0),
-            "tokenizer.kind": config.get("tokenizer", {}).get("kind", "unknown"),
-            "model.config": config.get("model", {}),
-            WEIGHTS_SHA_TAG: weights_sha256, **_adapter_tags(client, checkpoint_dir),  # LoRA: its base
-        })
-        version_tags.update(tags)
+        version_tags = {**_version_tags(client, checkpoint_dir, run_id, config, weights_sha256), **tags}
         if not logged:
             logged.append(_log_model(checkpoint_dir, run_id, artifact_path))
         version = mlflow.register_model(
@@ -285,14 +275,80 @@ def register_checkpoint(
     except Exception as err:
         if not store_unavailable(err):
             raise
-        waited = first_delay_s * (2 ** (attempts - 1) - 1)
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise RegistrationError(
-            f"could not register {checkpoint_dir} as a version of {MODEL_NAME}: {registry_location()} did not answer "
-            f"in {attempts} tries over {waited:.0f} s ({reason}). The checkpoint is complete (step "
-            f"{config.get('step', '?')}); once the store is back, register it with "
-            f"`llm register --model {checkpoint_dir}` (it reuses run {run_id} from registration.json)"
-        ) from err
+        raise _registration_error(checkpoint_dir, run_id, config, err, attempts, first_delay_s) from err
+
+
+def _version_tags(client: MlflowClient, checkpoint_dir: Path, run_id: str, config: CheckpointConfig,
+                  weights_sha256: str) -> dict[str, Any]:
+    """A new version's tags: the lineage tags of run ``run_id``, the run, the checkpoint's step, tokenizer kind,
+    model config and weights sha256, and for an adapter checkpoint its base. Raises RegistryError for a run that
+    is not in the store."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if not not_found(err):
+            raise
+        raise RegistryError(f"no run {run_id} in the tracking store at {tracking_uri()} to register "
+                            f"{checkpoint_dir} under (`llm register --run-id` names another)") from None
+    version_tags = {k: v for k, v in run.data.tags.items() if k in LINEAGE_KEYS}
+    version_tags.update({
+        "run_id": run_id,
+        "checkpoint.step": config.get("step", 0),
+        "tokenizer.kind": config.tokenizer.get("kind", "unknown"),
+        "model.config": config.model,
+        WEIGHTS_SHA_TAG: weights_sha256, **_adapter_tags(client, checkpoint_dir),  # LoRA: its base
+    })
+    return version_tags
+
+
+def _registration_error(checkpoint_dir: Path, run_id: str, config: CheckpointConfig, err: BaseException,
+                        attempts: int, first_delay_s: float) -> RegistrationError:
+    """What registration raises when the store never answered: how long it tried, and how to finish later."""
+    waited = first_delay_s * (2 ** (attempts - 1) - 1)
+    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return RegistrationError(
+        f"could not register {checkpoint_dir} as a version of {MODEL_NAME}: {registry_location()} did not answer "
+        f"in {attempts} tries over {waited:.0f} s ({reason}). The checkpoint is complete (step "
+        f"{config.get('step', '?')}); once the store is back, register it with "
+        f"`llm register --model {checkpoint_dir}` (it reuses run {run_id} from registration.json)"
+    )
+
+
+def version_description(stage: str, logged: Mapping[str, Any], metrics: Mapping[str, float],
+                        tags: Mapping[str, str], *, run_name: str | None = None) -> str:
+    """The registry page's description of a version that a training stage registers (markdown): what it was
+    trained from, on which data, its key metrics. Evaluation adds its promotion decision below it."""
+    model, tok, train = logged.get("model", {}), logged.get("tokenizer", {}), logged.get("train", {})
+    layers = model.get("n_layer")
+    kv = f" ({model['n_kv_head']} key/value)" if model.get("n_kv_head") else ""
+    shape = (f"{layers} layer{'' if layers == 1 else 's'} x {model.get('d_model')} wide, {model.get('n_head')} "
+             f"heads{kv}, context {model.get('context_length')}")
+    size = f"{metrics['params'] / 1e6:.2f}M parameters" if "params" in metrics else "unknown size"
+    if stage == "finetune":
+        parent = tags.get("llm.parent_version", "none")
+        origin = (f"Chat model finetuned from **gpt version {parent}**" if parent != "none"
+                  else "Chat model finetuned from an unregistered base checkpoint")
+        origin += f" (run `{tags.get('llm.parent_run_id', 'none')}`) on chat conversations"
+        if train.get("method") == "lora":
+            lora = train.get("lora") or {}
+            origin += (f", as LoRA adapters (rank {lora.get('rank')} on {', '.join(lora.get('targets', []))}): the "
+                       "version stores the adapters and its base's identity, and loads merged")
+    else:
+        origin = "Base model pretrained from scratch on the corpus"
+    data = tags.get("dvc.data_hash", "none")
+    lines = [
+        f"{origin}: {shape}; {tok.get('kind')} tokenizer of {tok.get('vocab_size')} tokens; {size}.",
+        "",
+        f"- Trained: {int(metrics.get('step', train.get('max_steps', 0)))} steps, batch {train.get('batch_size')}, "
+        f"learning rate {train.get('learning_rate')}, in {metrics.get('wall_time_s', float('nan')):.0f} s"
+        + (f" (run `{run_name}`)" if run_name else ""),
+        f"- Data: version `{data[:12]}` ({tags.get('dvc.data_source', 'unknown')}), "
+        f"code at git `{tags.get('git.commit', 'unknown')[:12]}`"
+        + (" (with uncommitted changes)" if tags.get("git.dirty") == "true" else ""),
+        "- Validation: " + ", ".join(f"{key} {metrics[key]:.4f}" for key in ("val/bpb", "val/loss", "val/ppl")
+                                     if key in metrics),
+    ]
+    return "\n".join(lines)
 
 
 def _log_model(checkpoint_dir: Path, run_id: str, artifact_path: str):
@@ -486,10 +542,10 @@ def _adapter_base(client: MlflowClient, folder: Path, adapter: dict[str, Any]) -
     else the registered version that holds them (resolved like any version)."""
     recorded, sha = Path(adapter["base"]["path"]), adapter["base"]["weights_sha256"]
     try:
-        if json.loads((recorded / MANIFEST_FILE).read_text())[WEIGHTS_FILE]["sha256"] == sha:
+        if read_manifest(recorded).plain_weights_sha256 == sha:
             return recorded
-    except (OSError, ValueError, KeyError):
-        pass  # moved, deleted or replaced: look for it in the registry
+    except CheckpointError:
+        pass  # moved or deleted: look for it in the registry
     holder = _version_holding(client, sha)
     if holder is None:
         raise RegistryError(f"{folder}: the base of these adapters (weights sha256 {sha[:12]}..., trained at "
@@ -714,6 +770,38 @@ def compare_and_promote(
             client.set_model_version_tag(MODEL_NAME, candidate_version, key, _tag_value(value))
         log.info("kept Production %s: %s", production, reason)
     return decision
+
+
+def promote_if_better(
+    candidate_version: str,
+    comparable: Mapping[str, Any],
+    compare: Callable[[Path, str], dict[str, Any]],
+    *,
+    on_production_score: Callable[[str, float], None] | None = None,
+) -> dict:
+    """Decide whether ``candidate_version`` of ``gpt`` replaces Production, and carry it out: the evaluate stage's
+    promotion. ``comparable`` is the candidate's score (``llm.training.evaluate.comparable_score``: ``metric``,
+    ``score``, ``text``); ``compare(production_checkpoint, "Production version N")`` scores Production on the same
+    text (``llm.training.evaluate.compare_with``). A decision recorded on the candidate before is kept, and a
+    candidate that is Production already is left so; else ``compare_and_promote`` decides (lower is better).
+    ``on_production_score(metric, score)`` hears Production's score when it was measured. Returns the decision.
+    Raises RegistryError for a missing version."""
+    version, metric, score = str(candidate_version), comparable["metric"], comparable["score"]
+    current = production_version()
+    if recorded_decision(version) is not None:  # decided once (a rerun, a retry): kept
+        return compare_and_promote(version, score, None, metric=metric)
+    if current is not None and str(current.version) == version:
+        return {"promoted": False, "metric": metric, "candidate_score": score, "candidate": version,
+                "reason": f"version {version} is already Production"}
+    compared: dict[str, Any] = {"candidate_score": score, "text": comparable["text"]}
+    if current is not None:
+        production_dir = resolve_model(f"models:/{MODEL_NAME}/{current.version}")
+        compared = compare(production_dir, f"Production version {current.version}")
+        if compared.get("production_score") is not None and on_production_score is not None:
+            on_production_score(metric, compared["production_score"])
+    return compare_and_promote(version, compared.get("candidate_score", score), compared.get("production_score"),
+                               metric=metric, lower_is_better=True, incomparable=compared.get("incomparable"),
+                               text=compared.get("text", comparable["text"]))
 
 
 def promote_by_hand(version: str, *, why: str = "") -> dict:

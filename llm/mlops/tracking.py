@@ -15,9 +15,13 @@ Where runs go:
   artifacts in ``<run id>/artifacts/``, logged models (MLflow 3 keeps them apart from runs) in
   ``models/<model id>/artifacts/``. With a tracking server, the server decides.
 
-``stage_run`` is the one entry point the stages use. Metric keys are logged exactly as given
-(``train/loss``, ``val/bpb``, ...) so runs line up in the MLflow UI. This module imports MLflow at the
-top: only code that tracks imports it, never the model or the training loop.
+``stage_run`` opens the run of a stage; the stages reach it through ``llm.mlops.stage_tracking.MlflowTracker``
+(the ``Tracker`` interface). Metric keys are logged exactly as given (``train/loss``, ``val/bpb``, ...) so runs
+line up in the MLflow UI. This module imports MLflow at the top: only code that tracks imports it, never the
+model or the training loop.
+
+``StageRun`` is where a stage's metrics (``callback``, ``log_metrics``: ``StageRun._add``), params
+(``log_params``) and tags (``set_tags``) enter; metrics and tags go on to one background sender per run.
 
 Tracking never stops training. Metrics and tags go to the store from a background thread
 (``_MetricSender``): the training loop only appends to a bounded in-memory queue. While the store is
@@ -901,6 +905,38 @@ def _project_run_parent(client: MlflowClient, handed_over: str | None, experimen
     return None
 
 
+def _start_mlflow_run(client: MlflowClient, experiment_id: str, stage: str, params: Mapping[str, Any], resumed,
+                      *, run_name: str | None, parent_run_id: str | None):
+    """Reopen ``resumed`` (attempt counted up) or start a new run named ``run_name``, with the lineage, DVC and
+    process tags; nested under ``parent_run_id``, the active run or ``mlflow run``'s run. Returns MLflow's run."""
+    tags = lineage_tags(stage, params)
+    if tags["git.commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = tags["git.commit"]
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    tags.update(_process_tags())
+    # `mlflow run`'s run (MLFLOW_RUN_ID) is a parent or a link, never taken over (start_run would rename it)
+    handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent = _project_run_parent(client, handed_over, experiment_id, tags)
+    try:
+        if resumed is not None:
+            tags[ATTEMPT_TAG] = str(int(resumed.data.tags.get(ATTEMPT_TAG, "1")) + 1)
+            return mlflow.start_run(run_id=resumed.info.run_id, nested=mlflow.active_run() is not None,
+                                    tags=tags, log_system_metrics=False)
+        tags[ATTEMPT_TAG] = "1"
+        return mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name or stage,
+            nested=mlflow.active_run() is not None or parent is not None,
+            parent_run_id=parent_run_id or (parent if mlflow.active_run() is None else None),
+            tags=tags,
+            log_system_metrics=False,
+        )
+    finally:
+        if handed_over is not None:
+            os.environ["MLFLOW_RUN_ID"] = handed_over
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -934,12 +970,6 @@ def stage_run(
         return
     client, experiment_id = _configure()
     _end_stale_runs(client, experiment_id, stage)
-    tags = lineage_tags(stage, params)
-    if tags["git.commit"] != "unknown":
-        tags["mlflow.source.git.commit"] = tags["git.commit"]
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-    tags.update(_process_tags())
     resumed = _resumable(client, resume_run_id)
     if resumed is not None and resumed.info.experiment_id != experiment_id:
         log.info("run %s belongs to another experiment than %s: starting a new run", resume_run_id,
@@ -948,27 +978,8 @@ def stage_run(
     if resumed is not None and resumed.info.status == "RUNNING":  # stale ones were ended just above
         log.warning("run %s is RUNNING in a process that is still alive (%s %s); continuing it here as well",
                     resume_run_id, resumed.data.tags.get(HOST_TAG, "?"), resumed.data.tags.get(PID_TAG, "?"))
-    # `mlflow run`'s run (MLFLOW_RUN_ID) is a parent or a link, never taken over (start_run would rename it)
-    handed_over = os.environ.pop("MLFLOW_RUN_ID", None)
-    parent = _project_run_parent(client, handed_over, experiment_id, tags)
-    try:
-        if resumed is not None:
-            tags[ATTEMPT_TAG] = str(int(resumed.data.tags.get(ATTEMPT_TAG, "1")) + 1)
-            active = mlflow.start_run(run_id=resumed.info.run_id, nested=mlflow.active_run() is not None,
-                                      tags=tags, log_system_metrics=False)
-        else:
-            tags[ATTEMPT_TAG] = "1"
-            active = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=run_name or stage,
-                nested=mlflow.active_run() is not None or parent is not None,
-                parent_run_id=parent_run_id or (parent if mlflow.active_run() is None else None),
-                tags=tags,
-                log_system_metrics=False,
-            )
-    finally:
-        if handed_over is not None:
-            os.environ["MLFLOW_RUN_ID"] = handed_over
+    active = _start_mlflow_run(client, experiment_id, stage, params, resumed, run_name=run_name,
+                               parent_run_id=parent_run_id)
     logged_through = resumed.data.tags.get(LOGGED_THROUGH_TAG, "0") if resumed is not None else "0"
     run = StageRun(active.info.run_id, client, logged_through=int(logged_through) if logged_through.isdigit() else 0,
                    run_name=active.info.run_name)

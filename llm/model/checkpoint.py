@@ -14,6 +14,11 @@ sha256 of its ``model.safetensors``) instead of ``model.safetensors``. ``load_ch
 the base with the adapters merged in, refusing a base whose weights are not the ones it was trained on, so every
 command that takes a checkpoint takes it unchanged; ``merge_checkpoint`` writes the merged model as a plain one.
 
+This module is the only reader and writer of a checkpoint's ``config.json`` and ``manifest.json``: others read
+them through ``CheckpointConfig`` (``verify_checkpoint``, ``peek_config``: the step, stage, params, run identity,
+tracking run, parent) and ``Manifest`` (``read_manifest``: the weights' and tokenizer files' sha256), and
+``has_checkpoint`` / ``copy_without_train_state`` answer for the folder as a whole.
+
 A folder is written whole into a temporary sibling, synced, and swapped in by rename (``llm.io``), so a
 crash leaves either the previous checkpoint or the new one, never a mix. ``manifest.json`` catches truncation
 and corruption. Readers (``verify_checkpoint``, ``load_checkpoint``: chat, evaluation, serving) never modify
@@ -24,6 +29,7 @@ a folder: a crash between the two renames of a swap is put right by the next wri
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -56,6 +62,7 @@ TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_DIR = "train_state"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+TRACKING_RUN_KEY = "tracking_run_id"  # in config.json: the tracking run that trains the checkpoint (None: untracked)
 
 
 class CheckpointError(RuntimeError):
@@ -70,6 +77,107 @@ class TrainState:
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointConfig(dict):
+    """A checkpoint's ``config.json`` as parsed (a dict, so old readers keep working), with typed accessors for
+    the keys that code outside this module asks about. A key that an older checkpoint lacks reads as None."""
+
+    @property
+    def step(self) -> int | None:
+        return self.get("step")
+
+    @property
+    def stage(self) -> str | None:
+        """``pretrain`` or ``finetune`` (None for a checkpoint written outside a training stage)."""
+        return self.get("stage")
+
+    @property
+    def max_steps(self) -> int | None:
+        return (self.get("params") or {}).get("max_steps")
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.get("model") or {}
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """``{"kind", "vocab_size"}`` of the checkpoint's tokenizer."""
+        return self.get("tokenizer") or {}
+
+    @property
+    def run_identity(self) -> str | None:
+        """The digest of the run that wrote it (``llm.training.loop.run_identity``)."""
+        return self.get("run_identity")
+
+    @property
+    def identity(self) -> dict[str, Any] | None:
+        return self.get("identity")
+
+    @property
+    def tracking_run_id(self) -> str | None:
+        return self.get(TRACKING_RUN_KEY) or None
+
+    @property
+    def parent_path(self) -> Path | None:
+        """The base checkpoint a finetuned one was trained from."""
+        parent = self.get("parent") or {}
+        return Path(parent["path"]) if parent.get("path") else None
+
+
+class Manifest(dict):
+    """A checkpoint's ``manifest.json``: ``{relative path: {"bytes", "sha256"}}`` of every file it holds."""
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The sha256 of the weights: ``adapter.safetensors`` in an adapter checkpoint, else ``model.safetensors``."""
+        entry = self.get(ADAPTER_FILE if ADAPTER_FILE in self else WEIGHTS_FILE) or {}
+        return entry.get("sha256")
+
+    @property
+    def plain_weights_sha256(self) -> str | None:
+        """The sha256 of ``model.safetensors`` (None in an adapter checkpoint)."""
+        return (self.get(WEIGHTS_FILE) or {}).get("sha256")
+
+    @property
+    def tokenizer_sha256(self) -> dict[str, str]:
+        """The sha256 of each tokenizer file, by its path inside ``tokenizer/``."""
+        prefix = f"{TOKENIZER_DIR}/"
+        return {k.removeprefix(prefix): v["sha256"] for k, v in sorted(self.items()) if k.startswith(prefix)}
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The ``manifest.json`` of the checkpoint folder ``path`` (not checked against the files: see
+    ``verify_checkpoint``). Raises CheckpointError naming the file when it is missing or unreadable."""
+    file = Path(path) / MANIFEST_FILE
+    try:
+        return Manifest(json.loads(file.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: unreadable: {err}") from None
+
+
+def peek_config(path: str | Path) -> CheckpointConfig:
+    """The ``config.json`` of ``path`` without verifying the folder, empty when there is none or it is unreadable
+    (for what a caller logs before training, which says itself what is wrong with a folder)."""
+    try:
+        return CheckpointConfig(json.loads((Path(path) / CONFIG_FILE).read_text()))
+    except (OSError, ValueError):
+        return CheckpointConfig()
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds (part of) a checkpoint: its ``config.json`` or its ``manifest.json``."""
+    return (Path(path) / CONFIG_FILE).exists() or (Path(path) / MANIFEST_FILE).exists()
+
+
+def copy_without_train_state(path: str | Path, dst: str | Path) -> Path:
+    """Copy the checkpoint folder ``path`` to ``dst`` without ``train_state/`` (and hidden files), its manifest
+    rewritten to match: what a registered version carries. Returns ``dst``."""
+    shutil.copytree(path, dst, ignore=shutil.ignore_patterns(TRAIN_STATE_DIR, ".*"))
+    manifest = read_manifest(dst)
+    _write_json(Path(dst) / MANIFEST_FILE, {k: v for k, v in manifest.items()
+                                            if not k.startswith(f"{TRAIN_STATE_DIR}/")})
+    return Path(dst)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -182,7 +290,7 @@ def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return adapter_state(model)
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+def verify_checkpoint(path: str | Path) -> CheckpointConfig:
     """Check every file against ``manifest.json``; return the parsed ``config.json``.
 
     Reads only. Raises CheckpointError naming the folder and the first missing, truncated or altered file,
@@ -215,7 +323,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: contents do not match the manifest checksum (corrupt)")
     try:
-        return json.loads((path / CONFIG_FILE).read_text())
+        return CheckpointConfig(json.loads((path / CONFIG_FILE).read_text()))
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: unreadable: {err}") from None
 
@@ -287,11 +395,11 @@ def base_identity(base: str | Path) -> dict[str, str]:
     manifest). Raises CheckpointError for a folder that is not a plain, verified checkpoint."""
     base = Path(base)
     verify_checkpoint(base)
-    manifest = json.loads((base / MANIFEST_FILE).read_text())
-    if WEIGHTS_FILE not in manifest:
+    weights_sha256 = read_manifest(base).plain_weights_sha256
+    if weights_sha256 is None:
         raise CheckpointError(f"{base}: an adapter checkpoint cannot be the base of another; merge it first "
                               f"(`llm merge --model {base} --out DIR`) and train on DIR")
-    return {"path": str(base.resolve()), "weights_sha256": manifest[WEIGHTS_FILE]["sha256"]}
+    return {"path": str(base.resolve()), "weights_sha256": weights_sha256}
 
 
 def check_adapter_base(adapter_dir: str | Path, base: str | Path) -> None:
@@ -329,7 +437,7 @@ class LoadedCheckpoint(NamedTuple):
 
     model: GPT  # in eval mode
     tokenizer: Tokenizer
-    config: dict[str, Any]  # config.json
+    config: CheckpointConfig  # config.json
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,

@@ -1,10 +1,20 @@
-"""Evaluation of a checkpoint on a token file: loss, perplexity, bits per byte, and samples."""
+"""Evaluation: loss, perplexity, bits per byte and samples of a checkpoint, and the score promotion compares.
+
+``evaluate_checkpoint`` scores a checkpoint on a token file and samples it; ``score_candidate`` adds, for a chat
+model, its assistant loss (and its base model's) and answers to held-out conversations. ``comparable_score`` is
+the number two models are ranked on whatever their tokenizers (bits per byte of the same held-out text: the val
+split for base models, the final assistant answers of the chat val conversations for chat models), and
+``compare_with`` scores another checkpoint (Production) on the same text. The decision itself is the registry's
+(``llm.mlops.registry.promote_if_better``).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from llm.config import EvalParams
 from llm.data.chat_template import encode_chat, generation_stop_ids
@@ -136,3 +146,81 @@ def evaluate_checkpoint(
         atomic_write_text(out_dir / "samples.md", samples_markdown(samples))
         atomic_write_json(out_dir / "metrics.json", metrics, sort_keys=True)
     return {**metrics, "samples": samples}
+
+
+def model_kind(config: Mapping[str, Any]) -> str:
+    """``chat`` for a finetuned checkpoint (its ``config.json`` says ``stage: finetune``), else ``base``."""
+    return "chat" if config.get("stage") == "finetune" else "base"
+
+
+def score_candidate(candidate: LoadedCheckpoint, candidate_dir: Path, tokens_dir: Path, params: EvalParams,
+                    out_dir: Path, chat_val: Path | None) -> tuple[dict, list, list | None]:
+    """Metrics and samples of the loaded candidate: loss, ppl, bpb on the token file; for a chat model also its
+    assistant loss (nats per assistant token, and its base model's) and answers to held-out conversations.
+    Returns ``(metrics, samples, conversations)``, conversations None for a base model."""
+    from llm.training.finetune import assistant_loss
+
+    result = evaluate_checkpoint(candidate_dir, tokens_dir, params, out_dir=out_dir, loaded=candidate)
+    samples, conversations = result.pop("samples"), None
+    if model_kind(candidate.config) == "chat":
+        result["chat/assistant_loss"] = assistant_loss(candidate.model, candidate.tokenizer, chat_val,
+                                                       max_conversations=params.max_conversations)
+        conversations = sample_conversations(candidate_dir, chat_val, params, loaded=candidate)
+        base_dir = candidate.config.parent_path
+        if base_dir is not None and base_dir.exists():
+            result["chat/base_assistant_loss"] = assistant_loss(base_dir, None, chat_val, device=params.device,
+                                                                max_conversations=params.max_conversations)
+    return result, samples, conversations
+
+
+def comparable_score(model, tokenizer, kind: str, params: EvalParams, clean_dir: Path,
+                     chat_val: Path | None) -> dict[str, Any]:
+    """The score promotion compares, for a loaded model: bits per byte of held-out text that any model is scored
+    on alike, whatever its tokenizer. A chat model: the final assistant answers of the chat val conversations
+    (``chat/assistant_bpb``; ``answers`` holds each answer's bits and bytes); a base model: the val split
+    (``val/bpb``). Returns ``{"metric", "score", "text", "text_sha256"}``: two scores compare only when their
+    ``text_sha256`` agree (and, for answers, over the answers both models' contexts fit)."""
+    if kind == "chat":
+        from llm.training.finetune import answer_bits, answers_bpb, held_out_conversations
+
+        answers = answer_bits(model, tokenizer, held_out_conversations(chat_val, params.max_conversations))
+        own = answers_bpb(answers)
+        return {"metric": "chat/assistant_bpb", "score": own["bpb"], "answers": answers,
+                "text": _answers_text(own, chat_val),
+                "text_sha256": f"{sha256_file(chat_val)}:{params.max_conversations or 'all'}"}
+    scored = text_bits_per_byte(model, tokenizer, clean_dir / "val.txt", params)
+    return {"metric": "val/bpb", "score": scored["bpb"], "text_sha256": scored["text_sha256"],
+            "text": f"the val split {clean_dir / 'val.txt'} ({scored['bytes']:,} bytes)"}
+
+
+def _answers_text(scored: dict[str, Any], chat_val: Path | None) -> str:
+    return f"the final assistant answers of {scored['answers']} conversations of {chat_val} ({scored['bytes']:,} bytes)"
+
+
+def compare_with(checkpoint: Path, name: str, kind: str, candidate: dict[str, Any], params: EvalParams,
+                 clean_dir: Path, chat_val: Path | None) -> dict[str, Any]:
+    """The candidate's score (``candidate``: its ``comparable_score``) and the checkpoint ``checkpoint``'s (called
+    ``name`` in the reasons, e.g. ``Production version 3``) on the same text: ``{"candidate_score",
+    "production_score", "text"}``, or ``{"incomparable": why}`` (another kind of model, other text, no answer both
+    contexts fit)."""
+    from llm.training.finetune import answers_bpb
+
+    model, tokenizer, config = load_checkpoint(checkpoint, select_device(params.device))
+    if model_kind(config) != kind:
+        return {"incomparable": f"{name} is a {model_kind(config)} model and this one a {kind} model: they are "
+                                "scored on different texts (assistant answers, the val split)"}
+    try:
+        theirs = comparable_score(model, tokenizer, kind, params, clean_dir, chat_val)
+    except ValueError as err:
+        return {"incomparable": f"{name} cannot be scored on {candidate['text']} ({err})"}
+    if theirs["text_sha256"] != candidate["text_sha256"]:
+        return {"incomparable": f"{name} was scored on other text ({theirs['text']})"}
+    if kind != "chat":
+        return {"candidate_score": candidate["score"], "production_score": theirs["score"], "text": candidate["text"]}
+    common = set(candidate["answers"]) & set(theirs["answers"])
+    if not common:
+        return {"incomparable": f"no held-out answer fits the contexts of both this model and {name}"}
+    mine = answers_bpb(candidate["answers"], common)
+    fit = "" if len(common) == max(len(candidate["answers"]), len(theirs["answers"])) else ", those both contexts fit"
+    return {"candidate_score": mine["bpb"], "production_score": answers_bpb(theirs["answers"], common)["bpb"],
+            "text": _answers_text(mine, chat_val) + fit}

@@ -21,7 +21,6 @@ the base (``llm.model.checkpoint``), and with ``dtype: bfloat16`` on a GPU the f
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,14 +36,11 @@ from llm.data.chat_template import fit_chat
 from llm.data.tokenizer import Tokenizer
 from llm.io import sha256_file
 from llm.model.checkpoint import (
-    ADAPTER_FILE,
-    MANIFEST_FILE,
-    TOKENIZER_DIR,
-    WEIGHTS_FILE,
-    CheckpointError,
+    CheckpointConfig,
     base_identity,
     load_checkpoint,
     load_model_config,
+    read_manifest,
 )
 from llm.model.gpt import GPT
 from llm.model.lora import apply_lora, count_adapter_parameters, freeze_base_in
@@ -52,6 +48,7 @@ from llm.training.device import select_device, select_dtype
 from llm.training.loop import (
     Batch,
     Callback,
+    StartTracking,
     TrainResult,
     code_digests,
     evaluate_loss,
@@ -159,14 +156,9 @@ class ChatBatches:
             yield collate_chat_examples(self.val[start : start + self.batch_size], self.pad_id)
 
 
-def _parent_metadata(base_checkpoint: Path, config: dict[str, Any]) -> dict[str, Any]:
-    manifest = json.loads((base_checkpoint / MANIFEST_FILE).read_text())
-    return {
-        "path": str(base_checkpoint),
-        "stage": config.get("stage"),
-        "step": config.get("step"),
-        "weights_sha256": manifest.get(WEIGHTS_FILE, manifest.get(ADAPTER_FILE, {})).get("sha256"),
-    }
+def _parent_metadata(base_checkpoint: Path, config: CheckpointConfig) -> dict[str, Any]:
+    return {"path": str(base_checkpoint), "stage": config.stage, "step": config.step,
+            "weights_sha256": read_manifest(base_checkpoint).weights_sha256}
 
 
 def finetune_inputs(base_checkpoint: str | Path, chat_dir: str | Path) -> dict[str, Any]:
@@ -175,18 +167,10 @@ def finetune_inputs(base_checkpoint: str | Path, chat_dir: str | Path) -> dict[s
     first, as ``load_checkpoint`` does) and the sha256 of the chat files. Raises CheckpointError when the
     base has no readable manifest and FileNotFoundError for missing chat files."""
     base_checkpoint, chat_dir = Path(base_checkpoint), Path(chat_dir)
-    try:
-        manifest = json.loads((base_checkpoint / MANIFEST_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{base_checkpoint / MANIFEST_FILE}: unreadable: {err}") from None
-    tokenizer_prefix = f"{TOKENIZER_DIR}/"
+    manifest = read_manifest(base_checkpoint)
     return {
         "stage": "finetune",
-        "base_model": {
-            "weights_sha256": manifest[WEIGHTS_FILE if WEIGHTS_FILE in manifest else ADAPTER_FILE]["sha256"],
-            "tokenizer": {k.removeprefix(tokenizer_prefix): v["sha256"] for k, v in sorted(manifest.items())
-                          if k.startswith(tokenizer_prefix)},
-        },
+        "base_model": {"weights_sha256": manifest.weights_sha256, "tokenizer": manifest.tokenizer_sha256},
         "chat_data": {name: sha256_file(chat_dir / name) for name in sorted(CHAT_FILES.values())},
         "code": code_digests("llm.model.gpt", "llm.model.lora", "llm.training.loop", __name__,
                              "llm.data.chat_template"),
@@ -202,7 +186,8 @@ def _finetuned_config(params: FinetuneParams, base_config: ModelConfig) -> Model
 
 def finetune_identity(params: FinetuneParams, base_checkpoint: str | Path, chat_dir: str | Path) -> str:
     """The ``run_identity`` digest that ``finetune`` with these arguments records in its checkpoint, computed
-    before training. Raises CheckpointError for a bad base checkpoint and FileNotFoundError for missing chat files."""
+    before training, for tools and tests (``finetune`` itself decides whether to resume). Raises CheckpointError
+    for a bad base checkpoint and FileNotFoundError for missing chat files."""
     config = _finetuned_config(params, load_model_config(base_checkpoint))
     return identity_digest(run_identity(params, config, finetune_inputs(base_checkpoint, chat_dir)))
 
@@ -217,6 +202,7 @@ def finetune(
     until_step: int | None = None,
     callbacks: list[Callback] | None = None,
     metadata: dict[str, Any] | None = None,
+    start_tracking: StartTracking | None = None,
 ) -> TrainResult:
     """Finetune the checkpoint ``base_checkpoint`` on ``chat_dir/{train,val}.jsonl`` into ``out_dir``.
 
@@ -224,7 +210,7 @@ def finetune(
     finetune`` and its ``parent`` (path, stage, step and weights hash of the base). With ``resume`` a
     checkpoint already in ``out_dir`` is continued exactly when it is of the same run (same base weights
     and tokenizer, chat files, model config and params; see ``llm.training.loop.train``); ``until_step``
-    pauses early; ``metadata`` joins the checkpoint's config (e.g. the tracking run).
+    pauses early; ``metadata`` joins the checkpoint's config; ``start_tracking`` as ``llm.training.loop.train`` has it.
     With ``params.method == "lora"`` only adapters train (``_add_adapters``) and the checkpoint holds them with the
     base's identity (``metadata["adapter"]``, see ``llm.model.checkpoint``).
     Raises CheckpointError for a bad base checkpoint (or an adapter checkpoint as the base of a LoRA run),
@@ -252,7 +238,8 @@ def finetune(
     metadata.update(parent=_parent_metadata(base_checkpoint, config),
                     chat_data={"train": data.train_counts, "val": data.val_counts})
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
-                 callbacks=callbacks, metadata=metadata, inputs=finetune_inputs(base_checkpoint, chat_dir))
+                 callbacks=callbacks, metadata=metadata, inputs=finetune_inputs(base_checkpoint, chat_dir),
+                 start_tracking=start_tracking)
 
 
 def _add_adapters(model: GPT, params: FinetuneParams) -> None:

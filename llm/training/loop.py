@@ -50,10 +50,11 @@ from llm.data.tokenizer import Tokenizer
 from llm.data.tokens import bits_per_byte
 from llm.io import folder_lock
 from llm.model.checkpoint import (
-    CONFIG_FILE,
-    MANIFEST_FILE,
+    TRACKING_RUN_KEY,
+    CheckpointConfig,
     CheckpointError,
     TrainState,
+    has_checkpoint,
     load_train_state,
     load_weights,
     recover_checkpoint_folder,
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, ...]  # (inputs, targets) or (inputs, targets, loss_mask)
 Callback = Callable[[int, dict[str, float]], None]
+# told the tracking run that the resumed checkpoint records (None: a fresh start); returns the one to record
+StartTracking = Callable[[str | None], str | None]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -326,28 +329,28 @@ def train(
     callbacks: list[Callback] | None = None,
     metadata: dict[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    start_tracking: StartTracking | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` and keep an up-to-date checkpoint folder at ``out_dir``.
 
-    Checkpoints are written every ``checkpoint_interval`` steps and at the end. ``inputs`` names what the
-    run trains on and from (hashes of its data, tokenizer and base model; see ``run_identity``): with
-    ``resume``, a checkpoint in ``out_dir`` of the same run is continued exactly, and one of another run is
-    replaced when this run, started from ``model``'s weights, writes its first checkpoint (a log line says
-    what differs). ``until_step`` stops early (a time-boxed slice of a longer run; the schedule still
-    follows ``max_steps``). ``callbacks`` get ``(step, metrics)`` after each step on the main process;
-    ``metadata`` goes into the checkpoint's config. Returns the final metrics, the step reached, the metric
-    history and the run identity's digest.
+    Checkpoints are written every ``checkpoint_interval`` steps and at the end. ``inputs`` names what the run trains
+    on and from (hashes of its data, tokenizer and base model; see ``run_identity``): with ``resume``, a checkpoint
+    in ``out_dir`` of the same run is continued exactly, and one of another run is replaced by this run's first
+    checkpoint (a log line says what differs). ``until_step`` stops early (the schedule still follows
+    ``max_steps``). ``callbacks`` get ``(step, metrics)`` after each step on the main process; ``metadata`` goes
+    into the checkpoint's config; ``start_tracking`` is told the tracking run of the resumed checkpoint once resume
+    is decided. Returns the final metrics, the step reached, the metric history and the run identity's digest.
 
-    SIGINT and SIGTERM (main thread only; the previous handlers are restored on return) stop training at the
-    next step boundary with a checkpoint and raise TrainingInterrupted; a second signal gets the previous
-    handler at once. Raises TrainingDivergedError on a NaN/inf loss or gradient norm (before the optimizer
-    step) or non-finite weights (before a checkpoint), leaving the last good checkpoint as it was, and
-    CheckpointError if the checkpoint to resume is unreadable or was written by a job with another number
-    of processes, and FolderLocked (at once, touching nothing) when another process is writing ``out_dir``.
+    SIGINT and SIGTERM (main thread only; the previous handlers are restored on return) stop training at the next
+    step boundary with a checkpoint and raise TrainingInterrupted; a second signal gets the previous handler at
+    once. Raises TrainingDivergedError on a NaN/inf loss or gradient norm (before the optimizer step) or non-finite
+    weights (before a checkpoint), leaving the last good checkpoint as it was, CheckpointError if the checkpoint to
+    resume is unreadable or was written by a job with another number of processes, and FolderLocked (at once,
+    touching nothing) when another process is writing ``out_dir``.
     """
     run = _start_run(model, tokenizer, data, params, Path(out_dir), metadata or {}, inputs or {})
     with _StopSignals() as stop, folder_lock(run.out_dir) if run.dist.is_main else contextlib.nullcontext():
-        _settle_checkpoint_folder(run, resume)
+        _settle_checkpoint_folder(run, resume, start_tracking)
         last_step = min(params.max_steps, until_step or params.max_steps)
         train_model = _wrap_model(run)
         log.info("model: %s parameters (%s without embeddings) on %s/%s", f"{model.num_parameters():,}",
@@ -435,31 +438,41 @@ def _start_run(
     )
 
 
-def _settle_checkpoint_folder(run: RunState, resume: bool) -> None:
+def _settle_checkpoint_folder(run: RunState, resume: bool, start_tracking: StartTracking | None) -> None:
+    """Decide once whether training resumes (``_resume_if_same_run``); then the main process tells
+    ``start_tracking`` the tracking run that the resumed checkpoint records (None when starting over) and
+    records the run it returns in the checkpoints it writes."""
+    resumed = _resume_if_same_run(run, resume)
+    if start_tracking is not None and run.dist.is_main:
+        run.metadata[TRACKING_RUN_KEY] = start_tracking(resumed.tracking_run_id if resumed is not None else None)
+
+
+def _resume_if_same_run(run: RunState, resume: bool) -> CheckpointConfig | None:
     """Repair ``run.out_dir`` after a crash (main process, before anyone reads it), then resume its
-    checkpoint if it is one of this run, or say why training starts over."""
+    checkpoint if it is one of this run, or say why training starts over. Returns the resumed checkpoint's
+    config, None when training starts over."""
     if run.dist.is_main:
         if recover_checkpoint_folder(run.out_dir):
             log.warning("%s: put back the checkpoint that a crash left aside in the middle of a write", run.out_dir)
     barrier(run.dist)
     out_dir = run.out_dir
-    if not ((out_dir / CONFIG_FILE).exists() or (out_dir / MANIFEST_FILE).exists()):
-        return
+    if not has_checkpoint(out_dir):
+        return None
     if not resume:
         log.warning("%s: resume is off, starting over: its checkpoint is replaced when this run writes its first",
                     out_dir)
-        return
+        return None
     try:
         saved = verify_checkpoint(out_dir)
     except CheckpointError as err:
         raise CheckpointError(f"{err}. It cannot be resumed: delete it, or start over with resume=False "
                               "(`--no-resume`), which replaces it at the first checkpoint") from None
-    if saved.get("run_identity") == run.identity_digest:
+    if saved.run_identity == run.identity_digest:
         _resume(run)
-        return
+        return saved
     log.warning("%s holds the checkpoint of another run (%s); starting over from fresh weights: it is replaced "
-                "when this run writes its first checkpoint", out_dir, _identity_changes(saved.get("identity"),
-                                                                                         run.identity))
+                "when this run writes its first checkpoint", out_dir, _identity_changes(saved.identity, run.identity))
+    return None
 
 
 def _identity_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str:

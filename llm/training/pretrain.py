@@ -20,7 +20,16 @@ from llm.data.tokenizer import load_tokenizer
 from llm.data.tokens import TokenFile, read_meta
 from llm.io import sha256_tree
 from llm.model.gpt import GPT
-from llm.training.loop import Batch, Callback, TrainResult, code_digests, identity_digest, run_identity, train
+from llm.training.loop import (
+    Batch,
+    Callback,
+    StartTracking,
+    TrainResult,
+    code_digests,
+    identity_digest,
+    run_identity,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +93,8 @@ def pretrain_identity(
     *, base: BaseParams | None = None,
 ) -> str:
     """The ``run_identity`` digest that ``pretrain`` with these arguments records in its checkpoint, computed
-    before training (so a caller can tell whether a checkpoint on disk will be resumed). Raises like ``pretrain``."""
+    before training, for tools and tests: ``pretrain`` itself decides whether to resume (``llm.training.loop``)
+    and says so through ``start_tracking``, so the folders are hashed once per start. Raises like ``pretrain``."""
     model_config, base_inputs = _from_base(model_config, base)
     model_config = _model_config_for(model_config, load_tokenizer(tokenizer_dir), tokens_dir, tokenizer_dir)
     inputs = pretrain_inputs(tokens_dir, tokenizer_dir) | base_inputs
@@ -103,6 +113,7 @@ def pretrain(
     callbacks: list[Callback] | None = None,
     metadata: dict[str, Any] | None = None,
     base: BaseParams | None = None,
+    start_tracking: StartTracking | None = None,
 ) -> TrainResult:
     """Pretrain a GPT from scratch on ``tokens_dir`` and write the checkpoint folder ``out_dir``; with
     ``base.hf_folder``, continue that Transformers model instead (its shape, its weights: ``llm.interop.hf``),
@@ -110,7 +121,8 @@ def pretrain(
 
     ``model_config.vocab_size`` is taken from the tokenizer when unset. A checkpoint in ``out_dir`` is
     resumed only when it is of the same run: the same token files, tokenizer, code, model config and params
-    (see ``llm.training.loop.train``). ``metadata`` joins the checkpoint's config (e.g. the tracking run).
+    (see ``llm.training.loop.train``, which tells ``start_tracking`` the tracking run of a resumed checkpoint).
+    ``metadata`` joins the checkpoint's config.
     Returns the ``TrainResult`` of ``llm.training.loop.train``. Raises TokenDataError for missing token
     files, ValueError when the tokenizer and the token files disagree, and what ``train`` raises.
     """
@@ -125,7 +137,6 @@ def pretrain(
     if base_inputs:
         from llm.interop.hf import load_hf_model
 
-        # said here, once: pretrain_identity reads the base's shape too (the stage asks it before training)
         log.info("starting from %s: its shape replaces params/model.yaml's (dropout kept)", base.hf_folder)
         imported = tokenizer.kind in ("bytelevel_bpe", "sentencepiece_bpe")
         if not imported or tokenizer.vocab_size != model_config.vocab_size:
@@ -136,4 +147,4 @@ def pretrain(
     data = PretrainData(tokens_dir, params.batch_size, model_config.context_length, params.eval_batches)
     return train(model, tokenizer, data, params, out_dir, resume=resume, until_step=until_step,
                  callbacks=callbacks, metadata={**(metadata or {}), "stage": "pretrain"},
-                 inputs=pretrain_inputs(tokens_dir, tokenizer_dir) | base_inputs)
+                 inputs=pretrain_inputs(tokens_dir, tokenizer_dir) | base_inputs, start_tracking=start_tracking)
