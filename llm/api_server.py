@@ -57,6 +57,7 @@ from llm.data.chat_template import encode_chat, generation_stop_ids, prompt_ids
 from llm.data.source_template import ChatTemplateError
 from llm.inference import openai_api as api
 from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
+from llm.inference.decoding import StopStrings
 from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcess, EngineProcessError
 from llm.inference.onnx_runtime import CONFIG_FILE
 
@@ -151,7 +152,7 @@ class Generation:
 
     def __init__(self, served: Served, request: Request, prompt_ids: list[int], params, stops: list[str]):
         self.served, self.request, self.prompt_ids, self.params = served, request, prompt_ids, params
-        self.stops = api.StopStrings(stops)
+        self.stops = StopStrings(stops)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._last_piece = 0.0  # when the last piece went out (time.monotonic)

@@ -28,10 +28,9 @@ pytest.importorskip("onnxruntime")
 
 from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.inference.batching import EngineStopped, Event
-from llm.inference.decoding import SamplingParams
+from llm.inference.decoding import SamplingParams, StopStrings
 from llm.inference.export import export_onnx
 from llm.inference.onnx_runtime import OnnxGenerator
-from llm.inference.openai_api import StopStrings
 
 from helpers import write_checkpoint
 
