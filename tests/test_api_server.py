@@ -579,7 +579,8 @@ def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_1(export, t
 
 
 class ScriptedEngine:
-    """Stands in for BatchEngine: records each prompt and answers with ``script`` (events, sent at once)."""
+    """Stands in for an engine (what ``llm.inference.engine.Engine`` asks that the server uses): records each prompt
+    and answers with ``script`` (events, sent at once)."""
 
     def __init__(self, export: Path, script: list[Event]):
         self.generator = OnnxGenerator(export)
@@ -594,6 +595,9 @@ class ScriptedEngine:
 
     def stats(self) -> dict:
         return {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
+
+    def health(self) -> tuple[bool, list[str]]:
+        return self.running, []
 
     def submit(self, prompt_ids, params, *, on_event, deadline=None):
         if not self.running:

@@ -401,3 +401,27 @@ def test_the_engine_process_sends_a_first_token_and_an_end_at_once_and_holds_the
         on_event(Event(token_id=token))
         outbox.flush()
     assert every_step.sent == [[(1, 4, None, None)], [(1, 5, None, None)], [(1, 6, None, None)]]
+
+
+def test_every_engine_kind_is_an_engine_with_the_one_lifecycle(generator):
+    """``BatchEngine``, ``EngineProcess`` and ``EnginePool`` offer every member of the ``Engine`` interface the
+    server and the pyfunc are typed against, and take the lifecycle (``start``, the context manager, ``health``,
+    ``generate``) from ``EngineBase`` instead of each writing its own."""
+    from llm.inference.engine import Engine, EngineBase
+    from llm.inference.engine_process import EnginePool, EngineProcess
+
+    members = [name for name in vars(Engine) if not name.startswith("_") or name in ("__enter__", "__exit__")]
+    members += list(Engine.__annotations__)
+    assert {"start", "stop", "health", "stats", "submit", "generate", "running", "tokenizer"} <= set(members)
+    engine = BatchEngine(generator, max_batch=2)
+    assert [name for name in members if not hasattr(engine, name)] == []
+    for kind in (BatchEngine, EngineProcess, EnginePool):
+        assert issubclass(kind, EngineBase)
+        assert [name for name in ("start", "__enter__", "__exit__", "health", "generate") if name in vars(kind)] == []
+    assert engine.health() == (False, [])  # not started
+    with engine:
+        assert engine.health() == (True, [])
+        [(tokens, final)] = engine.generate([([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0.0))])
+    assert engine.health() == (False, [])
+    assert tokens == generator.generate([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0.0))
+    assert final.finish_reason == "length"

@@ -36,10 +36,15 @@ import numpy as np
 from llm.inference.decoding import (
     DecodeState,
     SamplingParams,
-    check_prompt,
     is_greedy,
     sample_next_token,
     suppress_ids,
+)
+from llm.inference.engine import (  # the events and errors of every engine: callers of BatchEngine import them here
+    EngineBase,
+    EngineFull,
+    EngineStopped,  # noqa: F401
+    Event,
 )
 from llm.inference.onnx_runtime import OnnxGenerator, StaticCacheDecoder
 
@@ -49,31 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFILL_LOGITS_BYTES = 32 << 20  # the logits of one prefill call ([rows, tokens, vocab] float32) stay below this
-
-FINISH_REASONS = ("stop", "length", "timeout", "cancelled", "error")
-
-
-class EngineFull(RuntimeError):
-    """The queue holds ``max_queue`` requests already: try again later (HTTP 429)."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is not running (not started yet, or shutting down): HTTP 503."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """One thing that happened to a request: a new token (``token_id``), or its end (``finish_reason``).
-
-    ``finish_reason`` is None while tokens come; the last event has ``token_id`` None and one of
-    ``FINISH_REASONS``: "stop" (a stop id was sampled; that id came as the event before), "length"
-    (``max_new_tokens`` reached), "timeout" (the deadline passed), "cancelled" (``Job.cancel``), "error"
-    (``error`` says what failed).
-    """
-
-    token_id: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -95,8 +75,9 @@ class Job:
         return self.deadline is not None and now > self.deadline
 
 
-class BatchEngine:
-    """Decode the requests submitted from any thread together, ``max_batch`` at a time, with one worker thread.
+class BatchEngine(EngineBase):
+    """Decode the requests submitted from any thread together, ``max_batch`` at a time, with one worker thread: an
+    ``llm.inference.engine.Engine``.
 
     ``max_queue`` bounds the requests waiting for a row (``submit`` raises EngineFull beyond it). ``on_step``, if
     given, is called on the worker thread after each pass of its loop (admissions, prefills, one decoder step):
@@ -126,12 +107,11 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self) -> BatchEngine:
+    def _open(self) -> None:
         if self._worker is None:
             self._running.set()
             self._worker = threading.Thread(target=self._work, name="batch-engine", daemon=True)
             self._worker.start()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker; requests still queued or running end with "cancelled"."""
@@ -141,15 +121,13 @@ class BatchEngine:
             self._worker = None
         self._drain("cancelled")
 
-    def __enter__(self) -> BatchEngine:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     @property
     def running(self) -> bool:
         return self._running.is_set()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.generator.vocab_size
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -173,48 +151,13 @@ class BatchEngine:
         not. Raises ValueError for an empty or out-of-vocabulary prompt, EngineFull when the queue is full,
         EngineStopped when the engine is not running.
         """
-        ids = check_prompt(prompt_ids, self.generator.vocab_size)
-        if not self.running:
-            raise EngineStopped("the engine is not running")
+        ids = self._checked_prompt(prompt_ids)
         job = Job(next(self._ids), ids, params, deadline, on_event)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise EngineFull(f"{self.max_queue} requests are waiting already") from None
         return job
-
-    def generate(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], *,
-                 deadline: float | None = None) -> list[tuple[list[int], Event]]:
-        """Submit every request at once, wait for all to end, and return each one's new token ids and its
-        final event (whose ``finish_reason`` says why it ended). For callers without an event loop, such as
-        the MLflow pyfunc: requests from several threads at once decode together.
-
-        Raises what ``submit`` raises; a request that did fit in the queue is cancelled when a later one does not.
-        """
-        results: list[tuple[list[int], Event | None]] = [([], None) for _ in requests]
-        done = threading.Semaphore(0)
-
-        def collect(index: int) -> Callable[[Event], None]:
-            def on_event(event: Event) -> None:
-                if event.finish_reason is None:
-                    results[index][0].append(event.token_id)
-                else:
-                    results[index] = (results[index][0], event)
-                    done.release()
-
-            return on_event
-
-        jobs = []
-        try:
-            for i, (ids, params) in enumerate(requests):
-                jobs.append(self.submit(ids, params, on_event=collect(i), deadline=deadline))
-        except (EngineFull, EngineStopped, ValueError):
-            for job in jobs:
-                job.cancel()
-            raise
-        for _ in jobs:
-            done.acquire()
-        return results  # type: ignore[return-value]  # every final event has arrived
 
     def _drain(self, reason: str) -> None:
         while True:
