@@ -61,8 +61,9 @@ from llm.connection_limits import connection_cap, guarded_protocol, quiet_accept
 from llm.data.chat_template import encode_chat, generation_stop_ids, prompt_ids
 from llm.data.source_template import ChatTemplateError
 from llm.inference import openai_api as api
-from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
-from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcess, EngineProcessError
+from llm.inference.decoding import StopStrings
+from llm.inference.engine import Engine, EngineFull, EngineStopped, Event
+from llm.inference.engine_process import EVENT_FLUSH_S, EnginePool, EngineProcessError
 from llm.inference.onnx_runtime import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,11 @@ class ClientGone(Exception):
 
 @dataclass
 class Served:
-    """What every request needs: the engine (in this process or its own), the model's tokenizer and name, the
-    limits, the API key, the host names a request may be addressed to."""
+    """What every request needs: the engine (any ``llm.inference.engine.Engine``: a ``BatchEngine`` in this process,
+    an ``EngineProcess`` or an ``EnginePool``), the model's tokenizer and name, the limits, the API key, the host
+    names a request may be addressed to."""
 
-    engine: BatchEngine | EngineProcess | EnginePool
+    engine: Engine
     model_name: str
     limits: ServeLimits
     api_key: str | None = None
@@ -156,7 +158,7 @@ class Generation:
 
     def __init__(self, served: Served, request: Request, prompt_ids: list[int], params, stops: list[str]):
         self.served, self.request, self.prompt_ids, self.params = served, request, prompt_ids, params
-        self.stops = api.StopStrings(stops)
+        self.stops = StopStrings(stops)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._last_piece = 0.0  # when the last piece went out (time.monotonic)
@@ -499,8 +501,7 @@ def _model_card(served: Served) -> dict[str, Any]:
 async def health(request: Request) -> JSONResponse:
     """200 while every engine runs and beats; else 503 with ``problems`` naming each engine being replaced."""
     served: Served = request.app.state.served
-    problems = served.engine.problems() if hasattr(served.engine, "problems") else []
-    running = served.engine.running and not problems
+    running, problems = served.engine.health()
     body = {"status": "ok" if running else "unavailable", "model": served.model_name, "engine": served.engine.stats()}
     if problems:
         body["problems"] = problems

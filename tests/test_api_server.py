@@ -28,10 +28,9 @@ pytest.importorskip("onnxruntime")
 
 from llm.data.chat_template import encode_chat, generation_stop_ids
 from llm.inference.batching import EngineStopped, Event
-from llm.inference.decoding import SamplingParams
+from llm.inference.decoding import SamplingParams, StopStrings
 from llm.inference.export import export_onnx
 from llm.inference.onnx_runtime import OnnxGenerator
-from llm.inference.openai_api import StopStrings
 
 from helpers import write_checkpoint
 
@@ -580,7 +579,8 @@ def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_1(export, t
 
 
 class ScriptedEngine:
-    """Stands in for BatchEngine: records each prompt and answers with ``script`` (events, sent at once)."""
+    """Stands in for an engine (what ``llm.inference.engine.Engine`` asks that the server uses): records each prompt
+    and answers with ``script`` (events, sent at once)."""
 
     def __init__(self, export: Path, script: list[Event]):
         self.generator = OnnxGenerator(export)
@@ -595,6 +595,9 @@ class ScriptedEngine:
 
     def stats(self) -> dict:
         return {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
+
+    def health(self) -> tuple[bool, list[str]]:
+        return self.running, []
 
     def submit(self, prompt_ids, params, *, on_event, deadline=None):
         if not self.running:

@@ -96,7 +96,7 @@ def test_a_batch_is_sampled_as_each_row_would_be_sampled_alone(mixed):
     ``min_new_tokens``, one draw from each row's own generator), and each row gets the token ``decode`` would
     give it alone: its logits with its stop ids blanked while held, sampled by ``numpy_sampler``."""
     from llm.inference.batching import Job, _Row, _sample
-    from llm.inference.decoding import numpy_sampler, suppress_ids
+    from llm.inference.decoding import DecodeState, numpy_sampler, suppress_ids
 
     settings = [{"temperature": 0.8}] * 6
     if mixed:
@@ -104,7 +104,7 @@ def test_a_batch_is_sampled_as_each_row_would_be_sampled_alone(mixed):
     stops = [(1, 2), (1, 2), (3,), (), (1, 2), (4, 5, 6)]
     params = [SamplingParams(max_new_tokens=100, seed=i, stop_ids=stops[i], min_new_tokens=(0, 10, 25)[i % 3], **s)
               for i, s in enumerate(settings)]
-    rows = [_Row(Job(i, [1], p, None, lambda e: None), np.random.default_rng(p.seed), [1])
+    rows = [_Row(Job(i, [1], p, None, lambda e: None), np.random.default_rng(p.seed), DecodeState([1], p, CONTEXT))
             for i, p in enumerate(params)]
     alone = [numpy_sampler(p) for p in params]
     logits_rng = np.random.default_rng(123)
@@ -115,7 +115,7 @@ def test_a_batch_is_sampled_as_each_row_would_be_sampled_alone(mixed):
                     for i, (p, sample) in enumerate(zip(params, alone, strict=True))]
         assert _sample(rows, logits) == expected
         for row in rows:
-            row.produced += 1
+            row.state.produced += 1
 
 
 def test_a_stop_id_ends_only_its_own_row(generator, static):
@@ -279,12 +279,13 @@ def test_a_failing_decoder_call_fails_its_requests_and_the_engine_goes_on(genera
 def test_the_batch_cache_shrinks_back_when_rows_leave(generator):
     """Memory stays flat: a long row's cache columns are cut off once only short rows remain."""
     from llm.inference.batching import _Batch, _Row
+    from llm.inference.decoding import DecodeState
 
     batch = _Batch(generator)
     for length in (20, 3):
         window = list(range(1, length + 2))
         _, cache = generator.forward(np.array([window[:-1]]))
-        batch.joiners.append((_Row(None, None, window), cache))
+        batch.joiners.append((_Row(None, None, DecodeState(window, SamplingParams(), CONTEXT)), cache))
     batch.join()
     assert batch.mask.shape == (2, 20) and batch.mask.sum(axis=1).tolist() == [20, 3]
     batch.step()
@@ -297,6 +298,7 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
     """Memory stays flat with the static-cache graph: its buffers are made once, [slots, H, L, D], and a step
     writes into them in place; a row that leaves gets the last row's cache copied into its slot."""
     from llm.inference.batching import _Row, _StaticBatch
+    from llm.inference.decoding import DecodeState
 
     engine = BatchEngine(generator, max_batch=3)
     decoder = engine.static
@@ -306,7 +308,7 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
     windows = [list(range(1, n + 2)) for n in (5, 12, 3)]
     logits, slots = batch.prefill([window[:-1] for window in windows])  # all three in one call
     for window, slot in zip(windows, slots, strict=True):
-        batch.add(_Row(None, None, window), slot)
+        batch.add(_Row(None, None, DecodeState(window, SamplingParams(), CONTEXT)), slot)
     batch.join()
     alone = [generator.forward(np.array([w]))[0][0, -1] for w in windows]
     first = batch.step()
@@ -399,3 +401,27 @@ def test_the_engine_process_sends_a_first_token_and_an_end_at_once_and_holds_the
         on_event(Event(token_id=token))
         outbox.flush()
     assert every_step.sent == [[(1, 4, None, None)], [(1, 5, None, None)], [(1, 6, None, None)]]
+
+
+def test_every_engine_kind_is_an_engine_with_the_one_lifecycle(generator):
+    """``BatchEngine``, ``EngineProcess`` and ``EnginePool`` offer every member of the ``Engine`` interface the
+    server and the pyfunc are typed against, and take the lifecycle (``start``, the context manager, ``health``,
+    ``generate``) from ``EngineBase`` instead of each writing its own."""
+    from llm.inference.engine import Engine, EngineBase
+    from llm.inference.engine_process import EnginePool, EngineProcess
+
+    members = [name for name in vars(Engine) if not name.startswith("_") or name in ("__enter__", "__exit__")]
+    members += list(Engine.__annotations__)
+    assert {"start", "stop", "health", "stats", "submit", "generate", "running", "tokenizer"} <= set(members)
+    engine = BatchEngine(generator, max_batch=2)
+    assert [name for name in members if not hasattr(engine, name)] == []
+    for kind in (BatchEngine, EngineProcess, EnginePool):
+        assert issubclass(kind, EngineBase)
+        assert [name for name in ("start", "__enter__", "__exit__", "health", "generate") if name in vars(kind)] == []
+    assert engine.health() == (False, [])  # not started
+    with engine:
+        assert engine.health() == (True, [])
+        [(tokens, final)] = engine.generate([([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0.0))])
+    assert engine.health() == (False, [])
+    assert tokens == generator.generate([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0.0))
+    assert final.finish_reason == "length"

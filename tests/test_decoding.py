@@ -21,6 +21,7 @@ from llm.data.chat_template import generation_stop_ids
 from llm.data.tokenizer import N_SPECIAL, ByteTokenizer, CharTokenizer
 from llm.inference.chat_session import ChatSession
 from llm.inference.decoding import (
+    DecodeState,
     SamplingParams,
     check_prompt,
     complete,
@@ -153,6 +154,29 @@ def test_min_new_tokens_keeps_the_stop_ids_out_of_the_first_tokens():
     assert suppress_ids(logits, (3,)).argmax() == 2 and logits[3] == 3.0  # a copy: the input is unchanged
     tensor = torch.arange(4.0)
     assert suppress_ids(tensor, (3,)).argmax() == 2 and suppress_ids(tensor, ()) is tensor
+
+
+def test_decode_state_is_the_one_set_of_per_token_rules():
+    """``DecodeState``, which ``decode`` and every row of the batch engine follow: the stop ids held off until
+    ``min_new_tokens``, a stop id accepted (it was emitted) and ending with "stop", ``max_new_tokens`` ending with
+    "length", and the window keeping its last half once it outgrows the context."""
+    state = DecodeState(range(10), SamplingParams(max_new_tokens=4, stop_ids=(7, 9), min_new_tokens=2), 8)
+    assert state.window == [2, 3, 4, 5, 6, 7, 8, 9] and state.finish_reason is None  # the prompt's last 8
+    assert state.held_ids() == (7, 9)
+    assert state.mask(np.zeros(10))[[6, 7, 8, 9]].tolist() == [0.0, -np.inf, 0.0, -np.inf]
+    assert state.accept(3) is None and len(state.window) == 9
+    assert state.slide() and state.window == [7, 8, 9, 3]  # 9 > 8 tokens: the last 8 // 2 stay
+    assert not state.slide()
+    assert state.accept(4) is None and state.held_ids() == ()
+    logits = np.zeros(10)
+    assert state.mask(logits) is logits  # nothing held: no copy
+    assert state.accept(9) == "stop" == state.finish_reason and state.window == [7, 8, 9, 3, 4]
+    short = DecodeState([1], SamplingParams(max_new_tokens=2), 8)
+    assert (short.accept(5), short.accept(5), short.produced) == (None, "length", 2)
+    assert DecodeState([1], SamplingParams(max_new_tokens=0), 8).finish_reason == "length"
+    forward = CountingForward()
+    assert list(decode(forward, [1], SamplingParams(max_new_tokens=0), context_length=8, vocab_size=10)) == []
+    assert forward.calls == []  # nothing asked: no prefill either
 
 
 def test_suppress_ids_blanks_the_stop_ids_of_the_rows_asked_for_only():

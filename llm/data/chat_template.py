@@ -44,13 +44,20 @@ def _role_id(tokenizer: Tokenizer, role: str) -> int:
     return tokenizer.special_id(f"<|{role}|>")
 
 
-def _encode(
+def encode_chat_with_mask(
     tokenizer: Tokenizer,
     messages: Sequence[Message],
-    add_generation_prompt: bool,
-    content_ids: dict[int, list[int]] | None = None,
+    *,
+    add_generation_prompt: bool = False,
+    content_ids: Mapping[int, list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """ids and aligned mask; ``content_ids`` replaces the encoded content of the messages at those indices."""
+    """``(ids, mask)`` of equal length in the chat template (see the module docstring): ``mask[i]`` is 1 where
+    ``ids[i]`` is an assistant content token or the ``<|end|>`` closing an assistant message, else 0.
+    ``content_ids`` replaces the encoded content of the messages at those indices (how ``fit_chat`` cuts a message
+    by tokens). What ``encode_chat`` and ``fit_chat`` (SFT batching, the chat REPL) encode with.
+
+    Raises ValueError for a role other than system, user or assistant.
+    """
     if tokenizer.source is not None and tokenizer.source.chat_template is not None:
         messages = [dict(m, content=tokenizer.decode(content_ids[i])) if content_ids and i in content_ids else m
                     for i, m in enumerate(messages)]
@@ -77,18 +84,11 @@ def _encode(
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of ``messages`` in the chat template (see the module docstring).
+    """Token ids of ``messages`` in the chat template (see the module docstring): ``encode_chat_with_mask``'s ids.
 
     Raises ValueError for a role other than system, user or assistant.
     """
-    return _encode(tokenizer, messages, add_generation_prompt)[0]
-
-
-def encode_chat_with_mask(tokenizer: Tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
-    """``(ids, mask)`` of equal length: ``mask[i]`` is 1 where ``ids[i]`` is an assistant content token or the
-    ``<|end|>`` closing an assistant message, else 0. Raises ValueError for an unknown role.
-    """
-    return _encode(tokenizer, messages, False)
+    return encode_chat_with_mask(tokenizer, messages, add_generation_prompt=add_generation_prompt)[0]
 
 
 @dataclass
@@ -114,7 +114,7 @@ def fit_chat(
     (the system messages plus the final answer are too long). Raises ValueError for an unknown role.
     """
     messages = [dict(m) for m in messages]
-    ids, mask = _encode(tokenizer, messages, add_generation_prompt)
+    ids, mask = encode_chat_with_mask(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     if len(ids) <= max_tokens:
         return FittedChat(ids, mask, messages)
     n_system = 0
@@ -126,7 +126,7 @@ def fit_chat(
         if start == 0:
             continue  # the whole conversation: already known not to fit
         kept = system + rest[start:]
-        ids, mask = _encode(tokenizer, kept, add_generation_prompt)
+        ids, mask = encode_chat_with_mask(tokenizer, kept, add_generation_prompt=add_generation_prompt)
         if len(ids) <= max_tokens:
             return FittedChat(ids, mask, kept, dropped_messages=start)
     if not user_starts:
@@ -134,11 +134,13 @@ def fit_chat(
     start = user_starts[-1]
     kept = system + rest[start:]
     content = tokenizer.encode(rest[start]["content"])
-    fixed = len(_encode(tokenizer, kept, add_generation_prompt, {n_system: []})[0])
+    fixed = len(encode_chat_with_mask(tokenizer, kept, add_generation_prompt=add_generation_prompt,
+                                      content_ids={n_system: []})[0])
     room = max_tokens - fixed
     if room < 1:
         return None
-    ids, mask = _encode(tokenizer, kept, add_generation_prompt, {n_system: content[-room:]})
+    ids, mask = encode_chat_with_mask(tokenizer, kept, add_generation_prompt=add_generation_prompt,
+                                     content_ids={n_system: content[-room:]})
     return FittedChat(ids, mask, kept, dropped_messages=start, cut_tokens=len(content) - room)
 
 

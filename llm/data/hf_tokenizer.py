@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.data.conventions import SourceConventions
-from llm.data.tokenizer import N_SPECIAL, SPECIAL_TOKENS, Tokenizer, TokenizerError
+from llm.data.tokenizer_base import N_SPECIAL, SPECIAL_TOKENS, Tokenizer, TokenizerError
 from llm.io import atomic_write_text
 
 HF_FILE = "hf_tokenizer.json"  # beside our tokenizer.json: the Transformers tokenizer in our id space

@@ -9,11 +9,12 @@ for the stop ids held off), not row by row. Events (each new token id, then one 
 reason) go to the request's callback, called on the worker thread; a server hands them to its event loop.
 
 The rows of the batch are independent sequences: each has its own sampler (seeded by its parameters, so
-a seeded request gives the same tokens alone or in a batch), its own stop ids and its own window that
-slides exactly as ``llm.inference.decoding.decode`` slides it, so a row's greedy output equals what
-``OnnxGenerator.generate`` gives for that request alone. (Exactly so with the fp32 graph. The int8 graph
-quantizes each call's activations with one scale for the whole call, so the rows that share a step or a
-prefill shift each other's logits by a rounding step, and a row can then pick differently.)
+a seeded request gives the same tokens alone or in a batch) and its own ``llm.inference.decoding.DecodeState``,
+the per-token rules ``decode`` follows (stop ids held off until ``min_new_tokens``, the stop and length ends,
+the sliding window), so a row's greedy output equals what ``OnnxGenerator.generate`` gives for that request
+alone. (Exactly so with the fp32 graph. The int8 graph quantizes each call's activations with one scale for the
+whole call, so the rows that share a step or a prefill shift each other's logits by a rounding step, and a row
+can then pick differently.)
 
 No torch here (an import-linter contract checks it).
 """
@@ -32,7 +33,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llm.inference.decoding import SamplingParams, check_prompt, is_greedy, sample_next_token, suppress_ids
+from llm.inference.decoding import (
+    DecodeState,
+    SamplingParams,
+    is_greedy,
+    sample_next_token,
+    suppress_ids,
+)
+from llm.inference.engine import (  # the events and errors of every engine: callers of BatchEngine import them here
+    EngineBase,
+    EngineFull,
+    EngineStopped,  # noqa: F401
+    Event,
+)
 from llm.inference.onnx_runtime import OnnxGenerator, StaticCacheDecoder
 
 if TYPE_CHECKING:
@@ -41,31 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFILL_LOGITS_BYTES = 32 << 20  # the logits of one prefill call ([rows, tokens, vocab] float32) stay below this
-
-FINISH_REASONS = ("stop", "length", "timeout", "cancelled", "error")
-
-
-class EngineFull(RuntimeError):
-    """The queue holds ``max_queue`` requests already: try again later (HTTP 429)."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is not running (not started yet, or shutting down): HTTP 503."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """One thing that happened to a request: a new token (``token_id``), or its end (``finish_reason``).
-
-    ``finish_reason`` is None while tokens come; the last event has ``token_id`` None and one of
-    ``FINISH_REASONS``: "stop" (a stop id was sampled; that id came as the event before), "length"
-    (``max_new_tokens`` reached), "timeout" (the deadline passed), "cancelled" (``Job.cancel``), "error"
-    (``error`` says what failed).
-    """
-
-    token_id: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -87,8 +75,9 @@ class Job:
         return self.deadline is not None and now > self.deadline
 
 
-class BatchEngine:
-    """Decode the requests submitted from any thread together, ``max_batch`` at a time, with one worker thread.
+class BatchEngine(EngineBase):
+    """Decode the requests submitted from any thread together, ``max_batch`` at a time, with one worker thread: an
+    ``llm.inference.engine.Engine``.
 
     ``max_queue`` bounds the requests waiting for a row (``submit`` raises EngineFull beyond it). ``on_step``, if
     given, is called on the worker thread after each pass of its loop (admissions, prefills, one decoder step):
@@ -110,7 +99,6 @@ class BatchEngine:
         self._running = threading.Event()
         self._worker: threading.Thread | None = None
         self._active = 0
-        self._keep = max(1, generator.context_length // 2)  # what a sliding window keeps (see decoding.decode)
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode steps by batch size
         if max_batch > 1 and not generator.batched and self.static is None:
             log.warning("%s is a format 1 export: requests are decoded one at a time (export it again to batch)",
@@ -119,12 +107,11 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self) -> BatchEngine:
+    def _open(self) -> None:
         if self._worker is None:
             self._running.set()
             self._worker = threading.Thread(target=self._work, name="batch-engine", daemon=True)
             self._worker.start()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker; requests still queued or running end with "cancelled"."""
@@ -134,15 +121,13 @@ class BatchEngine:
             self._worker = None
         self._drain("cancelled")
 
-    def __enter__(self) -> BatchEngine:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     @property
     def running(self) -> bool:
         return self._running.is_set()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.generator.vocab_size
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -166,48 +151,13 @@ class BatchEngine:
         not. Raises ValueError for an empty or out-of-vocabulary prompt, EngineFull when the queue is full,
         EngineStopped when the engine is not running.
         """
-        ids = check_prompt(prompt_ids, self.generator.vocab_size)
-        if not self.running:
-            raise EngineStopped("the engine is not running")
+        ids = self._checked_prompt(prompt_ids)
         job = Job(next(self._ids), ids, params, deadline, on_event)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise EngineFull(f"{self.max_queue} requests are waiting already") from None
         return job
-
-    def generate(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], *,
-                 deadline: float | None = None) -> list[tuple[list[int], Event]]:
-        """Submit every request at once, wait for all to end, and return each one's new token ids and its
-        final event (whose ``finish_reason`` says why it ended). For callers without an event loop, such as
-        the MLflow pyfunc: requests from several threads at once decode together.
-
-        Raises what ``submit`` raises; a request that did fit in the queue is cancelled when a later one does not.
-        """
-        results: list[tuple[list[int], Event | None]] = [([], None) for _ in requests]
-        done = threading.Semaphore(0)
-
-        def collect(index: int) -> Callable[[Event], None]:
-            def on_event(event: Event) -> None:
-                if event.finish_reason is None:
-                    results[index][0].append(event.token_id)
-                else:
-                    results[index] = (results[index][0], event)
-                    done.release()
-
-            return on_event
-
-        jobs = []
-        try:
-            for i, (ids, params) in enumerate(requests):
-                jobs.append(self.submit(ids, params, on_event=collect(i), deadline=deadline))
-        except (EngineFull, EngineStopped, ValueError):
-            for job in jobs:
-                job.cancel()
-            raise
-        for _ in jobs:
-            done.acquire()
-        return results  # type: ignore[return-value]  # every final event has arrived
 
     def _drain(self, reason: str) -> None:
         while True:
@@ -256,14 +206,12 @@ class BatchEngine:
                 job = self._queue.get(timeout=0.05) if wait and not rows else self._queue.get_nowait()
             except queue.Empty:
                 break
-            reason = self._ended(job)
-            if reason is None and job.params.max_new_tokens == 0:
-                reason = "length"
+            state = DecodeState(job.prompt_ids, job.params, self.generator.context_length)
+            reason = self._ended(job) or state.finish_reason  # asked for no tokens: "length"
             if reason is not None:
                 _emit(job, Event(finish_reason=reason))
                 continue
-            window = job.prompt_ids[-self.generator.context_length :]
-            rows.append(_Row(job, np.random.default_rng(job.params.seed), window))
+            rows.append(_Row(job, np.random.default_rng(job.params.seed), state))
         return rows
 
     def _ended(self, job: Job, now: float | None = None) -> str | None:
@@ -286,8 +234,7 @@ class BatchEngine:
         for row, token, place in zip(rows, _sample(rows, logits), places, strict=True):
             if not self._advance(row, token, now):
                 continue
-            if len(row.window) > self.generator.context_length:
-                row.window = row.window[-self._keep :]
+            if row.state.slide():
                 slid.append(row)
             else:
                 batch.add(row, place)
@@ -307,30 +254,22 @@ class BatchEngine:
         now = time.monotonic()
         for row, token in zip(batch.rows, _sample(batch.rows, logits), strict=True):
             goes_on = self._advance(row, token, now)
-            if goes_on and len(row.window) > self.generator.context_length:
-                row.window = row.window[-self._keep :]
+            if goes_on and row.state.slide():
                 fresh.append(row)
                 goes_on = False
             keep.append(goes_on)
         batch.keep(keep)
 
     def _advance(self, row: _Row, token: int, now: float) -> bool:
-        """Emit the row's next token; False when the row has ended (its final event sent). The token joins
-        the window, to be fed next."""
-        job = row.job
-        reason = self._ended(job, now)
+        """Emit the row's next token (unless the request was cancelled or is past its deadline); False when the
+        row has ended (its final event sent), else the token joined the window, to be fed next."""
+        reason = self._ended(row.job, now)
+        if reason is None:
+            _emit(row.job, Event(token_id=token))
+            reason = row.state.accept(token)  # "stop", "length", or None: it goes on
         if reason is not None:
-            _emit(job, Event(finish_reason=reason))
+            _emit(row.job, Event(finish_reason=reason))
             return False
-        row.produced += 1
-        _emit(job, Event(token_id=token))
-        if token in job.params.stop_ids:
-            _emit(job, Event(finish_reason="stop"))
-            return False
-        if row.produced >= job.params.max_new_tokens:
-            _emit(job, Event(finish_reason="length"))
-            return False
-        row.window.append(token)
         return True
 
     def _fail(self, rows: list[_Row], err: Exception) -> None:
@@ -341,13 +280,16 @@ class BatchEngine:
 
 @dataclass(eq=False)
 class _Row:
-    """One request being decoded: its sampler and its window (the tokens the model sees; while the row is
-    in the batch, all but the last are in the cache and the last is fed next)."""
+    """One request being decoded: its sampler and its ``DecodeState`` (whose window is the tokens the model sees;
+    while the row is in the batch, all but the last are in the cache and the last is fed next)."""
 
     job: Job
     rng: np.random.Generator
-    window: list[int]
-    produced: int = 0
+    state: DecodeState
+
+    @property
+    def window(self) -> list[int]:
+        return self.state.window
 
 
 def _sample(rows: list[_Row], logits: np.ndarray) -> list[int]:
@@ -358,8 +300,8 @@ def _sample(rows: list[_Row], logits: np.ndarray) -> list[int]:
     groups: dict[tuple, list[int]] = collections.defaultdict(list)  # sampling settings -> the rows using them
     for i, row in enumerate(rows):
         p = row.job.params
-        if row.produced < p.min_new_tokens and p.stop_ids:
-            held[p.stop_ids].append(i)
+        if held_ids := row.state.held_ids():
+            held[held_ids].append(i)
         groups[(0.0, None, None) if is_greedy(p.temperature) else (p.temperature, p.top_k, p.top_p)].append(i)
     for stop_ids, index in held.items():  # usually one group: every request of a server shares its stop ids
         logits = suppress_ids(logits, stop_ids, rows=index)

@@ -1,10 +1,18 @@
-"""The decoding core: sampling parameters, the sampler, the sliding-window decode loop, text streaming.
+"""The decoding core: sampling parameters, the sampler, the per-token rules, the sliding-window decode loop,
+text streaming.
 
 Every way of generating text goes through this module: PyTorch (``llm.inference.generate``), ONNX Runtime
-(``llm.inference.onnx_runtime``), the chat session and the served model. Each backend supplies only its
-forward step, ``forward(ids, cache) -> (logits, cache)``: the logits of the last position ([V], or [1, V])
-after feeding ``ids`` on top of ``cache`` (None: an empty cache), and the cache to pass next time. Token
-ids are plain ints; text lives at the edges (``stream_text``). It imports no torch.
+(``llm.inference.onnx_runtime``), the chat session, the served model and the batch engine
+(``llm.inference.batching``). Each backend supplies only its forward step, ``forward(ids, cache) -> (logits,
+cache)``: the logits of the last position ([V], or [1, V]) after feeding ``ids`` on top of ``cache`` (None: an
+empty cache), and the cache to pass next time. Token ids are plain ints; text lives at the edges (``stream_text``).
+It imports no torch.
+
+The per-token rules are one object, ``DecodeState`` (one per sequence): which ids cannot be sampled yet (the stop
+ids before ``min_new_tokens``), whether a sampled token ends the sequence and why ("stop": a stop id, which is
+still emitted; "length": ``max_new_tokens``), and when the window slides. ``decode`` runs one sequence with it,
+the batch engine one per row, so both stop, hold off stop ids and slide at the same tokens. Stop *strings* are a
+rule on text, so they apply where the text is made (``StopStrings``, used by the HTTP server).
 
 Context policy (the same for the cached and the uncached path, so both give identical greedy output):
 the model sees a *window* of at most ``context_length`` tokens. A prompt longer than that keeps its last
@@ -81,6 +89,54 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
     return ids
 
 
+class DecodeState:
+    """One sequence being decoded: its window (the tokens the model sees), how many tokens it has made, and the
+    per-token rules of ``params`` (see the module docstring).
+
+    Per step: sample from ``mask(logits)`` (or hold off ``held_ids()`` yourself, a batch at once), emit the token,
+    then ``accept(token)``: it returns ``finish_reason`` ("stop" or "length"), or None when the token joined the
+    window to be fed next; then ``slide()`` says whether the window slid (prefill it again from position 0) or
+    the token is fed on top of the cache. A sequence asked for no tokens is finished ("length") from the start.
+    """
+
+    __slots__ = ("params", "context_length", "window", "produced", "finish_reason", "_stop_ids")
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, context_length: int):
+        self.params, self.context_length = params, context_length
+        self.window: list[int] = list(prompt_ids)[-context_length:]
+        self.produced = 0  # tokens accepted so far
+        self.finish_reason: str | None = "length" if params.max_new_tokens == 0 else None
+        self._stop_ids = frozenset(params.stop_ids)
+
+    def held_ids(self) -> tuple[int, ...]:
+        """The ids that cannot be sampled now: the stop ids while fewer than ``min_new_tokens`` were made."""
+        return self.params.stop_ids if self.produced < self.params.min_new_tokens else ()
+
+    def mask(self, logits: Any) -> Any:
+        """``logits`` with ``held_ids()`` made impossible (``logits`` itself when none are held)."""
+        return suppress_ids(logits, self.held_ids())
+
+    def accept(self, token: int) -> str | None:
+        """Count ``token``, just emitted; returns why the sequence ends ("stop": a stop id; "length":
+        ``max_new_tokens`` made), or None after appending the token to the window."""
+        self.produced += 1
+        if token in self._stop_ids:
+            self.finish_reason = "stop"
+        elif self.produced >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        else:
+            self.window.append(token)
+        return self.finish_reason
+
+    def slide(self) -> bool:
+        """Whether the window outgrew ``context_length``; if so it now keeps its last ``context_length // 2``
+        tokens (at least 1), to be prefilled again from position 0."""
+        if len(self.window) <= self.context_length:
+            return False
+        self.window = self.window[-max(1, self.context_length // 2):]
+        return True
+
+
 def decode(
     forward: Forward,
     prompt_ids: Sequence[int],
@@ -94,33 +150,29 @@ def decode(
     """Yield new token ids one at a time, as each is sampled, continuing ``prompt_ids``.
 
     The prompt is prefilled once, then each token is decoded with the cache; ``use_cache=False`` instead
-    feeds the whole window every step (the reference for tests and benchmarks). Both follow the
-    sliding-window policy in this module's docstring. Stops after ``max_new_tokens`` ids, or right after
-    yielding an id in ``stop_ids`` (the stop id *is* yielded, so the caller can tell why it stopped).
+    feeds the whole window every step (the reference for tests and benchmarks). Both follow ``DecodeState``'s
+    rules: the sliding-window policy in this module's docstring, and a stop after ``max_new_tokens`` ids or
+    right after yielding an id in ``stop_ids`` (the stop id *is* yielded, so the caller can tell why it stopped).
     ``sampler`` picks each token from the last logits; None uses ``numpy_sampler(params)``.
 
     Raises ValueError for an empty prompt (prepend the tokenizer's <|bos|> id) or out-of-vocabulary ids.
     """
-    window = check_prompt(prompt_ids, vocab_size)[-context_length:]
+    state = DecodeState(check_prompt(prompt_ids, vocab_size), params, context_length)
     sample = sampler if sampler is not None else numpy_sampler(params)
-    keep = max(1, context_length // 2)
-    stop_ids = set(params.stop_ids)
-    logits, cache = forward(window, None)
-    for step in range(params.max_new_tokens):
-        if step < params.min_new_tokens:
-            logits = suppress_ids(logits, params.stop_ids)
-        token = sample(logits)
+    if state.finish_reason is not None:
+        return
+    logits, cache = forward(state.window, None)
+    while True:
+        token = sample(state.mask(logits))
         yield token
-        if token in stop_ids or step + 1 == params.max_new_tokens:
+        if state.accept(token) is not None:
             return
-        window.append(token)
-        if len(window) > context_length:  # slide, and re-encode the kept tokens from position 0
-            window = window[-keep:]
-            logits, cache = forward(window, None)
+        if state.slide():  # re-encode the kept tokens from position 0
+            logits, cache = forward(state.window, None)
         elif use_cache:
             logits, cache = forward([token], cache)
         else:
-            logits, _ = forward(window, None)
+            logits, _ = forward(state.window, None)
 
 
 def suppress_ids(logits: Any, ids: Sequence[int], rows: Sequence[int] | None = None) -> Any:
@@ -281,6 +333,37 @@ def stream_text(token_ids: Iterable[int], tokenizer: Any, stop_ids: Iterable[int
         close = getattr(tokens, "close", None)
         if close is not None:
             close()
+
+
+class StopStrings:
+    """The stop-string rule, on text: cuts streamed text before the first stop string, holding back the end of the
+    text for as long as it could be the start of one (so no part of a stop string is ever sent). Where the text is
+    made from the tokens (the HTTP server), after ``DecodeState``'s rules have ended or continued the sequence."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The text that is now safe to send; sets ``stopped`` once a stop string has appeared."""
+        if not self.stops:
+            return piece
+        if self.stopped:
+            return ""
+        text = self.pending + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped, self.pending = True, ""
+            return text[: min(found)]
+        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self.pending = text[len(text) - keep:]
+        return text[: len(text) - keep]
+
+    def finish(self) -> str:
+        """What was held back, at the end of the text (it never became a stop string)."""
+        text, self.pending = self.pending, ""
+        return text
 
 
 def complete(generator: TextGenerator, prompt: str, params: SamplingParams) -> Iterator[str]:

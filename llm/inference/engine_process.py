@@ -2,9 +2,9 @@
 
 In one process, the ``BatchEngine`` worker and the server's event loop take turns at the interpreter lock: each
 decoder step's Python (sampling, events) waits while the loop parses requests and writes chunks, and the other
-way round. ``EngineProcess`` runs the engine in a child process and speaks to it over a pipe; it offers what the
-server uses of a ``BatchEngine`` (``submit``, ``start``, ``stop``, ``running``, ``stats``, ``tokenizer``,
-``context_length``), so ``llm.api_server`` takes either. ``EnginePool`` runs several, side by side on more cores.
+way round. ``EngineProcess`` runs the engine in a child process and speaks to it over a pipe; like ``BatchEngine``
+and ``EnginePool`` (several side by side, on more cores) it is an ``llm.inference.engine.Engine``, so
+``llm.api_server`` takes any of them, and it shares their lifecycle (``llm.inference.engine.EngineBase``).
 
 The protocol, one pickled message at a time:
 
@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from llm.data.tokenizer import Tokenizer, load_tokenizer
-from llm.inference.batching import BatchEngine, EngineFull, EngineStopped, Event
-from llm.inference.decoding import SamplingParams, check_prompt
+from llm.inference.batching import BatchEngine
+from llm.inference.decoding import SamplingParams
+from llm.inference.engine import EngineBase, EngineFull, EngineStopped, Event
 from llm.inference.onnx_runtime import TOKENIZER_DIR, OnnxGenerator, read_generation_config
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class _RemoteJob:
                 pass  # the engine process is gone: the request ends with it ("cancelled")
 
 
-class EngineProcess:
+class EngineProcess(EngineBase):
     """A ``BatchEngine`` over ``export_dir`` (int8 unless ``fp32`` or there is none) in a child process.
 
     ``start()`` (outside an event loop) starts the process and waits for the model to load, raising
@@ -117,14 +118,13 @@ class EngineProcess:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self) -> EngineProcess:
+    def _open(self) -> None:
         if self._process is None:
             self.launch()
             self.wait_ready()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return self
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's events on ``loop`` (where each request's ``on_event`` is then called)."""
         if self._loop is None and self._running:
             try:
                 loop.add_reader(self._conn.fileno(), self._readable)
@@ -134,7 +134,6 @@ class EngineProcess:
                                                        name="engine-events")
                 self._reader_thread.start()
             self._loop = loop
-        return self
 
     def launch(self) -> None:
         """Start the process (it loads the model while this returns); ``wait_ready`` waits for the model."""
@@ -199,12 +198,6 @@ class EngineProcess:
             self._process.terminate()
             self._process.join(5)
 
-    def __enter__(self) -> EngineProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     @property
     def running(self) -> bool:
         return self._running
@@ -228,9 +221,7 @@ class EngineProcess:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, on_event: Callable[[Event], None],
                deadline: float | None = None) -> _RemoteJob:
         """As ``BatchEngine.submit``, but ``on_event`` is called on the event loop that ``start()`` ran in."""
-        ids = check_prompt(prompt_ids, self.vocab_size)
-        if not self._running:
-            raise EngineStopped("the engine is not running")
+        ids = self._checked_prompt(prompt_ids)
         if self.in_flight >= self.max_batch + self.max_queue:
             raise EngineFull(f"{self.max_queue} requests are waiting already")
         job = _RemoteJob(self, next(self._ids), on_event)
@@ -360,7 +351,7 @@ class EngineProcess:
                 log.exception("the event callback of request %d failed", job.id)
 
 
-class EnginePool:
+class EnginePool(EngineBase):
     """``engines`` engine processes decoding side by side, each on about a core: a request goes to the running
     one with the fewest requests in flight. ``max_batch`` is shared out (each decodes up to ``ceil(max_batch /
     engines)`` rows); ``max_batch + max_queue`` bounds the requests in flight in all (EngineFull beyond). One
@@ -398,7 +389,7 @@ class EnginePool:
         self._replacing: dict[int, str] = {}  # engine index -> why it is being replaced
         self._supervisor: asyncio.Task | None = None
 
-    def start(self) -> EnginePool:
+    def _open(self) -> None:
         launched = [engine for engine in self.engines if engine.pid is None]
         try:
             for engine in launched:  # load the copies of the model at the same time
@@ -408,16 +399,14 @@ class EnginePool:
         except BaseException:
             self.stop()
             raise
-        for engine in self.engines:
-            engine.start()  # in the event loop: read its events there
         self.model_file = self.engines[0].model_file
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return self
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read every engine's events on ``loop``, and supervise them there."""
+        for engine in self.engines:
+            engine.start()  # launched already: it attaches to the loop
         if self._supervisor is None:
             self._supervisor = loop.create_task(self._supervise(), name="engine-supervisor")
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._supervisor is not None:
@@ -425,12 +414,6 @@ class EnginePool:
             self._supervisor = None
         for engine in self.engines:
             engine.stop(timeout)
-
-    def __enter__(self) -> EnginePool:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:

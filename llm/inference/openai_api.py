@@ -272,39 +272,6 @@ def sampling_params(request: Request, *, default_max_tokens: int, max_tokens: in
     )
 
 
-# ---------------------------------------------------------------------------------------------- text
-
-
-class StopStrings:
-    """Cuts streamed text before the first stop string, holding back the end of the text for as long as it
-    could be the start of one (so no part of a stop string is ever sent)."""
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """The text that is now safe to send; sets ``stopped`` once a stop string has appeared."""
-        if not self.stops:
-            return piece
-        if self.stopped:
-            return ""
-        text = self.pending + piece
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped, self.pending = True, ""
-            return text[: min(found)]
-        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        self.pending = text[len(text) - keep:]
-        return text[: len(text) - keep]
-
-    def finish(self) -> str:
-        """What was held back, at the end of the text (it never became a stop string)."""
-        text, self.pending = self.pending, ""
-        return text
-
-
 # ---------------------------------------------------------------------------------------------- responses
 
 

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
@@ -60,6 +60,9 @@ from mlflow.protos.databricks_pb2 import (
     TEMPORARILY_UNAVAILABLE,
 )
 from mlflow.pyfunc import PythonModel
+
+if TYPE_CHECKING:
+    from llm.inference.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +225,13 @@ def _attached_export(run_id: str, into: Path) -> Path:
 class GPTModel(PythonModel):
     """Text generation with ONNX Runtime from the attached export, or PyTorch from the ``checkpoint`` artifact.
 
-    ``engine`` is "onnx" or "torch"; ``export_dir`` the export folder the ONNX engine runs (None for torch).
+    ``engine`` is "onnx" or "torch"; ``export_dir`` the export folder the ONNX engine runs (None for torch);
+    ``batch_engine`` the ``llm.inference.engine.Engine`` that decodes with ONNX Runtime (unset for torch).
     """
 
     engine: str | None = None
     export_dir: Path | None = None
+    batch_engine: Engine  # set when the ONNX engine loads
     max_rows = MAX_ROWS
     max_prompt_bytes = MAX_PROMPT_BYTES
     max_new_tokens_limit = MAX_NEW_TOKENS_LIMIT
@@ -280,8 +285,9 @@ class GPTModel(PythonModel):
         int8 = bool(read_generation_config(export).get("int8_model_file"))
         self.generator = OnnxGenerator(export, int8=int8)
         self.tokenizer, self.engine, self.export_dir = self.generator.tokenizer, "onnx", export
-        self.batch_engine = BatchEngine(self.generator, max_batch=self.max_batch, max_queue=self.max_queue).start()
-        static = self.batch_engine.static  # the graph that decodes: the static-cache one when there is one
+        engine = BatchEngine(self.generator, max_batch=self.max_batch, max_queue=self.max_queue)
+        static = engine.static  # the graph that decodes: the static-cache one when there is one
+        self.batch_engine = engine.start()
         _say_engine(f"serving with ONNX Runtime: {(static or self.generator).model_path}")
 
     def _load_torch(self, checkpoint: Path) -> None:
@@ -379,7 +385,7 @@ class GPTModel(PythonModel):
         """The rows of this request, and of every request being answered at the same time, decode together."""
         import time
 
-        from llm.inference.batching import EngineFull
+        from llm.inference.engine import EngineFull
 
         try:
             results = self.batch_engine.generate(requests, deadline=time.monotonic() + self.timeout_s)
