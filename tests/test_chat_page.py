@@ -76,6 +76,9 @@ class ScriptedEngine:
     def stats(self) -> dict:
         return {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
 
+    def health(self) -> tuple[bool, list[str]]:
+        return self.running, []
+
     def submit(self, prompt_ids, params, *, on_event, deadline=None):
         if self.mode == "full":
             raise EngineFull("full")
