@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,16 +97,38 @@ class _Untracked:
         pass
 
 
-def _run(stage: str, params: dict[str, Any], enabled: bool, *, resume_run_id: str | None = None,
-         run_name: str | None = None):
+def _run(stage: str, params: dict[str, Any], tracking: bool | Sequence[str], *, resume_run_id: str | None = None,
+         run_name: str | None = None, resumed: Mapping[str, Any] | None = None):
     """An MLflow run for a stage (``llm.mlops.tracking.stage_run``), or a no-op stand-in when tracking is off.
     ``resume_run_id`` reopens that run when the store has it (a resumed training run, which keeps its name),
-    else a new one starts, named ``run_name`` (default: the stage)."""
-    if not enabled:
-        return contextlib.nullcontext(_Untracked())
-    from llm.mlops.tracking import stage_run
+    else a new one starts, named ``run_name`` (default: the stage).
 
-    return stage_run(stage, params, resume_run_id=resume_run_id, run_name=run_name)
+    ``tracking`` is a bool (MLflow or nothing) or the loggers of a ``tracking`` setting: with ``tensorboard``,
+    ``wandb`` or ``csv`` among them the run also sends there (``llm.mlops.loggers.logged_run``; ``resumed``: what a
+    resumed checkpoint recorded for them)."""
+    loggers = (["mlflow"] if tracking else []) if isinstance(tracking, bool) else list(tracking)
+    run: Any = contextlib.nullcontext(_Untracked())
+    if "mlflow" in loggers:
+        from llm.mlops.tracking import stage_run
+
+        run = stage_run(stage, params, resume_run_id=resume_run_id, run_name=run_name)
+    others = [name for name in loggers if name != "mlflow"]
+    if not others:
+        return run
+    from llm.mlops.loggers import logged_run
+
+    return logged_run(run, others, stage, params, run_name=run_name or stage, resumed=resumed)
+
+
+def _loggers(tracking: Sequence[str], track: bool | None) -> list[str]:
+    """The loggers a stage run sends to: its ``tracking`` setting while tracking is on (``tracking_enabled``)."""
+    return list(tracking) if tracking_enabled(track) else []
+
+
+def _logger_metadata(run: Any) -> dict[str, Any]:
+    """What a training checkpoint records about the run's other loggers (``llm.mlops.loggers.CHECKPOINT_KEY``)."""
+    state = getattr(run, "logger_state", None)
+    return {"loggers": state} if state else {}
 
 
 def training_params(stage_params: Any, model: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,7 +136,7 @@ def training_params(stage_params: Any, model: Mapping[str, Any], tokenizer: Mapp
     compare view and ``mlflow.search_runs`` line runs up: ``model.*`` (the shape; a finetune's is its base's),
     ``train.*`` (the optimiser and loop settings: ``train.learning_rate``, ``train.batch_size``, ...) and
     ``tokenizer.kind`` / ``tokenizer.vocab_size``."""
-    return {"model": dict(model), "train": stage_params.model_dump(),
+    return {"model": dict(model), "train": stage_params.model_dump(exclude={"tracking"}),
             "tokenizer": {"kind": tokenizer.get("kind"), "vocab_size": tokenizer.get("vocab_size")}}
 
 
@@ -254,21 +276,22 @@ def pretrain_stage(
     from llm.training.pretrain import pretrain, pretrain_identity
 
     check_until_step(until_step)
-    enabled = tracking_enabled(track)
+    loggers = _loggers(params.tracking, track)
+    enabled = "mlflow" in loggers
     tokenizer = _tokenizer_of_tokens(tokens_dir)
     # vocab_size unset means the tokenizer's: logged as the number, as a finetune of this model logs it
     model = {**model_config.model_dump(), "vocab_size": model_config.vocab_size or tokenizer.get("vocab_size")}
     logged = training_params(params, model, tokenizer)
     if base is not None and base.hf_folder:
         logged["base"] = base.model_dump()
-    previous = _resumed_run_id(
+    saved = _resumed_checkpoint(
         out_dir, lambda: pretrain_identity(params, model_config, tokens_dir, tokenizer_dir, base=base),
-        enabled and resume)
-    with _run("pretrain", logged, enabled, resume_run_id=previous,
+        bool(loggers) and resume)
+    with _run("pretrain", logged, loggers, resume_run_id=saved.get(TRACKING_RUN_KEY), resumed=_resumed_loggers(saved),
               run_name=training_run_name("pretrain", logged)) as run:
         result = pretrain(params, model_config, tokens_dir, tokenizer_dir, out_dir, resume=resume,
-                          until_step=until_step, callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id},
-                          base=base)
+                          until_step=until_step, callbacks=[run.callback],
+                          metadata={TRACKING_RUN_KEY: run.run_id, **_logger_metadata(run)}, base=base)
         version = _finish_training_run(run, "pretrain", logged, result, out_dir,
                                        register=enabled and register and result.step >= params.max_steps)
     registration = _write_registration(out_dir, {"run_id": run.run_id, "model_version": version, "stage": "pretrain"})
@@ -298,20 +321,23 @@ def finetune_stage(
     from llm.training.finetune import finetune, finetune_identity
 
     check_until_step(until_step)
-    enabled = tracking_enabled(track)
+    loggers = _loggers(params.tracking, track)
+    enabled = "mlflow" in loggers
     parent = read_registration(base_dir)
     parent_tags = {"llm.parent_run_id": parent.get("run_id") or "none",
                    "llm.parent_version": parent.get("model_version") or "none"}
     chat_stats = prepare_chat_data(chat_source, clean_dir, chat_dir, params.chat_data)
     base = _checkpoint_config(base_dir)
     logged = training_params(params, base.get("model", {}), base.get("tokenizer", {}))
-    previous = _resumed_run_id(out_dir, lambda: finetune_identity(params, base_dir, chat_dir), enabled and resume)
+    saved = _resumed_checkpoint(out_dir, lambda: finetune_identity(params, base_dir, chat_dir),
+                                bool(loggers) and resume)
     name = training_run_name("finetune", logged, base_version=parent.get("model_version"))
-    with _run("finetune", logged, enabled, resume_run_id=previous, run_name=name) as run:
+    with _run("finetune", logged, loggers, resume_run_id=saved.get(TRACKING_RUN_KEY), run_name=name,
+              resumed=_resumed_loggers(saved)) as run:
         run.set_tags(parent_tags)
         run.log_artifact(chat_dir / "stats.json")
         result = finetune(params, base_dir, chat_dir, out_dir, resume=resume, until_step=until_step,
-                          callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id})
+                          callbacks=[run.callback], metadata={TRACKING_RUN_KEY: run.run_id, **_logger_metadata(run)})
         version = _finish_training_run(run, "finetune", logged, result, out_dir,
                                        register=enabled and register and result.step >= params.max_steps,
                                        tags={"llm.finetuned": "true", **parent_tags})
@@ -341,21 +367,28 @@ def _checkpoint_config(checkpoint_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _resumed_run_id(out_dir: Path, identity: Callable[[], str], enabled: bool) -> str | None:
-    """The tracking run recorded by the checkpoint in ``out_dir`` when training is going to resume it (the same
-    run identity), so that the resumed attempt continues that run: one curve per training run, not one per
-    attempt. None when tracking or resuming is off, or there is no such checkpoint."""
+def _resumed_checkpoint(out_dir: Path, identity: Callable[[], str], enabled: bool) -> dict[str, Any]:
+    """The config of the checkpoint in ``out_dir`` when training is going to resume it (the same run identity):
+    the tracking run it names (``TRACKING_RUN_KEY``) and its other loggers' runs (``_resumed_loggers``) are
+    continued, one curve per training run, not one per attempt. Empty when tracking or resuming is off, or there
+    is no such checkpoint."""
     if not enabled:
-        return None
+        return {}
     from llm.model.checkpoint import CONFIG_FILE
 
     try:
         saved = json.loads((out_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):
-        return None
-    if not saved.get(TRACKING_RUN_KEY) or saved.get("run_identity") != identity():
-        return None
-    return saved[TRACKING_RUN_KEY]
+        return {}
+    if not isinstance(saved, dict) or saved.get("run_identity") != identity():
+        return {}
+    return saved
+
+
+def _resumed_loggers(saved: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a resumed checkpoint recorded for its run's other loggers, with the step it resumes from."""
+    state = saved.get("loggers")
+    return {**state, "step": saved.get("step")} if isinstance(state, dict) else None
 
 
 def read_registration(checkpoint_dir: Path) -> dict:
@@ -643,7 +676,8 @@ def evaluate_stage(
     from llm.training.device import select_device
     from llm.training.evaluate import samples_markdown
 
-    enabled = tracking_enabled(track)
+    loggers = _loggers(params.tracking, track)
+    enabled = "mlflow" in loggers
     registration = read_registration(candidate_dir)
     candidate = load_checkpoint(candidate_dir, select_device(params.device))
     kind = _model_kind(candidate.config)
@@ -652,8 +686,8 @@ def evaluate_stage(
         raise FileNotFoundError(f"{candidate_dir} is a finetuned model: its evaluation needs the chat val "
                                 f"conversations ({chat_val}); run the finetune stage first")
     what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
-    with _run("evaluate", params.model_dump(), enabled, run_name=f"evaluate {candidate.config.get('stage', 'model')} "
-              f"{what}") as run:
+    name = f"evaluate {candidate.config.get('stage', 'model')} {what}"
+    with _run("evaluate", params.model_dump(exclude={"tracking"}), loggers, run_name=name) as run:
         result, samples, conversations = _score_candidate(candidate, candidate_dir, tokens_dir, params, out_dir,
                                                           chat_val)
         comparable = _comparable_score(candidate.model, candidate.tokenizer, kind, params, clean_dir, chat_val)

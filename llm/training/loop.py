@@ -246,7 +246,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator[Batch], device: torc
 
 
 # params that change how a run is executed or displayed, not what it computes: not part of its identity
-_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile"}
+_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile", "tracking"}
 
 
 def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapping[str, Any]) -> dict[str, Any]:
