@@ -91,8 +91,8 @@ def check_available(loggers: Sequence[str], setting: str = "tracking") -> None:
             raise ValueError(f"{setting}: unknown logger {name!r} (choose from {', '.join(LOGGERS)})")
         module, command = PACKAGES.get(name, (None, None))
         if module is not None and importlib.util.find_spec(module) is None:
-            raise LoggerUnavailable(f"{setting} names {name}, which needs the {module} package: {command} (or pip "
-                                    f"install 'gpt-mlops[loggers]'), or remove {name} from {setting}")
+            raise LoggerUnavailable(f"{setting} names {name}, which needs the {module} package: {command} (in the "
+                                    f"checkout: pip install -e '.[loggers]'), or remove {name} from {setting}")
 
 
 def flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
