@@ -147,9 +147,9 @@ def tensorboard(out: Path) -> None:
     if not runs:
         sys.exit(f"no TensorBoard run in {logdir}: run a stage with --set 'tracking=[mlflow,tensorboard]' first")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
-                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", "logs/tensorboard", "--host",
+                               "127.0.0.1", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # the README's command
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -162,11 +162,15 @@ def tensorboard(out: Path) -> None:
             time.sleep(0.5)
         else:
             sys.exit("tensorboard did not list the runs in 60 s")
-        # the scalars, unsmoothed, the loss and validation charts first
-        browse(f"{base}/?darkMode=false#timeseries&_smoothingWeight=0&tagFilter=loss%7Cval%2F",
-               screenshot=out / "tensorboard.png", size="1600,1000", offline=True)
+        # the scalars dashboard on the losses, unsmoothed (TensorBoard serves all it needs itself; OFFLINE_FLAGS
+        # would send 127.0.0.1 to the closed proxy too)
+        (out / "tensorboard.png").unlink(missing_ok=True)
+        browse(f"{base}/?darkMode=false#scalars&tagFilter=loss&_smoothingWeight=0", screenshot=out / "tensorboard.png",
+               size="1600,1000")
     finally:
         _stop(server)
+    if not (out / "tensorboard.png").is_file():
+        sys.exit(f"chromium wrote no {out / 'tensorboard.png'}")
     print(f"screenshot of {len(runs)} TensorBoard runs in {out / 'tensorboard.png'}")
 
 

@@ -273,3 +273,17 @@ def test_the_loggers_module_imports_no_logger_package_until_one_is_chosen():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={"PYTHONPATH": str(ROOT), "PATH": ""}, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_choosing_other_loggers_is_the_same_run_with_the_same_name(prepared):
+    from llm.stages import training_params, training_run_name
+    from llm.training.pretrain import pretrain_identity
+
+    mlflow_only, all_four = pretrain_params(6, ["mlflow"]), pretrain_params(6, ["mlflow", "tensorboard", "wandb", "csv"])
+    args = (MODEL, prepared["tokens"], prepared["tokenizer"])
+    assert pretrain_identity(mlflow_only, *args) == pretrain_identity(all_four, *args)  # a checkpoint resumes across
+    tokenizer = {"kind": "char", "vocab_size": 40}
+    logged = training_params(all_four, MODEL.model_dump(), tokenizer)
+    assert "tracking" not in logged["train"]
+    assert training_run_name("pretrain", logged) == training_run_name(
+        "pretrain", training_params(mlflow_only, MODEL.model_dump(), tokenizer))
