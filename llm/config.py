@@ -214,7 +214,7 @@ class TokenizerParams(StrictModel):
     seed: int = 1337
 
 
-Logger = Literal["mlflow", "tensorboard", "wandb", "csv"]
+LoggerName = Literal["mlflow", "tensorboard", "wandb", "csv"]
 
 
 def _tracking_field() -> Any:
@@ -257,7 +257,7 @@ class PretrainParams(StrictModel):
     compile: bool = False
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
     progress: bool = True
-    tracking: list[Logger] = _tracking_field()
+    tracking: list[LoggerName] = _tracking_field()
 
     _check_tracking = field_validator("tracking")(_distinct_loggers)
 
@@ -276,7 +276,7 @@ class EvalParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     max_conversations: int | None = Field(200, gt=0, description="val conversations scored for chat models; None: all")
     sample_conversations: int = Field(3, ge=0, description="val conversations answered in samples.md for chat models")
-    tracking: list[Logger] = _tracking_field()
+    tracking: list[LoggerName] = _tracking_field()
 
     _check_tracking = field_validator("tracking")(_distinct_loggers)
 

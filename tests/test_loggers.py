@@ -279,7 +279,8 @@ def test_choosing_other_loggers_is_the_same_run_with_the_same_name(prepared):
     from llm.stages import training_params, training_run_name
     from llm.training.pretrain import pretrain_identity
 
-    mlflow_only, all_four = pretrain_params(6, ["mlflow"]), pretrain_params(6, ["mlflow", "tensorboard", "wandb", "csv"])
+    mlflow_only = pretrain_params(6, ["mlflow"])
+    all_four = pretrain_params(6, ["mlflow", "tensorboard", "wandb", "csv"])
     args = (MODEL, prepared["tokens"], prepared["tokenizer"])
     assert pretrain_identity(mlflow_only, *args) == pretrain_identity(all_four, *args)  # a checkpoint resumes across
     tokenizer = {"kind": "char", "vocab_size": 40}

@@ -43,13 +43,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
+from llm.config import LoggerName
 from llm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-LOGGERS = ("mlflow", "tensorboard", "wandb", "csv")
+LOGGERS: tuple[str, ...] = get_args(LoggerName)  # mlflow, tensorboard, wandb, csv
 CHECKPOINT_KEY = "loggers"  # in a training checkpoint's config.json: where its run's logs go, for a resume
 MAX_PENDING = 200_000  # metric points a logger keeps in memory while it fails (as MLflow's sender)
 MAX_BACKOFF_S = 5.0  # a failing logger is tried again at least this often
