@@ -128,7 +128,11 @@ def _loggers(tracking: Sequence[str], track: bool | None) -> list[str]:
 def _logger_metadata(run: Any) -> dict[str, Any]:
     """What a training checkpoint records about the run's other loggers (``llm.mlops.loggers.CHECKPOINT_KEY``)."""
     state = getattr(run, "logger_state", None)
-    return {"loggers": state} if state else {}
+    if not state:
+        return {}
+    from llm.mlops.loggers import CHECKPOINT_KEY
+
+    return {CHECKPOINT_KEY: state}
 
 
 def training_params(stage_params: Any, model: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict[str, Any]:
@@ -374,20 +378,23 @@ def _resumed_checkpoint(out_dir: Path, identity: Callable[[], str], enabled: boo
     is no such checkpoint."""
     if not enabled:
         return {}
+    from llm.mlops.loggers import CHECKPOINT_KEY
     from llm.model.checkpoint import CONFIG_FILE
 
     try:
         saved = json.loads((out_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(saved, dict) or saved.get("run_identity") != identity():
-        return {}
-    return saved
+    if not isinstance(saved, dict) or not (saved.get(TRACKING_RUN_KEY) or saved.get(CHECKPOINT_KEY)):
+        return {}  # an untracked run's checkpoint: nothing to continue
+    return saved if saved.get("run_identity") == identity() else {}
 
 
 def _resumed_loggers(saved: Mapping[str, Any]) -> dict[str, Any] | None:
     """What a resumed checkpoint recorded for its run's other loggers, with the step it resumes from."""
-    state = saved.get("loggers")
+    from llm.mlops.loggers import CHECKPOINT_KEY
+
+    state = saved.get(CHECKPOINT_KEY)
     return {**state, "step": saved.get("step")} if isinstance(state, dict) else None
 
 
