@@ -288,3 +288,21 @@ def test_choosing_other_loggers_is_the_same_run_with_the_same_name(prepared):
     assert "tracking" not in logged["train"]
     assert training_run_name("pretrain", logged) == training_run_name(
         "pretrain", training_params(mlflow_only, MODEL.model_dump(), tokenizer))
+
+
+def test_wandb_runs_offline_without_credentials_and_follows_wandb_mode(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: nobody logged in
+    monkeypatch.setenv("WANDB__DISABLE_STATS", "true")
+    offline = loggers.WandbLogger(tmp_path / "logs", name="run", run_id="first", stage="pretrain")
+    assert offline.run.offline
+    offline.close("FINISHED")
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*-first/run-first.wandb"))
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    disabled = loggers.WandbLogger(tmp_path / "logs", name="run", run_id="second", stage="pretrain")
+    disabled.log_metrics({"train/loss": 1.0}, 1, time.time())
+    disabled.close("FINISHED")
+    assert not list((tmp_path / "logs" / "wandb").glob("*second*"))

@@ -177,8 +177,9 @@ class WandbLogger:
     def __init__(self, root: Path, *, name: str, run_id: str, stage: str):
         import wandb
 
-        mode = None if os.environ.get("WANDB_MODE") else (
-            "online" if wandb.login(verify=False, prompt=False) else "offline")
+        # WANDB_MODE read now, not when W&B first set up in this process; its older names mapped to the current ones
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(verify=False, prompt=False) else "offline")
+        mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
         root.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(root_dir=str(root.parent), console="off", silent=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, dir=str(root), name=name,
