@@ -7,6 +7,8 @@ Run from the project root after a pipeline run (``make demo``, or ``dvc repro``)
                                         # -> artifacts/screenshots/mlflow-*.png
     python docs/screenshots.py plots    # dvc plots show, opened with every network request refused
                                         # -> artifacts/screenshots/dvc-plots.png; fails unless the plots render
+    python docs/screenshots.py tensorboard  # tensorboard on 127.0.0.1 over logs/tensorboard (runs with
+                                        # `tracking: [..., tensorboard]`) -> artifacts/screenshots/tensorboard.png
 
 ``--out FOLDER`` writes elsewhere (the README's picture: ``--out docs/images``). Needs ``chromium`` (Debian:
 ``apt-get install chromium``) or ``CHROMIUM=/path/to/chrome``. Nothing listens beyond 127.0.0.1, and the
@@ -130,12 +132,54 @@ def mlflow(out: Path) -> None:
     print(f"screenshots of {uri} ({len(runs)} training runs compared) in {out}")
 
 
+def _stop(server: subprocess.Popen) -> None:
+    """Stop ``server`` and what it started: the process group it leads."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def tensorboard(out: Path) -> None:
+    logdir = ROOT / "logs" / "tensorboard"
+    runs = sorted(p.name for p in logdir.glob("*") if any(p.glob("events.out.tfevents.*"))) if logdir.is_dir() else []
+    if not runs:
+        sys.exit(f"no TensorBoard run in {logdir}: run a stage with --set 'tracking=[mlflow,tensorboard]' first")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", "logs/tensorboard", "--host",
+                               "127.0.0.1", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # the README's command
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                listed = json.loads(urllib.request.urlopen(f"{base}/data/runs", timeout=2).read())
+                if set(runs) <= set(listed):  # every run loaded
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        else:
+            sys.exit("tensorboard did not list the runs in 60 s")
+        # the scalars dashboard on the losses, unsmoothed (TensorBoard serves all it needs itself; OFFLINE_FLAGS
+        # would send 127.0.0.1 to the closed proxy too)
+        (out / "tensorboard.png").unlink(missing_ok=True)
+        browse(f"{base}/?darkMode=false#scalars&tagFilter=loss&_smoothingWeight=0", screenshot=out / "tensorboard.png",
+               size="1600,1000")
+    finally:
+        _stop(server)
+    if not (out / "tensorboard.png").is_file():
+        sys.exit(f"chromium wrote no {out / 'tensorboard.png'}")
+    print(f"screenshot of {len(runs)} TensorBoard runs in {out / 'tensorboard.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["mlflow", "plots"])
+    parser.add_argument("what", choices=["mlflow", "plots", "tensorboard"])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "screenshots")
     args = parser.parse_args()
-    (mlflow if args.what == "mlflow" else plots)(args.out)
+    {"mlflow": mlflow, "plots": plots, "tensorboard": tensorboard}[args.what](args.out)
 
 
 if __name__ == "__main__":

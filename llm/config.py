@@ -214,6 +214,21 @@ class TokenizerParams(StrictModel):
     seed: int = 1337
 
 
+LoggerName = Literal["mlflow", "tensorboard", "wandb", "csv"]
+
+
+def _tracking_field() -> Any:
+    return Field(default_factory=lambda: ["mlflow"], description="where the run's params, tags and metrics go: any of "
+                 "mlflow, tensorboard (logs/tensorboard/), wandb (logs/wandb/), csv (logs/csv/); [] logs nowhere")
+
+
+def _distinct_loggers(value: list[str]) -> list[str]:
+    repeated = sorted({name for name in value if value.count(name) > 1})
+    if repeated:
+        raise ValueError(f"tracking names {', '.join(repeated)} more than once")
+    return value
+
+
 class PretrainParams(StrictModel):
     """Optimisation and bookkeeping for pretraining (``params/pretrain.yaml``)."""
 
@@ -242,6 +257,9 @@ class PretrainParams(StrictModel):
     compile: bool = False
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
     progress: bool = True
+    tracking: list[LoggerName] = _tracking_field()
+
+    _check_tracking = field_validator("tracking")(_distinct_loggers)
 
 
 class EvalParams(StrictModel):
@@ -258,6 +276,9 @@ class EvalParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     max_conversations: int | None = Field(200, gt=0, description="val conversations scored for chat models; None: all")
     sample_conversations: int = Field(3, ge=0, description="val conversations answered in samples.md for chat models")
+    tracking: list[LoggerName] = _tracking_field()
+
+    _check_tracking = field_validator("tracking")(_distinct_loggers)
 
 
 class BaseParams(StrictModel):

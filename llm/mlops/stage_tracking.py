@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -104,7 +104,8 @@ class TrainingRun:
     decided whether to resume: ``start`` (``llm.training.loop.StartTracking``) gets the tracking run that the
     resumed checkpoint records and returns the run that new checkpoints record; ``callback`` is the loop's."""
 
-    def __init__(self, stage: str, logged: Mapping[str, Any], open_run: Callable[[str | None], Run]):
+    def __init__(self, stage: str, logged: Mapping[str, Any],
+                 open_run: Callable[[Mapping[str, Any] | None], Run]):
         self.stage, self.logged = stage, logged
         self._open = open_run
         self.run: Run | None = None
@@ -117,10 +118,14 @@ class TrainingRun:
     def run_id(self) -> str | None:
         return self.run.run_id if self.run is not None else None
 
-    def start(self, resumed_run_id: str | None) -> str | None:
-        """Open the run: ``resumed_run_id`` continued when the store has it, else a new one. Returns its id."""
-        self.run = self._open(resumed_run_id)
-        return self.run.run_id
+    def start(self, resumed: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Open the run: the one that ``resumed`` (the config of the checkpoint the loop resumes, None when it
+        starts over) records, continued when the store has it, else a new one. Returns what new checkpoints
+        record about it: the run id (``TRACKING_RUN_KEY``) and the other loggers' runs, if any."""
+        from llm.model.checkpoint import TRACKING_RUN_KEY  # here: torch is loaded only where training runs
+
+        self.run = self._open(resumed)
+        return {TRACKING_RUN_KEY: self.run.run_id, **getattr(self.run, "checkpoint_metadata", {})}
 
     def callback(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is not None:
@@ -174,9 +179,19 @@ def tracking_enabled(track: bool | None) -> bool:
     return os.environ.get("LLM_TRACKING", "1").lower() not in ("0", "false", "no", "off")
 
 
-def stage_tracker(track: bool | None) -> Tracker:
-    """``MlflowTracker`` when tracking is on (``tracking_enabled``), else ``Untracked``."""
-    return MlflowTracker() if tracking_enabled(track) else Untracked()
+def stage_tracker(track: bool | None, loggers: Sequence[str] = ("mlflow",)) -> Tracker:
+    """The tracker of a stage's ``tracking`` setting (``loggers``) while tracking is on (``tracking_enabled``):
+    ``MlflowTracker`` with ``mlflow`` among them, else ``Untracked``, wrapped in ``llm.mlops.loggers.LoggingTracker``
+    when ``tensorboard``, ``wandb`` or ``csv`` are too. ``Untracked`` when tracking is off."""
+    if not tracking_enabled(track):
+        return Untracked()
+    inner: Tracker = MlflowTracker() if "mlflow" in loggers else Untracked()
+    others = [name for name in loggers if name != "mlflow"]
+    if not others:
+        return inner
+    from llm.mlops.loggers import LoggingTracker
+
+    return LoggingTracker(inner, others)
 
 
 def training_params(stage_params: Any, model: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,7 +199,7 @@ def training_params(stage_params: Any, model: Mapping[str, Any], tokenizer: Mapp
     compare view and ``mlflow.search_runs`` line runs up: ``model.*`` (the shape; a finetune's is its base's),
     ``train.*`` (the optimiser and loop settings: ``train.learning_rate``, ``train.batch_size``, ...) and
     ``tokenizer.kind`` / ``tokenizer.vocab_size``."""
-    return {"model": dict(model), "train": stage_params.model_dump(),
+    return {"model": dict(model), "train": stage_params.model_dump(exclude={"tracking"}),
             "tokenizer": {"kind": tokenizer.get("kind"), "vocab_size": tokenizer.get("vocab_size")}}
 
 
@@ -257,6 +272,9 @@ class Untracked:
     def finish_training(self, run: TrainingRun, result: TrainResult, out_dir: Path, *, register: bool,
                         tags: Mapping[str, str] | None = None,
                         registration: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Writes ``registration.json`` naming no run; the summary metrics go to the run's other loggers, if any."""
+        if run.started:
+            run.run.log_metrics(summary_metrics(result.metrics), step=result.step)
         return write_registration(out_dir, {"run_id": None, "model_version": None, "stage": run.stage,
                                             **(registration or {})})
 
@@ -296,7 +314,10 @@ class MlflowTracker:
 
         name = training_run_name(stage, logged, base_version=base_version)
         with ExitStack() as stack:
-            def open_run(resumed_run_id: str | None) -> Run:
+            def open_run(resumed: Mapping[str, Any] | None) -> Run:
+                from llm.model.checkpoint import TRACKING_RUN_KEY
+
+                resumed_run_id = (resumed or {}).get(TRACKING_RUN_KEY)
                 run = stack.enter_context(stage_run(stage, logged, resume_run_id=resumed_run_id, run_name=name))
                 run.set_tags(dict(tags or {}))
                 for artifact in artifacts:

@@ -50,7 +50,6 @@ from llm.data.tokenizer import Tokenizer
 from llm.data.tokens import bits_per_byte
 from llm.io import folder_lock
 from llm.model.checkpoint import (
-    TRACKING_RUN_KEY,
     CheckpointConfig,
     CheckpointError,
     TrainState,
@@ -79,7 +78,9 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, ...]  # (inputs, targets) or (inputs, targets, loss_mask)
 Callback = Callable[[int, dict[str, float]], None]
 # told the tracking run that the resumed checkpoint records (None: a fresh start); returns the one to record
-StartTracking = Callable[[str | None], str | None]
+# told the config of the checkpoint that training resumes (None: it starts over); returns what the checkpoints it
+# writes record about the tracking (the run id under TRACKING_RUN_KEY, the other loggers' runs)
+StartTracking = Callable[[Mapping[str, Any] | None], Mapping[str, Any]]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -249,7 +250,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator[Batch], device: torc
 
 
 # params that change how a run is executed or displayed, not what it computes: not part of its identity
-_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile"}
+_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile", "tracking"}
 
 
 def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -440,11 +441,11 @@ def _start_run(
 
 def _settle_checkpoint_folder(run: RunState, resume: bool, start_tracking: StartTracking | None) -> None:
     """Decide once whether training resumes (``_resume_if_same_run``); then the main process tells
-    ``start_tracking`` the tracking run that the resumed checkpoint records (None when starting over) and
-    records the run it returns in the checkpoints it writes."""
+    ``start_tracking`` the config of the resumed checkpoint (None when starting over: its tracking run and
+    loggers' runs are continued) and records what it returns in the checkpoints it writes."""
     resumed = _resume_if_same_run(run, resume)
     if start_tracking is not None and run.dist.is_main:
-        run.metadata[TRACKING_RUN_KEY] = start_tracking(resumed.tracking_run_id if resumed is not None else None)
+        run.metadata.update(start_tracking(resumed))
 
 
 def _resume_if_same_run(run: RunState, resume: bool) -> CheckpointConfig | None:
