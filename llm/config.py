@@ -214,6 +214,37 @@ class TokenizerParams(StrictModel):
     seed: int = 1337
 
 
+class LaunchParams(StrictModel):
+    """How many processes train (``launch`` in ``params/pretrain.yaml`` and ``params/finetune.yaml``).
+
+    More than one process on one node, or more than one node, makes the stage run its training under PyTorch's
+    elastic launcher (``python -m torch.distributed.run``; ``llm.training.launch``), whatever started the stage
+    (``dvc repro``, ``python -m flows``, ``llm pipeline``, a Prefect deployment). ``nproc_per_node: auto`` is every
+    visible GPU, and 1 process where there is none.
+    """
+
+    nproc_per_node: int | Literal["auto"] = Field(
+        "auto", description="processes on this node: a number, or auto (every visible GPU; 1 on CPU)")
+    nnodes: int = Field(1, gt=0, le=MAX_BATCH, description="machines in the job (each runs the stage itself)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (node 0) when nnodes > 1")
+    rdzv_id: str = Field("llm", min_length=1, description="the job's name, the same on every node")
+    max_restarts: int = Field(0, ge=0, description="times the launcher restarts the workers after a failure (each "
+                              "restart resumes from the last checkpoint)")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_BATCH):
+            raise ValueError(f"must be auto or a number of processes from 1 to {MAX_BATCH}")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> LaunchParams:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: host:port of node 0, reachable from every node")
+        return self
+
+
 class PretrainParams(StrictModel):
     """Optimisation and bookkeeping for pretraining (``params/pretrain.yaml``)."""
 
@@ -242,6 +273,10 @@ class PretrainParams(StrictModel):
     compile: bool = False
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
     progress: bool = True
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole model and optimizer; fsdp: FSDP2 shards them over "
+        "the processes, checkpoints through torch.distributed.checkpoint")
+    launch: LaunchParams = Field(default_factory=LaunchParams)
 
 
 class EvalParams(StrictModel):
@@ -553,3 +588,10 @@ class FinetuneParams(PretrainParams):
     method: Literal["full", "lora"] = Field(
         "full", description="full: train every weight; lora: train low-rank adapters on a frozen base (lora:)")
     lora: LoRAParams = Field(default_factory=LoRAParams)
+
+    @model_validator(mode="after")
+    def _no_sharded_adapters(self) -> FinetuneParams:
+        if self.method == "lora" and self.strategy == "fsdp":
+            raise ValueError("strategy: fsdp shards whole weights; with method: lora (a frozen base, small adapters) "
+                             "use strategy: ddp")
+        return self
