@@ -307,6 +307,30 @@ class BaseParams(StrictModel):
                                   "GPT-2, Llama or Qwen3; None: train from scratch")
     context_length: int | None = Field(None, gt=0, le=MAX_CONTEXT, description="shorten the imported model's context "
                                        "(faster on a CPU); None keeps it")
+    preset: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="a recipe, params/presets/<preset>.yaml:"
+                               " its tokenizer, model and pretrain sections override those params files (read_preset)")
+
+
+PRESET_SECTIONS = ("tokenizer", "model", "pretrain")
+
+
+def read_preset(params_dir: str | Path, name: str | None, section: str) -> dict[str, Any]:
+    """The ``section`` (``tokenizer``, ``model`` or ``pretrain``) of the recipe ``params_dir/presets/<name>.yaml``:
+    values that override that params file's, before any ``--set``. Empty for ``name`` None or a section the
+    preset leaves alone. Raises ParamsError naming the file when it is missing, not YAML, or holds another section."""
+    if name is None:
+        return {}
+    path = Path(params_dir) / "presets" / f"{name}.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        known = sorted(p.stem for p in (Path(params_dir) / "presets").glob("*.yaml"))
+        raise ParamsError(f"{path}: no such preset (params/base.yaml: preset: {name}); known: {known}") from None
+    data = parse_yaml(text, str(path)) or {}
+    unknown = set(data) - set(PRESET_SECTIONS) if isinstance(data, dict) else {"(not a mapping)"}
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {sorted(unknown)}; a preset holds {list(PRESET_SECTIONS)}")
+    return dict(data.get(section) or {})
 
 
 class ExportParams(StrictModel):
@@ -438,9 +462,11 @@ def _merge_value(old: Any, new: Any) -> Any:
     return copy.deepcopy(new)
 
 
-def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> P:
-    """Read the YAML params file ``path``, apply ``overrides`` on top (``apply_overrides``: dotted keys and
-    mappings change only the keys they name), and validate it against ``model``.
+def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
+                preset: Mapping[str, Any] | None = None) -> P:
+    """Read the YAML params file ``path``, apply ``preset`` (a recipe's section: ``read_preset``) then ``overrides``
+    on top (``apply_overrides``: dotted keys and mappings change only the keys they name), and validate it
+    against ``model``.
 
     ``path=None`` says there is no params file: the model's defaults with ``overrides``. A path that does
     not exist is an error, never the defaults in disguise.
@@ -463,6 +489,7 @@ def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str,
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    data = apply_overrides(data, preset, f"{path} (preset)")
     return validate_params(model, apply_overrides(data, overrides, str(path)), str(path))
 
 
