@@ -579,11 +579,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from llm.io import FolderLocked
     from llm.model.checkpoint import CheckpointError
     from llm.model.lora import LoRAConfigError
+    from llm.training.launch import LaunchError
     from llm.training.loop import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError,
-                                                 LoRAConfigError, FolderLocked)
+                                                 LoRAConfigError, FolderLocked, LaunchError)
     for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError"),
                          ("llm.interop.hf", "InteropError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box

@@ -65,8 +65,8 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     if world_size <= 1:
         return Distributed(), device
     ctx = Distributed(rank=process_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size)
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
+    if device.type == "cuda":  # more processes than GPUs (a smoke test on one GPU) share them round robin
+        device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",

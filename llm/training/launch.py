@@ -161,23 +161,24 @@ def _job_error(record: Mapping[str, Any], returncode: int, signum: int | None, p
         stop = record["interrupted"]
         checkpoint = Path(stop["checkpoint"]) if stop["checkpoint"] else None
         return TrainingInterrupted(stop["signum"], stop["step"], checkpoint)
-    if "error" in record:
-        return _rebuilt_error(record["error"]["type"], record["error"]["message"])
+    error = record.get("error")
+    if error and error["type"].split(".")[0] == "llm" and (rebuilt := _rebuilt_error(error)) is not None:
+        return rebuilt
     cause = f" after {signal.Signals(signum).name}" if signum else ""
+    seen = f"; rank 0 saw {error['type']}: {error['message'].splitlines()[0][:300]}" if error else ""
     return LaunchError(f"the {processes}-process training job (torch.distributed.run) failed{cause} with exit code "
-                       f"{returncode}: a worker stopped (its error, if it had time to print one, is above); run the "
-                       "stage again to resume from the last checkpoint")
+                       f"{returncode}: a worker stopped (its error, if it had time to print one, is above){seen}. "
+                       "Run the stage again to resume from the last checkpoint")
 
 
-def _rebuilt_error(qualified: str, message: str) -> BaseException:
-    """The error of rank 0 as its own type when that is one of ``llm``'s built from a message, else LaunchError."""
-    module, _, name = qualified.rpartition(".")
-    if module.split(".")[0] == "llm":
-        with contextlib.suppress(Exception):
-            error = getattr(importlib.import_module(module), name)(message)
-            if isinstance(error, Exception):
-                return error
-    return LaunchError(f"rank 0 failed: {qualified}: {message}")
+def _rebuilt_error(error: Mapping[str, str]) -> BaseException | None:
+    """The error of rank 0 as its own type (one of ``llm``'s, built from its message), or None."""
+    module, _, name = error["type"].rpartition(".")
+    with contextlib.suppress(Exception):
+        rebuilt = getattr(importlib.import_module(module), name)(error["message"])
+        if isinstance(rebuilt, Exception):
+            return rebuilt
+    return None
 
 
 def _die_with_parent(signum: int) -> None:
