@@ -83,7 +83,7 @@ if __name__ == "__main__":
     tokenize_corpus(root / "clean", root / "tokenizer", root / "tokens", workers=2)
     print("prepared", root)
 EOF
-step launch_data 40 "$PY" "$DATA/make.py" "$DATA"
+step launch_data 60 "$PY" "$DATA/make.py" "$DATA"
 for strategy in ddp fsdp; do
   step "launch_2x_$strategy" 60 "$PY" -m llm pretrain --tokens "$DATA/tokens" --tokenizer "$DATA/tokenizer" \
     --out "$DATA/out_$strategy" --model-set context_length=64 --model-set n_layer=2 --model-set d_model=64 \

@@ -610,7 +610,7 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
             f"loss became {train_loss} at step {run.step + 1} (lr {lr:.3g}); "
             f"the last good checkpoint in {run.out_dir} is untouched. Lower learning_rate or check the data."
         )
-    # the norm of the gradients that DDP has already averaged: the same on every process
+    # the norm of the gradients averaged over processes (fsdp: of every shard), the same on every process
     parameters = [p for p in run.model.parameters() if p.grad is not None]
     grad_norm = whole(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
     if not math.isfinite(norm := grad_norm.item()):
