@@ -177,22 +177,28 @@ def rank_process(stage_pid: int, rank: int, timeout: float = 120):
     raise AssertionError(f"no worker of rank {rank} after {timeout}s")
 
 
-@pytest.mark.slow
-def test_kill_9_of_one_rank_stops_the_job_leaves_no_process_and_the_rerun_resumes(prepared, tmp_path):
-    import psutil
-
+def start_stage_and_wait_for_a_checkpoint(prepared: dict, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     params = write_params(tmp_path / "p", "two.yaml", max_steps=100000, checkpoint_interval=20, eval_interval=100000,
                           launch={"nproc_per_node": 2})
     out, log = tmp_path / "out", tmp_path / "log.txt"
     with log.open("w") as f:
         stage = subprocess.Popen(pretrain_command(prepared, params, out), cwd=ROOT, env=ENV, stdout=f,
                                  stderr=subprocess.STDOUT, start_new_session=True)
+    rank_process(stage.pid, 1)
+    deadline = time.monotonic() + 240
+    while not (out / "config.json").exists():
+        assert stage.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    return stage, out, log
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_stops_the_job_leaves_no_process_and_the_rerun_resumes(prepared, tmp_path):
+    import psutil
+
+    stage, out, log = start_stage_and_wait_for_a_checkpoint(prepared, tmp_path)
     try:
         rank1 = rank_process(stage.pid, 1)
-        deadline = time.monotonic() + 240
-        while not (out / "config.json").exists():
-            assert stage.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
         job = descendants(stage.pid)
         rank1.kill()  # SIGKILL
         assert stage.wait(timeout=120) != 0
@@ -204,7 +210,7 @@ def test_kill_9_of_one_rank_stops_the_job_leaves_no_process_and_the_rerun_resume
             stage.wait()
     assert "training job (torch.distributed.run) failed" in log.read_text()
     saved = json.loads((out / "config.json").read_text())["step"]
-    rest = pretrain(prepared, params, out, "--until-step", str(saved + 2))
+    rest = pretrain(prepared, tmp_path / "p" / "two.yaml", out, "--until-step", str(saved + 2))
     assert f"resuming from {out} at step {saved}" in rest.stderr
     assert json.loads(rest.stdout)["step"] == saved + 2
 
@@ -236,3 +242,28 @@ def test_dvc_repro_on_two_processes_gives_the_weights_of_one_process_accumulatin
                             track=False)
     assert_same_weights(weights(artifacts / "pretrain"), weights(tmp_path / "one"))
     assert json.loads((artifacts / "pretrain" / "metrics.json").read_text())["step"] == result["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_stage_stops_every_process_with_a_checkpoint_and_sigkill_leaves_no_process(prepared,
+                                                                                                   tmp_path):
+    import psutil
+
+    stage, out, log = start_stage_and_wait_for_a_checkpoint(prepared, tmp_path / "term")
+    try:
+        stage.send_signal(signal.SIGTERM)  # forwarded to the launcher, which passes it to the workers
+        assert stage.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    step = json.loads((out / "config.json").read_text())["step"]
+    assert f"interrupted: SIGTERM stopped training at step {step}" in log.read_text()
+
+    stage, out, log = start_stage_and_wait_for_a_checkpoint(prepared, tmp_path / "kill")
+    job = descendants(stage.pid)
+    stage.kill()  # the launcher dies with it (SIGTERM), and its workers with the launcher
+    stage.wait()
+    gone, alive = psutil.wait_procs(job, timeout=90)
+    for process in alive:
+        process.kill()
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"

@@ -184,13 +184,14 @@ def _rebuilt_error(error: Mapping[str, str]) -> BaseException | None:
     return None
 
 
-def _die_with_parent(signum: int) -> None:
-    """Have the kernel send ``signum`` to this process when its parent exits (Linux; elsewhere nothing)."""
+def _die_with_parent(signum: int, parent_variable: str) -> None:
+    """Have the kernel send ``signum`` to this process when its parent exits (Linux; elsewhere nothing), and send it
+    now if the parent, whose pid the environment variable ``parent_variable`` holds, is already gone."""
     if not sys.platform.startswith("linux"):
         return
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(OSError, AttributeError, ValueError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent was already gone before the call
+        if os.getppid() != int(os.environ[parent_variable]):  # reparented before the call
             os.kill(os.getpid(), signum)
 
 
@@ -200,7 +201,6 @@ def _worker(call_file: Path) -> int:
 
     from llm.training.loop import TrainingInterrupted
 
-    _die_with_parent(signal.SIGKILL)
     call = json.loads(call_file.read_text())
     module, _, name = call["function"].partition(":")
     function = validate_call(getattr(importlib.import_module(module), name))
@@ -234,8 +234,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     role, rest = argv[0], argv[1:]
     if role == "worker":
+        _die_with_parent(signal.SIGKILL, "LLM_LAUNCHER")
         return _worker(Path(rest[0]))
-    _die_with_parent(signal.SIGTERM)  # its SIGTERM handler stops the workers
+    _die_with_parent(signal.SIGTERM, "LLM_LAUNCH_PARENT")  # its SIGTERM handler stops the workers
+    os.environ["LLM_LAUNCHER"] = str(os.getpid())  # the workers' parent
     from torch.distributed.run import main as torchrun
 
     torchrun(rest)
