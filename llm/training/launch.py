@@ -164,14 +164,11 @@ def _job_error(record: Mapping[str, Any], returncode: int, signum: int | None, p
     error = record.get("error")
     if error and error["type"].split(".")[0] == "llm" and (rebuilt := _rebuilt_error(error)) is not None:
         return rebuilt
-    if error and not error["type"].startswith("torch.distributed"):  # not a peer gone: rank 0's own failure
-        return LaunchError(f"rank 0 of the {processes}-process training job failed: {error['type']}: "
-                           f"{error['message']}")
     cause = f" after {signal.Signals(signum).name}" if signum else ""
     seen = f"; rank 0 saw {error['type']}: {error['message'].splitlines()[0][:300]}" if error else ""
     return LaunchError(f"the {processes}-process training job (torch.distributed.run) failed{cause} with exit code "
-                       f"{returncode}: a worker stopped (its error, if it had time to print one, is above){seen}. "
-                       "Run the stage again to resume from the last checkpoint")
+                       f"{returncode}: a worker failed or was stopped (its error, if it had time to print one, is "
+                       f"above){seen}. Once the cause is gone, the stage resumes from the last checkpoint")
 
 
 def _rebuilt_error(error: Mapping[str, str]) -> BaseException | None:
