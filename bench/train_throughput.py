@@ -20,15 +20,23 @@ is the median of its steps: every model sees the same load. The load average is 
 ``--threads 1``, ``--clock cpu`` times by this thread's CPU time instead (the peak too), which other jobs
 taking the core do not inflate.
 
+The ``gpt2`` preset is the model section of ``params/presets/gpt2.yaml`` (the GPT-2 124M recipe) with its
+micro-batch of 16. The fast paths to try on a GPU: ``--sdpa`` pins one attention kernel (flash, cuDNN,
+memory-efficient, math) for both models, ``--compile-mode`` picks inductor's mode (``max-autotune`` tunes
+matmul kernels and captures CUDA graphs), ``--adamw foreach`` times the unfused optimizer against the fused
+default; bench/gpu_session.sh runs them in one GPU session.
+
 Usage:
     python bench/train_throughput.py --preset nanogpt small --compile   # CPU: both shapes, eager and compiled
     python bench/train_throughput.py --preset nanogpt small --compile --threads 1 --clock cpu   # a shared CPU
     python bench/train_throughput.py --preset gpt2 --compile            # GPT-2 124M shape, T=1024, on a GPU
+    python bench/train_throughput.py --preset gpt2 --compile --only ours --sdpa cudnn --compile-mode max-autotune
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,8 +66,29 @@ PRESETS = {
     "nanogpt": dict(n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=65, batch_size=12),
     "small": dict(n_layer=4, n_head=4, d_model=256, context_length=256, vocab_size=4096, batch_size=8),
     "baby": dict(n_layer=6, n_head=6, d_model=384, context_length=256, vocab_size=96, batch_size=64),
-    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50304, batch_size=16),
 }
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(name: str) -> dict:
+    """The shape of the recipe ``params/presets/<name>.yaml`` and its micro-batch, as a preset of this benchmark."""
+    recipe = yaml.safe_load((ROOT / "params" / "presets" / f"{name}.yaml").read_text())
+    keys = ("n_layer", "n_head", "d_model", "context_length", "vocab_size")
+    return {**{k: recipe["model"][k] for k in keys}, "batch_size": recipe["pretrain"]["batch_size"]}
+
+
+PRESETS["gpt2"] = _recipe("gpt2")  # 12 layers, 12 heads, 768 wide, T=1024, 50,304 tokens, batch 16
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_context(name: str):
+    """Pin ``F.scaled_dot_product_attention`` to one kernel (``auto``: PyTorch's own choice)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
 def ours(cfg: ModelConfig) -> torch.nn.Module:
@@ -86,12 +116,14 @@ class Trainer:
     """One model, its optimizer and a fixed batch: ``step()`` runs and times one training step."""
 
     def __init__(self, build: Callable, cfg: ModelConfig, batch_size: int, device, dtype, compile_model: bool,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], options: argparse.Namespace):
         torch.manual_seed(0)
         self.model = build(cfg).to(device).train()
         self.params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        self.run = torch.compile(self.model) if compile_model else self.model
+        fused = device.type == "cuda" and options.adamw == "fused"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
+        self.run = torch.compile(self.model, mode=options.compile_mode) if compile_model else self.model
+        self.sdpa = options.sdpa
         self.x = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
         self.y = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length), device=device)
         self.device, self.dtype, self.clock = device, dtype, clock
@@ -101,7 +133,7 @@ class Trainer:
     def step(self, record: bool = True) -> None:
         synchronize(self.device)
         t0 = self.clock()
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype), sdpa_context(self.sdpa):
             loss = loss_of(self.run, self.x, self.y)
         loss.backward()
         self.opt.step()
@@ -125,7 +157,7 @@ def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
     modes = [False, True] if args.compile else [False]
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     trainers = {f"{label}{' compiled' if compiled else ''}":
-                Trainer(build, cfg, batch_size, device, dtype, compiled, clock)
+                Trainer(build, cfg, batch_size, device, dtype, compiled, clock, args)
                 for compiled in modes for label, build in sides}
     for trainer in trainers.values():  # first steps compile (with --compile) and warm the allocator
         for _ in range(args.warmup):
@@ -147,7 +179,8 @@ def bench_preset(name: str, args, device, dtype) -> tuple[str, list[dict]]:
         row["vs_hf"] = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
     header = (f"preset={name} layers={cfg.n_layer} heads={cfg.n_head} d={cfg.d_model} T={cfg.context_length} "
               f"vocab={cfg.vocab_size} batch={batch_size} device={device} dtype={str(dtype).removeprefix('torch.')} "
-              f"threads={torch.get_num_threads()} peak={peak / 1e12:.3f} TFLOP/s steps={args.steps} clock={args.clock}")
+              f"threads={torch.get_num_threads()} peak={peak / 1e12:.3f} TFLOP/s steps={args.steps} clock={args.clock} "
+              f"sdpa={args.sdpa} adamw={args.adamw} compile_mode={args.compile_mode}")
     return header, rows
 
 
@@ -164,6 +197,10 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: time by this thread's CPU time (CPU, --threads 1 only)")
     ap.add_argument("--only", choices=["ours", "hf"], help="run one side only")
+    ap.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto", help="pin the attention kernel")
+    ap.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune",
+                                               "max-autotune-no-cudagraphs"], default="default")
+    ap.add_argument("--adamw", choices=["fused", "foreach"], default="fused", help="AdamW's implementation on CUDA")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.threads:

@@ -93,8 +93,8 @@ def tokenizer(overrides: Overrides = None, base_overrides: Overrides = None) -> 
     """Train the tokenizer on the cleaned train split into ``artifacts/tokenizer`` (``params/tokenizer.yaml``),
     or take the tokenizer of the model that ``params/base.yaml`` starts from."""
     layout = Layout()
-    params = read_params("tokenizer", overrides)
     base = read_params("base", base_overrides)
+    params = read_params("tokenizer", overrides, preset=base.preset)
     return tokenizer_task(params, layout.artifact("clean"), layout.artifact("tokenizer"), base=base)
 
 

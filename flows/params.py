@@ -23,6 +23,7 @@ from llm.config import (
     PretrainParams,
     TokenizerParams,
     load_params,
+    read_preset,
 )
 from llm.stages import Layout
 
@@ -41,12 +42,15 @@ PARAMS_MODELS: dict[str, type[BaseModel]] = {
 Overrides = dict[str, Any] | None
 
 
-def read_params(name: str, overrides: Overrides = None, layout: Layout | None = None) -> Any:
-    """``params/<name>.yaml`` with ``overrides`` applied on top (``llm.config.apply_overrides``), validated by
-    its pydantic model.
+def read_params(name: str, overrides: Overrides = None, layout: Layout | None = None, *,
+                preset: str | None = None) -> Any:
+    """``params/<name>.yaml`` with the ``<name>`` section of the recipe ``params/presets/<preset>.yaml`` (the
+    ``preset`` of params/base.yaml) and then ``overrides`` applied on top (``llm.config.apply_overrides``),
+    validated by its pydantic model.
 
     Raises ParamsError naming the file when it is missing or holds a key twice, and the file and the key when
     a key is unknown or a value invalid.
     """
     layout = layout or Layout()
-    return load_params(PARAMS_MODELS[name], layout.params / f"{name}.yaml", overrides)
+    return load_params(PARAMS_MODELS[name], layout.params / f"{name}.yaml", overrides,
+                       preset=read_preset(layout.params, preset, name))

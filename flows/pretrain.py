@@ -21,15 +21,16 @@ def pretrain(
     base_overrides: Overrides = None,
 ) -> dict:
     """Pretrain with ``params/pretrain.yaml`` and ``params/model.yaml`` (each with its overrides), from random
-    weights or from the model that ``params/base.yaml`` names.
+    weights or from the model that ``params/base.yaml`` names; its ``preset`` (a recipe in params/presets/)
+    overrides both files' values.
 
     With ``resume`` a checkpoint already in ``artifacts/pretrain`` is continued exactly when it is of the same
     run (same data, tokenizer, code and params; another run starts over); ``until_step`` stops early, to be
     resumed later. Returns the final metrics, MLflow run id and registered model version.
     """
     layout = Layout()
-    params = read_params("pretrain", overrides)
-    model_config = read_params("model", model_overrides)
     base = read_params("base", base_overrides)
+    params = read_params("pretrain", overrides, preset=base.preset)
+    model_config = read_params("model", model_overrides, preset=base.preset)
     return pretrain_task(params, model_config, layout.artifact("tokens"), layout.artifact("tokenizer"),
                          layout.artifact("pretrain"), resume=resume, until_step=until_step, base=base)

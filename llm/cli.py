@@ -34,6 +34,7 @@ from llm.config import (
     apply_overrides,
     load_params,
     parse_yaml,
+    read_preset,
     validate_params,
 )
 from llm.stages import (
@@ -179,11 +180,13 @@ def pretrain(
     model_sets: Annotated[list[str] | None, typer.Option("--model-set", help="override a model.yaml key")] = None,
     resume: bool = typer.Option(True, help="continue the checkpoint in --out if there is one"),
     until_step: UntilStep = None,
+    preset: str | None = typer.Option(None, help="a recipe of params/presets/ over the params files, e.g. gpt2"),
 ) -> None:
     """Pretrain the GPT on the token files; checkpoints land in --out and resume exactly."""
     result = pretrain_stage(
-        load_params(PretrainParams, params, _overrides(sets)),
-        load_params(ModelConfig, model_params, _overrides(model_sets, "--model-set")),
+        load_params(PretrainParams, params, _overrides(sets), preset=read_preset(LAYOUT.params, preset, "pretrain")),
+        load_params(ModelConfig, model_params, _overrides(model_sets, "--model-set"),
+                    preset=read_preset(LAYOUT.params, preset, "model")),
         tokens, tokenizer_dir, out, resume=resume, until_step=until_step,
     )
     typer.echo(json.dumps(result, indent=2))
@@ -613,11 +616,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from llm.io import FolderLocked
     from llm.model.checkpoint import CheckpointError
     from llm.model.lora import LoRAConfigError
+    from llm.training.launch import LaunchError
     from llm.training.loop import TrainingDivergedError
 
     expected: tuple[type[BaseException], ...] = (ParamsError, CheckpointError, TokenDataError, TokenizerError,
                                                  CorpusError, ChatDataError, TrainingDivergedError, FileNotFoundError,
-                                                 LoRAConfigError, FolderLocked)
+                                                 LoRAConfigError, FolderLocked, LaunchError)
     for module, name in (("llm.mlops.registry", "RegistryError"), ("llm.inference.export", "ExportError"),
                          ("llm.interop.hf", "InteropError")):
         try:  # mlflow and onnxruntime are optional on a bare GPU box

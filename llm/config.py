@@ -227,6 +227,35 @@ def _distinct_loggers(value: list[str]) -> list[str]:
     if repeated:
         raise ValueError(f"tracking names {', '.join(repeated)} more than once")
     return value
+class LaunchParams(StrictModel):
+    """How many processes train (``launch`` in ``params/pretrain.yaml`` and ``params/finetune.yaml``).
+
+    More than one process on one node, or more than one node, makes the stage run its training under PyTorch's
+    elastic launcher (``python -m torch.distributed.run``; ``llm.training.launch``), whatever started the stage
+    (``dvc repro``, ``python -m flows``, ``llm pipeline``, a Prefect deployment). ``nproc_per_node: auto`` is every
+    visible GPU, and 1 process where there is none.
+    """
+
+    nproc_per_node: int | Literal["auto"] = Field(
+        "auto", description="processes on this node: a number, or auto (every visible GPU; 1 on CPU)")
+    nnodes: int = Field(1, gt=0, le=MAX_BATCH, description="machines in the job (each runs the stage itself)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (node 0) when nnodes > 1")
+    rdzv_id: str = Field("llm", min_length=1, description="the job's name, the same on every node")
+    max_restarts: int = Field(0, ge=0, description="times the launcher restarts the workers after a failure (each "
+                              "restart resumes from the last checkpoint)")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_BATCH):
+            raise ValueError(f"must be auto or a number of processes from 1 to {MAX_BATCH}")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> LaunchParams:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: host:port of node 0, reachable from every node")
+        return self
 
 
 class PretrainParams(StrictModel):
@@ -258,6 +287,10 @@ class PretrainParams(StrictModel):
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
     progress: bool = True
     tracking: list[LoggerName] = _tracking_field()
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole model and optimizer; fsdp: FSDP2 shards them over "
+        "the processes, checkpoints through torch.distributed.checkpoint")
+    launch: LaunchParams = Field(default_factory=LaunchParams)
 
     _check_tracking = field_validator("tracking")(_distinct_loggers)
 
@@ -293,6 +326,30 @@ class BaseParams(StrictModel):
                                   "GPT-2, Llama or Qwen3; None: train from scratch")
     context_length: int | None = Field(None, gt=0, le=MAX_CONTEXT, description="shorten the imported model's context "
                                        "(faster on a CPU); None keeps it")
+    preset: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="a recipe, params/presets/<preset>.yaml:"
+                               " its tokenizer, model and pretrain sections override those params files (read_preset)")
+
+
+PRESET_SECTIONS = ("tokenizer", "model", "pretrain")
+
+
+def read_preset(params_dir: str | Path, name: str | None, section: str) -> dict[str, Any]:
+    """The ``section`` (``tokenizer``, ``model`` or ``pretrain``) of the recipe ``params_dir/presets/<name>.yaml``:
+    values that override that params file's, before any ``--set``. Empty for ``name`` None or a section the
+    preset leaves alone. Raises ParamsError naming the file when it is missing, not YAML, or holds another section."""
+    if name is None:
+        return {}
+    path = Path(params_dir) / "presets" / f"{name}.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        known = sorted(p.stem for p in (Path(params_dir) / "presets").glob("*.yaml"))
+        raise ParamsError(f"{path}: no such preset (params/base.yaml: preset: {name}); known: {known}") from None
+    data = parse_yaml(text, str(path)) or {}
+    unknown = set(data) - set(PRESET_SECTIONS) if isinstance(data, dict) else {"(not a mapping)"}
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {sorted(unknown)}; a preset holds {list(PRESET_SECTIONS)}")
+    return dict(data.get(section) or {})
 
 
 class ExportParams(StrictModel):
@@ -424,9 +481,11 @@ def _merge_value(old: Any, new: Any) -> Any:
     return copy.deepcopy(new)
 
 
-def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> P:
-    """Read the YAML params file ``path``, apply ``overrides`` on top (``apply_overrides``: dotted keys and
-    mappings change only the keys they name), and validate it against ``model``.
+def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
+                preset: Mapping[str, Any] | None = None) -> P:
+    """Read the YAML params file ``path``, apply ``preset`` (a recipe's section: ``read_preset``) then ``overrides``
+    on top (``apply_overrides``: dotted keys and mappings change only the keys they name), and validate it
+    against ``model``.
 
     ``path=None`` says there is no params file: the model's defaults with ``overrides``. A path that does
     not exist is an error, never the defaults in disguise.
@@ -449,6 +508,7 @@ def load_params(model: type[P], path: str | Path | None, overrides: Mapping[str,
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    data = apply_overrides(data, preset, f"{path} (preset)")
     return validate_params(model, apply_overrides(data, overrides, str(path)), str(path))
 
 
@@ -574,3 +634,10 @@ class FinetuneParams(PretrainParams):
     method: Literal["full", "lora"] = Field(
         "full", description="full: train every weight; lora: train low-rank adapters on a frozen base (lora:)")
     lora: LoRAParams = Field(default_factory=LoRAParams)
+
+    @model_validator(mode="after")
+    def _no_sharded_adapters(self) -> FinetuneParams:
+        if self.method == "lora" and self.strategy == "fsdp":
+            raise ValueError("strategy: fsdp shards whole weights; with method: lora (a frozen base, small adapters) "
+                             "use strategy: ddp")
+        return self

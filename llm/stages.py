@@ -38,6 +38,7 @@ from llm.mlops.stage_tracking import (
     training_params,
     write_registration,
 )
+from llm.training.launch import run_launched  # light: torch is imported only when the stage launches
 
 if TYPE_CHECKING:
     from llm.data.clean import ShardMapper
@@ -172,7 +173,11 @@ def pretrain_stage(
 
     Returns the final metrics plus ``run_id`` and ``model_version`` (None when untracked or stopped
     early with ``until_step``). The registration is also written to ``out_dir/registration.json``.
+    With ``params.launch`` asking for several processes, the stage runs itself under ``torch.distributed.run``
+    (``llm.training.launch``) and returns what its rank 0 returned.
     """
+    if (launched := run_launched(pretrain_stage, params.launch, params.device, locals())) is not None:
+        return launched
     from llm.training.pretrain import pretrain
 
     check_until_step(until_step)
@@ -208,8 +213,11 @@ def finetune_stage(
     ``chat_dir``, finetune the pretrained checkpoint ``base_dir`` on it, log the run and register the
     result as a version of ``gpt`` tagged ``llm.stage=finetune`` with its parent pretraining run.
 
-    Returns the final metrics plus ``run_id`` and ``model_version``.
+    Returns the final metrics plus ``run_id`` and ``model_version``. With ``params.launch`` asking for several
+    processes, the stage runs itself under ``torch.distributed.run`` (``llm.training.launch``).
     """
+    if (launched := run_launched(finetune_stage, params.launch, params.device, locals())) is not None:
+        return launched
     from llm.data.chat_data import prepare_chat_data
     from llm.model.checkpoint import peek_config
     from llm.training.finetune import finetune

@@ -1,6 +1,7 @@
 """Data-parallel pretraining under torchrun (two CPU processes, gloo): it trains, checkpoints once, and a
-run stopped and resumed with the same number of processes reproduces the uninterrupted one; a signal to one
-process stops every process at the same step."""
+run stopped and resumed with the same number of processes reproduces the uninterrupted one (a job of 1 process
+accumulating twice as many micro-batches continues it); a signal to one process stops every process at the
+same step."""
 
 from __future__ import annotations
 
@@ -68,10 +69,13 @@ def test_two_processes_train_and_resume_exactly(prepared, params_dir, tmp_path):
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "full")
     assert len(train_losses(tmp_path / "full")) == 8
 
-    # each process's sampler state is in the checkpoint, so a job of another size cannot resume it exactly
-    single = torchrun(prepared, params_dir, tmp_path / "split", "--until-step", "8", nproc=1)
-    assert single.returncode != 0
-    assert "written by 2 process(es), this job has 1" in single.stderr
+    # every process draws the same micro-batches, so 1 process accumulating 2 continues the same run; 1 process
+    # accumulating 1 trains on half the data per step: another run, started over
+    single = torchrun(prepared, params_dir, tmp_path / "split", "--until-step", "8", "--set", "grad_accum_steps=2",
+                      nproc=1)
+    assert single.returncode == 0 and "resuming from" in single.stderr, single.stderr[-3000:]
+    other = torchrun(prepared, params_dir, tmp_path / "split", "--until-step", "1", nproc=1)
+    assert other.returncode == 0 and "holds the checkpoint of another run" in other.stderr, other.stderr[-3000:]
 
 
 def worker_of_rank(launcher: psutil.Process, rank: int, timeout: float = 120) -> psutil.Process:

@@ -53,6 +53,7 @@ def make_tiny_project(root: Path, *, with_code: bool = False) -> Path:
             shutil.copytree(REPO / folder, root / folder, ignore=ignore)
         for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
             shutil.copy2(REPO / name, root / name)
+        shutil.copytree(REPO / "params" / "presets", root / "params" / "presets")
     return root
 
 

@@ -5,7 +5,9 @@ Layout of a checkpoint folder::
     config.json          model config, tokenizer kind, step, metadata
     model.safetensors    weights (never pickle)
     tokenizer/           files written by Tokenizer.save
-    train_state/         optimizer.safetensors + state.json (step, RNG states, data position, history)
+    train_state/         optimizer.safetensors + state.json (step, RNG states, data position, history); a
+                         sharded run (strategy: fsdp) has sharded/ instead of the optimizer files: weights and
+                         optimizer state as torch.distributed.checkpoint wrote them, one file per process
     manifest.json        size and sha256 of every file above, written last
 
 A LoRA run's folder (an *adapter checkpoint*) holds ``adapter.safetensors`` (the adapters alone, ``llm.model.lora``)
@@ -60,6 +62,7 @@ ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_DIR = "train_state"
+SHARDED_DIR = "sharded"  # in train_state/: a torch.distributed.checkpoint folder
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 TRACKING_RUN_KEY = "tracking_run_id"  # in config.json: the tracking run that trains the checkpoint (None: untracked)
@@ -77,6 +80,7 @@ class TrainState:
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)
+    sharded: Path | None = None  # a torch.distributed.checkpoint folder (weights, optimizer) instead of ``optimizer``
 
 
 class CheckpointConfig(dict):
@@ -219,8 +223,12 @@ def save_checkpoint(
     train_state: TrainState | None = None,
     metadata: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder at ``path`` atomically and return the path.
+
+    ``weights`` stand for ``model``'s own tensors (a sharded model's, gathered whole). ``train_state.sharded``
+    names a folder written by ``torch.distributed.checkpoint``: it is moved into ``train_state/sharded``.
 
     ``tokenizer`` is any object with ``kind`` and ``save(folder)``. ``extra_files`` maps file names to text
     written beside the checkpoint (metrics, curves), so they are swapped in together with the weights.
@@ -232,7 +240,7 @@ def save_checkpoint(
     path = Path(path)
     metadata = dict(metadata or {})
     adapter = metadata.pop("adapter", None)
-    state = _adapter_tensors(model) if adapter is not None else _weight_tensors(model)
+    state = _adapter_tensors(model) if adapter is not None else weights or _weight_tensors(model)
     non_finite = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
     if non_finite:
         raise CheckpointError(f"{path}: not written: weights {', '.join(non_finite[:5])} hold NaN or infinite values")
@@ -255,7 +263,10 @@ def save_checkpoint(
         if train_state is not None:
             ts = tmp / TRAIN_STATE_DIR
             ts.mkdir()
-            _optimizer_to_files(train_state.optimizer, ts)
+            if train_state.sharded is not None:
+                Path(train_state.sharded).rename(ts / SHARDED_DIR)
+            else:
+                _optimizer_to_files(train_state.optimizer, ts)
             save_file({k: v.cpu() for k, v in train_state.rng.items()}, str(ts / "rng.safetensors"))
             give_default_mode(ts / "rng.safetensors")
             _write_json(ts / "state.json", {"step": train_state.step, **train_state.extra})
@@ -424,12 +435,13 @@ def load_train_state(path: str | Path) -> TrainState:
         raise CheckpointError(f"{folder}: no train state in this checkpoint, so it cannot be resumed")
     try:
         meta = json.loads((folder / "state.json").read_text())
-        optimizer = _optimizer_from_files(folder)
+        sharded = folder / SHARDED_DIR if (folder / SHARDED_DIR).is_dir() else None
+        optimizer = _optimizer_from_files(folder) if sharded is None else {}
         rng = load_file(str(folder / "rng.safetensors"))
     except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError) as err:
         raise CheckpointError(f"{folder}: unreadable train state: {err}") from None
     step = meta.pop("step")
-    return TrainState(step=step, optimizer=optimizer, rng=rng, extra=meta)
+    return TrainState(step=step, optimizer=optimizer, rng=rng, extra=meta, sharded=sharded)
 
 
 class LoadedCheckpoint(NamedTuple):

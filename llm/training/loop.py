@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -65,12 +66,21 @@ from llm.training.device import autocast, peak_flops, select_device, select_dtyp
 from llm.training.distributed import (
     Distributed,
     barrier,
+    full_model_state,
     gather_rng_states,
+    gradient_sync,
     init_distributed,
+    job_world_size,
+    load_sharded_state,
+    local,
     max_over_processes,
     mean_over_processes,
+    own_micro_batches,
     own_rng_states,
+    save_sharded_state,
+    shard_model,
     shutdown,
+    whole,
 )
 
 log = logging.getLogger(__name__)
@@ -250,21 +260,23 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator[Batch], device: torc
 
 
 # params that change how a run is executed or displayed, not what it computes: not part of its identity
-_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile", "tracking"}
+_RESUME_FREE_KEYS = {"progress", "log_interval", "checkpoint_interval", "device", "num_threads", "compile", "tracking",
+                     "launch"}
 
 
-def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapping[str, Any]) -> dict[str, Any]:
+def run_identity(params: PretrainParams, model_config: ModelConfig, inputs: Mapping[str, Any],
+                 world_size: int | None = None) -> dict[str, Any]:
     """The identity of a training run: ``inputs`` (what it trains on and from: hashes of its data, its
     tokenizer, for finetuning its base model, and the code that computes it: ``code_digests``), the model
     config and every param that changes the result.
 
-    Two attempts with equal identities are the same run, so the later one resumes the earlier one's checkpoint.
+    ``grad_accum_steps`` counts as the micro-batches of a step over the job's ``world_size`` processes (default:
+    this job's), so 2 processes accumulating 1 and 1 process accumulating 2 are the same run. Two attempts with
+    equal identities are the same run, so the later one resumes the earlier one's checkpoint.
     """
-    return {
-        "inputs": dict(inputs),
-        "model": model_config.model_dump(),
-        "params": {k: v for k, v in params.model_dump().items() if k not in _RESUME_FREE_KEYS},
-    }
+    kept = {k: v for k, v in params.model_dump().items() if k not in _RESUME_FREE_KEYS}
+    kept["grad_accum_steps"] *= job_world_size() if world_size is None else world_size
+    return {"inputs": dict(inputs), "model": model_config.model_dump(), "params": kept}
 
 
 def code_digests(*modules: str) -> dict[str, str]:
@@ -431,11 +443,13 @@ def _start_run(
     dist, device = init_distributed(select_device(params.device))
     dtype = select_dtype(params.dtype, device)
     model.to(device).train()
+    if params.strategy == "fsdp" and dist.enabled:
+        shard_model(model, model.blocks, device, dtype)  # before the optimizer, which must see the shards
     return RunState(
         model=model, tokenizer=tokenizer, data=data, params=params, out_dir=out_dir, metadata=metadata,
-        identity=run_identity(params, model.config, inputs),
+        identity=run_identity(params, model.config, inputs, dist.world_size),
         dist=dist, device=device, dtype=dtype, optimizer=build_optimizer(model, params, device),
-        rng=torch.Generator().manual_seed(params.seed + dist.rank),  # each process draws its own batches
+        rng=torch.Generator().manual_seed(params.seed),  # the same on every process: see own_micro_batches
     )
 
 
@@ -504,17 +518,16 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _resume(run: RunState) -> None:
     """Load the checkpoint in ``run.out_dir`` into ``run``: weights, optimizer moments, RNGs, step, history.
 
-    Raises CheckpointError when it is unreadable or was written by a job with another number of processes
-    (its batch sampling cannot be continued exactly).
+    Raises CheckpointError when it is unreadable.
     """
     out_dir = run.out_dir
-    load_weights(out_dir, run.model)
     state = load_train_state(out_dir)
-    run.optimizer.load_state_dict(state.optimizer)
-    try:
-        _set_rng_state(own_rng_states(state.rng, run.dist), run.rng)
-    except ValueError as err:
-        raise CheckpointError(f"{out_dir}: {err}") from None
+    if state.sharded is not None:  # strategy: fsdp, resharded for this job's processes
+        load_sharded_state(run.model, _optimizers(run.optimizer), state.sharded)
+    else:
+        load_weights(out_dir, run.model)
+        run.optimizer.load_state_dict(state.optimizer)
+    _set_rng_state(own_rng_states(state.rng, run.dist), run.rng)
     run.step, run.history = state.step, state.extra.get("history", [])
     run.saved_step = state.step
     run.elapsed = state.extra.get("elapsed_s", 0.0)
@@ -579,7 +592,7 @@ def _wrap_model(run: RunState) -> torch.nn.Module:
     """
     model = run.model
     train_model = torch.compile(model) if run.params.compile else model
-    if run.dist.enabled:
+    if run.dist.enabled and run.params.strategy == "ddp":  # fsdp: the model was sharded in place (_start_run)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [run.device.index] if run.device.type == "cuda" else None
@@ -597,12 +610,12 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum = 0.0
-    for micro in range(params.grad_accum_steps):
-        batch = [t.to(run.device, non_blocking=True) for t in run.data.train_batch(run.rng)]
+    draws = iter(lambda: run.data.train_batch(run.rng), None)
+    for micro, batch in enumerate(own_micro_batches(draws, run.dist, params.grad_accum_steps)):
+        batch = [t.to(run.device, non_blocking=True) for t in batch]
         mask = batch[2] if len(batch) > 2 else None
-        # under DDP, gradients are averaged across processes once, on the last micro-batch
-        sync = not run.dist.enabled or micro == params.grad_accum_steps - 1
-        with contextlib.nullcontext() if sync else train_model.no_sync(), autocast(run.device, run.dtype):
+        # gradients are averaged across processes once, on the last micro-batch
+        with gradient_sync(train_model, micro == params.grad_accum_steps - 1), autocast(run.device, run.dtype):
             loss = train_model(batch[0], batch[1], loss_mask=mask).loss
         (loss / params.grad_accum_steps).backward()
         loss_sum += loss.detach().item()
@@ -612,9 +625,9 @@ def _train_step(run: RunState, train_model: torch.nn.Module, lr: float) -> float
             f"loss became {train_loss} at step {run.step + 1} (lr {lr:.3g}); "
             f"the last good checkpoint in {run.out_dir} is untouched. Lower learning_rate or check the data."
         )
-    # the norm of the gradients that DDP has already averaged: the same on every process
+    # the norm of the gradients averaged over processes (fsdp: of every shard), the same on every process
     parameters = [p for p in run.model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    grad_norm = whole(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
     if not math.isfinite(norm := grad_norm.item()):
         raise TrainingDivergedError(
             f"gradient norm became {norm} at step {run.step + 1} (lr {lr:.3g}, loss {train_loss:.4f}); "
@@ -642,13 +655,14 @@ def _write_checkpoint(run: RunState, metrics: dict[str, float]) -> None:
 
     Raises TrainingDivergedError on every process, writing nothing, when a weight is NaN or infinite.
     """
-    non_finite = [name for name, p in run.model.named_parameters() if not p.detach().isfinite().all()]
-    if non_finite:
+    non_finite = [name for name, p in run.model.named_parameters() if not local(p.detach()).isfinite().all()]
+    if max_over_processes(int(bool(non_finite)), run.dist, run.device):  # fsdp: each process sees its shards
         raise TrainingDivergedError(
             f"weights became NaN or infinite at step {run.step} ({', '.join(non_finite[:3])}); not saved: the last "
             f"good checkpoint in {run.out_dir} is untouched. Lower learning_rate or check the data."
         )
     rng = gather_rng_states(_rng_state(run.rng), run.dist)  # collective: every process takes part
+    sharded, weights = _sharded_train_state(run) if run.params.strategy == "fsdp" else (None, None)
     if run.dist.is_main:
         extra_files = {
             "metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n",
@@ -657,13 +671,31 @@ def _write_checkpoint(run: RunState, metrics: dict[str, float]) -> None:
         }
         save_checkpoint(
             run.out_dir, run.model, run.model.config, run.tokenizer,
-            train_state=TrainState(run.step, run.optimizer.state_dict(), rng,
-                                   {"history": run.history, "elapsed_s": run.elapsed}),
+            train_state=TrainState(run.step, {} if sharded else run.optimizer.state_dict(), rng,
+                                   {"history": run.history, "elapsed_s": run.elapsed}, sharded=sharded),
             metadata={"step": run.step, "params": run.params.model_dump(), **run.metadata,
                       "run_identity": run.identity_digest, "identity": run.identity},
-            extra_files=extra_files,
+            extra_files=extra_files, weights=weights,
         )
     run.saved_step = run.step
+
+
+def _sharded_train_state(run: RunState) -> tuple[Path, dict[str, torch.Tensor]]:
+    """strategy: fsdp: every process writes its shards of the weights and optimizer state into a folder beside
+    ``run.out_dir`` (``torch.distributed.checkpoint``), which ``save_checkpoint`` moves into the new checkpoint,
+    and the weights are gathered whole for its ``model.safetensors``. Collective. Returns the folder and the
+    weights (empty except on the main process)."""
+    folder = run.out_dir.parent / f".{run.out_dir.name}.sharded-{run.step}"
+    if run.dist.is_main:
+        for stale in run.out_dir.parent.glob(f".{run.out_dir.name}.sharded-*"):
+            shutil.rmtree(stale)  # a write that a crash cut short
+    barrier(run.dist)
+    save_sharded_state(run.model, _optimizers(run.optimizer), folder)
+    return folder, full_model_state(run.model)
+
+
+def _optimizers(optimizer: Optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    return optimizer.optimizers if isinstance(optimizer, OptimizerChain) else (optimizer,)
 
 
 def _summary(run: RunState) -> dict[str, float]:
