@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -186,7 +187,9 @@ def test_a_resumed_training_appends_to_the_same_tensorboard_run_csv_file_and_wan
     assert csv_points(csv_run)["train/loss"] == [1, 2, 3, 4, 5, 6]
     wandb_id = saved["loggers"]["wandb_id"]
     attempts = sorted((project / "logs" / "wandb").glob("offline-run-*"))
-    assert [path.name.rsplit("-", 1)[1] for path in attempts] == [wandb_id, wandb_id]  # one W&B run, two attempts
+    # offline-run-<time>-<id>, with -1, -2... added by W&B when two attempts start within the same second
+    run_ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)(?:-\d+)?", path.name)[1] for path in attempts]
+    assert run_ids == [wandb_id, wandb_id]  # one W&B run, two attempts
     logged = [wandb_points(wandb_records(path))["train/loss"] for path in attempts]
     assert logged == [[1, 2, 3], [3, 4, 5, 6]]  # `wandb sync` of both: W&B keeps the first step 3
 
