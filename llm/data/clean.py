@@ -1014,20 +1014,24 @@ def _finish(
 def clean_corpus(
     params: DataParams, corpus_dir: Path, out_dir: Path, workers: int | None = None, mapper: ShardMapper | None = None
 ) -> dict:
-    """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
+    """Clean, deduplicate and split the documents under ``corpus_dir`` (each ``.txt`` file, each row of a
+    Parquet or JSON Lines shard) into ``out_dir``.
 
     Writes ``train.txt`` and ``val.txt`` (split file format, see the module docstring) and ``stats.json``,
-    each atomically. Documents are taken in sorted relative-path order, which decides which copy of a
-    duplicate is kept. The split is by document, or by contiguous sections for a corpus with too few
-    documents (see the module docstring). Returns the stats dict: top-level counts (files read, documents
-    kept and dropped per reason, docs/chars/bytes/words per split, a section counting as a document), the
-    dropped documents and near-duplicate pairs, the documents of each split, and how it was split.
+    each atomically. Documents are taken in sorted relative-path order (a shard's rows in order), which
+    decides which copy of a duplicate is kept. The split is by document, or by contiguous sections for a
+    corpus with too few documents (see the module docstring). Returns the stats dict: top-level counts
+    (``files_read``: documents read, a shard's row counting as one; documents kept and dropped per reason;
+    docs/chars/bytes/words per split, a section counting as a document), the dropped documents and
+    near-duplicate pairs, the documents of each split, and how it was split.
 
-    Files are cleaned in shards by ``mapper`` (default: a pool of ``workers`` processes, every core), and
-    memory holds per-document fingerprints, not the corpus: see ``clean_shard`` and ``finish_clean``.
+    Files are cleaned in shards by ``mapper`` (default: a pool of ``workers`` processes, every core), and so
+    are the near-duplicate candidates checked; memory holds per-document fingerprints (about 1.1 KB each with
+    the default 128 permutations), not the corpus: see ``clean_shard`` and ``finish_clean``.
 
-    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, no document is left
-    after cleaning, or the text left is too short to give both splits some of it.
+    Raises CorpusError when the folder holds no .txt file or shard, a file is not valid UTF-8, a shard cannot
+    be read or has a row without a string ``text``, no document is left after cleaning, or the text left is too
+    short to give both splits some of it.
     """
     t0 = time.perf_counter()
     workers = workers or os.cpu_count() or 1

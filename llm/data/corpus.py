@@ -387,8 +387,8 @@ def _read_parquet(path: Path, text_field: str, row_groups: range | None) -> Iter
                     first = texts.to_pylist().index(None)
                     raise CorpusError(f"{path}: row group {group}, row {row + first}: field {text_field!r} is null, "
                                       f"not a string")
-                for text in texts.to_pylist():
-                    yield row, text
+                for value in texts:  # one Python string at a time: a batch of long documents stays in Arrow
+                    yield row, value.as_py()
                     row += 1
         except (pa.ArrowException, OSError) as err:
             raise CorpusError(f"{path}: row group {group} cannot be read: {err}") from None
