@@ -13,7 +13,8 @@
 Shards. Large corpora ship as Parquet or JSON Lines files of many documents, one a row, the text in one
 field (FineWeb, TinyStories, Wikipedia dumps, anything saved with ``datasets``). A fetch streams each shard
 (``read_shard``: a Parquet row group, or a JSON line, at a time) into ``<path>.parquet`` with that field alone,
-as the string column ``text`` (``--text-field`` names the source's field; ``text`` by default), so the corpus
+as the string column ``text`` (zstd, no dictionary, row groups of about 8M characters; ``--text-field``
+names the source's field, ``text`` by default), so the corpus
 folder holds only ``.txt`` files and Parquet shards of one column, which the clean stage reads a row group at a
 time, each row a document. The other columns are dropped; the bytes written are the same for the same rows
 and pyarrow version. A row without the field, or whose value is not a string, stops the fetch with an error
@@ -311,10 +312,12 @@ def fetch_default_corpus(dest: Path, cache_dir: Path | None = None, limits: Fetc
 
 SHARD_SUFFIXES = (".parquet", ".jsonl.gz", ".jsonl")
 TEXT_FIELD = "text"
-# rows are read from Parquet in batches of this many (within one row group), so memory holds a batch of texts
-PARQUET_BATCH_ROWS = 256
+# rows are read from Parquet in batches of this many (within one row group), through a buffer of this many
+# bytes, so memory holds about a row group's pages, not its whole column chunk twice
+PARQUET_BATCH_ROWS = 16
+PARQUET_BUFFER_BYTES = 1 << 20
 # fetch writes a shard's rows in row groups of at most about this many characters of text
-SHARD_ROW_GROUP_CHARS = 32 << 20
+SHARD_ROW_GROUP_CHARS = 8 << 20
 
 
 def shard_suffix(path: Path | str) -> str | None:
@@ -337,7 +340,7 @@ def _open_parquet(path: Path, text_field: str):  # -> pyarrow.parquet.ParquetFil
     """The Parquet file at ``path``, checked to hold ``text_field`` as a text column; CorpusError otherwise."""
     pa, pq = _pyarrow()
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
     except (pa.ArrowException, OSError) as err:
         raise CorpusError(f"{path}: not a readable Parquet file: {err}") from None
     schema = parquet.schema_arrow
@@ -392,6 +395,7 @@ def _read_parquet(path: Path, text_field: str, row_groups: range | None) -> Iter
                     row += 1
         except (pa.ArrowException, OSError) as err:
             raise CorpusError(f"{path}: row group {group} cannot be read: {err}") from None
+        pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the row group's pages
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
@@ -453,7 +457,8 @@ def write_shard_as_parquet(src: Path, dest: Path, text_field: str, budget: _Budg
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "xb") as f:
-        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        # no dictionary: documents seldom repeat, and a dictionary page is decoded whole when read
+        with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=False) as writer:
             for _, text in read_shard(src, text_field):
                 texts.append(text)
                 chars += len(text)
