@@ -588,7 +588,7 @@ def _write_json(path: Path, data: dict) -> None:
 SHARD_BYTES_MAX = 64 << 20
 SHARD_BYTES_MIN = 16 << 20
 # a verify_pairs job keeps the shingle sets it read up to this many bytes
-SHINGLE_CACHE_BYTES = 64 << 20
+SHINGLE_CACHE_BYTES = 16 << 20
 # near-duplicate candidates per verify_pairs job, at least: fewer are checked without starting processes
 VERIFY_PAIRS_MIN = 256
 
