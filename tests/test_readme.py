@@ -142,6 +142,9 @@ SKIPPED = {
     "python bench/serve.py": "a benchmark (minutes, after make demo)",
     "python bench/serve_engine.py": "a benchmark (minutes)",
     "python bench/data_scale.py": "a benchmark on 45 and 450 MB corpora",
+    "python bench/data_scale.py --shape logs --base-files 1000 --file-kb 359 --scales 1 --stages clean":
+        "a benchmark on a 368 MB corpus (minutes)",
+    "python bench/data_scale.py --format txt parquet --base-files 4100 --scales 1": "a benchmark on a 1.9 GB corpus",
     "python bench/stage_overhead.py": "a benchmark of every stage, 5 runs each",
 }
 
