@@ -175,6 +175,14 @@ def test_each_documents_shingles_are_computed_once_however_many_candidates_it_is
     calls: list[int] = []
     shingles = clean_module.word_shingles
     monkeypatch.setattr(clean_module, "word_shingles", lambda text, k=5: calls.append(1) or shingles(text, k))
-    stats = clean_corpus(DataParams(min_doc_chars=100), corpus, tmp_path / "clean", mapper=inline)
+    monkeypatch.setattr(clean_module, "VERIFY_PAIRS_MIN", 16)
+    mapped: list[tuple[str, int]] = []
+
+    def recording(fn, items):  # what a Prefect or Dask runner is handed
+        mapped.append((fn.__name__, len(items)))
+        return inline(fn, items)
+
+    stats = clean_corpus(DataParams(min_doc_chars=100), corpus, tmp_path / "clean", mapper=recording, workers=2)
     assert stats["near_duplicate_search"]["checked_pairs"] > len(files)  # each document is in several pairs
     assert len(calls) == len(files)
+    assert mapped[0][0] == "clean_shard" and mapped[1] == ("verify_pairs", 8)  # 4 jobs a worker, on the mapper
