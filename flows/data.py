@@ -72,11 +72,12 @@ def shard_mapper(shard_task: Any) -> Callable[[Callable[[Any], Any], Sequence[An
 
 
 @flow(name="fetch")
-def fetch(source: str = "default", add: bool = False) -> list[str]:
+def fetch(source: str = "default", add: bool = False, text_field: str = "text") -> list[str]:
     """Write the raw corpus into ``data/corpus/`` from ``source``: ``default`` (the pinned Shakespeare
-    corpus), a local folder, or an http(s) URL of a .txt file or archive. The corpus becomes that source
-    alone; ``add`` keeps the other sources there. Returns the files written."""
-    return [str(p) for p in fetch_task(source, Layout().corpus, add=add)]
+    corpus), a local folder, or an http(s) URL of a .txt file, a Parquet or JSON Lines shard (its
+    ``text_field`` is the text) or an archive. The corpus becomes that source alone; ``add`` keeps the other
+    sources there. Returns the files written."""
+    return [str(p) for p in fetch_task(source, Layout().corpus, add=add, text_field=text_field)]
 
 
 @flow(name="clean", task_runner=data_task_runner())

@@ -107,8 +107,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 
 @data_app.command("fetch")
 def data_fetch(
-    source: str = typer.Option("default", help="'default' (Gutenberg Shakespeare), a local folder, or an http(s) URL "
-                                                "of a .txt file or a .zip/.tar.gz archive"),
+    source: str = typer.Option("default", help="'default' (Gutenberg Shakespeare), a local folder of .txt files or "
+                                                ".parquet/.jsonl/.jsonl.gz shards, or an http(s) URL of a .txt file, "
+                                                "a shard or a .zip/.tar.gz archive"),
     dest: Path = typer.Option(LAYOUT.corpus, help="folder to write the corpus into"),
     max_bytes: str | None = typer.Option(
         None, show_default=_DEFAULT_LIMITS.max_bytes.human_readable(decimal=True),
@@ -123,6 +124,8 @@ def data_fetch(
         help="give up a URL fetch after this many seconds in all, retries included"),
     add: bool = typer.Option(False, "--add", help="keep the sources already in the corpus folder and add this one "
                                                   "beside them (default: the corpus becomes this source alone)"),
+    text_field: str = typer.Option("text", "--text-field", help="the field of a Parquet or JSON Lines shard that "
+                                                                "holds the text (stored as the column 'text')"),
 ) -> None:
     """Build data/corpus from a source, deterministically (same source, byte-identical files). The corpus is
     replaced: the source is written to data/corpus/<name>/ and the other sources there are removed, so
@@ -130,8 +133,8 @@ def data_fetch(
     given = {"max_bytes": max_bytes, "max_member_bytes": max_member_bytes, "max_members": max_members,
              "timeout_s": timeout}
     limits = validate_params(FetchLimits, {k: v for k, v in given.items() if v is not None}, "llm data fetch")
-    files = fetch_stage(source, dest, limits, add=add)
-    typer.echo(f"wrote {len(files)} text files under {dest}" + ("" if add else " (the corpus is this source alone)"))
+    files = fetch_stage(source, dest, limits, add=add, text_field=text_field)
+    typer.echo(f"wrote {len(files)} files under {dest}" + ("" if add else " (the corpus is this source alone)"))
 
 
 @app.command()

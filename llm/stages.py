@@ -99,12 +99,14 @@ def stage_modules(stage: str, track: bool | None = None) -> tuple[str, ...]:
     return _STAGE_MODULES[stage] + tracking
 
 
-def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None, *, add: bool = False) -> list[Path]:
+def fetch_stage(source: str, dest: Path, limits: FetchLimits | None = None, *, add: bool = False,
+                text_field: str = "text") -> list[Path]:
     """Build the raw corpus folder from ``source`` (``default``, a folder or an http(s) URL), within ``limits``:
-    the corpus becomes that source alone, or, with ``add``, that source beside those already there."""
+    the corpus becomes that source alone, or, with ``add``, that source beside those already there. A Parquet
+    or JSON Lines shard's ``text_field`` is its text."""
     from llm.data.corpus import fetch_corpus
 
-    return fetch_corpus(source, dest, limits=limits, add=add)
+    return fetch_corpus(source, dest, limits=limits, add=add, text_field=text_field)
 
 
 def clean_stage(

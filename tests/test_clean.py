@@ -19,6 +19,7 @@ from llm.data.clean import (
     clean_text,
     find_near_duplicates,
     iter_documents,
+    jaccards_in_memory,
     lsh_rows_per_band,
     minhash_signatures,
     normalize_text,
@@ -210,8 +211,9 @@ def test_lsh_candidates_find_the_same_near_duplicates_as_all_pairs():
         play = make_play(seed, n_lines=120)
         texts += [play, old_spelling(play, seed=100 + seed)]
     shingles = [word_shingles(t) for t in texts]
-    exact, exact_info = find_near_duplicates(shingles, threshold=0.05)
-    lsh, lsh_info = find_near_duplicates(shingles, threshold=0.05, num_perm=128, exact_max_docs=0)
+    sizes, jaccards = [len(s) for s in shingles], jaccards_in_memory(shingles)
+    exact, exact_info = find_near_duplicates(sizes, 0.05, jaccards)
+    lsh, lsh_info = find_near_duplicates(sizes, 0.05, jaccards, minhash_signatures(shingles, 128), num_perm=128)
     assert exact_info["method"] == "exact_all_pairs" and exact_info["candidate_pairs"] == 66
     assert lsh_info["method"] == "minhash_lsh" and lsh_info["rows_per_band"] == 1
     assert [(d.kept, d.dropped) for d in exact] == [(2 * i, 2 * i + 1) for i in range(6)]
@@ -431,9 +433,15 @@ def test_one_large_document_beside_a_small_one_is_split_into_sections(tmp_path):
     assert list(iter_documents(out / "val.txt")) == [files[doc][start:end] for doc, start, end in val]
 
 
+def sections_in_memory(names: list[str], texts: list[str], val_fraction: float) -> tuple[list[Section], list[Section]]:
+    """``split_into_sections`` of texts held in memory."""
+    return split_into_sections(names, [len(t) for t in texts], [len(t.encode()) for t in texts], texts.__getitem__,
+                               val_fraction)
+
+
 def test_sections_cut_at_a_word_start_in_text_without_line_breaks_and_measure_bytes():
     text = " ".join(["caf\u00e9"] * 1000)  # 5 bytes and 4 characters a word, plus a space
-    train, val = split_into_sections(["a.txt"], [text], val_fraction=0.25)
+    train, val = sections_in_memory(["a.txt"], [text], val_fraction=0.25)
     (doc, start, end), = [(s.document, s.start, s.end) for s in val]
     assert text[start - 1] == " " and text[start:start + 4] == "caf\u00e9" and end == len(text)
     assert len(text[start:].encode()) / len(text.encode()) == pytest.approx(0.25, abs=0.002)
@@ -442,7 +450,7 @@ def test_sections_cut_at_a_word_start_in_text_without_line_breaks_and_measure_by
 
 def test_sections_prefer_a_document_boundary_near_the_cut():
     names, texts = ["a.txt", "b.txt"], ["x\n" * 899 + "x" * 50, "y\n" * 99 + "y"]  # the cut falls 6 chars before b
-    train, val = split_into_sections(names, texts, val_fraction=0.1)
+    train, val = sections_in_memory(names, texts, val_fraction=0.1)
     assert train == [Section("a.txt", 0, len(texts[0]))] and val == [Section("b.txt", 0, len(texts[1]))]
 
 
@@ -452,6 +460,6 @@ def test_a_corpus_too_short_for_two_sections_is_an_error_that_says_what_to_do(tm
         clean_corpus(DataParams(min_doc_chars=0), corpus, tmp_path / "clean")
     assert not (tmp_path / "clean").exists()
     with pytest.raises(ValueError, match="cannot be cut"):
-        split_into_sections(["a.txt"], ["x"], val_fraction=0.5)
-    assert split_into_sections(["a.txt"], ["xy"], val_fraction=0.5) == ([Section("a.txt", 0, 1)],
-                                                                         [Section("a.txt", 1, 2)])
+        sections_in_memory(["a.txt"], ["x"], val_fraction=0.5)
+    assert sections_in_memory(["a.txt"], ["xy"], val_fraction=0.5) == ([Section("a.txt", 0, 1)],
+                                                                        [Section("a.txt", 1, 2)])

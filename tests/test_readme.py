@@ -112,6 +112,10 @@ SKIPPED = {
                                                               "tensorboard starts it on a real run)",
     "wandb sync logs/wandb/offline-run-*": "uploads to W&B: an account and the network (tests/test_loggers.py reads "
                                           "the offline runs with W&B's own reader)",
+    "llm data fetch --source ~/fineweb-sample": "a folder of Parquet shards that the walk does not have "
+                                                "(tests/test_corpus_shards.py fetches and cleans shards)",
+    "llm data fetch --source https://example.org/stories.jsonl.gz --text-field story":
+        "a URL (tests/test_corpus_shards.py serves a .jsonl.gz shard locally)",
     # long-running servers besides llm serve
     "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1": "the MLflow UI, until Ctrl-C",
     "mlflow models serve -m models:/gpt/Production --env-manager local --host 127.0.0.1 --port 5001":
@@ -145,6 +149,9 @@ SKIPPED = {
     "python bench/serve.py": "a benchmark (minutes, after make demo)",
     "python bench/serve_engine.py": "a benchmark (minutes)",
     "python bench/data_scale.py": "a benchmark on 45 and 450 MB corpora",
+    "python bench/data_scale.py --shape logs --base-files 1000 --file-kb 359 --scales 1 --stages clean":
+        "a benchmark on a 368 MB corpus (minutes)",
+    "python bench/data_scale.py --format txt parquet --base-files 4100 --scales 1": "a benchmark on a 1.9 GB corpus",
     "python bench/stage_overhead.py": "a benchmark of every stage, 5 runs each",
 }
 

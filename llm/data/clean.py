@@ -1,6 +1,8 @@
 """The clean stage: normalise raw text documents, drop boilerplate and duplicates, split train from val.
 
-Each ``.txt`` file of the corpus is one document. ``clean_corpus`` cleans every document, drops the
+Each ``.txt`` file of the corpus is one document, and so is each row of a Parquet or JSON Lines shard (its
+``text`` column, read a row group or a line at a time by ``llm.data.corpus.read_shard``; named
+``<path>#<row>``). ``clean_corpus`` cleans every document, drops the
 ones that are too short, exact duplicates or near duplicates, splits the rest into train and val, and
 writes ``train.txt``, ``val.txt`` and ``stats.json``.
 
@@ -27,7 +29,10 @@ Near duplicates: two documents are near duplicates when the Jaccard similarity o
 k-shingles (k = ``shingle_size``; words are runs of letters/digits, lower-cased, punctuation dropped) is
 at least ``near_dup_threshold``. Candidate pairs are every pair for small corpora, else the pairs that
 MinHash + LSH banding puts in a common bucket; every candidate is then checked with the exact Jaccard,
-so MinHash only decides which pairs get checked, never the outcome.
+so MinHash only decides which pairs get checked, never the outcome. Each document's shingle set is computed
+once, when it is cleaned: kept in memory for a small corpus, else spooled beside its text (8 bytes a shingle),
+and the candidates are checked from the spooled sets by ``verify_pairs`` jobs on every core. Low-entropy text
+(logs, code, tables, templated text) gives many candidates; the check then scales with them.
 """
 
 from __future__ import annotations
@@ -52,7 +57,14 @@ from typing import Any
 import numpy as np
 
 from llm.config import DataParams
-from llm.data.corpus import CorpusError, iter_corpus_files
+from llm.data.corpus import (
+    TEXT_FIELD,
+    CorpusError,
+    iter_corpus_files,
+    parquet_row_group_sizes,
+    read_shard,
+    shard_suffix,
+)
 from llm.io import atomic_file, atomic_write_json, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
@@ -234,8 +246,13 @@ def _intersection_size(a: np.ndarray, b: np.ndarray) -> int:
         a, b = b, a
     if len(a) == 0:
         return 0
-    idx = np.minimum(np.searchsorted(b, a), len(b) - 1)
-    return int(np.count_nonzero(b[idx] == a))
+    if len(a) * 16 < len(b):  # far smaller: a binary search of each of its values
+        idx = np.minimum(np.searchsorted(b, a), len(b) - 1)
+        return int(np.count_nonzero(b[idx] == a))
+    # similar sizes: a stable sort (timsort) of two sorted runs is one merge, half the time of the searches
+    merged = np.concatenate((a, b))
+    merged.sort(kind="stable")
+    return int(np.count_nonzero(merged[1:] == merged[:-1]))
 
 
 def _pairwise_intersections(shingle_sets: Sequence[np.ndarray], buckets: int = 16) -> np.ndarray:
@@ -345,36 +362,28 @@ class NearDuplicate:
     jaccard: float
 
 
-def find_near_duplicates(
-    shingle_sets: Sequence[np.ndarray],
-    threshold: float,
-    num_perm: int = 128,
-    seed: int = MINHASH_SEED,
-    exact_max_docs: int = EXACT_ALL_PAIRS_MAX_DOCS,
-) -> tuple[list[NearDuplicate], dict]:
-    """Which documents to drop as near duplicates, given their shingle sets in keep-preference order.
+PairJaccards = Callable[[Sequence[tuple[int, int]]], Sequence[float]]
+"""``jaccards(pairs)``: the exact Jaccard similarity of each pair (i, j) of documents, in order."""
 
-    Going through the documents in order, a document is dropped when its exact Jaccard with an earlier
-    kept document is at least ``threshold``; so the first document of each cluster is kept. Pairs are
-    checked exactly: all of them when there are at most ``exact_max_docs`` documents, else the
-    candidates of MinHash + LSH banding (rows per band from ``lsh_rows_per_band``).
+
+def find_near_duplicates(
+    sizes: Sequence[int],
+    threshold: float,
+    jaccards: PairJaccards,
+    signatures: np.ndarray | None = None,
+    num_perm: int = 128,
+) -> tuple[list[NearDuplicate], dict]:
+    """Which documents to drop as near duplicates, given each one's shingle count in keep-preference order.
+
+    Candidate pairs are every pair when ``signatures`` is None, else the pairs that MinHash + LSH banding
+    (rows per band from ``lsh_rows_per_band``) puts in a common bucket; a pair whose sizes alone bound its
+    Jaccard below ``threshold`` is never checked. ``jaccards`` gives the exact Jaccard of the candidates
+    left (``jaccards_in_memory`` for shingle sets in memory). Going through the documents in order, a
+    document is dropped when its Jaccard with an earlier kept document is at least ``threshold``; so the
+    first document of each cluster is kept.
 
     Returns the drops (each with the kept document it matched best) and a dict describing the search.
     """
-    signatures = None if len(shingle_sets) <= exact_max_docs else minhash_signatures(shingle_sets, num_perm, seed)
-    return _near_duplicates([len(s) for s in shingle_sets], shingle_sets.__getitem__, threshold, num_perm,
-                            signatures)
-
-
-def _near_duplicates(
-    sizes: Sequence[int],
-    shingles_of: Callable[[int], np.ndarray],
-    threshold: float,
-    num_perm: int,
-    signatures: np.ndarray | None,
-) -> tuple[list[NearDuplicate], dict]:
-    """``find_near_duplicates`` given each document's shingle count, a way to get its shingle set, and
-    either MinHash signatures (candidates from LSH) or None (every pair is a candidate)."""
     n = len(sizes)
     info: dict = {"documents": n}
     if signatures is None:
@@ -384,27 +393,18 @@ def _near_duplicates(
         rows = lsh_rows_per_band(threshold, num_perm)
         bands = num_perm // rows
         candidates = sorted(lsh_candidate_pairs(signatures, rows))
-        recall = 1.0 - (1.0 - threshold**rows) ** bands
-        info.update(
-            method="minhash_lsh",
-            num_perm=num_perm,
-            bands=bands,
-            rows_per_band=rows,
-            recall_at_threshold=round(recall, 6),
-            candidate_pairs=len(candidates),
-        )
-    # every pair: the intersections of all sets at once (one sort) instead of one search per pair
-    shared = _pairwise_intersections([shingles_of(i) for i in range(n)]) if signatures is None else None
+        info.update(method="minhash_lsh", num_perm=num_perm, bands=bands, rows_per_band=rows,
+                    recall_at_threshold=round(1.0 - (1.0 - threshold**rows) ** bands, 6),
+                    candidate_pairs=len(candidates))
+
+    def may_reach_threshold(pair: tuple[int, int]) -> bool:
+        small, large = sorted((sizes[pair[0]], sizes[pair[1]]))
+        return large > 0 and small >= threshold * large  # Jaccard <= |small| / |large|
+
+    checked = [pair for pair in candidates if may_reach_threshold(pair)]
+    info["checked_pairs"] = len(checked)
     similar: dict[int, list[tuple[int, float]]] = {}
-    for i, j in candidates:
-        small, large = sorted((sizes[i], sizes[j]))
-        if large == 0 or small < threshold * large:  # Jaccard <= |small| / |large|
-            continue
-        if shared is None:
-            sim = jaccard(shingles_of(i), shingles_of(j))
-        else:
-            inter = int(shared[i, j])
-            sim = inter / (sizes[i] + sizes[j] - inter)
+    for (i, j), sim in zip(checked, jaccards(checked), strict=True):
         if sim >= threshold:
             similar.setdefault(j, []).append((i, sim))
     keep = [True] * n
@@ -416,6 +416,25 @@ def _near_duplicates(
             keep[j] = False
             drops.append(NearDuplicate(kept=-neg_i, dropped=j, jaccard=sim))
     return drops, info
+
+
+def jaccards_in_memory(shingle_sets: Sequence[np.ndarray]) -> PairJaccards:
+    """``PairJaccards`` of sorted unique shingle sets held in memory: one sort of all the sets when most
+    pairs are asked for (``_pairwise_intersections``), else one search per pair."""
+
+    def jaccards(pairs: Sequence[tuple[int, int]]) -> list[float]:
+        n = len(shingle_sets)
+        if len(pairs) < n:
+            return [jaccard(shingle_sets[i], shingle_sets[j]) for i, j in pairs]
+        shared = _pairwise_intersections(shingle_sets)
+        sims = []
+        for i, j in pairs:
+            inter = int(shared[i, j])
+            union = len(shingle_sets[i]) + len(shingle_sets[j]) - inter
+            sims.append(inter / union if union else 0.0)
+        return sims
+
+    return jaccards
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,10 +472,13 @@ class Section:
 
 
 def split_into_sections(
-    names: Sequence[str], texts: Sequence[str], val_fraction: float
+    names: Sequence[str], chars: Sequence[int], sizes: Sequence[int], text_of: Callable[[int], str],
+    val_fraction: float,
 ) -> tuple[list[Section], list[Section]]:
-    """Cut the documents, read in the given order as one text, into a train section and the val section
-    after it, which holds about the last ``val_fraction`` of the bytes.
+    """Cut the documents ``names``, read in that order as one text, into a train section and the val section
+    after it, which holds about the last ``val_fraction`` of the bytes. ``chars`` and ``sizes`` are each
+    document's length in characters and UTF-8 bytes; ``text_of(i)`` reads document i (only the one that
+    holds the cut is read).
 
     The cut is moved to the nearest line start (or document boundary), or to the nearest word start in
     a text without line breaks; the whitespace at the cut belongs to neither side. Returns (train, val)
@@ -464,16 +486,6 @@ def split_into_sections(
 
     Raises ValueError when the text is too short to give both sides a character.
     """
-    return _sections([len(t) for t in texts], [len(t.encode("utf-8")) for t in texts], names, texts.__getitem__,
-                     val_fraction)
-
-
-def _sections(
-    chars: Sequence[int], sizes: Sequence[int], names: Sequence[str], text_of: Callable[[int], str],
-    val_fraction: float,
-) -> tuple[list[Section], list[Section]]:
-    """``split_into_sections`` given each document's length in characters and bytes, and a way to read the
-    one document that holds the cut."""
     total = sum(sizes)
     val_bytes = min(max(1, math.floor(val_fraction * total + 0.5)), total - 1)
     cut = total - val_bytes  # byte offset of the cut in the whole text
@@ -519,19 +531,22 @@ def _nearest_cut(text: str, target: int, *, may_start: bool, may_end: bool) -> i
     return clamped if usable(clamped) else None
 
 
-def write_documents(path: Path, docs: Iterable[str]) -> None:
-    """Write documents to ``path`` in the split file format (see the module docstring), atomically.
+def write_documents(path: Path, docs: Iterable[str | bytes]) -> None:
+    """Write documents (text, or UTF-8 bytes) to ``path`` in the split file format (see the module
+    docstring), atomically, taking one document at a time from ``docs``.
 
     Raises ValueError for a document containing DOC_SEPARATOR; ``path`` is then left untouched.
     """
-    with atomic_file(path) as f:
+    separator = DOC_SEPARATOR.encode()
+    with atomic_file(path, binary=True) as f:
         for i, doc in enumerate(docs):
-            if DOC_SEPARATOR in doc:
+            data = doc.encode("utf-8") if isinstance(doc, str) else doc
+            if separator in data:
                 raise ValueError(f"document {i} contains the separator character U+001E; clean it first")
             if i:
-                f.write(_SEPARATOR_LINE)
-            f.write(doc)
-            f.write("\n")
+                f.write(_SEPARATOR_LINE.encode())
+            f.write(data)
+            f.write(b"\n")
 
 
 def iter_documents(path: Path) -> Iterator[str]:
@@ -572,27 +587,38 @@ def _write_json(path: Path, data: dict) -> None:
 # this many unless the corpus is smaller: below it, starting worker processes costs more than it saves
 SHARD_BYTES_MAX = 64 << 20
 SHARD_BYTES_MIN = 16 << 20
-# shingle sets of this many documents are kept while near-duplicate candidates are checked
-SHINGLE_CACHE_DOCS = 32
+# a verify_pairs job keeps the shingle sets it read up to this many bytes
+SHINGLE_CACHE_BYTES = 16 << 20
+# near-duplicate candidates per verify_pairs job, at least: fewer are checked without starting processes
+VERIFY_PAIRS_MIN = 256
 
 ShardMapper = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 """``mapper(fn, items)``: ``fn(item)`` for every item, results in the order of ``items``."""
 
 
 @dataclass(frozen=True)
+class CorpusPart:
+    """A file of the corpus (relative path) or, for a Parquet shard, a run of its row groups."""
+
+    name: str
+    row_groups: tuple[int, int] | None = None  # [start, end) of a Parquet shard; None: the whole file
+
+
+@dataclass(frozen=True)
 class CleanJob:
-    """One shard of the clean stage: the files (relative paths) to clean, and where their texts go."""
+    """One shard of the clean stage: the files (or runs of row groups) to clean, and where their texts go."""
 
     params: DataParams
     corpus_dir: Path
     spool_dir: Path
-    names: tuple[str, ...]
+    parts: tuple[CorpusPart, ...]
     keep_shingles: bool  # a corpus small enough to check every pair keeps shingle sets, else MinHash signatures
 
 
 @dataclass(frozen=True)
 class CleanedDocument:
-    """One file after cleaning: sizes and fingerprints; its text waits in the spool folder (``spool_path``)."""
+    """One document after cleaning: sizes and fingerprints; its text waits in the spool folder (``spool_path``).
+    A ``.txt`` file is one document, named by its path; a shard's row is one, named ``<path>#<row>``."""
 
     name: str
     chars: int
@@ -620,53 +646,100 @@ def spool_path(spool_dir: Path, name: str) -> Path:
     return Path(spool_dir) / (hashlib.sha256(name.encode("utf-8")).hexdigest()[:32] + ".txt")
 
 
+def shingle_spool_path(spool_dir: Path, name: str) -> Path:
+    """Where the shingle set of document ``name`` is spooled (raw little-endian uint64, sorted)."""
+    return spool_path(spool_dir, name).with_suffix(".shingles")
+
+
+def _part_documents(corpus_dir: Path, part: CorpusPart) -> Iterator[tuple[str, str]]:
+    """(name, raw text) of each document of a part: the file itself, or each row of a shard's row groups."""
+    path = corpus_dir / part.name
+    if shard_suffix(path) is None:
+        yield part.name, _read_document(path)
+        return
+    groups = None if part.row_groups is None else range(*part.row_groups)
+    for row, text in read_shard(path, TEXT_FIELD, groups):
+        yield f"{part.name}#{row}", text
+
+
 def clean_shard(job: CleanJob) -> list[CleanedDocument]:
-    """Clean the files of one shard: spool each text long enough to keep and return what ``finish_clean``
-    needs of it. Raises CorpusError for a file that is not valid UTF-8."""
+    """Clean the documents of one shard: spool each text long enough to keep (and, for a large corpus, its
+    shingle set) and return what ``finish_clean`` needs of it. Raises CorpusError for a file that is not
+    valid UTF-8 or a shard that cannot be read (``llm.data.corpus.read_shard``)."""
     params = job.params
     docs = []
-    for name in job.names:
-        text = clean_text(_read_document(job.corpus_dir / name), params.strip_gutenberg)
-        if not text or len(text) < params.min_doc_chars:
-            docs.append(CleanedDocument(name, len(text), 0, 0, b""))
-            continue
-        data = text.encode("utf-8")
-        spool_path(job.spool_dir, name).write_bytes(data)
-        shingles = signature = None
-        n_shingles = 0
-        if params.dedup_near:
-            shingles = word_shingles(text, params.shingle_size)
-            n_shingles = len(shingles)
-            if not job.keep_shingles:
-                signature = minhash_signatures([shingles], params.num_perm)[0]
-                shingles = None
-        docs.append(CleanedDocument(name, len(text), len(data), len(text.split()), hashlib.sha256(data).digest(),
-                                    n_shingles, shingles, signature))
+    for part in job.parts:
+        for name, raw in _part_documents(job.corpus_dir, part):
+            text = clean_text(raw, params.strip_gutenberg)
+            if not text or len(text) < params.min_doc_chars:
+                docs.append(CleanedDocument(name, len(text), 0, 0, b""))
+                continue
+            data = text.encode("utf-8")
+            spool_path(job.spool_dir, name).write_bytes(data)
+            shingles = signature = None
+            n_shingles = 0
+            if params.dedup_near:
+                shingles = word_shingles(text, params.shingle_size)
+                n_shingles = len(shingles)
+                if not job.keep_shingles:  # computed once: candidates are checked on the spooled set
+                    signature = minhash_signatures([shingles], params.num_perm)[0]
+                    shingles.astype("<u8", copy=False).tofile(shingle_spool_path(job.spool_dir, name))
+                    shingles = None
+            docs.append(CleanedDocument(name, len(text), len(data), len(text.split()),
+                                        hashlib.sha256(data).digest(), n_shingles, shingles, signature))
     return docs
 
 
+def _corpus_parts(
+    corpus_dir: Path, files: list[Path], target: int | None = None
+) -> list[tuple[CorpusPart, int, int | None]]:
+    """(part, bytes, documents or None when unknown) of the corpus ``files`` in order: a ``.txt`` or JSON
+    Lines file whole, a Parquet shard cut into runs of row groups of about ``target`` uncompressed bytes."""
+    parts: list[tuple[CorpusPart, int, int | None]] = []
+    for path in files:
+        name = path.relative_to(corpus_dir).as_posix()
+        suffix = shard_suffix(path)
+        if suffix is None:
+            parts.append((CorpusPart(name), path.stat().st_size, 1))
+        elif suffix != ".parquet":
+            parts.append((CorpusPart(name), path.stat().st_size, None))
+        else:
+            groups = parquet_row_group_sizes(path)
+            start = rows = size = 0
+            for g, (n_rows, n_bytes) in enumerate(groups):
+                rows, size = rows + n_rows, size + n_bytes
+                if g == len(groups) - 1 or (target is not None and size + groups[g + 1][1] > target):
+                    parts.append((CorpusPart(name, (start, g + 1)), size, rows))
+                    start, rows, size = g + 1, 0, 0
+    return parts
+
+
 def plan_clean(params: DataParams, corpus_dir: Path, out_dir: Path, shards: int) -> list[CleanJob]:
-    """The shards of the clean stage: the corpus's files in sorted-path order, cut into about ``shards``
-    runs of similar byte size (each between SHARD_BYTES_MIN and SHARD_BYTES_MAX; a file is never cut).
-    Creates the spool folder beside ``out_dir`` (``finish_clean`` removes it). Raises CorpusError when the
-    folder holds no .txt file."""
+    """The shards of the clean stage: the corpus's files in sorted-path order (a Parquet shard's row groups
+    in order), cut into about ``shards`` runs of similar byte size (each between SHARD_BYTES_MIN and
+    SHARD_BYTES_MAX; a text file or a row group is never cut). Creates the spool folder beside ``out_dir``
+    (``finish_clean`` removes it). Raises CorpusError when the folder holds no .txt file or shard, or a
+    Parquet shard without a text column ``text``."""
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     files = iter_corpus_files(corpus_dir)
-    sizes = [p.stat().st_size for p in files]
-    target = max(SHARD_BYTES_MIN, min(SHARD_BYTES_MAX, math.ceil(sum(sizes) / max(1, shards))))
+    total = sum(size for _, size, _ in _corpus_parts(corpus_dir, files))
+    target = max(SHARD_BYTES_MIN, min(SHARD_BYTES_MAX, math.ceil(total / max(1, shards))))
+    parts = _corpus_parts(corpus_dir, files, target)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)  # spool folders of crashed runs
     spool_dir = out_dir.parent / f".{out_dir.name}.spool-{secrets.token_hex(6)}.tmp"
     spool_dir.mkdir()
-    keep_shingles = len(files) <= EXACT_ALL_PAIRS_MAX_DOCS
-    jobs, names, size = [], [], 0
-    for path, n in zip(files, sizes):
-        if names and size + n > target:
-            jobs.append(CleanJob(params, corpus_dir, spool_dir, tuple(names), keep_shingles))
-            names, size = [], 0
-        names.append(path.relative_to(corpus_dir).as_posix())
+    counts = [n for _, _, n in parts]
+    # every pair is checked in memory only when the documents are known to be few (JSON Lines are not counted)
+    keep_shingles = None not in counts and sum(counts) <= EXACT_ALL_PAIRS_MAX_DOCS  # type: ignore[arg-type]
+    jobs, run, size = [], [], 0
+    for part, n, _ in parts:
+        if run and size + n > target:
+            jobs.append(CleanJob(params, corpus_dir, spool_dir, tuple(run), keep_shingles))
+            run, size = [], 0
+        run.append(part)
         size += n
-    jobs.append(CleanJob(params, corpus_dir, spool_dir, tuple(names), keep_shingles))
+    jobs.append(CleanJob(params, corpus_dir, spool_dir, tuple(run), keep_shingles))
     return jobs
 
 
@@ -702,33 +775,81 @@ def _drop_exact_duplicates(docs: list[CleanedDocument]) -> tuple[list[CleanedDoc
 
 
 def _drop_near_duplicates(
-    docs: list[CleanedDocument], params: DataParams, spool_dir: Path
+    docs: list[CleanedDocument], params: DataParams, spool_dir: Path, mapper: ShardMapper | None, workers: int
 ) -> tuple[list[CleanedDocument], list[dict], dict]:
     """Drop near duplicates (see the module docstring): the documents kept, the dropped pairs with their
-    Jaccard similarity, and how the candidates were found. Shingle sets not kept in memory are computed
-    again from the spooled texts, for the candidates only."""
-    signatures = None
+    Jaccard similarity, and how the candidates were found. A small corpus's shingle sets are in memory;
+    a large one's candidates are checked by ``verify_pairs`` jobs, on ``mapper``, from the shingle sets
+    that ``clean_shard`` spooled."""
+    sizes = [d.n_shingles for d in docs]
+    if all(d.shingles is not None for d in docs):
+        jaccards = jaccards_in_memory([d.shingles for d in docs])  # type: ignore[misc]
+    else:
+        jaccards = _spooled_jaccards(docs, spool_dir, mapper, workers)
+    signatures = None  # few documents (even if a large corpus had many before dropping some): every pair
     if len(docs) > EXACT_ALL_PAIRS_MAX_DOCS:
         signatures = np.stack([d.signature for d in docs])
-    cache: OrderedDict[int, np.ndarray] = OrderedDict()
-    cache_size = max(SHINGLE_CACHE_DOCS, len(docs) if signatures is None else 0)
-
-    def shingles_of(i: int) -> np.ndarray:
-        if docs[i].shingles is not None:
-            return docs[i].shingles
-        if i not in cache:
-            cache[i] = word_shingles(_read_spooled(spool_dir, docs[i].name), params.shingle_size)
-            if len(cache) > cache_size:
-                cache.popitem(last=False)
-        cache.move_to_end(i)
-        return cache[i]
-
-    drops, info = _near_duplicates([d.n_shingles for d in docs], shingles_of, params.near_dup_threshold,
-                                   params.num_perm, signatures)
+    drops, info = find_near_duplicates(sizes, params.near_dup_threshold, jaccards, signatures, params.num_perm)
     dups = [{"kept": docs[d.kept].name, "dropped": docs[d.dropped].name, "jaccard": round(d.jaccard, 6)}
             for d in drops]
     dropped = {d.dropped for d in drops}
     return [d for i, d in enumerate(docs) if i not in dropped], dups, info
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    """Near-duplicate candidates to check: pairs of indices into ``names``, whose shingle sets are spooled."""
+
+    spool_dir: Path
+    names: tuple[str, ...]
+    pairs: tuple[tuple[int, int], ...]
+
+
+def verify_pairs(job: VerifyJob) -> list[float]:
+    """The exact Jaccard of each pair of ``job``, from the spooled shingle sets; each set is read once while
+    it stays among the SHINGLE_CACHE_BYTES most recently used (pairs come sorted, so the first of a pair
+    repeats)."""
+    cache: OrderedDict[int, np.ndarray] = OrderedDict()
+    cached_bytes = 0
+
+    def shingles_of(i: int) -> np.ndarray:
+        nonlocal cached_bytes
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        shingles = np.fromfile(shingle_spool_path(job.spool_dir, job.names[i]), dtype=np.uint64)
+        cache[i] = shingles
+        cached_bytes += shingles.nbytes
+        while cached_bytes > SHINGLE_CACHE_BYTES and len(cache) > 2:  # the two of the pair being checked stay
+            cached_bytes -= cache.popitem(last=False)[1].nbytes
+        return shingles
+
+    return [jaccard(shingles_of(i), shingles_of(j)) for i, j in job.pairs]
+
+
+def _spooled_jaccards(
+    docs: list[CleanedDocument], spool_dir: Path, mapper: ShardMapper | None, workers: int
+) -> PairJaccards:
+    """``PairJaccards`` of spooled shingle sets: the pairs, in order, cut into about 4 runs per worker, each a
+    ``verify_pairs`` job on ``mapper`` (here, for a few pairs or without a mapper)."""
+
+    def jaccards(pairs: Sequence[tuple[int, int]]) -> list[float]:
+        size = max(VERIFY_PAIRS_MIN, math.ceil(len(pairs) / (4 * workers)))
+        jobs = []
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start : start + size]
+            ids = sorted({i for pair in chunk for i in pair})
+            local = {doc: k for k, doc in enumerate(ids)}
+            jobs.append(VerifyJob(spool_dir, tuple(docs[i].name for i in ids),
+                                  tuple((local[i], local[j]) for i, j in chunk)))
+        run = mapper if mapper is not None and len(jobs) > 1 else _map_inline
+        return [sim for sims in run(verify_pairs, jobs) for sim in sims]
+
+    return jaccards
+
+
+def _map_inline(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    return [fn(item) for item in items]
 
 
 def _split(
@@ -757,8 +878,8 @@ def _split(
                            "val": [Section(x, 0, by_name[x].chars) for x in val_names]}
             return by_document, {"method": "documents", "val_bytes_share": round(share, 6)}
     try:
-        train, val = _sections([d.chars for d in docs], [d.bytes for d in docs], names,
-                               lambda i: _read_spooled(spool_dir, names[i]), params.val_fraction)
+        train, val = split_into_sections(names, [d.chars for d in docs], [d.bytes for d in docs],
+                                         lambda i: _read_spooled(spool_dir, names[i]), params.val_fraction)
     except ValueError as err:
         raise CorpusError(
             f"cannot split {corpus_dir} into train and val: {err}; add text to the corpus (at least a few "
@@ -786,11 +907,12 @@ def _section_stats(section: Section, doc: CleanedDocument, spool_dir: Path, text
 
 
 def _write_split(path: Path, sections: list[Section], by_name: dict[str, CleanedDocument], spool_dir: Path) -> dict:
-    """Stream the sections' spooled texts into ``path`` (split file format), atomically; returns the
-    split's docs/chars/bytes/words."""
+    """Stream the sections' spooled texts into ``path`` (``write_documents``); returns the split's
+    docs/chars/bytes/words."""
     stats = {"docs": len(sections), "chars": 0, "bytes": 0, "words": 0}
-    with atomic_file(path, binary=True) as f:
-        for i, section in enumerate(sections):
+
+    def texts() -> Iterator[bytes]:
+        for section in sections:
             doc = by_name[section.document]
             data = spool_path(spool_dir, doc.name).read_bytes()
             if section.start == 0 and section.end == doc.chars:
@@ -801,30 +923,33 @@ def _write_split(path: Path, sections: list[Section], by_name: dict[str, Cleaned
                 data = section.of(text).encode("utf-8")
             for key, value in counts.items():
                 stats[key] += value
-            if i:
-                f.write(_SEPARATOR_LINE.encode())
-            f.write(data)
-            f.write(b"\n")
+            yield data
+
+    write_documents(path, texts())
     return stats
 
 
 def finish_clean(
     params: DataParams, corpus_dir: Path, out_dir: Path, jobs: Sequence[CleanJob],
-    shards: Iterable[list[CleanedDocument]], started: float | None = None,
+    shards: Iterable[list[CleanedDocument]], started: float | None = None, mapper: ShardMapper | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Deduplicate, split and write what ``clean_shard`` made of each job (``shards``, in job order); see
-    ``clean_corpus``. Removes the spool folder, also on error."""
+    ``clean_corpus``. Near-duplicate candidates are checked in ``verify_pairs`` jobs on ``mapper`` (default:
+    here), about 4 per worker. Removes the spool folder, also on error."""
     t0 = time.perf_counter() if started is None else started
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     spool_dir = jobs[0].spool_dir
+    verify = (mapper, workers or os.cpu_count() or 1)
     try:
-        return _finish(params, corpus_dir, out_dir, spool_dir, [d for shard in shards for d in shard], t0)
+        return _finish(params, corpus_dir, out_dir, spool_dir, [d for shard in shards for d in shard], t0, verify)
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
 
 
 def _finish(
-    params: DataParams, corpus_dir: Path, out_dir: Path, spool_dir: Path, all_docs: list[CleanedDocument], t0: float
+    params: DataParams, corpus_dir: Path, out_dir: Path, spool_dir: Path, all_docs: list[CleanedDocument], t0: float,
+    verify: tuple[ShardMapper | None, int],
 ) -> dict:
     too_short = [{"path": d.name, "chars": d.chars} for d in all_docs if not d.bytes]
     docs = [d for d in all_docs if d.bytes]
@@ -834,7 +959,7 @@ def _finish(
     near_dups: list[dict] = []
     near_info: dict = {"method": "disabled"}
     if params.dedup_near and len(docs) > 1:
-        docs, near_dups, near_info = _drop_near_duplicates(docs, params, spool_dir)
+        docs, near_dups, near_info = _drop_near_duplicates(docs, params, spool_dir, *verify)
     if not docs:
         raise CorpusError(
             f"no document of {corpus_dir} is left after cleaning: {len(all_docs)} files read, {len(too_short)} "
@@ -889,27 +1014,32 @@ def _finish(
 def clean_corpus(
     params: DataParams, corpus_dir: Path, out_dir: Path, workers: int | None = None, mapper: ShardMapper | None = None
 ) -> dict:
-    """Clean, deduplicate and split the ``.txt`` documents under ``corpus_dir`` into ``out_dir``.
+    """Clean, deduplicate and split the documents under ``corpus_dir`` (each ``.txt`` file, each row of a
+    Parquet or JSON Lines shard) into ``out_dir``.
 
     Writes ``train.txt`` and ``val.txt`` (split file format, see the module docstring) and ``stats.json``,
-    each atomically. Documents are taken in sorted relative-path order, which decides which copy of a
-    duplicate is kept. The split is by document, or by contiguous sections for a corpus with too few
-    documents (see the module docstring). Returns the stats dict: top-level counts (files read, documents
-    kept and dropped per reason, docs/chars/bytes/words per split, a section counting as a document), the
-    dropped documents and near-duplicate pairs, the documents of each split, and how it was split.
+    each atomically. Documents are taken in sorted relative-path order (a shard's rows in order), which
+    decides which copy of a duplicate is kept. The split is by document, or by contiguous sections for a
+    corpus with too few documents (see the module docstring). Returns the stats dict: top-level counts
+    (``files_read``: documents read, a shard's row counting as one; documents kept and dropped per reason;
+    docs/chars/bytes/words per split, a section counting as a document), the dropped documents and
+    near-duplicate pairs, the documents of each split, and how it was split.
 
-    Files are cleaned in shards by ``mapper`` (default: a pool of ``workers`` processes, every core), and
-    memory holds per-document fingerprints, not the corpus: see ``clean_shard`` and ``finish_clean``.
+    Files are cleaned in shards by ``mapper`` (default: a pool of ``workers`` processes, every core), and so
+    are the near-duplicate candidates checked; memory holds per-document fingerprints (about 1.1 KB each with
+    the default 128 permutations), not the corpus: see ``clean_shard`` and ``finish_clean``.
 
-    Raises CorpusError when the folder holds no .txt file, a file is not valid UTF-8, no document is left
-    after cleaning, or the text left is too short to give both splits some of it.
+    Raises CorpusError when the folder holds no .txt file or shard, a file is not valid UTF-8, a shard cannot
+    be read or has a row without a string ``text``, no document is left after cleaning, or the text left is too
+    short to give both splits some of it.
     """
     t0 = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     jobs = plan_clean(params, corpus_dir, out_dir, shards=4 * workers)
+    mapper = mapper or map_in_processes(workers)
     try:
-        shards = list((mapper or map_in_processes(workers))(clean_shard, jobs))
+        shards = list(mapper(clean_shard, jobs))
     except BaseException:
         shutil.rmtree(jobs[0].spool_dir, ignore_errors=True)
         raise
-    return finish_clean(params, corpus_dir, out_dir, jobs, shards, t0)
+    return finish_clean(params, corpus_dir, out_dir, jobs, shards, t0, mapper, workers)

