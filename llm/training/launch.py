@@ -9,7 +9,7 @@ runs, waiting for it::
 
 ``launcher`` is ``torch.distributed.run`` itself. Each ``worker`` validates the arguments back into their
 types (pydantic) and calls the stage function, which now finds itself inside the job: every process trains,
-rank 0 alone tracks, registers and writes outputs (``llm.stages.is_main_process``), and writes the function's
+rank 0 alone tracks, registers and writes outputs (``llm.mlops.stage_tracking.main_process``), and writes the function's
 return value (or its error) beside the call file, which ``run_launched`` returns (or raises). So ``dvc repro``,
 ``python -m flows``, ``llm pipeline`` and a Prefect deployment run several processes the same way.
 
