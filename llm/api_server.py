@@ -378,14 +378,8 @@ def _prepare_chat(served: Served, raw: bytes) -> tuple[api.ChatCompletionRequest
 
 
 async def chat_completions(request: Request) -> Any:
-    served: Served = request.app.state.served
-    body, params, ids = await _prepared(request, served, lambda raw: _prepare_chat(served, raw))
-    generation = Generation(served, request, ids, params, body.stop_strings())
-    head = _head("chatcmpl", served)
-    if body.stream:
-        return _event_stream(_chat_chunks(generation, head, body.include_usage()), generation)
-    text = await generation.text()
-    return api.chat_completion(head, text, generation.finish_reason, generation.usage())
+    return await _answer(request, "chatcmpl", lambda served, raw: _prepare_chat(served, raw), _chat_chunks,
+                         api.chat_completion)
 
 
 def _prepare_completion(served: Served, raw: bytes) -> tuple[api.CompletionRequest, Any, list[int]]:
@@ -395,14 +389,22 @@ def _prepare_completion(served: Served, raw: bytes) -> tuple[api.CompletionReque
 
 
 async def completions(request: Request) -> Any:
+    return await _answer(request, "cmpl", lambda served, raw: _prepare_completion(served, raw), _completion_chunks,
+                         api.completion)
+
+
+async def _answer(request: Request, prefix: str, prepare: Callable[[Served, bytes], tuple[Any, Any, list[int]]],
+                  chunks: Callable[..., Any], whole: Callable[..., Any]) -> Any:
+    """A completion route: the body ``prepare``d (checked, tokenized), then the answer streamed as ``chunks``
+    or returned ``whole``, under an id starting with ``prefix``."""
     served: Served = request.app.state.served
-    body, params, ids = await _prepared(request, served, lambda raw: _prepare_completion(served, raw))
+    body, params, ids = await _prepared(request, served, lambda raw: prepare(served, raw))
     generation = Generation(served, request, ids, params, body.stop_strings())
-    head = _head("cmpl", served)
+    head = _head(prefix, served)
     if body.stream:
-        return _event_stream(_completion_chunks(generation, head, body.include_usage()), generation)
+        return _event_stream(chunks(generation, head, body.include_usage()), generation)
     text = await generation.text()
-    return api.completion(head, text, generation.finish_reason, generation.usage())
+    return whole(head, text, generation.finish_reason, generation.usage())
 
 
 def _head(prefix: str, served: Served) -> dict[str, Any]:
