@@ -83,6 +83,21 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
             "tokens": root / "tokens"}
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, export folder) of a tiny rope model (seed 1, context 32, weights widened so samples vary),
+    exported once per session without int8 and without the parity check (test_export's business). Read-only:
+    several modules decode with it."""
+    from llm.inference.export import export_onnx
+
+    from helpers import write_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=32, position="rope")
+    export_onnx(checkpoint, root / "onnx", verify=False)
+    return checkpoint, root / "onnx"
+
+
 @pytest.fixture
 def one_torch_thread():
     """Torch on one thread for the test: tiny models decode fastest so, and a busy machine makes more threads
