@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_corpus
+from helpers import write_checkpoint, write_corpus
 
 # fixtures that start servers: every test using one of them (directly or through another fixture) is `server`
 SERVER_FIXTURES = {"servers", "prefect_api", "llm_servers", "mlflow_servers"}
@@ -89,8 +89,6 @@ def tiny_export(tmp_path_factory) -> tuple[Path, Path]:
     exported once per session without int8 and without the parity check (test_export's business). Read-only:
     several modules decode with it."""
     from llm.inference.export import export_onnx
-
-    from helpers import write_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_export")
     checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=32, position="rope")
