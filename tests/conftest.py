@@ -1,6 +1,12 @@
-"""Shared fixtures: a small synthetic corpus taken through clean, tokenizer and tokenize once per session.
+"""Shared fixtures: a small synthetic corpus taken through clean, tokenizer and tokenize once per session; and
+the suite's tiers and scheduling (see ``pytest_collection_modifyitems``).
 
 Plain builder functions (corpora, tiny models, tiny checkpoints) are in ``helpers.py``.
+
+Tiers: ``slow`` (a minute or more), ``server`` (starts a server process: llm serve or its engine processes,
+Prefect, MLflow) and ``pipeline`` (runs the project's commands in fresh interpreters: llm, llm.chat, flows,
+dvc, a notebook, a bench or docs script). ``make test-fast`` leaves all three out. Tests that use a fixture in
+``SERVER_FIXTURES`` are marked ``server`` here; the rest carry their marks in their modules.
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_corpus
+from helpers import write_checkpoint, write_corpus
+
+# fixtures that start servers: every test using one of them (directly or through another fixture) is `server`
+SERVER_FIXTURES = {"servers", "prefect_api", "llm_servers", "mlflow_servers"}
+# the order in which an xdist worker is handed work: the costliest tiers first, so that the last units to start
+# are short ones and both workers finish together
+TIER_COST = {"slow": 60, "server": 10, "pipeline": 10}
+# what a module- or session-scoped fixture adds to its module's cost (they build models, exports and databases)
+SHARED_FIXTURE_COST = 5
 
 # Tests send SIGINT (Ctrl-C) to the processes they start and expect the default disposition. A test run launched
 # in the background of a non-interactive shell (`make test &`) inherits SIGINT ignored, and so would every process
@@ -19,6 +33,31 @@ from helpers import write_corpus
 # resets to the default in each child.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark the users of SERVER_FIXTURES ``server``. In an xdist worker, order the modules by cost, the most
+    expensive first: ``--dist loadscope`` hands each module to one worker whole (its module-scoped servers,
+    exports and models are built once), in this order when ``--no-loadscope-reorder`` is given. Within a module
+    the order stays the file's: some modules build on what an earlier test left."""
+    for item in items:
+        if SERVER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.server)
+    if not hasattr(config, "workerinput"):  # one process: the files' order
+        return
+    cost: dict[str, int] = {}
+    position: dict[str, int] = {}
+    shared: dict[str, set[str]] = {}
+    for i, item in enumerate(items):
+        module = item.nodeid.split("::", 1)[0]
+        cost[module] = cost.get(module, 0) + max(
+            [TIER_COST[m.name] for m in item.iter_markers() if m.name in TIER_COST], default=1)
+        position.setdefault(module, i)
+        definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        shared.setdefault(module, set()).update(name for name, d in definitions.items() if d[-1].scope != "function")
+    for module, names in shared.items():
+        cost[module] += SHARED_FIXTURE_COST * len(names)
+    items.sort(key=lambda item: (-cost[item.nodeid.split("::", 1)[0]], position[item.nodeid.split("::", 1)[0]]))
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +81,19 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     tokenize_corpus(root / "clean", root / "tokenizer", root / "tokens", workers=2)
     return {"root": root, "corpus": corpus, "clean": root / "clean", "tokenizer": root / "tokenizer",
             "tokens": root / "tokens"}
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, export folder) of a tiny rope model (seed 1, context 32, weights widened so samples vary),
+    exported once per session without int8 and without the parity check (test_export's business). Read-only:
+    several modules decode with it."""
+    from llm.inference.export import export_onnx
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=32, position="rope")
+    export_onnx(checkpoint, root / "onnx", verify=False)
+    return checkpoint, root / "onnx"
 
 
 @pytest.fixture

@@ -393,6 +393,7 @@ def test_two_engine_processes_decode_side_by_side(servers, reference):
             stream.close()
 
 
+@pytest.mark.server
 def test_an_event_loop_that_cannot_watch_a_pipe_gets_the_events_through_a_thread(export):
     """Windows' proactor loop has no ``add_reader``: a thread reads the engine's pipe and the loop delivers."""
     import asyncio
@@ -434,6 +435,7 @@ def _engine_pid(proc: subprocess.Popen, other_than: int | None = None, timeout: 
     raise AssertionError("no engine process")
 
 
+@pytest.mark.server
 def test_a_dead_engine_process_ends_its_requests_with_503_and_is_replaced(export):
     proc, url = _start(export, "--max-tokens", "1000000")
     try:
@@ -482,6 +484,7 @@ def _chaos_client(url: str, stop: threading.Event, outcomes: list) -> None:
             connection.close()
 
 
+@pytest.mark.server
 @pytest.mark.slow
 def test_chaos_the_server_outlives_killed_and_stopped_engines_under_eight_streaming_clients(export):
     proc, url = _start(export, "--engine-heartbeat-timeout", "1.5")
@@ -523,6 +526,7 @@ def test_chaos_the_server_outlives_killed_and_stopped_engines_under_eight_stream
     assert alive == []  # no engine left behind, the killed, the stopped or the last
 
 
+@pytest.mark.server
 def test_engines_failing_again_and_again_make_the_server_exit_non_zero(export):
     proc, url = _start(export, "--engine-max-restarts", "1", "--engine-restart-window", "60")
     try:
@@ -537,6 +541,7 @@ def test_engines_failing_again_and_again_make_the_server_exit_non_zero(export):
             proc.kill()
 
 
+@pytest.mark.server
 def test_the_engine_process_ends_with_its_server_even_a_killed_one(export):
     proc, url = _start(export)
     _wait_healthy(proc, url)
@@ -548,6 +553,7 @@ def test_the_engine_process_ends_with_its_server_even_a_killed_one(export):
     assert alive == []
 
 
+@pytest.mark.server
 def test_ctrl_c_stops_the_server_and_its_engine_process_without_a_traceback(export):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -568,6 +574,7 @@ def test_ctrl_c_stops_the_server_and_its_engine_process_without_a_traceback(expo
             proc.kill()
 
 
+@pytest.mark.server
 def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_1(export, tmp_path):
     broken = shutil.copytree(export, tmp_path / "onnx")
     for graph in ("model.int8.onnx", "model.static.int8.onnx"):
@@ -805,6 +812,7 @@ def test_large_bodies_are_parsed_and_tokenized_off_the_event_loop(export, monkey
     assert (large.status_code, large.json()["error"]["code"]) == (400, "context_length_exceeded")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("env_key, host", [("", "0.0.0.0"), (None, "192.168.1.1")])
 def test_binding_beyond_loopback_without_an_api_key_is_refused_at_start(tmp_path, env_key, host):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -828,6 +836,7 @@ def _limit_open_files(n: int):
     return limit
 
 
+@pytest.mark.server
 def test_hundreds_of_idle_half_header_and_trickling_sockets_leave_health_and_clients_served(export):
     """Under `ulimit -n 256`, 300 hostile sockets (idle, headers never finished, a body at a byte per 0.5 s):
     /health answers within a second throughout, an ordinary request is served, the slow ones are cut after
@@ -888,6 +897,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
     return data == b"" or data.startswith(b"HTTP/1.1 408")
 
 
+@pytest.mark.server
 def test_serve_without_an_export_is_one_line_and_exit_1(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "llm", "serve", "--model", str(tmp_path / "nothing")], env=env,
@@ -898,6 +908,7 @@ def test_serve_without_an_export_is_one_line_and_exit_1(tmp_path):
 # --- model URIs -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_registry_and_run_uris_resolve_to_the_attached_export(export, tmp_path, monkeypatch, empty_mlflow_db):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
@@ -929,6 +940,7 @@ def test_registry_and_run_uris_resolve_to_the_attached_export(export, tmp_path, 
         resolve_onnx(f"runs:/{run_id}/elsewhere")
 
 
+@pytest.mark.server
 def test_the_engine_names_the_graph_it_decodes_with(export):
     """The banner of `llm serve` (`serving NAME (FILE) at URL`) named model.int8.onnx while the engine decoded
     model.static.int8.onnx (issue 22, item 12): the engine reports the static graph when it runs one."""

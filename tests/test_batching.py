@@ -21,11 +21,9 @@ CONTEXT = 32
 
 
 @pytest.fixture(scope="module")
-def generator(tmp_path_factory) -> OnnxGenerator:
-    root = tmp_path_factory.mktemp("batching")
-    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=CONTEXT, position="rope")
-    export_onnx(checkpoint, root / "onnx", verify=False)  # parity is test_export's business
-    return OnnxGenerator(root / "onnx", intra_op_num_threads=1)
+def generator(tiny_export) -> OnnxGenerator:
+    _, export_dir = tiny_export  # a rope model of context CONTEXT, shared with test_onnx_runtime
+    return OnnxGenerator(export_dir, intra_op_num_threads=1)
 
 
 @pytest.fixture(params=[True, False], ids=["static-cache", "portable"])
@@ -325,6 +323,7 @@ def test_the_static_cache_is_allocated_once_and_rows_that_leave_are_replaced_by_
     assert [b.__array_interface__["data"][0] for b in decoder.buffers] == buffers  # never re-allocated
 
 
+@pytest.mark.pipeline
 def test_the_engine_benchmark_reports_its_cpu_time_per_token(generator):
     """``bench/serve_engine.py`` (the engine alone, in thread CPU time) runs on an export folder."""
     import subprocess

@@ -57,6 +57,7 @@ def chat(*args: str, input: str = "", cwd: Path = ROOT, timeout: float = 60) -> 
                           cwd=cwd, env=env, timeout=timeout, check=False)
 
 
+@pytest.mark.pipeline
 def test_piped_session_answers_each_line_and_obeys_commands(checkpoint):
     lines = ["hello", "/history", "/system You are BOB.", "how are you", "/history", "/reset", "/history", "/bogus",
              "/help", "/exit", "never read"]
@@ -92,6 +93,7 @@ def test_help_lists_every_command_and_each_listed_command_is_known():
         assert "unknown command" not in err.getvalue(), command
 
 
+@pytest.mark.pipeline
 def test_oldest_turns_are_dropped_when_the_context_is_full(tmp_path):
     small = constant_checkpoint(tmp_path / "small", context_length=32)
     lines = ["first message", "second message", "third message", "/history"]
@@ -101,6 +103,7 @@ def test_oldest_turns_are_dropped_when_the_context_is_full(tmp_path):
     assert result.stderr.splitlines() == ["[context full: dropped the 2 oldest message(s)]"] * 2
 
 
+@pytest.mark.pipeline
 def test_prompt_flag_answers_once_with_sampling_flags(checkpoint):
     result = chat("--model", str(checkpoint), "--prompt", "Speak!", "--system", "You are JULIET.",
                   "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "6",
@@ -109,6 +112,7 @@ def test_prompt_flag_answers_once_with_sampling_flags(checkpoint):
     assert result.stdout == "xxxxxx\n"
 
 
+@pytest.mark.pipeline
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(checkpoint, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (tmp_path / "input.txt").write_text("go on forever\n/history\n/exit\n")
@@ -145,6 +149,7 @@ def test_interrupted_answer_is_kept_as_far_as_it_went():
     assert [m["content"] for m in session.history] == ["hi", "Good", "again", "Good"]
 
 
+@pytest.mark.pipeline
 def test_missing_model_is_one_line_that_says_what_to_run(tmp_path):
     result = chat("--model", str(tmp_path / "nowhere"), input="hi\n")
     assert result.returncode == 1 and result.stdout == ""
@@ -152,6 +157,7 @@ def test_missing_model_is_one_line_that_says_what_to_run(tmp_path):
     assert result.stderr.startswith(f"error: no model at {tmp_path / 'nowhere'}") and "`llm finetune`" in result.stderr
 
 
+@pytest.mark.pipeline
 def test_corrupt_checkpoint_is_one_line(tmp_path):
     broken = constant_checkpoint(tmp_path / "broken", context_length=32)
     weights = broken / "model.safetensors"
@@ -161,6 +167,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     assert "model.safetensors: truncated" in result.stderr
 
 
+@pytest.mark.pipeline
 def test_registry_uri_without_tracking_database_is_one_line(tmp_path):
     result = chat("--model", "models:/gpt/Production", input="hi\n", cwd=tmp_path)
     assert result.returncode == 1 and result.stdout == ""
@@ -168,6 +175,7 @@ def test_registry_uri_without_tracking_database_is_one_line(tmp_path):
     assert result.stderr.startswith("error: cannot resolve models:/gpt/Production") and "`" in result.stderr
 
 
+@pytest.mark.pipeline
 def test_onnx_backend_answers_like_torch(tmp_path):
     pytest.importorskip("onnxruntime")
     export = pytest.importorskip("llm.inference.export")

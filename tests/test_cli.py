@@ -42,12 +42,14 @@ def project(tmp_path: Path, make_corpus) -> Path:
     return tmp_path
 
 
+@pytest.mark.pipeline
 def test_help_lists_every_stage(project):
     out = llm("--help", cwd=project).stdout
     for stage in ("data", "clean", "tokenizer", "tokenize", "pretrain", "evaluate", "generate"):
         assert stage in out
 
 
+@pytest.mark.pipeline
 def test_stages_run_end_to_end_and_generate_text(project):
     llm("clean", cwd=project)
     llm("tokenizer", "--set", "kind=byte", cwd=project)
@@ -64,6 +66,7 @@ def test_stages_run_end_to_end_and_generate_text(project):
     assert text.startswith("ROMEO.") and len(text) > len("ROMEO.\n") and text == again
 
 
+@pytest.mark.pipeline
 def test_pretrain_resumes_where_until_step_stopped(project):
     for cmd in (["clean"], ["tokenizer", "--set", "kind=byte"], ["tokenize"]):
         llm(*cmd, cwd=project)
@@ -73,6 +76,7 @@ def test_pretrain_resumes_where_until_step_stopped(project):
     assert json.loads(out[out.index("{"):])["step"] == 6
 
 
+@pytest.mark.pipeline
 def test_unknown_params_key_names_file_and_key(project):
     proc = llm("clean", "--set", "val_fractoin=0.2", cwd=project, check=False)
     assert proc.returncode == 1
@@ -93,6 +97,7 @@ def test_params_file_that_is_not_a_mapping_is_a_clear_error(tmp_path):
         load_params(DataParams, path)
 
 
+@pytest.mark.pipeline
 def test_missing_checkpoint_is_one_clear_line(project):
     proc = llm("generate", "--model", "nowhere", "--prompt", "x", cwd=project, check=False)
     assert proc.returncode == 1
@@ -100,6 +105,7 @@ def test_missing_checkpoint_is_one_clear_line(project):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.pipeline
 def test_a_missing_params_file_is_one_clear_line_naming_it(project):
     (project / "params" / "data.yaml").unlink()
     proc = llm("clean", cwd=project, check=False)
@@ -108,6 +114,7 @@ def test_a_missing_params_file_is_one_clear_line_naming_it(project):
     assert not (project / "artifacts").exists()  # not cleaned with the defaults in its place
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(("command", "step"), [("pretrain", "0"), ("finetune", "-3")])
 def test_until_step_below_one_is_refused_before_any_work(project, command, step):
     proc = llm(command, "--until-step", step, cwd=project, check=False)
@@ -116,6 +123,7 @@ def test_until_step_below_one_is_refused_before_any_work(project, command, step)
     assert not (project / "artifacts").exists()
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("override", ["chat_data.max_turns=3", "chat_data={max_turns: 3}"])
 def test_set_of_a_nested_key_changes_only_that_key(project, monkeypatch, override):
     from typer.testing import CliRunner
@@ -138,6 +146,7 @@ def test_set_of_a_nested_key_changes_only_that_key(project, monkeypatch, overrid
     assert received[0].chat_data.system_template == "Speak as {name}."
 
 
+@pytest.mark.pipeline
 def test_fetch_caps_are_named_with_the_option_that_raises_them(project):
     texts = project / "my-texts"
     texts.mkdir()
@@ -153,6 +162,7 @@ def test_fetch_caps_are_named_with_the_option_that_raises_them(project):
     assert proc.returncode == 1 and "error: llm data fetch: max_bytes: could not parse" in proc.stderr
 
 
+@pytest.mark.pipeline
 def test_one_big_text_file_goes_through_fetch_clean_tokenizer_and_tokenize(tmp_path):
     """The most common corpus: a single ~1.1 MB .txt (as for nanoGPT or char-rnn), with the default params."""
     shutil.copytree(ROOT / "params", tmp_path / "params")
@@ -178,6 +188,7 @@ def test_one_big_text_file_goes_through_fetch_clean_tokenizer_and_tokenize(tmp_p
     assert val_share == pytest.approx(0.1, abs=0.01)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(("command", "params_file", "model"), [
     (["clean"], "data.yaml", "DataParams"), (["tokenizer"], "tokenizer.yaml", "TokenizerParams"),
     (["pretrain"], "pretrain.yaml", "PretrainParams"), (["finetune"], "finetune.yaml", "FinetuneParams"),

@@ -196,6 +196,7 @@ def test_each_documented_image_command_parses_and_shows_its_help(args):
     assert "Usage:" in result.output
 
 
+@pytest.mark.pipeline
 def test_the_image_default_command_runs_in_a_fresh_interpreter():
     """The image's CMD (``--help``) through ``python -m llm``: the listing includes the documented commands."""
     result = subprocess.run([sys.executable, "-m", "llm", *json.loads(dict(final_stage(REPO / "Dockerfile"))["CMD"])],
@@ -222,6 +223,7 @@ def test_the_documented_pipeline_overrides_name_real_params_keys():
             load_params(PARAMS_MODELS[file_name], REPO / "params" / f"{file_name}.yaml", {key: yaml.safe_load(value)})
 
 
+@pytest.mark.pipeline
 def test_the_documented_chat_command_answers_with_a_checkpoint(tmp_path):
     """``llm chat --model artifacts/finetune`` as the image runs it, on a tiny checkpoint in that folder."""
     from helpers import write_checkpoint

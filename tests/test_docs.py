@@ -91,6 +91,7 @@ def test_every_link_and_image_of_the_guide_exists():
         assert (GUIDE.parent / target.split("#")[0]).exists(), target
 
 
+@pytest.mark.pipeline
 def test_figures_py_draws_every_figure_the_guide_shows(tmp_path, tmp_path_factory):
     shown = set(re.findall(r"\]\(figures/([\w.]+\.png)\)", GUIDE.read_text(encoding="utf-8")))
     assert len(shown) >= 5

@@ -38,7 +38,8 @@ VARIANTS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# every test here exports (tracing a graph takes seconds) and most check parity as well: the module is slow
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 write_checkpoint = partial(helpers.write_checkpoint, context_length=CONTEXT)

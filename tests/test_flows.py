@@ -347,6 +347,7 @@ def _outputs(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in DATA_OUTPUTS}
 
 
+@pytest.mark.pipeline
 def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and_the_cli_write(
     prefect_api, project, monkeypatch
 ):
@@ -384,6 +385,7 @@ def test_clean_and_tokenize_flows_on_a_dask_cluster_write_what_the_local_run_and
     assert ran_on_dask == ["run_shard"]  # the shard tasks ran on the cluster (Dask names them by their function)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("module", ["flows.deployments", "flows.work_pool", "flows"])
 def test_python_m_flows_modules_print_help_and_serve_nothing(module, tmp_path):
     """`python -m flows.deployments --help` printed nothing and started serving every deployment (issue 22, item 9)."""

@@ -233,6 +233,7 @@ def test_export_hf_loads_back_in_transformers_with_the_same_logits_and_ids(arch,
     assert diff.item() <= 1e-5
 
 
+@pytest.mark.pipeline
 def test_the_readme_pipeline_one_liner_generates_within_a_short_context(tmp_path):
     """The README's `pipeline('text-generation', 'artifacts/hf')('ROMEO.')` on a GPT-2 shape whose context (32)
     is below the pipeline's 256 new tokens (issue 22, item 6): the export's generation config and tokenizer
@@ -367,6 +368,7 @@ HARNESS_DOCS = [{"question": "The moon is", "choices": ["bright", "loud"], "answ
                 {"question": "ROMEO. Wherefore art", "choices": ["thou", "we"], "answer": 0}]
 
 
+@pytest.mark.pipeline
 def test_lm_evaluation_harness_scores_an_exported_model_offline(tmp_path):
     """The README's lm_eval command on a tiny exported model and a local task file, with the Hub switched off:
     each choice's log-likelihood is the one our GPT gives, and so is the accuracy."""

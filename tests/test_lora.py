@@ -348,6 +348,7 @@ def test_cli_finetunes_with_lora_and_generates_from_the_adapter_checkpoint(setup
     assert merged.exit_code == 0, merged.output and (tmp_path / "merged" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_onnx_export_of_an_adapter_checkpoint_is_the_merged_model(setup, tmp_path):
     from llm.inference.export import check_parity, export_onnx
 

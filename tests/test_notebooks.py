@@ -51,6 +51,7 @@ def small_env(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("name", NAMES)
 def test_the_notebook_runs_top_to_bottom(name, small_env):
     from nbclient import NotebookClient

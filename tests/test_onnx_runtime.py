@@ -13,12 +13,9 @@ import pytest
 
 from llm.inference.decoding import SamplingParams, complete
 from llm.inference.decoding import sample_next_token as sample_next_token_np
-from llm.inference.export import export_onnx
 from llm.inference.generate import TorchGenerator, generate
 from llm.inference.onnx_runtime import OnnxGenerator
 from llm.model.checkpoint import load_checkpoint
-
-from helpers import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 32
@@ -28,12 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, export folder) of a tiny rope model, weights widened so samples vary."""
-    root = tmp_path_factory.mktemp("onnx_runtime")
-    checkpoint = write_checkpoint(root / "checkpoint", seed=1, context_length=CONTEXT)
-    export_onnx(checkpoint, root / "onnx", verify=False)  # parity is test_export's business
-    return checkpoint, root / "onnx"
+def export(tiny_export) -> tuple[Path, Path]:
+    """(checkpoint, export folder) of a tiny rope model of context CONTEXT, weights widened so samples vary."""
+    return tiny_export
 
 
 # --- sampling rules -------------------------------------------------------------------------------------

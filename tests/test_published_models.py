@@ -43,18 +43,26 @@ CONVERSATION = [{"role": "system", "content": "Answer as Hamlet."}, {"role": "us
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, dict]:
-    """Per architecture: the Transformers folder, our imported checkpoint and its ONNX export (fp32, no int8)."""
-    from llm.inference.export import export_onnx
-
+    """Per architecture: the Transformers folder and our imported checkpoint."""
     root = tmp_path_factory.mktemp("published")
     out = {}
     for arch in ARCHS:
         folder = write_published_model(arch, root / arch, std=None if arch == "gpt2" else 0.5)  # GPT-2: its own init
         import_hf(folder, root / f"{arch}-imported")
-        # no parity check here: every test below compares what the export generates with Transformers itself
-        export_onnx(root / f"{arch}-imported", root / f"{arch}-onnx", quantize=False, verify=False)
-        out[arch] = {"hf": folder, "ckpt": root / f"{arch}-imported", "onnx": root / f"{arch}-onnx"}
+        out[arch] = {"hf": folder, "ckpt": root / f"{arch}-imported"}
     return out
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(models) -> dict[str, Path]:
+    """Per architecture: the imported checkpoint's ONNX export (fp32, no int8). Apart from ``models``: the three
+    exports take most of a minute, and only the tests of the onnx backend and of the servers need them."""
+    from llm.inference.export import export_onnx
+
+    for arch in ARCHS:
+        # no parity check here: every test below compares what the export generates with Transformers itself
+        export_onnx(models[arch]["ckpt"], models[arch]["ckpt"].parent / f"{arch}-onnx", quantize=False, verify=False)
+    return {arch: models[arch]["ckpt"].parent / f"{arch}-onnx" for arch in ARCHS}
 
 
 def hf_tokenizer(folder: Path):
@@ -169,6 +177,7 @@ def test_a_template_that_fails_names_its_line(models):
 # ------------------------------------------------------------------------------------------- every command
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llm_generate_continues_like_transformers(models, arch):
     out = run("-m", "llm", "generate", "--model", str(models[arch]["ckpt"]), "--prompt", PROMPT, "--max-new-tokens",
@@ -193,10 +202,11 @@ def test_the_evaluate_stages_conversations_answer_like_transformers(models, arch
     assert answer == expected_answer(models[arch]["hf"], CONVERSATION)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 @pytest.mark.parametrize("arch", TEMPLATED)
-def test_chat_answers_like_apply_chat_template_and_generate(models, arch, backend):
-    model = models[arch]["onnx" if backend == "onnx" else "ckpt"]
+def test_chat_answers_like_apply_chat_template_and_generate(models, onnx_exports, arch, backend):
+    model = onnx_exports[arch] if backend == "onnx" else models[arch]["ckpt"]
     out = run("-m", "llm.chat", "--model", str(model), "--backend", backend, "--system", CONVERSATION[0]["content"],
               "--prompt", CONVERSATION[1]["content"], "--temperature", "0", "--max-new-tokens", str(NEW))
     assert out == expected_answer(models[arch]["hf"], CONVERSATION) + "\n"
@@ -262,11 +272,11 @@ def _servers(commands: dict[str, list[str]], root: Path, env: dict, ready: str) 
 
 
 @pytest.fixture(scope="module")
-def llm_servers(models, tmp_path_factory) -> Iterator[dict[str, str]]:
+def llm_servers(onnx_exports, tmp_path_factory) -> Iterator[dict[str, str]]:
     """``llm serve`` on each architecture's ONNX export, started together; their base URLs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("LLM_API_KEY", None)
-    commands = {arch: [sys.executable, "-m", "llm", "serve", "--model", str(models[arch]["onnx"]), "--threads", "1",
+    commands = {arch: [sys.executable, "-m", "llm", "serve", "--model", str(onnx_exports[arch]), "--threads", "1",
                        "--port"] for arch in ARCHS}
     with _servers(commands, tmp_path_factory.mktemp("llm-serve"), env, "/health") as urls:
         yield urls
@@ -287,7 +297,7 @@ def test_llm_serve_completes_and_chats_like_transformers(models, llm_servers, ar
 
 
 @pytest.fixture(scope="module")
-def mlflow_servers(models, tmp_path_factory, empty_mlflow_db) -> dict[str, str]:
+def mlflow_servers(models, onnx_exports, tmp_path_factory, empty_mlflow_db) -> dict[str, str]:
     """Each imported model registered (version 1, 2, 3 of ``gpt``) with its ONNX export attached, and served by
     ``mlflow models serve``; their base URLs."""
     import shutil
@@ -307,7 +317,7 @@ def mlflow_servers(models, tmp_path_factory, empty_mlflow_db) -> dict[str, str]:
         for arch in ARCHS:
             with stage_run("finetune", {"arch": arch}) as run_:
                 versions[arch] = register_checkpoint(models[arch]["ckpt"], run_id=run_.run_id, tags={})
-            attach_onnx_export(versions[arch], run_.run_id, models[arch]["onnx"])
+            attach_onnx_export(versions[arch], run_.run_id, onnx_exports[arch])
     commands = {arch: [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/gpt/{versions[arch]}",
                        "--env-manager", "local", "--host", "127.0.0.1", "-p"] for arch in ARCHS}
     with _servers(commands, root, env, "/ping") as urls:

@@ -82,7 +82,13 @@ def small_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="module", params=list(PUBLISHED))
+# the real widths of the 0.6B and 1B models take seconds to build and save each: slow; the 135M and yarn shapes
+# keep grouped-query attention, an explicit head size and a RoPE scaling in the fast tier
+BIG = {"TinyLlama-1.1B", "Qwen3-0.6B", "Llama-3.2-1B"}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name in BIG else name
+                                        for name in PUBLISHED])
 def published(request, tmp_path_factory):
     """(name, the Transformers reference, our GPT imported from its save_pretrained folder by ``import_hf``)."""
     arch, keys = PUBLISHED[request.param]

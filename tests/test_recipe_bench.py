@@ -42,6 +42,7 @@ def run_bench(prepared, tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.pipeline
 def test_recipes_train_the_same_steps_and_score_the_whole_val_split(prepared, tmp_path):
     results = run_bench(prepared, tmp_path, "--steps", "4", "--recipes", "nanogpt,previous",
                         "--plot", str(tmp_path / "curve.png"))["results"]
@@ -55,6 +56,7 @@ def test_recipes_train_the_same_steps_and_score_the_whole_val_split(prepared, tm
     assert results[0]["model"]["position"] == "learned" and results[1]["model"]["position"] == "rope"
 
 
+@pytest.mark.pipeline
 def test_a_time_budget_sizes_each_run_from_its_measured_step_time(prepared, tmp_path):
     (r,) = run_bench(prepared, tmp_path, "--budget", "2", "--calibrate", "2", "--recipes", "default",
                      "--name", "mine")["results"]

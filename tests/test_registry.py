@@ -493,6 +493,7 @@ def test_the_onnx_path_of_the_pyfunc_never_imports_torch(with_export, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.pipeline
 def test_chat_with_the_onnx_backend_resolves_the_production_export_without_torch(with_export, tmp_path):
     """The README's `python -m llm.chat --model models:/gpt/Production --backend onnx` on a box without
     PyTorch (issue 22, item 3): torch is hidden from the subprocess; the answer comes from onnxruntime."""

@@ -121,6 +121,7 @@ def test_the_package_metadata_builds_without_setuptools_deprecation_warnings(tmp
     assert "License-Expression: MIT" in next((tmp_path / "out").glob("*.dist-info")).joinpath("METADATA").read_text()
 
 
+@pytest.mark.pipeline
 def test_the_start_from_gpt2_folder_changes_neither_git_nor_data_dvc(tmp_path):
     """The README saved GPT-2 in data/hf/gpt2, inside the DVC-tracked data/: the next `dvc add data` counted its
     files (issue 22, item 8). The README's folder is models/hf/gpt2, git-ignored, outside data/; data/hf/ is

@@ -50,6 +50,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.pipeline
 def test_two_pretrainings_compare_in_mlflow_and_the_better_one_is_production(tracked, prepared):
     p = prepared
     short = pretrain_stage(pretrain_params(2), MODEL, p["tokens"], p["tokenizer"], tracked / "short")
@@ -110,6 +111,7 @@ def test_two_pretrainings_compare_in_mlflow_and_the_better_one_is_production(tra
     assert proc.stdout.startswith("ROMEO.") and len(proc.stdout.strip()) > len("ROMEO.")
 
 
+@pytest.mark.pipeline
 def test_finetuned_version_records_its_parent_and_is_promoted_on_assistant_loss(tracked, prepared):
     p = prepared
     base = pretrain_stage(pretrain_params(20), MODEL, p["tokens"], p["tokenizer"], tracked / "pretrain")
@@ -222,6 +224,7 @@ def test_untracked_stand_in_offers_exactly_the_tracked_runs_public_methods():
         UntrackedRun().log_metric({"val/loss": 1.0})  # misspelt: log_metrics
 
 
+@pytest.mark.pipeline
 def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_register_finishes(
     tracked, prepared, monkeypatch
 ):
@@ -265,6 +268,7 @@ def test_a_registration_the_store_refuses_leaves_a_complete_checkpoint_that_llm_
     assert [str(v.version) for v in client.search_model_versions("name='gpt'")] == ["1"]
 
 
+@pytest.mark.pipeline
 def test_llm_register_refuses_an_unfinished_checkpoint_unless_forced(tracked, prepared):
     """`llm register --model artifacts/pretrain` registered a checkpoint stopped at step 25 of 300 without a word
     (issue 22, item 10): it names step N of M and --force; forced, it registers."""

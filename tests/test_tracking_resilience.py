@@ -157,6 +157,7 @@ def test_resuming_a_run_the_store_does_not_have_starts_a_new_one(tracking_db):
     assert MlflowClient(tracking_uri()).get_run(run.run_id).data.tags[tracking.ATTEMPT_TAG] == "1"
 
 
+@pytest.mark.pipeline
 def test_a_run_left_running_by_a_killed_process_is_marked_killed_when_the_stage_starts_again(tracking_db):
     code = ("import sys, time\n"
             "from llm.mlops.tracking import stage_run\n"
