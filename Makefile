@@ -38,17 +38,20 @@ demo: install
 # 10:46 with 3 workers, 11:46 with 4)
 TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+# one torch (OpenMP) thread per test process, and per process a test starts: 3 workers x torch's default of one
+# thread per core would put 6 threads on 2 cores
+TEST_ENV := OMP_NUM_THREADS=1
 # the fast tier: no slow tests, no servers, no commands run in fresh interpreters (pyproject.toml, markers)
 FAST := not slow and not server and not pipeline
 test: install-dev
 	$(BIN)/lint-imports --no-logo
-	$(BIN)/python -m pytest -q $(XDIST)
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST)
 
 # the inner loop (under 2 minutes on 2 cores): the contracts and every test of the fast tier, the library in
 # this process; CI runs `make test`
 test-fast: install-dev
 	$(BIN)/lint-imports --no-logo
-	$(BIN)/python -m pytest -q $(XDIST) -m "$(FAST)"
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST) -m "$(FAST)"
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
