@@ -536,18 +536,17 @@ class LoggingTracker:
 
     @contextmanager
     def training_run(self, stage: str, logged: Mapping[str, Any], **options: Any) -> Iterator[Any]:
-        with self.inner.training_run(stage, logged, **options) as training, ExitStack() as stack:
-            open_inner = training._open
+        from llm.mlops.stage_tracking import TrainingRun
 
+        with self.inner.training_run(stage, logged, **options) as inner, ExitStack() as stack:
             def open_run(resumed: Mapping[str, Any] | None) -> LoggedRun:
-                run = open_inner(resumed)
+                inner.start(resumed)  # the inner tracker's run (MLflow's, or none), then the loggers around it
                 saved = (resumed or {}).get(CHECKPOINT_KEY)
                 state = {**saved, "step": (resumed or {}).get("step")} if isinstance(saved, dict) else None
-                return stack.enter_context(logged_run(nullcontext(run), self.loggers, stage, logged,
-                                                      run_name=run.run_name or stage, resumed=state))
+                return stack.enter_context(logged_run(nullcontext(inner.run), self.loggers, stage, logged,
+                                                      run_name=inner.run.run_name or stage, resumed=state))
 
-            training._open = open_run
-            yield training
+            yield TrainingRun(stage, logged, open_run)
 
     def __getattr__(self, name: str) -> Any:
         """``finish_training``, ``promote``, ``log_on_training_run``, ``attach_export``: the inner tracker's (the
