@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,4 +171,57 @@ def test_clean_names_the_shard_and_row_group_of_a_bad_row(tmp_path):
     write_parquet(corpus_dir / "a.parquet", {"text": [TEXTS[0], TEXTS[1], None]})
     with pytest.raises(CorpusError, match=r"a\.parquet: row group 1, row 2: field 'text' is null"):
         clean_corpus(DataParams(min_doc_chars=10), corpus_dir, tmp_path / "clean", workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no spool folder left
+
+
+@pytest.mark.parametrize("options", [
+    {"compression": "zstd", "use_dictionary": False},
+    {"compression": "snappy", "use_dictionary": True, "write_statistics": True},
+    {"compression": "none", "data_page_size": 64, "write_page_index": True},
+], ids=["zstd", "snappy-dictionary", "small-pages-page-index"])
+def test_the_footer_reader_gives_pyarrows_row_groups_without_loading_pyarrow(tmp_path, options):
+    """The clean stage plans from the footers in its parent (llm.data.parquet_footer), which never loads pyarrow:
+    rows and uncompressed bytes of each row group as pyarrow reads them, for files written with other options,
+    other columns (nested, nullable, key-value metadata) and thousands of row groups."""
+    table = pa.table({"id": list(range(3000)), "text": [f"row {i} " * (i % 7 + 1) for i in range(3000)],
+                      "tags": [[f"t{i}"] * (i % 3) for i in range(3000)], "score": [i / 7 for i in range(3000)],
+                      "flag": [None if i % 5 else i % 2 == 0 for i in range(3000)]})
+    path = tmp_path / "a.parquet"
+    pq.write_table(table.replace_schema_metadata({"source": "test" * 100}), path, row_group_size=1, **options)
+    meta = pq.ParquetFile(path).metadata
+    expected = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+    assert len(expected) == 3000
+    assert corpus.parquet_row_group_sizes(path) == expected
+
+    program = ("import sys; from pathlib import Path; from llm.data.corpus import parquet_row_group_sizes; "
+               f"n = len(parquet_row_group_sizes(Path({str(path)!r}))); print(n, 'pyarrow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout.split() == ["3000", "False"], proc.stderr[-2000:]
+
+
+def cut_footer(data: bytes) -> bytes:
+    """The file with its footer's second half gone, the length before the magic saying so."""
+    length = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - length
+    return data[: start + length // 2] + (length // 2).to_bytes(4, "little") + b"PAR1"
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda data: data[:-1], "no Parquet magic at its end"),
+    (lambda data: data[:4] + b"\xff\xff\xff\x7fPAR1", r"footer length \(2147483647 bytes\) is past its start"),
+    (lambda data: b"PAR1PAR1", "too short for Parquet"),
+    (lambda data: cut_footer(data), "ends in the middle of a value"),
+])
+def test_a_damaged_footer_is_an_error_naming_the_file(tmp_path, damage, why):
+    path = write_parquet(tmp_path / "x.parquet", {"text": TEXTS})
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorpusError, match=rf"x\.parquet: not a readable Parquet file: .*{why}"):
+        corpus.parquet_row_group_sizes(path)
+
+
+def test_clean_names_a_shard_without_its_text_column_from_the_worker_that_reads_it(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    write_parquet(corpus_dir / "a.parquet", {"body": TEXTS})
+    with pytest.raises(CorpusError, match=r"a\.parquet: no field 'text' \(its fields: body\)"):
+        clean_corpus(DataParams(min_doc_chars=10), corpus_dir, tmp_path / "clean", workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no spool folder left

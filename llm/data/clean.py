@@ -719,7 +719,8 @@ def plan_clean(params: DataParams, corpus_dir: Path, out_dir: Path, shards: int)
     in order), cut into about ``shards`` runs of similar byte size (each between SHARD_BYTES_MIN and
     SHARD_BYTES_MAX; a text file or a row group is never cut). Creates the spool folder beside ``out_dir``
     (``finish_clean`` removes it). Raises CorpusError when the folder holds no .txt file or shard, or a
-    Parquet shard without a text column ``text``."""
+    ``.parquet`` file that is not Parquet. Only footers are read here, without pyarrow; a shard's text column
+    is checked by the worker that reads it (``clean_shard``)."""
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     files = iter_corpus_files(corpus_dir)
     total = sum(size for _, size, _ in _corpus_parts(corpus_dir, files))

@@ -67,6 +67,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from llm.config import FetchLimits
+from llm.data.parquet_footer import FooterError, row_group_sizes
 from llm.io import atomic_file, atomic_folder, recover_interrupted_swaps, remove_killed_writes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -353,11 +354,14 @@ def _open_parquet(path: Path, text_field: str):  # -> pyarrow.parquet.ParquetFil
     return parquet
 
 
-def parquet_row_group_sizes(path: Path, text_field: str = TEXT_FIELD) -> list[tuple[int, int]]:
-    """(rows, uncompressed bytes) of each row group of a Parquet shard, from its footer alone. Raises
-    CorpusError, naming the file, when it is not Parquet or has no text column ``text_field``."""
-    meta = _open_parquet(path, text_field).metadata
-    return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+def parquet_row_group_sizes(path: Path) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes) of each row group of a Parquet shard, from its footer alone, without loading
+    pyarrow (``llm.data.parquet_footer``: the clean stage's parent plans with it). Raises CorpusError, naming
+    the file, when it is not Parquet; its text column is checked where it is read (``read_shard``)."""
+    try:
+        return row_group_sizes(path)
+    except (FooterError, OSError) as err:
+        raise CorpusError(f"{path}: not a readable Parquet file: {err}") from None
 
 
 def read_shard(path: Path, text_field: str = TEXT_FIELD, row_groups: range | None = None) -> Iterator[tuple[int, str]]:
