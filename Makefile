@@ -33,7 +33,8 @@ demo: install
 
 # the import-layer contracts (pyproject.toml, [tool.importlinter]) first, then the tests, TEST_WORKERS at a time
 # (pytest-xdist). loadscope: each module runs on one worker, so its servers, exports and models are built once;
-# tests/conftest.py orders the modules costliest first (--no-loadscope-reorder keeps that order)
+# tests/conftest.py orders the modules costliest first by tests/durations.json (--no-loadscope-reorder keeps that
+# order); PYTEST_ARGS adds pytest options (e.g. --junitxml=FILE for tests/record_durations.py)
 # 3 on 2 cores: many slow tests wait on subprocesses and servers (measured, full suite on 2 idle cores:
 # 10:46 with 3 workers, 11:46 with 4)
 TEST_WORKERS ?= 3
@@ -45,13 +46,13 @@ TEST_ENV := OMP_NUM_THREADS=1
 FAST := not slow and not server and not pipeline
 test: install-dev
 	$(BIN)/lint-imports --no-logo
-	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST)
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # the inner loop (under 2 minutes on 2 cores): the contracts and every test of the fast tier, the library in
 # this process; CI runs `make test`
 test-fast: install-dev
 	$(BIN)/lint-imports --no-logo
-	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST) -m "$(FAST)"
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(XDIST) -m "$(FAST)" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

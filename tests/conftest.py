@@ -11,6 +11,7 @@ dvc, a notebook, a bench or docs script). ``make test-fast`` leaves all three ou
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from helpers import write_checkpoint, write_corpus
 
 # fixtures that start servers: every test using one of them (directly or through another fixture) is `server`
 SERVER_FIXTURES = {"servers", "prefect_api", "llm_servers", "mlflow_servers"}
-# the order in which an xdist worker is handed work: the costliest tiers first, so that the last units to start
-# are short ones and both workers finish together
+# The order in which the xdist workers are handed modules: the costliest first, so that the last ones to start
+# are short and the workers finish together. A module's cost is the sum of its selected tests' measured seconds
+# (durations.json, written by tests/record_durations.py from a run of the suite); a test not measured yet is
+# estimated from its tiers (seconds, roughly), and its module's shared fixtures (models, exports, databases) add
+# SHARED_FIXTURE_COST each.
+MEASURED: dict[str, float] = json.loads(Path(__file__).with_name("durations.json").read_text())
 TIER_COST = {"slow": 60, "server": 10, "pipeline": 10}
-# what a module- or session-scoped fixture adds to its module's cost (they build models, exports and databases)
 SHARED_FIXTURE_COST = 5
 
 # Tests send SIGINT (Ctrl-C) to the processes they start and expect the default disposition. A test run launched
@@ -35,26 +39,35 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """Mark the users of SERVER_FIXTURES ``server``. In an xdist worker, order the modules by cost, the most
-    expensive first: ``--dist loadscope`` hands each module to one worker whole (its module-scoped servers,
-    exports and models are built once), in this order when ``--no-loadscope-reorder`` is given. Within a module
-    the order stays the file's: some modules build on what an earlier test left."""
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the users of SERVER_FIXTURES ``server`` (before ``-m`` deselects by marks). Then, in an xdist worker,
+    order the modules that are left by cost, the most expensive first: ``--dist loadscope`` hands each module to
+    one worker whole (its module-scoped servers, exports and models are built once), in this order when
+    ``--no-loadscope-reorder`` is given. Within a module the order stays the file's: some modules build on what
+    an earlier test left."""
     for item in items:
         if SERVER_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.server)
-    if not hasattr(config, "workerinput"):  # one process: the files' order
-        return
-    cost: dict[str, int] = {}
+    result = yield  # -m and -k deselect
+    if hasattr(config, "workerinput"):  # one process: the files' order
+        _costliest_modules_first(items)
+    return result
+
+
+def _costliest_modules_first(items: list[pytest.Item]) -> None:
+    cost: dict[str, float] = {}
     position: dict[str, int] = {}
     shared: dict[str, set[str]] = {}
     for i, item in enumerate(items):
         module = item.nodeid.split("::", 1)[0]
-        cost[module] = cost.get(module, 0) + max(
-            [TIER_COST[m.name] for m in item.iter_markers() if m.name in TIER_COST], default=1)
+        measured = MEASURED.get(item.nodeid)
+        estimate = max([TIER_COST[m.name] for m in item.iter_markers() if m.name in TIER_COST], default=1)
+        cost[module] = cost.get(module, 0.0) + (estimate if measured is None else measured)
         position.setdefault(module, i)
-        definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        shared.setdefault(module, set()).update(name for name, d in definitions.items() if d[-1].scope != "function")
+        if measured is None:  # a measured test's time includes the fixtures it set up
+            definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+            shared.setdefault(module, set()).update(n for n, d in definitions.items() if d[-1].scope != "function")
     for module, names in shared.items():
         cost[module] += SHARED_FIXTURE_COST * len(names)
     items.sort(key=lambda item: (-cost[item.nodeid.split("::", 1)[0]], position[item.nodeid.split("::", 1)[0]]))

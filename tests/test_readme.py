@@ -6,8 +6,8 @@ silently break again (issue 22).
 
 The tiny project is a temporary folder holding the repository's ``params/``, ten small play-shaped texts in
 ``~/my-texts`` (``HOME`` is the test's own) brought in by the README's own ``llm data fetch --source ~/my-texts``,
-a git and DVC repository, and the project's MLflow database. Long trainings are cut by ``--set`` overrides
-(``SHORTENED``); the commands run in README order with this virtualenv first on ``PATH``, as after
+a git and DVC repository, and the project's MLflow database. Long trainings are cut by ``--set`` overrides,
+on a smaller model shape (``SHORTENED``); the commands run in README order with this virtualenv first on ``PATH``, as after
 ``source .venv/bin/activate``. ``llm serve`` runs in the background while the README's Python client snippet
 talks to it."""
 
@@ -39,7 +39,9 @@ SETUP = "llm data fetch --source ~/my-texts"
 
 # README command -> the command run: the same, with training and sampling cut short (a few steps, a few tokens).
 SHORTENED = {
-    "llm pretrain --set max_steps=1000": "llm pretrain --set max_steps=6 --set batch_size=4 --set eval_batches=2",
+    # a smaller shape too: every later command (finetune, evaluate, export and its parity check, chat) is sized by it
+    "llm pretrain --set max_steps=1000": "llm pretrain --set max_steps=6 --set batch_size=4 --set eval_batches=2 "
+                                         "--model-set n_layer=2 --model-set context_length=128",
     "llm finetune": "llm finetune --set max_steps=4 --set batch_size=4 --set eval_batches=1",
     "llm evaluate --model artifacts/finetune": "llm evaluate --model artifacts/finetune --set max_new_tokens=16 "
                                                "--set max_conversations=8 --set sample_conversations=1",
