@@ -35,13 +35,15 @@ demo: install
 # (pytest-xdist). loadscope: each module runs on one worker, so its servers, exports and models are built once;
 # tests/conftest.py orders the modules costliest first by tests/durations.json (--no-loadscope-reorder keeps that
 # order); PYTEST_ARGS adds pytest options (e.g. --junitxml=FILE for tests/record_durations.py)
-# 3 on 2 cores: many slow tests wait on subprocesses and servers (measured, full suite on 2 idle cores:
-# 10:46 with 3 workers, 11:46 with 4)
+# 3 on 2 cores: many slow tests wait on subprocesses and servers (measured, full suite on 2 idle cores, modules
+# ordered by tests/durations.json: 590 s with 3 workers, 609 s with 4)
 TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 # one torch (OpenMP) thread per test process, and per process a test starts: 3 workers x torch's default of one
-# thread per core would put 6 threads on 2 cores
-TEST_ENV := OMP_NUM_THREADS=1
+# thread per core would put 6 threads on 2 cores. Bytecode cached even where the environment says not to
+# (PYTHONDONTWRITEBYTECODE): the tests start hundreds of interpreters that import the project's modules, and
+# compiling them each time cost the full suite about 25 s of its 10 minutes on 2 cores (590 s -> 566 s)
+TEST_ENV := env -u PYTHONDONTWRITEBYTECODE OMP_NUM_THREADS=1
 # the fast tier: no slow tests, no servers, no commands run in fresh interpreters (pyproject.toml, markers)
 FAST := not slow and not server and not pipeline
 test: install-dev
