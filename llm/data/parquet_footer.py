@@ -14,6 +14,7 @@ field is skipped by its wire type. The rest of the format (schema, pages, encodi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 MAGIC = b"PAR1"
@@ -52,7 +53,7 @@ class _Reader:
         n = self.varint()
         return (n >> 1) ^ -(n & 1)
 
-    def fields(self):  # -> Iterator[tuple[int, int]]
+    def fields(self) -> Iterator[tuple[int, int]]:
         """(field id, wire type) of each field of the struct at the cursor, up to its stop byte."""
         last = 0
         while (header := self.byte()) != 0:
