@@ -7,9 +7,9 @@ silently break again (issue 22).
 The tiny project is a temporary folder holding the repository's ``params/``, ten small play-shaped texts in
 ``~/my-texts`` (``HOME`` is the test's own) brought in by the README's own ``llm data fetch --source ~/my-texts``,
 a git and DVC repository, and the project's MLflow database. Long trainings are cut by ``--set`` overrides,
-on a smaller model shape (``SHORTENED``); the commands run in README order with this virtualenv first on ``PATH``, as after
-``source .venv/bin/activate``. ``llm serve`` runs in the background while the README's Python client snippet
-talks to it."""
+on a smaller model shape (``SHORTENED``); the commands run in README order with this virtualenv first on
+``PATH``, as after ``source .venv/bin/activate``. ``llm serve`` runs in the background while the README's
+Python client snippet talks to it."""
 
 from __future__ import annotations
 

@@ -3,11 +3,11 @@ start of a stage, and the tracking run that the loop reports resuming is the one
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_stages import tracked  # noqa: F401  (fixture: an empty MLflow store in the working folder)
 
 from llm.config import ModelConfig, PretrainParams
 
@@ -22,16 +22,17 @@ def tiny(max_steps: int) -> PretrainParams:
                           eval_batches=1, checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
 
 
-@pytest.fixture
-def tracked(tmp_path, monkeypatch, empty_mlflow_db) -> Path:
-    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-                 "LLM_TRACKING"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def count_calls(monkeypatch, module, name: str) -> Counter:
+    """Replace ``module.name`` (a hash function of a path) with a wrapper that counts each path's name."""
+    counts: Counter = Counter()
+    original = getattr(module, name)
+
+    def counted(path):
+        counts[Path(path).name] += 1
+        return original(path)
+
+    monkeypatch.setattr(module, name, counted)
+    return counts
 
 
 @pytest.fixture
@@ -39,18 +40,10 @@ def hashed(monkeypatch) -> Counter:
     """How many times each folder is hashed (``llm.io.sha256_tree``, as the pretraining inputs call it)."""
     from llm.training import pretrain
 
-    counts: Counter = Counter()
-    original = pretrain.sha256_tree
-
-    def counted(folder):
-        counts[Path(folder).name] += 1
-        return original(folder)
-
-    monkeypatch.setattr(pretrain, "sha256_tree", counted)
-    return counts
+    return count_calls(monkeypatch, pretrain, "sha256_tree")
 
 
-def test_a_tracked_pretraining_hashes_each_input_folder_once_per_start(tracked, prepared, hashed):
+def test_a_tracked_pretraining_hashes_each_input_folder_once_per_start(tracked, prepared, hashed):  # noqa: F811
     from llm.stages import pretrain_stage
 
     out = tracked / "pretrain"
@@ -63,21 +56,14 @@ def test_a_tracked_pretraining_hashes_each_input_folder_once_per_start(tracked, 
     assert resumed["run_id"] == paused["run_id"] and resumed["step"] == 4
 
 
-def test_a_tracked_finetuning_hashes_its_chat_files_once_per_start(tracked, prepared, monkeypatch):
+def test_a_tracked_finetuning_hashes_its_chat_files_once_per_start(tracked, prepared, monkeypatch):  # noqa: F811
     from llm.config import FinetuneParams
     from llm.stages import finetune_stage, pretrain_stage
     from llm.training import finetune
 
     pretrain_stage(tiny(2), MODEL.model_copy(update={"context_length": 128}), prepared["tokens"],
                    prepared["tokenizer"], tracked / "pretrain", track=False)
-    counts: Counter = Counter()
-    original = finetune.sha256_file
-
-    def counted(path):
-        counts[Path(path).name] += 1
-        return original(path)
-
-    monkeypatch.setattr(finetune, "sha256_file", counted)
+    counts = count_calls(monkeypatch, finetune, "sha256_file")
     params = FinetuneParams(max_steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1,
                             checkpoint_interval=100, log_interval=1, device="cpu", progress=False)
     args = (tracked / "pretrain", prepared["clean"], None, tracked / "chat", tracked / "finetune")
