@@ -85,3 +85,22 @@ def hold_folder_lock(folder: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+class IdleEngineLifecycle:
+    """What ``llm.inference.engine.Engine`` asks of an engine besides ``submit``, for the tests' stand-in engines:
+    a running flag that start and stop set, health from it, and the stats of an idle engine of one slot."""
+
+    running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def stats(self) -> dict:
+        return {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
+
+    def health(self) -> tuple[bool, list[str]]:
+        return self.running, []

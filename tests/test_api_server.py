@@ -32,7 +32,7 @@ from llm.inference.decoding import SamplingParams, StopStrings
 from llm.inference.export import export_onnx
 from llm.inference.onnx_runtime import OnnxGenerator
 
-from helpers import write_checkpoint
+from helpers import IdleEngineLifecycle, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 64
@@ -589,7 +589,7 @@ def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_1(export, t
 # --- in-process, with an engine that does as told ------------------------------------------------------------
 
 
-class ScriptedEngine:
+class ScriptedEngine(IdleEngineLifecycle):
     """Stands in for an engine (what ``llm.inference.engine.Engine`` asks that the server uses): records each prompt
     and answers with ``script`` (events, sent at once)."""
 
@@ -597,18 +597,6 @@ class ScriptedEngine:
         self.generator = OnnxGenerator(export)
         self.tokenizer, self.context_length = self.generator.tokenizer, self.generator.context_length
         self.script, self.prompts, self.running = script, [], False
-
-    def start(self):
-        self.running = True
-
-    def stop(self):
-        self.running = False
-
-    def stats(self) -> dict:
-        return {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
-
-    def health(self) -> tuple[bool, list[str]]:
-        return self.running, []
 
     def submit(self, prompt_ids, params, *, on_event, deadline=None):
         if not self.running:

@@ -35,7 +35,7 @@ from llm.inference.batching import EngineFull, EngineStopped, Event
 from llm.model.checkpoint import save_checkpoint
 from llm.model.gpt import GPT
 
-from helpers import widen_weights
+from helpers import IdleEngineLifecycle, widen_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "llm" / "web"
@@ -57,7 +57,7 @@ def checkpoint(tmp_path_factory) -> Path:
                            tokenizer)
 
 
-class ScriptedEngine:
+class ScriptedEngine(IdleEngineLifecycle):
     """Stands in for the engine: answers every request with ``reply`` at once, or as ``mode`` says: "endless"
     sends its tokens again and again, one every 10 ms from a thread of its own, until the request is cancelled;
     "full" and "stopped" refuse it (the queue is full, the engine is not running)."""
@@ -66,18 +66,6 @@ class ScriptedEngine:
         self.tokenizer, self.context_length = load_tokenizer(checkpoint / "tokenizer"), 256
         self.reply, self.mode, self.running, self.prompts = reply, "reply", False, []
         self.cancelled = threading.Event()  # set when an endless answer is cancelled
-
-    def start(self):
-        self.running = True
-
-    def stop(self):
-        self.running = False
-
-    def stats(self) -> dict:
-        return {"active": 0, "queued": 0, "max_batch": 1, "max_queue": 1}
-
-    def health(self) -> tuple[bool, list[str]]:
-        return self.running, []
 
     def submit(self, prompt_ids, params, *, on_event, deadline=None):
         if self.mode == "full":
