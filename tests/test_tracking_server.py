@@ -83,9 +83,19 @@ def mlflow_server(db: Path, artifacts: Path, port: int, log_file: Path) -> Itera
             server.wait(timeout=30)
 
 
-def step_seconds(timestamps: dict[int, int], first: int, last: int, window: int = 10) -> float:
-    """Median seconds per step over steps ``first..last``, from windows of ``window`` steps (timestamps are ms)."""
-    spans = [(timestamps[s + window] - timestamps[s]) / window / 1000 for s in range(first, last - window + 1)]
+def waited_for_a_cpu() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux's per-thread schedstat; 0 elsewhere):
+    the share of its wall time that other processes' load takes, whatever this process does."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def step_seconds(clock: dict[int, float], first: int, last: int, window: int = 10) -> float:
+    """Median seconds per step over steps ``first..last``, from windows of ``window`` steps (``clock``: seconds)."""
+    spans = [(clock[s + window] - clock[s]) / window for s in range(first, last - window + 1)]
     assert len(spans) >= 20, f"too few steps to compare ({first}..{last})"
     return statistics.median(spans)
 
@@ -106,8 +116,13 @@ def test_training_keeps_its_speed_through_a_tracking_outage_and_every_step_arriv
     server_back = threading.Event()
     original = tracking.StageRun.callback
 
+    # when each step ended, less the time the training thread waited for a CPU: the other test processes on the
+    # machine come and go between the phases compared, the time training itself takes (or waits on tracking) not
+    clock: dict[int, float] = {}
+
     def observed(self, step, metrics):
         original(self, step, metrics)
+        clock[step] = time.monotonic() - waited_for_a_cpu()
         progress.append(step)
         if step == MAX_STEPS - AFTER_STEPS:  # the test's own pause: the last steps train with the server back
             assert server_back.wait(300), "the mlflow server did not come back"
@@ -165,11 +180,10 @@ def test_training_keeps_its_speed_through_a_tracking_outage_and_every_step_arriv
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and tracking.DROPPED_TAG not in run.data.tags
 
-    timestamps = {m.step: m.timestamp for m in history}
-    before = step_seconds(timestamps, 20, down_at)
-    during = step_seconds(timestamps, down_at + 5, restart_at)
-    print(f"median s/step: before the outage {before:.4f}, during {during:.4f} ({during / before:.2f}x); "
-          f"outage from step {down_at} to {restart_at}")
+    before = step_seconds(clock, 20, down_at)
+    during = step_seconds(clock, down_at + 5, restart_at)
+    print(f"median s/step, waits for a CPU left out: before the outage {before:.4f}, during {during:.4f} "
+          f"({during / before:.2f}x); outage from step {down_at} to {restart_at}")
     assert during <= 1.2 * before
     messages = [r.getMessage() for r in caplog.records]
     assert any("unreachable" in m for m in messages) and any("answers again" in m for m in messages)
